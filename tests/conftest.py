@@ -1,0 +1,67 @@
+"""Shared test helpers: tiny configs drawn by hypothesis, and the module's weights under the
+checkpoint's names (for the independent float64 reference in ``reference.py``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from hypothesis import settings
+
+sys.path.insert(0, os.path.dirname(__file__))  # `import reference` from any working directory
+
+from mtp import DeepSeekV4MTP, MTPConfig  # noqa: E402
+
+# Deterministic property tests: CI must not flake, and a failure must reproduce.
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=20,
+                          print_blob=True)
+settings.load_profile("ci")
+
+
+def tiny_config(**overrides) -> MTPConfig:
+    return MTPConfig(**{**MTPConfig.from_name("tiny").__dict__, **overrides})
+
+
+def checkpoint_weights(model: DeepSeekV4MTP, i: int = 0) -> dict[str, torch.Tensor]:
+    """Float64 weights of MTP layer i keyed by checkpoint names (``mtp.{i}.attn.wq_a.weight``),
+    written independently of the remap table: fused tensors split by hand."""
+    cfg = model.config
+    layer = model.layer(i)
+    blk = layer.mtp_block
+    attn, ffn = blk.attn, blk.ffn
+    q, inter = cfg.q_lora_rank, cfg.moe_intermediate_size
+    f64 = torch.float64
+    p = f"mtp.{i}."
+    fused = attn.fused_wqa_wkv.dequantized().to(f64)
+    gate_up = ffn.shared_experts.gate_up_proj.dequantized().to(f64)
+    w = {
+        "embed.weight": model.model.embed_tokens.weight.to(f64),
+        "head.weight": layer.shared_head.head.weight.to(f64),
+        p + "enorm.weight": layer.enorm.weight, p + "hnorm.weight": layer.hnorm.weight,
+        p + "norm.weight": layer.shared_head.norm.weight,
+        p + "e_proj.weight": layer.e_proj.dequantized(),
+        p + "h_proj.weight": layer.h_proj.dequantized(),
+        p + "hc_head_fn": layer.hc_head_fn, p + "hc_head_base": layer.hc_head_base,
+        p + "hc_head_scale": layer.hc_head_scale,
+        p + "attn_norm.weight": blk.attn_norm.weight, p + "ffn_norm.weight": blk.ffn_norm.weight,
+        p + "attn.attn_sink": attn.attn_sink,
+        p + "attn.q_norm.weight": attn.q_norm.weight, p + "attn.kv_norm.weight": attn.kv_norm.weight,
+        p + "attn.wq_a.weight": fused[:q], p + "attn.wkv.weight": fused[q:],
+        p + "attn.wq_b.weight": attn.wq_b.dequantized(),
+        p + "attn.wo_a.weight": attn.wo_a.dequantized(),
+        p + "attn.wo_b.weight": attn.wo_b.dequantized(),
+        p + "ffn.gate.weight": ffn.gate.weight, p + "ffn.gate.bias": ffn.gate.e_score_correction_bias,
+        p + "ffn.shared_experts.w1.weight": gate_up[:inter],
+        p + "ffn.shared_experts.w3.weight": gate_up[inter:],
+        p + "ffn.shared_experts.w2.weight": ffn.shared_experts.down_proj.dequantized(),
+    }
+    for site in ("attn", "ffn"):
+        for part in ("fn", "base", "scale"):
+            w[f"{p}hc_{site}_{part}"] = getattr(blk, f"hc_{site}_{part}")
+    for e in range(cfg.n_routed_experts):
+        w13, w2 = ffn.experts.expert_weights(e)
+        w[f"{p}ffn.experts.{e}.w1.weight"] = w13[:inter]
+        w[f"{p}ffn.experts.{e}.w3.weight"] = w13[inter:]
+        w[f"{p}ffn.experts.{e}.w2.weight"] = w2
+    return {k: v.detach().to(f64) for k, v in w.items()}
