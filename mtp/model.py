@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from . import ops
@@ -172,10 +173,13 @@ class Attention(nn.Module):
             cache.pos[ctx.cache_layer].view(-1).index_copy_(0, slots, ctx.positions[rows])
 
         o = ops.apply_rope(o.to(u.dtype), ctx.cos, ctx.sin, inverse=True)
-        o = o.view(t, cfg.o_groups, cfg.o_group_in)  # [T, H, Dh] -> [T, G, H*Dh/G]
-        wo_a = self.wo_a.dequantized().view(cfg.o_groups, cfg.o_lora_rank, cfg.o_group_in)
-        z = torch.einsum("tgd,grd->tgr", ops.wide(o), wo_a.to(ops.wide(o).dtype)).to(u.dtype)  # [T, G, O], no act quant
-        return self.wo_b(z.flatten(1), aq)  # [T, G*O] -> [T, D]
+        # Grouped low-rank output: group g owns heads [g*H/G, (g+1)*H/G) and wo_a rows
+        # [g*O, (g+1)*O). No activation quantisation before wo_a (the reference applies it as a
+        # plain bf16 product).
+        o = ops.wide(rearrange(o, "t (g hg) d -> t g (hg d)", g=cfg.o_groups))
+        wo_a = rearrange(self.wo_a.dequantized(), "(g r) i -> g r i", g=cfg.o_groups)
+        z = torch.einsum("tgi,gri->tgr", o, wo_a.to(o.dtype)).to(u.dtype)  # [T, G, O]
+        return self.wo_b(rearrange(z, "t g r -> t (g r)"), aq)  # [T, G*O] -> [T, D]
 
 
 class Gate(nn.Module):

@@ -176,8 +176,9 @@ def fp8_simulate(x: torch.Tensor, block: int) -> torch.Tensor:
     e4m3 x 2^k, exact in bfloat16 and float32).
 
     Example:
+        >>> # amax 3 -> scale 2^-7; 1.0626 / 2^-7 = 136.01 rounds to the e4m3 value 144
         >>> fp8_simulate(torch.tensor([1.0, 1.0626, -3.0, 0.0]), block=4).tolist()
-        [1.0, 1.0625, -3.0, 0.0]
+        [1.0, 1.125, -3.0, 0.0]
     """
     *lead, n = x.shape
     if n % block:

@@ -46,12 +46,14 @@ def checkpoint_weights(model: DeepSeekV4MTP, i: int = 0) -> dict[str, torch.Tens
         p + "hc_head_scale": layer.hc_head_scale,
         p + "attn_norm.weight": blk.attn_norm.weight, p + "ffn_norm.weight": blk.ffn_norm.weight,
         p + "attn.attn_sink": attn.attn_sink,
-        p + "attn.q_norm.weight": attn.q_norm.weight, p + "attn.kv_norm.weight": attn.kv_norm.weight,
+        p + "attn.q_norm.weight": attn.q_norm.weight,
+        p + "attn.kv_norm.weight": attn.kv_norm.weight,
         p + "attn.wq_a.weight": fused[:q], p + "attn.wkv.weight": fused[q:],
         p + "attn.wq_b.weight": attn.wq_b.dequantized(),
         p + "attn.wo_a.weight": attn.wo_a.dequantized(),
         p + "attn.wo_b.weight": attn.wo_b.dequantized(),
-        p + "ffn.gate.weight": ffn.gate.weight, p + "ffn.gate.bias": ffn.gate.e_score_correction_bias,
+        p + "ffn.gate.weight": ffn.gate.weight,
+        p + "ffn.gate.bias": ffn.gate.e_score_correction_bias,
         p + "ffn.shared_experts.w1.weight": gate_up[:inter],
         p + "ffn.shared_experts.w3.weight": gate_up[inter:],
         p + "ffn.shared_experts.w2.weight": ffn.shared_experts.down_proj.dequantized(),
@@ -65,3 +67,42 @@ def checkpoint_weights(model: DeepSeekV4MTP, i: int = 0) -> dict[str, torch.Tens
         w[f"{p}ffn.experts.{e}.w3.weight"] = w13[inter:]
         w[f"{p}ffn.experts.{e}.w2.weight"] = w2
     return {k: v.detach().to(f64) for k, v in w.items()}
+
+
+def small_configs(max_experts: int = 6):
+    """Hypothesis strategy: tiny MTPConfigs that respect every format block, with the dims the
+    math cares about (heads, groups, RoPE width, window, experts, hc_mult, Sinkhorn iters) drawn."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def build(draw):
+        heads = draw(st.sampled_from([1, 2, 4]))
+        groups = draw(st.sampled_from([g for g in (1, 2, 4) if heads % g == 0]))
+        experts = draw(st.integers(1, max_experts))
+        return MTPConfig(
+            hidden_size=128 * draw(st.integers(1, 2)),
+            vocab_size=draw(st.integers(16, 300)),
+            num_hidden_layers=draw(st.integers(0, 3)),
+            num_attention_heads=heads,
+            head_dim=64 * draw(st.integers(1, 2)) + (rope := 2 * draw(st.integers(1, 32))),
+            qk_rope_head_dim=rope,
+            q_lora_rank=128,
+            o_groups=groups,
+            o_lora_rank=128 // groups * draw(st.integers(1, 2)),  # G*O: a multiple of 128
+            sliding_window=draw(st.integers(1, 10)),
+            n_routed_experts=experts,
+            num_experts_per_tok=draw(st.integers(1, min(3, experts))),
+            moe_intermediate_size=128,
+            hc_mult=draw(st.sampled_from([1, 2, 4])),
+            hc_sinkhorn_iters=draw(st.integers(1, 20)),
+            routed_scaling_factor=draw(st.sampled_from([1.0, 1.5, 2.5])),
+            swiglu_limit=draw(st.sampled_from([0.0, 0.5, 10.0])),
+        )
+
+    return build()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
