@@ -6,10 +6,21 @@ Example:
     256
 """
 
+from . import remap
 from .cache import KVCache
 from .config import MTPConfig
+from .drafter import Drafter, Proposal
+from .export import write_checkpoint
+from .loader import CheckpointError, LoadReport, Plan, download, load_model, load_state, plan
 from .model import DeepSeekV4MTP, Numerics
 from .quant import WeightFormat
+from .sampling import Sampling
+from .verify import AcceptanceStats, VerifyResult, rejection_sample, verify_greedy
 
-__all__ = ["DeepSeekV4MTP", "KVCache", "MTPConfig", "Numerics", "WeightFormat"]
+__all__ = [
+    "AcceptanceStats", "CheckpointError", "DeepSeekV4MTP", "Drafter", "KVCache", "LoadReport",
+    "MTPConfig", "Numerics", "Plan", "Proposal", "Sampling", "VerifyResult", "WeightFormat",
+    "download", "load_model", "load_state", "plan", "rejection_sample", "remap",
+    "verify_greedy", "write_checkpoint",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,453 @@
+"""Drafter: the MTP layer in a speculative-decoding loop, with a per-sequence draft KV cache.
+
+For a sequence with n tokens so far (positions are the target's), after the target produced
+its pre-``hc_head`` residuals h_j (j < n) and sampled t_n:
+
+1. catch-up: the drafter consumes the rows (h_j, t_{j+1}, position j) it has not seen yet;
+2. propose: the last row's output gives draft d_1; draft step s (1 <= s < k) feeds the previous
+   step's own output residual and d_s at position n - 1 + s (layer ``s % n_mtp``) and gives
+   d_{s+1};
+3. the target verifies t_n, d_1 .. d_k (``mtp.verify``), accepts a drafts, samples one more;
+4. the next call re-feeds the verified rows j = n .. n + a with the target's real residuals,
+   first discarding every cache entry at position >= n (all of them draft-derived).
+
+Per sequence the drafter tracks its *next real position* (n after step 1): the rows of a call
+must start exactly there. Only the last W positions are ever attended (sliding window), so a
+call feeds at most the last W rows of each sequence to the layer; the result equals feeding all
+of them. The cache keeps W + ``max_draft_tokens`` entries per sequence and layer (spec,
+"Multi-step drafting": a ring of exactly W cannot be rolled back).
+
+Every argument is checked before any state changes: a call that raises on bad input leaves
+every sequence's cache and position exactly as they were.
+
+Shape legend: S sequences in a call, T rows (all sequences' rows, flattened in ``seq_ids``
+order, as engines lay them out), k drafts, V vocabulary, M*D = hc_mult * hidden_size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .cache import KVCache
+from .config import MTPConfig
+from .model import DeepSeekV4MTP
+from .sampling import GREEDY, Sampling, sample
+
+
+@dataclass
+class Proposal:
+    """What :meth:`Drafter.propose` returns.
+
+    ``drafts`` [S, k] int64: the draft tokens, d_1 .. d_k (d_1 goes at position n + 1).
+    ``probs`` [S, k, V]: the distributions q the drafts were drawn from (for
+    ``mtp.verify.rejection_sample``); None when drafting greedily.
+    ``hidden`` [S, k, M*D]: the MTP residual each draft came from (``hidden[:, 0]``: the last
+    real row's output; ``hidden[:, s]``: draft step s's).
+    """
+
+    drafts: torch.Tensor
+    probs: torch.Tensor | None
+    hidden: torch.Tensor
+
+
+@dataclass
+class _Seq:
+    slot: int
+    next_position: int
+
+
+@dataclass
+class _Plan:
+    """A validated call: per sequence its slot, first position and row count; which rows the
+    layer sees (the last W of each sequence)."""
+
+    seq_ids: list[Hashable]
+    slots: list[int]
+    starts: list[int]
+    counts: list[int]
+    kept_counts: list[int]
+    keep: torch.Tensor | None  # [T'] row indices kept, None when every row is
+
+
+class Drafter:
+    """Drafts tokens for many sequences at once with a DeepSeek-V4 MTP layer.
+
+    Args:
+        model: the :class:`~mtp.model.DeepSeekV4MTP` (weights loaded).
+        max_seqs: sequences held at once (cache slots).
+        max_draft_tokens: the largest k a :meth:`propose` may ask for; sizes the cache
+            (W + max_draft_tokens entries per sequence).
+        accelerator: an object with ``forward`` and ``compute_logits`` of exactly the module's
+            signatures (e.g. a GPU kernel path); every forward and logits call goes through it.
+            Default: the module itself.
+
+    Example:
+        >>> import torch
+        >>> from mtp import DeepSeekV4MTP, MTPConfig
+        >>> from mtp.drafter import Drafter
+        >>> from mtp.testing import init_random_
+        >>> cfg = MTPConfig.from_name("tiny")
+        >>> drafter = Drafter(init_random_(DeepSeekV4MTP(cfg)), max_seqs=2)
+        >>> drafter.add_sequence("a")
+        >>> h = torch.randn(5, cfg.hc_dim)           # target residuals at positions 0..4
+        >>> next_tokens = torch.tensor([11, 12, 13, 14, 15])  # tokens at positions 1..5
+        >>> p = drafter.propose(["a"], h, next_tokens, torch.arange(5), [5], k=3)
+        >>> p.drafts.shape, drafter.next_position("a")
+        (torch.Size([1, 3]), 5)
+    """
+
+    def __init__(self, model: DeepSeekV4MTP, *, max_seqs: int = 64, max_draft_tokens: int = 4,
+                 accelerator: Any = None):
+        if not isinstance(model, DeepSeekV4MTP):
+            raise TypeError(f"model: expected a mtp.DeepSeekV4MTP, got {type(model).__name__}")
+        for name, value in (("max_seqs", max_seqs), ("max_draft_tokens", max_draft_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        device = model.model.embed_tokens.weight.device
+        if device.type == "meta":
+            raise ValueError("model: its parameters are on the meta device; load weights first")
+        self.model = model
+        self.accelerator = accelerator
+        self.max_draft_tokens = max_draft_tokens
+        cfg = model.config
+        self.cache = KVCache(cfg.num_nextn_predict_layers, max_seqs,
+                             cfg.sliding_window + max_draft_tokens, cfg.head_dim,
+                             dtype=model.dtype, device=device)
+        self.load_report = None  # set by from_pretrained: what the loader read
+        self._seqs: dict[Hashable, _Seq] = {}
+        self._free = list(range(max_seqs - 1, -1, -1))  # pop() hands out slot 0 first
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str, *, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.bfloat16, max_seqs: int = 64,
+                        max_draft_tokens: int = 4, embed_tokens: torch.Tensor | None = None,
+                        head: torch.Tensor | None = None, numerics=None,
+                        **load_kwargs) -> Drafter:
+        """Load a checkpoint folder or Hugging Face repo id (``mtp.loader.load_model``) and wrap
+        it. ``embed_tokens`` / ``head``: the target's [V, D] tensors, shared instead of loaded.
+        ``load_kwargs`` go to the loader (revision, cache_dir, token, tensor-parallel rank...).
+        The loader's report is kept as ``.load_report``.
+
+        Example:
+            >>> drafter = Drafter.from_pretrained("deepseek-ai/DeepSeek-V4-Flash",
+            ...                                   device="cuda")  # doctest: +SKIP
+        """
+        from .loader import load_model
+
+        model, report = load_model(path_or_repo_id, device=device, dtype=dtype,
+                                   embed_tokens=embed_tokens, head=head, numerics=numerics,
+                                   **load_kwargs)
+        drafter = cls(model, max_seqs=max_seqs, max_draft_tokens=max_draft_tokens)
+        drafter.load_report = report
+        return drafter
+
+    # ---- properties ------------------------------------------------------------------------
+    @property
+    def accelerator(self) -> Any:
+        """What runs every forward and logits call (the module itself by default). Settable,
+        e.g. after ``from_pretrained``: ``drafter.accelerator = TritonMTP(drafter.model)``;
+        None restores the module."""
+        return self._accelerator
+
+    @accelerator.setter
+    def accelerator(self, value: Any) -> None:
+        if value is not None:
+            for method in ("forward", "compute_logits"):
+                if not callable(getattr(value, method, None)):
+                    raise TypeError(f"accelerator: has no callable {method}(...) (it needs "
+                                    "forward and compute_logits with the module's signatures)")
+        self._accelerator = self.model if value is None else value
+
+    @property
+    def config(self) -> MTPConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache.kv.device
+
+    @property
+    def max_seqs(self) -> int:
+        return self.cache.max_seqs
+
+    @property
+    def seq_ids(self) -> list[Hashable]:
+        """The sequences held, in the order they were added."""
+        return list(self._seqs)
+
+    def __contains__(self, seq_id: object) -> bool:
+        return seq_id in self._seqs
+
+    def __repr__(self) -> str:
+        cfg = self.config
+        return (f"Drafter(hidden_size={cfg.hidden_size}, window={cfg.sliding_window}, "
+                f"sequences={len(self._seqs)}/{self.max_seqs}, "
+                f"max_draft_tokens={self.max_draft_tokens}, device={self.device}, "
+                f"dtype={self.model.dtype})")
+
+    def next_position(self, seq_id: Hashable) -> int:
+        """The position of the next row the drafter expects for ``seq_id`` with a real
+        (target) residual: the first row of the next call must be there."""
+        return self._get(seq_id).next_position
+
+    def slot(self, seq_id: Hashable) -> int:
+        """The cache slot of ``seq_id`` (``cache.kv[:, slot]``)."""
+        return self._get(seq_id).slot
+
+    # ---- sequences -------------------------------------------------------------------------
+    def add_sequence(self, seq_id: Hashable, position: int = 0) -> None:
+        """Start tracking a sequence whose first row will be at ``position``.
+
+        Start later than 0 when only the last rows' residuals are at hand: the drafts of a
+        sequence depend only on the W rows before them.
+        """
+        _check_hashable(seq_id)
+        if seq_id in self._seqs:
+            raise ValueError(f"sequence {seq_id!r} is already in the drafter; remove_sequence "
+                             "it first to start it again")
+        if not isinstance(position, int) or isinstance(position, bool) or position < 0:
+            raise ValueError(f"position: expected an int >= 0, got {position!r}")
+        if not self._free:
+            raise ValueError(f"all {self.max_seqs} sequence slots are in use; remove a finished "
+                             "sequence, or build the Drafter with a larger max_seqs")
+        slot = self._free.pop()
+        self.cache.clear(slot)
+        self._seqs[seq_id] = _Seq(slot, position)
+
+    def remove_sequence(self, seq_id: Hashable) -> None:
+        """Stop tracking a sequence and free its cache slot."""
+        seq = self._get(seq_id)
+        self.cache.clear(seq.slot)
+        del self._seqs[seq_id]
+        self._free.append(seq.slot)
+
+    # ---- the two calls ---------------------------------------------------------------------
+    @torch.no_grad()
+    def feed(self, seq_ids: Sequence[Hashable], hidden_states: torch.Tensor,
+             input_ids: torch.Tensor, positions: torch.Tensor,
+             num_rows_per_seq: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Consume real rows without drafting (e.g. a prompt that will not draft this step).
+
+        Arguments as in :meth:`propose`. Returns [S, M*D]: each sequence's last row's output.
+        """
+        plan = self._plan(seq_ids, hidden_states, input_ids, positions, num_rows_per_seq)
+        with self._dropping_on_failure(plan):
+            return self._feed(plan, hidden_states, input_ids, positions)
+
+    @torch.no_grad()
+    def propose(self, seq_ids: Sequence[Hashable], hidden_states: torch.Tensor,
+                input_ids: torch.Tensor, positions: torch.Tensor,
+                num_rows_per_seq: Sequence[int] | torch.Tensor, *, k: int,
+                sampling: Sampling = GREEDY) -> Proposal:
+        """Consume each sequence's new real rows, then draft k tokens for every sequence, all
+        sequences batched in each forward.
+
+        Args:
+            seq_ids: the sequences of this call (S of them, each added before).
+            hidden_states: [T, M*D] the target's pre-``hc_head`` residuals; row i is at
+                ``positions[i]``. The rows of ``seq_ids[0]`` come first, then those of
+                ``seq_ids[1]``, and so on.
+            input_ids: [T] row i's *next* token: the token at ``positions[i] + 1``.
+            positions: [T] each sequence's rows at consecutive positions, starting exactly at
+                its :meth:`next_position`.
+            num_rows_per_seq: S row counts (each >= 1), summing to T.
+            k: drafts per sequence, 1 <= k <= ``max_draft_tokens``.
+            sampling: greedy (default) or :class:`~mtp.sampling.Sampling` with temperature /
+                top-p / generator; sampled drafts come with their q.
+
+        Returns a :class:`Proposal`. Afterwards each sequence's next position is one past its
+        last row: the next call re-feeds from there (the verified rows, with real residuals).
+        """
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.max_draft_tokens:
+            raise ValueError(f"k: expected an int in [1, {self.max_draft_tokens}] "
+                             f"(max_draft_tokens sizes the cache), got {k!r}")
+        if not isinstance(sampling, Sampling):
+            raise TypeError(f"sampling: expected a mtp.sampling.Sampling, got "
+                            f"{type(sampling).__name__}")
+        plan = self._plan(seq_ids, hidden_states, input_ids, positions, num_rows_per_seq)
+        sampling.check(len(plan.seq_ids), self.device)
+        with self._dropping_on_failure(plan):
+            x = self._feed(plan, hidden_states, input_ids, positions)  # [S, M*D]
+            return self._draft(plan, x, k, sampling)
+
+    # ---- internals -------------------------------------------------------------------------
+    def _get(self, seq_id: Hashable) -> _Seq:
+        _check_hashable(seq_id)
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            raise ValueError(f"unknown sequence {seq_id!r}: add it with add_sequence first "
+                             f"(held: {_short(self.seq_ids)})")
+        return seq
+
+    def _plan(self, seq_ids, hidden_states, input_ids, positions, num_rows_per_seq) -> _Plan:
+        """Check every argument against the drafter's state; change nothing."""
+        cfg, device = self.config, self.device
+        if isinstance(seq_ids, (str, bytes)) or not isinstance(seq_ids, Sequence):
+            raise TypeError(f"seq_ids: expected a list of sequence ids, got "
+                            f"{type(seq_ids).__name__}")
+        ids = list(seq_ids)
+        if not ids:
+            raise ValueError("seq_ids: empty; pass at least one sequence")
+        seqs = [self._get(s) for s in ids]
+        if len(set(ids)) != len(ids):
+            dup = next(s for s in ids if ids.count(s) > 1)
+            raise ValueError(f"seq_ids: sequence {dup!r} appears twice; give each sequence's "
+                             "rows as one run")
+        counts = _row_counts(num_rows_per_seq, len(ids))
+
+        t = sum(counts)
+        _check_tensor(hidden_states, "hidden_states", (t, cfg.hc_dim),
+                      f"[T, hc_mult*hidden_size] = [{t}, {cfg.hc_dim}]", device, floating=True)
+        _check_tensor(input_ids, "input_ids", (t,), f"[T] = [{t}] (the token after each row)",
+                      device, floating=False)
+        _check_tensor(positions, "positions", (t,), f"[T] = [{t}]", device, floating=False)
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size:
+            bad = input_ids[(input_ids < 0) | (input_ids >= cfg.vocab_size)][0].item()
+            raise ValueError(f"input_ids: token id {bad} is outside the vocabulary "
+                             f"[0, {cfg.vocab_size})")
+
+        starts = [s.next_position for s in seqs]
+        pos = positions.detach().to("cpu", torch.int64)
+        expected = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)])
+        if not torch.equal(pos, expected):
+            _explain_positions(ids, starts, counts, pos)
+
+        window = cfg.sliding_window
+        kept = [min(n, window) for n in counts]
+        keep = None
+        if kept != counts:  # only the last W rows of a sequence can ever be attended
+            offsets = torch.tensor([0] + counts[:-1]).cumsum(0).tolist()
+            keep = torch.cat([torch.arange(o + n - m, o + n)
+                              for o, n, m in zip(offsets, counts, kept)]).to(device)
+        return _Plan(ids, [s.slot for s in seqs], starts, counts, kept, keep)
+
+    def _feed(self, plan: _Plan, hidden_states, input_ids, positions) -> torch.Tensor:
+        device = self.device
+        slots = torch.tensor(plan.slots, device=device)
+        starts = torch.tensor(plan.starts, device=device)
+        # Every entry at or after a sequence's next real position came from a draft: drop it
+        # before the real rows are written (spec, "Multi-step drafting").
+        pos = self.cache.pos[:, slots]  # [L, S, C]
+        self.cache.pos[:, slots] = pos.masked_fill(pos >= starts[None, :, None], -1)
+        if plan.keep is not None:
+            hidden_states = hidden_states.index_select(0, plan.keep)
+            input_ids = input_ids.index_select(0, plan.keep)
+            positions = positions.index_select(0, plan.keep)
+        kept = torch.tensor(plan.kept_counts, device=device)
+        seq_slots = slots.repeat_interleave(kept)  # [T']
+        x = self.accelerator.forward(input_ids, positions, hidden_states, spec_step_idx=0,
+                                     kv_cache=self.cache, seq_slots=seq_slots)  # [T', M*D]
+        for seq_id, start, n in zip(plan.seq_ids, plan.starts, plan.counts):
+            self._seqs[seq_id].next_position = start + n
+        return x[kept.cumsum(0) - 1]  # each sequence's last row, [S, M*D]
+
+    def _draft(self, plan: _Plan, x: torch.Tensor, k: int, sampling: Sampling) -> Proposal:
+        device = self.device
+        slots = torch.tensor(plan.slots, device=device)
+        last = torch.tensor([s + n - 1 for s, n in zip(plan.starts, plan.counts)], device=device)
+        hidden, drafts, probs = [x], [], []
+        for step in range(k):
+            if step:  # the previous step's own residual and draft, one position further
+                x = self.accelerator.forward(drafts[-1], last + step, x, spec_step_idx=step,
+                                             kv_cache=self.cache, seq_slots=slots)
+                hidden.append(x)
+            logits = self.accelerator.compute_logits(x, spec_step_idx=step)  # [S, V]
+            token, q = sample(logits, sampling)
+            drafts.append(token)
+            probs.append(q)
+        return Proposal(torch.stack(drafts, dim=1),
+                        None if probs[0] is None else torch.stack(probs, dim=1),
+                        torch.stack(hidden, dim=1))
+
+    @contextmanager
+    def _dropping_on_failure(self, plan: _Plan):
+        """If the forward itself fails (after the checks: out of memory, a kernel error), the
+        cache of the call's sequences may be half-written: drop them rather than keep corrupt
+        state, and say so."""
+        try:
+            yield
+        except BaseException as exc:
+            for seq_id in plan.seq_ids:
+                if seq_id in self._seqs:
+                    self.remove_sequence(seq_id)
+            if not isinstance(exc, Exception):  # KeyboardInterrupt and the like pass through
+                raise
+            raise RuntimeError(
+                f"drafter: the forward failed ({type(exc).__name__}: {exc}); sequences "
+                f"{_short(plan.seq_ids)} were removed because their cache may be half-written: "
+                "add them again and re-feed their last W rows") from exc
+
+
+def _check_hashable(seq_id: object) -> None:
+    try:
+        hash(seq_id)
+    except TypeError:
+        raise TypeError(f"sequence id: expected a hashable id (int or str), got "
+                        f"{type(seq_id).__name__}") from None
+
+
+def _row_counts(num_rows_per_seq, s: int) -> list[int]:
+    if isinstance(num_rows_per_seq, torch.Tensor):
+        if num_rows_per_seq.dim() != 1 or num_rows_per_seq.is_floating_point():
+            raise ValueError(f"num_rows_per_seq: expected a 1-D integer tensor, got shape "
+                             f"{list(num_rows_per_seq.shape)} ({num_rows_per_seq.dtype})")
+        counts = num_rows_per_seq.tolist()
+    elif isinstance(num_rows_per_seq, Sequence):
+        counts = list(num_rows_per_seq)
+    else:
+        raise TypeError(f"num_rows_per_seq: expected a list of ints, got "
+                        f"{type(num_rows_per_seq).__name__}")
+    if len(counts) != s:
+        raise ValueError(f"num_rows_per_seq: {len(counts)} counts for {s} sequences in seq_ids")
+    for i, n in enumerate(counts):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"num_rows_per_seq[{i}]: expected an int >= 1 (a call gives every "
+                             f"sequence at least its newest row), got {n!r}")
+    return counts
+
+
+def _check_tensor(x, name: str, shape: tuple, expected: str, device: torch.device,
+                  floating: bool) -> None:
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
+        got = f"shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected {expected}, got {got}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+    if not floating and x.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: expected int64 or int32, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name}: on {x.device}, but the drafter is on {device}")
+
+
+def _explain_positions(ids, starts, counts, pos: torch.Tensor):
+    offset = 0
+    for seq_id, start, n in zip(ids, starts, counts):
+        got = pos[offset:offset + n]
+        offset += n
+        first = int(got[0])
+        if first < start:
+            raise ValueError(
+                f"positions: sequence {seq_id!r} starts at position {first}, going backwards: "
+                f"the drafter has consumed it up to {start - 1} and expects {start} next "
+                "(rows with real residuals are fed once; drafts are rolled back automatically)")
+        if first > start:
+            raise ValueError(
+                f"positions: sequence {seq_id!r} starts at position {first}, leaving a gap: the "
+                f"drafter expects {start} next; feed the rows from {start} (or remove and re-add "
+                "the sequence at a later position)")
+        if not torch.equal(got, torch.arange(start, start + n)):
+            raise ValueError(f"positions: the rows of sequence {seq_id!r} are not consecutive "
+                             f"({_short(got.tolist())}); expected {start}..{start + n - 1}")
+    raise AssertionError("unreachable: positions differ but no sequence disagrees")
+
+
+def _short(items: list, n: int = 8) -> str:
+    return repr(items) if len(items) <= n else repr(items[:n])[:-1] + ", ...]"
+
+
+__all__ = ["Drafter", "Proposal"]

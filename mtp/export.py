@@ -1,0 +1,166 @@
+"""Write a module back out as a checkpoint in the official on-disk format.
+
+The names come from the remap table (:func:`mtp.remap.canonical_names`), so what is written is
+exactly what the loader reads back. Three layouts:
+
+- ``"release"``: ``model-{k:05d}-of-{n:05d}.safetensors`` + ``model.safetensors.index.json``
+  laid out like the release: ``embed.weight`` (and main layer 0) in the first shard, further
+  main-model layers in the next ones, ``head.weight`` with ``norm.weight`` and ``hc_head_*`` in
+  the one before last, the MTP block in the last.
+- ``"single"``: everything in one ``model.safetensors``.
+- ``"mp"``: the reference converter's per-rank files ``model{r}-mp{MP}.safetensors``: rows of
+  embed, head, wq_b, wo_a, attn_sink and columns of wo_b split over ranks, rank r holding experts
+  ``[r*E/MP, (r+1)*E/MP)`` under their global ids, ``wo_a`` dequantised to BF16 without a scale,
+  FP4 experts typed ``F4``; the other tensors in every file.
+
+The main-model tensors written (``layers.{k}.attn_norm.weight``, ``norm.weight``,
+``hc_head_*``) are small placeholders the drafter must skip, as it skips the real ones.
+Every tensor keeps the dtype the module holds it in, so a written module loads back bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from . import remap
+from .model import DeepSeekV4MTP
+from .quant import dequant_fp8_block
+from .surgery import int8_as_fp4, region_slices, tp_range
+
+LAYOUTS = ("release", "single", "mp")
+
+
+def _main_model(cfg, layers: int) -> dict[str, torch.Tensor]:
+    d, m = cfg.hidden_size, cfg.hc_mult
+    out = {f"layers.{k}.attn_norm.weight": torch.ones(d, dtype=torch.bfloat16)
+           for k in range(layers)}
+    out["norm.weight"] = torch.ones(d, dtype=torch.bfloat16)
+    out["hc_head_fn"] = torch.zeros(m, m * d)
+    out["hc_head_base"] = torch.zeros(m)
+    out["hc_head_scale"] = torch.ones(1)
+    return out
+
+
+def _pieces(model: DeepSeekV4MTP, rank: int | None = None,
+            world_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Canonical name -> tensor (contiguous CPU copy) for the whole module or one rank."""
+    cfg, fmt = model.config, model.weight_format
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    out = {}
+    for name, t in remap.canonical_names(cfg, fmt):
+        if t.param not in params:
+            continue  # e.g. the scale of a plain weight
+        p = params[t.param]
+        key = remap.param_key(t.param)
+        if world_size is not None and key == "mtp_block.attn.wo_a.weight_scale_inv":
+            continue  # the converter stores wo_a dequantised, without its scale
+        if world_size is not None and key == "mtp_block.attn.wo_a.weight" and fmt.wo_a == "fp8":
+            scale = params[t.param + "_scale_inv"]
+            p = dequant_fp8_block(p, scale).to(torch.bfloat16)  # exact: e4m3 x 2^k fits bf16
+        region, _ = remap.region_of(t, tuple(p.shape), cfg, rank, world_size)
+        if world_size is not None and t.expert is not None:
+            lo, hi = tp_range(cfg.n_routed_experts, rank, world_size)
+            if not lo <= t.expert < hi:
+                continue
+        piece = p[region_slices(region)]
+        if t.expert is not None:
+            piece = piece[0]
+        piece = piece.to("cpu").contiguous().clone()
+        if world_size is not None and key in ("mtp_block.ffn.experts.w13_weight",
+                                              "mtp_block.ffn.experts.w2_weight") \
+                and fmt.experts == "fp4":
+            piece = int8_as_fp4(piece)
+        out[name] = piece
+    return out
+
+
+def _save(tensors: dict[str, torch.Tensor], path: str) -> int:
+    save_file(tensors, path, metadata={"format": "pt"})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def write_checkpoint(model: DeepSeekV4MTP, folder: str | os.PathLike, *,
+                     num_shards: int | None = None, main_layers: int = 1,
+                     layout: str = "release", mp: int | None = None,
+                     overwrite: bool = False) -> None:
+    """Write ``model`` (config, index, shards) into ``folder`` in the official format.
+
+    Args:
+        num_shards: shard files of the "release" layout (default ``main_layers + 2``; at least
+            3 and at most ``main_layers + 2``, since each shard before the head's holds at least
+            one main-model layer).
+        main_layers: main-model placeholder layers written (``layers.{k}.attn_norm.weight``).
+        layout: "release", "single" or "mp" (then ``mp`` = number of ranks).
+        overwrite: replace checkpoint files already in ``folder`` (otherwise refuse).
+
+    Example:
+        >>> from mtp import DeepSeekV4MTP, MTPConfig
+        >>> from mtp.testing import init_random_
+        >>> from mtp.loader import load_model
+        >>> import tempfile
+        >>> m = init_random_(DeepSeekV4MTP(MTPConfig.from_name("tiny")), seed=0)
+        >>> folder = tempfile.mkdtemp()
+        >>> write_checkpoint(m, folder, num_shards=4, main_layers=2)
+        >>> sorted(os.listdir(folder))[:2]
+        ['config.json', 'model-00001-of-00004.safetensors']
+        >>> loaded, report = load_model(folder, dtype=torch.float32)
+        >>> report.shards_skipped
+        ['model-00002-of-00004.safetensors']
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}; expected one of {LAYOUTS}")
+    if not 1 <= main_layers <= model.config.num_hidden_layers:
+        raise ValueError(f"main_layers={main_layers}; expected 1 .. num_hidden_layers="
+                         f"{model.config.num_hidden_layers} (layers beyond are the MTP layers)")
+    if (layout == "mp") != (mp is not None):
+        raise ValueError("mp= (the number of ranks) goes with layout='mp', and only with it")
+    n = num_shards if num_shards is not None else main_layers + 2
+    if layout == "release" and not 3 <= n <= main_layers + 2:
+        raise ValueError(f"num_shards={n}: the release layout needs 3 .. main_layers + 2 = "
+                         f"{main_layers + 2} shards (raise main_layers for more shards)")
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    old = [f for f in os.listdir(folder) if f == "config.json"
+           or (f.startswith("model") and f.endswith((".safetensors", ".index.json")))]
+    if old and not overwrite:
+        raise FileExistsError(f"{folder} already holds checkpoint files ({sorted(old)[:3]}); "
+                              f"pass overwrite=True or use an empty folder")
+    for f in old:
+        os.remove(os.path.join(folder, f))
+
+    cfg = model.config
+    main = _main_model(cfg, main_layers)
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    if layout == "mp":
+        for r in range(mp):
+            _save({**main, **_pieces(model, r, mp)},
+                  os.path.join(folder, f"model{r}-mp{mp}.safetensors"))
+        return
+    pieces = _pieces(model)
+    if layout == "single":
+        _save({**main, **pieces}, os.path.join(folder, "model.safetensors"))
+        return
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+    shards[0]["embed.weight"] = pieces.pop("embed.weight")
+    for k in range(main_layers):
+        shards[min(k, n - 3)][f"layers.{k}.attn_norm.weight"] = main.pop(
+            f"layers.{k}.attn_norm.weight")
+    shards[n - 2].update(main)
+    shards[n - 2]["head.weight"] = pieces.pop("head.weight")
+    shards[n - 1].update(pieces)
+    weight_map, total = {}, 0
+    for k, tensors in enumerate(shards):
+        file = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        total += _save(tensors, os.path.join(folder, file))
+        weight_map.update(dict.fromkeys(tensors, file))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
+
+
+__all__ = ["write_checkpoint", "LAYOUTS"]

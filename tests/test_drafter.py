@@ -1,0 +1,271 @@
+"""The Drafter's contract, case by case: sequences, positions, the draft loop's layer and
+position bookkeeping, the accelerator hook, and refusals. The properties (incremental equals
+recomputation, rollback, batching, trimming, bad input) are in test_drafter_properties.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from drafter_helpers import (
+    TINY,
+    W,
+    assert_same_state,
+    drafter,
+    live_entries,
+    model,
+    rel_err,
+    rows,
+    same_entries,
+    snapshot,
+)
+
+from mtp import KVCache
+from mtp.drafter import Drafter, Proposal
+from mtp.sampling import Sampling
+
+
+def test_propose_shapes_and_positions():
+    d = drafter(max_seqs=2)
+    d.add_sequence("a")
+    d.add_sequence("b", position=7)
+    ha, ia, pa = rows(5, 0)
+    hb, ib, pb = rows(3, 1, start=7)
+    p = d.propose(["a", "b"], torch.cat((ha, hb)), torch.cat((ia, ib)), torch.cat((pa, pb)),
+                  [5, 3], k=3)
+    assert isinstance(p, Proposal)
+    assert p.drafts.shape == (2, 3) and p.drafts.dtype == torch.int64
+    assert p.probs is None  # greedy
+    assert p.hidden.shape == (2, 3, TINY.hc_dim)
+    assert (d.next_position("a"), d.next_position("b")) == (5, 10)
+    # Draft entries sit at positions n .. n + k - 2 (the last real row is at n - 1).
+    assert sorted(p for (_, p) in live_entries(d, "a")) == [0, 1, 2, 3, 4, 5, 6]
+    assert sorted(p for (_, p) in live_entries(d, "b")) == [7, 8, 9, 10, 11]
+
+
+def test_greedy_drafts_are_the_argmax_of_each_steps_logits():
+    d = drafter()
+    d.add_sequence(0)
+    h, ids, pos = rows(6, 2)
+    p = d.propose([0], h, ids, pos, [6], k=4)
+    logits = d.model.compute_logits(p.hidden[0])  # [k, V]
+    assert torch.equal(p.drafts[0], logits.argmax(-1))
+
+
+def test_sampled_drafts_return_q_and_are_reproducible():
+    out = []
+    for _ in range(2):
+        d = drafter()
+        d.add_sequence(0)
+        h, ids, pos = rows(6, 3)
+        gen = torch.Generator().manual_seed(5)
+        out.append(d.propose([0], h, ids, pos, [6], k=3,
+                             sampling=Sampling(temperature=0.9, top_p=0.8, generator=gen)))
+    a, b = out
+    assert torch.equal(a.drafts, b.drafts) and torch.equal(a.probs, b.probs)
+    assert a.probs.shape == (1, 3, TINY.vocab_size)
+    # q is a distribution, and each draft was possible under it.
+    assert torch.allclose(a.probs.sum(-1), torch.ones(1, 3, dtype=a.probs.dtype))
+    assert bool((a.probs[0].gather(1, a.drafts[0, :, None]) > 0).all())
+
+
+def test_a_fed_sequence_drafts_like_proposing_from_its_last_row():
+    """feed() then propose() of one more row equals proposing all rows at once."""
+    h, ids, pos = rows(9, 4)
+    a, b = drafter(), drafter()
+    a.add_sequence(0)
+    b.add_sequence(0)
+    x = a.feed([0], h[:5], ids[:5], pos[:5], [5])
+    assert x.shape == (1, TINY.hc_dim)
+    pa = a.propose([0], h[5:], ids[5:], pos[5:], [4], k=2)
+    pb = b.propose([0], h, ids, pos, [9], k=2)
+    assert torch.equal(pa.drafts, pb.drafts)
+    assert rel_err(pa.hidden, pb.hidden) < 1e-12  # float64, different row batching
+
+
+def test_sequences_are_added_removed_and_slots_reused():
+    d = drafter(max_seqs=2)
+    d.add_sequence("x")
+    d.add_sequence("y")
+    with pytest.raises(ValueError, match="all 2 sequence slots are in use"):
+        d.add_sequence("z")
+    with pytest.raises(ValueError, match="already in the drafter"):
+        d.add_sequence("x")
+    h, ids, pos = rows(4, 0)
+    d.propose(["x"], h, ids, pos, [4], k=2)
+    slot = d.slot("x")
+    d.remove_sequence("x")
+    assert "x" not in d and d.seq_ids == ["y"]
+    assert bool((d.cache.pos[:, slot] == -1).all())  # nothing of "x" can leak to the next user
+    d.add_sequence("z", position=100)
+    assert d.slot("z") == slot and d.next_position("z") == 100
+    with pytest.raises(ValueError, match="unknown sequence 'x'"):
+        d.remove_sequence("x")
+    with pytest.raises(ValueError, match="position: expected an int >= 0"):
+        d.add_sequence("w", position=-1)
+    with pytest.raises(TypeError, match="hashable"):
+        d.add_sequence(["not", "hashable"])
+
+
+def test_a_restarted_sequence_is_independent_of_its_past():
+    """remove + add at the same id and slot: drafts equal a fresh drafter's."""
+    d, fresh = drafter(max_seqs=1), drafter(max_seqs=1)
+    h, ids, pos = rows(6, 7)
+    d.add_sequence(0)
+    d.propose([0], h, ids, pos, [6], k=3)
+    d.remove_sequence(0)
+    h2, ids2, pos2 = rows(3, 8, start=2)
+    d.add_sequence(0, position=2)
+    fresh.add_sequence(0, position=2)
+    assert torch.equal(d.propose([0], h2, ids2, pos2, [3], k=3).drafts,
+                       fresh.propose([0], h2, ids2, pos2, [3], k=3).drafts)
+
+
+def test_draft_steps_use_layer_s_mod_n_mtp():
+    """With two MTP layers, step s runs layer s % 2 and its logits. Checked against the loop
+    written out by hand with the module and a KVCache."""
+    m = model(n_mtp=2)
+    d = Drafter(m, max_seqs=1, max_draft_tokens=4)
+    d.add_sequence(0)
+    h, ids, pos = rows(5, 9)
+    p = d.propose([0], h, ids, pos, [5], k=4)
+
+    cache = KVCache(2, 1, W + 4, TINY.head_dim, dtype=torch.float64)
+    x = m(ids, pos, h, kv_cache=cache, seq_slots=torch.zeros(5, dtype=torch.long))[-1:]
+    expected = []
+    for s in range(4):
+        if s:
+            x = m(expected[-1], torch.tensor([4 + s]), x, spec_step_idx=s, kv_cache=cache,
+                  seq_slots=torch.zeros(1, dtype=torch.long))
+        expected.append(m.compute_logits(x, spec_step_idx=s).argmax(-1))
+    assert p.drafts[0].tolist() == torch.cat(expected).tolist()
+    # Steps 1 and 3 (positions 5, 7) wrote layer 1's cache; the real rows and step 2, layer 0's.
+    assert sorted(int(q) for q in d.cache.pos[1, 0] if q >= 0) == [5, 7]
+    assert sorted(int(q) for q in d.cache.pos[0, 0] if q >= 0) == [0, 1, 2, 3, 4, 6]
+
+
+class CountingAccelerator:
+    """Records every call, then runs the module (what a kernel path would replace)."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, []
+
+    def forward(self, *args, **kwargs):
+        self.calls.append(("forward", kwargs["spec_step_idx"], args[1].tolist()))
+        return self.module.forward(*args, **kwargs)
+
+    def compute_logits(self, hidden_states, spec_step_idx=0):
+        self.calls.append(("logits", spec_step_idx, hidden_states.shape[0]))
+        return self.module.compute_logits(hidden_states, spec_step_idx)
+
+
+def test_every_forward_and_logits_call_goes_through_the_accelerator():
+    m = model()
+    acc = CountingAccelerator(m)
+    d, plain = Drafter(m, accelerator=acc), Drafter(m)
+    for x in (d, plain):
+        x.add_sequence(0)
+        x.add_sequence(1, position=3)
+    h, ids, _ = rows(5, 10)
+    pos = torch.tensor([0, 1, 3, 4, 5])
+    pa = d.propose([0, 1], h, ids, pos, [2, 3], k=3)
+    pb = plain.propose([0, 1], h, ids, pos, [2, 3], k=3)
+    assert torch.equal(pa.drafts, pb.drafts)
+    assert acc.calls == [("forward", 0, [0, 1, 3, 4, 5]), ("logits", 0, 2),
+                         ("forward", 1, [2, 6]), ("logits", 1, 2),
+                         ("forward", 2, [3, 7]), ("logits", 2, 2)]
+
+
+def test_an_accelerator_must_have_both_methods_and_can_be_set_later():
+    half = type("A", (), {"forward": lambda *a, **k: None})()
+    with pytest.raises(TypeError, match="compute_logits"):
+        Drafter(model(), accelerator=half)
+    d = Drafter(model())
+    assert d.accelerator is d.model
+    with pytest.raises(TypeError, match="compute_logits"):
+        d.accelerator = half
+    assert d.accelerator is d.model
+    d.accelerator = acc = CountingAccelerator(d.model)
+    assert d.accelerator is acc
+    d.accelerator = None
+    assert d.accelerator is d.model
+
+
+class FailingAccelerator(CountingAccelerator):
+    def compute_logits(self, hidden_states, spec_step_idx=0):
+        if spec_step_idx == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return super().compute_logits(hidden_states, spec_step_idx)
+
+
+def test_a_forward_that_fails_after_the_checks_drops_the_sequences_it_touched():
+    m = model()
+    d = Drafter(m, accelerator=FailingAccelerator(m), max_seqs=3)
+    for s in ("a", "b", "c"):
+        d.add_sequence(s)
+    h, ids, pos = rows(3, 11)
+    d.feed(["c"], h, ids, pos, [3])
+    c_state = (d.next_position("c"), live_entries(d, "c"))
+    with pytest.raises(RuntimeError, match=r"forward failed .*CUDA out of memory.*\['a', 'b'\]"
+                                           r" were removed"):
+        d.propose(["a", "b"], torch.cat((h, h)), torch.cat((ids, ids)), torch.cat((pos, pos)),
+                  [3, 3], k=2)
+    assert d.seq_ids == ["c"]
+    assert d.next_position("c") == c_state[0] and same_entries(live_entries(d, "c"), c_state[1])
+    d.add_sequence("a")  # the slot came back
+
+
+def test_constructor_refusals():
+    with pytest.raises(TypeError, match="DeepSeekV4MTP"):
+        Drafter(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="max_draft_tokens"):
+        Drafter(model(), max_draft_tokens=0)
+    with pytest.raises(ValueError, match="max_seqs"):
+        Drafter(model(), max_seqs=0)
+    from mtp import DeepSeekV4MTP
+    with pytest.raises(ValueError, match="meta device"):
+        Drafter(DeepSeekV4MTP(TINY, device="meta"))
+
+
+def test_cache_is_sized_w_plus_k_and_repr_says_what_it_holds():
+    d = drafter(max_seqs=3, max_draft_tokens=5)
+    assert d.cache.capacity == W + 5 and d.cache.kv.shape[:2] == (1, 3)
+    d.add_sequence(1)
+    assert "sequences=1/3" in repr(d) and "max_draft_tokens=5" in repr(d)
+
+
+def test_a_refused_call_changes_nothing_even_after_drafting():
+    """One hand-picked case of the property in test_drafter_properties.py, readable alone."""
+    d = drafter()
+    d.add_sequence(0)
+    h, ids, pos = rows(6, 12)
+    d.propose([0], h, ids, pos, [6], k=3)
+    before = snapshot(d)
+    with pytest.raises(ValueError, match="going backwards"):
+        d.propose([0], h[:2], ids[:2], pos[4:6], [2], k=3)
+    assert_same_state(before, snapshot(d))
+
+
+def test_from_pretrained_loads_through_the_loader_and_drafts_like_the_module(tmp_path):
+    """The real path: a checkpoint in the official format, loaded by mtp.loader; the drafts
+    equal those of a Drafter around the module that was written (the round trip is exact).
+    Shared embedding and head tensors are used in place, and their shard is not opened."""
+    from mtp.demo import write_tiny_checkpoint
+
+    folder = write_tiny_checkpoint(tmp_path, seed=3)
+    written = model(torch.float32, seed=3)
+    h, ids, pos = rows(7, 13, dtype=torch.float32)
+    loaded = Drafter.from_pretrained(folder, dtype=torch.float32, max_seqs=2,
+                                     max_draft_tokens=3)
+    assert loaded.load_report.tensors > 0 and loaded.max_seqs == 2
+    embed = written.model.embed_tokens.weight.detach().clone()
+    head = written.layer(0).shared_head.head.weight.detach().clone()
+    shared = Drafter.from_pretrained(folder, dtype=torch.float32, embed_tokens=embed, head=head)
+    assert shared.model.model.embed_tokens.weight.data_ptr() == embed.data_ptr()
+    assert "model-00001-of-00004.safetensors" in shared.load_report.shards_skipped
+    reference = Drafter(written)
+    for d in (reference, loaded, shared):
+        d.add_sequence(0)
+    want = reference.propose([0], h, ids, pos, [7], k=3)
+    for d in (loaded, shared):
+        got = d.propose([0], h, ids, pos, [7], k=3)
+        assert torch.equal(got.drafts, want.drafts) and torch.equal(got.hidden, want.hidden)
