@@ -1,0 +1,393 @@
+"""How close is a draft step to the memory-bandwidth floor? (GPU; run from the repo root)
+
+For V4-Flash / V4-Pro shapes with random weights in the released formats (FP8 + E8M0, FP4
+experts), bfloat16 compute, and a KV cache whose window is full, times per batch size:
+
+- the draft step (forward + logits, one row per sequence): the naive path (the module's
+  pure-PyTorch forward, dequantising per call), the fast path eager (``TritonMTP.decode_step``)
+  and CUDA-graph replay (``DraftStepGraphs``);
+- a catch-up of 128 rows per sequence (``TritonMTP.forward`` + logits of each last row);
+- a k = 3 greedy proposal (three graph replays with the argmax between);
+
+against the floor: the bytes that must be read (every dense weight, the experts actually routed
+to in that very call, the embedding rows, the KV window) and written, over the device-to-device
+copy bandwidth measured in the same run. CUDA events, warm-up, median of repeats, inputs rotated
+among 4 sets. Also: resident weight bytes against the checkpoint's stored bytes, peak memory, and
+(``--profile``) a per-kernel breakdown of the graph replay from torch.profiler.
+
+Usage:
+    PYTHONPATH=.:benchmarks python benchmarks/bench_draft_step.py --preset flash \
+        --batches 1,4,16,64,256 --out /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mtp import DeepSeekV4MTP, KVCache, MTPConfig  # noqa: E402
+from mtp.model import Experts, Linear  # noqa: E402
+
+ROT = 4  # input sets rotated through, so no repeat reads the same inputs from cache
+
+
+def _import_kernels():
+    try:
+        import mtp_kernels
+    except ImportError:  # not installed: the repo's kernels/ folder under its package name
+        import importlib.util
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        spec = importlib.util.spec_from_file_location(
+            "mtp_kernels", os.path.join(root, "kernels", "__init__.py"),
+            submodule_search_locations=[os.path.join(root, "kernels")])
+        mtp_kernels = importlib.util.module_from_spec(spec)
+        sys.modules["mtp_kernels"] = mtp_kernels
+        spec.loader.exec_module(mtp_kernels)
+    return mtp_kernels
+
+
+# ---- random weights in the stored formats, made on the GPU ----------------------------------
+@torch.no_grad()
+def init_random_gpu_(model: DeepSeekV4MTP, seed: int = 0) -> DeepSeekV4MTP:
+    """Like ``mtp.testing.init_random_`` (same scales), generated on the model's device."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    cfg = model.config
+
+    def randn(shape, std):
+        return torch.randn(shape, generator=g, device="cuda") * std
+
+    done = set()
+    for mod in model.modules():
+        if isinstance(mod, Linear):
+            out_f, in_f = mod.weight.shape
+            if mod.storage == "fp8":
+                # e4m3 codes ~ N(0, 64^2), one power-of-two scale so that W ~ N(0, 1/in)
+                mod.weight.copy_(randn(mod.weight.shape, 64.0).clamp(-448, 448))
+                b = 127 + round(math.log2(in_f ** -0.5 / 64.0))
+                mod.weight_scale_inv.view(torch.uint8).fill_(b)
+            else:
+                mod.weight.copy_(randn(mod.weight.shape, in_f ** -0.5))
+            done.update(id(p) for p in mod.parameters())
+        elif isinstance(mod, Experts):
+            assert mod.storage == "fp4", "benchmark: released format only"
+            for name in ("w13_weight", "w2_weight"):
+                w = getattr(mod, name)
+                w.copy_(torch.randint(-128, 128, w.shape, generator=g, device="cuda",
+                                      dtype=torch.int8))
+                in_f = w.shape[-1] * 2
+                b = 127 + round(math.log2(in_f ** -0.5 / 2.93))  # rms of a uniform e2m1 code
+                getattr(mod, name + "_scale").view(torch.uint8).fill_(b)
+            done.update(id(p) for p in mod.parameters())
+    for name, p in model.named_parameters():
+        if id(p) in done:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        parent = name.rsplit(".", 2)[-2]
+        if name.endswith("norm.weight"):
+            p.copy_(1.0 + randn(p.shape, 0.1))
+        elif parent == "embed_tokens":
+            p.copy_(randn(p.shape, 1.0))
+        elif parent == "head":
+            p.copy_(randn(p.shape, cfg.hidden_size ** -0.5))
+        elif leaf.endswith("_fn"):
+            p.copy_(randn(p.shape, p.shape[1] ** -0.5))
+        elif leaf.endswith("_base"):
+            p.copy_(randn(p.shape, 0.5))
+        elif leaf.endswith("_scale"):
+            p.copy_(0.5 + torch.rand(p.shape, generator=g, device="cuda"))
+        elif leaf == "attn_sink":
+            p.copy_(randn(p.shape, 1.0))
+        elif parent == "gate" and leaf == "weight":
+            p.copy_(randn(p.shape, cfg.hidden_size ** -0.5))
+        elif leaf == "e_score_correction_bias":
+            p.copy_(randn(p.shape, 0.1))
+        else:
+            raise AssertionError(f"no rule for {name}")
+    return model
+
+
+# ---- byte counts ----------------------------------------------------------------------------
+def param_bytes(model) -> dict[str, int]:
+    """Resident bytes by family (each tensor once), and the checkpoint's stored bytes (norm and
+    gate weights are BF16 there, float32 in the module)."""
+    seen, out = set(), {"experts": 0, "embed": 0, "head": 0, "dense": 0, "stored": 0}
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        nbytes = p.numel() * p.element_size()
+        fam = ("experts" if ".experts." in name else "embed" if "embed_tokens" in name
+               else "head" if "shared_head.head" in name else "dense")
+        out[fam] += nbytes
+        bf16_on_disk = name.endswith("norm.weight") or name.endswith("gate.weight")
+        out["stored"] += p.numel() * 2 if bf16_on_disk and p.dtype == torch.float32 else nbytes
+    out["resident"] = out["experts"] + out["embed"] + out["head"] + out["dense"]
+    return out
+
+
+def floor_bytes(model, pb, t_rows, n_seqs, n_experts_used, logits_rows, cache_dtype_size):
+    cfg = model.config
+    per_expert = pb["experts"] / cfg.n_routed_experts
+    kv = n_seqs * cfg.sliding_window * (cfg.head_dim * cache_dtype_size + 8)  # window + pos
+    io = t_rows * (cfg.hc_dim * 2 * 2 + cfg.hidden_size * 2)  # hidden in/out, embedding rows
+    return (pb["dense"] + pb["head"] + n_experts_used * per_expert + kv + io
+            + logits_rows * cfg.vocab_size * 4)
+
+
+# ---- timing ----------------------------------------------------------------------------------
+def time_it(fn, reps: int, warmup: int = 2) -> list[float]:
+    for i in range(warmup):
+        fn(i)
+    torch.cuda.synchronize()
+    times = []
+    for i in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(i)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return times
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second of a 2 GiB device-to-device copy (median of 20)."""
+    n = 1 << 30
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+
+    def run(i):
+        dst.copy_(src)
+
+    ms = statistics.median(time_it(run, 20, 3))
+    return 2 * n / (ms * 1e-3)
+
+
+def routed_experts(fast, mk, *args) -> int:
+    """Distinct experts the fast path routes to in one call of ``fast.decode_step(*args)``."""
+    seen = []
+    orig = mk.moe.route
+
+    def spy(*a, **k):
+        idx, w = orig(*a, **k)
+        seen.append(idx)
+        return idx, w
+
+    mk.moe.route = spy
+    mk.model.moe_k.route = spy
+    try:
+        fast.decode_step(*args)
+    finally:
+        mk.moe.route = orig
+        mk.model.moe_k.route = orig
+    return int(seen[0].unique().numel())
+
+
+def inputs(cfg, n, rot, dev, g, dtype):
+    return [(torch.randint(0, cfg.vocab_size, (n,), generator=g, device=dev),
+             torch.randn(n, cfg.hc_dim, generator=g, device=dev).to(dtype)) for _ in range(rot)]
+
+
+def fill_cache(cache, n_seqs, pos0, g):
+    """Every sequence's window fully held: positions pos0 - W .. pos0 - 1, random KV."""
+    cap = cache.capacity
+    cache.kv.normal_(generator=g)
+    p = torch.arange(pos0 - cap, pos0, device=cache.kv.device)
+    cache.pos[:, :n_seqs] = -1
+    cache.pos[:, :n_seqs, :].scatter_(2, (p % cap).expand(cache.pos.shape[0], n_seqs, cap),
+                                      p.expand(cache.pos.shape[0], n_seqs, cap))
+
+
+def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
+    mk = _import_kernels()
+    cfg = MTPConfig.from_name(name)
+    dev = torch.device("cuda")
+    torch.cuda.reset_peak_memory_stats()
+    base_mem = torch.cuda.memory_allocated()
+    model = init_random_gpu_(DeepSeekV4MTP(cfg, dtype=torch.bfloat16, device=dev), seed=0)
+    pb = param_bytes(model)
+    resident_alloc = torch.cuda.memory_allocated() - base_mem
+    fast = mk.TritonMTP(model)
+    max_b = max(batches)
+    cap = cfg.sliding_window + 4
+    cache = KVCache(1, max(max_b, 16), cap, cfg.head_dim, dtype=torch.bfloat16, device=dev)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    pos0 = 1000
+    fill_cache(cache, cache.max_seqs, pos0, g)
+    t0 = time.time()
+    graphs = mk.DraftStepGraphs(fast, cache, buckets=tuple(batches))
+    capture_s = time.time() - t0
+    rows = []
+    for b in batches:
+        slots = torch.arange(b, device=dev)
+        pos = torch.full((b,), pos0, device=dev)
+        sets = inputs(cfg, b, ROT, dev, g, torch.bfloat16)
+        used = routed_experts(fast, mk, sets[0][0], pos, sets[0][1], slots, cache)
+        fb = floor_bytes(model, pb, b, b, used, b, 2)
+        floor_ms = fb / bw * 1e3
+
+        def naive(i, sets=sets, pos=pos, slots=slots):
+            ids, h = sets[i % ROT]
+            x = model(ids, pos, h, kv_cache=cache, seq_slots=slots)
+            model.compute_logits(x)
+
+        def eager(i, sets=sets, pos=pos, slots=slots):
+            ids, h = sets[i % ROT]
+            fast.decode_step(ids, pos, h, slots, cache)
+
+        def graph(i, sets=sets, pos=pos, slots=slots):
+            ids, h = sets[i % ROT]
+            graphs.step(ids, pos, h, slots, check=False)
+
+        naive_reps = args.naive_reps if b <= 16 else max(3, args.naive_reps // 3)
+        t_naive = statistics.median(time_it(naive, naive_reps, 1))
+        t_eager = statistics.median(time_it(eager, args.reps))
+        t_graph_all = time_it(graph, args.reps * 4)
+        t_graph = statistics.median(t_graph_all)
+        t_graph2 = statistics.median(time_it(graph, args.reps * 4))
+        row = dict(preset=name, what="draft step", batch=b, experts_used=used,
+                   floor_GB=fb / 1e9, floor_ms=floor_ms, naive_ms=t_naive, eager_ms=t_eager,
+                   graph_ms=t_graph, graph_ms_rerun=t_graph2, x_floor=t_graph / floor_ms,
+                   speedup_vs_naive=t_naive / t_graph)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    # k = 3 greedy proposal (graph replays)
+    for b in [x for x in batches if x in (1, 16, 64)]:
+        slots = torch.arange(b, device=dev)
+        pos = torch.full((b,), pos0, device=dev)
+        sets = inputs(cfg, b, ROT, dev, g, torch.bfloat16)
+        used = routed_experts(fast, mk, sets[0][0], pos, sets[0][1], slots, cache)
+        fb = 3 * floor_bytes(model, pb, b, b, used, b, 2)
+
+        def prop(i, sets=sets, pos=pos, slots=slots):
+            ids, h = sets[i % ROT]
+            graphs.propose(ids, pos, h, slots, 3, check=False)
+
+        t = statistics.median(time_it(prop, args.reps))
+        row = dict(preset=name, what="k=3 proposal", batch=b, floor_ms=fb / bw * 1e3,
+                   graph_ms=t, x_floor=t / (fb / bw * 1e3))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    # catch-up: 128 rows per sequence through forward, then logits of each sequence's last row
+    for n_seq in args.catchup:
+        t_rows = 128 * n_seq
+        slots = torch.arange(n_seq, device=dev).repeat_interleave(128)
+        pos = (torch.arange(128, device=dev) + pos0).repeat(n_seq)
+        sets = inputs(cfg, t_rows, 2, dev, g, torch.bfloat16)
+        last = torch.arange(n_seq, device=dev) * 128 + 127
+
+        def catch_fast(i, sets=sets, pos=pos, slots=slots, last=last):
+            ids, h = sets[i % 2]
+            x = fast.forward(ids, pos, h, kv_cache=cache, seq_slots=slots)
+            fast.compute_logits(x[last])
+
+        def catch_naive(i, sets=sets, pos=pos, slots=slots, last=last):
+            ids, h = sets[i % 2]
+            x = model(ids, pos, h, kv_cache=cache, seq_slots=slots)
+            model.compute_logits(x[last])
+
+        fb = floor_bytes(model, pb, t_rows, n_seq, cfg.n_routed_experts, n_seq, 2)
+        t_f = statistics.median(time_it(catch_fast, max(5, args.reps // 4)))
+        t_n = statistics.median(time_it(catch_naive, 3, 1))
+        row = dict(preset=name, what="catch-up 128 rows/seq", batch=n_seq, rows=t_rows,
+                   floor_ms=fb / bw * 1e3, naive_ms=t_n, eager_ms=t_f,
+                   x_floor=t_f / (fb / bw * 1e3), speedup_vs_naive=t_n / t_f)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    mem = dict(preset=name, what="memory", resident_GB=pb["resident"] / 1e9,
+               stored_GB=pb["stored"] / 1e9, resident_over_stored=pb["resident"] / pb["stored"],
+               allocated_for_model_GB=resident_alloc / 1e9,
+               peak_GB=torch.cuda.max_memory_allocated() / 1e9,
+               kv_cache_GB=(cache.kv.numel() * 2 + cache.pos.numel() * 8) / 1e9,
+               graph_capture_s=capture_s)
+    rows.append(mem)
+    print(json.dumps(mem), flush=True)
+    if args.profile:
+        profile(graphs, cfg, args.profile, name, out, g)
+    return rows
+
+
+def profile(graphs, cfg, batches, name, out, g):
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+    dev = torch.device("cuda")
+    for b in batches:
+        ids = torch.randint(0, cfg.vocab_size, (b,), generator=g, device=dev)
+        h = torch.randn(b, cfg.hc_dim, generator=g, device=dev).to(torch.bfloat16)
+        slots, pos = torch.arange(b, device=dev), torch.full((b,), 1000, device=dev)
+        for _ in range(3):
+            graphs.step(ids, pos, h, slots, check=False)
+        torch.cuda.synchronize()
+        n = 20
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            for _ in range(n):
+                graphs.step(ids, pos, h, slots, check=False)
+            torch.cuda.synchronize()
+        table = p.key_averages().table(sort_by="cuda_time_total", row_limit=30,
+                                       max_name_column_width=60)
+        path = os.path.join(out, f"profile_{name}_b{b}.txt")
+        with open(path, "w") as f:
+            f.write(f"{name} batch {b}: {n} graph replays\n{table}\n")
+        print(f"--- profile {name} batch {b} ({n} replays) ---\n{table}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="flash,pro")
+    ap.add_argument("--batches", default="1,4,16,64,256")
+    ap.add_argument("--catchup", default="1,4", help="sequences of 128 rows")
+    ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--naive-reps", type=int, default=10)
+    ap.add_argument("--profile", default="", help="batch sizes to profile, e.g. 1,64")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    args.catchup = [int(x) for x in args.catchup.split(",") if x]
+    args.profile = [int(x) for x in args.profile.split(",") if x]
+    batches = [int(x) for x in args.batches.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    props = torch.cuda.get_device_properties(0)
+    commit = os.environ.get("MTP_COMMIT")  # the device copy of the tree may have no .git
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip() or "?"
+        except OSError:
+            commit = "?"
+    bw = copy_bandwidth()
+    head = dict(card=props.name, sms=props.multi_processor_count, torch=torch.__version__,
+                commit=commit, date=time.strftime("%Y-%m-%d"), copy_TBps=bw / 1e12,
+                command=" ".join(sys.argv))
+    print(json.dumps(head), flush=True)
+    rows = [head]
+    for name in args.preset.split(","):
+        rows += bench_preset(name, batches, args, bw, args.out)
+        torch.cuda.empty_cache()
+    with open(os.path.join(args.out, "bench_draft_step.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print("\n| preset | what | batch | floor ms | naive ms | eager ms | graph ms | x floor | "
+          "vs naive |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows[1:]:
+        if r["what"] == "memory":
+            continue
+        print(f"| {r['preset']} | {r['what']} | {r['batch']} | {r['floor_ms']:.3f} | "
+              f"{r.get('naive_ms', float('nan')):.2f} | {r.get('eager_ms', float('nan')):.3f} | "
+              f"{r.get('graph_ms', float('nan')):.3f} | {r['x_floor']:.2f} | "
+              f"{r.get('speedup_vs_naive', float('nan')):.0f} |")
+    for r in rows[1:]:
+        if r["what"] == "memory":
+            print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Per-kernel time and achieved bandwidth at V4-Flash / V4-Pro shapes (GPU; repo root).
+
+Each kernel of the fast path alone, on random inputs in the stored formats, timed with CUDA
+events (median of repeats after warm-up), with the bytes it must move and the resulting
+bandwidth next to the device-to-device copy bandwidth of the same run. Each kernel is timed from
+CUDA-graph replays (no launch gaps); earlier variants' figures are kept in ``kernels/NOTES.md``.
+
+Usage:
+    PYTHONPATH=. python benchmarks/bench_kernels.py --preset flash --rows 1,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_draft_step import _import_kernels, copy_bandwidth, time_it  # noqa: E402
+
+from mtp import MTPConfig  # noqa: E402
+
+
+def bench(reps, fn, *a, **kw) -> float:
+    """Median ms of one fn(*a, **kw), from CUDA-graph replays of 10 calls (no launch
+    overhead, as in the captured draft step)."""
+    fn(*a, **kw)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(10):
+            fn(*a, **kw)
+    return statistics.median(time_it(lambda j: g.replay(), reps)) / 10
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="flash")
+    ap.add_argument("--rows", default="1,64")
+    ap.add_argument("--reps", type=int, default=50)
+    args = ap.parse_args()
+    mk = _import_kernels()
+    from mtp_kernels import attention as at
+    from mtp_kernels import moe
+    from mtp_kernels.fp8_linear import fp8_linear
+    bw = copy_bandwidth()
+    print(f"card {torch.cuda.get_device_name()}  copy {bw / 1e12:.2f} TB/s")
+    dev = "cuda"
+    for name in args.preset.split(","):
+        cfg = MTPConfig.from_name(name)
+        d, e, i, k = (cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size,
+                      cfg.num_experts_per_tok)
+        w13 = torch.randint(-128, 128, (e, 2 * i, d // 2), dtype=torch.int8, device=dev)
+        s13 = torch.full((e, 2 * i, d // 32), 120, dtype=torch.uint8,
+                         device=dev).view(torch.float8_e8m0fnu)
+        w2 = torch.randint(-128, 128, (e, d, i // 2), dtype=torch.int8, device=dev)
+        s2 = torch.full((e, d, i // 32), 120, dtype=torch.uint8,
+                        device=dev).view(torch.float8_e8m0fnu)
+        lin = {"wq_b": (cfg.num_attention_heads * cfg.head_dim, cfg.q_lora_rank),
+               "wqa_wkv": (cfg.q_lora_rank + cfg.head_dim, d), "wo_b": (d, 8192),
+               "h_proj": (d, d)}
+        for t in [int(x) for x in args.rows.split(",")]:
+            print(f"\n{name}, {t} rows")
+            for lname, (n, kk) in lin.items():
+                w = torch.randn(n, kk, device=dev).to(torch.float8_e4m3fn)
+                sc = torch.full((-(-n // 128), kk // 128), 120, dtype=torch.uint8,
+                                device=dev).view(torch.float8_e8m0fnu)
+                x = torch.randn(t, kk, device=dev, dtype=torch.bfloat16)
+                ms = bench(args.reps, fp8_linear, x, w, sc, act_quant=True)
+                nbytes = n * kk + w.shape[0] * kk // 128
+                print(f"  fp8_linear {lname:8s} [{n}x{kk}] {ms * 1e3:8.1f} us "
+                      f"{nbytes / ms / 1e9:6.2f} TB/s")
+            u = torch.randn(t, d, device=dev, dtype=torch.bfloat16)
+            idx = torch.stack([torch.randperm(e, device=dev)[:k] for _ in range(t)])
+            wts = torch.rand(t, k, device=dev)
+            pairs, texp = moe.align_tiles(idx, e)
+            used = idx.unique().numel()
+            b13 = used * (w13[0].numel() + s13[0].numel())
+            b2 = used * (w2[0].numel() + s2[0].numel())
+            ms13 = bench(args.reps, moe.moe_w13, u, w13, s13, pairs, texp, wts, act_quant=True,
+                         limit=10.0)
+            act = moe.moe_w13(u, w13, s13, pairs, texp, wts, act_quant=True, limit=10.0)
+            ms2 = bench(args.reps, moe.moe_w2, act, w2, s2, pairs, texp, t * k, act_quant=True)
+            print(f"  moe_w13 ({used} experts) {ms13 * 1e3:8.1f} us {b13 / ms13 / 1e9:6.2f} TB/s"
+                  f" | moe_w2 {ms2 * 1e3:8.1f} us {b2 / ms2 / 1e9:6.2f} TB/s")
+            h, dh, r, win = cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim, 128
+            cap = win + 4
+            q = torch.randn(t, h, dh, device=dev, dtype=torch.bfloat16)
+            new = torch.randn(t, dh, device=dev, dtype=torch.bfloat16)
+            ckv = torch.randn(t * cap, dh, device=dev, dtype=torch.bfloat16)
+            held = torch.arange(1000 - cap, 1000, device=dev)
+            cpos = torch.empty(t, cap, dtype=torch.int64, device=dev)
+            cpos[:, held % cap] = held
+            pos = torch.full((t,), 1000, device=dev)
+            slots = torch.arange(t, device=dev)
+            inv = 10000.0 ** (-torch.arange(0, r, 2, dtype=torch.float64, device=dev) / r)
+            cos, sin = at.rope_table(pos, inv)
+            sink = torch.randn(h, device=dev)
+            ms = bench(args.reps, at.sink_attention, q, new, sink, cos, sin, win, cache_kv=ckv,
+                       positions=pos, seq_slots=slots, cache_pos=cpos)
+            nbytes = t * (win * dh * 2 + 2 * h * dh * 2)
+            print(f"  sink_attention {ms * 1e3:8.1f} us {nbytes / ms / 1e9:6.2f} TB/s")
+    del mk
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Device helpers shared by the kernels: the reference's FP8 activation rounding, E8M0 and
+e2m1 decoding, done in registers.
+
+Every helper reproduces a function of ``mtp.quant`` exactly (same power-of-two scales, same
+round-to-nearest-even e4m3 cast); the parity tests check them bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# Operand dtype of the "exact" dots: every operand value is exact in bfloat16. Triton's CPU
+# interpreter mishandles bfloat16 (used only to develop), so there the dots run in float32,
+# which holds the same values exactly.
+INTERPRET = tl.constexpr(bool(os.environ.get("TRITON_INTERPRET")))
+EXACT = tl.constexpr(tl.float32 if os.environ.get("TRITON_INTERPRET") else tl.bfloat16)
+
+INV_E4M3_MAX = tl.constexpr(1.0 / 448.0)  # used as float32, as the reference
+
+
+@triton.jit
+def pow2_scale_bits(amax):
+    """Exponent e of 2^ceil(log2(max(amax, 1e-4) * float32(1/448))), read off the float32 bits
+    like ``mtp.quant.pow2_scale`` (exponent - 127, plus 1 if any mantissa bit is set)."""
+    v = tl.maximum(amax, 1e-4) * INV_E4M3_MAX
+    bits = v.to(tl.int32, bitcast=True)
+    return ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+
+
+@triton.jit
+def exp2_int(e):
+    """2^e as float32 for integer e in [-126, 127], exact (built from the exponent bits)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def fp8_round(x, e):
+    """e4m3(clamp(x / 2^e, -448, 448)) as float32 values (not yet multiplied back by 2^e).
+    Division by a power of two is a multiplication by its exact reciprocal."""
+    y = x * exp2_int(-e)[:, None]
+    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    return _round_e4m3(y)
+
+
+@triton.jit
+def _round_e4m3(y):
+    """e4m3 rounding (nearest-even) of |y| <= 448 as float32 values."""
+    if INTERPRET:
+        return _e4m3_rne(y)
+    return y.to(tl.float8e4nv).to(tl.float32)
+
+
+@triton.jit
+def _e4m3_rne(y):
+    """Round |y| <= 448 to e4m3 (nearest-even, subnormals below 2^-6) with float32 adds, for
+    the CPU interpreter, whose float8 cast is not correctly rounded: adding and subtracting
+    1.5 * 2^23 * ulp rounds to a multiple of ulp in IEEE arithmetic."""
+    a = tl.abs(y)
+    ex = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6) - 3 + 23
+    c = (((ex + 127) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    r = (a + c) - c
+    return tl.where(y < 0, -r, r)
+
+
+@triton.jit
+def e8m0_to_f32(b):
+    """E8M0 byte(s) (as integers) -> 2^(b-127). Bytes 1..254 are exact; 0 (2^-127, subnormal)
+    and 255 (NaN) do not occur in real scales and decode to 0 / inf."""
+    return (b.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def e2m1_times_2pow126(b, shift: tl.constexpr):
+    """The e2m1 code in bits [shift, shift+4) of b (int32) as float32 value * 2^-126, exact:
+    the sign goes to bit 31 and the 3 magnitude bits to bits 22-24 (exponent's low 2 bits and
+    the mantissa's top bit), so exponent e >= 1 reads 2^(e-127) * (1 + m/2) and e = 0 the
+    subnormal m * 2^-127. Five integer ops, no selects."""
+    bits = ((b << (28 - shift)) & -2147483648) | (((b >> shift) & 7) << 22)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def mma(a, b):
+    """a @ b on operands whose values are exact in bfloat16, fp32 accumulation."""
+    return tl.dot(a.to(EXACT), b.to(EXACT))

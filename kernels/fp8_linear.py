@@ -1,0 +1,203 @@
+"""FP8 (e4m3 weight, 128x128 E8M0 or float32 block scale) matrix product with the reference's
+activation rounding fused into the load: ``mtp.model.linear(x, dequant(w), act_quant)``.
+
+out[m, n] = sum_kb  sx[m, kb] * sw[n // 128, kb] * (xq[m, kb-block] . wq[n, kb-block])
+
+Both operands of the dot are exact in bfloat16 (e4m3 codes; e4m3 x 2^k activations, or bf16
+activations), so the tensor cores see exactly the reference's values and only the fp32
+summation order differs. With float32 activations that are not quantised the dot runs in IEEE
+float32 instead. Options, all fused:
+
+- ``group_n``: grouped product (``wo_a``): output rows [g*group_n, (g+1)*group_n) read input
+  columns [g*K, (g+1)*K).
+- ``swiglu_limit``: the input is ``swiglu(x[:, :K], x[:, K:])`` rounded to x's dtype (the shared
+  expert's down projection reads the gate/up output directly).
+- ``add``/``add_row_div``: the output is ``out.to(dtype) + add[m // add_row_div]`` in x's dtype
+  (h_proj + e_proj broadcast over the hc streams).
+- split-K with a deterministic second pass when rows are few (decode): enough programs to keep
+  every SM streaming weights.
+
+Shape legend: M rows, N outputs, K inputs (a multiple of 128).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import e8m0_to_f32, fp8_round, mma, pow2_scale_bits
+
+BK = 128
+_SMS = 132  # H100 SXM; only used to size split-K (a different count just changes the split)
+
+
+@triton.jit
+def _epilogue(acc, rows, cols, M, N, out_ptr, stride_om, add_ptr, stride_am,
+              ADD_ROW_DIV: tl.constexpr):
+    odt = out_ptr.dtype.element_ty
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    y = acc.to(odt)
+    if ADD_ROW_DIV > 0:
+        a = tl.load(add_ptr + (rows // ADD_ROW_DIV)[:, None] * stride_am + cols[None, :],
+                    mask=mask, other=0.0)
+        y = (y.to(tl.float32) + a.to(tl.float32)).to(odt)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y, mask=mask)
+
+
+@triton.jit
+def fp8_linear_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, add_ptr,
+                      M, N, K, stride_xm, stride_om, stride_am, stride_wsn, kb_per_split,
+                      swiglu_limit,
+                      GROUP_N: tl.constexpr, ACT_QUANT: tl.constexpr, SWIGLU: tl.constexpr,
+                      SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, SPLIT: tl.constexpr,
+                      ADD_ROW_DIV: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < M
+    cmask = cols < N
+    x_col0 = ((pid_n * BN) // GROUP_N) * K  # grouped product: this block's input columns
+    kk = tl.arange(0, BK)
+    n_kb = K // BK
+    kb0 = pid_k * kb_per_split
+    kb1 = tl.minimum(kb0 + kb_per_split, n_kb)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for kb in range(kb0, kb1):
+        xoff = rows[:, None] * stride_xm + x_col0 + kb * BK + kk[None, :]
+        x = tl.load(x_ptr + xoff, mask=rmask[:, None], other=0.0)
+        if SWIGLU:
+            v = tl.load(x_ptr + xoff + K, mask=rmask[:, None], other=0.0).to(tl.float32)
+            g = x.to(tl.float32)
+            if swiglu_limit > 0:
+                v = tl.minimum(tl.maximum(v, -swiglu_limit), swiglu_limit)
+                g = tl.minimum(g, swiglu_limit)
+            x = (g / (1.0 + tl.exp(-g)) * v).to(x_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + cols[:, None] * K + kb * BK + kk[None, :], mask=cmask[:, None],
+                    other=0.0)
+        sb = tl.load(ws_ptr + ((pid_n * BN) // 128) * stride_wsn + kb)
+        if SCALE_E8M0:
+            sw = e8m0_to_f32(sb)
+        else:
+            sw = sb.to(tl.float32)
+        if ACT_QUANT:
+            xf = x.to(tl.float32)
+            e = pow2_scale_bits(tl.max(tl.abs(xf), axis=1))
+            q = fp8_round(xf, e)
+            d = mma(q, tl.trans(w.to(tl.float32)))
+            acc += d * (((e + 127) << 23).to(tl.float32, bitcast=True) * sw)[:, None]
+        else:
+            if DOT_F32:
+                d = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                d = mma(x, tl.trans(w.to(tl.float32)))
+            acc += d * sw
+    if SPLIT == 1:
+        _epilogue(acc, rows, cols, M, N, out_ptr, stride_om, add_ptr, stride_am, ADD_ROW_DIV)
+    else:
+        poff = (pid_k * M + rows[:, None]) * N + cols[None, :]
+        tl.store(part_ptr + poff, acc, mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def splitk_reduce_kernel(part_ptr, out_ptr, add_ptr, M, N, stride_om, stride_am,
+                         SPLIT: tl.constexpr, ADD_ROW_DIV: tl.constexpr, BN: tl.constexpr):
+    """Sum the split-K partials in a fixed order (deterministic), then the epilogue."""
+    m = tl.program_id(0)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cmask = cols < N
+    acc = tl.zeros([BN], dtype=tl.float32)
+    for s in range(SPLIT):
+        acc += tl.load(part_ptr + (s * M + m) * N + cols, mask=cmask, other=0.0)
+    rows = m + tl.arange(0, 1)
+    _epilogue(acc[None, :], rows, cols, M, N, out_ptr, stride_om, add_ptr, stride_am,
+              ADD_ROW_DIV)
+
+
+def _blocks(m: int) -> tuple[int, int, int]:
+    if m <= 16:
+        return 16, 64, 4
+    if m <= 32:
+        return 32, 64, 4
+    if m <= 128:
+        return 64, 64, 4
+    return 64, 128, 8
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, act_quant: bool,
+               group_n: int | None = None, swiglu_limit: float | None = None,
+               add: torch.Tensor | None = None, add_row_div: int = 1,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(x, dequant_fp8_block(weight, scale), act_quant)`` of ``mtp.model``.
+
+    x [M, Kx] (bf16 or fp32, last dim contiguous; Kx = K, or G*K grouped, or 2K with
+    ``swiglu_limit``), weight e4m3 [N, K], scale [ceil(N/128), K/128] (E8M0 or float32)
+    -> [M, N] in x's dtype.
+
+    Example:
+        >>> y = fp8_linear(u, attn.wq_b.weight, attn.wq_b.weight_scale_inv, act_quant=True)
+    """
+    m = x.shape[0]
+    n, k = weight.shape
+    if k % BK:
+        raise ValueError(f"fp8_linear: K={k} is not a multiple of {BK}")
+    if x.stride(-1) != 1:
+        raise ValueError("fp8_linear: x's last dim must be contiguous")
+    group = group_n or n
+    if group % 128 and group != n:
+        raise ValueError(f"fp8_linear: group_n={group} must be a multiple of 128")
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    bm, bn, warps = _blocks(m)
+    nb, mb, kbs = triton.cdiv(n, bn), triton.cdiv(m, bm), k // BK
+    split = 1
+    while nb * mb * split * 2 <= 4 * _SMS and kbs // (split * 2) >= 2:
+        split *= 2
+    per = triton.cdiv(kbs, split)
+    split = triton.cdiv(kbs, per)
+    scale_u8 = scale.view(torch.uint8) if scale.dtype == torch.float8_e8m0fnu else scale
+    part = (torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1
+            else out)
+    add_t = add if add is not None else out
+    fp8_linear_kernel[(nb, mb, split)](
+        x, weight, scale_u8, out, part, add_t, m, n, k, x.stride(0), out.stride(0),
+        add_t.stride(0), scale_u8.stride(0), per,
+        float(swiglu_limit or 0.0),
+        GROUP_N=group, ACT_QUANT=act_quant, SWIGLU=swiglu_limit is not None,
+        SCALE_E8M0=scale.dtype == torch.float8_e8m0fnu,
+        DOT_F32=x.dtype == torch.float32 and not act_quant, SPLIT=split,
+        ADD_ROW_DIV=add_row_div if add is not None else 0, BM=bm, BN=bn, BK=BK,
+        num_warps=warps, num_stages=3)
+    if split > 1:
+        rbn = 256
+        splitk_reduce_kernel[(m, triton.cdiv(n, rbn))](
+            part, out, add_t, m, n, out.stride(0), add_t.stride(0), SPLIT=split,
+            ADD_ROW_DIV=add_row_div if add is not None else 0, BN=rbn, num_warps=4)
+    return out
+
+
+def fp8_linear_reference(x, weight, scale, *, act_quant, group_n=None, swiglu_limit=None,
+                         add=None, add_row_div=1):
+    """The same function through ``mtp``'s pure-PyTorch code (the specification)."""
+    from mtp import ops
+    from mtp.model import linear
+    from mtp.quant import dequant_fp8_block
+
+    w = dequant_fp8_block(weight, scale)
+    n, k = weight.shape
+    if swiglu_limit is not None:
+        x = ops.swiglu(x[:, :k], x[:, k:], swiglu_limit).to(x.dtype)
+    if group_n is not None and group_n != n:
+        g = n // group_n
+        xg = x.view(x.shape[0], g, k)  # [M, G*K] -> [M, G, K]
+        wg = w.view(g, group_n, k)
+        y = torch.einsum("tgd,grd->tgr", ops.wide(xg), wg.to(ops.wide(xg).dtype))
+        y = y.to(x.dtype).flatten(1)
+    else:
+        y = linear(x, w, act_quant)
+    if add is not None:
+        y = (y.view(-1, add_row_div, n) + add.unsqueeze(1)).view(-1, n)
+    return y

@@ -1,0 +1,229 @@
+"""Hyper-connections and RMSNorm, fused (``mtp.ops.hc_pre`` / ``hc_post`` / ``hc_head`` /
+``rms_norm``).
+
+hc_pre is two launches: :func:`hc_mix_kernel` computes the (2+M)M mixes of the flattened
+streams and their sum of squares in split-K partials (fn is read once per row block, by many
+programs); :func:`hc_finish_kernel` (one program per row) sums the partials in a fixed order,
+applies the sigmoids and the Sinkhorn iterations, collapses the M streams and applies the
+block's RMSNorm, writing the normalised block input, post and comb. hc_head is the same pair with
+M mixes. hc_post is one elementwise kernel that can also do the MoE's final sum (routed experts
+in ascending expert order, as ``index_add_`` does, plus the shared expert).
+
+Shape legend: T rows, M hc_mult, D hidden, F mix rows ((2+M)M, or M for the head).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_MIX_BK = 128
+_MIX_BT = 16
+
+
+@triton.jit
+def rmsnorm_kernel(x_ptr, w_ptr, out_ptr, D, stride_x, stride_o, eps, BD: tl.constexpr):
+    """One row: (x * rsqrt(mean(x^2) + eps)) * w, rounded to out's dtype (``ops.rms_norm``)."""
+    r = tl.program_id(0)
+    offs = tl.arange(0, BD)
+    mask = offs < D
+    x = tl.load(x_ptr + r * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    rs = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    y = w * (x * rs)
+    tl.store(out_ptr + r * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [R, D] (rows may be strided) -> [R, D] contiguous, x's dtype."""
+    r, d = x.shape
+    if out is None:
+        out = torch.empty(r, d, dtype=x.dtype, device=x.device)
+    bd = triton.next_power_of_2(d)
+    rmsnorm_kernel[(r,)](x, weight, out, d, x.stride(0), out.stride(0), eps, BD=bd,
+                         num_warps=4 if bd <= 4096 else 8)
+    return out
+
+
+@triton.jit
+def hc_mix_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, T, KT, F, chunk,
+                  FP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """Partial (z @ fn^T, sum z^2) over one chunk of z = flatten(x[t]) for a block of rows."""
+    tb = tl.program_id(0)
+    s = tl.program_id(1)
+    rows = tb * BT + tl.arange(0, BT)
+    rmask = rows < T
+    fr = tl.arange(0, FP)
+    kk = tl.arange(0, BK)
+    acc = tl.zeros([BT, FP], dtype=tl.float32)
+    sq = tl.zeros([BT], dtype=tl.float32)
+    k_end = tl.minimum(s * chunk + chunk, KT)
+    for k0 in range(s * chunk, k_end, BK):
+        z = tl.load(x_ptr + rows[:, None] * KT + k0 + kk[None, :], mask=rmask[:, None],
+                    other=0.0).to(tl.float32)
+        f = tl.load(fn_ptr + fr[None, :] * KT + k0 + kk[:, None], mask=fr[None, :] < F,
+                    other=0.0)
+        acc += tl.dot(z, f, input_precision="ieee")
+        sq += tl.sum(z * z, axis=1)
+    tl.store(part_ptr + (s * T + rows[:, None]) * FP + fr[None, :], acc, mask=rmask[:, None])
+    tl.store(sq_ptr + s * T + rows, sq, mask=rmask)
+
+
+@triton.jit
+def _mix(part_ptr, T, t, offs, n_split, FP: tl.constexpr, SP: tl.constexpr):
+    """Sum over the split partials (all loads in flight at once, fixed order of the tree)."""
+    s = tl.arange(0, SP)
+    if len(offs.shape) == 1:
+        v = tl.load(part_ptr + (s[:, None] * T + t) * FP + offs[None, :],
+                    mask=(s < n_split)[:, None], other=0.0)
+    else:
+        v = tl.load(part_ptr + (s[:, None, None] * T + t) * FP + offs[None, :, :],
+                    mask=(s < n_split)[:, None, None], other=0.0)
+    return tl.sum(v, axis=0)
+
+
+@triton.jit
+def hc_finish_kernel(part_ptr, sq_ptr, x_ptr, scale_ptr, base_ptr, normw_ptr, post_ptr, comb_ptr,
+                     u_ptr, T, D, n_split, iters, eps, hc_eps, norm_eps,
+                     M: tl.constexpr, FP: tl.constexpr, SP: tl.constexpr, BD: tl.constexpr,
+                     HEAD: tl.constexpr):
+    """One row: mixes -> pre (and post, Sinkhorn comb) -> collapse -> RMSNorm."""
+    t = tl.program_id(0)
+    mm = tl.arange(0, M)
+    sp = tl.arange(0, SP)
+    sq = tl.sum(tl.load(sq_ptr + sp * T + t, mask=sp < n_split, other=0.0), axis=0)
+    rs = tl.rsqrt(sq / (M * D) + eps)
+    pre_mix = _mix(part_ptr, T, t, mm, n_split, FP, SP) * rs
+    if HEAD:
+        pre = tl.sigmoid(pre_mix * tl.load(scale_ptr) + tl.load(base_ptr + mm)) + hc_eps
+    else:
+        pre = tl.sigmoid(pre_mix * tl.load(scale_ptr) + tl.load(base_ptr + mm)) + hc_eps
+        post_mix = _mix(part_ptr, T, t, M + mm, n_split, FP, SP) * rs
+        post = 2.0 * tl.sigmoid(post_mix * tl.load(scale_ptr + 1) + tl.load(base_ptr + M + mm))
+        tl.store(post_ptr + t * M + mm, post)
+        cidx = mm[:, None] * M + mm[None, :]
+        c = _mix(part_ptr, T, t, 2 * M + cidx, n_split, FP, SP) * rs
+        c = c * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * M + cidx)
+        c = tl.exp(c - tl.max(c, axis=1)[:, None])
+        c = c / tl.sum(c, axis=1)[:, None] + hc_eps
+        c = c / (tl.sum(c, axis=0)[None, :] + hc_eps)
+        for _ in range(iters - 1):
+            c = c / (tl.sum(c, axis=1)[:, None] + hc_eps)
+            c = c / (tl.sum(c, axis=0)[None, :] + hc_eps)
+        tl.store(comb_ptr + t * M * M + cidx, c)
+    dd = tl.arange(0, BD)
+    dmask = dd < D
+    x = tl.load(x_ptr + (t * M + mm[:, None]) * D + dd[None, :], mask=dmask[None, :],
+                other=0.0).to(tl.float32)
+    y = tl.sum(pre[:, None] * x, axis=0)
+    y = y.to(u_ptr.dtype.element_ty).to(tl.float32)
+    r = tl.rsqrt(tl.sum(y * y, axis=0) / D + norm_eps)
+    w = tl.load(normw_ptr + dd, mask=dmask, other=0.0)
+    tl.store(u_ptr + t * D + dd, (w * (y * r)).to(u_ptr.dtype.element_ty), mask=dmask)
+
+
+def _mix_partials(x: torch.Tensor, fn: torch.Tensor):
+    t, m, d = x.shape
+    kt = m * d
+    f = fn.shape[0]
+    fp = max(16, triton.next_power_of_2(f))
+    tb = triton.cdiv(t, _MIX_BT)
+    n_k = kt // _MIX_BK
+    n_split = max(1, min(n_k, 128 // tb))
+    per = triton.cdiv(n_k, n_split)
+    n_split = triton.cdiv(n_k, per)
+    part = torch.empty(n_split, t, fp, dtype=torch.float32, device=x.device)
+    sq = torch.empty(n_split, t, dtype=torch.float32, device=x.device)
+    hc_mix_kernel[(tb, n_split)](x, fn, part, sq, t, kt, f, per * _MIX_BK, FP=fp, BT=_MIX_BT,
+                                 BK=_MIX_BK, num_warps=4)
+    return part, sq, n_split, fp
+
+
+def hc_pre_norm(x: torch.Tensor, fn, scale, base, norm_weight, iters: int, hc_eps: float,
+                eps: float):
+    """``RMSNorm(hc_pre(x)[0])`` and hc_pre's post, comb: x [T, M, D] ->
+    (u [T, D] x's dtype, post [T, M] fp32, comb [T, M, M] fp32)."""
+    t, m, d = x.shape
+    if d % _MIX_BK:
+        raise ValueError(f"hc_pre_norm: hidden size {d} is not a multiple of {_MIX_BK}")
+    x = x.contiguous()
+    part, sq, n_split, fp = _mix_partials(x, fn)
+    u = torch.empty(t, d, dtype=x.dtype, device=x.device)
+    post = torch.empty(t, m, dtype=torch.float32, device=x.device)
+    comb = torch.empty(t, m, m, dtype=torch.float32, device=x.device)
+    bd = triton.next_power_of_2(d)
+    hc_finish_kernel[(t,)](part, sq, x, scale, base, norm_weight, post, comb, u, t, d, n_split,
+                           iters, eps, hc_eps, eps, M=m, FP=fp,
+                           SP=triton.next_power_of_2(n_split), BD=bd, HEAD=False,
+                           num_warps=8 if bd <= 4096 else 16)
+    return u, post, comb
+
+
+def hc_head_norm(x: torch.Tensor, fn, scale, base, norm_weight, hc_eps: float, eps: float):
+    """``RMSNorm_norm(hc_head(x))``: x [T, M, D] -> [T, D] in x's dtype."""
+    t, m, d = x.shape
+    x = x.contiguous()
+    part, sq, n_split, fp = _mix_partials(x, fn)
+    u = torch.empty(t, d, dtype=x.dtype, device=x.device)
+    bd = triton.next_power_of_2(d)
+    hc_finish_kernel[(t,)](part, sq, x, scale, base, norm_weight, u, u, u, t, d, n_split, 1, eps,
+                           hc_eps, eps, M=m, FP=fp,
+                           SP=triton.next_power_of_2(n_split), BD=bd, HEAD=True,
+                           num_warps=8 if bd <= 4096 else 16)
+    return u
+
+
+@triton.jit
+def hc_post_kernel(a_ptr, res_ptr, post_ptr, comb_ptr, out_ptr, pair_ptr, idx_ptr, shared_ptr, D,
+                   M: tl.constexpr, MOE: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
+                   BD: tl.constexpr):
+    """out[k] = post[k] * a + sum_j comb[j, k] * res[j]. With MOE, a = (sum of the row's routed
+    expert outputs in ascending expert order, in fp32, + shared expert) rounded."""
+    t = tl.program_id(0)
+    dd = tl.program_id(1) * BD + tl.arange(0, BD)
+    dmask = dd < D
+    odt = out_ptr.dtype.element_ty
+    if MOE:
+        kk = tl.arange(0, KP)
+        kmask = kk < TOPK
+        ids = tl.load(idx_ptr + t * TOPK + kk, mask=kmask, other=2147483647)
+        rank = tl.sum((ids[None, :] < ids[:, None]).to(tl.int32), axis=1)  # position in order
+        vals = tl.load(pair_ptr + (t * TOPK + kk)[:, None] * D + dd[None, :],
+                       mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        routed = tl.zeros([BD], dtype=tl.float32)
+        for r in tl.static_range(TOPK):
+            routed += tl.sum(tl.where((rank == r)[:, None], vals, 0.0), axis=0)
+        sh = tl.load(shared_ptr + t * D + dd, mask=dmask, other=0.0).to(tl.float32)
+        a = (routed + sh).to(odt).to(tl.float32)
+    else:
+        a = tl.load(a_ptr + t * D + dd, mask=dmask, other=0.0).to(tl.float32)
+    mm = tl.arange(0, M)
+    res = tl.load(res_ptr + (t * M + mm[:, None]) * D + dd[None, :], mask=dmask[None, :],
+                  other=0.0).to(tl.float32)
+    for k in tl.static_range(M):
+        c = tl.load(comb_ptr + t * M * M + mm * M + k)
+        mixed = tl.sum(c[:, None] * res, axis=0)
+        y = tl.load(post_ptr + t * M + k) * a + mixed
+        tl.store(out_ptr + (t * M + k) * D + dd, y.to(odt), mask=dmask)
+
+
+def hc_post(a: torch.Tensor | None, residual: torch.Tensor, post: torch.Tensor,
+            comb: torch.Tensor, *, moe: tuple | None = None) -> torch.Tensor:
+    """``ops.hc_post``: a [T, D], residual [T, M, D] -> [T, M, D] in residual's dtype.
+    ``moe=(pair_out [T*K, D], idx [T, K], shared [T, D])`` replaces ``a`` by the MoE sum."""
+    t, m, d = residual.shape
+    out = torch.empty_like(residual)
+    bd = 1024
+    if moe is not None:
+        pair_out, idx, shared = moe
+        topk = idx.shape[1]
+        hc_post_kernel[(t, triton.cdiv(d, bd))](shared, residual, post, comb, out, pair_out, idx,
+                                                shared, d, M=m, MOE=True, TOPK=topk,
+                                                KP=triton.next_power_of_2(topk), BD=bd,
+                                                num_warps=4)
+    else:
+        hc_post_kernel[(t, triton.cdiv(d, bd))](a, residual, post, comb, out, a, a, a, d, M=m,
+                                                MOE=False, TOPK=1, KP=1, BD=bd, num_warps=4)
+    return out

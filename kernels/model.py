@@ -1,0 +1,243 @@
+"""TritonMTP: the draft layer's forward on CUDA through the Triton kernels, with exactly the
+reference module's interface and semantics, reading the module's own (stored-format) weights.
+
+Nothing is copied or dequantised ahead: FP8 weights, FP4 experts and their E8M0 scales are read
+as stored (E8M0 tensors are reinterpreted as bytes, a view). Every step is sync-free with fixed
+shapes for a given row count except what the reference itself needs for arbitrary batches
+(input validation and ``window_index`` in :meth:`TritonMTP.forward`); the decode entry point
+:meth:`TritonMTP.decode_step` (one row per sequence) has none, so it can be captured in a CUDA
+graph (``mtp_kernels.graph``).
+
+Example:
+    >>> fast = TritonMTP(model)                       # model: a CUDA DeepSeekV4MTP
+    >>> x = fast(input_ids, positions, hidden, kv_cache=cache, seq_slots=slots)
+    >>> logits = fast.compute_logits(x)
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from mtp import ops
+from mtp.cache import KVCache, window_index
+from mtp.config import KV_FP8_BLOCK
+from mtp.model import DeepSeekV4MTP, MTPLayer
+
+from . import attention as attn_k
+from . import hc as hc_k
+from . import moe as moe_k
+from .fp8_linear import fp8_linear
+
+
+class TritonMTP:
+    """Fast CUDA path for a :class:`~mtp.DeepSeekV4MTP` in the released weight format (FP8
+    dense weights with E8M0 or float32 block scales, FP8 ``wo_a``, FP4 routed experts).
+
+    Args:
+        model: the module (on a CUDA device, compute dtype bfloat16 or float32). Its weights are
+            used in place; later changes to them (loading) are seen.
+
+    ``forward`` / ``compute_logits`` take and return exactly what the module's do; numerics
+    switches are read from ``model.numerics`` at each call.
+    """
+
+    def __init__(self, model: DeepSeekV4MTP):
+        if not isinstance(model, DeepSeekV4MTP):
+            raise TypeError(f"TritonMTP wraps a DeepSeekV4MTP, got {type(model).__name__}")
+        fmt = model.weight_format
+        if (fmt.dense, fmt.wo_a, fmt.experts, fmt.expert_scale) != ("fp8", "fp8", "fp4",
+                                                                    "e8m0"):
+            raise ValueError(f"TritonMTP supports the released format (FP8 dense and wo_a, FP4 "
+                             f"experts with E8M0 scales); got {fmt}. Use the module itself.")
+        if model.dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"TritonMTP: compute dtype must be bfloat16 or float32, got "
+                             f"{model.dtype}")
+        dev = model.model.embed_tokens.weight.device
+        if dev.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
+            raise ValueError(f"TritonMTP needs the model on a CUDA device; it is on {dev}")
+        self.model = model
+        self.config = cfg = model.config
+        self.dtype = model.dtype
+        self.device = dev
+        i = torch.arange(0, cfg.qk_rope_head_dim, 2, dtype=torch.float64, device=dev)
+        self.inv_freq = cfg.rope_theta ** (-i / cfg.qk_rope_head_dim)  # as ops.rope_cos_sin
+        self._small_tiles: dict[int, torch.Tensor] = {}
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    # ---- the module's interface -------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                hidden_states: torch.Tensor, intermediate_tensors: object = None,
+                inputs_embeds: torch.Tensor | None = None, spec_step_idx: int = 0, *,
+                kv_cache: KVCache | None = None,
+                seq_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """``DeepSeekV4MTP.forward``, same arguments, checks and result."""
+        m, cfg = self.model, self.config
+        if intermediate_tensors is not None:
+            raise ValueError("intermediate_tensors: pipeline parallelism is not supported; pass "
+                             "None")
+        layer = m.layer(spec_step_idx)
+        t = m._check_rows(input_ids, positions, hidden_states, inputs_embeds)
+        seq_slots = m._check_slots(kv_cache, seq_slots, positions, t)
+        self._check_cache(kv_cache)
+        cache_layer = spec_step_idx % cfg.num_nextn_predict_layers
+        if kv_cache is None:
+            window = window_index(positions, torch.zeros_like(positions), cfg.sliding_window,
+                                  None, max(t, 1))
+        else:
+            window = window_index(positions, seq_slots, cfg.sliding_window,
+                                  kv_cache.pos[cache_layer], kv_cache.capacity)
+        e = self._embed(input_ids, inputs_embeds, positions)
+        h = hidden_states.to(self.dtype).view(t, cfg.hc_mult, cfg.hidden_size)
+        x = self._layer(layer, e, h, positions, kv_cache, cache_layer, window=window)
+        return x.flatten(1)
+
+    @torch.no_grad()
+    def compute_logits(self, hidden_states: torch.Tensor, spec_step_idx: int = 0) -> torch.Tensor:
+        """``DeepSeekV4MTP.compute_logits``: [T, hc_mult*D] -> [T, V] float32."""
+        m, cfg = self.model, self.config
+        layer = m.layer(spec_step_idx)
+        m._check_hidden(hidden_states, None)
+        x = hidden_states.to(self.dtype).view(-1, cfg.hc_mult, cfg.hidden_size)
+        return self._logits(layer, x)
+
+    @torch.no_grad()
+    def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                    hidden_states: torch.Tensor, seq_slots: torch.Tensor, kv_cache: KVCache,
+                    spec_step_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """One draft step for T sequences, one row each: (next hidden [T, M*D], logits [T, V]).
+
+        No checks and no host synchronisation (the caller validates: ids in the vocabulary,
+        positions >= 0, distinct slots; slot -1 marks a padding row that reads and writes
+        nothing), so it can be captured in a CUDA graph. Same result as ``forward`` with
+        ``kv_cache``/``seq_slots`` followed by ``compute_logits``.
+        """
+        cfg = self.config
+        layer = self.model.layer(spec_step_idx)
+        t = positions.shape[0]
+        cache_layer = spec_step_idx % cfg.num_nextn_predict_layers
+        e = self._embed(input_ids, None, positions)
+        h = hidden_states.to(self.dtype).view(t, cfg.hc_mult, cfg.hidden_size)
+        x = self._layer(layer, e, h, positions, kv_cache, cache_layer, seq_slots=seq_slots)
+        return x.flatten(1), self._logits(layer, x)
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    def _check_cache(self, cache: KVCache | None) -> None:
+        if cache is None:
+            return
+        if cache.kv.device != self.device:
+            raise ValueError(f"kv_cache is on {cache.kv.device}; the model is on {self.device}")
+        if cache.kv.shape[-1] != self.config.head_dim or not cache.kv.is_contiguous():
+            raise ValueError(f"kv_cache.kv: expected a contiguous [..., {self.config.head_dim}] "
+                             f"tensor, got {list(cache.kv.shape)}")
+
+    def _embed(self, input_ids, inputs_embeds, positions) -> torch.Tensor:
+        m = self.model
+        if inputs_embeds is None:
+            e = F.embedding(input_ids, m.model.embed_tokens.weight)
+        else:
+            e = inputs_embeds
+        e = e.to(self.dtype)
+        if m.numerics.zero_embed_at_pos0:
+            e = e.masked_fill((positions == 0)[:, None], 0)
+        return e.contiguous()
+
+    def _layer(self, layer: MTPLayer, e, h, positions, cache, cache_layer, *, window=None,
+               seq_slots=None) -> torch.Tensor:
+        cfg, nm = self.config, self.model.numerics
+        aq = nm.act_quant
+        eps = cfg.rms_norm_eps
+        t, mult, d = h.shape
+        en = hc_k.rmsnorm(e, layer.enorm.weight, eps)
+        hn = hc_k.rmsnorm(h.reshape(t * mult, d), layer.hnorm.weight, eps)
+        ep = self._lin(en, layer.e_proj, aq)
+        x = self._lin(hn, layer.h_proj, aq, add=ep, add_row_div=mult).view(t, mult, d)
+        blk = layer.mtp_block
+        u, post, comb = hc_k.hc_pre_norm(x, blk.hc_attn_fn, blk.hc_attn_scale, blk.hc_attn_base,
+                                         blk.attn_norm.weight, cfg.hc_sinkhorn_iters,
+                                         cfg.hc_eps, eps)
+        a = self._attention(blk.attn, u, positions, cache, cache_layer, window, seq_slots)
+        x = hc_k.hc_post(a, x, post, comb)
+        u, post, comb = hc_k.hc_pre_norm(x, blk.hc_ffn_fn, blk.hc_ffn_scale, blk.hc_ffn_base,
+                                         blk.ffn_norm.weight, cfg.hc_sinkhorn_iters,
+                                         cfg.hc_eps, eps)
+        return self._moe(blk.ffn, u, x, post, comb)
+
+    @staticmethod
+    def _lin(x, lin, aq, **kw):
+        return fp8_linear(x, lin.weight, lin.weight_scale_inv, act_quant=aq, **kw)
+
+    def _attention(self, attn, u, positions, cache, cache_layer, window, seq_slots):
+        cfg, nm = self.config, self.model.numerics
+        aq, eps = nm.act_quant, cfg.rms_norm_eps
+        t = u.shape[0]
+        h, dh, q_rank = cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank
+        fused = self._lin(u, attn.fused_wqa_wkv, aq)  # [T, Q + Dh]
+        cos, sin = attn_k.rope_table(positions, self.inv_freq)
+        q_lat = hc_k.rmsnorm(fused[:, :q_rank], attn.q_norm.weight, eps)
+        kv_dtype = cache.kv.dtype if cache is not None else u.dtype
+        new_kv = attn_k.kv_prep(fused[:, q_rank:], attn.kv_norm.weight, cos, sin, eps,
+                                nm.kv_fp8, kv_dtype, KV_FP8_BLOCK)
+        q = self._lin(q_lat, attn.wq_b, aq).view(t, h, dh)  # [T, H*Dh] -> [T, H, Dh]
+        attn_k.q_prep(q, cos, sin, eps)
+        if cache is not None:
+            layer_kv = cache.kv[cache_layer].view(-1, dh)  # [S*C, Dh]
+            cpos = cache.pos[cache_layer]  # [S, C]
+        else:
+            layer_kv = cpos = None
+        if window is not None:
+            o = attn_k.sink_attention(q, new_kv, attn.attn_sink, cos, sin, cfg.sliding_window,
+                                      cache_kv=layer_kv, keys_index=window.keys_index,
+                                      keys_valid=window.keys_valid)
+            if cache is not None:
+                attn_k.cache_write(new_kv, positions, layer_kv, cpos.view(-1),
+                                   rows=window.write_rows, slots=window.write_slots)
+        else:
+            o = attn_k.sink_attention(q, new_kv, attn.attn_sink, cos, sin, cfg.sliding_window,
+                                      cache_kv=layer_kv, positions=positions,
+                                      seq_slots=seq_slots, cache_pos=cpos)
+            attn_k.cache_write(new_kv, positions, layer_kv, cpos, seq_slots=seq_slots)
+        # [T, H, Dh] -> [T, G * H*Dh/G]; wo_a is grouped and takes no activation rounding
+        z = self._lin(o.view(t, h * dh), attn.wo_a, False, group_n=cfg.o_lora_rank)
+        return self._lin(z, attn.wo_b, aq)
+
+    def _moe(self, ffn, u, residual, post, comb):
+        cfg, aq = self.config, self.model.numerics.act_quant
+        logits = torch.mm(ops.wide(u), ffn.gate.weight.t())  # [T, E] fp32, as ops.route
+        idx, w = moe_k.route(logits, ffn.gate.e_score_correction_bias, cfg.num_experts_per_tok,
+                             cfg.scoring_func, cfg.routed_scaling_factor)
+        pairs, tile_expert = self._tiles(idx)
+        ex = ffn.experts
+        act = moe_k.moe_w13(u, ex.w13_weight, ex.w13_weight_scale, pairs, tile_expert, w,
+                            act_quant=aq, limit=cfg.swiglu_limit)
+        pair_out = moe_k.moe_w2(act, ex.w2_weight, ex.w2_weight_scale, pairs, tile_expert,
+                                idx.numel(), act_quant=aq)
+        sh = ffn.shared_experts
+        gu = self._lin(u, sh.gate_up_proj, aq)  # [T, 2I]
+        shared = self._lin(gu, sh.down_proj, aq, swiglu_limit=cfg.swiglu_limit)
+        return hc_k.hc_post(None, residual, post, comb, moe=(pair_out, idx, shared))
+
+    def _tiles(self, idx):
+        t, k = idx.shape
+        if t >= moe_k.SMALL_T:
+            return moe_k.align_tiles(idx, self.config.n_routed_experts)
+        p = t * k
+        if p not in self._small_tiles:
+            self._small_tiles[p] = moe_k.align_tiles(idx, self.config.n_routed_experts)[0]
+        return self._small_tiles[p], idx.reshape(-1)
+
+    def _logits(self, layer: MTPLayer, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        y = hc_k.hc_head_norm(x, layer.hc_head_fn, layer.hc_head_scale, layer.hc_head_base,
+                              layer.shared_head.norm.weight, cfg.hc_eps, cfg.rms_norm_eps)
+        head = layer.shared_head.head.weight
+        if head.dtype == torch.bfloat16 and y.dtype == torch.bfloat16 and head.is_cuda:
+            # bf16 products are exact in fp32; fp32 accumulation and output, as F.linear on
+            # the upcast operands, without materialising a float32 head
+            return torch.mm(y, head.t(), out_dtype=torch.float32)
+        return torch.mm(ops.wide(y), head.t().to(ops.wide(y).dtype))

@@ -1,0 +1,274 @@
+"""Routed experts: the gate's scoring and top-k, and grouped FP4 expert products over the
+(token, expert) pairs, with fixed shapes (no host sync, CUDA-graph friendly).
+
+Work is cut into tiles of up to ``BM`` pairs that share one expert; a tile reads that expert's
+weights once. ``tile_pairs`` [n_tiles * BM] lists the pair ids (t * K + k, -1 for padding) and
+``tile_expert`` [n_tiles] the expert (>= E: an empty tile). For a few rows every pair is its own
+tile (no sorting at all: the tiles are fixed and ``tile_expert`` is the routing itself); for many
+rows pairs are sorted by expert on the device (:func:`align_tiles`), bounded by
+``n_tiles <= ceil(P / BM) + min(P, E)`` so the grid is known without looking at the routing.
+
+- :func:`moe_w13`: per tile and block of I columns: gate (w1) and up (w3) products with the
+  activation FP8 rounding fused, both rounded to the compute dtype, the clamped SwiGLU and the
+  routing weight -> the w2 input ``act`` (as ``mtp.model.Experts``: weight before w2).
+- :func:`moe_w2`: per tile and block of D: the down product, written per pair.
+The final sum (ascending expert order, plus the shared expert) is fused into ``hc.hc_post``.
+
+e2m1 weights: bytes [.., n, k/2], the even input in the low nibble; per-32 E8M0 scales. A
+128-input block is two dots, even and odd inputs, so nibbles are never interleaved. A code is
+decoded with five integer ops into float32 bits worth value * 2^-126 (``_common``), then two
+exact multiplies (by 2^126, by the block scale); the dots take the values as bf16 (exact). This
+decode, not memory, bounds these kernels (see ``kernels/NOTES.md``).
+
+Shape legend: T rows, K experts per row, P = T*K pairs, E experts, D hidden, I expert width.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import EXACT, e2m1_times_2pow126, fp8_round, mma, pow2_scale_bits
+
+BM = 16
+SMALL_T = 16  # below this many rows every pair is its own tile
+
+
+@triton.jit
+def route_kernel(logits_ptr, bias_ptr, idx_ptr, w_ptr, E, scaling,
+                 TOPK: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr, SCORING: tl.constexpr,
+                 HAS_BIAS: tl.constexpr):
+    """``ops.route`` after the gate product: scores, biased top-k, normalised weights."""
+    t = tl.program_id(0)
+    e = tl.arange(0, EP)
+    emask = e < E
+    x = tl.load(logits_ptr + t * E + e, mask=emask, other=0.0)
+    if SCORING == 0:  # sqrtsoftplus; softplus as torch: x above 20, else log1p(exp(x))
+        y = tl.exp(x)
+        u = 1.0 + y
+        log1p = tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
+        scores = tl.sqrt_rn(tl.where(x > 20.0, x, log1p))
+    elif SCORING == 1:
+        scores = tl.sigmoid(x)
+    else:
+        xm = tl.where(emask, x, float("-inf"))
+        ex = tl.exp(xm - tl.max(xm, axis=0))
+        scores = ex / tl.sum(ex, axis=0)
+    choice = scores
+    if HAS_BIAS:
+        choice = scores + tl.load(bias_ptr + e, mask=emask, other=0.0)
+    choice = tl.where(emask, choice, float("-inf"))
+    kk = tl.arange(0, KP)
+    ids = tl.zeros([KP], dtype=tl.int64)
+    ws = tl.zeros([KP], dtype=tl.float32)
+    for k in tl.static_range(TOPK):
+        best = tl.argmax(choice, axis=0)
+        wk = tl.sum(tl.where(e == best, scores, 0.0), axis=0)
+        ids = tl.where(kk == k, best.to(tl.int64), ids)
+        ws = tl.where(kk == k, wk, ws)
+        choice = tl.where(e == best, float("-inf"), choice)
+    if SCORING != 2:
+        ws = ws / tl.sum(ws, axis=0)
+    tl.store(idx_ptr + t * TOPK + kk, ids, mask=kk < TOPK)
+    tl.store(w_ptr + t * TOPK + kk, ws * scaling, mask=kk < TOPK)
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, scoring_func: str,
+          scaling: float):
+    """logits [T, E] fp32 -> (idx [T, K] int64, weights [T, K] fp32)."""
+    t, e = logits.shape
+    idx = torch.empty(t, top_k, dtype=torch.int64, device=logits.device)
+    w = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
+    if t:
+        route_kernel[(t,)](logits, bias if bias is not None else logits, idx, w, e,
+                           float(scaling), TOPK=top_k, KP=triton.next_power_of_2(top_k),
+                           EP=triton.next_power_of_2(e),
+                           SCORING={"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}[scoring_func],
+                           HAS_BIAS=bias is not None, num_warps=4)
+    return idx, w
+
+
+def max_tiles(t: int, top_k: int, n_experts: int) -> int:
+    p = t * top_k
+    return p if t < SMALL_T else triton.cdiv(p, BM) + min(p, n_experts)
+
+
+def align_tiles(idx: torch.Tensor, n_experts: int):
+    """(tile_pairs [n_tiles*BM] int32, tile_expert [n_tiles] int64), all on the device."""
+    t, k = idx.shape
+    p = t * k
+    device = idx.device
+    flat = idx.reshape(-1)
+    if t < SMALL_T:
+        pairs = torch.full((p, BM), -1, dtype=torch.int32, device=device)
+        pairs[:, 0] = torch.arange(p, dtype=torch.int32, device=device)
+        return pairs.view(-1), flat
+    n_tiles = max_tiles(t, k, n_experts)
+    sorted_e, order = torch.sort(flat, stable=True)
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    tiles_e = (counts + BM - 1) // BM
+    tile_end = torch.cumsum(tiles_e, 0)
+    row_start = torch.cumsum(counts, 0) - counts
+    dest = (tile_end - tiles_e)[sorted_e] * BM + torch.arange(p, device=device) \
+        - row_start[sorted_e]
+    pairs = torch.full((n_tiles * BM,), -1, dtype=torch.int32, device=device)
+    pairs.scatter_(0, dest, order.to(torch.int32))
+    tile_expert = torch.searchsorted(tile_end, torch.arange(n_tiles, device=device),
+                                     right=True)
+    return pairs, tile_expert
+
+
+@triton.jit
+def _quant_halves(xe, xo):
+    """FP8-round one 128-block given as its even and odd halves [BM, 64] -> bf16 halves and
+    the per-row scale."""
+    amax = tl.maximum(tl.max(tl.abs(xe), axis=1), tl.max(tl.abs(xo), axis=1))
+    e = pow2_scale_bits(amax)
+    sx = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    return fp8_round(xe, e).to(EXACT), fp8_round(xo, e).to(EXACT), sx
+
+
+@triton.jit
+def _fp4_block(w_ptr, s_ptr, rows, kb, stride_wn, stride_sn, j):
+    """Rows' e2m1 weights of one 128-input block -> (even, odd) fp32 [BN, 64], scaled (exact
+    values, exact in bf16 too)."""
+    b = tl.load(w_ptr + rows[:, None] * stride_wn + kb * 64 + j[None, :]).to(tl.int32)
+    # one E8M0 byte per 32 inputs = per 16 bytes: load [BN, 4], broadcast to [BN, 64]
+    g = tl.arange(0, 4)
+    s4 = tl.load(s_ptr + rows[:, None] * stride_sn + kb * 4 + g[None, :]).to(tl.int32)
+    s4 = (s4 << 23).to(tl.float32, bitcast=True)  # 2^(s-127)
+    sc = tl.reshape(tl.broadcast_to(s4[:, :, None], (s4.shape[0], 4, 16)), (s4.shape[0], 64))
+    # two exact multiplies: to the code's value (0.5 .. 6), then by the block scale
+    lo = (e2m1_times_2pow126(b, 0) * 2.0 ** 126) * sc
+    hi = (e2m1_times_2pow126(b, 4) * 2.0 ** 126) * sc
+    return lo, hi
+
+
+@triton.jit
+def _even_odd(ptr, row_off, col0, valid, BM: tl.constexpr):
+    """Rows' 128 inputs from col0, loaded contiguously, as (even, odd) fp32 [BM, 64]."""
+    c = tl.arange(0, 128)
+    x = tl.load(ptr + row_off[:, None] + col0 + c[None, :], mask=valid[:, None], other=0.0)
+    return tl.split(tl.reshape(x.to(tl.float32), (BM, 64, 2)))
+
+
+@triton.jit
+def _dot32(x, w):
+    return tl.dot(x, tl.trans(w.to(tl.float32)), input_precision="ieee")
+
+
+@triton.jit
+def moe_w13_kernel(x_ptr, w_ptr, s_ptr, pairs_ptr, texp_ptr, rw_ptr, act_ptr,
+                   D, I, E, stride_we, stride_wn, stride_se, stride_sn, limit,
+                   TOPK: tl.constexpr, ACT_QUANT: tl.constexpr, F32: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr):
+    tile = tl.program_id(0)
+    nb = tl.program_id(1)
+    ex = tl.load(texp_ptr + tile)
+    if ex < E:
+        r = tl.arange(0, BM)
+        pair = tl.load(pairs_ptr + tile * BM + r)
+        valid = pair >= 0
+        tok = tl.where(valid, pair // TOPK, 0)
+        n = nb * BN + tl.arange(0, BN)
+        j = tl.arange(0, 64)
+        w_e = w_ptr + ex * stride_we
+        s_e = s_ptr + ex * stride_se
+        acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+        acc_v = tl.zeros([BM, BN], dtype=tl.float32)
+        for kb in range(0, D // 128):
+            xe, xo = _even_odd(x_ptr, tok * D, kb * 128, valid, BM)
+            if ACT_QUANT:
+                qe, qo, sx = _quant_halves(xe, xo)
+            else:
+                qe = xe.to(EXACT)
+                qo = xo.to(EXACT)
+                sx = tl.full([BM], 1.0, tl.float32)
+            w1e, w1o = _fp4_block(w_e, s_e, n, kb, stride_wn, stride_sn, j)
+            w3e, w3o = _fp4_block(w_e, s_e, I + n, kb, stride_wn, stride_sn, j)
+            if F32:  # float32 activations without rounding: IEEE float32 dots
+                acc_g += _dot32(xe, w1e) + _dot32(xo, w1o)
+                acc_v += _dot32(xe, w3e) + _dot32(xo, w3o)
+            else:
+                acc_g += (mma(qe, tl.trans(w1e)) + mma(qo, tl.trans(w1o))) * sx[:, None]
+                acc_v += (mma(qe, tl.trans(w3e)) + mma(qo, tl.trans(w3o))) * sx[:, None]
+        odt = act_ptr.dtype.element_ty
+        g = acc_g.to(odt).to(tl.float32)
+        v = acc_v.to(odt).to(tl.float32)
+        if limit > 0:
+            v = tl.minimum(tl.maximum(v, -limit), limit)
+            g = tl.minimum(g, limit)
+        rw = tl.load(rw_ptr + tl.where(valid, pair, 0), mask=valid, other=0.0)
+        a = rw[:, None] * (g / (1.0 + tl.exp(-g)) * v)
+        tl.store(act_ptr + (tile * BM + r)[:, None] * I + n[None, :], a.to(odt))
+
+
+@triton.jit
+def moe_w2_kernel(act_ptr, w_ptr, s_ptr, pairs_ptr, texp_ptr, out_ptr,
+                  D, I, E, stride_we, stride_wn, stride_se, stride_sn,
+                  ACT_QUANT: tl.constexpr, F32: tl.constexpr, BM: tl.constexpr,
+                  BN: tl.constexpr):
+    tile = tl.program_id(0)
+    nb = tl.program_id(1)
+    ex = tl.load(texp_ptr + tile)
+    if ex < E:
+        r = tl.arange(0, BM)
+        pair = tl.load(pairs_ptr + tile * BM + r)
+        valid = pair >= 0
+        n = nb * BN + tl.arange(0, BN)
+        j = tl.arange(0, 64)
+        w_e = w_ptr + ex * stride_we
+        s_e = s_ptr + ex * stride_se
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for kb in range(0, I // 128):
+            xe, xo = _even_odd(act_ptr, (tile * BM + r) * I, kb * 128, valid, BM)
+            if ACT_QUANT:
+                qe, qo, sx = _quant_halves(xe, xo)
+            else:
+                qe = xe.to(EXACT)
+                qo = xo.to(EXACT)
+                sx = tl.full([BM], 1.0, tl.float32)
+            we, wo = _fp4_block(w_e, s_e, n, kb, stride_wn, stride_sn, j)
+            if F32:
+                acc += _dot32(xe, we) + _dot32(xo, wo)
+            else:
+                acc += (mma(qe, tl.trans(we)) + mma(qo, tl.trans(wo))) * sx[:, None]
+        dst = out_ptr + tl.where(valid, pair, 0)[:, None] * D + n[None, :]
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None])
+
+
+def moe_w13(u, w13, s13, pairs, tile_expert, weights, *, act_quant: bool, limit: float):
+    """u [T, D], w13 int8 [E, 2I, D/2], s13 E8M0 [E, 2I, D/32] -> act [n_tiles*BM, I]."""
+    t, d = u.shape
+    e, two_i, _ = w13.shape
+    i = two_i // 2
+    n_tiles = tile_expert.shape[0]
+    act = torch.empty(n_tiles * BM, i, dtype=u.dtype, device=u.device)
+    s = s13.view(torch.uint8)
+    bn = 32 if n_tiles <= 96 else 64  # few tiles (decode): more, smaller programs in flight
+    if n_tiles:
+        moe_w13_kernel[(n_tiles, triton.cdiv(i, bn))](
+            u, w13, s, pairs, tile_expert, weights, act, d, i, e, w13.stride(0), w13.stride(1),
+            s.stride(0), s.stride(1), float(limit), TOPK=weights.shape[1], ACT_QUANT=act_quant,
+            F32=u.dtype == torch.float32 and not act_quant, BM=BM, BN=bn,
+            num_warps=4, num_stages=3)
+    return act
+
+
+def moe_w2(act, w2, s2, pairs, tile_expert, n_pairs: int, *, act_quant: bool):
+    """act [n_tiles*BM, I], w2 int8 [E, D, I/2], s2 [E, D, I/32] -> [P, D] per pair."""
+    e, d, _ = w2.shape
+    i = act.shape[1]
+    n_tiles = tile_expert.shape[0]
+    out = torch.empty(n_pairs, d, dtype=act.dtype, device=act.device)
+    s = s2.view(torch.uint8)
+    bn = 32 if n_tiles <= 96 else 64
+    if n_tiles:
+        moe_w2_kernel[(n_tiles, triton.cdiv(d, bn))](
+            act, w2, s, pairs, tile_expert, out, d, i, e, w2.stride(0), w2.stride(1),
+            s.stride(0), s.stride(1), ACT_QUANT=act_quant,
+            F32=act.dtype == torch.float32 and not act_quant, BM=BM, BN=bn,
+            num_warps=4, num_stages=3)
+    return out

@@ -1,0 +1,153 @@
+"""End to end: ``mtp_kernels.TritonMTP`` (and its CUDA-graph runner) against the module's own
+pure-PyTorch forward, on the GPU.
+
+Needs a CUDA GPU (skipped otherwise, with the reason; ``TRITON_INTERPRET=1`` runs the eager parts
+on the CPU through Triton's interpreter). Triton is imported lazily.
+
+Tolerances, with their reasons:
+- float32 with the rounding steps off: the kernels multiply the reference's exact operand values
+  and differ only in fp32 summation order: relative error < 2e-6 (measured ~3e-7).
+- with the FP8 rounding steps on, or in bfloat16, one ulp of accumulation-order difference can
+  move a value across an e4m3 / bf16 rounding boundary and the step grows to 2^-4 / 2^-9
+  relative, so a direct comparison says little. The statistic is instead accuracy against the
+  float64 run of the same module (same rounding steps in float64): the fast path must be no
+  less accurate than the reference path in the same dtype, within 1.5x plus 1e-4 (for
+  float32, where both are tiny).
+- the CUDA-graph replay must equal the eager fast path bit for bit (same kernels, same inputs,
+  no atomics), outputs and cache alike.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mtp import DeepSeekV4MTP, KVCache, MTPConfig, Numerics
+from mtp.testing import init_random_
+
+INTERPRET = bool(os.environ.get("TRITON_INTERPRET"))
+DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if INTERPRET else None)
+pytestmark = pytest.mark.skipif(
+    DEVICE is None, reason="needs a CUDA GPU: the Triton fast path runs only there")
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def build(dtype, rounding: bool, seed=0):
+    cfg = MTPConfig.from_name("tiny")
+    num = Numerics(act_quant=rounding, kv_fp8=rounding)
+    src = init_random_(DeepSeekV4MTP(cfg, numerics=num), seed=seed)
+    m = DeepSeekV4MTP(cfg, dtype=dtype, numerics=num, device=DEVICE)
+    m.load_state_dict(src.state_dict())
+    return m
+
+
+def scenario(model, runner, dtype):
+    """Stateless rows, a cached catch-up of two sequences, then a decode step: every output."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(3)
+    out = []
+    ids = torch.randint(0, cfg.vocab_size, (7,), generator=g).to(DEVICE)
+    pos = torch.arange(2, 9, device=DEVICE)
+    h = torch.randn(7, cfg.hc_dim, generator=g).to(DEVICE, dtype)
+    x = runner.forward(ids, pos, h)
+    out += [x, runner.compute_logits(x)]
+    cache = KVCache(1, 3, cfg.sliding_window + 3, cfg.head_dim, dtype=dtype, device=DEVICE)
+    slots = torch.tensor([0] * 6 + [2] * 4, device=DEVICE)
+    pos = torch.cat([torch.arange(6), torch.arange(10, 14)]).to(DEVICE)
+    ids = torch.randint(0, cfg.vocab_size, (10,), generator=g).to(DEVICE)
+    h = torch.randn(10, cfg.hc_dim, generator=g).to(DEVICE, dtype)
+    out.append(runner.forward(ids, pos, h, kv_cache=cache, seq_slots=slots))
+    for step in range(3):  # decode steps, one row per sequence, the window sliding over the ring
+        s = torch.tensor([2, 0], device=DEVICE)
+        p = torch.tensor([14 + step, 6 + step], device=DEVICE)
+        i = torch.randint(0, cfg.vocab_size, (2,), generator=g).to(DEVICE)
+        hh = torch.randn(2, cfg.hc_dim, generator=g).to(DEVICE, dtype)
+        x = runner.forward(i, p, hh, kv_cache=cache, seq_slots=s)
+        out += [x, runner.compute_logits(x)]
+    out += [cache.kv, cache.pos.to(torch.float64)]
+    return out
+
+
+@pytest.mark.parametrize("dtype,rounding", [(torch.float32, False), (torch.float32, True),
+                                            (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_fast_path_matches_module(dtype, rounding):
+    from mtp_kernels import TritonMTP
+    model = build(dtype, rounding)
+    ref = scenario(model, model, dtype)
+    fast = scenario(model, TritonMTP(model), dtype)
+    if dtype == torch.float32 and not rounding:
+        for a, b in zip(fast, ref):
+            assert rel(a, b) < 2e-6
+        return
+    m64 = build(torch.float64, rounding)
+    truth = scenario(m64, m64, torch.float64)
+    for k, (a, b, c) in enumerate(zip(fast, ref, truth)):
+        err_fast, err_ref = rel(a, c), rel(b, c)
+        assert err_fast <= 1.5 * err_ref + 1e-4, (k, err_fast, err_ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_graph_replay_equals_eager(dtype):
+    from mtp_kernels import DraftStepGraphs, TritonMTP
+    model = build(dtype, True)
+    fast = TritonMTP(model)
+    cfg = model.config
+    caches = [KVCache(1, 4, cfg.sliding_window + 3, cfg.head_dim, dtype=dtype, device=DEVICE)
+              for _ in range(2)]
+    graphs = DraftStepGraphs(fast, caches[1], buckets=(1, 4))
+    g = torch.Generator().manual_seed(5)
+    for step in range(12):
+        n = 1 + step % 3  # 1..3 rows: buckets 1 and 4, with padding rows
+        slots = torch.randperm(4, generator=g)[:n].to(DEVICE)
+        pos = torch.randint(0, 40, (n,), generator=g).to(DEVICE)
+        ids = torch.randint(0, cfg.vocab_size, (n,), generator=g).to(DEVICE)
+        h = torch.randn(n, cfg.hc_dim, generator=g).to(DEVICE, dtype)
+        x_e, l_e = fast.decode_step(ids, pos, h, slots, caches[0])
+        x_g, l_g = graphs.step(ids, pos, h, slots)
+        assert torch.equal(x_e, x_g) and torch.equal(l_e, l_g)
+        assert torch.equal(caches[0].kv, caches[1].kv)
+        assert torch.equal(caches[0].pos, caches[1].pos)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs")
+def test_graph_step_rejects_bad_input():
+    from mtp_kernels import DraftStepGraphs, TritonMTP
+    model = build(torch.bfloat16, True)
+    cfg = model.config
+    cache = KVCache(1, 2, cfg.sliding_window + 3, cfg.head_dim, dtype=torch.bfloat16,
+                    device=DEVICE)
+    graphs = DraftStepGraphs(TritonMTP(model), cache, buckets=(2,))
+    before = cache.kv.clone(), cache.pos.clone()
+    h = torch.zeros(2, cfg.hc_dim, dtype=torch.bfloat16, device=DEVICE)
+    ids = torch.tensor([1, 2], device=DEVICE)
+    pos = torch.tensor([3, 4], device=DEVICE)
+    with pytest.raises(ValueError, match="distinct slots"):
+        graphs.step(ids, pos, h, torch.tensor([1, 1], device=DEVICE))
+    with pytest.raises(ValueError, match="vocabulary"):
+        graphs.step(torch.tensor([1, cfg.vocab_size], device=DEVICE), pos, h,
+                    torch.tensor([0, 1], device=DEVICE))
+    with pytest.raises(ValueError, match="largest captured bucket"):
+        graphs.step(torch.tensor([1, 2, 3], device=DEVICE), torch.tensor([1, 2, 3],
+                    device=DEVICE), torch.zeros(3, cfg.hc_dim, dtype=torch.bfloat16,
+                                                device=DEVICE), torch.tensor([0, 1, 2],
+                                                                             device=DEVICE),
+                    check=False)
+    assert torch.equal(cache.kv, before[0]) and torch.equal(cache.pos, before[1])
+
+
+@pytest.mark.skipif(DEVICE is None, reason="needs a CUDA GPU")
+def test_rejects_unsupported_format():
+    from mtp_kernels import TritonMTP
+
+    from mtp import WeightFormat
+    cfg = MTPConfig.from_name("tiny")
+    with pytest.raises(ValueError, match="released format"):
+        TritonMTP(DeepSeekV4MTP(cfg, weight_format=WeightFormat.plain(), device=DEVICE))

@@ -1,0 +1,240 @@
+"""Parity of each Triton kernel (``kernels/``, installed as ``mtp_kernels``) with the pure-PyTorch
+reference it replaces, on random inputs.
+
+Needs a CUDA GPU (skipped otherwise, with the reason). ``TRITON_INTERPRET=1`` with Triton
+installed runs the same tests on the CPU through Triton's interpreter (slow; used to develop).
+Triton is imported lazily, so this file imports cleanly on a machine without it.
+
+Tolerances. Where the math allows, comparisons are exact: the FP8 activation rounding, the KV FP8
+simulation, E8M0/e2m1 decoding and the expert choice. Products are compared by the relative
+Frobenius error ||out - ref|| / ||ref||: the kernels multiply exactly the reference's operand
+values (e4m3 codes, e2m1 x 2^k and bf16 values are exact in bf16) and accumulate in fp32 in a
+different order, so before the final rounding the error is ~1e-6; after rounding to bf16 it is
+at most half a bf16 ulp per element (2^-9 relative), so 4e-3 for bf16 outputs and 1e-5 for
+fp32 outputs. A kernel off by one block, nibble or head is off by O(1).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+INTERPRET = bool(os.environ.get("TRITON_INTERPRET"))
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+elif INTERPRET:
+    DEVICE = "cpu"
+else:
+    DEVICE = None
+
+pytestmark = pytest.mark.skipif(
+    DEVICE is None, reason="needs a CUDA GPU: the Triton kernels run only there "
+    "(TRITON_INTERPRET=1 runs them on the CPU through Triton's interpreter)")
+
+BF16_TOL = 4e-3  # half a bf16 ulp (2^-9) per element, after exact products
+F32_TOL = 1e-5  # fp32 accumulation-order differences only
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite output"
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def randn(*shape, seed=0, dtype=torch.float32, std=1.0):
+    return (torch.randn(*shape, generator=gen(seed), device=DEVICE) * std).to(dtype)
+
+
+def fp8_weight(n, k, seed):
+    from mtp.quant import quantize_fp8_block
+    return quantize_fp8_block(randn(n, k, seed=seed, std=k ** -0.5))
+
+
+def fp4_weight(e, n, k, seed):
+    from mtp.quant import quantize_fp4
+    qs, ss = zip(*(quantize_fp4(randn(n, k, seed=seed + i, std=k ** -0.5)) for i in range(e)))
+    return torch.stack(qs), torch.stack(ss)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_fp8_linear_act_quant(dtype, m):
+    from mtp_kernels.fp8_linear import fp8_linear, fp8_linear_reference
+    w, s = fp8_weight(256, 512, seed=1)
+    x = randn(m, 512, seed=2, dtype=dtype)
+    y = fp8_linear(x, w, s, act_quant=True)
+    ref = fp8_linear_reference(x, w, s, act_quant=True)
+    assert y.dtype == dtype and y.shape == (m, 256)
+    assert rel(y, ref) < (BF16_TOL if dtype == torch.bfloat16 else F32_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_linear_grouped_no_quant(dtype):
+    from mtp_kernels.fp8_linear import fp8_linear, fp8_linear_reference
+    w, s = fp8_weight(512, 256, seed=3)  # 2 groups of 256 outputs, each over 256 inputs
+    x = randn(3, 512, seed=4, dtype=dtype)
+    y = fp8_linear(x, w, s, act_quant=False, group_n=256)
+    ref = fp8_linear_reference(x, w, s, act_quant=False, group_n=256)
+    assert rel(y, ref) < (BF16_TOL if dtype == torch.bfloat16 else F32_TOL)
+
+
+def test_fp8_linear_swiglu_and_add():
+    from mtp_kernels.fp8_linear import fp8_linear, fp8_linear_reference
+    w, s = fp8_weight(256, 128, seed=5)
+    x = randn(8, 256, seed=6, dtype=torch.bfloat16, std=4.0)  # large enough to hit the clamp
+    add = randn(2, 256, seed=7, dtype=torch.bfloat16)
+    y = fp8_linear(x, w, s, act_quant=True, swiglu_limit=10.0, add=add, add_row_div=4)
+    ref = fp8_linear_reference(x, w, s, act_quant=True, swiglu_limit=10.0, add=add,
+                               add_row_div=4)
+    assert rel(y, ref) < BF16_TOL
+
+
+def test_act_quant_bit_exact():
+    """The fused FP8 activation rounding equals ``fp8_simulate`` bit for bit: an identity weight
+    block (scale 1) returns the rounded activations themselves."""
+    from mtp_kernels.fp8_linear import fp8_linear
+
+    from mtp.quant import fp8_simulate
+    x = randn(7, 128, seed=8) * torch.logspace(-6, 3, 7, device=DEVICE)[:, None]
+    eye = torch.eye(128, device=DEVICE).to(torch.float8_e4m3fn)
+    one = torch.full((1, 1), 1.0, device=DEVICE).to(torch.float8_e8m0fnu)
+    y = fp8_linear(x, eye, one, act_quant=True)
+    assert torch.equal(y, fp8_simulate(x, 128))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rmsnorm_and_hc(dtype):
+    from mtp_kernels import hc
+
+    from mtp import ops
+    t, m, d = 3, 4, 256
+    x = randn(t, m, d, seed=9, dtype=dtype)
+    w = 1 + randn(d, seed=10, std=0.1)
+    fn = randn((2 + m) * m, m * d, seed=11, std=(m * d) ** -0.5)
+    scale, base = 0.5 + torch.rand(3, device=DEVICE), randn((2 + m) * m, seed=12, std=0.5)
+    tol = BF16_TOL if dtype == torch.bfloat16 else F32_TOL
+    assert rel(hc.rmsnorm(x[:, 0], w, 1e-6), ops.rms_norm(x[:, 0], w, 1e-6)) < tol
+    u, post, comb = hc.hc_pre_norm(x, fn, scale, base, w, 20, 1e-6, 1e-6)
+    y_r, post_r, comb_r = ops.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
+    assert rel(post, post_r) < 1e-5 and rel(comb, comb_r) < 1e-5
+    assert rel(u, ops.rms_norm(y_r, w, 1e-6)) < tol
+    a = randn(t, d, seed=13, dtype=dtype)
+    assert rel(hc.hc_post(a, x, post_r, comb_r), ops.hc_post(a, x, post_r, comb_r)) < tol
+    fh = randn(m, m * d, seed=14, std=(m * d) ** -0.5)
+    sh, bh = 0.5 + torch.rand(1, device=DEVICE), randn(m, seed=15, std=0.5)
+    yh = hc.hc_head_norm(x, fh, sh, bh, w, 1e-6, 1e-6)
+    assert rel(yh, ops.rms_norm(ops.hc_head(x, fh, sh, bh, 1e-6, 1e-6), w, 1e-6)) < tol
+
+
+def test_route_exact_choice():
+    from mtp_kernels import moe
+
+    from mtp import ops
+    for scoring in ("sqrtsoftplus", "sigmoid", "softmax"):
+        u = randn(9, 64, seed=16)
+        gw = randn(32, 64, seed=17, std=0.125)
+        bias = randn(32, seed=18, std=0.1)
+        logits = torch.mm(u, gw.t())
+        idx, w = moe.route(logits, bias, 6, scoring, 1.5)
+        idx_r, w_r = ops.route(u, gw, bias, 6, scoring, 1.5)
+        assert torch.equal(idx, idx_r)
+        assert rel(w, w_r) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t", [1, 3, 20])
+def test_fp4_experts(t, dtype):
+    from mtp_kernels import moe
+
+    from mtp import ops
+    from mtp.model import linear
+    from mtp.quant import dequant_fp4
+    e, d, i, k = 8, 256, 128, 2
+    w13, s13 = fp4_weight(e, 2 * i, d, seed=20)
+    w2, s2 = fp4_weight(e, d, i, seed=40)
+    u = randn(t, d, seed=21, dtype=dtype)
+    idx = torch.stack([torch.randperm(e, generator=gen(22 + r), device=DEVICE)[:k]
+                       for r in range(t)])
+    wts = torch.rand(t, k, generator=gen(23), device=DEVICE)
+    pairs, texp = moe.align_tiles(idx, e)
+    act = moe.moe_w13(u, w13, s13, pairs, texp, wts, act_quant=True, limit=10.0)
+    out = moe.moe_w2(act, w2, s2, pairs, texp, t * k, act_quant=True)
+    for r in range(t):
+        for j in range(k):
+            ex = int(idx[r, j])
+            g, v = linear(u[r:r + 1], dequant_fp4(w13[ex], s13[ex]), True).chunk(2, dim=-1)
+            a = (wts[r, j] * ops.swiglu(g, v, 10.0)).to(u.dtype)
+            ref = linear(a, dequant_fp4(w2[ex], s2[ex]), True)
+            assert rel(out[r * k + j], ref[0]) < (BF16_TOL if dtype == torch.bfloat16 else F32_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_q_kv_prep(dtype):
+    from mtp_kernels import attention as at
+
+    from mtp import ops
+    from mtp.quant import fp8_simulate
+    t, h, dh, r = 4, 3, 128, 64
+    pos = torch.tensor([0, 5, 77, 4000], device=DEVICE)
+    i = torch.arange(0, r, 2, dtype=torch.float64, device=DEVICE)
+    cos, sin = at.rope_table(pos, 10000.0 ** (-i / r))
+    cos_r, sin_r = ops.rope_cos_sin(pos, r, 10000.0)
+    assert rel(cos, cos_r) < 1e-7 and rel(sin, sin_r) < 1e-7
+    q = randn(t, h, dh, seed=30, dtype=dtype)
+    q_ref = ops.apply_rope(ops.rms_norm(q, None, 1e-6), cos_r, sin_r)
+    tol = BF16_TOL if dtype == torch.bfloat16 else F32_TOL
+    assert rel(at.q_prep(q.clone(), cos, sin, 1e-6), q_ref) < tol
+    kv = randn(t, dh, seed=31, dtype=dtype)
+    w = 1 + randn(dh, seed=32, std=0.1)
+    kv_r = ops.apply_rope(ops.rms_norm(kv, w, 1e-6), cos_r, sin_r)
+    kv_r = torch.cat((fp8_simulate(kv_r[:, :-r], 64), kv_r[:, -r:]), dim=-1)
+    assert rel(at.kv_prep(kv, w, cos, sin, 1e-6, True, dtype), kv_r) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sink_attention_and_cache(dtype):
+    from mtp_kernels import attention as at
+
+    from mtp import ops
+    from mtp.cache import window_index
+    t, h, dh, r, win, cap, seqs = 5, 20, 128, 64, 8, 11, 4
+    pos = torch.tensor([3, 9, 30, 0, 12], device=DEVICE)
+    slots = torch.tensor([0, 1, 2, -1, 3], device=DEVICE)  # one row per sequence; -1 padding
+    cache_kv = randn(seqs * cap, dh, seed=33, dtype=dtype)
+    cache_pos = torch.randint(0, 40, (seqs, cap), generator=gen(34), device=DEVICE)
+    for s_ in range(seqs):  # a mix of held, stale and empty entries
+        for p_ in range(40):
+            if torch.rand(1, generator=gen(35 + p_ + 40 * s_), device=DEVICE) < 0.7:
+                cache_pos[s_, p_ % cap] = p_
+    cache_pos[0, 1] = -1
+    new_kv = randn(t, dh, seed=36, dtype=dtype)
+    q = randn(t, h, dh, seed=37, dtype=dtype)
+    sink = randn(h, seed=38)
+    i = torch.arange(0, r, 2, dtype=torch.float64, device=DEVICE)
+    cos, sin = at.rope_table(pos, 10000.0 ** (-i / r))
+    real = slots >= 0
+    win_idx = window_index(pos[real], slots[real], win, cache_pos, cap)
+    pool = torch.cat((cache_kv, new_kv[real]))
+    o_ref = ops.sink_attention(q[real], pool[win_idx.keys_index], win_idx.keys_valid, sink,
+                               dh ** -0.5).to(dtype)
+    o_ref = ops.apply_rope(o_ref, cos[real], sin[real], inverse=True)
+    tol = BF16_TOL if dtype == torch.bfloat16 else F32_TOL
+    o_dec = at.sink_attention(q, new_kv, sink, cos, sin, win, cache_kv=cache_kv, positions=pos,
+                              seq_slots=slots, cache_pos=cache_pos)
+    assert rel(o_dec[real], o_ref) < tol
+    o_idx = at.sink_attention(q[real], new_kv[real], sink, cos[real], sin[real], win,
+                              cache_kv=cache_kv, keys_index=win_idx.keys_index,
+                              keys_valid=win_idx.keys_valid)
+    assert rel(o_idx, o_ref) < tol
+    kv2, pos2 = cache_kv.clone(), cache_pos.clone()
+    at.cache_write(new_kv, pos, kv2, pos2, seq_slots=slots)
+    kv3, pos3 = cache_kv.clone(), cache_pos.clone()
+    kv3.index_copy_(0, win_idx.write_slots, new_kv[real][win_idx.write_rows])
+    pos3.view(-1).index_copy_(0, win_idx.write_slots, pos[real][win_idx.write_rows])
+    assert torch.equal(kv2, kv3) and torch.equal(pos2, pos3)
