@@ -112,3 +112,13 @@ def window_index(positions: torch.Tensor, seq_slots: torch.Tensor, window: int,
     write_rows = torch.nonzero(keep).flatten()
     write_slots = seq_slots[write_rows] * capacity + positions[write_rows].remainder(capacity)
     return WindowIndex(keys_index, keys_valid, write_rows, write_slots)
+
+
+def call_window(positions: torch.Tensor, seq_slots: torch.Tensor | None, window: int,
+                cache: KVCache | None, layer: int) -> WindowIndex:
+    """:func:`window_index` for one forward call: over ``cache``'s ``layer`` with the rows'
+    slots, or stateless (no cache: the rows are one sequence)."""
+    if cache is None:
+        return window_index(positions, torch.zeros_like(positions), window, None,
+                            max(positions.shape[0], 1))
+    return window_index(positions, seq_slots, window, cache.pos[layer], cache.capacity)

@@ -10,7 +10,7 @@ The pipeline, every check before any parameter is written:
 5. check each tensor's shape and dtype against the module built from ``config.json``, and that
    every parameter is filled exactly once (no gap, no overlap);
 6. build a fresh module and stream the bytes into its parameters in blocks of at most 16 MiB
-   read by a few threads (straight into the parameter's memory when no conversion is needed,
+   read by a few threads (:mod:`mtp.shards` holds the file-format half: headers and reads) (straight into the parameter's memory when no conversion is needed,
    else through a per-thread 16 MiB buffer), so peak host memory is the module plus a few
    buffers.
 
@@ -26,8 +26,6 @@ import json
 import math
 import os
 import re
-import sys
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -41,6 +39,16 @@ from .config import FP8_BLOCK, REFERENCE_KEYS, MTPConfig
 from .hub import INDEX, SINGLE, Repo, looks_like_repo_id
 from .model import DeepSeekV4MTP, Numerics
 from .quant import WeightFormat
+from .shards import (
+    DTYPES,
+    PLAIN,
+    CheckpointError,
+    Progress,
+    ShardReader,
+    TensorInfo,
+    check_little_endian,
+    read_header,
+)
 from .surgery import (
     Region,
     full_region,
@@ -53,14 +61,6 @@ from .surgery import (
     tp_range,
 )
 
-# safetensors dtype code -> how the module holds it (F4: two e2m1 codes a byte, held as int8)
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu, "F4": torch.int8,
-}
-PLAIN = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # Stored dtype -> WeightFormat value, per WeightFormat field (remap.FORMAT_FIELD).
 FORMAT_OF_DTYPE: dict[str, dict[str, str]] = {
     "dense": {"F8_E4M3": "fp8", "BF16": "plain", "F16": "plain", "F32": "plain", "F64": "plain"},
@@ -70,103 +70,11 @@ FORMAT_OF_DTYPE: dict[str, dict[str, str]] = {
     "dense_scale": {"F8_E8M0": "e8m0", "F32": "f32"},
     "expert_scale": {"F8_E8M0": "e8m0", "F32": "f32"},
 }
-_MAX_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
-_CHUNK = 16 << 20  # bytes per read: threads share big tensors, staging buffers stay small
 # Parallel reads: a page fault or a cold page-cache miss costs a core; NVMe wants a queue.
 _WORKERS = max(1, min(8, os.cpu_count() or 1))
 _MP_FILE = re.compile(r"^model(\d+)-mp(\d+)\.safetensors$")
-_DAMAGED = "the file is damaged: download or write it again"
 _NO_MTP = ("The checkpoint may have been quantized without including the MTP layers. Use a "
            "checkpoint that includes MTP layer weights, or disable speculative decoding.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint the loader refuses; ``problems`` lists each reason (also in the message)."""
-
-    def __init__(self, message: str, problems: list[str] | None = None):
-        super().__init__(message)
-        self.problems = problems or [message]
-
-
-# ---- safetensors headers ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor of a safetensors file as its header describes it (offsets absolute)."""
-
-    file: str
-    dtype: str
-    shape: tuple[int, ...]  # as in the header (F4 counts FP4 elements)
-    begin: int
-    end: int
-
-    @property
-    def storage_shape(self) -> tuple[int, ...]:
-        """The shape of the bytes as the module holds them (F4: last dim halved, int8)."""
-        if self.dtype == "F4":
-            return self.shape[:-1] + (self.shape[-1] // 2,)
-        return self.shape
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-
-def read_header(path: str) -> dict[str, TensorInfo]:
-    """Parse and check a safetensors header: every dtype known, every byte count consistent
-    with its shape, every tensor inside the file, none overlapping. Raises CheckpointError
-    naming the file and the damage.
-
-    Example:
-        >>> read_header("model-00046-of-00046.safetensors")["mtp.0.hc_head_base"]   # doctest: +SKIP
-        TensorInfo(file='model-00046-of-00046.safetensors', dtype='F32', shape=(4,), ...)
-    """
-    name = os.path.basename(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{name}: {size} bytes is too short for a safetensors file; "
-                                  f"{_DAMAGED}")
-        n = int.from_bytes(head, "little")
-        if n > min(size - 8, _MAX_HEADER):
-            raise CheckpointError(f"{name}: its header claims {n} bytes but the file has {size} "
-                                  f"(truncated, or not safetensors); {_DAMAGED}")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{name}: the header is not valid JSON ({e}); {_DAMAGED}") from None
-    header.pop("__metadata__", None)
-    data = 8 + n
-    infos: dict[str, TensorInfo] = {}
-    for key, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), \
-                entry["data_offsets"]
-            ints = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end))
-        except (KeyError, TypeError, ValueError):
-            ints = False
-        if not ints or begin > end:
-            raise CheckpointError(f"{name}: malformed header entry for {key!r}; {_DAMAGED}")
-        if dtype not in DTYPES:
-            raise CheckpointError(f"{name}: tensor {key} has dtype {dtype!r}, which the loader "
-                                  f"does not know ({sorted(DTYPES)})")
-        bits = 4 if dtype == "F4" else DTYPES[dtype].itemsize * 8
-        want = math.prod(shape) * bits
-        if want % 8 or end - begin != want // 8:
-            raise CheckpointError(f"{name}: the header gives {key} {end - begin} bytes, but "
-                                  f"{dtype} {list(shape)} needs {want / 8:g}; {_DAMAGED}")
-        if data + end > size:
-            raise CheckpointError(f"{name} is truncated: tensor {key} ends at byte {data + end} "
-                                  f"but the file has {size} bytes; {_DAMAGED}")
-        infos[key] = TensorInfo(name, dtype, shape, data + begin, data + end)
-    spans = sorted((i.begin, i.end, k) for k, i in infos.items() if i.end > i.begin)
-    for (_, e0, k0), (b1, _, k1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise CheckpointError(f"{name}: tensors {k0} and {k1} overlap; {_DAMAGED}")
-    return infos
 
 
 # ---- where the tensors are -------------------------------------------------------------------
@@ -749,93 +657,6 @@ class LoadReport:
                 f"{self.seconds:.2f} s ({self.gb_per_s:.2f} GB/s); not loaded: {drops}")
 
 
-class _Progress:
-    def __init__(self, total: int, progress):
-        self.callback = progress if callable(progress) else None
-        self.bar = None
-        self.done, self.total = 0, total
-        show = progress is True or (progress is None and total >= 1 << 30
-                                    and sys.stderr.isatty())
-        if show and self.callback is None:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:  # tqdm comes with huggingface_hub; without it, no bar
-                return
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading drafter")
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.callback is not None:
-            self.callback(self.done, self.total)
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class _Reader:
-    """Copies stored tensors into destination views, in blocks of rows (at most 16 MiB) that
-    worker threads read in parallel with ``os.preadv``. Same dtype, contiguous, on the CPU:
-    the bytes go straight into the destination's memory. Otherwise through a per-thread
-    staging buffer, converting (bf16 -> float32) and moving (to a GPU) on copy."""
-
-    def __init__(self, folder: str):
-        self.folder = folder
-        self.fds: dict[str, int] = {}
-        self.local = threading.local()
-
-    def open(self, file: str) -> None:
-        if file not in self.fds:
-            self.fds[file] = os.open(os.path.join(self.folder, file), os.O_RDONLY)
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-
-    def _read(self, info: TensorInfo, offset: int, out: torch.Tensor) -> None:
-        view = memoryview(out.view(-1).view(torch.uint8).numpy())
-        fd, got = self.fds[info.file], 0
-        while got < len(view):
-            n = os.preadv(fd, [view[got:]], offset + got)
-            if not n:
-                raise CheckpointError(f"{info.file}: the file ended while reading (truncated "
-                                      f"since it was checked?); {_DAMAGED}")
-            got += n
-
-    @staticmethod
-    def blocks(info: TensorInfo) -> list[tuple[int, int]]:
-        """Row ranges of at most _CHUNK bytes (at least one row)."""
-        rows = info.storage_shape[0]
-        step = max(1, _CHUNK // max(info.nbytes // max(rows, 1), 1))
-        return [(r, min(rows, r + step)) for r in range(0, rows, step)]
-
-    def copy(self, info: TensorInfo, dest: torch.Tensor, r0: int, r1: int) -> int:
-        """Rows [r0, r1) of the stored tensor into ``dest[r0:r1]``; returns the bytes read."""
-        stored, shape = DTYPES[info.dtype], info.storage_shape
-        row_bytes = info.nbytes // shape[0]
-        offset, n = info.begin + r0 * row_bytes, (r1 - r0) * row_bytes
-        out = dest[r0:r1]
-        if out.device.type == "cpu" and out.dtype == stored and out.is_contiguous():
-            self._read(info, offset, out)  # same bytes, same dtype: no conversion, no copy
-            return n
-        buffer = getattr(self.local, "buffer", None)
-        if buffer is None or buffer.numel() < n:
-            buffer = torch.empty(max(n, _CHUNK), dtype=torch.uint8,
-                                 pin_memory=out.device.type == "cuda")
-            self.local.buffer = buffer
-        self._read(info, offset, buffer[:n])
-        out.copy_(buffer[:n].view(stored).view((r1 - r0,) + tuple(shape[1:])))
-        return n
-
-
-def _little_endian() -> None:
-    if sys.byteorder != "little":  # safetensors data is little-endian; bytes are copied as is
-        raise RuntimeError("mtp.loader reads safetensors bytes as they are: big-endian hosts "
-                           "are not supported")
-
-
 def _dest(tensor: torch.Tensor, region: Region, d: _Decision, origin: Region | None = None):
     view = tensor[region_slices(region, origin)]
     return view[0] if d.target.expert is not None else view
@@ -845,9 +666,9 @@ def _stream(an: _Analysis, reads: list[tuple[_Decision, torch.Tensor]], progress
     """Run the reads, blocks in file order over a few threads; returns the bytes read."""
     reads = sorted(reads, key=lambda r: (r[0].info.file, r[0].info.begin))
     jobs = [(d.info, dest, r0, r1) for d, dest in reads if d.info.nbytes
-            for r0, r1 in _Reader.blocks(d.info)]
-    bar = _Progress(sum(d.info.nbytes for d, _ in reads), progress)
-    reader = _Reader(an.src.folder)
+            for r0, r1 in ShardReader.blocks(d.info)]
+    bar = Progress(sum(d.info.nbytes for d, _ in reads), progress)
+    reader = ShardReader(an.src.folder)
     try:
         for d, _ in reads:
             reader.open(d.info.file)
@@ -900,7 +721,7 @@ def load_model(path_or_repo_id, *, device="cpu", dtype: torch.dtype = torch.bflo
         loaded 1577 tensors, 5.32 GiB from 3 shard(s) (skipped 43) in ... s (... GB/s); ...
     """  # noqa: E501
     t0 = time.perf_counter()
-    _little_endian()
+    check_little_endian()
     src = _open(path_or_repo_id, revision=revision, cache_dir=cache_dir, token=token,
                 local_files_only=local_files_only)
     an = _analyse(src, dtype=dtype, embed_given=embed_tokens is not None,
@@ -954,7 +775,7 @@ def load_state(path_or_repo_id, *, rank: int, world_size: int, device="cpu",
     from safetensors import safe_open
 
     t0 = time.perf_counter()
-    _little_endian()
+    check_little_endian()
     src = _open(path_or_repo_id, revision=revision, cache_dir=cache_dir, token=token,
                 local_files_only=local_files_only)
     an = _analyse(src, dtype=dtype, embed_given=embed_tokens_given, head_given=head_given,

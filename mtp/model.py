@@ -40,7 +40,7 @@ from einops import rearrange
 from torch import nn
 
 from . import ops
-from .cache import KVCache, WindowIndex, window_index
+from .cache import KVCache, WindowIndex, call_window
 from .config import FP8_BLOCK, KV_FP8_BLOCK, MTPConfig
 from .quant import WeightFormat, dequantize, fp8_simulate, scale_dtype
 
@@ -448,12 +448,7 @@ class DeepSeekV4MTP(nn.Module):
         cos, sin = ops.rope_cos_sin(positions, cfg.qk_rope_head_dim, cfg.rope_theta,
                                     ops.wide(e).dtype)
         cache_layer = spec_step_idx % cfg.num_nextn_predict_layers
-        if kv_cache is None:
-            window = window_index(positions, torch.zeros_like(positions), cfg.sliding_window,
-                                  None, max(t, 1))
-        else:
-            window = window_index(positions, seq_slots, cfg.sliding_window,
-                                  kv_cache.pos[cache_layer], kv_cache.capacity)
+        window = call_window(positions, seq_slots, cfg.sliding_window, kv_cache, cache_layer)
         ctx = StepContext(positions, cos, sin, window, kv_cache, cache_layer, self.numerics)
         return layer(e, h, ctx).flatten(1)  # [T, M, D] -> [T, M*D]
 
