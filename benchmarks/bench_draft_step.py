@@ -8,6 +8,7 @@ experts), bfloat16 compute, and a KV cache whose window is full, times per batch
   and CUDA-graph replay (``DraftStepGraphs``);
 - a catch-up of 128 rows per sequence (``TritonMTP.forward`` + logits of each last row);
 - a k = 3 greedy proposal (three graph replays with the argmax between);
+- ``Drafter.propose`` (1 new row per sequence, k = 3) eager vs ``use_cuda_graphs`` (--drafter);
 
 against the floor: the bytes that must be read (every dense weight, the experts actually routed
 to in that very call, the embedding rows, the KV window) and written, over the device-to-device
@@ -250,7 +251,8 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
             graphs.step(ids, pos, h, slots, check=False)
 
         naive_reps = args.naive_reps if b <= 16 else max(3, args.naive_reps // 3)
-        t_naive = statistics.median(time_it(naive, naive_reps, 1))
+        t_naive = statistics.median(time_it(naive, naive_reps, 1)) if args.naive_reps \
+            else float("nan")
         t_eager = statistics.median(time_it(eager, args.reps))
         t_graph_all = time_it(graph, args.reps * 4)
         t_graph = statistics.median(t_graph_all)
@@ -278,6 +280,7 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
                    graph_ms=t, x_floor=t / (fb / bw * 1e3))
         rows.append(row)
         print(json.dumps(row), flush=True)
+    rows += bench_drafter(model, fast, name, args.drafter, args.reps, dev, g)
     # catch-up: 128 rows per sequence through forward, then logits of each sequence's last row
     for n_seq in args.catchup:
         t_rows = 128 * n_seq
@@ -298,7 +301,8 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
 
         fb = floor_bytes(model, pb, t_rows, n_seq, cfg.n_routed_experts, n_seq, 2)
         t_f = statistics.median(time_it(catch_fast, max(5, args.reps // 4)))
-        t_n = statistics.median(time_it(catch_naive, 3, 1))
+        t_n = statistics.median(time_it(catch_naive, 3, 1)) if args.naive_reps \
+            else float("nan")
         row = dict(preset=name, what="catch-up 128 rows/seq", batch=n_seq, rows=t_rows,
                    floor_ms=fb / bw * 1e3, naive_ms=t_n, eager_ms=t_f,
                    x_floor=t_f / (fb / bw * 1e3), speedup_vs_naive=t_n / t_f)
@@ -314,6 +318,37 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
     print(json.dumps(mem), flush=True)
     if args.profile:
         profile(graphs, cfg, args.profile, name, out, g)
+    return rows
+
+
+def bench_drafter(model, fast, name, batches, reps, dev, g) -> list[dict]:
+    """``Drafter.propose`` as an engine calls it (1 new real row per sequence, k = 3 drafts:
+    the row's step eager through ``TritonMTP.forward``, steps 1 and 2 eager or as graph
+    replays after ``use_cuda_graphs``), host work included; the window is not full here."""
+    from mtp.drafter import Drafter
+    rows = []
+    cfg = model.config
+    for b in batches:
+        ms = {}
+        for graphs in (False, True):
+            d = Drafter(model, max_seqs=b, max_draft_tokens=3, accelerator=fast)
+            if graphs:
+                d.use_cuda_graphs(buckets=(b,))
+            ids = list(range(b))
+            for i in ids:
+                d.add_sequence(i, position=1000)
+            sets = inputs(cfg, b, ROT, dev, g, torch.bfloat16)
+
+            def call(j, d=d, ids=ids, sets=sets):
+                pos = torch.tensor([d.next_position(i) for i in ids], device=dev)
+                nxt, h = sets[j % ROT]
+                d.propose(ids, h, nxt, pos, [1] * len(ids), k=3)
+
+            ms[graphs] = statistics.median(time_it(call, reps))
+        row = dict(preset=name, what="Drafter.propose k=3", batch=b, eager_ms=ms[False],
+                   graph_ms=ms[True], speedup=ms[False] / ms[True])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -347,12 +382,19 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,16,64,256")
     ap.add_argument("--catchup", default="1,4", help="sequences of 128 rows")
     ap.add_argument("--reps", type=int, default=40)
-    ap.add_argument("--naive-reps", type=int, default=10)
+    ap.add_argument("--naive-reps", type=int, default=10, help="0: skip the naive path")
+    ap.add_argument("--drafter", default="1,64", help="batches of the Drafter.propose rows")
+    ap.add_argument("--fp4-decode", default=None, help="e2m1 decode of the expert kernels "
+                    "(mtp_kernels.moe.DECODES; default: its DEFAULT_DECODE)")
     ap.add_argument("--profile", default="", help="batch sizes to profile, e.g. 1,64")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     args.catchup = [int(x) for x in args.catchup.split(",") if x]
     args.profile = [int(x) for x in args.profile.split(",") if x]
+    args.drafter = [int(x) for x in args.drafter.split(",") if x]
+    moe = _import_kernels().moe
+    if args.fp4_decode:
+        moe.DEFAULT_DECODE = args.fp4_decode
     batches = [int(x) for x in args.batches.split(",")]
     os.makedirs(args.out, exist_ok=True)
     props = torch.cuda.get_device_properties(0)
@@ -366,6 +408,7 @@ def main() -> None:
     bw = copy_bandwidth()
     head = dict(card=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                 commit=commit, date=time.strftime("%Y-%m-%d"), copy_TBps=bw / 1e12,
+                fp4_decode=moe.DEFAULT_DECODE,
                 command=" ".join(sys.argv))
     print(json.dumps(head), flush=True)
     rows = [head]
@@ -378,14 +421,14 @@ def main() -> None:
           "vs naive |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows[1:]:
-        if r["what"] == "memory":
+        if r["what"] in ("memory", "Drafter.propose k=3"):
             continue
         print(f"| {r['preset']} | {r['what']} | {r['batch']} | {r['floor_ms']:.3f} | "
               f"{r.get('naive_ms', float('nan')):.2f} | {r.get('eager_ms', float('nan')):.3f} | "
               f"{r.get('graph_ms', float('nan')):.3f} | {r['x_floor']:.2f} | "
               f"{r.get('speedup_vs_naive', float('nan')):.0f} |")
     for r in rows[1:]:
-        if r["what"] == "memory":
+        if r["what"] in ("memory", "Drafter.propose k=3"):
             print(json.dumps(r))
 
 

@@ -81,12 +81,16 @@ def main() -> None:
             used = idx.unique().numel()
             b13 = used * (w13[0].numel() + s13[0].numel())
             b2 = used * (w2[0].numel() + s2[0].numel())
-            ms13 = bench(args.reps, moe.moe_w13, u, w13, s13, pairs, texp, wts, act_quant=True,
-                         limit=10.0)
-            act = moe.moe_w13(u, w13, s13, pairs, texp, wts, act_quant=True, limit=10.0)
-            ms2 = bench(args.reps, moe.moe_w2, act, w2, s2, pairs, texp, t * k, act_quant=True)
-            print(f"  moe_w13 ({used} experts) {ms13 * 1e3:8.1f} us {b13 / ms13 / 1e9:6.2f} TB/s"
-                  f" | moe_w2 {ms2 * 1e3:8.1f} us {b2 / ms2 / 1e9:6.2f} TB/s")
+            for dec in moe.DECODES:  # each e2m1 decode and tile width, same inputs and run
+                for bn in (32, 64):
+                    kw = dict(act_quant=True, decode=dec, block_n=bn)
+                    ms13 = bench(args.reps, moe.moe_w13, u, w13, s13, pairs, texp, wts,
+                                 limit=10.0, **kw)
+                    act = moe.moe_w13(u, w13, s13, pairs, texp, wts, limit=10.0, **kw)
+                    ms2 = bench(args.reps, moe.moe_w2, act, w2, s2, pairs, texp, t * k, **kw)
+                    print(f"  moe_w13 [{dec:5s} BN {bn}] ({used} experts) {ms13 * 1e3:8.1f} us "
+                          f"{b13 / ms13 / 1e9:6.2f} TB/s | moe_w2 {ms2 * 1e3:8.1f} us "
+                          f"{b2 / ms2 / 1e9:6.2f} TB/s")
             h, dh, r, win = cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim, 128
             cap = win + 4
             q = torch.randn(t, h, dh, device=dev, dtype=torch.bfloat16)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mtp import ops
-from mtp.cache import KVCache, window_index
+from mtp.cache import KVCache, call_window
 from mtp.config import KV_FP8_BLOCK
 from mtp.model import DeepSeekV4MTP, MTPLayer
 
@@ -86,12 +86,7 @@ class TritonMTP:
         seq_slots = m._check_slots(kv_cache, seq_slots, positions, t)
         self._check_cache(kv_cache)
         cache_layer = spec_step_idx % cfg.num_nextn_predict_layers
-        if kv_cache is None:
-            window = window_index(positions, torch.zeros_like(positions), cfg.sliding_window,
-                                  None, max(t, 1))
-        else:
-            window = window_index(positions, seq_slots, cfg.sliding_window,
-                                  kv_cache.pos[cache_layer], kv_cache.capacity)
+        window = call_window(positions, seq_slots, cfg.sliding_window, kv_cache, cache_layer)
         e = self._embed(input_ids, inputs_embeds, positions)
         h = hidden_states.to(self.dtype).view(t, cfg.hc_mult, cfg.hidden_size)
         x = self._layer(layer, e, h, positions, kv_cache, cache_layer, window=window)

@@ -16,9 +16,11 @@ The final sum (ascending expert order, plus the shared expert) is fused into ``h
 
 e2m1 weights: bytes [.., n, k/2], the even input in the low nibble; per-32 E8M0 scales. A
 128-input block is two dots, even and odd inputs, so nibbles are never interleaved. A code is
-decoded with five integer ops into float32 bits worth value * 2^-126 (``_common``), then two
-exact multiplies (by 2^126, by the block scale); the dots take the values as bf16 (exact). This
-decode, not memory, bounds these kernels (see ``kernels/NOTES.md``).
+decoded into exact float bits (``DECODES``: float32 bits with five integer ops per code, or
+float16 bits for 8 codes per register op in inline PTX, ``_common``), then two exact multiplies
+(to the code's value, by the block scale); the dots take the values as bf16 (exact). These
+kernels are bound by their whole instruction stream (activation rounding per program, layout
+changes, addressing, decode), not by memory (see ``kernels/NOTES.md``).
 
 Shape legend: T rows, K experts per row, P = T*K pairs, E experts, D hidden, I expert width.
 """
@@ -29,10 +31,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import EXACT, e2m1_times_2pow126, fp8_round, mma, pow2_scale_bits
+from ._common import (
+    EXACT,
+    INTERPRET,
+    e2m1_pair_f16,
+    e2m1_times_2pow126,
+    fp8_round,
+    mma,
+    pow2_scale_bits,
+)
 
 BM = 16
 SMALL_T = 16  # below this many rows every pair is its own tile
+# e2m1 decode of the expert kernels (same values bit for bit; kernels/NOTES.md, v5):
+# "f32": integer ops build float32 bits per code; "f16x2": inline PTX builds float16 bits for
+# 8 codes per register op. The CPU interpreter runs no PTX: it always uses "f32".
+DECODES = {"f32": 0, "f16x2": 1}
+DEFAULT_DECODE = "f32"
 
 
 @triton.jit
@@ -131,18 +146,24 @@ def _quant_halves(xe, xo):
 
 
 @triton.jit
-def _fp4_block(w_ptr, s_ptr, rows, kb, stride_wn, stride_sn, j):
+def _fp4_block(w_ptr, s_ptr, rows, kb, stride_wn, stride_sn, j, DECODE: tl.constexpr):
     """Rows' e2m1 weights of one 128-input block -> (even, odd) fp32 [BN, 64], scaled (exact
     values, exact in bf16 too)."""
-    b = tl.load(w_ptr + rows[:, None] * stride_wn + kb * 64 + j[None, :]).to(tl.int32)
+    b8 = tl.load(w_ptr + rows[:, None] * stride_wn + kb * 64 + j[None, :])
     # one E8M0 byte per 32 inputs = per 16 bytes: load [BN, 4], broadcast to [BN, 64]
     g = tl.arange(0, 4)
     s4 = tl.load(s_ptr + rows[:, None] * stride_sn + kb * 4 + g[None, :]).to(tl.int32)
     s4 = (s4 << 23).to(tl.float32, bitcast=True)  # 2^(s-127)
     sc = tl.reshape(tl.broadcast_to(s4[:, :, None], (s4.shape[0], 4, 16)), (s4.shape[0], 64))
     # two exact multiplies: to the code's value (0.5 .. 6), then by the block scale
-    lo = (e2m1_times_2pow126(b, 0) * 2.0 ** 126) * sc
-    hi = (e2m1_times_2pow126(b, 4) * 2.0 ** 126) * sc
+    if DECODE == 1 and not INTERPRET:
+        lo16, hi16 = e2m1_pair_f16(b8)
+        lo = (lo16.to(tl.float32) * 2.0 ** 14) * sc
+        hi = (hi16.to(tl.float32) * 2.0 ** 14) * sc
+    else:
+        b = b8.to(tl.int32)
+        lo = (e2m1_times_2pow126(b, 0) * 2.0 ** 126) * sc
+        hi = (e2m1_times_2pow126(b, 4) * 2.0 ** 126) * sc
     return lo, hi
 
 
@@ -163,7 +184,7 @@ def _dot32(x, w):
 def moe_w13_kernel(x_ptr, w_ptr, s_ptr, pairs_ptr, texp_ptr, rw_ptr, act_ptr,
                    D, I, E, stride_we, stride_wn, stride_se, stride_sn, limit,
                    TOPK: tl.constexpr, ACT_QUANT: tl.constexpr, F32: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr):
+                   BM: tl.constexpr, BN: tl.constexpr, DECODE: tl.constexpr):
     tile = tl.program_id(0)
     nb = tl.program_id(1)
     ex = tl.load(texp_ptr + tile)
@@ -186,8 +207,8 @@ def moe_w13_kernel(x_ptr, w_ptr, s_ptr, pairs_ptr, texp_ptr, rw_ptr, act_ptr,
                 qe = xe.to(EXACT)
                 qo = xo.to(EXACT)
                 sx = tl.full([BM], 1.0, tl.float32)
-            w1e, w1o = _fp4_block(w_e, s_e, n, kb, stride_wn, stride_sn, j)
-            w3e, w3o = _fp4_block(w_e, s_e, I + n, kb, stride_wn, stride_sn, j)
+            w1e, w1o = _fp4_block(w_e, s_e, n, kb, stride_wn, stride_sn, j, DECODE)
+            w3e, w3o = _fp4_block(w_e, s_e, I + n, kb, stride_wn, stride_sn, j, DECODE)
             if F32:  # float32 activations without rounding: IEEE float32 dots
                 acc_g += _dot32(xe, w1e) + _dot32(xo, w1o)
                 acc_v += _dot32(xe, w3e) + _dot32(xo, w3o)
@@ -209,7 +230,7 @@ def moe_w13_kernel(x_ptr, w_ptr, s_ptr, pairs_ptr, texp_ptr, rw_ptr, act_ptr,
 def moe_w2_kernel(act_ptr, w_ptr, s_ptr, pairs_ptr, texp_ptr, out_ptr,
                   D, I, E, stride_we, stride_wn, stride_se, stride_sn,
                   ACT_QUANT: tl.constexpr, F32: tl.constexpr, BM: tl.constexpr,
-                  BN: tl.constexpr):
+                  BN: tl.constexpr, DECODE: tl.constexpr):
     tile = tl.program_id(0)
     nb = tl.program_id(1)
     ex = tl.load(texp_ptr + tile)
@@ -230,7 +251,7 @@ def moe_w2_kernel(act_ptr, w_ptr, s_ptr, pairs_ptr, texp_ptr, out_ptr,
                 qe = xe.to(EXACT)
                 qo = xo.to(EXACT)
                 sx = tl.full([BM], 1.0, tl.float32)
-            we, wo = _fp4_block(w_e, s_e, n, kb, stride_wn, stride_sn, j)
+            we, wo = _fp4_block(w_e, s_e, n, kb, stride_wn, stride_sn, j, DECODE)
             if F32:
                 acc += _dot32(xe, we) + _dot32(xo, wo)
             else:
@@ -239,36 +260,64 @@ def moe_w2_kernel(act_ptr, w_ptr, s_ptr, pairs_ptr, texp_ptr, out_ptr,
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None])
 
 
-def moe_w13(u, w13, s13, pairs, tile_expert, weights, *, act_quant: bool, limit: float):
-    """u [T, D], w13 int8 [E, 2I, D/2], s13 E8M0 [E, 2I, D/32] -> act [n_tiles*BM, I]."""
+def moe_w13(u, w13, s13, pairs, tile_expert, weights, *, act_quant: bool, limit: float,
+            decode: str | None = None, block_n: int | None = None):
+    """u [T, D], w13 int8 [E, 2I, D/2], s13 E8M0 [E, 2I, D/32] -> act [n_tiles*BM, I].
+    ``decode``: a key of ``DECODES`` (default ``DEFAULT_DECODE``); ``block_n``: the tile's
+    output columns (default by tile count; for benchmarks)."""
     t, d = u.shape
     e, two_i, _ = w13.shape
     i = two_i // 2
     n_tiles = tile_expert.shape[0]
     act = torch.empty(n_tiles * BM, i, dtype=u.dtype, device=u.device)
     s = s13.view(torch.uint8)
-    bn = 32 if n_tiles <= 96 else 64  # few tiles (decode): more, smaller programs in flight
+    bn = block_n or (32 if n_tiles <= 96 else 64)  # few tiles: more, smaller programs
     if n_tiles:
         moe_w13_kernel[(n_tiles, triton.cdiv(i, bn))](
             u, w13, s, pairs, tile_expert, weights, act, d, i, e, w13.stride(0), w13.stride(1),
             s.stride(0), s.stride(1), float(limit), TOPK=weights.shape[1], ACT_QUANT=act_quant,
             F32=u.dtype == torch.float32 and not act_quant, BM=BM, BN=bn,
-            num_warps=4, num_stages=3)
+            DECODE=DECODES[decode or DEFAULT_DECODE], num_warps=4, num_stages=3)
     return act
 
 
-def moe_w2(act, w2, s2, pairs, tile_expert, n_pairs: int, *, act_quant: bool):
+def moe_w2(act, w2, s2, pairs, tile_expert, n_pairs: int, *, act_quant: bool,
+           decode: str | None = None, block_n: int | None = None):
     """act [n_tiles*BM, I], w2 int8 [E, D, I/2], s2 [E, D, I/32] -> [P, D] per pair."""
     e, d, _ = w2.shape
     i = act.shape[1]
     n_tiles = tile_expert.shape[0]
     out = torch.empty(n_pairs, d, dtype=act.dtype, device=act.device)
     s = s2.view(torch.uint8)
-    bn = 32 if n_tiles <= 96 else 64
+    bn = block_n or (32 if n_tiles <= 96 else 64)
     if n_tiles:
         moe_w2_kernel[(n_tiles, triton.cdiv(d, bn))](
             act, w2, s, pairs, tile_expert, out, d, i, e, w2.stride(0), w2.stride(1),
             s.stride(0), s.stride(1), ACT_QUANT=act_quant,
             F32=act.dtype == torch.float32 and not act_quant, BM=BM, BN=bn,
-            num_warps=4, num_stages=3)
+            DECODE=DECODES[decode or DEFAULT_DECODE], num_warps=4, num_stages=3)
+    return out
+
+
+@triton.jit
+def fp4_decode_kernel(w_ptr, s_ptr, out_ptr, stride_wn, stride_sn, K, BN: tl.constexpr,
+                      DECODE: tl.constexpr):
+    """Test entry: the expert kernels' decode of rows [BN] x one 128-input block -> fp32."""
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    kb = tl.program_id(1)
+    j = tl.arange(0, 64)
+    lo, hi = _fp4_block(w_ptr, s_ptr, n, kb, stride_wn, stride_sn, j, DECODE)
+    dst = out_ptr + n[:, None] * K + kb * 128 + 2 * j[None, :]
+    tl.store(dst, lo)
+    tl.store(dst + 1, hi)
+
+
+def fp4_decode(w, s, decode: str | None = None) -> torch.Tensor:
+    """w int8 [N, K/2], s E8M0 [N, K/32] -> fp32 [N, K] as the expert kernels decode them
+    (for tests: must equal ``mtp.quant.dequant_fp4`` bit for bit). N % 16 == 0, K % 128 == 0."""
+    n, k = w.shape[0], 2 * w.shape[1]
+    out = torch.empty(n, k, dtype=torch.float32, device=w.device)
+    su = s.view(torch.uint8)
+    fp4_decode_kernel[(n // 16, k // 128)](w, su, out, w.stride(0), su.stride(0), k, BN=16,
+                                           DECODE=DECODES[decode or DEFAULT_DECODE])
     return out

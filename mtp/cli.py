@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", choices=["reference", "triton"], default="reference",
                    help="reference: the pure-PyTorch module (default); triton: the "
                    "mtp_kernels accelerator (CUDA, released weight format)")
+    p.add_argument("--graphs", action="store_true", help="draft steps as CUDA-graph replays "
+                   "(Drafter.use_cuda_graphs; CUDA, needs mtp_kernels)")
     p.set_defaults(func=_bench)
     return parser
 
@@ -232,12 +234,15 @@ def _bench(args) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"mtp bench: preset {args.preset} (hidden {cfg.hidden_size}, {cfg.n_routed_experts} "
           f"experts), random weights (FP8 + FP4 experts, built in {setup_s:.1f} s), "
-          f"{name}, {str(dtype).removeprefix('torch.')}, {args.kernels} kernels, k = {k}, "
+          f"{name}, {str(dtype).removeprefix('torch.')}, {args.kernels} kernels"
+          f"{' + CUDA graphs' if args.graphs else ''}, k = {k}, "
           f"median of {args.repeats}")
     print(f"{'batch':>5}  {f'catch-up {w} rows + k':>20}  {'propose (1 row + k)':>20}  "
           f"{'per draft token':>16}")
     for batch in args.batch:
         drafter = Drafter(model, max_seqs=batch, max_draft_tokens=k, accelerator=accelerator)
+        if args.graphs:
+            drafter.use_cuda_graphs(buckets=(batch,))
         ids = list(range(batch))
         catch_ups, proposals = [], []
         for r in range(args.warmup + args.repeats):

@@ -112,6 +112,7 @@ class Drafter:
         if device.type == "meta":
             raise ValueError("model: its parameters are on the meta device; load weights first")
         self.model = model
+        self._graphs = None
         self.accelerator = accelerator
         self.max_draft_tokens = max_draft_tokens
         cfg = model.config
@@ -162,6 +163,7 @@ class Drafter:
                     raise TypeError(f"accelerator: has no callable {method}(...) (it needs "
                                     "forward and compute_logits with the module's signatures)")
         self._accelerator = self.model if value is None else value
+        self._graphs = None  # captured for the previous accelerator
 
     @property
     def config(self) -> MTPConfig:
@@ -198,6 +200,47 @@ class Drafter:
     def slot(self, seq_id: Hashable) -> int:
         """The cache slot of ``seq_id`` (``cache.kv[:, slot]``)."""
         return self._get(seq_id).slot
+
+    def use_cuda_graphs(self, buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)) -> None:
+        """Run draft steps s >= 1 as CUDA-graph replays (``mtp_kernels.DraftStepGraphs``).
+
+        Opt-in, CUDA only, needs the ``mtp_kernels`` package (the repo's ``kernels/``, with
+        Triton). Sets the accelerator to ``TritonMTP(model)`` unless it already is one, and
+        captures one graph per bucket and MTP layer (``spec_step_idx`` = 0 .. n_mtp - 1): a
+        proposal for S sequences replays the smallest bucket >= S; more sequences than the
+        largest bucket run eagerly. Catch-up rows and draft step 0 stay eager (their row counts
+        vary). Same drafts as without graphs; setting ``accelerator`` again drops the graphs.
+
+        Example:
+            >>> drafter = Drafter(model.cuda(), max_seqs=64)          # doctest: +SKIP
+            >>> drafter.use_cuda_graphs(buckets=(1, 2, 4, 8, 16, 32, 64))  # doctest: +SKIP
+        """
+        sizes = list(buckets) if isinstance(buckets, Sequence) else None
+        if not sizes or any(not isinstance(b, int) or isinstance(b, bool) or b < 1
+                            for b in sizes):
+            raise ValueError(f"buckets: expected a non-empty list of positive ints, got "
+                             f"{buckets!r}")
+        if self.device.type != "cuda":
+            raise RuntimeError(f"use_cuda_graphs: the drafter is on {self.device}; CUDA graphs "
+                               "need a CUDA device (build the model there)")
+        try:
+            from mtp_kernels import DraftStepGraphs, TritonMTP
+        except ImportError as exc:
+            raise RuntimeError(f"use_cuda_graphs: the mtp_kernels package cannot be imported "
+                               f"({exc}); it is the repo's kernels/ folder and needs Triton "
+                               "(part of CUDA builds of torch)") from exc
+        fast = self._accelerator
+        if fast is self.model:
+            fast = TritonMTP(self.model)
+        elif not isinstance(fast, TritonMTP) or fast.model is not self.model:
+            raise ValueError("use_cuda_graphs: the accelerator must be a TritonMTP of this "
+                             "drafter's model (or unset); it is "
+                             f"{type(fast).__name__}")
+        n_mtp = self.config.num_nextn_predict_layers
+        graphs = [DraftStepGraphs(fast, self.cache, tuple(sizes), spec_step_idx=i)
+                  for i in range(n_mtp)]  # captured first: a failure changes nothing
+        self.accelerator = fast
+        self._graphs = graphs
 
     # ---- sequences -------------------------------------------------------------------------
     def add_sequence(self, seq_id: Hashable, position: int = 0) -> None:
@@ -352,17 +395,31 @@ class Drafter:
         last = torch.tensor([s + n - 1 for s, n in zip(plan.starts, plan.counts)], device=device)
         hidden, drafts, probs = [x], [], []
         for step in range(k):
-            if step:  # the previous step's own residual and draft, one position further
-                x = self.accelerator.forward(drafts[-1], last + step, x, spec_step_idx=step,
-                                             kv_cache=self.cache, seq_slots=slots)
+            graphs = self._graph_for(step, len(plan.slots))
+            if graphs is not None:  # one row per sequence: exactly a captured decode step
+                x, logits = graphs.step(drafts[-1], last + step, x, slots, check=False)
+                x = x.clone()  # a view of the graph's output buffer, rewritten by the next replay
                 hidden.append(x)
-            logits = self.accelerator.compute_logits(x, spec_step_idx=step)  # [S, V]
+            else:
+                if step:  # the previous step's own residual and draft, one position further
+                    x = self.accelerator.forward(drafts[-1], last + step, x, spec_step_idx=step,
+                                                 kv_cache=self.cache, seq_slots=slots)
+                    hidden.append(x)
+                logits = self.accelerator.compute_logits(x, spec_step_idx=step)  # [S, V]
             token, q = sample(logits, sampling)
             drafts.append(token)
             probs.append(q)
         return Proposal(torch.stack(drafts, dim=1),
                         None if probs[0] is None else torch.stack(probs, dim=1),
                         torch.stack(hidden, dim=1))
+
+    def _graph_for(self, step: int, n_seqs: int):
+        """The captured graphs for draft step ``step`` >= 1 of ``n_seqs`` sequences, or None
+        (no graphs, step 0, or more sequences than the largest bucket)."""
+        if not step or self._graphs is None:
+            return None
+        graphs = self._graphs[step % len(self._graphs)]
+        return graphs if n_seqs <= max(graphs.buckets) else None
 
     @contextmanager
     def _dropping_on_failure(self, plan: _Plan):

@@ -10,9 +10,9 @@ The pipeline, every check before any parameter is written:
 5. check each tensor's shape and dtype against the module built from ``config.json``, and that
    every parameter is filled exactly once (no gap, no overlap);
 6. build a fresh module and stream the bytes into its parameters in blocks of at most 16 MiB
-   read by a few threads (:mod:`mtp.shards` holds the file-format half: headers and reads) (straight into the parameter's memory when no conversion is needed,
+   read by a few threads (straight into the parameter's memory when no conversion is needed,
    else through a per-thread 16 MiB buffer), so peak host memory is the module plus a few
-   buffers.
+   buffers. :mod:`mtp.shards` holds this file-format half (headers, reads).
 
 Example:
     >>> from mtp.loader import load_model, plan

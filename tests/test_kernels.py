@@ -147,10 +147,37 @@ def test_route_exact_choice():
         assert rel(w, w_r) < 1e-6
 
 
+def _decodes():
+    return ["f32"] if INTERPRET else ["f32", "f16x2"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fp4_decode_bit_exact(seed):
+    """Both e2m1 decodes of the expert kernels equal ``dequant_fp4`` bit for bit: every one of
+    the 256 byte values in every column position, scales over a wide range of exponents."""
+    from mtp_kernels import moe
+
+    from mtp.quant import dequant_fp4
+    n, k = 64, 512
+    g = gen(30 + seed)
+    w = torch.randint(-128, 128, (n, k // 2), generator=g, device=DEVICE, dtype=torch.int32)
+    w[:2] = torch.arange(-128, 128, device=DEVICE, dtype=torch.int32)  # all 256 bytes
+    w = w.to(torch.int8)
+    s = torch.randint(127 - 60, 127 + 60, (n, k // 32), generator=g, device=DEVICE,
+                      dtype=torch.int32).to(torch.uint8).view(torch.float8_e8m0fnu)
+    ref = dequant_fp4(w, s)
+    for decode in _decodes():
+        got = moe.fp4_decode(w, s, decode)
+        assert torch.equal(got.view(torch.int32), ref.view(torch.int32)), decode
+
+
+@pytest.mark.parametrize("decode", ["f32", "f16x2"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("t", [1, 3, 20])
-def test_fp4_experts(t, dtype):
+def test_fp4_experts(t, dtype, decode):
     from mtp_kernels import moe
+    if decode not in _decodes():
+        pytest.skip("the CPU interpreter runs no inline PTX: only the f32 decode")
 
     from mtp import ops
     from mtp.model import linear
@@ -163,8 +190,8 @@ def test_fp4_experts(t, dtype):
                        for r in range(t)])
     wts = torch.rand(t, k, generator=gen(23), device=DEVICE)
     pairs, texp = moe.align_tiles(idx, e)
-    act = moe.moe_w13(u, w13, s13, pairs, texp, wts, act_quant=True, limit=10.0)
-    out = moe.moe_w2(act, w2, s2, pairs, texp, t * k, act_quant=True)
+    act = moe.moe_w13(u, w13, s13, pairs, texp, wts, act_quant=True, limit=10.0, decode=decode)
+    out = moe.moe_w2(act, w2, s2, pairs, texp, t * k, act_quant=True, decode=decode)
     for r in range(t):
         for j in range(k):
             ex = int(idx[r, j])
