@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     debug = _Parser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="print the full traceback on errors")
+    hub = _Parser(add_help=False)  # where a Hub repo comes from (inspect, download)
+    hub.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    hub.add_argument("--cache-dir", help="huggingface_hub cache folder")
+    hub.add_argument("--token", help="Hub token (default: the huggingface_hub login)")
     parser = _Parser(
         prog="mtp", description="DeepSeek-V4 multi-token-prediction (MTP) drafter.",
         epilog="exit codes: 0 ok, 1 failed, 2 usage error, 3 (inspect) not a loadable V4 MTP "
@@ -117,27 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "instead of a temporary one")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("inspect", parents=[debug], help="what a checkpoint holds for the "
+    p = sub.add_parser("inspect", parents=[debug, hub], help="what a checkpoint holds for the "
                        "drafter", description="Read config.json, the index and the shard "
                        "headers (no tensor data) of a folder or Hub repo and print what the "
                        "drafter would load: config, format, shards to read, tensors and bytes "
                        "per rule, missing and unexpected tensors, and the verdict. Exit code 0 "
                        "if it loads as a V4 MTP drafter, 3 if not.")
     p.add_argument("source", metavar="PATH_OR_REPO", help="checkpoint folder or Hub repo id")
-    p.add_argument("--revision", help="Hub revision (branch, tag or commit)")
-    p.add_argument("--cache-dir", help="huggingface_hub cache folder")
-    p.add_argument("--token", help="Hub token (default: the huggingface_hub login)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_inspect)
 
-    p = sub.add_parser("download", parents=[debug], help="download only the shards the "
+    p = sub.add_parser("download", parents=[debug, hub], help="download only the shards the "
                        "drafter needs", description="Download config.json, the index and only "
                        "the shards holding the MTP layer, the embedding and the head (3 of 46 "
                        "for V4-Flash) into the huggingface_hub cache; print the folder.")
     p.add_argument("repo", metavar="REPO", help="Hub repo id, e.g. deepseek-ai/DeepSeek-V4-Flash")
-    p.add_argument("--revision", help="branch, tag or commit")
-    p.add_argument("--cache-dir", help="huggingface_hub cache folder")
-    p.add_argument("--token", help="Hub token (default: the huggingface_hub login)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_download)
 
