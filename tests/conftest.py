@@ -54,8 +54,8 @@ def checkpoint_weights(model: DeepSeekV4MTP, i: int = 0) -> dict[str, torch.Tens
         p + "attn.wo_b.weight": attn.wo_b.dequantized(),
         p + "ffn.gate.weight": ffn.gate.weight,
         p + "ffn.gate.bias": ffn.gate.e_score_correction_bias,
-        p + "ffn.shared_experts.w1.weight": gate_up[:inter],
-        p + "ffn.shared_experts.w3.weight": gate_up[inter:],
+        p + "ffn.shared_experts.w1.weight": gate_up[:cfg.shared_intermediate_size],
+        p + "ffn.shared_experts.w3.weight": gate_up[cfg.shared_intermediate_size:],
         p + "ffn.shared_experts.w2.weight": ffn.shared_experts.down_proj.dequantized(),
     }
     for site in ("attn", "ffn"):

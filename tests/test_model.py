@@ -186,3 +186,14 @@ def test_bad_input_is_refused_with_a_clear_error(call, error, match):
 def test_bad_dtype_is_refused():
     with pytest.raises(TypeError, match=r"dtype: expected one of"):
         DeepSeekV4MTP(tiny_config(), dtype=torch.float16)
+
+
+def test_two_shared_experts_widen_the_shared_expert():
+    """n_shared_experts = N: one shared expert of width N * moe_intermediate_size (the V3/V4
+    convention; both V4 releases have N = 1)."""
+    cfg = tiny_config(n_shared_experts=2)
+    model = make(cfg, 4, torch.float64)
+    assert model.layer(0).mtp_block.ffn.shared_experts.down_proj.weight.shape == (256, 256)
+    ids, pos, h = rows(cfg, 6, 4)
+    expected = ref.mtp_layer(h.double(), ids, pos, checkpoint_weights(model), cfg)
+    assert rel_err(model(ids, pos, h), expected) < 1e-11

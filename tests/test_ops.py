@@ -172,3 +172,32 @@ def test_formats_agree_after_dequantisation(seed, fmt):
         w13, w2 = ffn.experts.expert_weights(e)
         assert w13.shape == (256, 256) and w2.shape == (256, 128)
         assert torch.isfinite(w13).all() and torch.isfinite(w2).all()
+
+
+@given(seed=seeds, func=st.sampled_from(["sqrtsoftplus", "sigmoid", "softmax"]),
+       experts=st.integers(2, 12), top_k=st.integers(1, 4), t=st.integers(1, 4))
+def test_route_every_scoring_func(seed, func, experts, top_k, t):
+    """The spec's routing for each scoring function, computed row by row in float64 here
+    (tests/reference.py covers the released sqrtsoftplus only): bias picks, unbiased scores
+    weigh, renormalised except for softmax, times routed_scaling_factor."""
+    import math
+
+    top_k = min(top_k, experts)
+    u, gate = randn(t, 16, seed=seed), randn(experts, 16, seed=seed + 1)
+    bias = randn(experts, seed=seed + 2, scale=0.3)
+    idx, w = ops.route(u, gate, bias, top_k, func, 2.5)
+    for i in range(t):
+        logits = [float(u[i] @ gate[e]) for e in range(experts)]
+        if func == "softmax":
+            z = sum(math.exp(v) for v in logits)
+            scores = [math.exp(v) / z for v in logits]
+        elif func == "sigmoid":
+            scores = [1 / (1 + math.exp(-v)) for v in logits]
+        else:
+            scores = [math.sqrt(math.log1p(math.exp(v))) for v in logits]
+        chosen = sorted(range(experts), key=lambda e: -(scores[e] + float(bias[e])))[:top_k]
+        assert sorted(idx[i].tolist()) == sorted(chosen)
+        picked = [scores[e] for e in idx[i].tolist()]
+        total = 1.0 if func == "softmax" else sum(picked)
+        expected = torch.tensor([s / total * 2.5 for s in picked], dtype=F64)
+        assert rel_err(w[i], expected) < TIGHT
