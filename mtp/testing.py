@@ -6,6 +6,8 @@ norm weights near 1), which keeps tolerances meaningful; they are not a trained 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .model import DeepSeekV4MTP, Experts, Linear
@@ -105,7 +107,7 @@ def dequantized_copy(model: DeepSeekV4MTP) -> DeepSeekV4MTP:
     from .quant import WeightFormat
 
     plain = DeepSeekV4MTP(model.config, weight_format=WeightFormat.plain(), dtype=model.dtype,
-                          numerics=model.numerics)
+                          numerics=dataclasses.replace(model.numerics))  # a copy, not shared
     src = dict(model.named_modules())
     with torch.no_grad():
         for name, module in plain.named_modules():
