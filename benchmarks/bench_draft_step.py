@@ -226,7 +226,7 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
     pos0 = 1000
     fill_cache(cache, cache.max_seqs, pos0, g)
     t0 = time.time()
-    graphs = mk.DraftStepGraphs(fast, cache, buckets=tuple(batches))
+    graphs = mk.DraftStepGraphs(fast, cache, buckets=tuple(batches), overlap=bool(args.overlap))
     capture_s = time.time() - t0
     rows = []
     for b in batches:
@@ -369,7 +369,7 @@ def profile(graphs, cfg, batches, name, out, g):
                 graphs.step(ids, pos, h, slots, check=False)
             torch.cuda.synchronize()
         table = p.key_averages().table(sort_by="cuda_time_total", row_limit=30,
-                                       max_name_column_width=60)
+                                       max_name_column_width=110)
         path = os.path.join(out, f"profile_{name}_b{b}.txt")
         with open(path, "w") as f:
             f.write(f"{name} batch {b}: {n} graph replays\n{table}\n")
@@ -386,15 +386,24 @@ def main() -> None:
     ap.add_argument("--drafter", default="1,64", help="batches of the Drafter.propose rows")
     ap.add_argument("--fp4-decode", default=None, help="e2m1 decode of the expert kernels "
                     "(mtp_kernels.moe.DECODES; default: its DEFAULT_DECODE)")
+    ap.add_argument("--fp8-dot", type=int, default=1, help="fp8_linear on the FP8 tensor cores")
+    ap.add_argument("--overlap", type=int, default=1, help="shared expert on a side stream")
+    ap.add_argument("--hc-warps", type=int, default=0, help="hc_finish warps (0: default)")
     ap.add_argument("--profile", default="", help="batch sizes to profile, e.g. 1,64")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     args.catchup = [int(x) for x in args.catchup.split(",") if x]
     args.profile = [int(x) for x in args.profile.split(",") if x]
     args.drafter = [int(x) for x in args.drafter.split(",") if x]
-    moe = _import_kernels().moe
+    _import_kernels()
+    from mtp_kernels import fp8_linear as fl
+    from mtp_kernels import moe
     if args.fp4_decode:
-        moe.DEFAULT_DECODE = args.fp4_decode
+        moe.DEFAULT_DECODE = {"w13": args.fp4_decode, "w2": args.fp4_decode}
+    fl.FP8_DOT = bool(args.fp8_dot)
+    if args.hc_warps:
+        from mtp_kernels import hc
+        hc.FINISH_WARPS = args.hc_warps
     batches = [int(x) for x in args.batches.split(",")]
     os.makedirs(args.out, exist_ok=True)
     props = torch.cuda.get_device_properties(0)
@@ -408,7 +417,8 @@ def main() -> None:
     bw = copy_bandwidth()
     head = dict(card=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                 commit=commit, date=time.strftime("%Y-%m-%d"), copy_TBps=bw / 1e12,
-                fp4_decode=moe.DEFAULT_DECODE,
+                fp4_decode=moe.DEFAULT_DECODE, fp8_dot=args.fp8_dot, overlap=args.overlap,
+                hc_warps=args.hc_warps,
                 command=" ".join(sys.argv))
     print(json.dumps(head), flush=True)
     rows = [head]

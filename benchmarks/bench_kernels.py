@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_draft_step import _import_kernels, copy_bandwidth, time_it  # noqa: E402
 
 from mtp import MTPConfig  # noqa: E402
+from mtp.quant import fp8_simulate  # noqa: E402
 
 
 def bench(reps, fn, *a, **kw) -> float:
@@ -45,6 +46,7 @@ def main() -> None:
     args = ap.parse_args()
     mk = _import_kernels()
     from mtp_kernels import attention as at
+    from mtp_kernels import fp8_linear as fl
     from mtp_kernels import moe
     from mtp_kernels.fp8_linear import fp8_linear
     bw = copy_bandwidth()
@@ -70,10 +72,14 @@ def main() -> None:
                 sc = torch.full((-(-n // 128), kk // 128), 120, dtype=torch.uint8,
                                 device=dev).view(torch.float8_e8m0fnu)
                 x = torch.randn(t, kk, device=dev, dtype=torch.bfloat16)
-                ms = bench(args.reps, fp8_linear, x, w, sc, act_quant=True)
                 nbytes = n * kk + w.shape[0] * kk // 128
-                print(f"  fp8_linear {lname:8s} [{n}x{kk}] {ms * 1e3:8.1f} us "
-                      f"{nbytes / ms / 1e9:6.2f} TB/s")
+                for fp8_dot in (False, True):  # operands as bf16, or e4m3 to the FP8 cores
+                    fl.FP8_DOT = fp8_dot
+                    ms = bench(args.reps, fp8_linear, x, w, sc, act_quant=True)
+                    tag = "fp8 dot" if fp8_dot else "bf16 dot"
+                    print(f"  fp8_linear {lname:8s} [{n}x{kk}] {tag} {ms * 1e3:8.1f} us "
+                          f"{nbytes / ms / 1e9:6.2f} TB/s", flush=True)
+                fl.FP8_DOT = True
             u = torch.randn(t, d, device=dev, dtype=torch.bfloat16)
             idx = torch.stack([torch.randperm(e, device=dev)[:k] for _ in range(t)])
             wts = torch.rand(t, k, device=dev)
@@ -81,16 +87,28 @@ def main() -> None:
             used = idx.unique().numel()
             b13 = used * (w13[0].numel() + s13[0].numel())
             b2 = used * (w2[0].numel() + s2[0].numel())
-            for dec in moe.DECODES:  # each e2m1 decode and tile width, same inputs and run
+            uq = fp8_simulate(u, 128)
+            # each decode, tile width and activation rounding (in every program, or once ahead:
+            # "rounded"), same inputs and run
+            for dec in moe.DECODES:
                 for bn in (32, 64):
-                    kw = dict(act_quant=True, decode=dec, block_n=bn)
-                    ms13 = bench(args.reps, moe.moe_w13, u, w13, s13, pairs, texp, wts,
-                                 limit=10.0, **kw)
-                    act = moe.moe_w13(u, w13, s13, pairs, texp, wts, limit=10.0, **kw)
-                    ms2 = bench(args.reps, moe.moe_w2, act, w2, s2, pairs, texp, t * k, **kw)
-                    print(f"  moe_w13 [{dec:5s} BN {bn}] ({used} experts) {ms13 * 1e3:8.1f} us "
-                          f"{b13 / ms13 / 1e9:6.2f} TB/s | moe_w2 {ms2 * 1e3:8.1f} us "
-                          f"{b2 / ms2 / 1e9:6.2f} TB/s")
+                    for rounded in (False, True):
+                        kw = dict(act_quant=not rounded, rounded=rounded, decode=dec,
+                                  block_n=bn)
+                        x = uq if rounded else u
+                        ms13 = bench(args.reps, moe.moe_w13, x, w13, s13, pairs, texp, wts,
+                                     limit=10.0, **kw)
+                        act = moe.moe_w13(x, w13, s13, pairs, texp, wts, limit=10.0, **kw)
+                        ms2 = bench(args.reps, moe.moe_w2, act, w2, s2, pairs, texp, t * k,
+                                    **kw)
+                        tag = f"{dec:5s} BN {bn} {'rounded' if rounded else 'in-kernel'}"
+                        print(f"  moe_w13 [{tag:23s}] ({used} experts) {ms13 * 1e3:8.1f} us "
+                              f"{b13 / ms13 / 1e9:6.2f} TB/s | moe_w2 {ms2 * 1e3:8.1f} us "
+                              f"{b2 / ms2 / 1e9:6.2f} TB/s", flush=True)
+            act = moe.moe_w13(uq, w13, s13, pairs, texp, wts, limit=10.0, act_quant=False,
+                              rounded=True)
+            ms = bench(args.reps, moe.round_rows, act, pairs)
+            print(f"  round_rows ({pairs.numel()} rows) {ms * 1e3:8.1f} us")
             h, dh, r, win = cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim, 128
             cap = win + 4
             q = torch.randn(t, h, dh, device=dev, dtype=torch.bfloat16)

@@ -125,3 +125,4 @@ def e2m1_pair_f16(b):
 def mma(a, b):
     """a @ b on operands whose values are exact in bfloat16, fp32 accumulation."""
     return tl.dot(a.to(EXACT), b.to(EXACT))
+

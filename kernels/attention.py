@@ -209,22 +209,28 @@ def sink_attention_kernel(q_ptr, cache_ptr, new_ptr, kidx_ptr, kvalid_ptr, pos_p
     pr = tl.exp(s - m[:, None])
     pr = pr / (tl.sum(pr, axis=1) + tl.exp(sink - m))[:, None]
     odt = out_ptr.dtype.element_ty
-    for d0 in tl.static_range(0, DH - R, BD):
-        cols = d0 + tl.arange(0, BD)
+    # P @ V: program_id(2) picks one BD-wide block of the non-RoPE dims, or (the last) the RoPE
+    # dims: the scores above are recomputed per block (from L2), and the output blocks are
+    # written by parallel programs instead of one program's serial loop (decode is latency bound)
+    part = tl.program_id(2)
+    if part < tl.cdiv(DH - R, BD):
+        cols = part * BD + tl.arange(0, BD)  # the last block may reach into the RoPE dims
         kc = _keys(cache_ptr, new_ptr, crow, nrow, from_new, wmask, cols, DH)
         o = _pv(pr, kc, DOT_F32)
-        tl.store(out_ptr + qrow[:, None] + cols[None, :], o.to(odt), mask=hmask[:, None])
-    # RoPE dims: even and odd halves separately, then the inverse rotation at the row's position
-    j = tl.arange(0, R // 2)
-    ke = _keys(cache_ptr, new_ptr, crow, nrow, from_new, wmask, DH - R + 2 * j, DH)
-    ko = _keys(cache_ptr, new_ptr, crow, nrow, from_new, wmask, DH - R + 2 * j + 1, DH)
-    oe = _pv(pr, ke, DOT_F32)
-    oo = _pv(pr, ko, DOT_F32)
-    c = tl.load(cos_ptr + t * (R // 2) + j)[None, :]
-    sn = tl.load(sin_ptr + t * (R // 2) + j)[None, :]
-    re2, im2 = _rotate(oe, oo, c, -sn, odt)
-    tl.store(out_ptr + qrow[:, None] + (DH - R + 2 * j)[None, :], re2, mask=hmask[:, None])
-    tl.store(out_ptr + qrow[:, None] + (DH - R + 2 * j + 1)[None, :], im2, mask=hmask[:, None])
+        tl.store(out_ptr + qrow[:, None] + cols[None, :], o.to(odt),
+                 mask=hmask[:, None] & (cols < DH - R)[None, :])
+    else:  # RoPE dims: even and odd halves separately, then the inverse rotation
+        j = tl.arange(0, R // 2)
+        ke = _keys(cache_ptr, new_ptr, crow, nrow, from_new, wmask, DH - R + 2 * j, DH)
+        ko = _keys(cache_ptr, new_ptr, crow, nrow, from_new, wmask, DH - R + 2 * j + 1, DH)
+        oe = _pv(pr, ke, DOT_F32)
+        oo = _pv(pr, ko, DOT_F32)
+        c = tl.load(cos_ptr + t * (R // 2) + j)[None, :]
+        sn = tl.load(sin_ptr + t * (R // 2) + j)[None, :]
+        re2, im2 = _rotate(oe, oo, c, -sn, odt)
+        tl.store(out_ptr + qrow[:, None] + (DH - R + 2 * j)[None, :], re2, mask=hmask[:, None])
+        tl.store(out_ptr + qrow[:, None] + (DH - R + 2 * j + 1)[None, :], im2,
+                 mask=hmask[:, None])
 
 
 def sink_attention(q: torch.Tensor, new_kv: torch.Tensor, sink: torch.Tensor, cos, sin,
@@ -249,13 +255,13 @@ def sink_attention(q: torch.Tensor, new_kv: torch.Tensor, sink: torch.Tensor, co
     n_cached = cache_kv.shape[0] if cache_kv is not None else 0
     cap = cache_pos.shape[-1] if cache_pos is not None else 1
     dummy = positions if decode else keys_index
-    bh = 16
-    sink_attention_kernel[(t, triton.cdiv(h, bh))](
+    bh, bd = 16, 64
+    sink_attention_kernel[(t, triton.cdiv(h, bh), triton.cdiv(dh - r, bd) + 1)](
         q, cache, new_kv, keys_index if not decode else dummy,
         keys_valid if not decode else dummy, positions if decode else dummy,
         seq_slots if decode else dummy, cache_pos if cache_pos is not None else dummy,
         sink, cos, sin, out, h, cap, n_cached, dh ** -0.5,
-        W=window, WP=max(16, triton.next_power_of_2(window)), DH=dh, R=r, BH=bh, BD=64,
+        W=window, WP=max(16, triton.next_power_of_2(window)), DH=dh, R=r, BH=bh, BD=bd,
         DECODE=decode, DOT_F32=q.dtype == torch.float32, num_warps=4)
     return out
 

@@ -3,10 +3,11 @@ activation rounding fused into the load: ``mtp.model.linear(x, dequant(w), act_q
 
 out[m, n] = sum_kb  sx[m, kb] * sw[n // 128, kb] * (xq[m, kb-block] . wq[n, kb-block])
 
-Both operands of the dot are exact in bfloat16 (e4m3 codes; e4m3 x 2^k activations, or bf16
-activations), so the tensor cores see exactly the reference's values and only the fp32
-summation order differs. With float32 activations that are not quantised the dot runs in IEEE
-float32 instead. Options, all fused:
+The dot sees exactly the reference's operand values: with bf16 activations and act_quant, the
+e4m3 codes of both on the FP8 tensor cores (``FP8_DOT``; the codes' sums over a 128-block at
+the tensor core's accumulation precision); otherwise both as bf16 (e4m3 codes, e4m3 x 2^k or
+bf16 activations are exact in bf16: only the fp32 summation order differs). With float32
+activations that are not quantised the dot runs in IEEE float32 instead. Options, all fused:
 
 - ``group_n``: grouped product (``wo_a``): output rows [g*group_n, (g+1)*group_n) read input
   columns [g*K, (g+1)*K).
@@ -29,6 +30,11 @@ import triton.language as tl
 from ._common import e8m0_to_f32, fp8_round, mma, pow2_scale_bits
 
 BK = 128
+# bf16 activations with act_quant: the e4m3 activation codes and the e4m3 weights go to the FP8
+# tensor cores as they are (products exact; each 128-block summed at the tensor core's FP8
+# accumulation precision, then fp32 across blocks, like the reference's own FP8 GEMM). Off:
+# both as bf16 (exact values, fp32 accumulation). float32 models never take it.
+FP8_DOT = True
 _SMS = 132  # H100 SXM; only used to size split-K (a different count just changes the split)
 
 
@@ -51,7 +57,7 @@ def fp8_linear_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, add_ptr,
                       swiglu_limit,
                       GROUP_N: tl.constexpr, ACT_QUANT: tl.constexpr, SWIGLU: tl.constexpr,
                       SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, SPLIT: tl.constexpr,
-                      ADD_ROW_DIV: tl.constexpr,
+                      ADD_ROW_DIV: tl.constexpr, FP8_DOT: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -87,7 +93,10 @@ def fp8_linear_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, add_ptr,
             xf = x.to(tl.float32)
             e = pow2_scale_bits(tl.max(tl.abs(xf), axis=1))
             q = fp8_round(xf, e)
-            d = mma(q, tl.trans(w.to(tl.float32)))
+            if FP8_DOT:  # e4m3 codes . e4m3 weights on the FP8 tensor cores
+                d = tl.dot(q.to(tl.float8e4nv), tl.trans(w))
+            else:
+                d = mma(q, tl.trans(w.to(tl.float32)))
             acc += d * (((e + 127) << 23).to(tl.float32, bitcast=True) * sw)[:, None]
         else:
             if DOT_F32:
@@ -130,12 +139,15 @@ def _blocks(m: int) -> tuple[int, int, int]:
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, act_quant: bool,
                group_n: int | None = None, swiglu_limit: float | None = None,
                add: torch.Tensor | None = None, add_row_div: int = 1,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, rounded: bool = False) -> torch.Tensor:
     """``linear(x, dequant_fp8_block(weight, scale), act_quant)`` of ``mtp.model``.
 
     x [M, Kx] (bf16 or fp32, last dim contiguous; Kx = K, or G*K grouped, or 2K with
     ``swiglu_limit``), weight e4m3 [N, K], scale [ceil(N/128), K/128] (E8M0 or float32)
     -> [M, N] in x's dtype.
+
+    ``rounded``: x is already FP8-rounded (``fp8_simulate``; pass ``act_quant=False``): its
+    values are exact in bf16, so float32 x still takes the tensor-core dot.
 
     Example:
         >>> y = fp8_linear(u, attn.wq_b.weight, attn.wq_b.weight_scale_inv, act_quant=True)
@@ -168,8 +180,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
         float(swiglu_limit or 0.0),
         GROUP_N=group, ACT_QUANT=act_quant, SWIGLU=swiglu_limit is not None,
         SCALE_E8M0=scale.dtype == torch.float8_e8m0fnu,
-        DOT_F32=x.dtype == torch.float32 and not act_quant, SPLIT=split,
-        ADD_ROW_DIV=add_row_div if add is not None else 0, BM=bm, BN=bn, BK=BK,
+        DOT_F32=x.dtype == torch.float32 and not act_quant and not rounded, SPLIT=split,
+        ADD_ROW_DIV=add_row_div if add is not None else 0,
+        FP8_DOT=FP8_DOT and act_quant and x.dtype == torch.bfloat16, BM=bm, BN=bn, BK=BK,
         num_warps=warps, num_stages=3)
     if split > 1:
         rbn = 256

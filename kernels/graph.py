@@ -23,7 +23,7 @@ from .model import TritonMTP
 
 class _Bucket:
     def __init__(self, fast: TritonMTP, cache: KVCache, size: int, spec_step_idx: int,
-                 pool):
+                 pool, side: torch.cuda.Stream | None):
         cfg, dev = fast.config, fast.device
         self.size = size
         self.ids = torch.zeros(size, dtype=torch.int64, device=dev)
@@ -33,7 +33,7 @@ class _Bucket:
 
         def run():
             return fast.decode_step(self.ids, self.pos, self.hidden, self.slots, cache,
-                                    spec_step_idx)
+                                    spec_step_idx, side_stream=side)
 
         stream = torch.cuda.Stream(device=dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
@@ -54,6 +54,8 @@ class DraftStepGraphs:
         kv_cache: the cache the steps read and write (its tensors must stay the same objects).
         buckets: batch sizes to capture; a call with T rows replays the smallest bucket >= T.
         spec_step_idx: which MTP layer (``spec_step_idx % n_mtp``) the graphs use.
+        overlap: run the shared expert on a second stream beside the routed experts (a fork
+            and join inside the graph; same result).
 
     Capturing runs each bucket twice eagerly first: with padding rows only (slot -1), so the
     cache is not touched.
@@ -61,14 +63,16 @@ class DraftStepGraphs:
 
     def __init__(self, fast: TritonMTP, kv_cache: KVCache,
                  buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
-                 spec_step_idx: int = 0):
+                 spec_step_idx: int = 0, overlap: bool = True):
         if kv_cache.kv.shape[1] < 1:
             raise ValueError("kv_cache has no sequence slots")
         self.fast = fast
         self.cache = kv_cache
         self.spec_step_idx = spec_step_idx
         pool = torch.cuda.graph_pool_handle()
-        self.buckets = {b: _Bucket(fast, kv_cache, b, spec_step_idx, pool)
+        # the shared expert's branch in the graph, beside the routed experts
+        side = torch.cuda.Stream(device=fast.device) if overlap else None
+        self.buckets = {b: _Bucket(fast, kv_cache, b, spec_step_idx, pool, side)
                         for b in sorted(set(buckets))}
 
     def _bucket(self, t: int) -> _Bucket:

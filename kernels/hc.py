@@ -18,8 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import exp2_int, fp8_round, pow2_scale_bits
+
 _MIX_BK = 128
 _MIX_BT = 16
+FINISH_WARPS = 8  # hc_finish: warps per row's program (16 for rows over 4096)
 
 
 @triton.jit
@@ -86,12 +89,19 @@ def _mix(part_ptr, T, t, offs, n_split, FP: tl.constexpr, SP: tl.constexpr):
 
 @triton.jit
 def hc_finish_kernel(part_ptr, sq_ptr, x_ptr, scale_ptr, base_ptr, normw_ptr, post_ptr, comb_ptr,
-                     u_ptr, T, D, n_split, iters, eps, hc_eps, norm_eps,
+                     u_ptr, q_ptr, T, D, n_split, iters, eps, hc_eps, norm_eps,
                      M: tl.constexpr, FP: tl.constexpr, SP: tl.constexpr, BD: tl.constexpr,
-                     HEAD: tl.constexpr):
-    """One row: mixes -> pre (and post, Sinkhorn comb) -> collapse -> RMSNorm."""
+                     HEAD: tl.constexpr, QUANT: tl.constexpr):
+    """One row: mixes -> pre (and post, Sinkhorn comb) -> collapse -> RMSNorm; with QUANT also
+    the FP8 activation rounding of the result (``fp8_simulate``, blocks of 128) into q."""
     t = tl.program_id(0)
     mm = tl.arange(0, M)
+    # the row and the norm weight first: their loads overlap the partials' and the Sinkhorn
+    dd = tl.arange(0, BD)
+    dmask = dd < D
+    x = tl.load(x_ptr + (t * M + mm[:, None]) * D + dd[None, :], mask=dmask[None, :],
+                other=0.0).to(tl.float32)
+    w = tl.load(normw_ptr + dd, mask=dmask, other=0.0)
     sp = tl.arange(0, SP)
     sq = tl.sum(tl.load(sq_ptr + sp * T + t, mask=sp < n_split, other=0.0), axis=0)
     rs = tl.rsqrt(sq / (M * D) + eps)
@@ -113,15 +123,16 @@ def hc_finish_kernel(part_ptr, sq_ptr, x_ptr, scale_ptr, base_ptr, normw_ptr, po
             c = c / (tl.sum(c, axis=1)[:, None] + hc_eps)
             c = c / (tl.sum(c, axis=0)[None, :] + hc_eps)
         tl.store(comb_ptr + t * M * M + cidx, c)
-    dd = tl.arange(0, BD)
-    dmask = dd < D
-    x = tl.load(x_ptr + (t * M + mm[:, None]) * D + dd[None, :], mask=dmask[None, :],
-                other=0.0).to(tl.float32)
     y = tl.sum(pre[:, None] * x, axis=0)
     y = y.to(u_ptr.dtype.element_ty).to(tl.float32)
     r = tl.rsqrt(tl.sum(y * y, axis=0) / D + norm_eps)
-    w = tl.load(normw_ptr + dd, mask=dmask, other=0.0)
-    tl.store(u_ptr + t * D + dd, (w * (y * r)).to(u_ptr.dtype.element_ty), mask=dmask)
+    u = (w * (y * r)).to(u_ptr.dtype.element_ty)
+    tl.store(u_ptr + t * D + dd, u, mask=dmask)
+    if QUANT:  # the consumers that round u read this instead (e4m3 x 2^e: exact in u's dtype)
+        ub = tl.reshape(u.to(tl.float32), (BD // 128, 128))  # [BD] -> [blocks, 128]
+        e = pow2_scale_bits(tl.max(tl.abs(ub), axis=1))
+        qb = tl.reshape(fp8_round(ub, e) * exp2_int(e)[:, None], (BD,))
+        tl.store(q_ptr + t * D + dd, qb.to(u_ptr.dtype.element_ty), mask=dmask)
 
 
 def _mix_partials(x: torch.Tensor, fn: torch.Tensor):
@@ -141,10 +152,15 @@ def _mix_partials(x: torch.Tensor, fn: torch.Tensor):
     return part, sq, n_split, fp
 
 
+def _warps(bd: int) -> int:
+    return FINISH_WARPS if bd <= 4096 else 2 * FINISH_WARPS
+
+
 def hc_pre_norm(x: torch.Tensor, fn, scale, base, norm_weight, iters: int, hc_eps: float,
-                eps: float):
+                eps: float, *, act_quant: bool = False):
     """``RMSNorm(hc_pre(x)[0])`` and hc_pre's post, comb: x [T, M, D] ->
-    (u [T, D] x's dtype, post [T, M] fp32, comb [T, M, M] fp32)."""
+    (u [T, D] x's dtype, post [T, M] fp32, comb [T, M, M] fp32); with ``act_quant`` a fourth
+    result, ``fp8_simulate(u, 128)`` (what every FP8 product of u rounds it to)."""
     t, m, d = x.shape
     if d % _MIX_BK:
         raise ValueError(f"hc_pre_norm: hidden size {d} is not a multiple of {_MIX_BK}")
@@ -153,12 +169,13 @@ def hc_pre_norm(x: torch.Tensor, fn, scale, base, norm_weight, iters: int, hc_ep
     u = torch.empty(t, d, dtype=x.dtype, device=x.device)
     post = torch.empty(t, m, dtype=torch.float32, device=x.device)
     comb = torch.empty(t, m, m, dtype=torch.float32, device=x.device)
+    q = torch.empty_like(u) if act_quant else u
     bd = triton.next_power_of_2(d)
-    hc_finish_kernel[(t,)](part, sq, x, scale, base, norm_weight, post, comb, u, t, d, n_split,
-                           iters, eps, hc_eps, eps, M=m, FP=fp,
+    hc_finish_kernel[(t,)](part, sq, x, scale, base, norm_weight, post, comb, u, q, t, d,
+                           n_split, iters, eps, hc_eps, eps, M=m, FP=fp,
                            SP=triton.next_power_of_2(n_split), BD=bd, HEAD=False,
-                           num_warps=8 if bd <= 4096 else 16)
-    return u, post, comb
+                           QUANT=act_quant, num_warps=_warps(bd))
+    return (u, post, comb, q) if act_quant else (u, post, comb)
 
 
 def hc_head_norm(x: torch.Tensor, fn, scale, base, norm_weight, hc_eps: float, eps: float):
@@ -168,10 +185,10 @@ def hc_head_norm(x: torch.Tensor, fn, scale, base, norm_weight, hc_eps: float, e
     part, sq, n_split, fp = _mix_partials(x, fn)
     u = torch.empty(t, d, dtype=x.dtype, device=x.device)
     bd = triton.next_power_of_2(d)
-    hc_finish_kernel[(t,)](part, sq, x, scale, base, norm_weight, u, u, u, t, d, n_split, 1, eps,
-                           hc_eps, eps, M=m, FP=fp,
-                           SP=triton.next_power_of_2(n_split), BD=bd, HEAD=True,
-                           num_warps=8 if bd <= 4096 else 16)
+    hc_finish_kernel[(t,)](part, sq, x, scale, base, norm_weight, u, u, u, u, t, d, n_split, 1,
+                           eps, hc_eps, eps, M=m, FP=fp,
+                           SP=triton.next_power_of_2(n_split), BD=bd, HEAD=True, QUANT=False,
+                           num_warps=_warps(bd))
     return u
 
 

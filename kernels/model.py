@@ -65,6 +65,8 @@ class TritonMTP:
         i = torch.arange(0, cfg.qk_rope_head_dim, 2, dtype=torch.float64, device=dev)
         self.inv_freq = cfg.rope_theta ** (-i / cfg.qk_rope_head_dim)  # as ops.rope_cos_sin
         self._small_tiles: dict[int, torch.Tensor] = {}
+        # decode_step's side stream (the shared expert), set for the duration of one call
+        self._side: torch.cuda.Stream | None = None
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
@@ -104,13 +106,16 @@ class TritonMTP:
     @torch.no_grad()
     def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor,
                     hidden_states: torch.Tensor, seq_slots: torch.Tensor, kv_cache: KVCache,
-                    spec_step_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    spec_step_idx: int = 0, side_stream: torch.cuda.Stream | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One draft step for T sequences, one row each: (next hidden [T, M*D], logits [T, V]).
 
         No checks and no host synchronisation (the caller validates: ids in the vocabulary,
         positions >= 0, distinct slots; slot -1 marks a padding row that reads and writes
         nothing), so it can be captured in a CUDA graph. Same result as ``forward`` with
-        ``kv_cache``/``seq_slots`` followed by ``compute_logits``.
+        ``kv_cache``/``seq_slots`` followed by ``compute_logits``. ``side_stream``: run the
+        shared expert there, beside the routed experts (pays inside a CUDA graph, where the
+        fork and join cost nothing; eagerly they cost host time).
         """
         cfg = self.config
         layer = self.model.layer(spec_step_idx)
@@ -118,7 +123,11 @@ class TritonMTP:
         cache_layer = spec_step_idx % cfg.num_nextn_predict_layers
         e = self._embed(input_ids, None, positions)
         h = hidden_states.to(self.dtype).view(t, cfg.hc_mult, cfg.hidden_size)
-        x = self._layer(layer, e, h, positions, kv_cache, cache_layer, seq_slots=seq_slots)
+        self._side = side_stream
+        try:
+            x = self._layer(layer, e, h, positions, kv_cache, cache_layer, seq_slots=seq_slots)
+        finally:
+            self._side = None
         return x.flatten(1), self._logits(layer, x)
 
     # ---- pieces ---------------------------------------------------------------------------------
@@ -158,10 +167,11 @@ class TritonMTP:
                                          cfg.hc_eps, eps)
         a = self._attention(blk.attn, u, positions, cache, cache_layer, window, seq_slots)
         x = hc_k.hc_post(a, x, post, comb)
-        u, post, comb = hc_k.hc_pre_norm(x, blk.hc_ffn_fn, blk.hc_ffn_scale, blk.hc_ffn_base,
-                                         blk.ffn_norm.weight, cfg.hc_sinkhorn_iters,
-                                         cfg.hc_eps, eps)
-        return self._moe(blk.ffn, u, x, post, comb)
+        u, post, comb, *q = hc_k.hc_pre_norm(x, blk.hc_ffn_fn, blk.hc_ffn_scale,
+                                             blk.hc_ffn_base, blk.ffn_norm.weight,
+                                             cfg.hc_sinkhorn_iters, cfg.hc_eps, eps,
+                                             act_quant=aq)
+        return self._moe(blk.ffn, u, q[0] if aq else None, x, post, comb)
 
     @staticmethod
     def _lin(x, lin, aq, **kw):
@@ -201,21 +211,39 @@ class TritonMTP:
         z = self._lin(o.view(t, h * dh), attn.wo_a, False, group_n=cfg.o_lora_rank)
         return self._lin(z, attn.wo_b, aq)
 
-    def _moe(self, ffn, u, residual, post, comb):
-        cfg, aq = self.config, self.model.numerics.act_quant
+    def _moe(self, ffn, u, uq, residual, post, comb):
+        """uq: u FP8-rounded (act_quant on; the experts read it, each of their inputs rounded
+        once instead of in every program) or None (act_quant off). The gate reads u."""
+        cfg = self.config
+        rounded = uq is not None
+        x = uq if rounded else u
+        main = torch.cuda.current_stream() if self._side is not None else None
+        if main is not None:  # fork: the shared expert beside the routed ones
+            self._side.wait_stream(main)
+            with torch.cuda.stream(self._side):
+                shared = self._shared(ffn.shared_experts, x, rounded)
         logits = torch.mm(ops.wide(u), ffn.gate.weight.t())  # [T, E] fp32, as ops.route
         idx, w = moe_k.route(logits, ffn.gate.e_score_correction_bias, cfg.num_experts_per_tok,
                              cfg.scoring_func, cfg.routed_scaling_factor)
         pairs, tile_expert = self._tiles(idx)
         ex = ffn.experts
-        act = moe_k.moe_w13(u, ex.w13_weight, ex.w13_weight_scale, pairs, tile_expert, w,
-                            act_quant=aq, limit=cfg.swiglu_limit)
+        act = moe_k.moe_w13(x, ex.w13_weight, ex.w13_weight_scale, pairs, tile_expert, w,
+                            act_quant=False, rounded=rounded, limit=cfg.swiglu_limit)
+        if rounded:
+            moe_k.round_rows(act, pairs)
         pair_out = moe_k.moe_w2(act, ex.w2_weight, ex.w2_weight_scale, pairs, tile_expert,
-                                idx.numel(), act_quant=aq)
-        sh = ffn.shared_experts
-        gu = self._lin(u, sh.gate_up_proj, aq)  # [T, 2I]
-        shared = self._lin(gu, sh.down_proj, aq, swiglu_limit=cfg.swiglu_limit)
+                                idx.numel(), act_quant=False, rounded=rounded)
+        if main is not None:  # join
+            main.wait_stream(self._side)
+            shared.record_stream(main)
+        else:
+            shared = self._shared(ffn.shared_experts, x, rounded)
         return hc_k.hc_post(None, residual, post, comb, moe=(pair_out, idx, shared))
+
+    def _shared(self, sh, x, rounded):
+        gu = self._lin(x, sh.gate_up_proj, False, rounded=rounded)  # [T, 2I]
+        return self._lin(gu, sh.down_proj, self.model.numerics.act_quant,
+                         swiglu_limit=self.config.swiglu_limit)
 
     def _tiles(self, idx):
         t, k = idx.shape

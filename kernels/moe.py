@@ -36,6 +36,7 @@ from ._common import (
     INTERPRET,
     e2m1_pair_f16,
     e2m1_times_2pow126,
+    exp2_int,
     fp8_round,
     mma,
     pow2_scale_bits,
@@ -46,8 +47,11 @@ SMALL_T = 16  # below this many rows every pair is its own tile
 # e2m1 decode of the expert kernels (same values bit for bit; kernels/NOTES.md, v5):
 # "f32": integer ops build float32 bits per code; "f16x2": inline PTX builds float16 bits for
 # 8 codes per register op. The CPU interpreter runs no PTX: it always uses "f32".
-DECODES = {"f32": 0, "f16x2": 1}
-DEFAULT_DECODE = "f32"
+# "mx", "mxT": no hand decode: Triton's microscaling dot (``tl.dot_scaled``, e2m1 with E8M0
+# per-32 scales: exactly this format), activations as the left ("mx") or right ("mxT") operand.
+DECODES = {"f32": 0, "f16x2": 1, "mx": 2, "mxT": 3}
+# The defaults are the fastest of each kernel on an H100 (kernels/NOTES.md, run 11).
+DEFAULT_DECODE = {"w13": "f16x2", "w2": "mx"}
 
 
 @triton.jit
@@ -181,6 +185,84 @@ def _dot32(x, w):
 
 
 @triton.jit
+def _act_block(ptr, row_off, col0, valid, ACT_QUANT: tl.constexpr):
+    """Rows' 128 inputs from col0 as bf16 [BM, 128], FP8-rounded with their power-of-two scale
+    applied (an e4m3 value times 2^e is exact in bf16) or as they are."""
+    c = tl.arange(0, 128)
+    x = tl.load(ptr + row_off[:, None] + col0 + c[None, :], mask=valid[:, None], other=0.0)
+    if ACT_QUANT:
+        x = x.to(tl.float32)
+        e = pow2_scale_bits(tl.max(tl.abs(x), axis=1))
+        x = fp8_round(x, e) * exp2_int(e)[:, None]
+    return x.to(tl.bfloat16)
+
+
+@triton.jit
+def _e2m1_block(w_ptr, s_ptr, rows, kb, stride_wn, stride_sn):
+    """The rows' bytes [BN, 64] (uint8, two codes each) and E8M0 scales [BN, 4] of block kb."""
+    j = tl.arange(0, 64)
+    g = tl.arange(0, 4)
+    w = tl.load(w_ptr + rows[:, None] * stride_wn + kb * 64 + j[None, :])
+    s = tl.load(s_ptr + rows[:, None] * stride_sn + kb * 4 + g[None, :])
+    return w.to(tl.uint8, bitcast=True), s
+
+
+@triton.jit
+def _mx_dot(acc, q, w_ptr, s_ptr, rows, kb, stride_wn, stride_sn):
+    """acc [BM, BN] + q [BM, 128] (bf16) @ the rows' e2m1 block kb, by ``tl.dot_scaled``."""
+    w, s = _e2m1_block(w_ptr, s_ptr, rows, kb, stride_wn, stride_sn)
+    return tl.dot_scaled(q, None, "bf16", tl.trans(w), s, "e2m1", acc=acc, fast_math=True)
+
+
+@triton.jit
+def _mx_dot_t(acc, q, w_ptr, s_ptr, rows, kb, stride_wn, stride_sn):
+    """The same transposed, weights on the left: acc [BN, BM] + block kb @ q^T."""
+    w, s = _e2m1_block(w_ptr, s_ptr, rows, kb, stride_wn, stride_sn)
+    return tl.dot_scaled(w, s, "e2m1", tl.trans(q), None, "bf16", acc=acc, fast_math=True)
+
+
+@triton.jit
+def _w13_loop(x_ptr, w_e, s_e, tok, valid, n, j, D, I, stride_wn, stride_sn,
+              ACT_QUANT: tl.constexpr, F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              DECODE: tl.constexpr):
+    """Gate and up products over D, with the kernels' own e2m1 decode."""
+    acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+    acc_v = tl.zeros([BM, BN], dtype=tl.float32)
+    for kb in range(0, D // 128):
+        xe, xo = _even_odd(x_ptr, tok * D, kb * 128, valid, BM)
+        if ACT_QUANT:
+            qe, qo, sx = _quant_halves(xe, xo)
+        else:
+            qe = xe.to(EXACT)
+            qo = xo.to(EXACT)
+            sx = tl.full([BM], 1.0, tl.float32)
+        w1e, w1o = _fp4_block(w_e, s_e, n, kb, stride_wn, stride_sn, j, DECODE)
+        w3e, w3o = _fp4_block(w_e, s_e, I + n, kb, stride_wn, stride_sn, j, DECODE)
+        if F32:  # float32 activations without rounding: IEEE float32 dots
+            acc_g += _dot32(xe, w1e) + _dot32(xo, w1o)
+            acc_v += _dot32(xe, w3e) + _dot32(xo, w3o)
+        else:
+            acc_g += (mma(qe, tl.trans(w1e)) + mma(qo, tl.trans(w1o))) * sx[:, None]
+            acc_v += (mma(qe, tl.trans(w3e)) + mma(qo, tl.trans(w3o))) * sx[:, None]
+    return acc_g, acc_v
+
+
+@triton.jit
+def _swiglu_store(acc_g, acc_v, act_ptr, rw_ptr, pair, valid, rows, n, I, limit):
+    """w13 epilogue: gate and up rounded to the compute dtype, clamped SwiGLU, times the
+    routing weight -> act rows [BM, BN]."""
+    odt = act_ptr.dtype.element_ty
+    g = acc_g.to(odt).to(tl.float32)
+    v = acc_v.to(odt).to(tl.float32)
+    if limit > 0:
+        v = tl.minimum(tl.maximum(v, -limit), limit)
+        g = tl.minimum(g, limit)
+    rw = tl.load(rw_ptr + tl.where(valid, pair, 0), mask=valid, other=0.0)
+    a = rw[:, None] * (g / (1.0 + tl.exp(-g)) * v)
+    tl.store(act_ptr + rows[:, None] * I + n[None, :], a.to(odt))
+
+
+@triton.jit
 def moe_w13_kernel(x_ptr, w_ptr, s_ptr, pairs_ptr, texp_ptr, rw_ptr, act_ptr,
                    D, I, E, stride_we, stride_wn, stride_se, stride_sn, limit,
                    TOPK: tl.constexpr, ACT_QUANT: tl.constexpr, F32: tl.constexpr,
@@ -197,33 +279,26 @@ def moe_w13_kernel(x_ptr, w_ptr, s_ptr, pairs_ptr, texp_ptr, rw_ptr, act_ptr,
         j = tl.arange(0, 64)
         w_e = w_ptr + ex * stride_we
         s_e = s_ptr + ex * stride_se
-        acc_g = tl.zeros([BM, BN], dtype=tl.float32)
-        acc_v = tl.zeros([BM, BN], dtype=tl.float32)
-        for kb in range(0, D // 128):
-            xe, xo = _even_odd(x_ptr, tok * D, kb * 128, valid, BM)
-            if ACT_QUANT:
-                qe, qo, sx = _quant_halves(xe, xo)
-            else:
-                qe = xe.to(EXACT)
-                qo = xo.to(EXACT)
-                sx = tl.full([BM], 1.0, tl.float32)
-            w1e, w1o = _fp4_block(w_e, s_e, n, kb, stride_wn, stride_sn, j, DECODE)
-            w3e, w3o = _fp4_block(w_e, s_e, I + n, kb, stride_wn, stride_sn, j, DECODE)
-            if F32:  # float32 activations without rounding: IEEE float32 dots
-                acc_g += _dot32(xe, w1e) + _dot32(xo, w1o)
-                acc_v += _dot32(xe, w3e) + _dot32(xo, w3o)
-            else:
-                acc_g += (mma(qe, tl.trans(w1e)) + mma(qo, tl.trans(w1o))) * sx[:, None]
-                acc_v += (mma(qe, tl.trans(w3e)) + mma(qo, tl.trans(w3o))) * sx[:, None]
-        odt = act_ptr.dtype.element_ty
-        g = acc_g.to(odt).to(tl.float32)
-        v = acc_v.to(odt).to(tl.float32)
-        if limit > 0:
-            v = tl.minimum(tl.maximum(v, -limit), limit)
-            g = tl.minimum(g, limit)
-        rw = tl.load(rw_ptr + tl.where(valid, pair, 0), mask=valid, other=0.0)
-        a = rw[:, None] * (g / (1.0 + tl.exp(-g)) * v)
-        tl.store(act_ptr + (tile * BM + r)[:, None] * I + n[None, :], a.to(odt))
+        if DECODE == 2 and not F32:  # Triton's microscaling dot, activations on the left
+            acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+            acc_v = tl.zeros([BM, BN], dtype=tl.float32)
+            for kb in range(0, D // 128):
+                q = _act_block(x_ptr, tok * D, kb * 128, valid, ACT_QUANT)
+                acc_g = _mx_dot(acc_g, q, w_e, s_e, n, kb, stride_wn, stride_sn)
+                acc_v = _mx_dot(acc_v, q, w_e, s_e, I + n, kb, stride_wn, stride_sn)
+        elif DECODE == 3 and not F32:  # the same with the weights on the left
+            acc_g = tl.zeros([BN, BM], dtype=tl.float32)
+            acc_v = tl.zeros([BN, BM], dtype=tl.float32)
+            for kb in range(0, D // 128):
+                q = _act_block(x_ptr, tok * D, kb * 128, valid, ACT_QUANT)
+                acc_g = _mx_dot_t(acc_g, q, w_e, s_e, n, kb, stride_wn, stride_sn)
+                acc_v = _mx_dot_t(acc_v, q, w_e, s_e, I + n, kb, stride_wn, stride_sn)
+            acc_g = tl.trans(acc_g)
+            acc_v = tl.trans(acc_v)
+        else:
+            acc_g, acc_v = _w13_loop(x_ptr, w_e, s_e, tok, valid, n, j, D, I, stride_wn,
+                                     stride_sn, ACT_QUANT, F32, BM, BN, DECODE)
+        _swiglu_store(acc_g, acc_v, act_ptr, rw_ptr, pair, valid, tile * BM + r, n, I, limit)
 
 
 @triton.jit
@@ -242,60 +317,109 @@ def moe_w2_kernel(act_ptr, w_ptr, s_ptr, pairs_ptr, texp_ptr, out_ptr,
         j = tl.arange(0, 64)
         w_e = w_ptr + ex * stride_we
         s_e = s_ptr + ex * stride_se
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for kb in range(0, I // 128):
-            xe, xo = _even_odd(act_ptr, (tile * BM + r) * I, kb * 128, valid, BM)
-            if ACT_QUANT:
-                qe, qo, sx = _quant_halves(xe, xo)
-            else:
-                qe = xe.to(EXACT)
-                qo = xo.to(EXACT)
-                sx = tl.full([BM], 1.0, tl.float32)
-            we, wo = _fp4_block(w_e, s_e, n, kb, stride_wn, stride_sn, j, DECODE)
-            if F32:
-                acc += _dot32(xe, we) + _dot32(xo, wo)
-            else:
-                acc += (mma(qe, tl.trans(we)) + mma(qo, tl.trans(wo))) * sx[:, None]
+        if DECODE == 2 and not F32:  # Triton's microscaling dot, activations on the left
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for kb in range(0, I // 128):
+                q = _act_block(act_ptr, (tile * BM + r) * I, kb * 128, valid, ACT_QUANT)
+                acc = _mx_dot(acc, q, w_e, s_e, n, kb, stride_wn, stride_sn)
+        elif DECODE == 3 and not F32:  # the same with the weights on the left
+            acc_t = tl.zeros([BN, BM], dtype=tl.float32)
+            for kb in range(0, I // 128):
+                q = _act_block(act_ptr, (tile * BM + r) * I, kb * 128, valid, ACT_QUANT)
+                acc_t = _mx_dot_t(acc_t, q, w_e, s_e, n, kb, stride_wn, stride_sn)
+            acc = tl.trans(acc_t)
+        else:
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for kb in range(0, I // 128):
+                xe, xo = _even_odd(act_ptr, (tile * BM + r) * I, kb * 128, valid, BM)
+                if ACT_QUANT:
+                    qe, qo, sx = _quant_halves(xe, xo)
+                else:
+                    qe = xe.to(EXACT)
+                    qo = xo.to(EXACT)
+                    sx = tl.full([BM], 1.0, tl.float32)
+                we, wo = _fp4_block(w_e, s_e, n, kb, stride_wn, stride_sn, j, DECODE)
+                if F32:
+                    acc += _dot32(xe, we) + _dot32(xo, wo)
+                else:
+                    acc += (mma(qe, tl.trans(we)) + mma(qo, tl.trans(wo))) * sx[:, None]
         dst = out_ptr + tl.where(valid, pair, 0)[:, None] * D + n[None, :]
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None])
 
 
+def _variant(x, act_quant, rounded, decode, kernel):
+    """(ACT_QUANT, F32, DECODE) of a launch. A rounded input (``fp8_simulate``d) is exact in
+    bf16: no rounding in the kernel, and float32 inputs take the bf16 dots too."""
+    if rounded and act_quant:
+        raise ValueError("moe: pass act_quant=False with an input that is already rounded")
+    f32 = x.dtype == torch.float32 and not act_quant and not rounded
+    dec = decode or DEFAULT_DECODE[kernel]
+    if INTERPRET and dec != "f32":  # the interpreter runs no PTX and no tl.dot_scaled
+        dec = "f32"
+    return act_quant, f32, DECODES[dec]
+
+
 def moe_w13(u, w13, s13, pairs, tile_expert, weights, *, act_quant: bool, limit: float,
-            decode: str | None = None, block_n: int | None = None):
+            rounded: bool = False, decode: str | None = None, block_n: int | None = None):
     """u [T, D], w13 int8 [E, 2I, D/2], s13 E8M0 [E, 2I, D/32] -> act [n_tiles*BM, I].
-    ``decode``: a key of ``DECODES`` (default ``DEFAULT_DECODE``); ``block_n``: the tile's
-    output columns (default by tile count; for benchmarks)."""
+    ``rounded``: u is already FP8-rounded (then ``act_quant=False``); ``decode``: a key of
+    ``DECODES`` (default ``DEFAULT_DECODE``); ``block_n``: the tile's output columns (default
+    by tile count; for benchmarks)."""
     t, d = u.shape
     e, two_i, _ = w13.shape
     i = two_i // 2
     n_tiles = tile_expert.shape[0]
     act = torch.empty(n_tiles * BM, i, dtype=u.dtype, device=u.device)
     s = s13.view(torch.uint8)
+    aq, f32, dec = _variant(u, act_quant, rounded, decode, "w13")
     bn = block_n or (32 if n_tiles <= 96 else 64)  # few tiles: more, smaller programs
     if n_tiles:
         moe_w13_kernel[(n_tiles, triton.cdiv(i, bn))](
             u, w13, s, pairs, tile_expert, weights, act, d, i, e, w13.stride(0), w13.stride(1),
-            s.stride(0), s.stride(1), float(limit), TOPK=weights.shape[1], ACT_QUANT=act_quant,
-            F32=u.dtype == torch.float32 and not act_quant, BM=BM, BN=bn,
-            DECODE=DECODES[decode or DEFAULT_DECODE], num_warps=4, num_stages=3)
+            s.stride(0), s.stride(1), float(limit), TOPK=weights.shape[1], ACT_QUANT=aq,
+            F32=f32, BM=BM, BN=bn, DECODE=dec, num_warps=4, num_stages=3)
+    return act
+
+
+@triton.jit
+def round_rows_kernel(x_ptr, pairs_ptr, D, BD: tl.constexpr):
+    """FP8 activation rounding (blocks of 128) of one row in place, if it holds a pair."""
+    r = tl.program_id(0)
+    if tl.load(pairs_ptr + r) >= 0:
+        c = tl.arange(0, BD)
+        x = tl.load(x_ptr + r * D + c, mask=c < D, other=0.0).to(tl.float32)
+        xb = tl.reshape(x, (BD // 128, 128))  # [BD] -> [blocks, 128]
+        e = pow2_scale_bits(tl.max(tl.abs(xb), axis=1))
+        q = tl.reshape(fp8_round(xb, e) * exp2_int(e)[:, None], (BD,))
+        tl.store(x_ptr + r * D + c, q.to(x_ptr.dtype.element_ty), mask=c < D)
+
+
+def round_rows(act: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """``fp8_simulate(act, 128)`` in place on the rows of ``moe_w13``'s output that hold a pair
+    (the w2 input, rounded once instead of in every w2 program)."""
+    rows, i = act.shape
+    if i % 128:
+        raise ValueError(f"round_rows: width {i} is not a multiple of 128")
+    if rows:
+        round_rows_kernel[(rows,)](act, pairs, i, BD=triton.next_power_of_2(i), num_warps=4)
     return act
 
 
 def moe_w2(act, w2, s2, pairs, tile_expert, n_pairs: int, *, act_quant: bool,
-           decode: str | None = None, block_n: int | None = None):
+           rounded: bool = False, decode: str | None = None, block_n: int | None = None):
     """act [n_tiles*BM, I], w2 int8 [E, D, I/2], s2 [E, D, I/32] -> [P, D] per pair."""
     e, d, _ = w2.shape
     i = act.shape[1]
     n_tiles = tile_expert.shape[0]
     out = torch.empty(n_pairs, d, dtype=act.dtype, device=act.device)
     s = s2.view(torch.uint8)
-    bn = block_n or (32 if n_tiles <= 96 else 64)
+    aq, f32, dec = _variant(act, act_quant, rounded, decode, "w2")
+    bn = block_n or 64
     if n_tiles:
         moe_w2_kernel[(n_tiles, triton.cdiv(d, bn))](
             act, w2, s, pairs, tile_expert, out, d, i, e, w2.stride(0), w2.stride(1),
-            s.stride(0), s.stride(1), ACT_QUANT=act_quant,
-            F32=act.dtype == torch.float32 and not act_quant, BM=BM, BN=bn,
-            DECODE=DECODES[decode or DEFAULT_DECODE], num_warps=4, num_stages=3)
+            s.stride(0), s.stride(1), ACT_QUANT=aq, F32=f32, BM=BM, BN=bn, DECODE=dec,
+            num_warps=4, num_stages=3)
     return out
 
 
@@ -316,8 +440,10 @@ def fp4_decode(w, s, decode: str | None = None) -> torch.Tensor:
     """w int8 [N, K/2], s E8M0 [N, K/32] -> fp32 [N, K] as the expert kernels decode them
     (for tests: must equal ``mtp.quant.dequant_fp4`` bit for bit). N % 16 == 0, K % 128 == 0."""
     n, k = w.shape[0], 2 * w.shape[1]
+    if DECODES[decode or "f32"] >= 2:
+        raise ValueError(f"fp4_decode: {decode!r} has no decode of its own (tl.dot_scaled)")
     out = torch.empty(n, k, dtype=torch.float32, device=w.device)
     su = s.view(torch.uint8)
     fp4_decode_kernel[(n // 16, k // 128)](w, su, out, w.stride(0), su.stride(0), k, BN=16,
-                                           DECODE=DECODES[decode or DEFAULT_DECODE])
+                                           DECODE=DECODES[decode or "f32"])
     return out

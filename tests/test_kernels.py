@@ -95,6 +95,21 @@ def test_fp8_linear_swiglu_and_add():
     assert rel(y, ref) < BF16_TOL
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_linear_rounded_input(dtype, monkeypatch):
+    """A pre-rounded input (``rounded``, act_quant off) gives exactly the act_quant result of
+    the bf16 dot: power-of-two scales commute with every fp32 step of the dot."""
+    from mtp_kernels import fp8_linear as fl
+    from mtp_kernels.fp8_linear import fp8_linear
+    monkeypatch.setattr(fl, "FP8_DOT", False)  # both through the same (bf16) tensor-core dot
+
+    from mtp.quant import fp8_simulate
+    w, s = fp8_weight(256, 512, seed=63)
+    x = randn(3, 512, seed=64, dtype=dtype)
+    y = fp8_linear(fp8_simulate(x, 128), w, s, act_quant=False, rounded=True)
+    assert torch.equal(y, fp8_linear(x, w, s, act_quant=True))
+
+
 def test_act_quant_bit_exact():
     """The fused FP8 activation rounding equals ``fp8_simulate`` bit for bit: an identity weight
     block (scale 1) returns the rounded activations themselves."""
@@ -113,6 +128,7 @@ def test_rmsnorm_and_hc(dtype):
     from mtp_kernels import hc
 
     from mtp import ops
+    from mtp.quant import fp8_simulate
     t, m, d = 3, 4, 256
     x = randn(t, m, d, seed=9, dtype=dtype)
     w = 1 + randn(d, seed=10, std=0.1)
@@ -124,6 +140,10 @@ def test_rmsnorm_and_hc(dtype):
     y_r, post_r, comb_r = ops.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
     assert rel(post, post_r) < 1e-5 and rel(comb, comb_r) < 1e-5
     assert rel(u, ops.rms_norm(y_r, w, 1e-6)) < tol
+    u2, post2, comb2, uq = hc.hc_pre_norm(x, fn, scale, base, w, 20, 1e-6, 1e-6,
+                                          act_quant=True)
+    assert torch.equal(u2, u) and torch.equal(post2, post) and torch.equal(comb2, comb)
+    assert torch.equal(uq, fp8_simulate(u, 128))  # the rounded copy, bit for bit
     a = randn(t, d, seed=13, dtype=dtype)
     assert rel(hc.hc_post(a, x, post_r, comb_r), ops.hc_post(a, x, post_r, comb_r)) < tol
     fh = randn(m, m * d, seed=14, std=(m * d) ** -0.5)
@@ -147,13 +167,17 @@ def test_route_exact_choice():
         assert rel(w, w_r) < 1e-6
 
 
-def _decodes():
-    return ["f32"] if INTERPRET else ["f32", "f16x2"]
+ALL_DECODES = ["f32", "f16x2", "mx", "mxT"]
+HAND_DECODES = ["f32", "f16x2"]  # the kernels' own e2m1 decodes (mx: Triton's dot_scaled)
+
+
+def _decodes(which=ALL_DECODES):
+    return ["f32"] if INTERPRET else which
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fp4_decode_bit_exact(seed):
-    """Both e2m1 decodes of the expert kernels equal ``dequant_fp4`` bit for bit: every one of
+    """Both hand e2m1 decodes of the expert kernels equal ``dequant_fp4`` bit for bit: every one of
     the 256 byte values in every column position, scales over a wide range of exponents."""
     from mtp_kernels import moe
 
@@ -166,22 +190,27 @@ def test_fp4_decode_bit_exact(seed):
     s = torch.randint(127 - 60, 127 + 60, (n, k // 32), generator=g, device=DEVICE,
                       dtype=torch.int32).to(torch.uint8).view(torch.float8_e8m0fnu)
     ref = dequant_fp4(w, s)
-    for decode in _decodes():
+    for decode in _decodes(HAND_DECODES):
         got = moe.fp4_decode(w, s, decode)
         assert torch.equal(got.view(torch.int32), ref.view(torch.int32)), decode
 
 
-@pytest.mark.parametrize("decode", ["f32", "f16x2"])
+@pytest.mark.parametrize("mode", ["in-kernel", "rounded"])
+@pytest.mark.parametrize("decode", ALL_DECODES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("t", [1, 3, 20])
-def test_fp4_experts(t, dtype, decode):
+def test_fp4_experts(t, dtype, decode, mode):
+    """Both expert products against the reference, every decode, the activation rounding done
+    in each program ("in-kernel") or once ahead ("rounded": u by hc_pre_norm, the w2 input by
+    round_rows, as the fast path does)."""
     from mtp_kernels import moe
     if decode not in _decodes():
-        pytest.skip("the CPU interpreter runs no inline PTX: only the f32 decode")
+        pytest.skip("the CPU interpreter runs only the f32 decode (no inline PTX, no "
+                    "tl.dot_scaled)")
 
     from mtp import ops
     from mtp.model import linear
-    from mtp.quant import dequant_fp4
+    from mtp.quant import dequant_fp4, fp8_simulate
     e, d, i, k = 8, 256, 128, 2
     w13, s13 = fp4_weight(e, 2 * i, d, seed=20)
     w2, s2 = fp4_weight(e, d, i, seed=40)
@@ -190,8 +219,20 @@ def test_fp4_experts(t, dtype, decode):
                        for r in range(t)])
     wts = torch.rand(t, k, generator=gen(23), device=DEVICE)
     pairs, texp = moe.align_tiles(idx, e)
-    act = moe.moe_w13(u, w13, s13, pairs, texp, wts, act_quant=True, limit=10.0, decode=decode)
-    out = moe.moe_w2(act, w2, s2, pairs, texp, t * k, act_quant=True, decode=decode)
+    if mode == "rounded":
+        aq = dict(act_quant=False, rounded=True, decode=decode)
+        act = moe.moe_w13(fp8_simulate(u, 128), w13, s13, pairs, texp, wts, limit=10.0, **aq)
+        valid = pairs >= 0
+        before = act.clone()  # rows of padding pairs hold whatever was in memory (even NaN)
+        moe.round_rows(act, pairs)
+        assert torch.equal(act[valid], fp8_simulate(before[valid], 128))
+        bits = torch.int16 if dtype == torch.bfloat16 else torch.int32  # NaN == NaN as bits
+        assert torch.equal(act[~valid].view(bits), before[~valid].view(bits))  # left alone
+        out = moe.moe_w2(act, w2, s2, pairs, texp, t * k, **aq)
+    else:
+        act = moe.moe_w13(u, w13, s13, pairs, texp, wts, act_quant=True, limit=10.0,
+                          decode=decode)
+        out = moe.moe_w2(act, w2, s2, pairs, texp, t * k, act_quant=True, decode=decode)
     for r in range(t):
         for j in range(k):
             ex = int(idx[r, j])
