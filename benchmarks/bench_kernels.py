@@ -80,6 +80,16 @@ def main() -> None:
                     print(f"  fp8_linear {lname:8s} [{n}x{kk}] {tag} {ms * 1e3:8.1f} us "
                           f"{nbytes / ms / 1e9:6.2f} TB/s", flush=True)
                 fl.FP8_DOT = True
+                # accuracy of the two dots: each bf16 output against the float64 function
+                ref = fl.fp8_linear_reference(x.double(), w, sc, act_quant=True)
+                errs = []
+                for fp8_dot in (False, True):
+                    fl.FP8_DOT = fp8_dot
+                    y = fp8_linear(x, w, sc, act_quant=True).double()
+                    errs.append(((y - ref).norm() / ref.norm()).item())
+                fl.FP8_DOT = True
+                print(f"  fp8_linear {lname:8s} rel. error vs float64: bf16 dot {errs[0]:.2e}, "
+                      f"fp8 dot {errs[1]:.2e}", flush=True)
             u = torch.randn(t, d, device=dev, dtype=torch.bfloat16)
             idx = torch.stack([torch.randperm(e, device=dev)[:k] for _ in range(t)])
             wts = torch.rand(t, k, device=dev)

@@ -7,8 +7,10 @@ round-to-nearest-even e4m3 cast); the parity tests check them bit for bit.
 
 from __future__ import annotations
 
+import functools
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -19,6 +21,14 @@ INTERPRET = tl.constexpr(bool(os.environ.get("TRITON_INTERPRET")))
 EXACT = tl.constexpr(tl.float32 if os.environ.get("TRITON_INTERPRET") else tl.bfloat16)
 
 INV_E4M3_MAX = tl.constexpr(1.0 / 448.0)  # used as float32, as the reference
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (132 for the CPU interpreter: sizing only)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import EXACT, fp8_round, mma, pow2_scale_bits
+from ._common import EXACT, fp8_round, mma, pow2_scale_bits, sm_count
 
 
 @triton.jit
@@ -209,28 +209,32 @@ def sink_attention_kernel(q_ptr, cache_ptr, new_ptr, kidx_ptr, kvalid_ptr, pos_p
     pr = tl.exp(s - m[:, None])
     pr = pr / (tl.sum(pr, axis=1) + tl.exp(sink - m))[:, None]
     odt = out_ptr.dtype.element_ty
-    # P @ V: program_id(2) picks one BD-wide block of the non-RoPE dims, or (the last) the RoPE
-    # dims: the scores above are recomputed per block (from L2), and the output blocks are
-    # written by parallel programs instead of one program's serial loop (decode is latency bound)
-    part = tl.program_id(2)
-    if part < tl.cdiv(DH - R, BD):
-        cols = part * BD + tl.arange(0, BD)  # the last block may reach into the RoPE dims
-        kc = _keys(cache_ptr, new_ptr, crow, nrow, from_new, wmask, cols, DH)
-        o = _pv(pr, kc, DOT_F32)
-        tl.store(out_ptr + qrow[:, None] + cols[None, :], o.to(odt),
-                 mask=hmask[:, None] & (cols < DH - R)[None, :])
-    else:  # RoPE dims: even and odd halves separately, then the inverse rotation
-        j = tl.arange(0, R // 2)
-        ke = _keys(cache_ptr, new_ptr, crow, nrow, from_new, wmask, DH - R + 2 * j, DH)
-        ko = _keys(cache_ptr, new_ptr, crow, nrow, from_new, wmask, DH - R + 2 * j + 1, DH)
-        oe = _pv(pr, ke, DOT_F32)
-        oo = _pv(pr, ko, DOT_F32)
-        c = tl.load(cos_ptr + t * (R // 2) + j)[None, :]
-        sn = tl.load(sin_ptr + t * (R // 2) + j)[None, :]
-        re2, im2 = _rotate(oe, oo, c, -sn, odt)
-        tl.store(out_ptr + qrow[:, None] + (DH - R + 2 * j)[None, :], re2, mask=hmask[:, None])
-        tl.store(out_ptr + qrow[:, None] + (DH - R + 2 * j + 1)[None, :], im2,
-                 mask=hmask[:, None])
+    # P @ V in BD-wide blocks of the non-RoPE dims, then the RoPE dims (block n_nope). With few
+    # rows the blocks are spread over program_id(2) (each recomputes the scores above, from
+    # L2) so that parallel programs write them instead of one program's serial loop (decode is
+    # latency bound); with many rows each program does them all.
+    n_nope = tl.cdiv(DH - R, BD)
+    per = tl.cdiv(n_nope + 1, tl.num_programs(2))
+    first = tl.program_id(2) * per
+    for part in range(first, tl.minimum(first + per, n_nope + 1)):
+        if part < n_nope:
+            cols = part * BD + tl.arange(0, BD)  # the last block may reach into the RoPE dims
+            kc = _keys(cache_ptr, new_ptr, crow, nrow, from_new, wmask, cols, DH)
+            o = _pv(pr, kc, DOT_F32)
+            tl.store(out_ptr + qrow[:, None] + cols[None, :], o.to(odt),
+                     mask=hmask[:, None] & (cols < DH - R)[None, :])
+        else:  # RoPE dims: even and odd halves separately, then the inverse rotation
+            j = tl.arange(0, R // 2)
+            ke = _keys(cache_ptr, new_ptr, crow, nrow, from_new, wmask, DH - R + 2 * j, DH)
+            ko = _keys(cache_ptr, new_ptr, crow, nrow, from_new, wmask, DH - R + 2 * j + 1, DH)
+            oe = _pv(pr, ke, DOT_F32)
+            oo = _pv(pr, ko, DOT_F32)
+            c = tl.load(cos_ptr + t * (R // 2) + j)[None, :]
+            sn = tl.load(sin_ptr + t * (R // 2) + j)[None, :]
+            re2, im2 = _rotate(oe, oo, c, -sn, odt)
+            dst = out_ptr + qrow[:, None] + (DH - R + 2 * j)[None, :]
+            tl.store(dst, re2, mask=hmask[:, None])
+            tl.store(dst + 1, im2, mask=hmask[:, None])
 
 
 def sink_attention(q: torch.Tensor, new_kv: torch.Tensor, sink: torch.Tensor, cos, sin,
@@ -256,7 +260,10 @@ def sink_attention(q: torch.Tensor, new_kv: torch.Tensor, sink: torch.Tensor, co
     cap = cache_pos.shape[-1] if cache_pos is not None else 1
     dummy = positions if decode else keys_index
     bh, bd = 16, 64
-    sink_attention_kernel[(t, triton.cdiv(h, bh), triton.cdiv(dh - r, bd) + 1)](
+    blocks = t * triton.cdiv(h, bh)
+    parts = triton.cdiv(dh - r, bd) + 1  # P @ V output blocks
+    split = min(parts, max(1, sm_count(q.device) // blocks))  # few rows: spread the blocks
+    sink_attention_kernel[(t, triton.cdiv(h, bh), split)](
         q, cache, new_kv, keys_index if not decode else dummy,
         keys_valid if not decode else dummy, positions if decode else dummy,
         seq_slots if decode else dummy, cache_pos if cache_pos is not None else dummy,
@@ -283,8 +290,9 @@ def cache_write_kernel(new_ptr, pos_ptr, rows_ptr, slots_ptr, seq_slot_ptr, cach
     if s >= 0:
         for d0 in tl.static_range(0, DH, BD):
             cols = d0 + tl.arange(0, BD)
-            v = tl.load(new_ptr + row * DH + cols)
-            tl.store(cache_ptr + flat * DH + cols, v.to(cache_ptr.dtype.element_ty))
+            m = cols < DH  # DH need not be a power of two
+            v = tl.load(new_ptr + row * DH + cols, mask=m)
+            tl.store(cache_ptr + flat * DH + cols, v.to(cache_ptr.dtype.element_ty), mask=m)
         tl.store(cpos_ptr + flat, p.to(tl.int64))
 
 

@@ -55,6 +55,10 @@ class TritonMTP:
         if model.dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"TritonMTP: compute dtype must be bfloat16 or float32, got "
                              f"{model.dtype}")
+        half = model.config.qk_rope_head_dim // 2
+        if half & (half - 1):
+            raise ValueError(f"TritonMTP: qk_rope_head_dim / 2 = {half} must be a power of two "
+                             f"(a Triton block); use the module itself")
         dev = model.model.embed_tokens.weight.device
         if dev.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
             raise ValueError(f"TritonMTP needs the model on a CUDA device; it is on {dev}")

@@ -19,6 +19,7 @@ Tolerances, with their reasons:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -151,3 +152,6 @@ def test_rejects_unsupported_format():
     cfg = MTPConfig.from_name("tiny")
     with pytest.raises(ValueError, match="released format"):
         TritonMTP(DeepSeekV4MTP(cfg, weight_format=WeightFormat.plain(), device=DEVICE))
+    odd = dataclasses.replace(cfg, qk_rope_head_dim=48, head_dim=176)  # 24: no power of 2
+    with pytest.raises(ValueError, match="qk_rope_head_dim / 2 = 24 must be a power of two"):
+        TritonMTP(DeepSeekV4MTP(odd, device=DEVICE))

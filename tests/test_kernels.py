@@ -265,13 +265,20 @@ def test_q_kv_prep(dtype):
     assert rel(at.kv_prep(kv, w, cos, sin, 1e-6, True, dtype), kv_r) < tol
 
 
+@pytest.mark.parametrize("sms", [None, 1])
+@pytest.mark.parametrize("dh, r", [(128, 64), (192, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_sink_attention_and_cache(dtype):
+def test_sink_attention_and_cache(dtype, dh, r, sms, monkeypatch):
+    """Decode and indexed attention against the reference. The P @ V output blocks are spread
+    over programs or (``sms`` = 1: one multiprocessor's worth of programs) looped in one; a
+    head_dim of 192 is no power of two (the cache write masks its last block)."""
     from mtp_kernels import attention as at
 
     from mtp import ops
     from mtp.cache import window_index
-    t, h, dh, r, win, cap, seqs = 5, 20, 128, 64, 8, 11, 4
+    if sms is not None:
+        monkeypatch.setattr(at, "sm_count", lambda device: sms)
+    t, h, win, cap, seqs = 5, 20, 8, 11, 4
     pos = torch.tensor([3, 9, 30, 0, 12], device=DEVICE)
     slots = torch.tensor([0, 1, 2, -1, 3], device=DEVICE)  # one row per sequence; -1 padding
     cache_kv = randn(seqs * cap, dh, seed=33, dtype=dtype)
