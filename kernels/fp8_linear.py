@@ -127,19 +127,22 @@ def splitk_reduce_kernel(part_ptr, out_ptr, add_ptr, M, N, stride_om, stride_am,
 
 
 def _blocks(m: int) -> tuple[int, int, int]:
+    """(BM, BN, warps) by row count. 64 rows: BN 128 is 25-33% faster than 64 at the Flash
+    shapes; 1 row: BN 64 (more programs) is best (H100, benchmarks/sweep_kernels.py)."""
     if m <= 16:
         return 16, 64, 4
     if m <= 32:
-        return 32, 64, 4
+        return 32, 128, 4
     if m <= 128:
-        return 64, 64, 4
+        return 64, 128, 4
     return 64, 128, 8
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, act_quant: bool,
                group_n: int | None = None, swiglu_limit: float | None = None,
                add: torch.Tensor | None = None, add_row_div: int = 1,
-               out: torch.Tensor | None = None, rounded: bool = False) -> torch.Tensor:
+               out: torch.Tensor | None = None, rounded: bool = False,
+               tune: dict | None = None) -> torch.Tensor:
     """``linear(x, dequant_fp8_block(weight, scale), act_quant)`` of ``mtp.model``.
 
     x [M, Kx] (bf16 or fp32, last dim contiguous; Kx = K, or G*K grouped, or 2K with
@@ -148,6 +151,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
 
     ``rounded``: x is already FP8-rounded (``fp8_simulate``; pass ``act_quant=False``): its
     values are exact in bf16, so float32 x still takes the tensor-core dot.
+    ``tune``: launch settings for benchmarks (``bn`` 64 or 128, ``warps``, ``stages``,
+    ``per_sm``: split-K programs per multiprocessor).
 
     Example:
         >>> y = fp8_linear(u, attn.wq_b.weight, attn.wq_b.weight_scale_inv, act_quant=True)
@@ -164,9 +169,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     bm, bn, warps = _blocks(m)
+    tune = tune or {}
+    bn, warps = tune.get("bn", bn), tune.get("warps", warps)
     nb, mb, kbs = triton.cdiv(n, bn), triton.cdiv(m, bm), k // BK
     split = 1
-    while nb * mb * split * 2 <= 4 * _SMS and kbs // (split * 2) >= 2:
+    while nb * mb * split * 2 <= tune.get("per_sm", 4) * _SMS and kbs // (split * 2) >= 2:
         split *= 2
     per = triton.cdiv(kbs, split)
     split = triton.cdiv(kbs, per)
@@ -183,7 +190,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
         DOT_F32=x.dtype == torch.float32 and not act_quant and not rounded, SPLIT=split,
         ADD_ROW_DIV=add_row_div if add is not None else 0,
         FP8_DOT=FP8_DOT and act_quant and x.dtype == torch.bfloat16, BM=bm, BN=bn, BK=BK,
-        num_warps=warps, num_stages=3)
+        num_warps=warps, num_stages=tune.get("stages", 3))
     if split > 1:
         rbn = 256
         splitk_reduce_kernel[(m, triton.cdiv(n, rbn))](

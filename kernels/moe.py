@@ -360,11 +360,12 @@ def _variant(x, act_quant, rounded, decode, kernel):
 
 
 def moe_w13(u, w13, s13, pairs, tile_expert, weights, *, act_quant: bool, limit: float,
-            rounded: bool = False, decode: str | None = None, block_n: int | None = None):
+            rounded: bool = False, decode: str | None = None, block_n: int | None = None,
+            tune: dict | None = None):
     """u [T, D], w13 int8 [E, 2I, D/2], s13 E8M0 [E, 2I, D/32] -> act [n_tiles*BM, I].
     ``rounded``: u is already FP8-rounded (then ``act_quant=False``); ``decode``: a key of
     ``DECODES`` (default ``DEFAULT_DECODE``); ``block_n``: the tile's output columns (default
-    by tile count; for benchmarks)."""
+    by tile count; for benchmarks); ``tune``: ``warps``, ``stages`` (for benchmarks)."""
     t, d = u.shape
     e, two_i, _ = w13.shape
     i = two_i // 2
@@ -377,7 +378,8 @@ def moe_w13(u, w13, s13, pairs, tile_expert, weights, *, act_quant: bool, limit:
         moe_w13_kernel[(n_tiles, triton.cdiv(i, bn))](
             u, w13, s, pairs, tile_expert, weights, act, d, i, e, w13.stride(0), w13.stride(1),
             s.stride(0), s.stride(1), float(limit), TOPK=weights.shape[1], ACT_QUANT=aq,
-            F32=f32, BM=BM, BN=bn, DECODE=dec, num_warps=4, num_stages=3)
+            F32=f32, BM=BM, BN=bn, DECODE=dec, num_warps=(tune or {}).get("warps", 4),
+            num_stages=(tune or {}).get("stages", 3))
     return act
 
 
@@ -406,7 +408,8 @@ def round_rows(act: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
 
 
 def moe_w2(act, w2, s2, pairs, tile_expert, n_pairs: int, *, act_quant: bool,
-           rounded: bool = False, decode: str | None = None, block_n: int | None = None):
+           rounded: bool = False, decode: str | None = None, block_n: int | None = None,
+           tune: dict | None = None):
     """act [n_tiles*BM, I], w2 int8 [E, D, I/2], s2 [E, D, I/32] -> [P, D] per pair."""
     e, d, _ = w2.shape
     i = act.shape[1]
@@ -419,7 +422,7 @@ def moe_w2(act, w2, s2, pairs, tile_expert, n_pairs: int, *, act_quant: bool,
         moe_w2_kernel[(n_tiles, triton.cdiv(d, bn))](
             act, w2, s, pairs, tile_expert, out, d, i, e, w2.stride(0), w2.stride(1),
             s.stride(0), s.stride(1), ACT_QUANT=aq, F32=f32, BM=BM, BN=bn, DECODE=dec,
-            num_warps=4, num_stages=3)
+            num_warps=(tune or {}).get("warps", 4), num_stages=(tune or {}).get("stages", 3))
     return out
 
 
