@@ -126,16 +126,17 @@ def splitk_reduce_kernel(part_ptr, out_ptr, add_ptr, M, N, stride_om, stride_am,
               ADD_ROW_DIV)
 
 
-def _blocks(m: int) -> tuple[int, int, int]:
-    """(BM, BN, warps) by row count. 64 rows: BN 128 is 25-33% faster than 64 at the Flash
-    shapes; 1 row: BN 64 (more programs) is best (H100, benchmarks/sweep_kernels.py)."""
+def _blocks(m: int) -> tuple[int, int, int, int]:
+    """(BM, BN, warps, split-K programs per multiprocessor) by row count. 64 rows: BN 128 with
+    2 programs per SM is 25-33% faster than BN 64 with 4 at the Flash shapes; 1 row: BN 64, 4
+    per SM is best (H100, benchmarks/sweep_kernels.py)."""
     if m <= 16:
-        return 16, 64, 4
+        return 16, 64, 4, 4
     if m <= 32:
-        return 32, 128, 4
+        return 32, 128, 4, 2
     if m <= 128:
-        return 64, 128, 4
-    return 64, 128, 8
+        return 64, 128, 4, 2
+    return 64, 128, 8, 2
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, act_quant: bool,
@@ -168,12 +169,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
         raise ValueError(f"fp8_linear: group_n={group} must be a multiple of 128")
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    bm, bn, warps = _blocks(m)
+    bm, bn, warps, per_sm = _blocks(m)
     tune = tune or {}
-    bn, warps = tune.get("bn", bn), tune.get("warps", warps)
+    bn, warps, per_sm = tune.get("bn", bn), tune.get("warps", warps), tune.get("per_sm", per_sm)
     nb, mb, kbs = triton.cdiv(n, bn), triton.cdiv(m, bm), k // BK
     split = 1
-    while nb * mb * split * 2 <= tune.get("per_sm", 4) * _SMS and kbs // (split * 2) >= 2:
+    while nb * mb * split * 2 <= per_sm * _SMS and kbs // (split * 2) >= 2:
         split *= 2
     per = triton.cdiv(kbs, split)
     split = triton.cdiv(kbs, per)
