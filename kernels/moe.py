@@ -8,19 +8,22 @@ tile (no sorting at all: the tiles are fixed and ``tile_expert`` is the routing 
 rows pairs are sorted by expert on the device (:func:`align_tiles`), bounded by
 ``n_tiles <= ceil(P / BM) + min(P, E)`` so the grid is known without looking at the routing.
 
-- :func:`moe_w13`: per tile and block of I columns: gate (w1) and up (w3) products with the
-  activation FP8 rounding fused, both rounded to the compute dtype, the clamped SwiGLU and the
-  routing weight -> the w2 input ``act`` (as ``mtp.model.Experts``: weight before w2).
+- :func:`moe_w13`: per tile and block of I columns: gate (w1) and up (w3) products (the
+  activation FP8 rounding fused, or the input rounded ahead: ``rounded``), both rounded to the
+  compute dtype, the clamped SwiGLU and the routing weight -> the w2 input ``act`` (as
+  ``mtp.model.Experts``: weight before w2).
+- :func:`round_rows`: the w2 input's FP8 rounding, once per pair row.
 - :func:`moe_w2`: per tile and block of D: the down product, written per pair.
 The final sum (ascending expert order, plus the shared expert) is fused into ``hc.hc_post``.
 
-e2m1 weights: bytes [.., n, k/2], the even input in the low nibble; per-32 E8M0 scales. A
-128-input block is two dots, even and odd inputs, so nibbles are never interleaved. A code is
-decoded into exact float bits (``DECODES``: float32 bits with five integer ops per code, or
+e2m1 weights: bytes [.., n, k/2], the even input in the low nibble; per-32 E8M0 scales.
+``DECODES``: the hand decodes split a 128-input block into two dots, even and odd inputs, and
+build exact float bits per code (``f32``: float32 bits, five integer ops per code; ``f16x2``:
 float16 bits for 8 codes per register op in inline PTX, ``_common``), then two exact multiplies
-(to the code's value, by the block scale); the dots take the values as bf16 (exact). These
-kernels are bound by their whole instruction stream (activation rounding per program, layout
-changes, addressing, decode), not by memory (see ``kernels/NOTES.md``).
+(to the code's value, by the block scale), the dots taking the values as bf16 (exact); ``mx``
+hands bytes and scales to Triton's microscaling dot (``tl.dot_scaled``). Even so these kernels
+are bound by their instruction stream (layout changes, addressing, decode), not by memory:
+~1.5 TB/s at 64 rows on an H100 (``kernels/NOTES.md``, round 3).
 
 Shape legend: T rows, K experts per row, P = T*K pairs, E experts, D hidden, I expert width.
 """
