@@ -50,10 +50,10 @@ SMALL_T = 16  # below this many rows every pair is its own tile
 # e2m1 decode of the expert kernels (same values bit for bit; kernels/NOTES.md, v5):
 # "f32": integer ops build float32 bits per code; "f16x2": inline PTX builds float16 bits for
 # 8 codes per register op. The CPU interpreter runs no PTX: it always uses "f32".
-# "mx", "mxT": no hand decode: Triton's microscaling dot (``tl.dot_scaled``, e2m1 with E8M0
-# per-32 scales: exactly this format), activations as the left ("mx") or right ("mxT") operand.
-DECODES = {"f32": 0, "f16x2": 1, "mx": 2, "mxT": 3}
-# The defaults are the fastest of each kernel on an H100 (kernels/NOTES.md, run 11).
+# "mx": no hand decode: Triton's microscaling dot (``tl.dot_scaled``, e2m1 with E8M0 per-32
+# scales: exactly this format).
+DECODES = {"f32": 0, "f16x2": 1, "mx": 2}
+# The fastest of each kernel on an H100 (kernels/NOTES.md, round 3, v7 and v13).
 DEFAULT_DECODE = {"w13": "f16x2", "w2": "mx"}
 
 
@@ -218,13 +218,6 @@ def _mx_dot(acc, q, w_ptr, s_ptr, rows, kb, stride_wn, stride_sn):
 
 
 @triton.jit
-def _mx_dot_t(acc, q, w_ptr, s_ptr, rows, kb, stride_wn, stride_sn):
-    """The same transposed, weights on the left: acc [BN, BM] + block kb @ q^T."""
-    w, s = _e2m1_block(w_ptr, s_ptr, rows, kb, stride_wn, stride_sn)
-    return tl.dot_scaled(w, s, "e2m1", tl.trans(q), None, "bf16", acc=acc, fast_math=True)
-
-
-@triton.jit
 def _w13_loop(x_ptr, w_e, s_e, tok, valid, n, j, D, I, stride_wn, stride_sn,
               ACT_QUANT: tl.constexpr, F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
               DECODE: tl.constexpr):
@@ -248,6 +241,28 @@ def _w13_loop(x_ptr, w_e, s_e, tok, valid, n, j, D, I, stride_wn, stride_sn,
             acc_g += (mma(qe, tl.trans(w1e)) + mma(qo, tl.trans(w1o))) * sx[:, None]
             acc_v += (mma(qe, tl.trans(w3e)) + mma(qo, tl.trans(w3o))) * sx[:, None]
     return acc_g, acc_v
+
+
+@triton.jit
+def _w2_loop(act_ptr, w_e, s_e, row_off, valid, n, j, I, stride_wn, stride_sn,
+             ACT_QUANT: tl.constexpr, F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+             DECODE: tl.constexpr):
+    """The down product over I, with the kernels' own e2m1 decode."""
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for kb in range(0, I // 128):
+        xe, xo = _even_odd(act_ptr, row_off, kb * 128, valid, BM)
+        if ACT_QUANT:
+            qe, qo, sx = _quant_halves(xe, xo)
+        else:
+            qe = xe.to(EXACT)
+            qo = xo.to(EXACT)
+            sx = tl.full([BM], 1.0, tl.float32)
+        we, wo = _fp4_block(w_e, s_e, n, kb, stride_wn, stride_sn, j, DECODE)
+        if F32:  # float32 activations without rounding: IEEE float32 dots
+            acc += _dot32(xe, we) + _dot32(xo, wo)
+        else:
+            acc += (mma(qe, tl.trans(we)) + mma(qo, tl.trans(wo))) * sx[:, None]
+    return acc
 
 
 @triton.jit
@@ -282,22 +297,13 @@ def moe_w13_kernel(x_ptr, w_ptr, s_ptr, pairs_ptr, texp_ptr, rw_ptr, act_ptr,
         j = tl.arange(0, 64)
         w_e = w_ptr + ex * stride_we
         s_e = s_ptr + ex * stride_se
-        if DECODE == 2 and not F32:  # Triton's microscaling dot, activations on the left
+        if DECODE == 2 and not F32:  # Triton's microscaling dot
             acc_g = tl.zeros([BM, BN], dtype=tl.float32)
             acc_v = tl.zeros([BM, BN], dtype=tl.float32)
             for kb in range(0, D // 128):
                 q = _act_block(x_ptr, tok * D, kb * 128, valid, ACT_QUANT)
                 acc_g = _mx_dot(acc_g, q, w_e, s_e, n, kb, stride_wn, stride_sn)
                 acc_v = _mx_dot(acc_v, q, w_e, s_e, I + n, kb, stride_wn, stride_sn)
-        elif DECODE == 3 and not F32:  # the same with the weights on the left
-            acc_g = tl.zeros([BN, BM], dtype=tl.float32)
-            acc_v = tl.zeros([BN, BM], dtype=tl.float32)
-            for kb in range(0, D // 128):
-                q = _act_block(x_ptr, tok * D, kb * 128, valid, ACT_QUANT)
-                acc_g = _mx_dot_t(acc_g, q, w_e, s_e, n, kb, stride_wn, stride_sn)
-                acc_v = _mx_dot_t(acc_v, q, w_e, s_e, I + n, kb, stride_wn, stride_sn)
-            acc_g = tl.trans(acc_g)
-            acc_v = tl.trans(acc_v)
         else:
             acc_g, acc_v = _w13_loop(x_ptr, w_e, s_e, tok, valid, n, j, D, I, stride_wn,
                                      stride_sn, ACT_QUANT, F32, BM, BN, DECODE)
@@ -320,32 +326,14 @@ def moe_w2_kernel(act_ptr, w_ptr, s_ptr, pairs_ptr, texp_ptr, out_ptr,
         j = tl.arange(0, 64)
         w_e = w_ptr + ex * stride_we
         s_e = s_ptr + ex * stride_se
-        if DECODE == 2 and not F32:  # Triton's microscaling dot, activations on the left
+        if DECODE == 2 and not F32:  # Triton's microscaling dot
             acc = tl.zeros([BM, BN], dtype=tl.float32)
             for kb in range(0, I // 128):
                 q = _act_block(act_ptr, (tile * BM + r) * I, kb * 128, valid, ACT_QUANT)
                 acc = _mx_dot(acc, q, w_e, s_e, n, kb, stride_wn, stride_sn)
-        elif DECODE == 3 and not F32:  # the same with the weights on the left
-            acc_t = tl.zeros([BN, BM], dtype=tl.float32)
-            for kb in range(0, I // 128):
-                q = _act_block(act_ptr, (tile * BM + r) * I, kb * 128, valid, ACT_QUANT)
-                acc_t = _mx_dot_t(acc_t, q, w_e, s_e, n, kb, stride_wn, stride_sn)
-            acc = tl.trans(acc_t)
         else:
-            acc = tl.zeros([BM, BN], dtype=tl.float32)
-            for kb in range(0, I // 128):
-                xe, xo = _even_odd(act_ptr, (tile * BM + r) * I, kb * 128, valid, BM)
-                if ACT_QUANT:
-                    qe, qo, sx = _quant_halves(xe, xo)
-                else:
-                    qe = xe.to(EXACT)
-                    qo = xo.to(EXACT)
-                    sx = tl.full([BM], 1.0, tl.float32)
-                we, wo = _fp4_block(w_e, s_e, n, kb, stride_wn, stride_sn, j, DECODE)
-                if F32:
-                    acc += _dot32(xe, we) + _dot32(xo, wo)
-                else:
-                    acc += (mma(qe, tl.trans(we)) + mma(qo, tl.trans(wo))) * sx[:, None]
+            acc = _w2_loop(act_ptr, w_e, s_e, (tile * BM + r) * I, valid, n, j, I, stride_wn,
+                           stride_sn, ACT_QUANT, F32, BM, BN, DECODE)
         dst = out_ptr + tl.where(valid, pair, 0)[:, None] * D + n[None, :]
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None])
 

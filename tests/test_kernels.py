@@ -167,7 +167,7 @@ def test_route_exact_choice():
         assert rel(w, w_r) < 1e-6
 
 
-ALL_DECODES = ["f32", "f16x2", "mx", "mxT"]
+ALL_DECODES = ["f32", "f16x2", "mx"]
 HAND_DECODES = ["f32", "f16x2"]  # the kernels' own e2m1 decodes (mx: Triton's dot_scaled)
 
 
