@@ -135,4 +135,3 @@ def e2m1_pair_f16(b):
 def mma(a, b):
     """a @ b on operands whose values are exact in bfloat16, fp32 accumulation."""
     return tl.dot(a.to(EXACT), b.to(EXACT))
-
