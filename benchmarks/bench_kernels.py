@@ -26,6 +26,19 @@ from mtp import MTPConfig  # noqa: E402
 from mtp.quant import fp8_simulate  # noqa: E402
 
 
+def random_experts(cfg: MTPConfig, dev):
+    """All routed experts of a preset in the stored format, random codes, scale 2^-7:
+    (w13 int8 [E, 2I, D/2], its E8M0 scales, w2 int8 [E, D, I/2], its scales)."""
+    d, e, i = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+    w13 = torch.randint(-128, 128, (e, 2 * i, d // 2), dtype=torch.int8, device=dev)
+    s13 = torch.full((e, 2 * i, d // 32), 120, dtype=torch.uint8,
+                     device=dev).view(torch.float8_e8m0fnu)
+    w2 = torch.randint(-128, 128, (e, d, i // 2), dtype=torch.int8, device=dev)
+    s2 = torch.full((e, d, i // 32), 120, dtype=torch.uint8,
+                    device=dev).view(torch.float8_e8m0fnu)
+    return w13, s13, w2, s2
+
+
 def bench(reps, fn, *a, **kw) -> float:
     """Median ms of one fn(*a, **kw), from CUDA-graph replays of 10 calls (no launch
     overhead, as in the captured draft step)."""
@@ -54,14 +67,8 @@ def main() -> None:
     dev = "cuda"
     for name in args.preset.split(","):
         cfg = MTPConfig.from_name(name)
-        d, e, i, k = (cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size,
-                      cfg.num_experts_per_tok)
-        w13 = torch.randint(-128, 128, (e, 2 * i, d // 2), dtype=torch.int8, device=dev)
-        s13 = torch.full((e, 2 * i, d // 32), 120, dtype=torch.uint8,
-                         device=dev).view(torch.float8_e8m0fnu)
-        w2 = torch.randint(-128, 128, (e, d, i // 2), dtype=torch.int8, device=dev)
-        s2 = torch.full((e, d, i // 32), 120, dtype=torch.uint8,
-                        device=dev).view(torch.float8_e8m0fnu)
+        d, e, k = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok
+        w13, s13, w2, s2 = random_experts(cfg, dev)
         lin = {"wq_b": (cfg.num_attention_heads * cfg.head_dim, cfg.q_lora_rank),
                "wqa_wkv": (cfg.q_lora_rank + cfg.head_dim, d), "wo_b": (d, 8192),
                "h_proj": (d, d)}

@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_draft_step import _import_kernels, copy_bandwidth, time_it  # noqa: E402
+from bench_kernels import random_experts  # noqa: E402
 
 from mtp import MTPConfig  # noqa: E402
 from mtp.quant import fp8_simulate  # noqa: E402
@@ -72,8 +73,7 @@ def main() -> None:
     print(f"card {torch.cuda.get_device_name()}  copy {bw / 1e12:.2f} TB/s", flush=True)
     cfg = MTPConfig.from_name("flash")
     dev = "cuda"
-    d, e, i, k = (cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size,
-                  cfg.num_experts_per_tok)
+    d, e, k = cfg.hidden_size, cfg.n_routed_experts, cfg.num_experts_per_tok
     shapes = {"wq_b": (cfg.num_attention_heads * cfg.head_dim, cfg.q_lora_rank),
               "wqa_wkv": (cfg.q_lora_rank + cfg.head_dim, d), "wo_b": (d, 8192),
               "h_proj": (d, d), "shared_down": (d, cfg.moe_intermediate_size)}
@@ -103,12 +103,7 @@ def main() -> None:
             rows_out.append(dict(kernel="fp8_linear", shape=name, rows=t, default_ms=default,
                                  sweep=results))
             del ws
-        w13 = torch.randint(-128, 128, (e, 2 * i, d // 2), dtype=torch.int8, device=dev)
-        s13 = torch.full((e, 2 * i, d // 32), 120, dtype=torch.uint8,
-                         device=dev).view(torch.float8_e8m0fnu)
-        w2 = torch.randint(-128, 128, (e, d, i // 2), dtype=torch.int8, device=dev)
-        s2 = torch.full((e, d, i // 32), 120, dtype=torch.uint8,
-                        device=dev).view(torch.float8_e8m0fnu)
+        w13, s13, w2, s2 = random_experts(cfg, dev)
         u = fp8_simulate(torch.randn(t, d, device=dev, dtype=torch.bfloat16), 128)
         # 4 routings of the same size, cycled, so no call finds its experts in L2
         routes = []

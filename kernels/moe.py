@@ -183,6 +183,20 @@ def _even_odd(ptr, row_off, col0, valid, BM: tl.constexpr):
 
 
 @triton.jit
+def _act_halves(ptr, row_off, col0, valid, ACT_QUANT: tl.constexpr, BM: tl.constexpr):
+    """Rows' 128 inputs from col0 as (even, odd) fp32 [BM, 64], their dot operands (FP8-rounded
+    codes, or the values) and the per-row scale of the operands."""
+    xe, xo = _even_odd(ptr, row_off, col0, valid, BM)
+    if ACT_QUANT:
+        qe, qo, sx = _quant_halves(xe, xo)
+    else:
+        qe = xe.to(EXACT)
+        qo = xo.to(EXACT)
+        sx = tl.full([BM], 1.0, tl.float32)
+    return xe, xo, qe, qo, sx
+
+
+@triton.jit
 def _dot32(x, w):
     return tl.dot(x, tl.trans(w.to(tl.float32)), input_precision="ieee")
 
@@ -225,13 +239,7 @@ def _w13_loop(x_ptr, w_e, s_e, tok, valid, n, j, D, I, stride_wn, stride_sn,
     acc_g = tl.zeros([BM, BN], dtype=tl.float32)
     acc_v = tl.zeros([BM, BN], dtype=tl.float32)
     for kb in range(0, D // 128):
-        xe, xo = _even_odd(x_ptr, tok * D, kb * 128, valid, BM)
-        if ACT_QUANT:
-            qe, qo, sx = _quant_halves(xe, xo)
-        else:
-            qe = xe.to(EXACT)
-            qo = xo.to(EXACT)
-            sx = tl.full([BM], 1.0, tl.float32)
+        xe, xo, qe, qo, sx = _act_halves(x_ptr, tok * D, kb * 128, valid, ACT_QUANT, BM)
         w1e, w1o = _fp4_block(w_e, s_e, n, kb, stride_wn, stride_sn, j, DECODE)
         w3e, w3o = _fp4_block(w_e, s_e, I + n, kb, stride_wn, stride_sn, j, DECODE)
         if F32:  # float32 activations without rounding: IEEE float32 dots
@@ -250,13 +258,7 @@ def _w2_loop(act_ptr, w_e, s_e, row_off, valid, n, j, I, stride_wn, stride_sn,
     """The down product over I, with the kernels' own e2m1 decode."""
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for kb in range(0, I // 128):
-        xe, xo = _even_odd(act_ptr, row_off, kb * 128, valid, BM)
-        if ACT_QUANT:
-            qe, qo, sx = _quant_halves(xe, xo)
-        else:
-            qe = xe.to(EXACT)
-            qo = xo.to(EXACT)
-            sx = tl.full([BM], 1.0, tl.float32)
+        xe, xo, qe, qo, sx = _act_halves(act_ptr, row_off, kb * 128, valid, ACT_QUANT, BM)
         we, wo = _fp4_block(w_e, s_e, n, kb, stride_wn, stride_sn, j, DECODE)
         if F32:  # float32 activations without rounding: IEEE float32 dots
             acc += _dot32(xe, we) + _dot32(xo, wo)
