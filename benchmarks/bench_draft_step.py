@@ -218,7 +218,7 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
     model = init_random_gpu_(DeepSeekV4MTP(cfg, dtype=torch.bfloat16, device=dev), seed=0)
     pb = param_bytes(model)
     resident_alloc = torch.cuda.memory_allocated() - base_mem
-    fast = mk.TritonMTP(model)
+    fast = mk.TritonMTP(model, experts=args.experts)
     max_b = max(batches)
     cap = cfg.sliding_window + 4
     cache = KVCache(1, max(max_b, 16), cap, cfg.head_dim, dtype=torch.bfloat16, device=dev)
@@ -388,6 +388,8 @@ def main() -> None:
                     "(mtp_kernels.moe.DECODES; default: its DEFAULT_DECODE)")
     ap.add_argument("--fp8-dot", type=int, default=1, help="fp8_linear on the FP8 tensor cores")
     ap.add_argument("--overlap", type=int, default=1, help="shared expert on a side stream")
+    ap.add_argument("--experts", default="auto", help="routed experts' kernels: auto, cuda "
+                    "(mtp_kernels.moe_cuda), triton (mtp_kernels.moe)")
     ap.add_argument("--hc-warps", type=int, default=0, help="hc_finish warps (0: default)")
     ap.add_argument("--profile", default="", help="batch sizes to profile, e.g. 1,64")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -417,7 +419,8 @@ def main() -> None:
     bw = copy_bandwidth()
     head = dict(card=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                 commit=commit, date=time.strftime("%Y-%m-%d"), copy_TBps=bw / 1e12,
-                fp4_decode=moe.DEFAULT_DECODE, fp8_dot=args.fp8_dot, overlap=args.overlap,
+                experts=args.experts, fp4_decode=moe.DEFAULT_DECODE, fp8_dot=args.fp8_dot,
+                overlap=args.overlap,
                 hc_warps=args.hc_warps,
                 command=" ".join(sys.argv))
     print(json.dumps(head), flush=True)

@@ -29,7 +29,10 @@ from mtp.model import DeepSeekV4MTP, MTPLayer
 from . import attention as attn_k
 from . import hc as hc_k
 from . import moe as moe_k
+from . import moe_cuda
 from .fp8_linear import fp8_linear
+
+EXPERTS = ("auto", "cuda", "triton")
 
 
 class TritonMTP:
@@ -39,12 +42,17 @@ class TritonMTP:
     Args:
         model: the module (on a CUDA device, compute dtype bfloat16 or float32). Its weights are
             used in place; later changes to them (loading) are seen.
+        experts: the routed experts' kernels: ``"cuda"`` (``moe_cuda``: hand-written, compiled
+            by NVRTC at first use; bfloat16 with the activation rounding on, else the Triton
+            ones run), ``"triton"`` (``moe``), or ``"auto"``: ``"cuda"`` where it can run
+            (torch with ``torch.cuda._compile_kernel``, compute capability >= 8.0, bfloat16,
+            hidden size and expert width multiples of 128).
 
     ``forward`` / ``compute_logits`` take and return exactly what the module's do; numerics
     switches are read from ``model.numerics`` at each call.
     """
 
-    def __init__(self, model: DeepSeekV4MTP):
+    def __init__(self, model: DeepSeekV4MTP, *, experts: str = "auto"):
         if not isinstance(model, DeepSeekV4MTP):
             raise TypeError(f"TritonMTP wraps a DeepSeekV4MTP, got {type(model).__name__}")
         fmt = model.weight_format
@@ -62,6 +70,15 @@ class TritonMTP:
         dev = model.model.embed_tokens.weight.device
         if dev.type != "cuda" and not os.environ.get("TRITON_INTERPRET"):
             raise ValueError(f"TritonMTP needs the model on a CUDA device; it is on {dev}")
+        if experts not in EXPERTS:
+            raise ValueError(f"TritonMTP: experts must be one of {EXPERTS}, got {experts!r}")
+        why = moe_cuda.unavailable(dev) or moe_cuda.unsupported(
+            model.config.hidden_size, model.config.moe_intermediate_size) or (
+            None if model.dtype == torch.bfloat16 else f"compute dtype {model.dtype}: the CUDA "
+            f"expert kernels are bfloat16 only")
+        if experts == "cuda" and why:
+            raise ValueError(f"TritonMTP: experts='cuda' cannot run here: {why}; use 'triton'")
+        self.experts = "triton" if experts == "triton" or why else "cuda"
         self.model = model
         self.config = cfg = model.config
         self.dtype = model.dtype
@@ -231,12 +248,20 @@ class TritonMTP:
                              cfg.scoring_func, cfg.routed_scaling_factor)
         pairs, tile_expert = self._tiles(idx)
         ex = ffn.experts
-        act = moe_k.moe_w13(x, ex.w13_weight, ex.w13_weight_scale, pairs, tile_expert, w,
-                            act_quant=False, rounded=rounded, limit=cfg.swiglu_limit)
-        if rounded:
-            moe_k.round_rows(act, pairs)
-        pair_out = moe_k.moe_w2(act, ex.w2_weight, ex.w2_weight_scale, pairs, tile_expert,
-                                idx.numel(), act_quant=False, rounded=rounded)
+        if self.experts == "cuda" and rounded:  # (the CUDA kernels take rounded inputs only)
+            xh, xs = moe_k.quant_rows(x)  # x is rounded already: the same values
+            act = moe_cuda.moe_w13(xh, xs, ex.w13_weight, ex.w13_weight_scale, pairs,
+                                   tile_expert, w, limit=cfg.swiglu_limit)
+            ah, as_ = moe_k.quant_rows(act, pairs)
+            pair_out = moe_cuda.moe_w2(ah, as_, ex.w2_weight, ex.w2_weight_scale, pairs,
+                                       tile_expert, idx.numel(), top_k=idx.shape[1])
+        else:
+            act = moe_k.moe_w13(x, ex.w13_weight, ex.w13_weight_scale, pairs, tile_expert, w,
+                                act_quant=False, rounded=rounded, limit=cfg.swiglu_limit)
+            if rounded:
+                moe_k.round_rows(act, pairs)
+            pair_out = moe_k.moe_w2(act, ex.w2_weight, ex.w2_weight_scale, pairs, tile_expert,
+                                    idx.numel(), act_quant=False, rounded=rounded)
         if main is not None:  # join
             main.wait_stream(self._side)
             shared.record_stream(main)

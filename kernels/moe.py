@@ -400,6 +400,46 @@ def round_rows(act: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     return act
 
 
+@triton.jit
+def quant_rows_kernel(x_ptr, pairs_ptr, xh_ptr, xs_ptr, D, HAS_PAIRS: tl.constexpr,
+                      BD: tl.constexpr):
+    """FP8 activation rounding (blocks of 128) of one row -> the e4m3 values as float16, each
+    8 inputs in the order 0 2 4 6 1 3 5 7, and the blocks' scales 2^e (float32)."""
+    r = tl.program_id(0)
+    ok = r >= 0
+    if HAS_PAIRS:
+        ok = tl.load(pairs_ptr + r) >= 0
+    if ok:
+        c = tl.arange(0, BD)
+        x = tl.load(x_ptr + r * D + c, mask=c < D, other=0.0).to(tl.float32)
+        xb = tl.reshape(x, (BD // 128, 128))  # [BD] -> [blocks, 128]
+        e = pow2_scale_bits(tl.max(tl.abs(xb), axis=1))
+        q = fp8_round(xb, e)
+        # [blocks, 128] -> [BD/8, 4, 2] -> [BD/8, 2, 4] -> [BD]: even inputs, then odd, per 8
+        q = tl.reshape(tl.permute(tl.reshape(q, (BD // 8, 4, 2)), (0, 2, 1)), (BD,))
+        tl.store(xh_ptr + r * D + c, q.to(tl.float16), mask=c < D)
+        b = tl.arange(0, BD // 128)
+        tl.store(xs_ptr + r * (D // 128) + b, exp2_int(e), mask=b < D // 128)
+
+
+def quant_rows(x: torch.Tensor, pairs: torch.Tensor | None = None):
+    """``fp8_simulate(x, 128)`` split into what the CUDA expert kernels (``moe_cuda``) read:
+    x [R, D] -> (xh [R, D] float16: the e4m3 values, exact, each 8 inputs ordered 0 2 4 6 1 3
+    5 7; xs [R, D/128] float32: the blocks' power-of-two scales), so that ``fp8_simulate(x)``
+    = xh (un-permuted) * xs. With ``pairs`` [R] only rows whose pair id is >= 0 are written
+    (the others keep whatever memory held)."""
+    rows, d = x.shape
+    if d % 128:
+        raise ValueError(f"quant_rows: width {d} is not a multiple of 128")
+    xh = torch.empty(rows, d, dtype=torch.float16, device=x.device)
+    xs = torch.empty(rows, d // 128, dtype=torch.float32, device=x.device)
+    if rows:
+        quant_rows_kernel[(rows,)](x, pairs if pairs is not None else x, xh, xs, d,
+                                   HAS_PAIRS=pairs is not None,
+                                   BD=triton.next_power_of_2(d), num_warps=4)
+    return xh, xs
+
+
 def moe_w2(act, w2, s2, pairs, tile_expert, n_pairs: int, *, act_quant: bool,
            rounded: bool = False, decode: str | None = None, block_n: int | None = None,
            tune: dict | None = None):

@@ -76,13 +76,19 @@ def scenario(model, runner, dtype):
     return out
 
 
+@pytest.mark.parametrize("experts", ["auto", "triton"])
 @pytest.mark.parametrize("dtype,rounding", [(torch.float32, False), (torch.float32, True),
                                             (torch.bfloat16, False), (torch.bfloat16, True)])
-def test_fast_path_matches_module(dtype, rounding):
+def test_fast_path_matches_module(dtype, rounding, experts):
+    """experts="auto": the CUDA expert kernels where they can run (bf16, rounding on, a GPU),
+    else the Triton ones."""
     from mtp_kernels import TritonMTP
     model = build(dtype, rounding)
     ref = scenario(model, model, dtype)
-    fast = scenario(model, TritonMTP(model), dtype)
+    runner = TritonMTP(model, experts=experts)
+    if experts == "auto" and dtype == torch.bfloat16 and DEVICE == "cuda":
+        assert runner.experts == "cuda", "the CUDA expert kernels should run on this GPU"
+    fast = scenario(model, runner, dtype)
     if dtype == torch.float32 and not rounding:
         for a, b in zip(fast, ref):
             assert rel(a, b) < 2e-6
@@ -142,6 +148,16 @@ def test_graph_step_rejects_bad_input():
                                                                              device=DEVICE),
                     check=False)
     assert torch.equal(cache.kv, before[0]) and torch.equal(cache.pos, before[1])
+
+
+def test_experts_choice_errors():
+    from mtp_kernels import TritonMTP
+    model = build(torch.float32, True)
+    with pytest.raises(ValueError, match="experts must be one of"):
+        TritonMTP(model, experts="fast")
+    with pytest.raises(ValueError, match="experts='cuda' cannot run here"):
+        TritonMTP(model, experts="cuda")  # float32 (and on the interpreter, no GPU either)
+    assert TritonMTP(model).experts == "triton"  # auto: float32 takes the Triton kernels
 
 
 @pytest.mark.skipif(DEVICE is None, reason="needs a CUDA GPU")

@@ -242,6 +242,126 @@ def test_fp4_experts(t, dtype, decode, mode):
             assert rel(out[r * k + j], ref[0]) < (BF16_TOL if dtype == torch.bfloat16 else F32_TOL)
 
 
+def _cuda_experts():
+    """mtp_kernels.moe_cuda, or skip with the reason it cannot run here."""
+    if INTERPRET:
+        pytest.skip("the CUDA expert kernels are compiled by NVRTC for a GPU; the interpreter "
+                    "runs only Triton")
+    from mtp_kernels import moe_cuda
+    reason = moe_cuda.unavailable(torch.device(DEVICE))
+    if reason:
+        pytest.skip(f"CUDA expert kernels: {reason}")
+    return moe_cuda
+
+
+def _unpermute8(xh):
+    """quant_rows' float16 order (each 8 inputs as 0 2 4 6 1 3 5 7) -> natural order."""
+    r, d = xh.shape
+    return xh.view(r, d // 8, 2, 4).transpose(2, 3).reshape(r, d)  # [R, D/8, 2, 4] -> [R, D]
+
+
+@pytest.mark.parametrize("d", [128, 384, 7168])
+def test_quant_rows_exact(d):
+    """xh (un-permuted) * xs is the reference's fp8_simulate bit for bit; rows whose pair is
+    -1 are left as they were."""
+    from mtp_kernels import moe
+
+    from mtp.quant import fp8_simulate
+    x = randn(6, d, seed=50, dtype=torch.bfloat16, std=3.0)
+    x[1, :128] = 0  # an all-zero block: the reference's 1e-4 floor on the scale
+    x[2, 5] = 1e4  # one block whose scale is set by a single large value
+    xh, xs = moe.quant_rows(x)
+    got = _unpermute8(xh).float() * xs.repeat_interleave(128, dim=1)
+    assert torch.equal(got, fp8_simulate(x, 128).float())
+    assert torch.equal(xs, torch.exp2(torch.log2(xs).round()))  # powers of two
+    pairs = torch.tensor([3, -1, 0, -1, 7, 1], dtype=torch.int32, device=DEVICE)
+    xh2, xs2 = moe.quant_rows(x, pairs)
+    keep = pairs >= 0
+    assert torch.equal(xh2[keep], xh[keep]) and torch.equal(xs2[keep], xs[keep])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cuda_experts_decode_exact(seed):
+    """moe_cuda.moe_w2 on one-hot activations returns the dequantised weight columns bit for
+    bit: every byte value in every input position, scales over 2^-60 .. 2^60, both token
+    groups of a tile (128 rows on one expert)."""
+    moe_cuda = _cuda_experts()
+    from mtp_kernels import moe
+
+    from mtp.quant import dequant_fp4
+    e, d, i = 3, 32, 256
+    g = gen(60 + seed)
+    w = torch.randint(-128, 128, (e, d, i // 2), generator=g, device=DEVICE,
+                      dtype=torch.int32)
+    w[1, :2] = torch.arange(-128, 128, device=DEVICE, dtype=torch.int32).view(2, 128)
+    w = w.to(torch.int8)
+    s = torch.randint(127 - 60, 127 + 60, (e, d, i // 32), generator=g, device=DEVICE,
+                      dtype=torch.int32).to(torch.uint8).view(torch.float8_e8m0fnu)
+    idx = torch.ones(i, 1, dtype=torch.int64, device=DEVICE)  # every row on expert 1
+    pairs, texp = moe.align_tiles(idx, e)
+    act = torch.zeros(pairs.numel(), i, dtype=torch.bfloat16, device=DEVICE)
+    rows = torch.nonzero(pairs >= 0).flatten()
+    act[rows, pairs[rows].long()] = 1.0  # the row of pair p picks input p
+    ah, as_ = moe.quant_rows(act, pairs)
+    out = moe_cuda.moe_w2(ah, as_, w, s, pairs, texp, i, top_k=1)
+    ref = dequant_fp4(w[1], s[1]).t().to(torch.bfloat16)  # [I, D]: row p = input p's column
+    assert torch.equal(out, ref)
+
+
+TUNES = [None, {"wn": 1, "stages": 2, "steps": 8}, {"wn": 8, "stages": 2, "steps": 2}]
+
+
+@pytest.mark.parametrize("tune", TUNES)
+@pytest.mark.parametrize("t", [1, 3, 20, 40])
+def test_cuda_experts(t, tune):
+    """The CUDA expert kernels against the reference (bf16, activation rounding on), fed as the
+    fast path feeds them: quant_rows of u, of the w13 output. At 40 rows one expert takes every
+    row (tiles of 16: both token groups); the launch settings change only the summation order."""
+    moe_cuda = _cuda_experts()
+    from mtp_kernels import moe
+
+    from mtp import ops
+    from mtp.model import linear
+    from mtp.quant import dequant_fp4, fp8_simulate
+    e, d, i, k = 8, 512, 256, 2
+    w13, s13 = fp4_weight(e, 2 * i, d, seed=20)
+    w2, s2 = fp4_weight(e, d, i, seed=40)
+    u = randn(t, d, seed=21, dtype=torch.bfloat16)
+    idx = torch.stack([torch.randperm(e, generator=gen(22 + r), device=DEVICE)[:k]
+                       for r in range(t)])
+    if t == 40:
+        idx[:, 0], idx[:, 1] = 5, torch.where(idx[:, 1] == 5, idx[:, 0], idx[:, 1])
+    wts = torch.rand(t, k, generator=gen(23), device=DEVICE)
+    pairs, texp = moe.align_tiles(idx, e)
+    xh, xs = moe.quant_rows(u)
+    act = moe_cuda.moe_w13(xh, xs, w13, s13, pairs, texp, wts, limit=10.0, tune=tune)
+    ah, as_ = moe.quant_rows(act, pairs)
+    out = moe_cuda.moe_w2(ah, as_, w2, s2, pairs, texp, t * k, top_k=k, tune=tune)
+    for r in range(t):
+        for j in range(k):
+            ex = int(idx[r, j])
+            g, v = linear(fp8_simulate(u[r:r + 1], 128), dequant_fp4(w13[ex], s13[ex]),
+                          True).chunk(2, dim=-1)
+            a = (wts[r, j] * ops.swiglu(g, v, 10.0)).to(u.dtype)
+            ref = linear(fp8_simulate(a, 128), dequant_fp4(w2[ex], s2[ex]), True)
+            assert rel(out[r * k + j], ref[0]) < BF16_TOL, (r, j)
+
+
+def test_cuda_experts_bad_input():
+    moe_cuda = _cuda_experts()
+    from mtp_kernels import moe
+    w13, s13 = fp4_weight(2, 256, 256, seed=20)
+    u = randn(2, 256, seed=21, dtype=torch.bfloat16)
+    idx = torch.tensor([[0], [1]], device=DEVICE)
+    pairs, texp = moe.align_tiles(idx, 2)
+    xh, xs = moe.quant_rows(u)
+    wts = torch.ones(2, 1, device=DEVICE)
+    with pytest.raises(ValueError, match="quant_rows"):
+        moe_cuda.moe_w13(u, xs, w13, s13, pairs, texp, wts, limit=0.0)
+    with pytest.raises(ValueError, match=r"int8 \[E, N, 128\]"):
+        moe_cuda.moe_w13(xh, xs, w13[:, :, :64], s13, pairs, texp, wts, limit=0.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_q_kv_prep(dtype):
     from mtp_kernels import attention as at
