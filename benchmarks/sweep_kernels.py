@@ -2,9 +2,10 @@
 
 Times the FP8 products (``fp8_linear``: tile width, warps, pipeline stages, split-K programs per
 multiprocessor) and the FP4 expert products (``moe_w13`` / ``moe_w2``: e2m1 decode, tile width,
-warps, stages) at V4-Flash shapes, for 1 and 64 rows, with every other setting as the library's
-default. Each timing is the median of CUDA-graph replays; a replay cycles through enough copies
-of the weights (>= 256 MB) that no call finds its weights in L2, as in the real draft step.
+warps, stages; ``moe_cuda``: warps, stages, steps per stage) at V4-Flash shapes, for 1 and 64
+rows, with every other setting as the library's default. Each timing is the median of CUDA-graph
+replays; a replay cycles through enough copies of the weights (>= 256 MB) that no call finds its
+weights in L2, as in the real draft step.
 Prints the default's time, the best setting and its time per kernel and shape; the full table
 goes to ``$OUT/sweep_kernels.json``.
 
@@ -131,6 +132,30 @@ def main() -> None:
             print(f"  moe_{kern} default {default * 1e3:8.1f} us | best "
                   f"{results[best] * 1e3:8.1f} us {best}", flush=True)
             rows_out.append(dict(kernel=f"moe_{kern}", rows=t, default_ms=default,
+                                 sweep=results))
+        # the CUDA expert kernels (moe_cuda): warps per block, stages, steps per stage
+        from mtp_kernels import moe_cuda
+        xh, xs = moe.quant_rows(u)
+        q2 = [moe.quant_rows(a, p) for a, (p, _, _) in zip(acts, routes)]
+        for kern in ("w13", "w2"):
+            results = {}
+            for wn, stages, steps in itertools.product((1, 2, 4, 8), (2, 4, 8), (2, 4, 8)):
+                tune = dict(wn=wn, stages=stages, steps=steps)
+                if moe_cuda._smem(wn, stages, steps) > 48 * 1024:
+                    continue
+                if kern == "w13":
+                    calls = [functools.partial(moe_cuda.moe_w13, xh, xs, w13, s13, p, te, wt,
+                                               limit=10.0, tune=tune) for p, te, wt in routes]
+                else:
+                    calls = [functools.partial(moe_cuda.moe_w2, a, sa, w2, s2, p, te, t * k,
+                                               top_k=k, tune=tune)
+                             for (a, sa), (p, te, _) in zip(q2, routes)]
+                results[json.dumps(tune)] = bench_cycle(args.reps, calls)
+            default = results[json.dumps(moe_cuda.DEFAULT_TUNE)]
+            best = min(results, key=results.get)
+            print(f"  moe_cuda {kern} default {default * 1e3:8.1f} us | best "
+                  f"{results[best] * 1e3:8.1f} us {best}", flush=True)
+            rows_out.append(dict(kernel=f"moe_cuda_{kern}", rows=t, default_ms=default,
                                  sweep=results))
         torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
