@@ -64,7 +64,7 @@ def main() -> None:
             b13 = used * (w13[0].numel() + s13[0].numel())
             b2 = used * (w2[0].numel() + s2[0].numel())
 
-            def line(what, m13, m2):
+            def line(what, m13, m2, b13=b13, b2=b2):
                 print(f"  {what:40s} w13 {m13 * 1e3:7.1f} us {b13 / m13 / 1e9:5.2f} TB/s | "
                       f"w2 {m2 * 1e3:7.1f} us {b2 / m2 / 1e9:5.2f} TB/s", flush=True)
 
