@@ -1,29 +1,31 @@
-// Routed-expert products with FP4 weights (e2m1 codes, E8M0 scale per 32 inputs) on the FP8
-// tensor cores: mma.sync m16n8k32 e4m3 x e4m3 -> fp32 (sm_89 and later). Compiled at run time
-// by NVRTC (mtp_kernels.moe_cuda): no CUDA headers, every non-trivial instruction in PTX.
+// Routed-expert products with FP4 weights (e2m1 codes, E8M0 scale per 32 inputs) on the tensor
+// cores: mma.sync m16n8k16 f16 x f16 -> fp32 (sm_80 and later). Compiled at run time by NVRTC
+// (mtp_kernels.moe_cuda): no CUDA headers, every non-trivial instruction in PTX.
 //
-// Why by hand: the Triton kernels (moe.py) spend 11-16 instructions per weight byte on layout
-// changes through shared memory, addressing and the decode, and stall at ~1.5 TB/s
-// (kernels/NOTES.md, round 3). Here each thread loads its weight words straight into the
-// registers the mma reads, and the e2m1 -> e4m3 decode is 7 integer ops per 8 codes.
+// Why by hand: the Triton kernels (moe.py) stall at ~1.6 TB/s (kernels/NOTES.md, rounds 3-4).
+// Here the weights stream through a per-warp ring of cp.async stages in shared memory (no
+// registers held while in flight), ldmatrix hands each thread exactly the bytes of its mma
+// fragment, and the e2m1 -> float16 decode is 11 integer ops per 8 codes.
 //
 // One warp computes 16 weight rows (A, the mma's M) against up to 8 rows of a tile's
 // activations (B, the mma's N; a tile holds 16 (token, expert) pairs of one expert, as
-// moe.align_tiles builds them, so two groups of 8). One mma covers one 32-input block: the
-// four threads of an A row hold its 16 bytes, four each, so every mma has one weight scale
-// per row, applied to its fp32 result on the CUDA cores (the FP8 tensor cores' limited
-// accumulation never spans more than 32 products). The 32 inputs of a block enter the mma
-// in a permuted order (A and B alike; a dot product does not care): thread c's register
-// holds inputs 8c + {0, 2, 4, 6} (even codes) or 8c + {1, 3, 5, 7} (odd codes).
+// moe.align_tiles builds them, so two groups of 8). One 32-input block is two k16 mmas whose
+// A fragments come from the four threads of each row, four bytes (8 codes) each, so the pair
+// has one weight scale per row, applied to its fp32 result on the CUDA cores. The 32 inputs
+// of a block enter the mmas in a permuted order (A and B alike; a dot product does not care):
+// thread c holds inputs 8c + {0, 2, 4, 6} for the first, 8c + {1, 3, 5, 7} for the second.
 //
-// Activations come in as e4m3 codes with a power-of-two scale per 128 inputs (moe.quant_rows:
-// the reference's FP8 activation rounding, exactly), so every product is exact and the scales
-// are applied per 128 inputs, again on the CUDA cores.
+// Activations come in as float16 e4m3 values (exact) with a power-of-two scale per 128 inputs,
+// each 8 inputs stored in the order above (moe.quant_rows: the reference's FP8 activation
+// rounding, exactly), so every product is exact and that scale too is applied per 128 inputs
+// on the CUDA cores.
 //
-// Shapes: x8 [rows, K] e4m3 codes, xs [rows, K/128] fp32; w [E, N, K/2] bytes, ws [E, N, K/32]
+// Shapes: xh [rows, K] float16, xs [rows, K/128] fp32; w [E, N, K/2] bytes, ws [E, N, K/32]
 // E8M0 bytes; pairs [tiles*16] int32 (pair id t*topk + k, or -1), texp [tiles] int64 (>= E:
 // empty tile). W13: N = 2I (gate rows, then up rows), out = act [tiles*16, I] bf16 (clamped
 // SwiGLU times the routing weight); else N = D, out [P, D] bf16 per pair.
+// Template: W13, WN warps per block, G token groups per tile, S stages (a power of two), P
+// 128-input steps per stage.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
