@@ -14,7 +14,7 @@ Example:
     >>> xh, xs = moe.quant_rows(u)                            # u [T, D] bf16
     >>> act = moe_w13(xh, xs, w13, s13, pairs, texp, weights, limit=10.0)
     >>> ah, as_ = moe.quant_rows(act, pairs)
-    >>> out = moe_w2(ah, as_, w2, s2, pairs, texp, n_pairs=T * K)   # [T*K, D] bf16
+    >>> out = moe_w2(ah, as_, w2, s2, pairs, texp, T * K, top_k=K)   # [T*K, D] bf16
 """
 
 from __future__ import annotations
@@ -152,6 +152,9 @@ def moe_w13(xh, xs, w13, s13, pairs, tile_expert, weights, *, limit: float,
     i = w13.shape[1] // 2
     if i % 8:
         raise ValueError(f"moe_cuda.moe_w13: expert width {i} is not a multiple of 8")
+    if weights.dtype != torch.float32 or weights.shape[0] != t or not weights.is_contiguous():
+        raise ValueError(f"moe_cuda.moe_w13: routing weights must be contiguous float32 [{t}, K] "
+                         f"(moe.route); got {weights.dtype} {tuple(weights.shape)}")
     act = torch.empty(tile_expert.numel() * BM, i, dtype=torch.bfloat16, device=xh.device)
     return _launch(True, xh, xs, w13, s13, pairs, tile_expert, weights, act, i,
                    weights.shape[1], limit, _groups(t), tune)
