@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,64")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--tunes", default=TUNES, help="CUDA launch settings, ';'-separated JSON")
+    ap.add_argument("--tiles", default="8,16", help="pair slots per tile for the CUDA kernels")
     args = ap.parse_args()
     _import_kernels()
     from mtp_kernels import moe, moe_cuda
@@ -54,12 +55,13 @@ def main() -> None:
         w13, s13, w2, s2 = random_experts(cfg, dev)
         for t in [int(x) for x in args.rows.split(",")]:
             u = fp8_simulate(torch.randn(t, d, device=dev, dtype=torch.bfloat16), 128)
-            routes = []
+            routes, idxs = [], []
             for _ in range(4):
                 idx = torch.stack([torch.randperm(e, device=dev)[:k] for _ in range(t)])
                 pairs, texp = moe.align_tiles(idx, e)
                 routes.append((pairs, texp, torch.rand(t, k, device=dev),
                                idx.unique().numel()))
+                idxs.append(idx)
             used = statistics.mean(r[3] for r in routes)
             b13 = used * (w13[0].numel() + s13[0].numel())
             b2 = used * (w2[0].numel() + s2[0].numel())
@@ -83,17 +85,25 @@ def main() -> None:
                      moe.moe_w2, a, w2, s2, p, te, t * k, **tri)
                      for a, (p, te, *_) in zip(acts, routes)]))
             xh, xs = moe.quant_rows(u)
-            q2 = [moe.quant_rows(a, p) for a, (p, *_) in zip(acts, routes)]
-            for tune in tunes:
-                line(f"cuda {json.dumps(tune)}",
-                     bench_cycle(args.reps, [functools.partial(
-                         moe_cuda.moe_w13, xh, xs, w13, s13, p, te, wt, limit=10.0, tune=tune)
-                         for p, te, wt, _ in routes]),
-                     bench_cycle(args.reps, [functools.partial(
-                         moe_cuda.moe_w2, a, sa, w2, s2, p, te, t * k, top_k=k, tune=tune)
-                         for (a, sa), (p, te, *_) in zip(q2, routes)]))
+            for bm in [int(x) for x in args.tiles.split(",")]:
+                # the same routings, tiled for the CUDA kernels (bm pair slots per tile)
+                croutes = [moe.align_tiles(i, e, bm) + (wt,) for i, (_, _, wt, _) in
+                           zip(idxs, routes)]
+                cacts = [moe_cuda.moe_w13(xh, xs, w13, s13, p, te, wt, limit=10.0)
+                         for p, te, wt in croutes]
+                q2 = [moe.quant_rows(a, p) for a, (p, *_) in zip(cacts, croutes)]
+                for tune in tunes:
+                    line(f"cuda tiles {bm} {json.dumps(tune)}",
+                         bench_cycle(args.reps, [functools.partial(
+                             moe_cuda.moe_w13, xh, xs, w13, s13, p, te, wt, limit=10.0,
+                             tune=tune) for p, te, wt in croutes]),
+                         bench_cycle(args.reps, [functools.partial(
+                             moe_cuda.moe_w2, a, sa, w2, s2, p, te, t * k, tune=tune)
+                             for (a, sa), (p, te, _) in zip(q2, croutes)]))
+            # agreement: w2 of both paths on the same rounded input (the Triton tiling)
             p, te, *_ = routes[0]
-            o_c = moe_cuda.moe_w2(q2[0][0], q2[0][1], w2, s2, p, te, t * k, top_k=k).double()
+            ah, as_ = moe.quant_rows(acts[0], p)
+            o_c = moe_cuda.moe_w2(ah, as_, w2, s2, p, te, t * k).double()
             o_t = moe.moe_w2(acts[0], w2, s2, p, te, t * k, **tri).double()
             q_ms = bench_cycle(args.reps, [functools.partial(moe.quant_rows, a, p)
                                            for a, (p, *_) in zip(acts, routes)])

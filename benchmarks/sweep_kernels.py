@@ -107,12 +107,13 @@ def main() -> None:
         w13, s13, w2, s2 = random_experts(cfg, dev)
         u = fp8_simulate(torch.randn(t, d, device=dev, dtype=torch.bfloat16), 128)
         # 4 routings of the same size, cycled, so no call finds its experts in L2
-        routes = []
+        routes, idxs = [], []
         for _ in range(4):
             idx = torch.stack([torch.randperm(e, device=dev)[:k] for _ in range(t)])
             wts = torch.rand(t, k, device=dev)
             pairs, texp = moe.align_tiles(idx, e)
             routes.append((pairs, texp, wts))
+            idxs.append(idx)
         base = dict(act_quant=False, rounded=True)
         acts = [moe.moe_w13(u, w13, s13, p, te, wt, limit=10.0, **base)
                 for p, te, wt in routes]
@@ -136,7 +137,11 @@ def main() -> None:
         # the CUDA expert kernels (moe_cuda): warps per block, stages, steps per stage
         from mtp_kernels import moe_cuda
         xh, xs = moe.quant_rows(u)
-        q2 = [moe.quant_rows(a, p) for a, (p, _, _) in zip(acts, routes)]
+        croutes = [moe.align_tiles(i, e, moe_cuda.TILE) + (wt,) for i, (_, _, wt) in
+                   zip(idxs, routes)]
+        cacts = [moe_cuda.moe_w13(xh, xs, w13, s13, p, te, wt, limit=10.0)
+                 for p, te, wt in croutes]
+        q2 = [moe.quant_rows(a, p) for a, (p, _, _) in zip(cacts, croutes)]
         for kern in ("w13", "w2"):
             results = {}
             for wn, stages, steps in itertools.product((1, 2, 4, 8), (2, 4, 8), (2, 4, 8)):
@@ -145,11 +150,11 @@ def main() -> None:
                     continue
                 if kern == "w13":
                     calls = [functools.partial(moe_cuda.moe_w13, xh, xs, w13, s13, p, te, wt,
-                                               limit=10.0, tune=tune) for p, te, wt in routes]
+                                               limit=10.0, tune=tune) for p, te, wt in croutes]
                 else:
                     calls = [functools.partial(moe_cuda.moe_w2, a, sa, w2, s2, p, te, t * k,
-                                               top_k=k, tune=tune)
-                             for (a, sa), (p, te, _) in zip(q2, routes)]
+                                               tune=tune)
+                             for (a, sa), (p, te, _) in zip(q2, croutes)]
                 results[json.dumps(tune)] = bench_cycle(args.reps, calls)
             default = results[json.dumps(moe_cuda.DEFAULT_TUNE)]
             best = min(results, key=results.get)

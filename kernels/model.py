@@ -85,7 +85,7 @@ class TritonMTP:
         self.device = dev
         i = torch.arange(0, cfg.qk_rope_head_dim, 2, dtype=torch.float64, device=dev)
         self.inv_freq = cfg.rope_theta ** (-i / cfg.qk_rope_head_dim)  # as ops.rope_cos_sin
-        self._small_tiles: dict[int, torch.Tensor] = {}
+        self._small_tiles: dict[tuple[int, int], torch.Tensor] = {}
         # decode_step's side stream (the shared expert), set for the duration of one call
         self._side: torch.cuda.Stream | None = None
 
@@ -246,16 +246,17 @@ class TritonMTP:
         logits = torch.mm(ops.wide(u), ffn.gate.weight.t())  # [T, E] fp32, as ops.route
         idx, w = moe_k.route(logits, ffn.gate.e_score_correction_bias, cfg.num_experts_per_tok,
                              cfg.scoring_func, cfg.routed_scaling_factor)
-        pairs, tile_expert = self._tiles(idx)
         ex = ffn.experts
         if self.experts == "cuda" and rounded:  # (the CUDA kernels take rounded inputs only)
+            pairs, tile_expert = self._tiles(idx, moe_cuda.TILE)
             xh, xs = moe_k.quant_rows(x)  # x is rounded already: the same values
             act = moe_cuda.moe_w13(xh, xs, ex.w13_weight, ex.w13_weight_scale, pairs,
                                    tile_expert, w, limit=cfg.swiglu_limit)
             ah, as_ = moe_k.quant_rows(act, pairs)
             pair_out = moe_cuda.moe_w2(ah, as_, ex.w2_weight, ex.w2_weight_scale, pairs,
-                                       tile_expert, idx.numel(), top_k=idx.shape[1])
+                                       tile_expert, idx.numel())
         else:
+            pairs, tile_expert = self._tiles(idx, moe_k.BM)
             act = moe_k.moe_w13(x, ex.w13_weight, ex.w13_weight_scale, pairs, tile_expert, w,
                                 act_quant=False, rounded=rounded, limit=cfg.swiglu_limit)
             if rounded:
@@ -274,14 +275,14 @@ class TritonMTP:
         return self._lin(gu, sh.down_proj, self.model.numerics.act_quant,
                          swiglu_limit=self.config.swiglu_limit)
 
-    def _tiles(self, idx):
+    def _tiles(self, idx, bm):
         t, k = idx.shape
         if t >= moe_k.SMALL_T:
-            return moe_k.align_tiles(idx, self.config.n_routed_experts)
-        p = t * k
-        if p not in self._small_tiles:
-            self._small_tiles[p] = moe_k.align_tiles(idx, self.config.n_routed_experts)[0]
-        return self._small_tiles[p], idx.reshape(-1)
+            return moe_k.align_tiles(idx, self.config.n_routed_experts, bm)
+        key = (t * k, bm)  # few rows: each pair its own tile, a fixed pattern
+        if key not in self._small_tiles:
+            self._small_tiles[key] = moe_k.align_tiles(idx, self.config.n_routed_experts, bm)[0]
+        return self._small_tiles[key], idx.reshape(-1)
 
     def _logits(self, layer: MTPLayer, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config

@@ -111,31 +111,32 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, scoring_f
     return idx, w
 
 
-def max_tiles(t: int, top_k: int, n_experts: int) -> int:
+def max_tiles(t: int, top_k: int, n_experts: int, bm: int = BM) -> int:
     p = t * top_k
-    return p if t < SMALL_T else triton.cdiv(p, BM) + min(p, n_experts)
+    return p if t < SMALL_T else triton.cdiv(p, bm) + min(p, n_experts)
 
 
-def align_tiles(idx: torch.Tensor, n_experts: int):
-    """(tile_pairs [n_tiles*BM] int32, tile_expert [n_tiles] int64), all on the device."""
+def align_tiles(idx: torch.Tensor, n_experts: int, bm: int = BM):
+    """(tile_pairs [n_tiles*bm] int32, tile_expert [n_tiles] int64), all on the device.
+    ``bm``: pair slots per tile (the Triton kernels take ``BM``; ``moe_cuda`` 8 or 16)."""
     t, k = idx.shape
     p = t * k
     device = idx.device
     flat = idx.reshape(-1)
     if t < SMALL_T:
-        pairs = torch.full((p, BM), -1, dtype=torch.int32, device=device)
+        pairs = torch.full((p, bm), -1, dtype=torch.int32, device=device)
         pairs[:, 0] = torch.arange(p, dtype=torch.int32, device=device)
         return pairs.view(-1), flat
-    n_tiles = max_tiles(t, k, n_experts)
+    n_tiles = max_tiles(t, k, n_experts, bm)
     sorted_e, order = torch.sort(flat, stable=True)
     counts = torch.zeros(n_experts, dtype=torch.int64, device=device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
-    tiles_e = (counts + BM - 1) // BM
+    tiles_e = (counts + bm - 1) // bm
     tile_end = torch.cumsum(tiles_e, 0)
     row_start = torch.cumsum(counts, 0) - counts
-    dest = (tile_end - tiles_e)[sorted_e] * BM + torch.arange(p, device=device) \
+    dest = (tile_end - tiles_e)[sorted_e] * bm + torch.arange(p, device=device) \
         - row_start[sorted_e]
-    pairs = torch.full((n_tiles * BM,), -1, dtype=torch.int32, device=device)
+    pairs = torch.full((n_tiles * bm,), -1, dtype=torch.int32, device=device)
     pairs.scatter_(0, dest, order.to(torch.int32))
     tile_expert = torch.searchsorted(tile_end, torch.arange(n_tiles, device=device),
                                      right=True)

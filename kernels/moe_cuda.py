@@ -11,10 +11,11 @@ multiplied on the tensor cores (``mma.sync`` m16n8k16, fp32 accumulation); every
 exact, sums are fp32, so results match the Triton kernels' up to fp32 summation order.
 
 Example:
+    >>> pairs, texp = moe.align_tiles(idx, E, bm=TILE)     # idx [T, K]: the routing
     >>> xh, xs = moe.quant_rows(u)                            # u [T, D] bf16
     >>> act = moe_w13(xh, xs, w13, s13, pairs, texp, weights, limit=10.0)
     >>> ah, as_ = moe.quant_rows(act, pairs)
-    >>> out = moe_w2(ah, as_, w2, s2, pairs, texp, T * K, top_k=K)   # [T*K, D] bf16
+    >>> out = moe_w2(ah, as_, w2, s2, pairs, texp, T * K)   # [T*K, D] bf16
 """
 
 from __future__ import annotations
@@ -25,16 +26,18 @@ from pathlib import Path
 
 import torch
 
-from .moe import BM, SMALL_T
-
 SOURCE = Path(__file__).with_name("moe_fp4.cu")
+# Pair slots per tile for these kernels (align_tiles' bm): 8 keeps one token group per tile (the
+# kernel variant with fewer registers, so more warps per SM); an expert with more than 8 pairs
+# gets several tiles, each reading its weights (kernels/NOTES.md, round 4, v18).
+TILE = 8
 
 # Launch settings (kernels/NOTES.md, round 4): warps per block (``wn``, each its own 16 weight
 # rows), pipeline stages per warp (``stages``, a power of two, in flight together) and
 # 128-input steps per stage (``steps``: 64 bytes of each row per step, so the run read from a
 # row at once; halved until it divides the input's steps). A stage takes 1088 * steps + 256
-# bytes of shared memory, a block at most 48 KB. G, the token groups of 8 per tile, is 1 when
-# every pair is its own tile (few rows), else 2.
+# bytes of shared memory, a block at most 48 KB. The token groups of 8 per tile follow the
+# tiling (``align_tiles``' bm: 8 or 16 slots).
 DEFAULT_TUNE = {"wn": 4, "stages": 2, "steps": 2}
 
 
@@ -118,12 +121,12 @@ def _check(xh, xs, w, s, pairs, tile_expert, what):
         if not t.is_contiguous():
             raise ValueError(f"{what}: {name} must be contiguous")
     if pairs.dtype != torch.int32 or tile_expert.dtype != torch.int64 \
-            or pairs.numel() != tile_expert.numel() * BM:
-        raise ValueError(f"{what}: pairs int32 [tiles*{BM}] and tile_expert int64 [tiles] "
-                         f"expected (moe.align_tiles)")
+            or pairs.numel() not in (8 * tile_expert.numel(), 16 * tile_expert.numel()):
+        raise ValueError(f"{what}: pairs int32 [tiles*8] or [tiles*16] and tile_expert int64 "
+                         f"[tiles] expected (moe.align_tiles, bm 8 or 16)")
 
 
-def _launch(w13, xh, xs, w, s, pairs, tile_expert, rw, out, n_out, topk, limit, groups, tune):
+def _launch(w13, xh, xs, w, s, pairs, tile_expert, rw, out, n_out, topk, limit, tune):
     cfg = {**DEFAULT_TUNE, **(tune or {})}
     wn, stages, steps = cfg["wn"], cfg["stages"], cfg["steps"]
     k = xh.shape[1]
@@ -135,6 +138,7 @@ def _launch(w13, xh, xs, w, s, pairs, tile_expert, rw, out, n_out, topk, limit, 
     n_tiles = tile_expert.numel()
     row_groups = n_out // 8 if w13 else n_out // 16
     if n_tiles:
+        groups = pairs.numel() // (8 * n_tiles)  # token groups of 8 per tile
         kern = _kernel(w13, wn, groups, stages, steps, w.device.index)
         _run(kern, (n_tiles, -(-row_groups // wn), 1), (32 * wn, 1, 1),
              [xh, xs, w, s, pairs, tile_expert, rw, out, k, n_out, w.shape[0], topk,
@@ -144,9 +148,10 @@ def _launch(w13, xh, xs, w, s, pairs, tile_expert, rw, out, n_out, topk, limit, 
 
 def moe_w13(xh, xs, w13, s13, pairs, tile_expert, weights, *, limit: float,
             tune: dict | None = None):
-    """xh, xs [T, D] (``quant_rows(u)``), w13 int8 [E, 2I, D/2], s13 E8M0 [E, 2I, D/32] ->
-    act [n_tiles*16, I] bf16: the clamped SwiGLU of the gate and up products (each rounded to
-    bf16) times the routing weight, in the rows of pairs (padding rows are left unwritten)."""
+    """xh, xs [T, D] (``quant_rows(u)``), w13 int8 [E, 2I, D/2], s13 E8M0 [E, 2I, D/32];
+    tiles of 8 or 16 pair slots (``align_tiles(idx, E, bm)``) -> act [tiles*slots, I] bf16:
+    the clamped SwiGLU of the gate and up products (each rounded to bf16) times the routing
+    weight, in the rows of pairs (padding rows are left unwritten)."""
     _check(xh, xs, w13, s13, pairs, tile_expert, "moe_cuda.moe_w13")
     t = xh.shape[0]
     i = w13.shape[1] // 2
@@ -155,25 +160,17 @@ def moe_w13(xh, xs, w13, s13, pairs, tile_expert, weights, *, limit: float,
     if weights.dtype != torch.float32 or weights.shape[0] != t or not weights.is_contiguous():
         raise ValueError(f"moe_cuda.moe_w13: routing weights must be contiguous float32 [{t}, K] "
                          f"(moe.route); got {weights.dtype} {tuple(weights.shape)}")
-    act = torch.empty(tile_expert.numel() * BM, i, dtype=torch.bfloat16, device=xh.device)
+    act = torch.empty(pairs.numel(), i, dtype=torch.bfloat16, device=xh.device)
     return _launch(True, xh, xs, w13, s13, pairs, tile_expert, weights, act, i,
-                   weights.shape[1], limit, _groups(t), tune)
+                   weights.shape[1], limit, tune)
 
 
-def moe_w2(ah, as_, w2, s2, pairs, tile_expert, n_pairs: int, *, top_k: int,
-           tune: dict | None = None):
-    """ah, as_ [n_tiles*16, I] (``quant_rows(act, pairs)``), w2 int8 [E, D, I/2], s2 E8M0
-    [E, D, I/32] -> [n_pairs, D] bf16 per pair (n_pairs = T * top_k)."""
+def moe_w2(ah, as_, w2, s2, pairs, tile_expert, n_pairs: int, *, tune: dict | None = None):
+    """ah, as_ [tiles*slots, I] (``quant_rows(act, pairs)``), w2 int8 [E, D, I/2], s2 E8M0
+    [E, D, I/32] -> [n_pairs, D] bf16 per pair."""
     _check(ah, as_, w2, s2, pairs, tile_expert, "moe_cuda.moe_w2")
     d = w2.shape[1]
     if d % 16:
         raise ValueError(f"moe_cuda.moe_w2: output width {d} is not a multiple of 16")
     out = torch.empty(n_pairs, d, dtype=torch.bfloat16, device=ah.device)
-    return _launch(False, ah, as_, w2, s2, pairs, tile_expert, out, out, d, 1, 0.0,
-                   _groups(n_pairs // top_k), tune)
-
-
-def _groups(t: int) -> int:
-    """Token groups of 8 per tile: below ``SMALL_T`` rows every pair is its own tile (slot 0
-    only), else a tile holds up to 16 pairs."""
-    return 1 if t < SMALL_T else 2
+    return _launch(False, ah, as_, w2, s2, pairs, tile_expert, out, out, d, 1, 0.0, tune)

@@ -8,8 +8,8 @@
 // fragment, and the e2m1 -> float16 decode is 11 integer ops per 8 codes.
 //
 // One warp computes 16 weight rows (A, the mma's M) against up to 8 rows of a tile's
-// activations (B, the mma's N; a tile holds 16 (token, expert) pairs of one expert, as
-// moe.align_tiles builds them, so two groups of 8). One 32-input block is two k16 mmas whose
+// activations (B, the mma's N; a tile holds 8G (token, expert) pairs of one expert, as
+// moe.align_tiles builds them, in G groups of 8). One 32-input block is two k16 mmas whose
 // A fragments come from the four threads of each row, four bytes (8 codes) each, so the pair
 // has one weight scale per row, applied to its fp32 result on the CUDA cores. The 32 inputs
 // of a block enter the mmas in a permuted order (A and B alike; a dot product does not care):
@@ -21,8 +21,8 @@
 // on the CUDA cores.
 //
 // Shapes: xh [rows, K] float16, xs [rows, K/128] fp32; w [E, N, K/2] bytes, ws [E, N, K/32]
-// E8M0 bytes; pairs [tiles*16] int32 (pair id t*topk + k, or -1), texp [tiles] int64 (>= E:
-// empty tile). W13: N = 2I (gate rows, then up rows), out = act [tiles*16, I] bf16 (clamped
+// E8M0 bytes; pairs [tiles*8G] int32 (pair id t*topk + k, or -1), texp [tiles] int64 (>= E:
+// empty tile). W13: N = 2I (gate rows, then up rows), out = act [tiles*8G, I] bf16 (clamped
 // SwiGLU times the routing weight); else N = D, out [P, D] bf16 per pair.
 // Template: W13, WN warps per block, G token groups per tile, S stages (a power of two), P
 // 128-input steps per stage.
@@ -176,7 +176,8 @@ moe_fp4(const u16* __restrict__ xh, const float* __restrict__ xs, const u8* __re
 
   // activation rows: the B row of token slot h*8 + g, the scale rows of slots h*8 + 2c (+1)
   // (a tile fills its slots from 0, so group 0 always holds a pair)
-  const int* tp = pairs + tile * 16;
+  constexpr int TILE = 8 * G;  // pair slots per tile
+  const int* tp = pairs + tile * TILE;
   bool active[G];
   const u16* xp[G];
   const float* sp[G][2];
@@ -184,12 +185,12 @@ moe_fp4(const u16* __restrict__ xh, const float* __restrict__ xs, const u8* __re
   for (int h = 0; h < G; ++h) {
     const int p = tp[h * 8 + g];
     active[h] = h == 0 || __any_sync(0xFFFFFFFFu, p >= 0);
-    const i64 brow = W13 ? (p >= 0 ? p / topk : 0) : tile * 16 + h * 8 + g;
+    const i64 brow = W13 ? (p >= 0 ? p / topk : 0) : tile * TILE + h * 8 + g;
     xp[h] = xh + brow * K + c * 8;
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
       const int q = tp[h * 8 + 2 * c + t];
-      const i64 row = W13 ? (q >= 0 ? q / topk : 0) : tile * 16 + h * 8 + 2 * c + t;
+      const i64 row = W13 ? (q >= 0 ? q / topk : 0) : tile * TILE + h * 8 + 2 * c + t;
       sp[h][t] = xs + row * ksteps;
     }
   }
@@ -309,7 +310,7 @@ moe_fp4(const u16* __restrict__ xh, const float* __restrict__ xs, const u8* __re
           gt = fminf(gt, lim);
         }
         const float a = rw[p] * (gt / (1.0f + expf(-gt)) * up);
-        out[(i64)(tile * 16 + slot) * n_out + n0 + g] = to_bf16(a);
+        out[(i64)(tile * TILE + slot) * n_out + n0 + g] = to_bf16(a);
       } else {
         out[(i64)p * n_out + n0 + g] = to_bf16(acc[h][t] * 16384.0f);
         out[(i64)p * n_out + n0 + 8 + g] = to_bf16(acc[h][2 + t] * 16384.0f);

@@ -280,11 +280,12 @@ def test_quant_rows_exact(d):
     assert torch.equal(xh2[keep], xh[keep]) and torch.equal(xs2[keep], xs[keep])
 
 
+@pytest.mark.parametrize("bm", [8, 16])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_cuda_experts_decode_exact(seed):
+def test_cuda_experts_decode_exact(seed, bm):
     """moe_cuda.moe_w2 on one-hot activations returns the dequantised weight columns bit for
-    bit: every byte value in every input position, scales over 2^-60 .. 2^60, both token
-    groups of a tile (128 rows on one expert)."""
+    bit: every byte value in every input position, scales over 2^-60 .. 2^60, tiles of 8 and
+    16 slots (one and two token groups; 256 rows on one expert)."""
     moe_cuda = _cuda_experts()
     from mtp_kernels import moe
 
@@ -298,12 +299,12 @@ def test_cuda_experts_decode_exact(seed):
     s = torch.randint(127 - 60, 127 + 60, (e, d, i // 32), generator=g, device=DEVICE,
                       dtype=torch.int32).to(torch.uint8).view(torch.float8_e8m0fnu)
     idx = torch.ones(i, 1, dtype=torch.int64, device=DEVICE)  # every row on expert 1
-    pairs, texp = moe.align_tiles(idx, e)
+    pairs, texp = moe.align_tiles(idx, e, bm)
     act = torch.zeros(pairs.numel(), i, dtype=torch.bfloat16, device=DEVICE)
     rows = torch.nonzero(pairs >= 0).flatten()
     act[rows, pairs[rows].long()] = 1.0  # the row of pair p picks input p
     ah, as_ = moe.quant_rows(act, pairs)
-    out = moe_cuda.moe_w2(ah, as_, w, s, pairs, texp, i, top_k=1)
+    out = moe_cuda.moe_w2(ah, as_, w, s, pairs, texp, i)
     ref = dequant_fp4(w[1], s[1]).t().to(torch.bfloat16)  # [I, D]: row p = input p's column
     assert torch.equal(out, ref)
 
@@ -311,12 +312,14 @@ def test_cuda_experts_decode_exact(seed):
 TUNES = [None, {"wn": 1, "stages": 2, "steps": 8}, {"wn": 8, "stages": 2, "steps": 2}]
 
 
+@pytest.mark.parametrize("bm", [8, 16])
 @pytest.mark.parametrize("tune", TUNES)
 @pytest.mark.parametrize("t", [1, 3, 20, 40])
-def test_cuda_experts(t, tune):
+def test_cuda_experts(t, tune, bm):
     """The CUDA expert kernels against the reference (bf16, activation rounding on), fed as the
     fast path feeds them: quant_rows of u, of the w13 output. At 40 rows one expert takes every
-    row (tiles of 16: both token groups); the launch settings change only the summation order."""
+    row (several full tiles); tiles of 8 or 16 slots (one or two token groups); the launch
+    settings change only the summation order."""
     moe_cuda = _cuda_experts()
     from mtp_kernels import moe
 
@@ -332,11 +335,11 @@ def test_cuda_experts(t, tune):
     if t == 40:
         idx[:, 0], idx[:, 1] = 5, torch.where(idx[:, 1] == 5, idx[:, 0], idx[:, 1])
     wts = torch.rand(t, k, generator=gen(23), device=DEVICE)
-    pairs, texp = moe.align_tiles(idx, e)
+    pairs, texp = moe.align_tiles(idx, e, bm)
     xh, xs = moe.quant_rows(u)
     act = moe_cuda.moe_w13(xh, xs, w13, s13, pairs, texp, wts, limit=10.0, tune=tune)
     ah, as_ = moe.quant_rows(act, pairs)
-    out = moe_cuda.moe_w2(ah, as_, w2, s2, pairs, texp, t * k, top_k=k, tune=tune)
+    out = moe_cuda.moe_w2(ah, as_, w2, s2, pairs, texp, t * k, tune=tune)
     for r in range(t):
         for j in range(k):
             ex = int(idx[r, j])
