@@ -111,6 +111,41 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, scoring_f
     return idx, w
 
 
+@triton.jit
+def gate_kernel(u_ptr, w_ptr, out_ptr, T, E, D, BT: tl.constexpr, BE: tl.constexpr,
+                BK: tl.constexpr):
+    """logits [BT rows, BE experts] = float32(u) @ w.T over all of D (float32 products and
+    sums). Few experts per program: the weight matrix is read by many programs at once."""
+    t = tl.program_id(1) * BT + tl.arange(0, BT)
+    e = tl.program_id(0) * BE + tl.arange(0, BE)
+    acc = tl.zeros([BT, BE], dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        k = k0 + tl.arange(0, BK)
+        x = tl.load(u_ptr + t[:, None] * D + k[None, :], mask=(t[:, None] < T) & (k[None, :] < D),
+                    other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + e[:, None] * D + k[None, :], mask=(e[:, None] < E) & (k[None, :] < D),
+                    other=0.0)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)  # [BT, 1, BK] * [1, BE, BK]
+    tl.store(out_ptr + t[:, None] * E + e[None, :], acc, mask=(t[:, None] < T) & (e[None, :] < E))
+
+
+def gate_logits(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``ops.route``'s product: u [T, D] (bf16 or float32) @ weight [E, D] (float32).T -> [T, E]
+    float32, without a float32 copy of u (float32 sums in another order than cuBLAS's)."""
+    t, d = u.shape
+    e = weight.shape[0]
+    if weight.dtype != torch.float32 or weight.shape[1] != d:
+        raise ValueError(f"gate_logits: float32 weight [E, {d}] expected, got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    u, weight = u.contiguous(), weight.contiguous()
+    out = torch.empty(t, e, dtype=torch.float32, device=u.device)
+    if t:
+        bt = min(16, triton.next_power_of_2(t))
+        gate_kernel[(triton.cdiv(e, 2), triton.cdiv(t, bt))](u, weight, out, t, e, d, BT=bt,
+                                                             BE=2, BK=256, num_warps=4)
+    return out
+
+
 def max_tiles(t: int, top_k: int, n_experts: int, bm: int = BM) -> int:
     p = t * top_k
     return p if t < SMALL_T else triton.cdiv(p, bm) + min(p, n_experts)
@@ -118,7 +153,9 @@ def max_tiles(t: int, top_k: int, n_experts: int, bm: int = BM) -> int:
 
 def align_tiles(idx: torch.Tensor, n_experts: int, bm: int = BM):
     """(tile_pairs [n_tiles*bm] int32, tile_expert [n_tiles] int64), all on the device.
-    ``bm``: pair slots per tile (the Triton kernels take ``BM``; ``moe_cuda`` 8 or 16)."""
+    ``bm``: pair slots per tile (the Triton kernels take ``BM``; ``moe_cuda`` 8 or 16).
+    Many rows: pairs grouped by expert in their original order (a stable counting sort), each
+    expert's run starting a new tile (:func:`align_tiles_reference`, in one kernel)."""
     t, k = idx.shape
     p = t * k
     device = idx.device
@@ -127,6 +164,23 @@ def align_tiles(idx: torch.Tensor, n_experts: int, bm: int = BM):
         pairs = torch.full((p, bm), -1, dtype=torch.int32, device=device)
         pairs[:, 0] = torch.arange(p, dtype=torch.int32, device=device)
         return pairs.view(-1), flat
+    n_tiles = max_tiles(t, k, n_experts, bm)
+    pairs = torch.full((n_tiles * bm,), -1, dtype=torch.int32, device=device)
+    tile_expert = torch.empty(n_tiles, dtype=torch.int64, device=device)
+    bp = 64
+    align_kernel[(max(triton.cdiv(p, bp), triton.cdiv(n_tiles, bp)),)](
+        flat, pairs, tile_expert, p, n_experts, n_tiles, BMS=bm,
+        EP=triton.next_power_of_2(n_experts), BP=bp, BJ=256, BC=32, num_warps=4)
+    return pairs, tile_expert
+
+
+def align_tiles_reference(idx: torch.Tensor, n_experts: int, bm: int = BM):
+    """:func:`align_tiles` for many rows in torch ops (sort, counts, cumulative sums): the
+    specification its kernel is tested against."""
+    t, k = idx.shape
+    p = t * k
+    device = idx.device
+    flat = idx.reshape(-1)
     n_tiles = max_tiles(t, k, n_experts, bm)
     sorted_e, order = torch.sort(flat, stable=True)
     counts = torch.zeros(n_experts, dtype=torch.int64, device=device)
@@ -141,6 +195,37 @@ def align_tiles(idx: torch.Tensor, n_experts: int, bm: int = BM):
     tile_expert = torch.searchsorted(tile_end, torch.arange(n_tiles, device=device),
                                      right=True)
     return pairs, tile_expert
+
+
+@triton.jit
+def align_kernel(e_ptr, pairs_ptr, texp_ptr, P, E, n_tiles, BMS: tl.constexpr,
+                 EP: tl.constexpr, BP: tl.constexpr, BJ: tl.constexpr, BC: tl.constexpr):
+    """Program b: pairs b*BP .. (b+1)*BP - 1 to their slots, and tile_expert of tiles b*BP ..
+    Every program counts all P pairs per expert (small: P <= a few thousand)."""
+    b = tl.program_id(0)
+    ex = tl.arange(0, EP)
+    counts = tl.zeros([EP], dtype=tl.int32)
+    for j0 in range(0, P, BC):
+        j = j0 + tl.arange(0, BC)
+        ej = tl.load(e_ptr + j, mask=j < P, other=-1).to(tl.int32)
+        counts += tl.sum((ej[:, None] == ex[None, :]).to(tl.int32), axis=0)  # [BC, EP]
+    tiles_e = (counts + BMS - 1) // BMS
+    tile_end = tl.cumsum(tiles_e, axis=0)
+    # pair i goes to slot (first tile of its expert) * BMS + (pairs of that expert before i)
+    i = b * BP + tl.arange(0, BP)
+    ei = tl.load(e_ptr + i, mask=i < P, other=0).to(tl.int32)
+    rank = tl.zeros([BP], dtype=tl.int32)
+    for j0 in range(0, P, BJ):
+        j = j0 + tl.arange(0, BJ)
+        ej = tl.load(e_ptr + j, mask=j < P, other=-1).to(tl.int32)
+        same = (ej[None, :] == ei[:, None]) & (j[None, :] < i[:, None])  # [BP, BJ]
+        rank += tl.sum(same.to(tl.int32), axis=1)
+    first = tl.sum(tl.where(ex[None, :] == ei[:, None], (tile_end - tiles_e)[None, :], 0), axis=1)
+    tl.store(pairs_ptr + first * BMS + rank, i.to(tl.int32), mask=i < P)
+    # tile n belongs to the first expert whose tiles end after n (searchsorted, right)
+    n = b * BP + tl.arange(0, BP)
+    owner = tl.sum((tile_end[None, :] <= n[:, None]).to(tl.int32), axis=1)
+    tl.store(texp_ptr + n, tl.minimum(owner, E).to(tl.int64), mask=n < n_tiles)  # E: empty
 
 
 @triton.jit

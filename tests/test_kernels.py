@@ -167,6 +167,41 @@ def test_route_exact_choice():
         assert rel(w, w_r) < 1e-6
 
 
+@pytest.mark.parametrize("t", [1, 5, 40])
+def test_gate_logits(t):
+    """The gate product without a float32 copy of u: float32 sums of the reference's products
+    (to F32_TOL of float64) and, through route, the reference's expert choice exactly."""
+    from mtp_kernels import moe
+
+    from mtp import ops
+    u = randn(t, 512, seed=24, dtype=torch.bfloat16)
+    gw = randn(64, 512, seed=25, std=512 ** -0.5)
+    logits = moe.gate_logits(u, gw)
+    ref = u.double() @ gw.double().t()
+    assert rel(logits, ref) < F32_TOL
+    idx, w = moe.route(logits, None, 6, "sqrtsoftplus", 1.0)
+    idx_r, w_r = ops.route(u, gw, None, 6, "sqrtsoftplus", 1.0)
+    assert torch.equal(idx, idx_r) and rel(w, w_r) < 1e-6
+
+
+@pytest.mark.parametrize("bm", [8, 16])
+@pytest.mark.parametrize("t,e,k", [(16, 8, 2), (64, 256, 6), (100, 384, 6), (256, 256, 6)])
+def test_align_tiles_kernel(t, e, k, bm):
+    """The one-kernel tiling equals its torch specification exactly, for random and for skewed
+    routings (hot experts spanning several tiles, most experts unused)."""
+    from mtp_kernels import moe
+    for seed in range(3):
+        g = gen(70 + seed)
+        if seed < 2:
+            idx = torch.stack([torch.randperm(e, generator=g, device=DEVICE)[:k]
+                               for _ in range(t)])
+        else:  # every row on experts 0 .. k-1 of a few: long runs
+            idx = (torch.arange(k, device=DEVICE) * 3 % e).expand(t, k).contiguous()
+        got = moe.align_tiles(idx, e, bm)
+        want = moe.align_tiles_reference(idx, e, bm)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), seed
+
+
 ALL_DECODES = ["f32", "f16x2", "mx"]
 HAND_DECODES = ["f32", "f16x2"]  # the kernels' own e2m1 decodes (mx: Triton's dot_scaled)
 
