@@ -243,7 +243,7 @@ class TritonMTP:
             self._side.wait_stream(main)
             with torch.cuda.stream(self._side):
                 shared = self._shared(ffn.shared_experts, x, rounded)
-        logits = moe_k.gate_logits(u, ffn.gate.weight)  # [T, E] fp32, as ops.route
+        logits = torch.mm(ops.wide(u), ffn.gate.weight.t())  # [T, E] fp32, as ops.route
         idx, w = moe_k.route(logits, ffn.gate.e_score_correction_bias, cfg.num_experts_per_tok,
                              cfg.scoring_func, cfg.routed_scaling_factor)
         ex = ffn.experts

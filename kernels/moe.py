@@ -111,41 +111,6 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, scoring_f
     return idx, w
 
 
-@triton.jit
-def gate_kernel(u_ptr, w_ptr, out_ptr, T, E, D, BT: tl.constexpr, BE: tl.constexpr,
-                BK: tl.constexpr):
-    """logits [BT rows, BE experts] = float32(u) @ w.T over all of D (float32 products and
-    sums). Few experts per program: the weight matrix is read by many programs at once."""
-    t = tl.program_id(1) * BT + tl.arange(0, BT)
-    e = tl.program_id(0) * BE + tl.arange(0, BE)
-    acc = tl.zeros([BT, BE], dtype=tl.float32)
-    for k0 in range(0, D, BK):
-        k = k0 + tl.arange(0, BK)
-        x = tl.load(u_ptr + t[:, None] * D + k[None, :], mask=(t[:, None] < T) & (k[None, :] < D),
-                    other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + e[:, None] * D + k[None, :], mask=(e[:, None] < E) & (k[None, :] < D),
-                    other=0.0)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)  # [BT, 1, BK] * [1, BE, BK]
-    tl.store(out_ptr + t[:, None] * E + e[None, :], acc, mask=(t[:, None] < T) & (e[None, :] < E))
-
-
-def gate_logits(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``ops.route``'s product: u [T, D] (bf16 or float32) @ weight [E, D] (float32).T -> [T, E]
-    float32, without a float32 copy of u (float32 sums in another order than cuBLAS's)."""
-    t, d = u.shape
-    e = weight.shape[0]
-    if weight.dtype != torch.float32 or weight.shape[1] != d:
-        raise ValueError(f"gate_logits: float32 weight [E, {d}] expected, got {weight.dtype} "
-                         f"{tuple(weight.shape)}")
-    u, weight = u.contiguous(), weight.contiguous()
-    out = torch.empty(t, e, dtype=torch.float32, device=u.device)
-    if t:
-        bt = min(16, triton.next_power_of_2(t))
-        gate_kernel[(triton.cdiv(e, 2), triton.cdiv(t, bt))](u, weight, out, t, e, d, BT=bt,
-                                                             BE=2, BK=256, num_warps=4)
-    return out
-
-
 def max_tiles(t: int, top_k: int, n_experts: int, bm: int = BM) -> int:
     p = t * top_k
     return p if t < SMALL_T else triton.cdiv(p, bm) + min(p, n_experts)

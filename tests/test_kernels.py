@@ -167,23 +167,6 @@ def test_route_exact_choice():
         assert rel(w, w_r) < 1e-6
 
 
-@pytest.mark.parametrize("t", [1, 5, 40])
-def test_gate_logits(t):
-    """The gate product without a float32 copy of u: float32 sums of the reference's products
-    (to F32_TOL of float64) and, through route, the reference's expert choice exactly."""
-    from mtp_kernels import moe
-
-    from mtp import ops
-    u = randn(t, 512, seed=24, dtype=torch.bfloat16)
-    gw = randn(64, 512, seed=25, std=512 ** -0.5)
-    logits = moe.gate_logits(u, gw)
-    ref = u.double() @ gw.double().t()
-    assert rel(logits, ref) < F32_TOL
-    idx, w = moe.route(logits, None, 6, "sqrtsoftplus", 1.0)
-    idx_r, w_r = ops.route(u, gw, None, 6, "sqrtsoftplus", 1.0)
-    assert torch.equal(idx, idx_r) and rel(w, w_r) < 1e-6
-
-
 @pytest.mark.parametrize("bm", [8, 16])
 @pytest.mark.parametrize("t,e,k", [(16, 8, 2), (64, 256, 6), (100, 384, 6), (256, 256, 6)])
 def test_align_tiles_kernel(t, e, k, bm):
