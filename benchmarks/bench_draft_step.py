@@ -388,6 +388,8 @@ def main() -> None:
                     "(mtp_kernels.moe.DECODES; default: its DEFAULT_DECODE)")
     ap.add_argument("--fp8-dot", type=int, default=1, help="fp8_linear on the FP8 tensor cores")
     ap.add_argument("--overlap", type=int, default=1, help="shared expert on a side stream")
+    ap.add_argument("--pdl", type=int, default=1, help="programmatic dependent launch of the "
+                    "Triton kernels (where the GPU has it)")
     ap.add_argument("--experts", default="auto", help="routed experts' kernels: auto, cuda "
                     "(mtp_kernels.moe_cuda), triton (mtp_kernels.moe)")
     ap.add_argument("--hc-warps", type=int, default=0, help="hc_finish warps (0: default)")
@@ -403,6 +405,8 @@ def main() -> None:
     if args.fp4_decode:
         moe.DEFAULT_DECODE = {"w13": args.fp4_decode, "w2": args.fp4_decode}
     fl.FP8_DOT = bool(args.fp8_dot)
+    from mtp_kernels import _common
+    _common.PDL = _common.PDL and bool(args.pdl)
     if args.hc_warps:
         from mtp_kernels import hc
         hc.FINISH_WARPS = args.hc_warps
@@ -419,7 +423,8 @@ def main() -> None:
     bw = copy_bandwidth()
     head = dict(card=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                 commit=commit, date=time.strftime("%Y-%m-%d"), copy_TBps=bw / 1e12,
-                experts=args.experts, fp4_decode=moe.DEFAULT_DECODE, fp8_dot=args.fp8_dot,
+                experts=args.experts, pdl=_common.PDL, fp4_decode=moe.DEFAULT_DECODE,
+                fp8_dot=args.fp8_dot,
                 overlap=args.overlap,
                 hc_warps=args.hc_warps,
                 command=" ".join(sys.argv))

@@ -13,6 +13,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import cuda as tlc
 
 # Operand dtype of the "exact" dots: every operand value is exact in bfloat16. Triton's CPU
 # interpreter mishandles bfloat16 (used only to develop), so there the dots run in float32,
@@ -21,6 +22,29 @@ INTERPRET = tl.constexpr(bool(os.environ.get("TRITON_INTERPRET")))
 EXACT = tl.constexpr(tl.float32 if os.environ.get("TRITON_INTERPRET") else tl.bfloat16)
 
 INV_E4M3_MAX = tl.constexpr(1.0 / 448.0)  # used as float32, as the reference
+
+
+# Programmatic dependent launch (sm_90+). Every kernel starts with pdl_enter(): it waits until
+# the kernel before it in the stream has finished and its writes are visible
+# (griddepcontrol.wait; a no-op without the launch attribute), then lets the next kernel
+# launch. With the attribute (launch_opts(), PDL on), a kernel's launch and its blocks' start
+# overlap the previous kernel's tail instead of following its completion: a draft step at
+# batch 1 is ~40 dependent launches. The wait comes first, so nothing is read early.
+PDL_ARCH = tl.constexpr(not os.environ.get("TRITON_INTERPRET") and torch.cuda.is_available()
+                        and torch.cuda.get_device_capability() >= (9, 0))
+PDL = bool(PDL_ARCH)  # the launch attribute; a switch for benchmarks (kernels/NOTES.md, v19)
+
+
+@triton.jit
+def pdl_enter():
+    if PDL_ARCH:
+        tlc.gdc_wait()
+        tlc.gdc_launch_dependents()
+
+
+def launch_opts() -> dict:
+    """Launch options of every kernel: programmatic dependent launch where it is on."""
+    return {"launch_pdl": True} if PDL else {}
 
 
 @functools.cache

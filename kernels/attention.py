@@ -21,11 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import EXACT, fp8_round, mma, pow2_scale_bits, sm_count
+from ._common import EXACT, fp8_round, launch_opts, mma, pdl_enter, pow2_scale_bits, sm_count
 
 
 @triton.jit
 def rope_table_kernel(pos_ptr, inv_freq_ptr, cos_ptr, sin_ptr, HALF: tl.constexpr):
+    pdl_enter()
     t = tl.program_id(0)
     i = tl.arange(0, HALF)
     ang = tl.load(pos_ptr + t).to(tl.float64) * tl.load(inv_freq_ptr + i)
@@ -39,7 +40,8 @@ def rope_table(positions: torch.Tensor, inv_freq: torch.Tensor):
     cos = torch.empty(t, half, dtype=torch.float32, device=positions.device)
     sin = torch.empty_like(cos)
     if t:
-        rope_table_kernel[(t,)](positions, inv_freq, cos, sin, HALF=half, num_warps=1)
+        rope_table_kernel[(t,)](positions, inv_freq, cos, sin, HALF=half, num_warps=1,
+                                **launch_opts())
     return cos, sin
 
 
@@ -55,6 +57,7 @@ def _rotate(re, im, c, s, odt: tl.constexpr):
 def q_prep_kernel(q_ptr, cos_ptr, sin_ptr, eps, DH: tl.constexpr, R: tl.constexpr,
                   NP: tl.constexpr):
     """One (row, head) of q [T, H, Dh] in place: RMSNorm over Dh (no weight), RoPE."""
+    pdl_enter()
     t = tl.program_id(0)
     h = tl.program_id(1)
     H = tl.num_programs(1)
@@ -82,7 +85,7 @@ def q_prep(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float) ->
     r = 2 * cos.shape[1]
     if t:
         q_prep_kernel[(t, h)](q, cos, sin, eps, DH=dh, R=r,
-                              NP=triton.next_power_of_2(dh - r), num_warps=4)
+                              NP=triton.next_power_of_2(dh - r), num_warps=4, **launch_opts())
     return q
 
 
@@ -92,6 +95,7 @@ def kv_prep_kernel(kv_ptr, stride_kv, w_ptr, cos_ptr, sin_ptr, out_ptr, eps,
                    KV_FP8: tl.constexpr, KVB: tl.constexpr):
     """One row: kv_norm (weight), RoPE on the last R, FP8 simulation of the first Dh-R in blocks
     of KVB; computed in the row's dtype, stored in out's (the cache's) dtype."""
+    pdl_enter()
     t = tl.program_id(0)
     cdt = kv_ptr.dtype.element_ty
     src = kv_ptr + t * stride_kv
@@ -133,7 +137,7 @@ def kv_prep(kv: torch.Tensor, weight: torch.Tensor, cos, sin, eps: float, kv_fp8
     if t:
         kv_prep_kernel[(t,)](kv, kv.stride(0), weight, cos, sin, out, eps, DH=dh, R=r, NB=nb,
                              NBP=triton.next_power_of_2(nb), KV_FP8=kv_fp8, KVB=kv_block,
-                             num_warps=4)
+                             num_warps=4, **launch_opts())
     return out
 
 
@@ -167,6 +171,7 @@ def sink_attention_kernel(q_ptr, cache_ptr, new_ptr, kidx_ptr, kvalid_ptr, pos_p
                           W: tl.constexpr, WP: tl.constexpr, DH: tl.constexpr, R: tl.constexpr,
                           BH: tl.constexpr, BD: tl.constexpr, DECODE: tl.constexpr,
                           DOT_F32: tl.constexpr):
+    pdl_enter()
     t = tl.program_id(0)
     hb = tl.program_id(1)
     heads = hb * BH + tl.arange(0, BH)
@@ -269,13 +274,14 @@ def sink_attention(q: torch.Tensor, new_kv: torch.Tensor, sink: torch.Tensor, co
         seq_slots if decode else dummy, cache_pos if cache_pos is not None else dummy,
         sink, cos, sin, out, h, cap, n_cached, dh ** -0.5,
         W=window, WP=max(16, triton.next_power_of_2(window)), DH=dh, R=r, BH=bh, BD=bd,
-        DECODE=decode, DOT_F32=q.dtype == torch.float32, num_warps=4)
+        DECODE=decode, DOT_F32=q.dtype == torch.float32, num_warps=4, **launch_opts())
     return out
 
 
 @triton.jit
 def cache_write_kernel(new_ptr, pos_ptr, rows_ptr, slots_ptr, seq_slot_ptr, cache_ptr, cpos_ptr,
                        C, DH: tl.constexpr, BD: tl.constexpr, DECODE: tl.constexpr):
+    pdl_enter()
     i = tl.program_id(0)
     if DECODE:
         row = i
@@ -311,4 +317,4 @@ def cache_write(new_kv, positions, cache_kv, cache_pos, *, rows=None, slots=None
                              slots if not decode else dummy,
                              seq_slots if decode else dummy, cache_kv, cache_pos, cap, DH=dh,
                              BD=min(512, triton.next_power_of_2(dh)), DECODE=decode,
-                             num_warps=4)
+                             num_warps=4, **launch_opts())

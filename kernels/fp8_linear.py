@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import e8m0_to_f32, fp8_round, mma, pow2_scale_bits
+from ._common import e8m0_to_f32, fp8_round, launch_opts, mma, pdl_enter, pow2_scale_bits
 
 BK = 128
 # bf16 activations with act_quant: the e4m3 activation codes and the e4m3 weights go to the FP8
@@ -59,6 +59,7 @@ def fp8_linear_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, add_ptr,
                       SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, SPLIT: tl.constexpr,
                       ADD_ROW_DIV: tl.constexpr, FP8_DOT: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pdl_enter()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -115,6 +116,7 @@ def fp8_linear_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, add_ptr,
 def splitk_reduce_kernel(part_ptr, out_ptr, add_ptr, M, N, stride_om, stride_am,
                          SPLIT: tl.constexpr, ADD_ROW_DIV: tl.constexpr, BN: tl.constexpr):
     """Sum the split-K partials in a fixed order (deterministic), then the epilogue."""
+    pdl_enter()
     m = tl.program_id(0)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     cmask = cols < N
@@ -191,12 +193,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
         DOT_F32=x.dtype == torch.float32 and not act_quant and not rounded, SPLIT=split,
         ADD_ROW_DIV=add_row_div if add is not None else 0,
         FP8_DOT=FP8_DOT and act_quant and x.dtype == torch.bfloat16, BM=bm, BN=bn, BK=BK,
-        num_warps=warps, num_stages=tune.get("stages", 3))
+        num_warps=warps, num_stages=tune.get("stages", 3), **launch_opts())
     if split > 1:
         rbn = 256
         splitk_reduce_kernel[(m, triton.cdiv(n, rbn))](
             part, out, add_t, m, n, out.stride(0), add_t.stride(0), SPLIT=split,
-            ADD_ROW_DIV=add_row_div if add is not None else 0, BN=rbn, num_warps=4)
+            ADD_ROW_DIV=add_row_div if add is not None else 0, BN=rbn, num_warps=4, **launch_opts())
     return out
 
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import exp2_int, fp8_round, pow2_scale_bits
+from ._common import exp2_int, fp8_round, launch_opts, pdl_enter, pow2_scale_bits
 
 _MIX_BK = 128
 _MIX_BT = 16
@@ -28,6 +28,7 @@ FINISH_WARPS = 8  # hc_finish: warps per row's program (16 for rows over 4096)
 @triton.jit
 def rmsnorm_kernel(x_ptr, w_ptr, out_ptr, D, stride_x, stride_o, eps, BD: tl.constexpr):
     """One row: (x * rsqrt(mean(x^2) + eps)) * w, rounded to out's dtype (``ops.rms_norm``)."""
+    pdl_enter()
     r = tl.program_id(0)
     offs = tl.arange(0, BD)
     mask = offs < D
@@ -46,7 +47,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         out = torch.empty(r, d, dtype=x.dtype, device=x.device)
     bd = triton.next_power_of_2(d)
     rmsnorm_kernel[(r,)](x, weight, out, d, x.stride(0), out.stride(0), eps, BD=bd,
-                         num_warps=4 if bd <= 4096 else 8)
+                         num_warps=4 if bd <= 4096 else 8, **launch_opts())
     return out
 
 
@@ -54,6 +55,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 def hc_mix_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, T, KT, F, chunk,
                   FP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
     """Partial (z @ fn^T, sum z^2) over one chunk of z = flatten(x[t]) for a block of rows."""
+    pdl_enter()
     tb = tl.program_id(0)
     s = tl.program_id(1)
     rows = tb * BT + tl.arange(0, BT)
@@ -94,6 +96,7 @@ def hc_finish_kernel(part_ptr, sq_ptr, x_ptr, scale_ptr, base_ptr, normw_ptr, po
                      HEAD: tl.constexpr, QUANT: tl.constexpr):
     """One row: mixes -> pre (and post, Sinkhorn comb) -> collapse -> RMSNorm; with QUANT also
     the FP8 activation rounding of the result (``fp8_simulate``, blocks of 128) into q."""
+    pdl_enter()
     t = tl.program_id(0)
     mm = tl.arange(0, M)
     # the row and the norm weight first: their loads overlap the partials' and the Sinkhorn
@@ -148,7 +151,7 @@ def _mix_partials(x: torch.Tensor, fn: torch.Tensor):
     part = torch.empty(n_split, t, fp, dtype=torch.float32, device=x.device)
     sq = torch.empty(n_split, t, dtype=torch.float32, device=x.device)
     hc_mix_kernel[(tb, n_split)](x, fn, part, sq, t, kt, f, per * _MIX_BK, FP=fp, BT=_MIX_BT,
-                                 BK=_MIX_BK, num_warps=4)
+                                 BK=_MIX_BK, num_warps=4, **launch_opts())
     return part, sq, n_split, fp
 
 
@@ -174,7 +177,7 @@ def hc_pre_norm(x: torch.Tensor, fn, scale, base, norm_weight, iters: int, hc_ep
     hc_finish_kernel[(t,)](part, sq, x, scale, base, norm_weight, post, comb, u, q, t, d,
                            n_split, iters, eps, hc_eps, eps, M=m, FP=fp,
                            SP=triton.next_power_of_2(n_split), BD=bd, HEAD=False,
-                           QUANT=act_quant, num_warps=_warps(bd))
+                           QUANT=act_quant, num_warps=_warps(bd), **launch_opts())
     return (u, post, comb, q) if act_quant else (u, post, comb)
 
 
@@ -188,7 +191,7 @@ def hc_head_norm(x: torch.Tensor, fn, scale, base, norm_weight, hc_eps: float, e
     hc_finish_kernel[(t,)](part, sq, x, scale, base, norm_weight, u, u, u, u, t, d, n_split, 1,
                            eps, hc_eps, eps, M=m, FP=fp,
                            SP=triton.next_power_of_2(n_split), BD=bd, HEAD=True, QUANT=False,
-                           num_warps=_warps(bd))
+                           num_warps=_warps(bd), **launch_opts())
     return u
 
 
@@ -198,6 +201,7 @@ def hc_post_kernel(a_ptr, res_ptr, post_ptr, comb_ptr, out_ptr, pair_ptr, idx_pt
                    BD: tl.constexpr):
     """out[k] = post[k] * a + sum_j comb[j, k] * res[j]. With MOE, a = (sum of the row's routed
     expert outputs in ascending expert order, in fp32, + shared expert) rounded."""
+    pdl_enter()
     t = tl.program_id(0)
     dd = tl.program_id(1) * BD + tl.arange(0, BD)
     dmask = dd < D
@@ -239,8 +243,9 @@ def hc_post(a: torch.Tensor | None, residual: torch.Tensor, post: torch.Tensor,
         hc_post_kernel[(t, triton.cdiv(d, bd))](shared, residual, post, comb, out, pair_out, idx,
                                                 shared, d, M=m, MOE=True, TOPK=topk,
                                                 KP=triton.next_power_of_2(topk), BD=bd,
-                                                num_warps=4)
+                                                num_warps=4, **launch_opts())
     else:
         hc_post_kernel[(t, triton.cdiv(d, bd))](a, residual, post, comb, out, a, a, a, d, M=m,
-                                                MOE=False, TOPK=1, KP=1, BD=bd, num_warps=4)
+                                                MOE=False, TOPK=1, KP=1, BD=bd, num_warps=4,
+                                                **launch_opts())
     return out

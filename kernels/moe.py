@@ -41,7 +41,9 @@ from ._common import (
     e2m1_times_2pow126,
     exp2_int,
     fp8_round,
+    launch_opts,
     mma,
+    pdl_enter,
     pow2_scale_bits,
 )
 
@@ -62,6 +64,7 @@ def route_kernel(logits_ptr, bias_ptr, idx_ptr, w_ptr, E, scaling,
                  TOPK: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr, SCORING: tl.constexpr,
                  HAS_BIAS: tl.constexpr):
     """``ops.route`` after the gate product: scores, biased top-k, normalised weights."""
+    pdl_enter()
     t = tl.program_id(0)
     e = tl.arange(0, EP)
     emask = e < E
@@ -107,7 +110,7 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, scoring_f
                            float(scaling), TOPK=top_k, KP=triton.next_power_of_2(top_k),
                            EP=triton.next_power_of_2(e),
                            SCORING={"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}[scoring_func],
-                           HAS_BIAS=bias is not None, num_warps=4)
+                           HAS_BIAS=bias is not None, num_warps=4, **launch_opts())
     return idx, w
 
 
@@ -135,7 +138,7 @@ def align_tiles(idx: torch.Tensor, n_experts: int, bm: int = BM):
     bp = 64
     align_kernel[(max(triton.cdiv(p, bp), triton.cdiv(n_tiles, bp)),)](
         flat, pairs, tile_expert, p, n_experts, n_tiles, BMS=bm,
-        EP=triton.next_power_of_2(n_experts), BP=bp, BJ=256, BC=32, num_warps=4)
+        EP=triton.next_power_of_2(n_experts), BP=bp, BJ=256, BC=32, num_warps=4, **launch_opts())
     return pairs, tile_expert
 
 
@@ -167,6 +170,7 @@ def align_kernel(e_ptr, pairs_ptr, texp_ptr, P, E, n_tiles, BMS: tl.constexpr,
                  EP: tl.constexpr, BP: tl.constexpr, BJ: tl.constexpr, BC: tl.constexpr):
     """Program b: pairs b*BP .. (b+1)*BP - 1 to their slots, and tile_expert of tiles b*BP ..
     Every program counts all P pairs per expert (small: P <= a few thousand)."""
+    pdl_enter()
     b = tl.program_id(0)
     ex = tl.arange(0, EP)
     counts = tl.zeros([EP], dtype=tl.int32)
@@ -338,6 +342,7 @@ def moe_w13_kernel(x_ptr, w_ptr, s_ptr, pairs_ptr, texp_ptr, rw_ptr, act_ptr,
                    D, I, E, stride_we, stride_wn, stride_se, stride_sn, limit,
                    TOPK: tl.constexpr, ACT_QUANT: tl.constexpr, F32: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, DECODE: tl.constexpr):
+    pdl_enter()
     tile = tl.program_id(0)
     nb = tl.program_id(1)
     ex = tl.load(texp_ptr + tile)
@@ -368,6 +373,7 @@ def moe_w2_kernel(act_ptr, w_ptr, s_ptr, pairs_ptr, texp_ptr, out_ptr,
                   D, I, E, stride_we, stride_wn, stride_se, stride_sn,
                   ACT_QUANT: tl.constexpr, F32: tl.constexpr, BM: tl.constexpr,
                   BN: tl.constexpr, DECODE: tl.constexpr):
+    pdl_enter()
     tile = tl.program_id(0)
     nb = tl.program_id(1)
     ex = tl.load(texp_ptr + tile)
@@ -423,13 +429,14 @@ def moe_w13(u, w13, s13, pairs, tile_expert, weights, *, act_quant: bool, limit:
             u, w13, s, pairs, tile_expert, weights, act, d, i, e, w13.stride(0), w13.stride(1),
             s.stride(0), s.stride(1), float(limit), TOPK=weights.shape[1], ACT_QUANT=aq,
             F32=f32, BM=BM, BN=bn, DECODE=dec, num_warps=(tune or {}).get("warps", 4),
-            num_stages=(tune or {}).get("stages", 3))
+            num_stages=(tune or {}).get("stages", 3), **launch_opts())
     return act
 
 
 @triton.jit
 def round_rows_kernel(x_ptr, pairs_ptr, D, BD: tl.constexpr):
     """FP8 activation rounding (blocks of 128) of one row in place, if it holds a pair."""
+    pdl_enter()
     r = tl.program_id(0)
     if tl.load(pairs_ptr + r) >= 0:
         c = tl.arange(0, BD)
@@ -447,7 +454,8 @@ def round_rows(act: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     if i % 128:
         raise ValueError(f"round_rows: width {i} is not a multiple of 128")
     if rows:
-        round_rows_kernel[(rows,)](act, pairs, i, BD=triton.next_power_of_2(i), num_warps=4)
+        round_rows_kernel[(rows,)](act, pairs, i, BD=triton.next_power_of_2(i), num_warps=4,
+                                   **launch_opts())
     return act
 
 
@@ -456,6 +464,7 @@ def quant_rows_kernel(x_ptr, pairs_ptr, xh_ptr, xs_ptr, D, HAS_PAIRS: tl.constex
                       BD: tl.constexpr):
     """FP8 activation rounding (blocks of 128) of one row -> the e4m3 values as float16, each
     8 inputs in the order 0 2 4 6 1 3 5 7, and the blocks' scales 2^e (float32)."""
+    pdl_enter()
     r = tl.program_id(0)
     ok = r >= 0
     if HAS_PAIRS:
@@ -487,7 +496,7 @@ def quant_rows(x: torch.Tensor, pairs: torch.Tensor | None = None):
     if rows:
         quant_rows_kernel[(rows,)](x, pairs if pairs is not None else x, xh, xs, d,
                                    HAS_PAIRS=pairs is not None,
-                                   BD=triton.next_power_of_2(d), num_warps=4)
+                                   BD=triton.next_power_of_2(d), num_warps=4, **launch_opts())
     return xh, xs
 
 
@@ -506,7 +515,8 @@ def moe_w2(act, w2, s2, pairs, tile_expert, n_pairs: int, *, act_quant: bool,
         moe_w2_kernel[(n_tiles, triton.cdiv(d, bn))](
             act, w2, s, pairs, tile_expert, out, d, i, e, w2.stride(0), w2.stride(1),
             s.stride(0), s.stride(1), ACT_QUANT=aq, F32=f32, BM=BM, BN=bn, DECODE=dec,
-            num_warps=(tune or {}).get("warps", 4), num_stages=(tune or {}).get("stages", 3))
+            num_warps=(tune or {}).get("warps", 4), num_stages=(tune or {}).get("stages", 3),
+            **launch_opts())
     return out
 
 
@@ -514,6 +524,7 @@ def moe_w2(act, w2, s2, pairs, tile_expert, n_pairs: int, *, act_quant: bool,
 def fp4_decode_kernel(w_ptr, s_ptr, out_ptr, stride_wn, stride_sn, K, BN: tl.constexpr,
                       DECODE: tl.constexpr):
     """Test entry: the expert kernels' decode of rows [BN] x one 128-input block -> fp32."""
+    pdl_enter()
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     kb = tl.program_id(1)
     j = tl.arange(0, 64)
@@ -532,5 +543,5 @@ def fp4_decode(w, s, decode: str | None = None) -> torch.Tensor:
     out = torch.empty(n, k, dtype=torch.float32, device=w.device)
     su = s.view(torch.uint8)
     fp4_decode_kernel[(n // 16, k // 128)](w, su, out, w.stride(0), su.stride(0), k, BN=16,
-                                           DECODE=DECODES[decode or "f32"])
+                                           DECODE=DECODES[decode or "f32"], **launch_opts())
     return out
