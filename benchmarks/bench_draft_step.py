@@ -388,8 +388,8 @@ def main() -> None:
                     "(mtp_kernels.moe.DECODES; default: its DEFAULT_DECODE)")
     ap.add_argument("--fp8-dot", type=int, default=1, help="fp8_linear on the FP8 tensor cores")
     ap.add_argument("--overlap", type=int, default=1, help="shared expert on a side stream")
-    ap.add_argument("--pdl", type=int, default=1, help="programmatic dependent launch of the "
-                    "Triton kernels (where the GPU has it)")
+    ap.add_argument("--pdl", type=int, default=0, help="programmatic dependent launch of the "
+                    "Triton kernels (where the GPU has it; mtp_kernels._common.PDL)")
     ap.add_argument("--experts", default="auto", help="routed experts' kernels: auto, cuda "
                     "(mtp_kernels.moe_cuda), triton (mtp_kernels.moe)")
     ap.add_argument("--hc-warps", type=int, default=0, help="hc_finish warps (0: default)")
@@ -406,7 +406,7 @@ def main() -> None:
         moe.DEFAULT_DECODE = {"w13": args.fp4_decode, "w2": args.fp4_decode}
     fl.FP8_DOT = bool(args.fp8_dot)
     from mtp_kernels import _common
-    _common.PDL = _common.PDL and bool(args.pdl)
+    _common.PDL = bool(args.pdl) and bool(_common.PDL_ARCH)
     if args.hc_warps:
         from mtp_kernels import hc
         hc.FINISH_WARPS = args.hc_warps

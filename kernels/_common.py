@@ -30,9 +30,11 @@ INV_E4M3_MAX = tl.constexpr(1.0 / 448.0)  # used as float32, as the reference
 # launch. With the attribute (launch_opts(), PDL on), a kernel's launch and its blocks' start
 # overlap the previous kernel's tail instead of following its completion: a draft step at
 # batch 1 is ~40 dependent launches. The wait comes first, so nothing is read early.
+# Off by default: measured on an H100 it took 3-5% off batches 1 and 4 but added 21% at batch
+# 256 (kernels/NOTES.md, round 4, v20); `bench_draft_step.py --pdl 1` turns it on.
 PDL_ARCH = tl.constexpr(not os.environ.get("TRITON_INTERPRET") and torch.cuda.is_available()
                         and torch.cuda.get_device_capability() >= (9, 0))
-PDL = bool(PDL_ARCH)  # the launch attribute; a switch for benchmarks (kernels/NOTES.md, v19)
+PDL = False  # the launch attribute (only honoured where PDL_ARCH)
 
 
 @triton.jit
@@ -44,7 +46,7 @@ def pdl_enter():
 
 def launch_opts() -> dict:
     """Launch options of every kernel: programmatic dependent launch where it is on."""
-    return {"launch_pdl": True} if PDL else {}
+    return {"launch_pdl": True} if PDL and PDL_ARCH else {}
 
 
 @functools.cache
