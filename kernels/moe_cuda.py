@@ -120,6 +120,9 @@ def _check(xh, xs, w, s, pairs, tile_expert, what):
     for name, t in (("xh", xh), ("xs", xs), ("weights", w), ("scales", s)):
         if not t.is_contiguous():
             raise ValueError(f"{what}: {name} must be contiguous")
+        if t.data_ptr() % 16:  # 16-byte vector loads and asynchronous copies
+            raise ValueError(f"{what}: {name} must start 16-byte aligned (a view at an offset "
+                             f"is not); pass a fresh tensor (.clone())")
     if pairs.dtype != torch.int32 or tile_expert.dtype != torch.int64 \
             or pairs.numel() not in (8 * tile_expert.numel(), 16 * tile_expert.numel()):
         raise ValueError(f"{what}: pairs int32 [tiles*8] or [tiles*16] and tile_expert int64 "

@@ -381,6 +381,9 @@ def test_cuda_experts_bad_input():
         moe_cuda.moe_w13(u, xs, w13, s13, pairs, texp, wts, limit=0.0)
     with pytest.raises(ValueError, match=r"int8 \[E, N, 128\]"):
         moe_cuda.moe_w13(xh, xs, w13[:, :, :64], s13, pairs, texp, wts, limit=0.0)
+    off = torch.empty(xh.numel() + 8, dtype=xh.dtype, device=DEVICE)[1:1 + xh.numel()]
+    with pytest.raises(ValueError, match="16-byte aligned"):  # contiguous, 2 bytes off
+        moe_cuda.moe_w13(off.view_as(xh), xs, w13, s13, pairs, texp, wts, limit=0.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
