@@ -5,14 +5,16 @@ Work is cut into tiles of up to ``BM`` pairs that share one expert; a tile reads
 weights once. ``tile_pairs`` [n_tiles * BM] lists the pair ids (t * K + k, -1 for padding) and
 ``tile_expert`` [n_tiles] the expert (>= E: an empty tile). For a few rows every pair is its own
 tile (no sorting at all: the tiles are fixed and ``tile_expert`` is the routing itself); for many
-rows pairs are sorted by expert on the device (:func:`align_tiles`), bounded by
+rows pairs are sorted by expert on the device (:func:`align_tiles`, one kernel), bounded by
 ``n_tiles <= ceil(P / BM) + min(P, E)`` so the grid is known without looking at the routing.
+(The CUDA expert kernels, ``moe_cuda``, take tiles of 8 slots: ``align_tiles(..., bm=8)``.)
 
 - :func:`moe_w13`: per tile and block of I columns: gate (w1) and up (w3) products (the
   activation FP8 rounding fused, or the input rounded ahead: ``rounded``), both rounded to the
   compute dtype, the clamped SwiGLU and the routing weight -> the w2 input ``act`` (as
   ``mtp.model.Experts``: weight before w2).
-- :func:`round_rows`: the w2 input's FP8 rounding, once per pair row.
+- :func:`round_rows`: the w2 input's FP8 rounding, once per pair row; :func:`quant_rows` the
+  same rounding split into exact float16 values and scales, the CUDA kernels' input.
 - :func:`moe_w2`: per tile and block of D: the down product, written per pair.
 The final sum (ascending expert order, plus the shared expert) is fused into ``hc.hc_post``.
 
@@ -21,9 +23,9 @@ e2m1 weights: bytes [.., n, k/2], the even input in the low nibble; per-32 E8M0 
 build exact float bits per code (``f32``: float32 bits, five integer ops per code; ``f16x2``:
 float16 bits for 8 codes per register op in inline PTX, ``_common``), then two exact multiplies
 (to the code's value, by the block scale), the dots taking the values as bf16 (exact); ``mx``
-hands bytes and scales to Triton's microscaling dot (``tl.dot_scaled``). Even so these kernels
-are bound by their instruction stream (layout changes, addressing, decode), not by memory:
-~1.5 TB/s at 64 rows on an H100 (``kernels/NOTES.md``, round 3).
+hands bytes and scales to Triton's microscaling dot (``tl.dot_scaled``). These kernels stay at
+~1.6 TB/s at 64 rows on an H100; the hand-written ``moe_cuda`` ones reach 2.4-2.7
+(``kernels/NOTES.md``, rounds 3 and 4).
 
 Shape legend: T rows, K experts per row, P = T*K pairs, E experts, D hidden, I expert width.
 """
@@ -397,6 +399,12 @@ def moe_w2_kernel(act_ptr, w_ptr, s_ptr, pairs_ptr, texp_ptr, out_ptr,
         tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None])
 
 
+def _check_tiles(pairs, n_tiles, what):
+    if pairs.numel() != n_tiles * BM:
+        raise ValueError(f"{what}: the Triton expert kernels take tiles of {BM} pair slots "
+                         f"(align_tiles(idx, E)); got {pairs.numel()} slots for {n_tiles} tiles")
+
+
 def _variant(x, act_quant, rounded, decode, kernel):
     """(ACT_QUANT, F32, DECODE) of a launch. A rounded input (``fp8_simulate``d) is exact in
     bf16: no rounding in the kernel, and float32 inputs take the bf16 dots too."""
@@ -420,6 +428,7 @@ def moe_w13(u, w13, s13, pairs, tile_expert, weights, *, act_quant: bool, limit:
     e, two_i, _ = w13.shape
     i = two_i // 2
     n_tiles = tile_expert.shape[0]
+    _check_tiles(pairs, n_tiles, "moe_w13")
     act = torch.empty(n_tiles * BM, i, dtype=u.dtype, device=u.device)
     s = s13.view(torch.uint8)
     aq, f32, dec = _variant(u, act_quant, rounded, decode, "w13")
@@ -507,6 +516,7 @@ def moe_w2(act, w2, s2, pairs, tile_expert, n_pairs: int, *, act_quant: bool,
     e, d, _ = w2.shape
     i = act.shape[1]
     n_tiles = tile_expert.shape[0]
+    _check_tiles(pairs, n_tiles, "moe_w2")
     out = torch.empty(n_pairs, d, dtype=act.dtype, device=act.device)
     s = s2.view(torch.uint8)
     aq, f32, dec = _variant(act, act_quant, rounded, decode, "w2")
