@@ -340,6 +340,23 @@ def _swiglu_store(acc_g, acc_v, act_ptr, rw_ptr, pair, valid, rows, n, I, limit)
 
 
 @triton.jit
+def _tile(pairs_ptr, w_ptr, s_ptr, tile, nb, ex, stride_we, stride_se, TOPK: tl.constexpr,
+          BM: tl.constexpr, BN: tl.constexpr):
+    """An expert kernel program's tile: slot rows r [BM], their pair ids, validity and (TOPK >
+    0) tokens, its output columns n [BN], the decode's byte index j [64], the expert's weight
+    and scale bases."""
+    r = tl.arange(0, BM)
+    pair = tl.load(pairs_ptr + tile * BM + r)
+    valid = pair >= 0
+    tok = pair
+    if TOPK > 0:
+        tok = tl.where(valid, pair // TOPK, 0)
+    n = nb * BN + tl.arange(0, BN)
+    j = tl.arange(0, 64)
+    return r, pair, valid, tok, n, j, w_ptr + ex * stride_we, s_ptr + ex * stride_se
+
+
+@triton.jit
 def moe_w13_kernel(x_ptr, w_ptr, s_ptr, pairs_ptr, texp_ptr, rw_ptr, act_ptr,
                    D, I, E, stride_we, stride_wn, stride_se, stride_sn, limit,
                    TOPK: tl.constexpr, ACT_QUANT: tl.constexpr, F32: tl.constexpr,
@@ -349,14 +366,8 @@ def moe_w13_kernel(x_ptr, w_ptr, s_ptr, pairs_ptr, texp_ptr, rw_ptr, act_ptr,
     nb = tl.program_id(1)
     ex = tl.load(texp_ptr + tile)
     if ex < E:
-        r = tl.arange(0, BM)
-        pair = tl.load(pairs_ptr + tile * BM + r)
-        valid = pair >= 0
-        tok = tl.where(valid, pair // TOPK, 0)
-        n = nb * BN + tl.arange(0, BN)
-        j = tl.arange(0, 64)
-        w_e = w_ptr + ex * stride_we
-        s_e = s_ptr + ex * stride_se
+        r, pair, valid, tok, n, j, w_e, s_e = _tile(pairs_ptr, w_ptr, s_ptr, tile, nb, ex,
+                                                    stride_we, stride_se, TOPK, BM, BN)
         if DECODE == 2 and not F32:  # Triton's microscaling dot
             acc_g = tl.zeros([BM, BN], dtype=tl.float32)
             acc_v = tl.zeros([BM, BN], dtype=tl.float32)
@@ -380,13 +391,8 @@ def moe_w2_kernel(act_ptr, w_ptr, s_ptr, pairs_ptr, texp_ptr, out_ptr,
     nb = tl.program_id(1)
     ex = tl.load(texp_ptr + tile)
     if ex < E:
-        r = tl.arange(0, BM)
-        pair = tl.load(pairs_ptr + tile * BM + r)
-        valid = pair >= 0
-        n = nb * BN + tl.arange(0, BN)
-        j = tl.arange(0, 64)
-        w_e = w_ptr + ex * stride_we
-        s_e = s_ptr + ex * stride_se
+        r, pair, valid, _, n, j, w_e, s_e = _tile(pairs_ptr, w_ptr, s_ptr, tile, nb, ex,
+                                                  stride_we, stride_se, 0, BM, BN)
         if DECODE == 2 and not F32:  # Triton's microscaling dot
             acc = tl.zeros([BM, BN], dtype=tl.float32)
             for kb in range(0, I // 128):
