@@ -62,6 +62,22 @@ def fp4_weight(e, n, k, seed):
     return torch.stack(qs), torch.stack(ss)
 
 
+def experts_reference(u, idx, wts, w13, s13, w2, s2, limit=10.0):
+    """``mtp.model.Experts``' output per (row, expert) pair [T*K, D], activation rounding on:
+    the clamped SwiGLU of w13 times the routing weight (rounded to u's dtype), then w2."""
+    from mtp import ops
+    from mtp.model import linear
+    from mtp.quant import dequant_fp4
+    out = []
+    for r in range(idx.shape[0]):
+        for j in range(idx.shape[1]):
+            ex = int(idx[r, j])
+            g, v = linear(u[r:r + 1], dequant_fp4(w13[ex], s13[ex]), True).chunk(2, dim=-1)
+            a = (wts[r, j] * ops.swiglu(g, v, limit)).to(u.dtype)
+            out.append(linear(a, dequant_fp4(w2[ex], s2[ex]), True)[0])
+    return torch.stack(out)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("m", [1, 5, 40])
 def test_fp8_linear_act_quant(dtype, m):
@@ -226,9 +242,7 @@ def test_fp4_experts(t, dtype, decode, mode):
         pytest.skip("the CPU interpreter runs only the f32 decode (no inline PTX, no "
                     "tl.dot_scaled)")
 
-    from mtp import ops
-    from mtp.model import linear
-    from mtp.quant import dequant_fp4, fp8_simulate
+    from mtp.quant import fp8_simulate
     e, d, i, k = 8, 256, 128, 2
     w13, s13 = fp4_weight(e, 2 * i, d, seed=20)
     w2, s2 = fp4_weight(e, d, i, seed=40)
@@ -251,13 +265,9 @@ def test_fp4_experts(t, dtype, decode, mode):
         act = moe.moe_w13(u, w13, s13, pairs, texp, wts, act_quant=True, limit=10.0,
                           decode=decode)
         out = moe.moe_w2(act, w2, s2, pairs, texp, t * k, act_quant=True, decode=decode)
-    for r in range(t):
-        for j in range(k):
-            ex = int(idx[r, j])
-            g, v = linear(u[r:r + 1], dequant_fp4(w13[ex], s13[ex]), True).chunk(2, dim=-1)
-            a = (wts[r, j] * ops.swiglu(g, v, 10.0)).to(u.dtype)
-            ref = linear(a, dequant_fp4(w2[ex], s2[ex]), True)
-            assert rel(out[r * k + j], ref[0]) < (BF16_TOL if dtype == torch.bfloat16 else F32_TOL)
+    ref = experts_reference(u, idx, wts, w13, s13, w2, s2)
+    for q in range(t * k):
+        assert rel(out[q], ref[q]) < (BF16_TOL if dtype == torch.bfloat16 else F32_TOL)
 
 
 def _cuda_experts():
@@ -341,9 +351,6 @@ def test_cuda_experts(t, tune, bm):
     moe_cuda = _cuda_experts()
     from mtp_kernels import moe
 
-    from mtp import ops
-    from mtp.model import linear
-    from mtp.quant import dequant_fp4, fp8_simulate
     e, d, i, k = 8, 512, 256, 2
     w13, s13 = fp4_weight(e, 2 * i, d, seed=20)
     w2, s2 = fp4_weight(e, d, i, seed=40)
@@ -358,14 +365,9 @@ def test_cuda_experts(t, tune, bm):
     act = moe_cuda.moe_w13(xh, xs, w13, s13, pairs, texp, wts, limit=10.0, tune=tune)
     ah, as_ = moe.quant_rows(act, pairs)
     out = moe_cuda.moe_w2(ah, as_, w2, s2, pairs, texp, t * k, tune=tune)
-    for r in range(t):
-        for j in range(k):
-            ex = int(idx[r, j])
-            g, v = linear(fp8_simulate(u[r:r + 1], 128), dequant_fp4(w13[ex], s13[ex]),
-                          True).chunk(2, dim=-1)
-            a = (wts[r, j] * ops.swiglu(g, v, 10.0)).to(u.dtype)
-            ref = linear(fp8_simulate(a, 128), dequant_fp4(w2[ex], s2[ex]), True)
-            assert rel(out[r * k + j], ref[0]) < BF16_TOL, (r, j)
+    ref = experts_reference(u, idx, wts, w13, s13, w2, s2)
+    for q in range(t * k):
+        assert rel(out[q], ref[q]) < BF16_TOL, q
 
 
 def test_cuda_experts_bad_input():
