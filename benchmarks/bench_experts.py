@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_draft_step import _import_kernels, copy_bandwidth  # noqa: E402
 from bench_kernels import random_experts  # noqa: E402
-from sweep_kernels import bench_cycle  # noqa: E402
+from sweep_kernels import bench_cycle, cuda_routes  # noqa: E402
 
 from mtp import MTPConfig  # noqa: E402
 from mtp.quant import fp8_simulate  # noqa: E402
@@ -87,11 +87,8 @@ def main() -> None:
             xh, xs = moe.quant_rows(u)
             for bm in [int(x) for x in args.tiles.split(",")]:
                 # the same routings, tiled for the CUDA kernels (bm pair slots per tile)
-                croutes = [moe.align_tiles(i, e, bm) + (wt,) for i, (_, _, wt, _) in
-                           zip(idxs, routes)]
-                cacts = [moe_cuda.moe_w13(xh, xs, w13, s13, p, te, wt, limit=10.0)
-                         for p, te, wt in croutes]
-                q2 = [moe.quant_rows(a, p) for a, (p, *_) in zip(cacts, croutes)]
+                croutes, q2 = cuda_routes(moe, moe_cuda, idxs, [r[2] for r in routes], e, bm,
+                                          xh, xs, w13, s13)
                 for tune in tunes:
                     line(f"cuda tiles {bm} {json.dumps(tune)}",
                          bench_cycle(args.reps, [functools.partial(

@@ -61,6 +61,15 @@ def expert_calls(moe, kern, u, acts, routes, weights, n_pairs, kw):
             for a, (p, te, _) in zip(acts, routes)]
 
 
+def cuda_routes(moe, moe_cuda, idxs, wts, n_experts, bm, xh, xs, w13, s13):
+    """The routings tiled for the CUDA expert kernels (bm slots per tile) as [(pairs,
+    tile_expert, weights)], and per routing the w2 input those kernels take, (xh, xs) of the
+    w13 output."""
+    croutes = [moe.align_tiles(i, n_experts, bm) + (wt,) for i, wt in zip(idxs, wts)]
+    acts = [moe_cuda.moe_w13(xh, xs, w13, s13, p, te, wt, limit=10.0) for p, te, wt in croutes]
+    return croutes, [moe.quant_rows(a, p) for a, (p, _, _) in zip(acts, croutes)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="1,64")
@@ -137,11 +146,8 @@ def main() -> None:
         # the CUDA expert kernels (moe_cuda): warps per block, stages, steps per stage
         from mtp_kernels import moe_cuda
         xh, xs = moe.quant_rows(u)
-        croutes = [moe.align_tiles(i, e, moe_cuda.TILE) + (wt,) for i, (_, _, wt) in
-                   zip(idxs, routes)]
-        cacts = [moe_cuda.moe_w13(xh, xs, w13, s13, p, te, wt, limit=10.0)
-                 for p, te, wt in croutes]
-        q2 = [moe.quant_rows(a, p) for a, (p, _, _) in zip(cacts, croutes)]
+        croutes, q2 = cuda_routes(moe, moe_cuda, idxs, [wt for _, _, wt in routes], e,
+                                  moe_cuda.TILE, xh, xs, w13, s13)
         for kern in ("w13", "w2"):
             results = {}
             for wn, stages, steps in itertools.product((1, 2, 4, 8), (2, 4, 8), (2, 4, 8)):
