@@ -52,8 +52,9 @@ def unsupported(hidden: int, width: int) -> str | None:
     return None
 
 
+@functools.cache
 def unavailable(device: torch.device) -> str | None:
-    """Why these kernels cannot run on ``device`` (None: they can)."""
+    """Why these kernels cannot run on ``device`` (None: they can). Cached per device."""
     if not hasattr(torch.cuda, "_compile_kernel"):
         return f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC; torch >= 2.8)"
     if device.type != "cuda":
@@ -83,9 +84,9 @@ def _driver():
 
 def _run(kernel, grid, block, args) -> None:
     """Launch a ``_compile_kernel`` kernel on the current stream (captured by CUDA graphs).
-    As its own ``__call__``, with the driver library loaded once: that call re-opens the library
-    and rebuilds its function pointers every launch, which is most of an eager step's host time.
-    Tensors go as pointers, ints as C int, floats as C double."""
+    As its own ``__call__``, with the driver library loaded once (that call re-opens the library
+    and looks up ``cuLaunchKernel`` at every launch). Tensors go as pointers, ints as C int,
+    floats as C double."""
     vals = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor)
             else ctypes.c_int(a) if isinstance(a, int) else ctypes.c_double(a) for a in args]
     argv = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
@@ -96,13 +97,8 @@ def _run(kernel, grid, block, args) -> None:
         raise RuntimeError(f"moe_cuda: cuLaunchKernel failed with CUDA error {err}")
 
 
-@functools.cache
-def _unavailable_cached(device: torch.device) -> str | None:
-    return unavailable(device)
-
-
 def _check(xh, xs, w, s, pairs, tile_expert, what):
-    reason = _unavailable_cached(w.device)
+    reason = unavailable(w.device)
     if reason:
         raise RuntimeError(f"{what}: {reason}")
     rows, k = xh.shape
