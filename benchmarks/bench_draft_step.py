@@ -5,7 +5,9 @@ experts), bfloat16 compute, and a KV cache whose window is full, times per batch
 
 - the draft step (forward + logits, one row per sequence): the naive path (the module's
   pure-PyTorch forward, dequantising per call), the fast path eager (``TritonMTP.decode_step``)
-  and CUDA-graph replay (``DraftStepGraphs``);
+  and CUDA-graph replay (``DraftStepGraphs``), each call timed alone (the host's launch
+  latency included: the GPU idles until the step's first copy arrives) and back to back (20
+  steps enqueued without synchronisation, as a decode loop runs: GPU time per step);
 - a catch-up of 128 rows per sequence (``TritonMTP.forward`` + logits of each last row);
 - a k = 3 greedy proposal (three graph replays with the argmax between);
 - ``Drafter.propose`` (1 new row per sequence, k = 3) eager vs ``use_cuda_graphs`` (--drafter);
@@ -161,6 +163,23 @@ def time_it(fn, reps: int, warmup: int = 2) -> list[float]:
     return times
 
 
+def time_back_to_back(fn, steps: int, reps: int) -> list[float]:
+    """ms per call of ``steps`` calls enqueued back to back (no synchronisation between them,
+    as a decode loop runs: the host prepares call i+1 while the GPU runs call i), per rep."""
+    fn(0)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for i in range(steps):
+            fn(i)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / steps)
+    return times
+
+
 def copy_bandwidth() -> float:
     """Bytes read + written per second of a 2 GiB device-to-device copy (median of 20)."""
     n = 1 << 30
@@ -226,7 +245,9 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
     pos0 = 1000
     fill_cache(cache, cache.max_seqs, pos0, g)
     t0 = time.time()
-    graphs = mk.DraftStepGraphs(fast, cache, buckets=tuple(batches), overlap=bool(args.overlap))
+    pdl = {} if args.pdl_rows is None else {"pdl_rows": args.pdl_rows}
+    graphs = mk.DraftStepGraphs(fast, cache, buckets=tuple(batches), overlap=bool(args.overlap),
+                                **pdl)
     capture_s = time.time() - t0
     rows = []
     for b in batches:
@@ -257,9 +278,11 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
         t_graph_all = time_it(graph, args.reps * 4)
         t_graph = statistics.median(t_graph_all)
         t_graph2 = statistics.median(time_it(graph, args.reps * 4))
+        t_b2b = statistics.median(time_back_to_back(graph, 20, args.reps))
         row = dict(preset=name, what="draft step", batch=b, experts_used=used,
                    floor_GB=fb / 1e9, floor_ms=floor_ms, naive_ms=t_naive, eager_ms=t_eager,
                    graph_ms=t_graph, graph_ms_rerun=t_graph2, x_floor=t_graph / floor_ms,
+                   b2b_ms=t_b2b, b2b_x_floor=t_b2b / floor_ms, pdl=graphs.buckets[b].pdl,
                    speedup_vs_naive=t_naive / t_graph)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -374,6 +397,38 @@ def profile(graphs, cfg, batches, name, out, g):
         with open(path, "w") as f:
             f.write(f"{name} batch {b}: {n} graph replays\n{table}\n")
         print(f"--- profile {name} batch {b} ({n} replays) ---\n{table}", flush=True)
+        trace = os.path.join(out, f"trace_{name}_b{b}.json")
+        p.export_chrome_trace(trace)
+        lines = timeline(trace, n)
+        os.remove(trace)  # large; the timeline below is what is read
+        with open(os.path.join(out, f"timeline_{name}_b{b}.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"--- timeline {name} batch {b} (last replay) ---\n" + "\n".join(lines), flush=True)
+
+
+def timeline(trace_path: str, n: int) -> list[str]:
+    """The kernels of the last of n graph replays in order: start (us, from the replay's first
+    kernel), duration, the idle time on its stream since that stream's previous kernel, and
+    the stream. The gaps are what launch latency and dependencies cost."""
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    ks = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                key=lambda e: e["ts"])
+    # every step starts with the copies into the graph's static inputs: take the last run
+    copy = [e.get("cat") == "gpu_memcpy" for e in ks]
+    starts = [i for i in range(len(ks)) if copy[i] and (i == 0 or not copy[i - 1])]
+    last = ks[starts[-1]:] if len(starts) == n else ks[-(len(ks) // n):]
+    t0, prev_end, rows = last[0]["ts"], {}, []
+    busy = 0.0
+    for e in last:
+        s = e["args"].get("stream", 0)
+        gap = e["ts"] - prev_end[s] if s in prev_end else 0.0
+        prev_end[s] = e["ts"] + e["dur"]
+        busy += e["dur"]
+        rows.append(f"{e['ts'] - t0:9.1f} {e['dur']:8.1f} {gap:7.1f}  s{s:<3} {e['name'][:90]}")
+    end = max(e["ts"] + e["dur"] for e in last) - t0
+    return [f"{'start us':>9} {'dur':>8} {'gap':>7}  stream kernel", *rows,
+            f"span {end:.1f} us, {len(last)} kernels, kernel time {busy:.1f} us"]
 
 
 def main() -> None:
@@ -388,8 +443,9 @@ def main() -> None:
                     "(mtp_kernels.moe.DECODES; default: its DEFAULT_DECODE)")
     ap.add_argument("--fp8-dot", type=int, default=1, help="fp8_linear on the FP8 tensor cores")
     ap.add_argument("--overlap", type=int, default=1, help="shared expert on a side stream")
-    ap.add_argument("--pdl", type=int, default=0, help="programmatic dependent launch of the "
-                    "Triton kernels (where the GPU has it; mtp_kernels._common.PDL)")
+    ap.add_argument("--pdl-rows", type=int, default=None, help="graph buckets of at most this "
+                    "many rows use programmatic dependent launch (default: the library's "
+                    "mtp_kernels.graph.PDL_ROWS; 0: none); eager calls never do")
     ap.add_argument("--experts", default="auto", help="routed experts' kernels: auto, cuda "
                     "(mtp_kernels.moe_cuda), triton (mtp_kernels.moe)")
     ap.add_argument("--hc-warps", type=int, default=0, help="hc_finish warps (0: default)")
@@ -405,8 +461,6 @@ def main() -> None:
     if args.fp4_decode:
         moe.DEFAULT_DECODE = {"w13": args.fp4_decode, "w2": args.fp4_decode}
     fl.FP8_DOT = bool(args.fp8_dot)
-    from mtp_kernels import _common
-    _common.PDL = bool(args.pdl) and bool(_common.PDL_ARCH)
     if args.hc_warps:
         from mtp_kernels import hc
         hc.FINISH_WARPS = args.hc_warps
@@ -423,7 +477,7 @@ def main() -> None:
     bw = copy_bandwidth()
     head = dict(card=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                 commit=commit, date=time.strftime("%Y-%m-%d"), copy_TBps=bw / 1e12,
-                experts=args.experts, pdl=_common.PDL, fp4_decode=moe.DEFAULT_DECODE,
+                experts=args.experts, pdl_rows=args.pdl_rows, fp4_decode=moe.DEFAULT_DECODE,
                 fp8_dot=args.fp8_dot,
                 overlap=args.overlap,
                 hc_warps=args.hc_warps,
@@ -435,16 +489,18 @@ def main() -> None:
         torch.cuda.empty_cache()
     with open(os.path.join(args.out, "bench_draft_step.json"), "w") as f:
         json.dump(rows, f, indent=1)
+    nan = float("nan")
     print("\n| preset | what | batch | floor ms | naive ms | eager ms | graph ms | x floor | "
-          "vs naive |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "back-to-back ms | x floor | vs naive |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows[1:]:
         if r["what"] in ("memory", "Drafter.propose k=3"):
             continue
         print(f"| {r['preset']} | {r['what']} | {r['batch']} | {r['floor_ms']:.3f} | "
-              f"{r.get('naive_ms', float('nan')):.2f} | {r.get('eager_ms', float('nan')):.3f} | "
-              f"{r.get('graph_ms', float('nan')):.3f} | {r['x_floor']:.2f} | "
-              f"{r.get('speedup_vs_naive', float('nan')):.0f} |")
+              f"{r.get('naive_ms', nan):.2f} | {r.get('eager_ms', nan):.3f} | "
+              f"{r.get('graph_ms', nan):.3f} | {r['x_floor']:.2f} | "
+              f"{r.get('b2b_ms', nan):.3f} | {r.get('b2b_x_floor', nan):.2f} | "
+              f"{r.get('speedup_vs_naive', nan):.0f} |")
     for r in rows[1:]:
         if r["what"] in ("memory", "Drafter.propose k=3"):
             print(json.dumps(r))

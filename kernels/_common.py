@@ -29,9 +29,10 @@ INV_E4M3_MAX = tl.constexpr(1.0 / 448.0)  # used as float32, as the reference
 # (griddepcontrol.wait; a no-op without the launch attribute), then lets the next kernel
 # launch. With the attribute (launch_opts(), PDL on), a kernel's launch and its blocks' start
 # overlap the previous kernel's tail instead of following its completion: a draft step at
-# batch 1 is ~40 dependent launches. The wait comes first, so nothing is read early.
-# Off by default: measured on an H100 it took 3-5% off batches 1 and 4 but added 21% at batch
-# 256 (kernels/NOTES.md, round 4, v20); `bench_draft_step.py --pdl 1` turns it on.
+# batch 1 is ~40 dependent launches. The wait comes first, so nothing is read early, and only
+# one kernel waits ahead (launching the next before the wait queued the whole chain: slower).
+# Off by default (eager calls); `graph.DraftStepGraphs` captures small buckets with it
+# (kernels/NOTES.md, round 4 v20 and round 5).
 PDL_ARCH = tl.constexpr(not os.environ.get("TRITON_INTERPRET") and torch.cuda.is_available()
                         and torch.cuda.get_device_capability() >= (9, 0))
 PDL = False  # the launch attribute (only honoured where PDL_ARCH)

@@ -247,12 +247,14 @@ def sink_attention(q: torch.Tensor, new_kv: torch.Tensor, sink: torch.Tensor, co
                    keys_index: torch.Tensor | None = None,
                    keys_valid: torch.Tensor | None = None,
                    positions: torch.Tensor | None = None, seq_slots: torch.Tensor | None = None,
-                   cache_pos: torch.Tensor | None = None) -> torch.Tensor:
+                   cache_pos: torch.Tensor | None = None, tune: dict | None = None
+                   ) -> torch.Tensor:
     """Attention of q [T, H, Dh] over each row's W keys, then the inverse RoPE -> [T, H, Dh].
 
     Keys: ``cat(cache_kv [S*C, Dh], new_kv [T, Dh])[keys_index]`` where ``keys_valid``; or, when
     ``keys_index`` is None (decode: one row per sequence, row t the only new row of slot
     ``seq_slots[t]``), the window read from ``cache_kv``/``cache_pos`` ([S, C]) by position.
+    ``tune``: launch settings for benchmarks (``bd``: head-dim block, ``warps``).
     """
     t, h, dh = q.shape
     r = 2 * cos.shape[1]
@@ -264,7 +266,8 @@ def sink_attention(q: torch.Tensor, new_kv: torch.Tensor, sink: torch.Tensor, co
     n_cached = cache_kv.shape[0] if cache_kv is not None else 0
     cap = cache_pos.shape[-1] if cache_pos is not None else 1
     dummy = positions if decode else keys_index
-    bh, bd = 16, 64
+    tune = tune or {}
+    bh, bd = 16, tune.get("bd", 64)
     blocks = t * triton.cdiv(h, bh)
     parts = triton.cdiv(dh - r, bd) + 1  # P @ V output blocks
     split = min(parts, max(1, sm_count(q.device) // blocks))  # few rows: spread the blocks
@@ -274,7 +277,8 @@ def sink_attention(q: torch.Tensor, new_kv: torch.Tensor, sink: torch.Tensor, co
         seq_slots if decode else dummy, cache_pos if cache_pos is not None else dummy,
         sink, cos, sin, out, h, cap, n_cached, dh ** -0.5,
         W=window, WP=max(16, triton.next_power_of_2(window)), DH=dh, R=r, BH=bh, BD=bd,
-        DECODE=decode, DOT_F32=q.dtype == torch.float32, num_warps=4, **launch_opts())
+        DECODE=decode, DOT_F32=q.dtype == torch.float32, num_warps=tune.get("warps", 4),
+        **launch_opts())
     return out
 
 

@@ -15,21 +15,53 @@ Example:
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from mtp.cache import KVCache
 
+from . import _common
 from .model import TritonMTP
+
+# Buckets up to this many rows are captured with programmatic dependent launch (each kernel's
+# launch and prologue overlap its predecessor's tail). Measured on an H100 (kernels/NOTES.md,
+# round 4 v20 and round 5): it pays at 1-4 rows, where the step is a chain of short kernels,
+# and costs at 256 (early blocks waiting in griddepcontrol.wait hold SM room).
+PDL_ROWS = 4
+
+
+@triton.jit
+def stage_inputs_kernel(ids_ptr, pos_ptr, slots_ptr, hid_ptr, ids_dst, pos_dst, slots_dst,
+                        hid_dst, T, SIZE, N_HID, BS: tl.constexpr, BH: tl.constexpr):
+    """A step's inputs into a bucket's static buffers: program 0 the ids, positions and slots
+    (slot -1 on the padding rows T..SIZE-1), every program one block of the hidden rows."""
+    pid = tl.program_id(0)
+    if pid == 0:
+        r = tl.arange(0, BS)
+        m = r < T
+        tl.store(ids_dst + r, tl.load(ids_ptr + r, mask=m), mask=m)
+        tl.store(pos_dst + r, tl.load(pos_ptr + r, mask=m), mask=m)
+        tl.store(slots_dst + r, tl.load(slots_ptr + r, mask=m, other=-1), mask=r < SIZE)
+    offs = pid * BH + tl.arange(0, BH)
+    hm = offs < N_HID
+    tl.store(hid_dst + offs, tl.load(hid_ptr + offs, mask=hm), mask=hm)
+
+
+_STAGE_BH = 4096
 
 
 class _Bucket:
     def __init__(self, fast: TritonMTP, cache: KVCache, size: int, spec_step_idx: int,
-                 pool, side: torch.cuda.Stream | None):
+                 pool, side: torch.cuda.Stream | None, pdl: bool):
         cfg, dev = fast.config, fast.device
+        self.pdl = pdl and bool(_common.PDL_ARCH)
         self.size = size
         self.ids = torch.zeros(size, dtype=torch.int64, device=dev)
         self.pos = torch.zeros(size, dtype=torch.int64, device=dev)
         self.slots = torch.full((size,), -1, dtype=torch.int64, device=dev)
         self.hidden = torch.zeros(size, cfg.hc_dim, dtype=fast.dtype, device=dev)
+
+        self.device = dev
 
         def run():
             return fast.decode_step(self.ids, self.pos, self.hidden, self.slots, cache,
@@ -37,13 +69,37 @@ class _Bucket:
 
         stream = torch.cuda.Stream(device=dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):  # warm-up: compiles kernels, fills lazy caches
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.out_hidden, self.out_logits = run()
+        was = _common.PDL
+        _common.PDL = self.pdl  # read by every Triton launch: recorded into the graph's nodes
+        try:
+            with torch.cuda.stream(stream):  # warm-up: compiles kernels, fills lazy caches
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream(dev).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.out_hidden, self.out_logits = run()
+        finally:
+            _common.PDL = was
+
+    def stage(self, ids, pos, hidden, slots) -> None:
+        """Copy T <= size rows of inputs in; padding rows get slot -1. One kernel where the
+        inputs are contiguous, on this device and of the buffers' dtypes (a step's copies
+        precede every replay: four copies and a fill were ~10 us at batch 1), else copies."""
+        t = pos.shape[0]
+        src, dst = (ids, pos, hidden, slots), (self.ids, self.pos, self.hidden, self.slots)
+        if all(s.device == self.device and s.dtype == d.dtype and s.is_contiguous()
+               for s, d in zip(src, dst)):
+            n_hid = hidden.numel()
+            stage_inputs_kernel[(max(1, triton.cdiv(n_hid, _STAGE_BH)),)](
+                ids, pos, slots, hidden, self.ids, self.pos, self.slots, self.hidden, t,
+                self.size, n_hid, BS=triton.next_power_of_2(self.size), BH=_STAGE_BH,
+                num_warps=4)
+            return
+        for s, d in zip(src, dst):
+            d[:t].copy_(s)
+        if t < self.size:
+            self.slots[t:].fill_(-1)
 
 
 class DraftStepGraphs:
@@ -56,6 +112,9 @@ class DraftStepGraphs:
         spec_step_idx: which MTP layer (``spec_step_idx % n_mtp``) the graphs use.
         overlap: run the shared expert on a second stream beside the routed experts (a fork
             and join inside the graph; same result).
+        pdl_rows: buckets of at most this many rows are captured with programmatic dependent
+            launch where the GPU has it (sm_90+; same result); default ``PDL_ROWS``, 0 for
+            none.
 
     Capturing runs each bucket twice eagerly first: with padding rows only (slot -1), so the
     cache is not touched.
@@ -63,7 +122,7 @@ class DraftStepGraphs:
 
     def __init__(self, fast: TritonMTP, kv_cache: KVCache,
                  buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
-                 spec_step_idx: int = 0, overlap: bool = True):
+                 spec_step_idx: int = 0, overlap: bool = True, pdl_rows: int = PDL_ROWS):
         if kv_cache.kv.shape[1] < 1:
             raise ValueError("kv_cache has no sequence slots")
         self.fast = fast
@@ -72,7 +131,7 @@ class DraftStepGraphs:
         pool = torch.cuda.graph_pool_handle()
         # the shared expert's branch in the graph, beside the routed experts
         side = torch.cuda.Stream(device=fast.device) if overlap else None
-        self.buckets = {b: _Bucket(fast, kv_cache, b, spec_step_idx, pool, side)
+        self.buckets = {b: _Bucket(fast, kv_cache, b, spec_step_idx, pool, side, b <= pdl_rows)
                         for b in sorted(set(buckets))}
 
     def _bucket(self, t: int) -> _Bucket:
@@ -111,12 +170,7 @@ class DraftStepGraphs:
             self.check(input_ids, positions, hidden_states, seq_slots)
         t = positions.shape[0]
         b = self._bucket(t)
-        b.ids[:t].copy_(input_ids)
-        b.pos[:t].copy_(positions)
-        b.hidden[:t].copy_(hidden_states)
-        b.slots[:t].copy_(seq_slots)
-        if t < b.size:
-            b.slots[t:].fill_(-1)
+        b.stage(input_ids, positions, hidden_states, seq_slots)
         b.graph.replay()
         return b.out_hidden[:t], b.out_logits[:t]
 

@@ -22,7 +22,8 @@ from ._common import exp2_int, fp8_round, launch_opts, pdl_enter, pow2_scale_bit
 
 _MIX_BK = 128
 _MIX_BT = 16
-FINISH_WARPS = 8  # hc_finish: warps per row's program (16 for rows over 4096)
+MIX_PROGRAMS = 128  # hc_mix: split-K programs per block of rows (hc_finish sums their partials)
+FINISH_WARPS = 4  # hc_finish: warps per row's program (8 for rows over 4096)
 
 
 @triton.jit
@@ -37,6 +38,47 @@ def rmsnorm_kernel(x_ptr, w_ptr, out_ptr, D, stride_x, stride_o, eps, BD: tl.con
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     y = w * (x * rs)
     tl.store(out_ptr + r * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def embed_norms_kernel(ids_ptr, pos_ptr, emb_ptr, h_ptr, ew_ptr, hw_ptr, en_ptr, hn_ptr, T, D,
+                       eps, ZERO_POS0: tl.constexpr, BD: tl.constexpr):
+    """Program r < T: the embedding row of ids[r] (zero at position 0 with ZERO_POS0), its
+    RMSNorm (enorm) into en[r]; program T + j: hidden row j's RMSNorm (hnorm) into hn[j]."""
+    pdl_enter()
+    r = tl.program_id(0)
+    offs = tl.arange(0, BD)
+    mask = offs < D
+    if r < T:
+        row = tl.load(ids_ptr + r).to(tl.int64)
+        x = tl.load(emb_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
+        if ZERO_POS0:
+            x = tl.where(tl.load(pos_ptr + r) == 0, 0.0, x)
+        w = tl.load(ew_ptr + offs, mask=mask, other=0.0)
+        out = en_ptr + r * D
+    else:
+        x = tl.load(h_ptr + (r - T) * D + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(hw_ptr + offs, mask=mask, other=0.0)
+        out = hn_ptr + (r - T) * D
+    rs = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+    tl.store(out + offs, (w * (x * rs)).to(en_ptr.dtype.element_ty), mask=mask)
+
+
+def embed_norms(ids: torch.Tensor, positions: torch.Tensor, embed: torch.Tensor,
+                h: torch.Tensor, enorm_w: torch.Tensor, hnorm_w: torch.Tensor, eps: float, *,
+                zero_pos0: bool):
+    """The MTP layer's two input norms in one launch: (rms_norm(embed[ids] (zero where
+    positions == 0 if ``zero_pos0``), enorm_w), rms_norm(h, hnorm_w)): ids, positions [T],
+    embed [V, D], h [R, D] contiguous in embed's dtype -> ([T, D], [R, D])."""
+    t, (r, d) = ids.shape[0], h.shape
+    en = torch.empty(t, d, dtype=embed.dtype, device=h.device)
+    hn = torch.empty(r, d, dtype=embed.dtype, device=h.device)
+    if t + r:
+        bd = triton.next_power_of_2(d)
+        embed_norms_kernel[(t + r,)](ids, positions, embed, h, enorm_w, hnorm_w, en, hn, t, d,
+                                     eps, ZERO_POS0=zero_pos0, BD=bd,
+                                     num_warps=4 if bd <= 4096 else 8, **launch_opts())
+    return en, hn
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -91,11 +133,12 @@ def _mix(part_ptr, T, t, offs, n_split, FP: tl.constexpr, SP: tl.constexpr):
 
 @triton.jit
 def hc_finish_kernel(part_ptr, sq_ptr, x_ptr, scale_ptr, base_ptr, normw_ptr, post_ptr, comb_ptr,
-                     u_ptr, q_ptr, T, D, n_split, iters, eps, hc_eps, norm_eps,
+                     u_ptr, q_ptr, xh_ptr, xs_ptr, T, D, n_split, iters, eps, hc_eps, norm_eps,
                      M: tl.constexpr, FP: tl.constexpr, SP: tl.constexpr, BD: tl.constexpr,
-                     HEAD: tl.constexpr, QUANT: tl.constexpr):
+                     HEAD: tl.constexpr, QUANT: tl.constexpr, QROWS: tl.constexpr):
     """One row: mixes -> pre (and post, Sinkhorn comb) -> collapse -> RMSNorm; with QUANT also
-    the FP8 activation rounding of the result (``fp8_simulate``, blocks of 128) into q."""
+    the FP8 activation rounding of the result (``fp8_simulate``, blocks of 128) into q, and
+    with QROWS the same rounding in ``moe.quant_rows``' layout into xh, xs."""
     pdl_enter()
     t = tl.program_id(0)
     mm = tl.arange(0, M)
@@ -134,8 +177,14 @@ def hc_finish_kernel(part_ptr, sq_ptr, x_ptr, scale_ptr, base_ptr, normw_ptr, po
     if QUANT:  # the consumers that round u read this instead (e4m3 x 2^e: exact in u's dtype)
         ub = tl.reshape(u.to(tl.float32), (BD // 128, 128))  # [BD] -> [blocks, 128]
         e = pow2_scale_bits(tl.max(tl.abs(ub), axis=1))
-        qb = tl.reshape(fp8_round(ub, e) * exp2_int(e)[:, None], (BD,))
+        qv = fp8_round(ub, e)
+        qb = tl.reshape(qv * exp2_int(e)[:, None], (BD,))
         tl.store(q_ptr + t * D + dd, qb.to(u_ptr.dtype.element_ty), mask=dmask)
+        if QROWS:  # as quant_rows_kernel: [blocks, 128] -> [BD/8, 4, 2] -> [BD/8, 2, 4] -> [BD]
+            qp = tl.reshape(tl.permute(tl.reshape(qv, (BD // 8, 4, 2)), (0, 2, 1)), (BD,))
+            tl.store(xh_ptr + t * D + dd, qp.to(tl.float16), mask=dmask)
+            b = tl.arange(0, BD // 128)
+            tl.store(xs_ptr + t * (D // 128) + b, exp2_int(e), mask=b < D // 128)
 
 
 def _mix_partials(x: torch.Tensor, fn: torch.Tensor):
@@ -145,7 +194,7 @@ def _mix_partials(x: torch.Tensor, fn: torch.Tensor):
     fp = max(16, triton.next_power_of_2(f))
     tb = triton.cdiv(t, _MIX_BT)
     n_k = kt // _MIX_BK
-    n_split = max(1, min(n_k, 128 // tb))
+    n_split = max(1, min(n_k, MIX_PROGRAMS // tb))
     per = triton.cdiv(n_k, n_split)
     n_split = triton.cdiv(n_k, per)
     part = torch.empty(n_split, t, fp, dtype=torch.float32, device=x.device)
@@ -160,24 +209,36 @@ def _warps(bd: int) -> int:
 
 
 def hc_pre_norm(x: torch.Tensor, fn, scale, base, norm_weight, iters: int, hc_eps: float,
-                eps: float, *, act_quant: bool = False):
+                eps: float, *, act_quant: bool = False, quant_rows: bool = False):
     """``RMSNorm(hc_pre(x)[0])`` and hc_pre's post, comb: x [T, M, D] ->
     (u [T, D] x's dtype, post [T, M] fp32, comb [T, M, M] fp32); with ``act_quant`` a fourth
-    result, ``fp8_simulate(u, 128)`` (what every FP8 product of u rounds it to)."""
+    result, ``fp8_simulate(u, 128)`` (what every FP8 product of u rounds it to), and with
+    ``quant_rows`` too a fifth and sixth: ``moe.quant_rows`` of it (xh, xs: the CUDA expert
+    kernels' input), written by the same kernel."""
     t, m, d = x.shape
     if d % _MIX_BK:
         raise ValueError(f"hc_pre_norm: hidden size {d} is not a multiple of {_MIX_BK}")
+    if quant_rows and not act_quant:
+        raise ValueError("hc_pre_norm: quant_rows=True needs act_quant=True (it is the rounding)")
     x = x.contiguous()
     part, sq, n_split, fp = _mix_partials(x, fn)
     u = torch.empty(t, d, dtype=x.dtype, device=x.device)
     post = torch.empty(t, m, dtype=torch.float32, device=x.device)
     comb = torch.empty(t, m, m, dtype=torch.float32, device=x.device)
     q = torch.empty_like(u) if act_quant else u
+    if quant_rows:
+        xh = torch.empty(t, d, dtype=torch.float16, device=x.device)
+        xs = torch.empty(t, d // 128, dtype=torch.float32, device=x.device)
+    else:
+        xh, xs = u, post  # not written
     bd = triton.next_power_of_2(d)
-    hc_finish_kernel[(t,)](part, sq, x, scale, base, norm_weight, post, comb, u, q, t, d,
-                           n_split, iters, eps, hc_eps, eps, M=m, FP=fp,
+    hc_finish_kernel[(t,)](part, sq, x, scale, base, norm_weight, post, comb, u, q, xh, xs, t,
+                           d, n_split, iters, eps, hc_eps, eps, M=m, FP=fp,
                            SP=triton.next_power_of_2(n_split), BD=bd, HEAD=False,
-                           QUANT=act_quant, num_warps=_warps(bd), **launch_opts())
+                           QUANT=act_quant, QROWS=quant_rows, num_warps=_warps(bd),
+                           **launch_opts())
+    if quant_rows:
+        return u, post, comb, q, xh, xs
     return (u, post, comb, q) if act_quant else (u, post, comb)
 
 
@@ -188,10 +249,10 @@ def hc_head_norm(x: torch.Tensor, fn, scale, base, norm_weight, hc_eps: float, e
     part, sq, n_split, fp = _mix_partials(x, fn)
     u = torch.empty(t, d, dtype=x.dtype, device=x.device)
     bd = triton.next_power_of_2(d)
-    hc_finish_kernel[(t,)](part, sq, x, scale, base, norm_weight, u, u, u, u, t, d, n_split, 1,
-                           eps, hc_eps, eps, M=m, FP=fp,
+    hc_finish_kernel[(t,)](part, sq, x, scale, base, norm_weight, u, u, u, u, u, u, t, d,
+                           n_split, 1, eps, hc_eps, eps, M=m, FP=fp,
                            SP=triton.next_power_of_2(n_split), BD=bd, HEAD=True, QUANT=False,
-                           num_warps=_warps(bd), **launch_opts())
+                           QROWS=False, num_warps=_warps(bd), **launch_opts())
     return u
 
 

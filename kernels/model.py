@@ -89,6 +89,10 @@ class TritonMTP:
         # decode_step's side stream (the shared expert), set for the duration of one call
         self._side: torch.cuda.Stream | None = None
 
+    @property
+    def _cuda(self) -> bool:
+        return self.experts == "cuda"
+
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
@@ -110,7 +114,7 @@ class TritonMTP:
         self._check_cache(kv_cache)
         cache_layer = spec_step_idx % cfg.num_nextn_predict_layers
         window = call_window(positions, seq_slots, cfg.sliding_window, kv_cache, cache_layer)
-        e = self._embed(input_ids, inputs_embeds, positions)
+        e = input_ids if inputs_embeds is None else self._embed(None, inputs_embeds, positions)
         h = hidden_states.to(self.dtype).view(t, cfg.hc_mult, cfg.hidden_size)
         x = self._layer(layer, e, h, positions, kv_cache, cache_layer, window=window)
         return x.flatten(1)
@@ -142,11 +146,11 @@ class TritonMTP:
         layer = self.model.layer(spec_step_idx)
         t = positions.shape[0]
         cache_layer = spec_step_idx % cfg.num_nextn_predict_layers
-        e = self._embed(input_ids, None, positions)
         h = hidden_states.to(self.dtype).view(t, cfg.hc_mult, cfg.hidden_size)
         self._side = side_stream
         try:
-            x = self._layer(layer, e, h, positions, kv_cache, cache_layer, seq_slots=seq_slots)
+            x = self._layer(layer, input_ids, h, positions, kv_cache, cache_layer,
+                            seq_slots=seq_slots)
         finally:
             self._side = None
         return x.flatten(1), self._logits(layer, x)
@@ -174,12 +178,21 @@ class TritonMTP:
 
     def _layer(self, layer: MTPLayer, e, h, positions, cache, cache_layer, *, window=None,
                seq_slots=None) -> torch.Tensor:
+        """e: the embedded rows [T, D], or the token ids [T] (embedded here, with the norms)."""
         cfg, nm = self.config, self.model.numerics
         aq = nm.act_quant
         eps = cfg.rms_norm_eps
         t, mult, d = h.shape
-        en = hc_k.rmsnorm(e, layer.enorm.weight, eps)
-        hn = hc_k.rmsnorm(h.reshape(t * mult, d), layer.hnorm.weight, eps)
+        emb = self.model.model.embed_tokens.weight
+        if e.dim() == 1 and emb.dtype == self.dtype:  # ids: embedding + both norms, one launch
+            en, hn = hc_k.embed_norms(e, positions, emb, h.reshape(t * mult, d).contiguous(),
+                                      layer.enorm.weight, layer.hnorm.weight, eps,
+                                      zero_pos0=nm.zero_embed_at_pos0)
+        else:
+            if e.dim() == 1:
+                e = self._embed(e, None, positions)
+            en = hc_k.rmsnorm(e, layer.enorm.weight, eps)
+            hn = hc_k.rmsnorm(h.reshape(t * mult, d), layer.hnorm.weight, eps)
         ep = self._lin(en, layer.e_proj, aq)
         x = self._lin(hn, layer.h_proj, aq, add=ep, add_row_div=mult).view(t, mult, d)
         blk = layer.mtp_block
@@ -188,11 +201,12 @@ class TritonMTP:
                                          cfg.hc_eps, eps)
         a = self._attention(blk.attn, u, positions, cache, cache_layer, window, seq_slots)
         x = hc_k.hc_post(a, x, post, comb)
+        # with the CUDA experts, the same kernel also writes their input (quant_rows of uq)
         u, post, comb, *q = hc_k.hc_pre_norm(x, blk.hc_ffn_fn, blk.hc_ffn_scale,
                                              blk.hc_ffn_base, blk.ffn_norm.weight,
                                              cfg.hc_sinkhorn_iters, cfg.hc_eps, eps,
-                                             act_quant=aq)
-        return self._moe(blk.ffn, u, q[0] if aq else None, x, post, comb)
+                                             act_quant=aq, quant_rows=aq and self._cuda)
+        return self._moe(blk.ffn, u, q or None, x, post, comb)
 
     @staticmethod
     def _lin(x, lin, aq, **kw):
@@ -232,24 +246,25 @@ class TritonMTP:
         z = self._lin(o.view(t, h * dh), attn.wo_a, False, group_n=cfg.o_lora_rank)
         return self._lin(z, attn.wo_b, aq)
 
-    def _moe(self, ffn, u, uq, residual, post, comb):
-        """uq: u FP8-rounded (act_quant on; the experts read it, each of their inputs rounded
-        once instead of in every program) or None (act_quant off). The gate reads u."""
+    def _moe(self, ffn, u, q, residual, post, comb):
+        """q: (u FP8-rounded, and for the CUDA experts the same as quant_rows' (xh, xs)) with
+        act_quant on: the experts read it, each of their inputs rounded once instead of in
+        every program; None with act_quant off. The gate reads u."""
         cfg = self.config
-        rounded = uq is not None
-        x = uq if rounded else u
+        rounded = q is not None
+        x = q[0] if rounded else u
         main = torch.cuda.current_stream() if self._side is not None else None
         if main is not None:  # fork: the shared expert beside the routed ones
             self._side.wait_stream(main)
             with torch.cuda.stream(self._side):
                 shared = self._shared(ffn.shared_experts, x, rounded)
-        logits = torch.mm(ops.wide(u), ffn.gate.weight.t())  # [T, E] fp32, as ops.route
+        logits = moe_k.gate_logits(u, ffn.gate.weight)  # [T, E] fp32, as ops.route
         idx, w = moe_k.route(logits, ffn.gate.e_score_correction_bias, cfg.num_experts_per_tok,
                              cfg.scoring_func, cfg.routed_scaling_factor)
         ex = ffn.experts
-        if self.experts == "cuda" and rounded:  # (the CUDA kernels take rounded inputs only)
+        if self._cuda and rounded:  # (the CUDA kernels take rounded inputs only)
             pairs, tile_expert = self._tiles(idx, moe_cuda.TILE)
-            xh, xs = moe_k.quant_rows(x)  # x is rounded already: the same values
+            xh, xs = q[1:]
             act = moe_cuda.moe_w13(xh, xs, ex.w13_weight, ex.w13_weight_scale, pairs,
                                    tile_expert, w, limit=cfg.swiglu_limit)
             ah, as_ = moe_k.quant_rows(act, pairs)
@@ -271,9 +286,13 @@ class TritonMTP:
         return hc_k.hc_post(None, residual, post, comb, moe=(pair_out, idx, shared))
 
     def _shared(self, sh, x, rounded):
-        gu = self._lin(x, sh.gate_up_proj, False, rounded=rounded)  # [T, 2I]
+        # beside the routed experts (decode_step's side stream): one program per SM, so that
+        # the routed chain's small kernels (gate, route, experts: the longer branch) find SMs
+        # free instead of queueing behind four programs per SM of these
+        tune = {"per_sm": 1} if self._side is not None else None
+        gu = self._lin(x, sh.gate_up_proj, False, rounded=rounded, tune=tune)  # [T, 2I]
         return self._lin(gu, sh.down_proj, self.model.numerics.act_quant,
-                         swiglu_limit=self.config.swiglu_limit)
+                         swiglu_limit=self.config.swiglu_limit, tune=tune)
 
     def _tiles(self, idx, bm):
         t, k = idx.shape

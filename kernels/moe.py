@@ -62,6 +62,49 @@ DEFAULT_DECODE = {"w13": "f16x2", "w2": "mx"}
 
 
 @triton.jit
+def gate_kernel(u_ptr, w_ptr, out_ptr, T, E, stride_u, D: tl.constexpr, BT: tl.constexpr,
+                BE: tl.constexpr, BK: tl.constexpr):
+    """logits[t, e] = sum_d float32(u[t, d]) * w[e, d] for BE experts and all (<= BT) rows:
+    each lane accumulates its column of every BK chunk in float32, one reduction at the end."""
+    pdl_enter()
+    ee = tl.program_id(0) * BE + tl.arange(0, BE)
+    tt = tl.arange(0, BT)
+    kk = tl.arange(0, BK)
+    emask, tmask = ee < E, tt < T
+    acc = tl.zeros([BT, BE, BK], dtype=tl.float32)
+    for k0 in tl.static_range(0, D, BK):  # unrolled: every chunk's loads in flight at once
+        kmask = k0 + kk < D
+        w = tl.load(w_ptr + ee[:, None] * D + k0 + kk[None, :],
+                    mask=emask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + tt[:, None] * stride_u + k0 + kk[None, :],
+                    mask=tmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        acc += u[:, None, :] * w[None, :, :]
+    out = tl.sum(acc, axis=2)
+    tl.store(out_ptr + tt[:, None] * E + ee[None, :], out, mask=tmask[:, None] & emask[None, :])
+
+
+GATE_T = 8  # gate_logits: up to this many rows in one kernel; more: float32 copy + cuBLAS
+
+
+def gate_logits(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The gate's product in float32 as ``ops.route``: u [T, D] (bf16 or fp32) @ weight [E, D]
+    (fp32)^T -> [T, E] fp32. For a few rows one kernel reads u as it is (no float32 copy of u,
+    no second launch); the float32 sums run in another order than cuBLAS (same bound)."""
+    t, d = u.shape
+    e = weight.shape[0]
+    if not 0 < t <= GATE_T or weight.dtype != torch.float32 or not weight.is_contiguous() \
+            or u.stride(-1) != 1:
+        return torch.mm(u.float(), weight.t())
+    out = torch.empty(t, e, dtype=torch.float32, device=u.device)
+    bt = triton.next_power_of_2(t)
+    # chunks of 512 inputs for one row, narrower for more rows (the accumulator and the
+    # unrolled loads stay in registers: ptxas reports no spills for BT 1-8, D 4096 and 7168)
+    gate_kernel[(triton.cdiv(e, 2),)](u, weight, out, t, e, u.stride(0), D=d, BT=bt, BE=2,
+                                      BK=max(128, 512 // bt), num_warps=4, **launch_opts())
+    return out
+
+
+@triton.jit
 def route_kernel(logits_ptr, bias_ptr, idx_ptr, w_ptr, E, scaling,
                  TOPK: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr, SCORING: tl.constexpr,
                  HAS_BIAS: tl.constexpr):
@@ -112,7 +155,7 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, scoring_f
                            float(scaling), TOPK=top_k, KP=triton.next_power_of_2(top_k),
                            EP=triton.next_power_of_2(e),
                            SCORING={"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}[scoring_func],
-                           HAS_BIAS=bias is not None, num_warps=4, **launch_opts())
+                           HAS_BIAS=bias is not None, num_warps=1, **launch_opts())
     return idx, w
 
 

@@ -101,15 +101,21 @@ def test_fast_path_matches_module(dtype, rounding, experts):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs")
+@pytest.mark.parametrize("pdl_rows", [0, 1, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_graph_replay_equals_eager(dtype):
-    from mtp_kernels import DraftStepGraphs, TritonMTP
+def test_graph_replay_equals_eager(dtype, pdl_rows):
+    """pdl_rows: no bucket, bucket 1, both buckets captured with programmatic dependent launch
+    (where the GPU has it): the overlap must change nothing."""
+    from mtp_kernels import DraftStepGraphs, TritonMTP, _common
     model = build(dtype, True)
     fast = TritonMTP(model)
     cfg = model.config
     caches = [KVCache(1, 4, cfg.sliding_window + 3, cfg.head_dim, dtype=dtype, device=DEVICE)
               for _ in range(2)]
-    graphs = DraftStepGraphs(fast, caches[1], buckets=(1, 4))
+    graphs = DraftStepGraphs(fast, caches[1], buckets=(1, 4), pdl_rows=pdl_rows)
+    for b, bucket in graphs.buckets.items():
+        assert bucket.pdl == (b <= pdl_rows and bool(_common.PDL_ARCH))
+    assert not _common.PDL  # restored after capture: eager calls launch without it
     g = torch.Generator().manual_seed(5)
     for step in range(12):
         n = 1 + step % 3  # 1..3 rows: buckets 1 and 4, with padding rows
@@ -117,6 +123,9 @@ def test_graph_replay_equals_eager(dtype):
         pos = torch.randint(0, 40, (n,), generator=g).to(DEVICE)
         ids = torch.randint(0, cfg.vocab_size, (n,), generator=g).to(DEVICE)
         h = torch.randn(n, cfg.hc_dim, generator=g).to(DEVICE, dtype)
+        if step % 2:  # a strided view: staged by copies instead of the staging kernel
+            h = torch.stack([h, h], dim=2)[..., 0]
+            assert not h.is_contiguous()
         x_e, l_e = fast.decode_step(ids, pos, h, slots, caches[0])
         x_g, l_g = graphs.step(ids, pos, h, slots)
         assert torch.equal(x_e, x_g) and torch.equal(l_e, l_g)

@@ -160,12 +160,67 @@ def test_rmsnorm_and_hc(dtype):
                                           act_quant=True)
     assert torch.equal(u2, u) and torch.equal(post2, post) and torch.equal(comb2, comb)
     assert torch.equal(uq, fp8_simulate(u, 128))  # the rounded copy, bit for bit
+    *same, xh, xs = hc.hc_pre_norm(x, fn, scale, base, w, 20, 1e-6, 1e-6, act_quant=True,
+                                   quant_rows=True)
+    assert all(torch.equal(a, b) for a, b in zip(same, (u, post, comb, uq)))
+    if dtype == torch.bfloat16:  # quant_rows' layout, bit for bit, from the same kernel
+        from mtp_kernels import moe
+        xh_r, xs_r = moe.quant_rows(uq)
+        assert torch.equal(xh, xh_r) and torch.equal(xs, xs_r)
+    with pytest.raises(ValueError, match="quant_rows=True needs act_quant"):
+        hc.hc_pre_norm(x, fn, scale, base, w, 20, 1e-6, 1e-6, quant_rows=True)
     a = randn(t, d, seed=13, dtype=dtype)
     assert rel(hc.hc_post(a, x, post_r, comb_r), ops.hc_post(a, x, post_r, comb_r)) < tol
     fh = randn(m, m * d, seed=14, std=(m * d) ** -0.5)
     sh, bh = 0.5 + torch.rand(1, device=DEVICE), randn(m, seed=15, std=0.5)
     yh = hc.hc_head_norm(x, fh, sh, bh, w, 1e-6, 1e-6)
     assert rel(yh, ops.rms_norm(ops.hc_head(x, fh, sh, bh, 1e-6, 1e-6), w, 1e-6)) < tol
+
+
+@pytest.mark.parametrize("d", [64, 384, 4096, 7168])
+@pytest.mark.parametrize("t", [1, 3, 8, 9])
+def test_gate_logits(t, d):
+    """The gate product against float64, within the float32 summation bound: each output is a
+    sum of D products, each rounded once and then summed in D/BK sequential chunks per lane and
+    a log2(BK) <= 9 level tree, so |err| <= (D/128 + 10) * 2^-24 * sum |u_d w_d| (BK >= 128).
+    Over GATE_T rows cuBLAS sums in its own order: the general bound D * 2^-24 * sum |.|."""
+    from mtp_kernels import moe
+    u = randn(t, d, seed=t * d, dtype=torch.bfloat16, std=2.0)
+    w = randn(256, d, seed=7, std=d ** -0.5)
+    got = moe.gate_logits(u, w)
+    assert got.dtype == torch.float32 and got.shape == (t, 256)
+    exact = u.double() @ w.double().t()
+    levels = d / 128 + 10 if t <= moe.GATE_T else d
+    bound = levels * 2.0 ** -24 * (u.double().abs() @ w.double().abs().t())
+    assert ((got.double() - exact).abs() <= bound).all()
+    u2 = randn(2 * t, d, seed=3, dtype=torch.bfloat16)[::2]  # strided rows
+    assert torch.equal(moe.gate_logits(u2, w), moe.gate_logits(u2.contiguous(), w))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("zero_pos0", [False, True])
+def test_embed_norms(dtype, zero_pos0):
+    """Embedding lookup (zeroed at position 0 when asked) and both input RMSNorms in one launch
+    against F.embedding + masked_fill + ops.rms_norm: same tolerance as rmsnorm above."""
+    import torch.nn.functional as F
+    from mtp_kernels import hc
+
+    from mtp import ops
+    t, m, d, v = 5, 4, 384, 50
+    emb = randn(v, d, seed=60, dtype=dtype)
+    ids = torch.tensor([3, 0, 49, 3, 17], device=DEVICE)
+    pos = torch.tensor([0, 4, 9, 0, 2], device=DEVICE)
+    h = randn(t * m, d, seed=61, dtype=dtype)
+    ew, hw = 1 + randn(d, seed=62, std=0.1), 1 + randn(d, seed=63, std=0.1)
+    en, hn = hc.embed_norms(ids, pos, emb, h, ew, hw, 1e-6, zero_pos0=zero_pos0)
+    e = F.embedding(ids, emb)
+    if zero_pos0:
+        e = e.masked_fill((pos == 0)[:, None], 0)
+    tol = BF16_TOL if dtype == torch.bfloat16 else F32_TOL
+    assert rel(hn, ops.rms_norm(h, hw, 1e-6)) < tol
+    keep = pos != 0 if zero_pos0 else torch.ones_like(pos, dtype=torch.bool)
+    assert rel(en[keep], ops.rms_norm(e, ew, 1e-6)[keep]) < tol
+    assert not zero_pos0 or torch.equal(en[~keep], torch.zeros_like(en[~keep]))
 
 
 def test_route_exact_choice():
