@@ -16,7 +16,8 @@ against the floor: the bytes that must be read (every dense weight, the experts 
 to in that very call, the embedding rows, the KV window) and written, over the device-to-device
 copy bandwidth measured in the same run. CUDA events, warm-up, median of repeats, inputs rotated
 among 4 sets. Also: resident weight bytes against the checkpoint's stored bytes, peak memory, and
-(``--profile``) a per-kernel breakdown of the graph replay from torch.profiler.
+(``--profile``) a per-kernel breakdown of the graph replay from torch.profiler and the
+timeline of one replay (each kernel's start, duration and idle time on its stream).
 
 Usage:
     PYTHONPATH=.:benchmarks python benchmarks/bench_draft_step.py --preset flash \

@@ -60,7 +60,6 @@ class _Bucket:
         self.pos = torch.zeros(size, dtype=torch.int64, device=dev)
         self.slots = torch.full((size,), -1, dtype=torch.int64, device=dev)
         self.hidden = torch.zeros(size, cfg.hc_dim, dtype=fast.dtype, device=dev)
-
         self.device = dev
 
         def run():
