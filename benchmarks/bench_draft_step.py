@@ -238,7 +238,7 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
     model = init_random_gpu_(DeepSeekV4MTP(cfg, dtype=torch.bfloat16, device=dev), seed=0)
     pb = param_bytes(model)
     resident_alloc = torch.cuda.memory_allocated() - base_mem
-    fast = mk.TritonMTP(model, experts=args.experts)
+    fast = mk.TritonMTP(model, experts=args.experts, head=args.head)
     max_b = max(batches)
     cap = cfg.sliding_window + 4
     cache = KVCache(1, max(max_b, 16), cap, cfg.head_dim, dtype=torch.bfloat16, device=dev)
@@ -449,6 +449,8 @@ def main() -> None:
                     "mtp_kernels.graph.PDL_ROWS; 0: none); eager calls never do")
     ap.add_argument("--experts", default="auto", help="routed experts' kernels: auto, cuda "
                     "(mtp_kernels.moe_cuda), triton (mtp_kernels.moe)")
+    ap.add_argument("--head", default="cublas", help="LM head for <= 4 rows: cublas or triton "
+                    "(mtp_kernels.head)")
     ap.add_argument("--hc-warps", type=int, default=0, help="hc_finish warps (0: default)")
     ap.add_argument("--profile", default="", help="batch sizes to profile, e.g. 1,64")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -478,7 +480,8 @@ def main() -> None:
     bw = copy_bandwidth()
     head = dict(card=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                 commit=commit, date=time.strftime("%Y-%m-%d"), copy_TBps=bw / 1e12,
-                experts=args.experts, pdl_rows=args.pdl_rows, fp4_decode=moe.DEFAULT_DECODE,
+                experts=args.experts, head=args.head, pdl_rows=args.pdl_rows,
+                fp4_decode=moe.DEFAULT_DECODE,
                 fp8_dot=args.fp8_dot,
                 overlap=args.overlap,
                 hc_warps=args.hc_warps,

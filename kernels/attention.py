@@ -25,13 +25,21 @@ from ._common import EXACT, fp8_round, launch_opts, mma, pdl_enter, pow2_scale_b
 
 
 @triton.jit
-def rope_table_kernel(pos_ptr, inv_freq_ptr, cos_ptr, sin_ptr, HALF: tl.constexpr):
-    pdl_enter()
-    t = tl.program_id(0)
+def _rope_row(pos_ptr, inv_freq_ptr, cos_ptr, sin_ptr, t, HALF: tl.constexpr):
+    """Row t's cos, sin [HALF] (angles in float64, values float32), stored and returned."""
     i = tl.arange(0, HALF)
     ang = tl.load(pos_ptr + t).to(tl.float64) * tl.load(inv_freq_ptr + i)
-    tl.store(cos_ptr + t * HALF + i, tl.cos(ang).to(tl.float32))
-    tl.store(sin_ptr + t * HALF + i, tl.sin(ang).to(tl.float32))
+    c = tl.cos(ang).to(tl.float32)
+    s = tl.sin(ang).to(tl.float32)
+    tl.store(cos_ptr + t * HALF + i, c)
+    tl.store(sin_ptr + t * HALF + i, s)
+    return c, s
+
+
+@triton.jit
+def rope_table_kernel(pos_ptr, inv_freq_ptr, cos_ptr, sin_ptr, HALF: tl.constexpr):
+    pdl_enter()
+    _rope_row(pos_ptr, inv_freq_ptr, cos_ptr, sin_ptr, tl.program_id(0), HALF)
 
 
 def rope_table(positions: torch.Tensor, inv_freq: torch.Tensor):
@@ -97,8 +105,18 @@ def kv_prep_kernel(kv_ptr, stride_kv, w_ptr, cos_ptr, sin_ptr, out_ptr, eps,
     of KVB; computed in the row's dtype, stored in out's (the cache's) dtype."""
     pdl_enter()
     t = tl.program_id(0)
-    cdt = kv_ptr.dtype.element_ty
-    src = kv_ptr + t * stride_kv
+    hj = tl.arange(0, R // 2)
+    c = tl.load(cos_ptr + t * (R // 2) + hj)
+    s = tl.load(sin_ptr + t * (R // 2) + hj)
+    _kv_row(kv_ptr + t * stride_kv, w_ptr, c, s, out_ptr + t * DH, eps, DH, R, NB, NBP, KV_FP8,
+            KVB)
+
+
+@triton.jit
+def _kv_row(src, w_ptr, c, s, dst, eps, DH: tl.constexpr, R: tl.constexpr, NB: tl.constexpr,
+            NBP: tl.constexpr, KV_FP8: tl.constexpr, KVB: tl.constexpr):
+    """kv_prep_kernel's work for the row at src, with its RoPE cos, sin given, into dst."""
+    cdt = src.dtype.element_ty
     b = tl.arange(0, NBP)
     j = tl.arange(0, KVB)
     noff = b[:, None] * KVB + j[None, :]
@@ -114,14 +132,11 @@ def kv_prep_kernel(kv_ptr, stride_kv, w_ptr, cos_ptr, sin_ptr, out_ptr, eps,
     nope = (wn * (nope * r)).to(cdt).to(tl.float32)
     re = tl.load(w_ptr + DH - R + 2 * hj) * (re * r)
     im = tl.load(w_ptr + DH - R + 2 * hj + 1) * (im * r)
-    c = tl.load(cos_ptr + t * (R // 2) + hj)
-    s = tl.load(sin_ptr + t * (R // 2) + hj)
     re2, im2 = _rotate(re, im, c, s, cdt)
     if KV_FP8:
         e = pow2_scale_bits(tl.max(tl.abs(nope), axis=1))
         nope = fp8_round(nope, e) * ((e + 127) << 23).to(tl.float32, bitcast=True)[:, None]
-    odt = out_ptr.dtype.element_ty
-    dst = out_ptr + t * DH
+    odt = dst.dtype.element_ty
     tl.store(dst + noff, nope.to(cdt).to(odt), mask=nmask)
     tl.store(dst + DH - R + 2 * hj, re2.to(odt))
     tl.store(dst + DH - R + 2 * hj + 1, im2.to(odt))
@@ -139,6 +154,49 @@ def kv_prep(kv: torch.Tensor, weight: torch.Tensor, cos, sin, eps: float, kv_fp8
                              NBP=triton.next_power_of_2(nb), KV_FP8=kv_fp8, KVB=kv_block,
                              num_warps=4, **launch_opts())
     return out
+
+
+@triton.jit
+def attn_prep_kernel(f_ptr, stride_f, qw_ptr, kvw_ptr, pos_ptr, inv_freq_ptr, q_ptr, kv_out,
+                     cos_ptr, sin_ptr, eps, Q: tl.constexpr, QP: tl.constexpr,
+                     DH: tl.constexpr, R: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr,
+                     KV_FP8: tl.constexpr, KVB: tl.constexpr):
+    """One row of the fused wqa/wkv output [Q + Dh]: the RoPE table row, q_norm of the first Q
+    (``hc.rmsnorm``'s math) and ``kv_prep`` of the last Dh, in one program."""
+    pdl_enter()
+    t = tl.program_id(0)
+    c, s = _rope_row(pos_ptr, inv_freq_ptr, cos_ptr, sin_ptr, t, R // 2)
+    src = f_ptr + t * stride_f
+    qq = tl.arange(0, QP)
+    qmask = qq < Q
+    x = tl.load(src + qq, mask=qmask, other=0.0).to(tl.float32)
+    rs = tl.rsqrt(tl.sum(x * x, axis=0) / Q + eps)
+    w = tl.load(qw_ptr + qq, mask=qmask, other=0.0)
+    tl.store(q_ptr + t * Q + qq, (w * (x * rs)).to(q_ptr.dtype.element_ty), mask=qmask)
+    _kv_row(src + Q, kvw_ptr, c, s, kv_out + t * DH, eps, DH, R, NB, NBP, KV_FP8, KVB)
+
+
+def attn_prep(fused: torch.Tensor, q_rank: int, q_norm_w: torch.Tensor,
+              kv_norm_w: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+              eps: float, kv_fp8: bool, kv_dtype: torch.dtype, kv_block: int = 64):
+    """:func:`rope_table`, ``rmsnorm(fused[:, :q_rank], q_norm_w)`` and :func:`kv_prep` of
+    ``fused[:, q_rank:]`` in one launch: fused [T, Q + Dh] -> (q_lat [T, Q] in fused's dtype,
+    kv [T, Dh] in ``kv_dtype``, cos, sin [T, R/2] float32)."""
+    t, width = fused.shape
+    dh, half = width - q_rank, inv_freq.shape[0]
+    r = 2 * half
+    nb = (dh - r) // kv_block
+    q_lat = torch.empty(t, q_rank, dtype=fused.dtype, device=fused.device)
+    kv = torch.empty(t, dh, dtype=kv_dtype, device=fused.device)
+    cos = torch.empty(t, half, dtype=torch.float32, device=fused.device)
+    sin = torch.empty_like(cos)
+    if t:
+        qp = triton.next_power_of_2(q_rank)
+        attn_prep_kernel[(t,)](fused, fused.stride(0), q_norm_w, kv_norm_w, positions, inv_freq,
+                               q_lat, kv, cos, sin, eps, Q=q_rank, QP=qp, DH=dh, R=r, NB=nb,
+                               NBP=triton.next_power_of_2(nb), KV_FP8=kv_fp8, KVB=kv_block,
+                               num_warps=4 if qp <= 4096 else 8, **launch_opts())
+    return q_lat, kv, cos, sin
 
 
 @triton.jit

@@ -28,11 +28,13 @@ from mtp.model import DeepSeekV4MTP, MTPLayer
 
 from . import attention as attn_k
 from . import hc as hc_k
+from . import head as head_k
 from . import moe as moe_k
 from . import moe_cuda
 from .fp8_linear import fp8_linear
 
 EXPERTS = ("auto", "cuda", "triton")
+HEADS = ("cublas", "triton")
 
 
 class TritonMTP:
@@ -47,12 +49,14 @@ class TritonMTP:
             ones run), ``"triton"`` (``moe``), or ``"auto"``: ``"cuda"`` where it can run
             (torch with ``torch.cuda._compile_kernel``, compute capability >= 8.0, bfloat16,
             hidden size and expert width multiples of 128).
+        head: the LM head's product for up to ``head.HEAD_T`` rows: ``"cublas"`` (torch.mm)
+            or ``"triton"`` (``head.head_logits``, a streaming GEMV); more rows take cuBLAS.
 
     ``forward`` / ``compute_logits`` take and return exactly what the module's do; numerics
     switches are read from ``model.numerics`` at each call.
     """
 
-    def __init__(self, model: DeepSeekV4MTP, *, experts: str = "auto"):
+    def __init__(self, model: DeepSeekV4MTP, *, experts: str = "auto", head: str = "cublas"):
         if not isinstance(model, DeepSeekV4MTP):
             raise TypeError(f"TritonMTP wraps a DeepSeekV4MTP, got {type(model).__name__}")
         fmt = model.weight_format
@@ -72,6 +76,9 @@ class TritonMTP:
             raise ValueError(f"TritonMTP needs the model on a CUDA device; it is on {dev}")
         if experts not in EXPERTS:
             raise ValueError(f"TritonMTP: experts must be one of {EXPERTS}, got {experts!r}")
+        if head not in HEADS:
+            raise ValueError(f"TritonMTP: head must be one of {HEADS}, got {head!r}")
+        self.head = head
         why = moe_cuda.unavailable(dev) or moe_cuda.unsupported(
             model.config.hidden_size, model.config.moe_intermediate_size) or (
             None if model.dtype == torch.bfloat16 else f"compute dtype {model.dtype}: the CUDA "
@@ -138,9 +145,9 @@ class TritonMTP:
         No checks and no host synchronisation (the caller validates: ids in the vocabulary,
         positions >= 0, distinct slots; slot -1 marks a padding row that reads and writes
         nothing), so it can be captured in a CUDA graph. Same result as ``forward`` with
-        ``kv_cache``/``seq_slots`` followed by ``compute_logits``. ``side_stream``: run the
-        shared expert there, beside the routed experts (pays inside a CUDA graph, where the
-        fork and join cost nothing; eagerly they cost host time).
+        ``kv_cache``/``seq_slots`` followed by ``compute_logits``. ``side_stream``: run e_proj
+        there beside h_proj, and the shared expert beside the routed experts (pays inside a
+        CUDA graph, where the forks and joins cost nothing; eagerly they cost host time).
         """
         cfg = self.config
         layer = self.model.layer(spec_step_idx)
@@ -193,8 +200,20 @@ class TritonMTP:
                 e = self._embed(e, None, positions)
             en = hc_k.rmsnorm(e, layer.enorm.weight, eps)
             hn = hc_k.rmsnorm(h.reshape(t * mult, d), layer.hnorm.weight, eps)
-        ep = self._lin(en, layer.e_proj, aq)
-        x = self._lin(hn, layer.h_proj, aq, add=ep, add_row_div=mult).view(t, mult, d)
+        if self._side is not None:  # e_proj beside h_proj (the two are independent)
+            main = torch.cuda.current_stream()
+            self._side.wait_stream(main)
+            with torch.cuda.stream(self._side):
+                ep = self._lin(en, layer.e_proj, aq)
+            hp = self._lin(hn, layer.h_proj, aq).view(t, mult, d)
+            main.wait_stream(self._side)
+            ep.record_stream(main)
+            # [T, D] -> [T, 1, D]: the fused epilogue's sum (h_proj rounded to the compute
+            # dtype, plus e_proj, in float32, rounded), here as torch's add
+            x = hp + ep[:, None, :]
+        else:
+            ep = self._lin(en, layer.e_proj, aq)
+            x = self._lin(hn, layer.h_proj, aq, add=ep, add_row_div=mult).view(t, mult, d)
         blk = layer.mtp_block
         u, post, comb = hc_k.hc_pre_norm(x, blk.hc_attn_fn, blk.hc_attn_scale, blk.hc_attn_base,
                                          blk.attn_norm.weight, cfg.hc_sinkhorn_iters,
@@ -218,11 +237,12 @@ class TritonMTP:
         t = u.shape[0]
         h, dh, q_rank = cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank
         fused = self._lin(u, attn.fused_wqa_wkv, aq)  # [T, Q + Dh]
-        cos, sin = attn_k.rope_table(positions, self.inv_freq)
-        q_lat = hc_k.rmsnorm(fused[:, :q_rank], attn.q_norm.weight, eps)
         kv_dtype = cache.kv.dtype if cache is not None else u.dtype
-        new_kv = attn_k.kv_prep(fused[:, q_rank:], attn.kv_norm.weight, cos, sin, eps,
-                                nm.kv_fp8, kv_dtype, KV_FP8_BLOCK)
+        # RoPE table, q_norm and the kv norm/RoPE/FP8 steps: one launch
+        q_lat, new_kv, cos, sin = attn_k.attn_prep(fused, q_rank, attn.q_norm.weight,
+                                                   attn.kv_norm.weight, positions,
+                                                   self.inv_freq, eps, nm.kv_fp8, kv_dtype,
+                                                   KV_FP8_BLOCK)
         q = self._lin(q_lat, attn.wq_b, aq).view(t, h, dh)  # [T, H*Dh] -> [T, H, Dh]
         attn_k.q_prep(q, cos, sin, eps)
         if cache is not None:
@@ -311,5 +331,7 @@ class TritonMTP:
         if head.dtype == torch.bfloat16 and y.dtype == torch.bfloat16 and head.is_cuda:
             # bf16 products are exact in fp32; fp32 accumulation and output, as F.linear on
             # the upcast operands, without materialising a float32 head
+            if self.head == "triton":
+                return head_k.head_logits(y, head)
             return torch.mm(y, head.t(), out_dtype=torch.float32)
         return torch.mm(ops.wide(y), head.t().to(ops.wide(y).dtype))

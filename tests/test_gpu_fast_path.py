@@ -76,16 +76,17 @@ def scenario(model, runner, dtype):
     return out
 
 
-@pytest.mark.parametrize("experts", ["auto", "triton"])
+@pytest.mark.parametrize("experts,head", [("auto", "cublas"), ("triton", "cublas"),
+                                          ("auto", "triton")])
 @pytest.mark.parametrize("dtype,rounding", [(torch.float32, False), (torch.float32, True),
                                             (torch.bfloat16, False), (torch.bfloat16, True)])
-def test_fast_path_matches_module(dtype, rounding, experts):
+def test_fast_path_matches_module(dtype, rounding, experts, head):
     """experts="auto": the CUDA expert kernels where they can run (bf16, rounding on, a GPU),
-    else the Triton ones."""
+    else the Triton ones. head="triton": the streaming GEMV for the few-row logits."""
     from mtp_kernels import TritonMTP
     model = build(dtype, rounding)
     ref = scenario(model, model, dtype)
-    runner = TritonMTP(model, experts=experts)
+    runner = TritonMTP(model, experts=experts, head=head)
     if experts == "auto" and dtype == torch.bfloat16 and DEVICE == "cuda":
         assert runner.experts == "cuda", "the CUDA expert kernels should run on this GPU"
     fast = scenario(model, runner, dtype)

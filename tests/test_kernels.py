@@ -223,6 +223,29 @@ def test_embed_norms(dtype, zero_pos0):
     assert not zero_pos0 or torch.equal(en[~keep], torch.zeros_like(en[~keep]))
 
 
+@pytest.mark.parametrize("d", [256, 4096])
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 5])
+def test_head_logits(t, d):
+    """The LM head's product against float64: bf16 x bf16 products are exact in float32, then
+    D/BK sequential float32 sums per lane and a log2(BK) = 8 level tree (BK 256): |err| <=
+    (D/256 + 10) * 2^-24 * sum |y_d w_d|. 5 rows: cuBLAS, the general bound D * 2^-24 * ...
+    A vocabulary that is not a multiple of the row block (1003) checks the edge."""
+    if DEVICE != "cuda":
+        pytest.skip("bfloat16 GEMV: the interpreter's bf16 is not reliable")
+    from mtp_kernels import head
+
+    y = randn(t, d, seed=t + d, dtype=torch.bfloat16)
+    w = randn(1003, d, seed=5, dtype=torch.bfloat16, std=d ** -0.5)
+    got = head.head_logits(y, w)
+    assert got.dtype == torch.float32 and got.shape == (t, 1003)
+    exact = y.double() @ w.double().t()
+    levels = d / 256 + 10 if t <= head.HEAD_T else d
+    bound = levels * 2.0 ** -24 * (y.double().abs() @ w.double().abs().t())
+    assert ((got.double() - exact).abs() <= bound).all()
+    with pytest.raises(ValueError, match="head_logits: y is"):
+        head.head_logits(y[:, :128], w)
+
+
 def test_route_exact_choice():
     from mtp_kernels import moe
 
@@ -464,6 +487,14 @@ def test_q_kv_prep(dtype):
     kv_r = ops.apply_rope(ops.rms_norm(kv, w, 1e-6), cos_r, sin_r)
     kv_r = torch.cat((fp8_simulate(kv_r[:, :-r], 64), kv_r[:, -r:]), dim=-1)
     assert rel(at.kv_prep(kv, w, cos, sin, 1e-6, True, dtype), kv_r) < tol
+    # the three in one launch, from a fused [T, Q + Dh] row (Q = 96: a masked q block)
+    fused = torch.cat((randn(t, 96, seed=33, dtype=dtype), kv), dim=1)
+    qw = 1 + randn(96, seed=34, std=0.1)
+    q_lat, kv2, cos2, sin2 = at.attn_prep(fused, 96, qw, w, pos, 10000.0 ** (-i / r), 1e-6,
+                                          True, dtype)
+    assert torch.equal(cos2, cos) and torch.equal(sin2, sin)
+    assert rel(q_lat, ops.rms_norm(fused[:, :96], qw, 1e-6)) < tol
+    assert rel(kv2, kv_r) < tol
 
 
 @pytest.mark.parametrize("sms", [None, 1])
