@@ -8,6 +8,8 @@ applies the sigmoids and the Sinkhorn iterations, collapses the M streams and ap
 block's RMSNorm, writing the normalised block input, post and comb. hc_head is the same pair with
 M mixes. hc_post is one elementwise kernel that can also do the MoE's final sum (routed experts
 in ascending expert order, as ``index_add_`` does, plus the shared expert).
+:func:`embed_norms` is the layer's start in one launch: the embedding lookup and both input
+RMSNorms (enorm of the embedded rows, hnorm of the hidden rows).
 
 Shape legend: T rows, M hc_mult, D hidden, F mix rows ((2+M)M, or M for the head).
 """

@@ -1,5 +1,6 @@
-"""Routed experts: the gate's scoring and top-k, and grouped FP4 expert products over the
-(token, expert) pairs, with fixed shapes (no host sync, CUDA-graph friendly).
+"""Routed experts: the gate's product (:func:`gate_logits`: one kernel for a few rows), its
+scoring and top-k, and grouped FP4 expert products over the (token, expert) pairs, with fixed
+shapes (no host sync, CUDA-graph friendly).
 
 Work is cut into tiles of up to ``BM`` pairs that share one expert; a tile reads that expert's
 weights once. ``tile_pairs`` [n_tiles * BM] lists the pair ids (t * K + k, -1 for padding) and
