@@ -25,6 +25,8 @@ from ._common import exp2_int, fp8_round, launch_opts, pdl_enter, pow2_scale_bit
 _MIX_BK = 128
 _MIX_BT = 16
 MIX_PROGRAMS = 128  # hc_mix: split-K programs per block of rows (hc_finish sums their partials)
+POST_MIX_T = 4  # hc_post computes the next mixes itself for up to this many rows (no hc_mix)
+_POST_MIX_BD = 128  # ... with column blocks this wide (D/128 programs per row)
 FINISH_WARPS = 4  # hc_finish: warps per row's program (8 for rows over 4096)
 
 
@@ -211,19 +213,21 @@ def _warps(bd: int) -> int:
 
 
 def hc_pre_norm(x: torch.Tensor, fn, scale, base, norm_weight, iters: int, hc_eps: float,
-                eps: float, *, act_quant: bool = False, quant_rows: bool = False):
+                eps: float, *, act_quant: bool = False, quant_rows: bool = False,
+                partials: tuple | None = None):
     """``RMSNorm(hc_pre(x)[0])`` and hc_pre's post, comb: x [T, M, D] ->
     (u [T, D] x's dtype, post [T, M] fp32, comb [T, M, M] fp32); with ``act_quant`` a fourth
     result, ``fp8_simulate(u, 128)`` (what every FP8 product of u rounds it to), and with
     ``quant_rows`` too a fifth and sixth: ``moe.quant_rows`` of it (xh, xs: the CUDA expert
-    kernels' input), written by the same kernel."""
+    kernels' input), written by the same kernel. ``partials``: x's mix partials from
+    ``hc_post(..., mix_fn=fn)`` (else computed here by hc_mix)."""
     t, m, d = x.shape
     if d % _MIX_BK:
         raise ValueError(f"hc_pre_norm: hidden size {d} is not a multiple of {_MIX_BK}")
     if quant_rows and not act_quant:
         raise ValueError("hc_pre_norm: quant_rows=True needs act_quant=True (it is the rounding)")
     x = x.contiguous()
-    part, sq, n_split, fp = _mix_partials(x, fn)
+    part, sq, n_split, fp = partials or _mix_partials(x, fn)
     u = torch.empty(t, d, dtype=x.dtype, device=x.device)
     post = torch.empty(t, m, dtype=torch.float32, device=x.device)
     comb = torch.empty(t, m, m, dtype=torch.float32, device=x.device)
@@ -244,11 +248,13 @@ def hc_pre_norm(x: torch.Tensor, fn, scale, base, norm_weight, iters: int, hc_ep
     return (u, post, comb, q) if act_quant else (u, post, comb)
 
 
-def hc_head_norm(x: torch.Tensor, fn, scale, base, norm_weight, hc_eps: float, eps: float):
-    """``RMSNorm_norm(hc_head(x))``: x [T, M, D] -> [T, D] in x's dtype."""
+def hc_head_norm(x: torch.Tensor, fn, scale, base, norm_weight, hc_eps: float, eps: float, *,
+                 partials: tuple | None = None):
+    """``RMSNorm_norm(hc_head(x))``: x [T, M, D] -> [T, D] in x's dtype (``partials``: as
+    ``hc_pre_norm``'s)."""
     t, m, d = x.shape
     x = x.contiguous()
-    part, sq, n_split, fp = _mix_partials(x, fn)
+    part, sq, n_split, fp = partials or _mix_partials(x, fn)
     u = torch.empty(t, d, dtype=x.dtype, device=x.device)
     bd = triton.next_power_of_2(d)
     hc_finish_kernel[(t,)](part, sq, x, scale, base, norm_weight, u, u, u, u, u, u, t, d,
@@ -259,11 +265,14 @@ def hc_head_norm(x: torch.Tensor, fn, scale, base, norm_weight, hc_eps: float, e
 
 
 @triton.jit
-def hc_post_kernel(a_ptr, res_ptr, post_ptr, comb_ptr, out_ptr, pair_ptr, idx_ptr, shared_ptr, D,
+def hc_post_kernel(a_ptr, res_ptr, post_ptr, comb_ptr, out_ptr, pair_ptr, idx_ptr, shared_ptr,
+                   fn_ptr, part_ptr, sq_ptr, D, F,
                    M: tl.constexpr, MOE: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
-                   BD: tl.constexpr):
+                   BD: tl.constexpr, MIX: tl.constexpr, FP: tl.constexpr):
     """out[k] = post[k] * a + sum_j comb[j, k] * res[j]. With MOE, a = (sum of the row's routed
-    expert outputs in ascending expert order, in fp32, + shared expert) rounded."""
+    expert outputs in ascending expert order, in fp32, + shared expert) rounded. With MIX also
+    the next hc_pre's partial mixes over this program's columns of flatten(out[t]) (as
+    hc_mix_kernel: the partials fn @ z and sum z^2, split by column block instead of chunk)."""
     pdl_enter()
     t = tl.program_id(0)
     dd = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -286,29 +295,55 @@ def hc_post_kernel(a_ptr, res_ptr, post_ptr, comb_ptr, out_ptr, pair_ptr, idx_pt
     mm = tl.arange(0, M)
     res = tl.load(res_ptr + (t * M + mm[:, None]) * D + dd[None, :], mask=dmask[None, :],
                   other=0.0).to(tl.float32)
+    if MIX:
+        fr = tl.arange(0, FP)
+        macc = tl.zeros([FP], dtype=tl.float32)
+        sq = tl.sum(tl.zeros([BD], dtype=tl.float32), axis=0)
     for k in tl.static_range(M):
         c = tl.load(comb_ptr + t * M * M + mm * M + k)
         mixed = tl.sum(c[:, None] * res, axis=0)
-        y = tl.load(post_ptr + t * M + k) * a + mixed
-        tl.store(out_ptr + (t * M + k) * D + dd, y.to(odt), mask=dmask)
+        y = (tl.load(post_ptr + t * M + k) * a + mixed).to(odt)
+        tl.store(out_ptr + (t * M + k) * D + dd, y, mask=dmask)
+        if MIX:  # z = flatten(out[t]): column k * D + d; the stored (rounded) values
+            z = tl.where(dmask, y.to(tl.float32), 0.0)
+            f = tl.load(fn_ptr + fr[:, None] * (M * D) + k * D + dd[None, :],
+                        mask=(fr < F)[:, None] & dmask[None, :], other=0.0)
+            macc += tl.sum(f * z[None, :], axis=1)
+            sq += tl.sum(z * z, axis=0)
+    if MIX:
+        s = tl.program_id(1)
+        tl.store(part_ptr + (s * tl.num_programs(0) + t) * FP + fr, macc)
+        tl.store(sq_ptr + s * tl.num_programs(0) + t, sq)
 
 
 def hc_post(a: torch.Tensor | None, residual: torch.Tensor, post: torch.Tensor,
-            comb: torch.Tensor, *, moe: tuple | None = None) -> torch.Tensor:
+            comb: torch.Tensor, *, moe: tuple | None = None, mix_fn: torch.Tensor | None = None):
     """``ops.hc_post``: a [T, D], residual [T, M, D] -> [T, M, D] in residual's dtype.
-    ``moe=(pair_out [T*K, D], idx [T, K], shared [T, D])`` replaces ``a`` by the MoE sum."""
+    ``moe=(pair_out [T*K, D], idx [T, K], shared [T, D])`` replaces ``a`` by the MoE sum.
+    ``mix_fn`` [F, M*D]: also the next hc_pre's mix partials of the result, returned as
+    (out, partials) for ``hc_pre_norm`` / ``hc_head_norm``'s ``partials`` (no hc_mix launch;
+    each program reads fn's columns for its block, so for few rows only: ``POST_MIX_T``)."""
     t, m, d = residual.shape
     out = torch.empty_like(residual)
-    bd = 1024
+    mix = mix_fn is not None
+    bd = _POST_MIX_BD if mix else 1024
+    n_split = triton.cdiv(d, bd)
+    f = mix_fn.shape[0] if mix else 1
+    fp = max(16, triton.next_power_of_2(f))
+    if mix:
+        part = torch.empty(n_split, t, fp, dtype=torch.float32, device=out.device)
+        sq = torch.empty(n_split, t, dtype=torch.float32, device=out.device)
+    else:
+        mix_fn = part = sq = post  # not read
     if moe is not None:
         pair_out, idx, shared = moe
         topk = idx.shape[1]
-        hc_post_kernel[(t, triton.cdiv(d, bd))](shared, residual, post, comb, out, pair_out, idx,
-                                                shared, d, M=m, MOE=True, TOPK=topk,
-                                                KP=triton.next_power_of_2(topk), BD=bd,
-                                                num_warps=4, **launch_opts())
+        hc_post_kernel[(t, n_split)](shared, residual, post, comb, out, pair_out, idx, shared,
+                                     mix_fn, part, sq, d, f, M=m, MOE=True, TOPK=topk,
+                                     KP=triton.next_power_of_2(topk), BD=bd, MIX=mix, FP=fp,
+                                     num_warps=4, **launch_opts())
     else:
-        hc_post_kernel[(t, triton.cdiv(d, bd))](a, residual, post, comb, out, a, a, a, d, M=m,
-                                                MOE=False, TOPK=1, KP=1, BD=bd, num_warps=4,
-                                                **launch_opts())
-    return out
+        hc_post_kernel[(t, n_split)](a, residual, post, comb, out, a, a, a, mix_fn, part, sq, d,
+                                     f, M=m, MOE=False, TOPK=1, KP=1, BD=bd, MIX=mix, FP=fp,
+                                     num_warps=4, **launch_opts())
+    return (out, (part, sq, n_split, fp)) if mix else out

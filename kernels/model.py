@@ -123,7 +123,7 @@ class TritonMTP:
         window = call_window(positions, seq_slots, cfg.sliding_window, kv_cache, cache_layer)
         e = input_ids if inputs_embeds is None else self._embed(None, inputs_embeds, positions)
         h = hidden_states.to(self.dtype).view(t, cfg.hc_mult, cfg.hidden_size)
-        x = self._layer(layer, e, h, positions, kv_cache, cache_layer, window=window)
+        x, _ = self._layer(layer, e, h, positions, kv_cache, cache_layer, window=window)
         return x.flatten(1)
 
     @torch.no_grad()
@@ -156,11 +156,11 @@ class TritonMTP:
         h = hidden_states.to(self.dtype).view(t, cfg.hc_mult, cfg.hidden_size)
         self._side = side_stream
         try:
-            x = self._layer(layer, input_ids, h, positions, kv_cache, cache_layer,
-                            seq_slots=seq_slots)
+            x, head_parts = self._layer(layer, input_ids, h, positions, kv_cache, cache_layer,
+                                        seq_slots=seq_slots, head_mix=True)
         finally:
             self._side = None
-        return x.flatten(1), self._logits(layer, x)
+        return x.flatten(1), self._logits(layer, x, head_parts)
 
     # ---- pieces ---------------------------------------------------------------------------------
     def _check_cache(self, cache: KVCache | None) -> None:
@@ -184,8 +184,10 @@ class TritonMTP:
         return e.contiguous()
 
     def _layer(self, layer: MTPLayer, e, h, positions, cache, cache_layer, *, window=None,
-               seq_slots=None) -> torch.Tensor:
-        """e: the embedded rows [T, D], or the token ids [T] (embedded here, with the norms)."""
+               seq_slots=None, head_mix: bool = False):
+        """e: the embedded rows [T, D], or the token ids [T] (embedded here, with the norms).
+        -> (x [T, M, D], the head's mix partials or None); ``head_mix``: compute those in the
+        final hc_post when the rows are few (``hc.POST_MIX_T``)."""
         cfg, nm = self.config, self.model.numerics
         aq = nm.act_quant
         eps = cfg.rms_norm_eps
@@ -219,13 +221,17 @@ class TritonMTP:
                                          blk.attn_norm.weight, cfg.hc_sinkhorn_iters,
                                          cfg.hc_eps, eps)
         a = self._attention(blk.attn, u, positions, cache, cache_layer, window, seq_slots)
-        x = hc_k.hc_post(a, x, post, comb)
+        few = t <= hc_k.POST_MIX_T  # hc_post computes the next hc_pre's mixes (no hc_mix)
+        x, parts = hc_k.hc_post(a, x, post, comb, mix_fn=blk.hc_ffn_fn) if few else (
+            hc_k.hc_post(a, x, post, comb), None)
         # with the CUDA experts, the same kernel also writes their input (quant_rows of uq)
         u, post, comb, *q = hc_k.hc_pre_norm(x, blk.hc_ffn_fn, blk.hc_ffn_scale,
                                              blk.hc_ffn_base, blk.ffn_norm.weight,
                                              cfg.hc_sinkhorn_iters, cfg.hc_eps, eps,
-                                             act_quant=aq, quant_rows=aq and self._cuda)
-        return self._moe(blk.ffn, u, q or None, x, post, comb)
+                                             act_quant=aq, quant_rows=aq and self._cuda,
+                                             partials=parts)
+        head_fn = layer.hc_head_fn if head_mix and few else None
+        return self._moe(blk.ffn, u, q or None, x, post, comb, head_fn)
 
     @staticmethod
     def _lin(x, lin, aq, **kw):
@@ -266,10 +272,11 @@ class TritonMTP:
         z = self._lin(o.view(t, h * dh), attn.wo_a, False, group_n=cfg.o_lora_rank)
         return self._lin(z, attn.wo_b, aq)
 
-    def _moe(self, ffn, u, q, residual, post, comb):
+    def _moe(self, ffn, u, q, residual, post, comb, head_fn=None):
         """q: (u FP8-rounded, and for the CUDA experts the same as quant_rows' (xh, xs)) with
         act_quant on: the experts read it, each of their inputs rounded once instead of in
-        every program; None with act_quant off. The gate reads u."""
+        every program; None with act_quant off. The gate reads u. -> (x, the head's mix
+        partials when ``head_fn`` is given, else None)."""
         cfg = self.config
         rounded = q is not None
         x = q[0] if rounded else u
@@ -303,7 +310,10 @@ class TritonMTP:
             shared.record_stream(main)
         else:
             shared = self._shared(ffn.shared_experts, x, rounded)
-        return hc_k.hc_post(None, residual, post, comb, moe=(pair_out, idx, shared))
+        moe = (pair_out, idx, shared)
+        if head_fn is not None:
+            return hc_k.hc_post(None, residual, post, comb, moe=moe, mix_fn=head_fn)
+        return hc_k.hc_post(None, residual, post, comb, moe=moe), None
 
     def _shared(self, sh, x, rounded):
         # beside the routed experts (decode_step's side stream): one program per SM, so that
@@ -323,10 +333,11 @@ class TritonMTP:
             self._small_tiles[key] = moe_k.align_tiles(idx, self.config.n_routed_experts, bm)[0]
         return self._small_tiles[key], idx.reshape(-1)
 
-    def _logits(self, layer: MTPLayer, x: torch.Tensor) -> torch.Tensor:
+    def _logits(self, layer: MTPLayer, x: torch.Tensor, partials=None) -> torch.Tensor:
         cfg = self.config
         y = hc_k.hc_head_norm(x, layer.hc_head_fn, layer.hc_head_scale, layer.hc_head_base,
-                              layer.shared_head.norm.weight, cfg.hc_eps, cfg.rms_norm_eps)
+                              layer.shared_head.norm.weight, cfg.hc_eps, cfg.rms_norm_eps,
+                              partials=partials)
         head = layer.shared_head.head.weight
         if head.dtype == torch.bfloat16 and y.dtype == torch.bfloat16 and head.is_cuda:
             # bf16 products are exact in fp32; fp32 accumulation and output, as F.linear on
