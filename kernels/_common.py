@@ -83,6 +83,13 @@ def fp8_round(x, e):
 
 
 @triton.jit
+def even_odd8(q, BD: tl.constexpr):
+    """[BD] values -> each 8 in the order 0 2 4 6 1 3 5 7 (``moe.quant_rows``' layout: the CUDA
+    expert kernels' float16 pairs): [BD] -> [BD/8, 4, 2] -> [BD/8, 2, 4] -> [BD]."""
+    return tl.reshape(tl.permute(tl.reshape(q, (BD // 8, 4, 2)), (0, 2, 1)), (BD,))
+
+
+@triton.jit
 def _round_e4m3(y):
     """e4m3 rounding (nearest-even) of |y| <= 448 as float32 values."""
     if INTERPRET:

@@ -26,7 +26,8 @@ from .model import TritonMTP
 # Buckets up to this many rows are captured with programmatic dependent launch (each kernel's
 # launch and prologue overlap its predecessor's tail). Measured on an H100 (kernels/NOTES.md,
 # round 4 v20 and round 5): it pays at 1-4 rows, where the step is a chain of short kernels,
-# and costs at 256 (early blocks waiting in griddepcontrol.wait hold SM room).
+# and costs from 8 rows (8: 0.829 -> 0.858 ms, 16: 0.991 -> 1.066, 256: +21%; early blocks
+# waiting in griddepcontrol.wait hold SM room).
 PDL_ROWS = 4
 
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import exp2_int, fp8_round, launch_opts, pdl_enter, pow2_scale_bits
+from ._common import even_odd8, exp2_int, fp8_round, launch_opts, pdl_enter, pow2_scale_bits
 
 _MIX_BK = 128
 _MIX_BT = 16
@@ -184,9 +184,8 @@ def hc_finish_kernel(part_ptr, sq_ptr, x_ptr, scale_ptr, base_ptr, normw_ptr, po
         qv = fp8_round(ub, e)
         qb = tl.reshape(qv * exp2_int(e)[:, None], (BD,))
         tl.store(q_ptr + t * D + dd, qb.to(u_ptr.dtype.element_ty), mask=dmask)
-        if QROWS:  # as quant_rows_kernel: [blocks, 128] -> [BD/8, 4, 2] -> [BD/8, 2, 4] -> [BD]
-            qp = tl.reshape(tl.permute(tl.reshape(qv, (BD // 8, 4, 2)), (0, 2, 1)), (BD,))
-            tl.store(xh_ptr + t * D + dd, qp.to(tl.float16), mask=dmask)
+        if QROWS:  # as quant_rows_kernel
+            tl.store(xh_ptr + t * D + dd, even_odd8(qv, BD).to(tl.float16), mask=dmask)
             b = tl.arange(0, BD // 128)
             tl.store(xs_ptr + t * (D // 128) + b, exp2_int(e), mask=b < D // 128)
 

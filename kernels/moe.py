@@ -42,6 +42,7 @@ from ._common import (
     INTERPRET,
     e2m1_pair_f16,
     e2m1_times_2pow126,
+    even_odd8,
     exp2_int,
     fp8_round,
     launch_opts,
@@ -534,8 +535,7 @@ def quant_rows_kernel(x_ptr, pairs_ptr, xh_ptr, xs_ptr, D, HAS_PAIRS: tl.constex
         xb = tl.reshape(x, (BD // 128, 128))  # [BD] -> [blocks, 128]
         e = pow2_scale_bits(tl.max(tl.abs(xb), axis=1))
         q = fp8_round(xb, e)
-        # [blocks, 128] -> [BD/8, 4, 2] -> [BD/8, 2, 4] -> [BD]: even inputs, then odd, per 8
-        q = tl.reshape(tl.permute(tl.reshape(q, (BD // 8, 4, 2)), (0, 2, 1)), (BD,))
+        q = even_odd8(q, BD)  # [blocks, 128] -> [BD]: even inputs, then odd, per 8
         tl.store(xh_ptr + r * D + c, q.to(tl.float16), mask=c < D)
         b = tl.arange(0, BD // 128)
         tl.store(xs_ptr + r * (D // 128) + b, exp2_int(e), mask=b < D // 128)
