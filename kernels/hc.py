@@ -291,16 +291,18 @@ def hc_post_kernel(a_ptr, res_ptr, post_ptr, comb_ptr, out_ptr, pair_ptr, idx_pt
         a = (routed + sh).to(odt).to(tl.float32)
     else:
         a = tl.load(a_ptr + t * D + dd, mask=dmask, other=0.0).to(tl.float32)
-    mm = tl.arange(0, M)
-    res = tl.load(res_ptr + (t * M + mm[:, None]) * D + dd[None, :], mask=dmask[None, :],
-                  other=0.0).to(tl.float32)
     if MIX:
         fr = tl.arange(0, FP)
         macc = tl.zeros([FP], dtype=tl.float32)
         sq = tl.sum(tl.zeros([BD], dtype=tl.float32), axis=0)
     for k in tl.static_range(M):
-        c = tl.load(comb_ptr + t * M * M + mm * M + k)
-        mixed = tl.sum(c[:, None] * res, axis=0)
+        # sum_j comb[j, k] * res[j] in ascending j, one element per lane: the same bits for
+        # every block size BD (a tl.sum over j would follow the layout's reduction tree);
+        # the rows are re-read per k from L1
+        mixed = tl.zeros([BD], dtype=tl.float32)
+        for j in tl.static_range(M):
+            r = tl.load(res_ptr + (t * M + j) * D + dd, mask=dmask, other=0.0).to(tl.float32)
+            mixed += tl.load(comb_ptr + t * M * M + j * M + k) * r
         y = (tl.load(post_ptr + t * M + k) * a + mixed).to(odt)
         tl.store(out_ptr + (t * M + k) * D + dd, y, mask=dmask)
         if MIX:  # z = flatten(out[t]): column k * D + d; the stored (rounded) values

@@ -2,11 +2,12 @@
 bfloat16, float32 out (``DeepSeekV4MTP.compute_logits``'s product).
 
 At batch 1 the head is 1.06 GB of the draft step's 1.31 (V4-Flash): a pure stream of the
-weight. cuBLAS's GEMV reaches ~2.76 TB/s on an H100 where a device copy reaches ~2.97
-(kernels/NOTES.md, round 5). This kernel streams it with many small programs (BN rows each,
-8-16 resident per SM: their independent loads are the bytes in flight) and no tensor cores:
-each lane multiplies and accumulates its column of every BK chunk in float32 (bf16 x bf16
-products are exact in float32), one reduction at the end.
+weight. cuBLAS reaches ~2.8 TB/s on it on an H100 (376 us at 1 row, 384 at 16) where this
+kernel reaches ~3.08 (343 us at 1 row, 356 at 16; kernels/NOTES.md round 6). Each program owns
+BN = 64 vocabulary rows and walks D in BK = 256 chunks, pipelined 3 deep, on the tensor cores:
+[BN, BK] @ [BK, 16] with the rows padded to 16 (wgmma's smallest useful width); ~2000
+programs keep enough loads in flight. bf16 x bf16 products are exact in float32 and the sums
+are float32, as cuBLAS's (the sweep's outputs were bit-identical to its).
 
 Shape legend: T rows (<= HEAD_T), V vocabulary, D hidden.
 """
@@ -19,25 +20,25 @@ import triton.language as tl
 
 from ._common import launch_opts, pdl_enter
 
-HEAD_T = 4  # rows up to which head_logits takes this kernel (more: cuBLAS, tensor cores)
+HEAD_T = 16  # rows up to which head_logits takes this kernel (measured up to 16; more: cuBLAS)
 
 
 @triton.jit
 def head_kernel(y_ptr, w_ptr, out_ptr, T, V, D: tl.constexpr, BT: tl.constexpr,
-                BN: tl.constexpr, BK: tl.constexpr):
+                BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
     pdl_enter()
     nn = tl.program_id(0) * BN + tl.arange(0, BN)
     tt = tl.arange(0, BT)
     kk = tl.arange(0, BK)
     nmask, tmask = nn < V, tt < T
-    acc = tl.zeros([BT, BN, BK], dtype=tl.float32)
-    for k0 in range(0, D, BK):
+    acc = tl.zeros([BN, BT], dtype=tl.float32)
+    for k0 in tl.range(0, D, BK, num_stages=STAGES):
         w = tl.load(w_ptr + nn[:, None].to(tl.int64) * D + k0 + kk[None, :],
-                    mask=nmask[:, None], other=0.0, eviction_policy="evict_first")
-        y = tl.load(y_ptr + tt[:, None] * D + k0 + kk[None, :], mask=tmask[:, None], other=0.0)
-        acc += y.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    out = tl.sum(acc, axis=2)
-    tl.store(out_ptr + tt[:, None] * V + nn[None, :], out, mask=tmask[:, None] & nmask[None, :])
+                    mask=nmask[:, None], other=0.0, eviction_policy="evict_first")  # [BN, BK]
+        yt = tl.load(y_ptr + tt[None, :] * D + k0 + kk[:, None], mask=tmask[None, :],
+                     other=0.0)  # [BK, BT]: y transposed
+        acc = tl.dot(w, yt, acc)
+    tl.store(out_ptr + tt[None, :] * V + nn[:, None], acc, mask=tmask[None, :] & nmask[:, None])
 
 
 def head_logits(y: torch.Tensor, weight: torch.Tensor, *, tune: dict | None = None
@@ -45,7 +46,7 @@ def head_logits(y: torch.Tensor, weight: torch.Tensor, *, tune: dict | None = No
     """y [T, D] bf16 @ weight [V, D] bf16 ^T -> [T, V] float32, products exact and float32
     sums (the reference's product of the upcast operands). T <= ``HEAD_T`` rows take the
     kernel, more rows cuBLAS (``torch.mm(..., out_dtype=torch.float32)``). ``tune``: ``bn``,
-    ``bk`` (per row), ``warps`` for benchmarks.
+    ``bk``, ``stages``, ``warps`` for benchmarks.
 
     Example:
         >>> logits = head_logits(y, layer.shared_head.head.weight)   # [T, V] float32
@@ -57,15 +58,13 @@ def head_logits(y: torch.Tensor, weight: torch.Tensor, *, tune: dict | None = No
     if y.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
         raise ValueError(f"head_logits: bfloat16 y and head expected, got {y.dtype}, "
                          f"{weight.dtype}")
-    if not 0 < t <= HEAD_T or not (y.is_contiguous() and weight.is_contiguous()):
-        return torch.mm(y, weight.t(), out_dtype=torch.float32)
     tune = tune or {}
-    bt = triton.next_power_of_2(t)
-    bn, bk = tune.get("bn", 16), tune.get("bk", 256)
-    if d % bk:
+    bn, bk = tune.get("bn", 64), tune.get("bk", 256)
+    if (not 0 < t <= HEAD_T or d % bk or not (y.is_contiguous() and weight.is_contiguous())):
         return torch.mm(y, weight.t(), out_dtype=torch.float32)
     out = torch.empty(t, v, dtype=torch.float32, device=y.device)
-    # 4 warps per row: the lane accumulator [BT, BN, BK] stays at 32 floats per thread
-    head_kernel[(triton.cdiv(v, bn),)](y, weight, out, t, v, D=d, BT=bt, BN=bn, BK=bk,
-                                       num_warps=tune.get("warps", 4 * bt), **launch_opts())
+    head_kernel[(triton.cdiv(v, bn),)](y, weight, out, t, v, D=d,
+                                       BT=max(16, triton.next_power_of_2(t)), BN=bn, BK=bk,
+                                       STAGES=tune.get("stages", 3),
+                                       num_warps=tune.get("warps", 4), **launch_opts())
     return out

@@ -49,14 +49,15 @@ class TritonMTP:
             ones run), ``"triton"`` (``moe``), or ``"auto"``: ``"cuda"`` where it can run
             (torch with ``torch.cuda._compile_kernel``, compute capability >= 8.0, bfloat16,
             hidden size and expert width multiples of 128).
-        head: the LM head's product for up to ``head.HEAD_T`` rows: ``"cublas"`` (torch.mm)
-            or ``"triton"`` (``head.head_logits``, a streaming GEMV); more rows take cuBLAS.
+        head: the LM head's product for up to ``head.HEAD_T`` rows: ``"triton"``
+            (``head.head_logits``, ~9% faster than cuBLAS on an H100, kernels/NOTES.md round 6)
+            or ``"cublas"`` (torch.mm); more rows take cuBLAS either way.
 
     ``forward`` / ``compute_logits`` take and return exactly what the module's do; numerics
     switches are read from ``model.numerics`` at each call.
     """
 
-    def __init__(self, model: DeepSeekV4MTP, *, experts: str = "auto", head: str = "cublas"):
+    def __init__(self, model: DeepSeekV4MTP, *, experts: str = "auto", head: str = "triton"):
         if not isinstance(model, DeepSeekV4MTP):
             raise TypeError(f"TritonMTP wraps a DeepSeekV4MTP, got {type(model).__name__}")
         fmt = model.weight_format
