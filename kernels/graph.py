@@ -31,7 +31,10 @@ from .model import TritonMTP
 PDL_ROWS = 4
 
 
-@triton.jit
+# Nothing that varies between a bucket's calls is specialised on (the row count, the inputs'
+# alignment), so one compiled kernel serves every call and _Bucket can keep its runner.
+@triton.jit(do_not_specialize=["T", "N_HID"],
+            do_not_specialize_on_alignment=["ids_ptr", "pos_ptr", "slots_ptr", "hid_ptr"])
 def stage_inputs_kernel(ids_ptr, pos_ptr, slots_ptr, hid_ptr, ids_dst, pos_dst, slots_dst,
                         hid_dst, T, SIZE, N_HID, BS: tl.constexpr, BH: tl.constexpr):
     """A step's inputs into a bucket's static buffers: program 0 the ids, positions and slots
@@ -62,6 +65,8 @@ class _Bucket:
         self.slots = torch.full((size,), -1, dtype=torch.int64, device=dev)
         self.hidden = torch.zeros(size, cfg.hc_dim, dtype=fast.dtype, device=dev)
         self.device = dev
+        self._stage_grid = (max(1, triton.cdiv(size * cfg.hc_dim, _STAGE_BH)), 1, 1)
+        self._stage_run = self._stage_runner()
 
         def run():
             return fast.decode_step(self.ids, self.pos, self.hidden, self.slots, cache,
@@ -82,6 +87,47 @@ class _Bucket:
         finally:
             _common.PDL = was
 
+    def _stage_args(self, ids, pos, hidden, slots, t) -> tuple:
+        """stage_inputs_kernel's arguments, its two constexprs (BS, BH) last."""
+        return (ids, pos, slots, hidden, self.ids, self.pos, self.slots, self.hidden, t,
+                self.size, t * self.hidden.shape[1], triton.next_power_of_2(self.size),
+                _STAGE_BH)
+
+    def _stage_launch(self, args) -> object:
+        """Triton's usual launch of the staging kernel; returns the compiled kernel."""
+        return stage_inputs_kernel[self._stage_grid[:1]](*args[:-2], BS=args[-2], BH=args[-1],
+                                                         num_warps=4)
+
+    def _stage_runner(self):
+        """The staging kernel's compiled runner, for :meth:`stage` to call directly: Triton's
+        launch path binds and specialises the arguments again on every call (~25 us of host
+        time per step on the H100 machine, ~14 us through the runner; kernels/NOTES.md round
+        6), host time that a decode loop synchronising each step waits for. The runner is a
+        Triton internal: probed here on known inputs (before any capture) and not used where
+        it is missing or disagrees with the usual launch. Leaves the buffers as they were
+        (zeros, slot -1)."""
+        n, dev = self.size, self.device
+        probe = (torch.arange(n, device=dev) + 7, torch.arange(n, device=dev) + 3,
+                 torch.randn(n, self.hidden.shape[1], device=dev).to(self.hidden.dtype),
+                 torch.arange(n, device=dev))
+        t = max(1, n - 1)  # with two rows or more, the last one is padding (slot -1)
+        run = None
+        try:
+            run = self._stage_launch(self._stage_args(*probe, n))[self._stage_grid]
+            self.slots.fill_(-2)
+            run(*self._stage_args(*(x[:t] for x in probe), t))
+            ok = (torch.equal(self.ids[:t], probe[0][:t])
+                  and torch.equal(self.pos[:t], probe[1][:t])
+                  and torch.equal(self.hidden[:t], probe[2][:t])
+                  and torch.equal(self.slots[:t], probe[3][:t])
+                  and bool((self.slots[t:] == -1).all()))
+        except Exception:  # noqa: BLE001 - whatever the internal raises: the usual launch
+            ok = False
+        for buf in (self.ids, self.pos, self.hidden):
+            buf.zero_()
+        self.slots.fill_(-1)
+        return run if ok else None
+
     def stage(self, ids, pos, hidden, slots) -> None:
         """Copy T <= size rows of inputs in; padding rows get slot -1. One kernel where the
         inputs are contiguous, on this device and of the buffers' dtypes (a step's copies
@@ -90,11 +136,11 @@ class _Bucket:
         src, dst = (ids, pos, hidden, slots), (self.ids, self.pos, self.hidden, self.slots)
         if all(s.device == self.device and s.dtype == d.dtype and s.is_contiguous()
                for s, d in zip(src, dst)):
-            n_hid = hidden.numel()
-            stage_inputs_kernel[(max(1, triton.cdiv(n_hid, _STAGE_BH)),)](
-                ids, pos, slots, hidden, self.ids, self.pos, self.slots, self.hidden, t,
-                self.size, n_hid, BS=triton.next_power_of_2(self.size), BH=_STAGE_BH,
-                num_warps=4)
+            args = self._stage_args(ids, pos, hidden, slots, t)
+            if self._stage_run is not None:
+                self._stage_run(*args)
+            else:
+                self._stage_launch(args)
             return
         for s, d in zip(src, dst):
             d[:t].copy_(s)
