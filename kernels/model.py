@@ -146,9 +146,9 @@ class TritonMTP:
         No checks and no host synchronisation (the caller validates: ids in the vocabulary,
         positions >= 0, distinct slots; slot -1 marks a padding row that reads and writes
         nothing), so it can be captured in a CUDA graph. Same result as ``forward`` with
-        ``kv_cache``/``seq_slots`` followed by ``compute_logits``. ``side_stream``: run e_proj
-        there beside h_proj, and the shared expert beside the routed experts (pays inside a
-        CUDA graph, where the forks and joins cost nothing; eagerly they cost host time).
+        ``kv_cache``/``seq_slots`` followed by ``compute_logits``. ``side_stream``: run the
+        shared expert there, beside the routed experts (pays inside a CUDA graph, where the
+        fork and join cost nothing; eagerly they cost host time).
         """
         cfg = self.config
         layer = self.model.layer(spec_step_idx)
@@ -203,20 +203,10 @@ class TritonMTP:
                 e = self._embed(e, None, positions)
             en = hc_k.rmsnorm(e, layer.enorm.weight, eps)
             hn = hc_k.rmsnorm(h.reshape(t * mult, d), layer.hnorm.weight, eps)
-        if self._side is not None:  # e_proj beside h_proj (the two are independent)
-            main = torch.cuda.current_stream()
-            self._side.wait_stream(main)
-            with torch.cuda.stream(self._side):
-                ep = self._lin(en, layer.e_proj, aq)
-            hp = self._lin(hn, layer.h_proj, aq).view(t, mult, d)
-            main.wait_stream(self._side)
-            ep.record_stream(main)
-            # [T, D] -> [T, 1, D]: the fused epilogue's sum (h_proj rounded to the compute
-            # dtype, plus e_proj, in float32, rounded), here as torch's add
-            x = hp + ep[:, None, :]
-        else:
-            ep = self._lin(en, layer.e_proj, aq)
-            x = self._lin(hn, layer.h_proj, aq, add=ep, add_row_div=mult).view(t, mult, d)
+        # e_proj beside h_proj on the side stream was measured slower (kernels/NOTES.md round
+        # 6): both stream their weights, so they share the bandwidth, and the add is a launch
+        ep = self._lin(en, layer.e_proj, aq)
+        x = self._lin(hn, layer.h_proj, aq, add=ep, add_row_div=mult).view(t, mult, d)
         blk = layer.mtp_block
         u, post, comb = hc_k.hc_pre_norm(x, blk.hc_attn_fn, blk.hc_attn_scale, blk.hc_attn_base,
                                          blk.attn_norm.weight, cfg.hc_sinkhorn_iters,
