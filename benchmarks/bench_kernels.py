@@ -60,6 +60,7 @@ def main() -> None:
     mk = _import_kernels()
     from mtp_kernels import attention as at
     from mtp_kernels import fp8_linear as fl
+    from mtp_kernels import head as hd
     from mtp_kernels import moe
     from mtp_kernels.fp8_linear import fp8_linear
     bw = copy_bandwidth()
@@ -72,8 +73,19 @@ def main() -> None:
         lin = {"wq_b": (cfg.num_attention_heads * cfg.head_dim, cfg.q_lora_rank),
                "wqa_wkv": (cfg.q_lora_rank + cfg.head_dim, d), "wo_b": (d, 8192),
                "h_proj": (d, d)}
+        head_w = torch.randn(cfg.vocab_size, d, device=dev).to(torch.bfloat16)
         for t in [int(x) for x in args.rows.split(",")]:
             print(f"\n{name}, {t} rows")
+            # the bf16 LM head: cuBLAS (the baseline), head_logits (cuBLAS too above
+            # HEAD_T rows) and the floor: its bytes at the copy bandwidth
+            y = torch.randn(t, d, device=dev, dtype=torch.bfloat16)
+            hb = head_w.numel() * 2
+            ms_cublas = bench(args.reps, torch.mm, y, head_w.t(), out_dtype=torch.float32)
+            ms_head = bench(args.reps, hd.head_logits, y, head_w)
+            print(f"  lm head [{cfg.vocab_size}x{d}] floor {hb / bw * 1e6:6.1f} us | cuBLAS "
+                  f"{ms_cublas * 1e3:6.1f} us {hb / ms_cublas / 1e9:5.2f} TB/s | head_logits"
+                  f"{'' if t <= hd.HEAD_T else ' (cuBLAS here)'} {ms_head * 1e3:6.1f} us "
+                  f"{hb / ms_head / 1e9:5.2f} TB/s", flush=True)
             for lname, (n, kk) in lin.items():
                 w = torch.randn(n, kk, device=dev).to(torch.float8_e4m3fn)
                 sc = torch.full((-(-n // 128), kk // 128), 120, dtype=torch.uint8,
