@@ -100,15 +100,18 @@ class _Bucket:
 
     def _stage_runner(self):
         """The staging kernel's compiled runner, for :meth:`stage` to call directly: Triton's
-        launch path binds and specialises the arguments again on every call (~25 us of host
-        time per step on the H100 machine, ~14 us through the runner; kernels/NOTES.md round
-        6), host time that a decode loop synchronising each step waits for. The runner is a
+        launch path binds and specialises the arguments again on every call (17-25 us of host
+        time on the H100 machine, 9 us through the runner; kernels/NOTES.md round 6), host
+        time that a decode loop synchronising each step waits for. The runner is a
         Triton internal: probed here on known inputs (before any capture) and not used where
         it is missing or disagrees with the usual launch. Leaves the buffers as they were
         (zeros, slot -1)."""
-        n, dev = self.size, self.device
+        n, dev, width = self.size, self.device, self.hidden.shape[1]
+        # known values (no random draw: the caller's RNG state stays as it was); the hidden
+        # rows are small integers, exact in any compute dtype
         probe = (torch.arange(n, device=dev) + 7, torch.arange(n, device=dev) + 3,
-                 torch.randn(n, self.hidden.shape[1], device=dev).to(self.hidden.dtype),
+                 (torch.arange(n * width, device=dev) % 251 - 125).to(self.hidden.dtype)
+                 .view(n, width),  # [n * width] -> [n, width]
                  torch.arange(n, device=dev))
         t = max(1, n - 1)  # with two rows or more, the last one is padding (slot -1)
         run = None

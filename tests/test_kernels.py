@@ -247,7 +247,7 @@ def test_head_logits(t, d):
     """The LM head's product against float64: bf16 x bf16 products are exact in float32, then
     float32 sums on the tensor cores in their own order (the kernel's; 17 rows: cuBLAS's), so
     the general bound |err| <= D * 2^-24 * sum |y_d w_d|. A vocabulary that is not a multiple
-    of the row block (1003) checks the edge; strided rows take cuBLAS with the same result."""
+    of the row block (1003) checks the edge; strided rows take cuBLAS, within the same bound."""
     if DEVICE != "cuda":
         pytest.skip("bfloat16 tensor-core product: the interpreter's bf16 is not reliable")
     from mtp_kernels import head
