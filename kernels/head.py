@@ -2,12 +2,13 @@
 bfloat16, float32 out (``DeepSeekV4MTP.compute_logits``'s product).
 
 At batch 1 the head is 1.06 GB of the draft step's 1.31 (V4-Flash): a pure stream of the
-weight. cuBLAS reaches ~2.8 TB/s on it on an H100 (376 us at 1 row, 384 at 16) where this
-kernel reaches ~3.08 (343 us at 1 row, 356 at 16; kernels/NOTES.md round 6). Each program owns
-BN = 64 vocabulary rows and walks D in BK = 256 chunks, pipelined 3 deep, on the tensor cores:
-[BN, BK] @ [BK, 16] with the rows padded to 16 (wgmma's smallest useful width); ~2000
-programs keep enough loads in flight. bf16 x bf16 products are exact in float32 and the sums
-are float32, as cuBLAS's (the sweep's outputs were bit-identical to its).
+weight. cuBLAS reaches ~2.8 TB/s on it on an H100 (376-385 us at 1-16 rows, 400 at 64) where
+this kernel reaches ~3.0-3.1 (342 us at 1 row, 355 at 16, 371 at 64; kernels/NOTES.md round
+6). Each program owns BN vocabulary rows and walks D in BK chunks, pipelined 3 deep, on the
+tensor cores: [BN, BK] @ [BK, BT] with the rows padded to BT >= 16 (wgmma's smallest useful
+width); thousands of programs keep enough loads in flight. bf16 x bf16 products are exact in
+float32 and the sums are float32, as cuBLAS's (the sweep's outputs were bit-identical to its).
+From 128 rows on cuBLAS is as fast or faster (415 vs 423 us) and takes them.
 
 Shape legend: T rows (<= HEAD_T), V vocabulary, D hidden.
 """
@@ -20,7 +21,9 @@ import triton.language as tl
 
 from ._common import launch_opts, pdl_enter
 
-HEAD_T = 16  # rows up to which head_logits takes this kernel (measured up to 16; more: cuBLAS)
+HEAD_T = 64  # rows up to which head_logits takes this kernel (more: cuBLAS)
+# padded rows BT -> (BN, BK, warps): the sweep's best on an H100 (kernels/NOTES.md round 6)
+TILES = {16: (64, 256, 4), 32: (128, 128, 8), 64: (128, 128, 8)}
 
 
 @triton.jit
@@ -58,13 +61,14 @@ def head_logits(y: torch.Tensor, weight: torch.Tensor, *, tune: dict | None = No
     if y.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
         raise ValueError(f"head_logits: bfloat16 y and head expected, got {y.dtype}, "
                          f"{weight.dtype}")
+    bt = max(16, triton.next_power_of_2(t))
+    bn, bk, warps = TILES.get(bt, TILES[16])
     tune = tune or {}
-    bn, bk = tune.get("bn", 64), tune.get("bk", 256)
+    bn, bk = tune.get("bn", bn), tune.get("bk", bk)
     if (not 0 < t <= HEAD_T or d % bk or not (y.is_contiguous() and weight.is_contiguous())):
         return torch.mm(y, weight.t(), out_dtype=torch.float32)
     out = torch.empty(t, v, dtype=torch.float32, device=y.device)
-    head_kernel[(triton.cdiv(v, bn),)](y, weight, out, t, v, D=d,
-                                       BT=max(16, triton.next_power_of_2(t)), BN=bn, BK=bk,
+    head_kernel[(triton.cdiv(v, bn),)](y, weight, out, t, v, D=d, BT=bt, BN=bn, BK=bk,
                                        STAGES=tune.get("stages", 3),
-                                       num_warps=tune.get("warps", 4), **launch_opts())
+                                       num_warps=tune.get("warps", warps), **launch_opts())
     return out

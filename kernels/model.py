@@ -50,7 +50,8 @@ class TritonMTP:
             (torch with ``torch.cuda._compile_kernel``, compute capability >= 8.0, bfloat16,
             hidden size and expert width multiples of 128).
         head: the LM head's product for up to ``head.HEAD_T`` rows: ``"triton"``
-            (``head.head_logits``, ~9% faster than cuBLAS on an H100, kernels/NOTES.md round 6)
+            (``head.head_logits``, 7-11% faster than cuBLAS on an H100, kernels/NOTES.md
+            round 6)
             or ``"cublas"`` (torch.mm); more rows take cuBLAS either way.
 
     ``forward`` / ``compute_logits`` take and return exactly what the module's do; numerics
