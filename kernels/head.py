@@ -8,8 +8,8 @@ this kernel reaches ~3.0-3.1 (342 us at 1 row, 355 at 16, 371 at 64; kernels/NOT
 tensor cores: [BN, BK] @ [BK, BT] with the rows padded to BT >= 16 (wgmma's smallest useful
 width); thousands of programs keep enough loads in flight. bf16 x bf16 products are exact in
 float32 and the sums are float32, as cuBLAS's (at 1-16 rows the sweep's outputs were
-bit-identical to its).
-From 128 rows on cuBLAS is as fast or faster (415 vs 423 us) and takes them.
+bit-identical to its). From 128 rows on cuBLAS is as fast or faster (415 vs 423 us) and takes
+them.
 
 Shape legend: T rows (<= HEAD_T), V vocabulary, D hidden.
 """
