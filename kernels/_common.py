@@ -83,6 +83,13 @@ def fp8_round(x, e):
 
 
 @triton.jit
+def rms_row(x, w, n, eps):
+    """``ops.rms_norm`` of one row: x float32 (masked lanes 0) of n values, weight w ->
+    w * (x * rsqrt(mean(x^2) + eps)) in float32 (rmsnorm, embed_norms and attn_prep's q_norm)."""
+    return w * (x * tl.rsqrt(tl.sum(x * x, axis=0) / n + eps))
+
+
+@triton.jit
 def even_odd8(q, BD: tl.constexpr):
     """[BD] values -> each 8 in the order 0 2 4 6 1 3 5 7 (``moe.quant_rows``' layout: the CUDA
     expert kernels' float16 pairs): [BD] -> [BD/8, 4, 2] -> [BD/8, 2, 4] -> [BD]."""

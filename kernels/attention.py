@@ -21,7 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import EXACT, fp8_round, launch_opts, mma, pdl_enter, pow2_scale_bits, sm_count
+from ._common import (
+    EXACT,
+    fp8_round,
+    launch_opts,
+    mma,
+    pdl_enter,
+    pow2_scale_bits,
+    rms_row,
+    sm_count,
+)
 
 
 @triton.jit
@@ -170,9 +179,8 @@ def attn_prep_kernel(f_ptr, stride_f, qw_ptr, kvw_ptr, pos_ptr, inv_freq_ptr, q_
     qq = tl.arange(0, QP)
     qmask = qq < Q
     x = tl.load(src + qq, mask=qmask, other=0.0).to(tl.float32)
-    rs = tl.rsqrt(tl.sum(x * x, axis=0) / Q + eps)
     w = tl.load(qw_ptr + qq, mask=qmask, other=0.0)
-    tl.store(q_ptr + t * Q + qq, (w * (x * rs)).to(q_ptr.dtype.element_ty), mask=qmask)
+    tl.store(q_ptr + t * Q + qq, rms_row(x, w, Q, eps).to(q_ptr.dtype.element_ty), mask=qmask)
     _kv_row(src + Q, kvw_ptr, c, s, kv_out + t * DH, eps, DH, R, NB, NBP, KV_FP8, KVB)
 
 

@@ -66,6 +66,7 @@ class _Bucket:
         self.hidden = torch.zeros(size, cfg.hc_dim, dtype=fast.dtype, device=dev)
         self.device = dev
         self._stage_grid = (max(1, triton.cdiv(size * cfg.hc_dim, _STAGE_BH)), 1, 1)
+        self._stage_bs = triton.next_power_of_2(size)
         self._stage_run = self._stage_runner()
 
         def run():
@@ -90,8 +91,7 @@ class _Bucket:
     def _stage_args(self, ids, pos, hidden, slots, t) -> tuple:
         """stage_inputs_kernel's arguments, its two constexprs (BS, BH) last."""
         return (ids, pos, slots, hidden, self.ids, self.pos, self.slots, self.hidden, t,
-                self.size, t * self.hidden.shape[1], triton.next_power_of_2(self.size),
-                _STAGE_BH)
+                self.size, t * self.hidden.shape[1], self._stage_bs, _STAGE_BH)
 
     def _stage_launch(self, args) -> object:
         """Triton's usual launch of the staging kernel; returns the compiled kernel."""
@@ -102,10 +102,10 @@ class _Bucket:
         """The staging kernel's compiled runner, for :meth:`stage` to call directly: Triton's
         launch path binds and specialises the arguments again on every call (17-25 us of host
         time on the H100 machine, 9 us through the runner; kernels/NOTES.md round 6), host
-        time that a decode loop synchronising each step waits for. The runner is a
-        Triton internal: probed here on known inputs (before any capture) and not used where
-        it is missing or disagrees with the usual launch. Leaves the buffers as they were
-        (zeros, slot -1)."""
+        time that a decode loop synchronising each step waits for. The runner is a Triton
+        internal: probed here on known inputs (before any capture) and not used where it is
+        missing or disagrees with the usual launch. Leaves the buffers as they were (zeros,
+        slot -1)."""
         n, dev, width = self.size, self.device, self.hidden.shape[1]
         # known values (no random draw: the caller's RNG state stays as it was); the hidden
         # rows are small integers, exact in any compute dtype

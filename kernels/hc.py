@@ -20,7 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import even_odd8, exp2_int, fp8_round, launch_opts, pdl_enter, pow2_scale_bits
+from ._common import (
+    even_odd8,
+    exp2_int,
+    fp8_round,
+    launch_opts,
+    pdl_enter,
+    pow2_scale_bits,
+    rms_row,
+)
 
 _MIX_BK = 128
 _MIX_BT = 16
@@ -38,9 +46,7 @@ def rmsnorm_kernel(x_ptr, w_ptr, out_ptr, D, stride_x, stride_o, eps, BD: tl.con
     offs = tl.arange(0, BD)
     mask = offs < D
     x = tl.load(x_ptr + r * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    rs = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    y = w * (x * rs)
+    y = rms_row(x, tl.load(w_ptr + offs, mask=mask, other=0.0), D, eps)
     tl.store(out_ptr + r * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -64,8 +70,7 @@ def embed_norms_kernel(ids_ptr, pos_ptr, emb_ptr, h_ptr, ew_ptr, hw_ptr, en_ptr,
         x = tl.load(h_ptr + (r - T) * D + offs, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(hw_ptr + offs, mask=mask, other=0.0)
         out = hn_ptr + (r - T) * D
-    rs = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-    tl.store(out + offs, (w * (x * rs)).to(en_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + offs, rms_row(x, w, D, eps).to(en_ptr.dtype.element_ty), mask=mask)
 
 
 def embed_norms(ids: torch.Tensor, positions: torch.Tensor, embed: torch.Tensor,
@@ -319,11 +324,11 @@ def hc_post_kernel(a_ptr, res_ptr, post_ptr, comb_ptr, out_ptr, pair_ptr, idx_pt
 
 def hc_post(a: torch.Tensor | None, residual: torch.Tensor, post: torch.Tensor,
             comb: torch.Tensor, *, moe: tuple | None = None, mix_fn: torch.Tensor | None = None):
-    """``ops.hc_post``: a [T, D], residual [T, M, D] -> [T, M, D] in residual's dtype.
-    ``moe=(pair_out [T*K, D], idx [T, K], shared [T, D])`` replaces ``a`` by the MoE sum.
-    ``mix_fn`` [F, M*D]: also the next hc_pre's mix partials of the result, returned as
-    (out, partials) for ``hc_pre_norm`` / ``hc_head_norm``'s ``partials`` (no hc_mix launch;
-    each program reads fn's columns for its block, so for few rows only: ``POST_MIX_T``)."""
+    """``ops.hc_post``: a [T, D], residual [T, M, D] -> (out [T, M, D] in residual's dtype,
+    partials). ``moe=(pair_out [T*K, D], idx [T, K], shared [T, D])`` replaces ``a`` by the
+    MoE sum. ``mix_fn`` [F, M*D]: partials are also the next hc_pre's mix partials of out, for
+    ``hc_pre_norm`` / ``hc_head_norm``'s ``partials`` (no hc_mix launch; each program reads
+    fn's columns for its block, so for few rows only: ``POST_MIX_T``); else None."""
     t, m, d = residual.shape
     out = torch.empty_like(residual)
     mix = mix_fn is not None
@@ -347,4 +352,4 @@ def hc_post(a: torch.Tensor | None, residual: torch.Tensor, post: torch.Tensor,
         hc_post_kernel[(t, n_split)](a, residual, post, comb, out, a, a, a, mix_fn, part, sq, d,
                                      f, M=m, MOE=False, TOPK=1, KP=1, BD=bd, MIX=mix, FP=fp,
                                      num_warps=4, **launch_opts())
-    return (out, (part, sq, n_split, fp)) if mix else out
+    return out, ((part, sq, n_split, fp) if mix else None)

@@ -51,8 +51,7 @@ class TritonMTP:
             hidden size and expert width multiples of 128).
         head: the LM head's product for up to ``head.HEAD_T`` rows: ``"triton"``
             (``head.head_logits``, 7-11% faster than cuBLAS on an H100, kernels/NOTES.md
-            round 6)
-            or ``"cublas"`` (torch.mm); more rows take cuBLAS either way.
+            round 6) or ``"cublas"`` (torch.mm); more rows take cuBLAS either way.
 
     ``forward`` / ``compute_logits`` take and return exactly what the module's do; numerics
     switches are read from ``model.numerics`` at each call.
@@ -214,8 +213,7 @@ class TritonMTP:
                                          cfg.hc_eps, eps)
         a = self._attention(blk.attn, u, positions, cache, cache_layer, window, seq_slots)
         few = t <= hc_k.POST_MIX_T  # hc_post computes the next hc_pre's mixes (no hc_mix)
-        x, parts = hc_k.hc_post(a, x, post, comb, mix_fn=blk.hc_ffn_fn) if few else (
-            hc_k.hc_post(a, x, post, comb), None)
+        x, parts = hc_k.hc_post(a, x, post, comb, mix_fn=blk.hc_ffn_fn if few else None)
         # with the CUDA experts, the same kernel also writes their input (quant_rows of uq)
         u, post, comb, *q = hc_k.hc_pre_norm(x, blk.hc_ffn_fn, blk.hc_ffn_scale,
                                              blk.hc_ffn_base, blk.ffn_norm.weight,
@@ -302,10 +300,8 @@ class TritonMTP:
             shared.record_stream(main)
         else:
             shared = self._shared(ffn.shared_experts, x, rounded)
-        moe = (pair_out, idx, shared)
-        if head_fn is not None:
-            return hc_k.hc_post(None, residual, post, comb, moe=moe, mix_fn=head_fn)
-        return hc_k.hc_post(None, residual, post, comb, moe=moe), None
+        return hc_k.hc_post(None, residual, post, comb, moe=(pair_out, idx, shared),
+                            mix_fn=head_fn)
 
     def _shared(self, sh, x, rounded):
         # beside the routed experts (decode_step's side stream): one program per SM, so that
