@@ -2,9 +2,10 @@
 
 For each world size: the rank's resident parameter bytes by part (from the module's parameter
 shapes and the split table ``mtp.remap.TP_SPLIT``; the tests measure the same rule on real
-ranks at the tiny shapes), the bytes one decode step (batch 1) reads, and the share of the
-shared expert in both, the figures behind keeping it whole (docs/parallel.md). With
-``--time``: CPU time of the shared expert and of one rank's LM-head slice at one row.
+ranks at the tiny shapes), the bytes one decode step (batch 1) reads on the busiest rank if
+every rank computed the whole shared expert, and the share of that step the shared expert is:
+the figures behind computing it split (docs/parallel.md). With ``--time``: CPU time of the
+whole shared expert, of a world-8 rank's part of it and of its LM-head slice, at one row.
 
 Usage:
     python benchmarks/parallel_share.py --preset flash --time
@@ -18,7 +19,7 @@ import time
 import torch
 
 from mtp import DeepSeekV4MTP, MTPConfig, remap
-from mtp.model import Linear, SharedExperts
+from mtp.model import Linear, SharedExperts, linear
 from mtp.parallel import valid_world_sizes
 from mtp.quant import WeightFormat
 
@@ -94,8 +95,20 @@ def main() -> None:
         head = torch.randn(cfg.vocab_size // 8, cfg.hidden_size, dtype=torch.bfloat16)
         th = cpu_time(lambda: torch.nn.functional.linear(u.float(), head.float()))
         ts = cpu_time(lambda: shared(u, True))
+        i = cfg.shared_intermediate_size
+        a, b = 0, i // 8  # a world-8 rank's part, as SharedExperts computes it when split
+        up = shared.gate_up_proj
+
+        def part():
+            g = linear(u, up.dequantized(rows=(a, b)), True)
+            v = linear(u, up.dequantized(rows=(i + a, i + b)), True)
+            h = torch.nn.functional.silu(g.float()) * v.float()
+            return linear(h.to(u.dtype), shared.down_proj.dequantized(cols=(a, b)), True)
+
+        tp_ = cpu_time(part)
         print(f"CPU ({torch.get_num_threads()} threads), one row: a world-8 rank's LM head "
-              f"slice {th * 1e3:.0f} ms, the whole shared expert {ts * 1e3:.0f} ms")
+              f"slice {th * 1e3:.0f} ms; the shared expert whole {ts * 1e3:.0f} ms, a world-8 "
+              f"rank's eighth {tp_ * 1e3:.0f} ms")
 
 
 if __name__ == "__main__":

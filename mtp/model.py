@@ -122,9 +122,18 @@ class Linear(nn.Module):
             self.weight = _param((out_features, in_features), dtype, device)
             self.weight_scale_inv = None
 
-    def dequantized(self) -> torch.Tensor:
-        """float32 [out, in]."""
-        return dequantize(self.weight, self.weight_scale_inv, self.storage)
+    def dequantized(self, rows: tuple[int, int] | None = None,
+                    cols: tuple[int, int] | None = None) -> torch.Tensor:
+        """float32 [out, in], or its part ``[rows[0]:rows[1], cols[0]:cols[1]]`` (block-aligned:
+        a tensor-parallel rank's share of a whole weight)."""
+        w, s = self.weight, self.weight_scale_inv
+        for dim, part in ((0, rows), (1, cols)):
+            if part is not None:
+                w = w.narrow(dim, part[0], part[1] - part[0])
+                if s is not None:
+                    s = s.narrow(dim, part[0] // FP8_BLOCK, -(-part[1] // FP8_BLOCK)
+                                 - part[0] // FP8_BLOCK)
+        return dequantize(w, s, self.storage)
 
     def forward(self, x: torch.Tensor, act_quant: bool, wide_out: bool = False) -> torch.Tensor:
         return linear(x, self.dequantized(), act_quant, wide_out)
@@ -200,16 +209,31 @@ class Gate(nn.Module):
 
 
 class SharedExperts(nn.Module):
-    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None):
+    """The shared expert, held whole. Tensor-parallel with ``split`` (the rank's width
+    ``I/w`` is whole 128-blocks): each rank computes its part of the width, like a dense MLP
+    (w1 and w3 rows, w2 columns) and returns a float32 partial sum of the output; otherwise
+    every rank computes it whole."""
+
+    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None,
+                 tp: TensorParallel | None = None):
         super().__init__()
         d, i = cfg.hidden_size, cfg.shared_intermediate_size
         self.limit = cfg.swiglu_limit
+        self.tp = tp = tp or TensorParallel()
+        self.split = tp.sharded and i % tp.world_size == 0 and tp.local(i) % FP8_BLOCK == 0
         self.gate_up_proj = Linear(d, 2 * i, fmt.dense, fmt.dense_scale, dtype, device)
         self.down_proj = Linear(i, d, fmt.dense, fmt.dense_scale, dtype, device)
 
     def forward(self, u: torch.Tensor, act_quant: bool) -> torch.Tensor:
-        g, v = self.gate_up_proj(u, act_quant).chunk(2, dim=-1)
-        return self.down_proj(ops.swiglu(g, v, self.limit).to(u.dtype), act_quant)
+        if not self.split:
+            g, v = self.gate_up_proj(u, act_quant).chunk(2, dim=-1)
+            return self.down_proj(ops.swiglu(g, v, self.limit).to(u.dtype), act_quant)
+        i = self.down_proj.weight.shape[1]
+        a, b = self.tp.part(i)  # this rank's part of the width: w1 rows, w3 rows, w2 columns
+        g = linear(u, self.gate_up_proj.dequantized(rows=(a, b)), act_quant)
+        v = linear(u, self.gate_up_proj.dequantized(rows=(i + a, i + b)), act_quant)
+        return linear(ops.swiglu(g, v, self.limit).to(u.dtype),
+                      self.down_proj.dequantized(cols=(a, b)), act_quant, wide_out=True)
 
 
 class Experts(nn.Module):
@@ -271,10 +295,11 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed experts + the shared expert. Sharded: the gate and the shared expert are whole on
-    every rank (as DeepSeek's per-rank checkpoints hold them), the routed experts split by range;
-    the routed partial sums are all-reduced (the one collective), then the shared expert added,
-    in the same order as on one process."""
+    """Routed experts + the shared expert. Sharded: the gate and the shared expert are held
+    whole on every rank (as DeepSeek's per-rank checkpoints hold them), the routed experts
+    split by range. One all-reduce: of the routed partial sums plus the rank's part of the
+    shared expert (``SharedExperts.split``), or of the routed sums alone, the shared expert
+    then added whole, in the one-process order."""
 
     def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None,
                  tp: TensorParallel | None = None):
@@ -282,15 +307,18 @@ class MoE(nn.Module):
         self.cfg = cfg
         self.tp = tp or TensorParallel()
         self.gate = Gate(cfg, device)
-        self.shared_experts = SharedExperts(cfg, fmt, dtype, device)
+        self.shared_experts = SharedExperts(cfg, fmt, dtype, device, self.tp)
         self.experts = Experts(cfg, fmt, dtype, device, self.tp)
 
     def forward(self, u: torch.Tensor, act_quant: bool) -> torch.Tensor:
         cfg = self.cfg
         idx, w = ops.route(u, self.gate.weight, self.gate.e_score_correction_bias,
                            cfg.num_experts_per_tok, cfg.scoring_func, cfg.routed_scaling_factor)
-        routed = self.tp.all_reduce_(self.experts(u, idx, w, act_quant))  # float32
-        return (routed + ops.wide(self.shared_experts(u, act_quant))).to(u.dtype)
+        routed = self.experts(u, idx, w, act_quant)  # float32 (sharded: this rank's experts)
+        shared = self.shared_experts(u, act_quant)
+        if self.shared_experts.split:  # both float32 partials: one all-reduce of their sum
+            return self.tp.all_reduce_(routed + shared).to(u.dtype)
+        return (self.tp.all_reduce_(routed) + ops.wide(shared)).to(u.dtype)
 
 
 class Block(nn.Module):

@@ -9,7 +9,8 @@ collectives a sharded step adds. What each rank holds (``mtp.remap.TP_SPLIT``):
 - routed experts ``[r*E/w, (r+1)*E/w)`` (their output is all-reduced);
 - vocabulary rows ``[r*V/w, (r+1)*V/w)`` of the embedding and the head;
 - everything else whole: ``fused_wqa_wkv``, norms, ``e_proj``, ``h_proj``, the
-  hyper-connection tensors, the gate and the shared expert (see docs/parallel.md for why).
+  hyper-connection tensors, the gate and the shared expert (held whole, computed split where
+  its width allows: docs/parallel.md).
 
 With ``group=None`` (one process) every helper is the identity and nothing is split.
 

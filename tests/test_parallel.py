@@ -6,16 +6,18 @@ logits, then a drafting loop over three sequences with rollback, greedy and samp
 code runs in this process with ``process_group=None`` as the reference. Every rank must return
 the same bits as every other rank, and match the one-process result within:
 
-- float64 with the reference rounding (FP8 activations, FP8 KV): 1e-12 of the tensor's max.
-  Reassociated float64 sums differ by ~1e-16; a sharding that split one of the 128-element
-  FP8 activation blocks (e.g. at wo_b's input) would move outputs by ~1e-2.
-- float32 without FP8 rounding: 5e-6 of the max (measured <= 1e-6). The all-reduces of
-  wo_b's output and of the routed experts sum float32 partials in another order (~1e-7
-  relative each), and the drafting loop feeds outputs back for up to 4 steps.
-- float32 with the reference rounding (what an engine runs): 2e-5 of the max (measured
-  <= 4.4e-6 at 4 ranks, in the sampled probabilities). The same reassociation; a float32
-  difference that lands on an FP8 rounding boundary moves one element by an FP8 step, which
-  would show as ~1e-3 (not seen with these seeds; float64 above checks the rounding exactly).
+- float64 with the reference rounding (FP8 activations, FP8 KV): 1e-12 of the tensor's max,
+  everything (forward, logits, drafts, q, cache). Reassociated float64 sums differ by ~1e-16;
+  a sharding that split one of the 128-element FP8 activation blocks (e.g. at wo_b's input or
+  the shared expert's w2 input) would move outputs by ~1e-2.
+- float32 without FP8 rounding: 5e-6 of the max, everything (measured <= 1e-6). The
+  all-reduces sum float32 partials (wo_b's product, the routed experts, the shared expert's
+  parts) in another order (~1e-7 relative each); the drafting loop feeds outputs back.
+- float32 with the reference rounding (what an engine runs): 5e-3 of the max, one forward
+  and its logits only. The same ~1e-7 reassociation can land on an FP8 rounding boundary and
+  move one element by an FP8 step (2^-3 relative), seen as 9e-4 of the max at 4 ranks; fed
+  back through a drafting loop such a step could change a sampled draft, so the loop is
+  compared where the rounding is off (float32) or exact (float64).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="this torch build has no torch.distributed gloo backend")
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-TOL = {("float64", "on"): 1e-12, ("float32", "off"): 5e-6, ("float32", "on"): 2e-5}
+TOL = {("float64", "on"): 1e-12, ("float32", "off"): 5e-6, ("float32", "on"): 5e-3}
+ONE_FORWARD = {("float32", "on")}  # compared with one process on the forward and logits only
 # The parameters split over ranks, written out by hand (the rest is whole on every rank).
 SPLIT = ("model.embed_tokens.weight", "shared_head.head.weight", "attn.wq_b.weight",
          "attn.wq_b.weight_scale_inv", "attn.wo_a.weight", "attn.wo_a.weight_scale_inv",
@@ -79,9 +82,13 @@ def world2(tmp_path_factory):
     mp = init_random_(DeepSeekV4MTP(tiny_config()), seed=1)
     write_checkpoint(mp, tmp / "mp", layout="mp", mp=2)  # the converter's per-rank files
     paths["mp"] = str(tmp / "mp")
-    runs = cases(paths, [("bf16", "float32", "on"), ("bf16", "float64", "on"),
-                         ("fp8", "float32", "on"), ("fp8", "float32", "off"),
-                         ("fp8", "float64", "on"), ("mp", "float32", "on")])
+    # I = 256: each rank computes 128 of the shared expert's width (I = 128 cannot split)
+    wide = init_random_(DeepSeekV4MTP(tiny_config(moe_intermediate_size=256)), seed=2)
+    write_checkpoint(wide, tmp / "wide", num_shards=3)
+    paths["wide"] = str(tmp / "wide")
+    runs = cases(paths, [("bf16", "float32", "off"), ("bf16", "float32", "on"),
+                         ("fp8", "float32", "off"), ("fp8", "float64", "on"),
+                         ("mp", "float32", "off"), ("wide", "float64", "on")])
     errors = [dict(name="disagree", path=[paths["fp8"], str(other)], dtype="float32",
                    expect_error=True),
               dict(name="missing", path=[paths["fp8"], str(tmp / "nowhere")], dtype="float32",
@@ -92,11 +99,12 @@ def world2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def world4(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tp4")
-    paths = checkpoints(tmp, tiny_config(o_groups=4))  # 4 heads, 4 groups, 8 experts
+    # 4 heads, 4 groups, 8 experts; I = 512: 128 of the shared expert's width per rank
+    paths = checkpoints(tmp, tiny_config(o_groups=4, moe_intermediate_size=512))
     paths["tiny"] = str(tmp / "tiny")  # the tiny preset: o_groups=2 cannot split over 4
     write_checkpoint(init_random_(DeepSeekV4MTP(tiny_config())), paths["tiny"], num_shards=3)
-    runs = cases(paths, [("bf16", "float32", "on"), ("fp8", "float32", "on"),
-                         ("fp8", "float64", "on")])
+    runs = cases(paths, [("bf16", "float32", "off"), ("fp8", "float64", "on"),
+                         ("fp8", "float32", "on")])
     errors = [dict(name="indivisible", path=paths["tiny"], dtype="float32", expect_error=True)]
     return paths, runs, launch(4, runs + errors, tmp).check()
 
@@ -109,7 +117,15 @@ def references():
     def get(case):
         key = (case["path"], case["dtype"], case["rounding"])
         if key not in cache:
-            cache[key] = run_case(case["path"], None, DTYPES[case["dtype"]], case["rounding"])
+            # One thread, as the ranks: at these sizes a second one only adds waiting, and on
+            # a busy 2-core machine OpenMP's spinning made a 0.4 s case take 20 s.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                cache[key] = run_case(case["path"], None, DTYPES[case["dtype"]],
+                                      case["rounding"])
+            finally:
+                torch.set_num_threads(threads)
         return cache[key]
 
     return get
@@ -120,13 +136,15 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def assert_matches(ranks: list[dict], ref: dict, tol: float) -> None:
+def assert_matches(ranks: list[dict], ref: dict, tol: float, one_forward: bool) -> None:
     assert set(ranks[0]) == set(ref)
     for key, want in ref.items():
-        if key == "bytes":
+        if key in ("bytes", "shared_split"):
             continue
         for r, got in enumerate(ranks):
             assert torch.equal(got[key], ranks[0][key]), (key, r)  # every rank: same bits
+        if one_forward and key not in ("block", "logits"):
+            continue
         if want.is_floating_point():
             assert ranks[0][key].shape == want.shape, key
             err = max_rel(ranks[0][key], want)
@@ -135,13 +153,16 @@ def assert_matches(ranks: list[dict], ref: dict, tol: float) -> None:
             assert torch.equal(ranks[0][key], want), key
 
 
-def check_world(world_results, references, world: int) -> None:
+def check_world(world_results, references, world: int, split_shared: set[str]) -> None:
     _, runs, results = world_results
     for case in runs:
         ranks = [results[r][case["name"]] for r in range(world)]
         ref = references(case)
+        want_split = case["name"].split("-")[0] in split_shared  # I/w whole 128-blocks
+        assert all(rk["shared_split"] == want_split for rk in ranks), case["name"]
         assert ranks[0]["block"].shape == (7, 4 * 256) and ranks[0]["logits"].shape == (7, 1024)
-        assert_matches(ranks, ref, TOL[case["dtype"], case["rounding"]])
+        how = case["dtype"], case["rounding"]
+        assert_matches(ranks, ref, TOL[how], how in ONE_FORWARD)
         # Resident bytes: each rank holds 1/world of the split parameters, the rest whole.
         for r in range(world):
             for name, full in ref["bytes"].items():
@@ -153,11 +174,11 @@ def check_world(world_results, references, world: int) -> None:
 
 
 def test_two_ranks_match_one_process(world2, references):
-    check_world(world2, references, 2)
+    check_world(world2, references, 2, {"wide"})
 
 
 def test_four_ranks_match_one_process(world4, references):
-    check_world(world4, references, 4)
+    check_world(world4, references, 4, {"bf16", "fp8"})
 
 
 def test_ranks_that_disagree_on_the_checkpoint_all_raise(world2):
