@@ -39,13 +39,14 @@ def main(rank: int, world: int, port: int, spec_file: str, outdir: str) -> None:
         if case.get("crash_rank") == rank:
             raise RuntimeError(f"rank {rank} fails on purpose")
         path = case["path"] if isinstance(case["path"], str) else case["path"][rank]
+        dtype = case["dtype"] if isinstance(case["dtype"], str) else case["dtype"][rank]
         try:
             if case.get("kind") == "export":  # a rank's module cannot be written out
                 model, _ = load_model(path, dtype=torch.float32, process_group=group)
                 write_checkpoint(model, os.path.join(outdir, f"export{rank}"))
                 results[case["name"]] = "written"
                 continue
-            results[case["name"]] = run_case(path, group, DTYPES[case["dtype"]],
+            results[case["name"]] = run_case(path, group, DTYPES[dtype],
                                              case.get("rounding", "on"))
         except Exception as e:
             if not case.get("expect_error"):

@@ -99,6 +99,8 @@ def world2(tmp_path_factory):
                    expect_error=True),
               dict(name="missing", path=[paths["fp8"], str(tmp / "nowhere")], dtype="float32",
                    expect_error=True),
+              dict(name="settings", path=paths["fp8"], dtype=["float32", "float64"],
+                   expect_error=True),
               dict(name="export", kind="export", path=paths["fp8"], dtype="float32",
                    expect_error=True)]
     return paths, runs, launch(2, runs + errors, tmp).check()
@@ -218,6 +220,13 @@ def test_ranks_that_disagree_on_the_checkpoint_all_raise(world2):
     for r in range(2):
         assert "ranks of the process group disagree: rank(s) [1]" in results[r]["disagree"]
         assert "same checkpoint" in results[r]["disagree"]
+
+
+def test_ranks_that_disagree_on_the_settings_all_raise(world2):
+    _, _, results = world2
+    for r in range(2):
+        assert "disagree: rank(s) [1]" in results[r]["settings"]
+        assert "same settings" in results[r]["settings"]
 
 
 def test_a_rank_that_fails_to_load_stops_every_rank(world2):
