@@ -15,7 +15,7 @@ from .quant import quantize_fp4, quantize_fp8_block
 
 
 def _normal(shape, std: float, gen: torch.Generator) -> torch.Tensor:
-    return torch.randn(shape, generator=gen, dtype=torch.float32) * std
+    return torch.randn(shape, generator=gen, dtype=torch.float32, device=gen.device) * std
 
 
 def _fill_linear(lin: Linear, gen: torch.Generator, scale_kind: str) -> None:
@@ -62,7 +62,9 @@ def init_random_(model: DeepSeekV4MTP, seed: int = 0) -> DeepSeekV4MTP:
         >>> m.model.layers["2"].mtp_block.ffn.experts.w13_weight.dtype
         torch.int8
     """
-    gen = torch.Generator().manual_seed(seed)
+    # On the model's device: full-size models fill in seconds on a GPU (minutes on a CPU). The
+    # values depend on the device's generator (CPU and CUDA streams differ), not on the rank.
+    gen = torch.Generator(device=model.model.embed_tokens.weight.device).manual_seed(seed)
     cfg = model.config
     done: set[int] = set()
     for module in model.modules():
@@ -88,7 +90,7 @@ def init_random_(model: DeepSeekV4MTP, seed: int = 0) -> DeepSeekV4MTP:
         elif leaf.endswith("_base"):
             value = _normal(p.shape, 0.5, gen)
         elif leaf.endswith("_scale"):
-            value = 0.5 + torch.rand(p.shape, generator=gen)
+            value = 0.5 + torch.rand(p.shape, generator=gen, device=gen.device)
         elif leaf == "attn_sink":
             value = _normal(p.shape, 1.0, gen)
         elif parent == "gate" and leaf == "weight":

@@ -27,18 +27,25 @@ def run_case(path: str, process_group, dtype: torch.dtype, rounding: str = "on",
     drafter = Drafter.from_pretrained(path, device="cpu", dtype=dtype, max_seqs=3,
                                       max_draft_tokens=k, numerics=ROUNDING[rounding],
                                       process_group=process_group)
-    model, cfg = drafter.model, drafter.config
+    out: dict = {"bytes": resident_bytes(drafter.model), "read": drafter.load_report.bytes,
+                 "shared_split": drafter.model.layer(0).mtp_block.ffn.shared_experts.split}
+    return {**out, **play(drafter, rounds, k)}
+
+
+def play(drafter: Drafter, rounds: int = 4, k: int = 3) -> dict:
+    """One forward with logits, then the drafting loop (3 sequences, rollback, greedy and
+    sampled rounds), on the drafter's device; results on the CPU."""
+    model, cfg, dev, dtype = drafter.model, drafter.config, drafter.device, drafter.model.dtype
     gen = torch.Generator().manual_seed(0)
 
     def rows(n: int):
         h = torch.randn(n, cfg.hc_dim, generator=gen, dtype=torch.float64).to(dtype)
-        return h, torch.randint(0, cfg.vocab_size, (n,), generator=gen)
+        return h.to(dev), torch.randint(0, cfg.vocab_size, (n,), generator=gen).to(dev)
 
-    out: dict = {"bytes": resident_bytes(model), "read": drafter.load_report.bytes,
-                 "shared_split": model.layer(0).mtp_block.ffn.shared_experts.split}
+    out: dict = {}
     h, ids = rows(7)
     with torch.no_grad():
-        out["block"] = model(ids, torch.arange(7), h)  # [T, M*D]
+        out["block"] = model(ids, torch.arange(7, device=dev), h)  # [T, M*D]
         out["logits"] = model.compute_logits(out["block"])  # [T, V]
 
     # Drafting: 3 sequences with different histories; each round feeds every sequence's new
@@ -48,7 +55,8 @@ def run_case(path: str, process_group, dtype: torch.dtype, rounding: str = "on",
     for i, s in enumerate(seqs):
         drafter.add_sequence(s, position=3 * i)
     new_rows = [5, 2, 9]
-    sampled = Sampling(temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(5))
+    sampled = Sampling(temperature=0.8, top_p=0.9,
+                       generator=torch.Generator(device=dev).manual_seed(5))
     last_drafts = None
     for r in range(rounds):
         hs, idss, poss = [], [], []
@@ -60,7 +68,7 @@ def run_case(path: str, process_group, dtype: torch.dtype, rounding: str = "on",
             start = drafter.next_position(s)
             hs.append(h)
             idss.append(ids)
-            poss.append(torch.arange(start, start + new_rows[j]))
+            poss.append(torch.arange(start, start + new_rows[j], device=dev))
         p = drafter.propose(seqs, torch.cat(hs), torch.cat(idss), torch.cat(poss), new_rows,
                             k=k, sampling=sampled if r % 2 else Sampling())
         out[f"round{r}.drafts"] = p.drafts
@@ -70,4 +78,4 @@ def run_case(path: str, process_group, dtype: torch.dtype, rounding: str = "on",
         last_drafts = p.drafts
         new_rows = [1 + (r + j) % (k + 1) for j in range(len(seqs))]  # 0..k drafts accepted
     out["cache.kv"] = drafter.cache.kv.clone()
-    return out
+    return {key: v.cpu() for key, v in out.items()}

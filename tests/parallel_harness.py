@@ -1,4 +1,5 @@
-"""Start a real gloo process group on 127.0.0.1 for a test, and always come back.
+"""Start a real process group (gloo, or NCCL on GPUs) on 127.0.0.1 for a test, and always
+come back.
 
 :func:`launch` starts one ``parallel_worker.py`` process per rank on a free port and waits,
 bounded twice: once any rank exits with an error, the others get ``grace`` seconds (they may be
@@ -45,12 +46,16 @@ class Launch:
 
 
 def launch(world: int, cases: list[dict], tmp_path, *, timeout: float = 240,
-           grace: float = 15, collective_timeout: int = 60) -> Launch:
+           grace: float = 15, collective_timeout: int = 60, backend: str = "gloo") -> Launch:
     outdir = tmp_path / f"ranks{world}-{time.monotonic_ns()}"
     outdir.mkdir()
     spec = outdir / "spec.json"
-    spec.write_text(json.dumps({"cases": cases, "timeout": collective_timeout}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    spec.write_text(json.dumps({"cases": cases, "timeout": collective_timeout,
+                                "backend": backend}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           # NVLink multicast stays off (on shared hosts it can take the GPUs out of service)
+           "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+           "NVSHMEM_DISABLE_NVLS": "1"}
     port = free_port()
     logs = [outdir / f"rank{r}.log" for r in range(world)]
     t0 = time.monotonic()

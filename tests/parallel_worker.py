@@ -2,9 +2,10 @@
 
 Usage: python parallel_worker.py RANK WORLD PORT SPEC.json OUTDIR
 
-Joins a gloo group on 127.0.0.1:PORT, runs each case of the spec with its own process group
-(``new_group``, as an engine would pass one) and saves {case name: result or error text} to
-OUTDIR/rank{RANK}.pt. Cases marked ``expect_error`` record the error instead of failing.
+Joins a group (gloo, or NCCL with one GPU per rank: the spec's ``backend``) on
+127.0.0.1:PORT, runs each case of the spec with its own process group (``new_group``, as an
+engine would pass one) and saves {case name: result or error text} to OUTDIR/rank{RANK}.pt.
+Cases marked ``expect_error`` record the error instead of failing.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from full_size_cases import run_full_case  # noqa: E402
 from parallel_cases import run_case  # noqa: E402
 
 from mtp import load_model, write_checkpoint  # noqa: E402
@@ -31,7 +33,12 @@ def main(rank: int, world: int, port: int, spec_file: str, outdir: str) -> None:
         spec = json.load(f)
     torch.set_num_threads(1)
     # A bounded timeout: a rank stuck in a collective fails instead of hanging forever.
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    backend = spec.get("backend", "gloo")
+    device = "cpu"
+    if backend == "nccl":
+        device = f"cuda:{rank}"
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=spec.get("timeout", 60)))
     group = dist.new_group(list(range(world)))
     results = {}
@@ -45,6 +52,11 @@ def main(rank: int, world: int, port: int, spec_file: str, outdir: str) -> None:
                 model, _ = load_model(path, dtype=torch.float32, process_group=group)
                 write_checkpoint(model, os.path.join(outdir, f"export{rank}"))
                 results[case["name"]] = "written"
+                continue
+            if case.get("kind") == "full":  # a full-size model made on the device
+                results[case["name"]] = run_full_case(group, rank, world, device,
+                                                      case["preset"], DTYPES[dtype],
+                                                      case["rounding"])
                 continue
             results[case["name"]] = run_case(path, group, DTYPES[dtype],
                                              case.get("rounding", "on"))

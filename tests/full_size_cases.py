@@ -1,0 +1,40 @@
+"""The full-size parallel case (``tests/test_gpu_parallel.py``), run in each rank of a group:
+a random model of a preset's shapes in the released FP8/FP4 format, filled on the rank's device
+(the same seed and device type give every rank the same values), its one-device results
+(``process_group=None``), and the results of the rank's share of it, sliced from the whole
+model in memory (no checkpoint written: a Pro checkpoint is ~20 GB).
+"""
+
+from __future__ import annotations
+
+import torch
+from parallel_cases import ROUNDING, play
+
+from mtp import DeepSeekV4MTP, Drafter, MTPConfig, WeightFormat
+from mtp.testing import init_random_
+
+
+def rank_share(whole: DeepSeekV4MTP, part: DeepSeekV4MTP, rank: int, world: int) -> None:
+    """Copy this rank's slice of every parameter of ``whole`` into ``part``: each split
+    dimension is cut in ``world`` equal contiguous pieces (docs/parallel.md's table)."""
+    src = whole.state_dict()
+    for name, p in part.state_dict().items():
+        w = src[name]
+        dims = [d for d in range(w.ndim) if w.shape[d] != p.shape[d]]
+        assert len(dims) <= 1 and all(w.shape[d] == p.shape[d] * world for d in dims), name
+        p.copy_(w.chunk(world, dims[0])[rank] if dims else w)
+
+
+@torch.no_grad()
+def run_full_case(group, rank: int, world: int, device: str, preset: str, dtype: torch.dtype,
+                  rounding: str, rounds: int = 3, k: int = 3) -> dict:
+    cfg = MTPConfig.from_name(preset)
+    kw = dict(weight_format=WeightFormat.released(), dtype=dtype, numerics=ROUNDING[rounding],
+              device=device)
+    whole = init_random_(DeepSeekV4MTP(cfg, **kw), seed=3)
+    out = {"one": play(Drafter(whole, max_seqs=3, max_draft_tokens=k), rounds, k)}
+    part = DeepSeekV4MTP(cfg, process_group=group, **kw)
+    rank_share(whole, part, rank, world)
+    del whole
+    out["tp"] = play(Drafter(part, max_seqs=3, max_draft_tokens=k), rounds, k)
+    return out
