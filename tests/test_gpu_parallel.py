@@ -10,16 +10,18 @@ Every rank must return the same bits as the other, and match the one-GPU result 
 (relative to the tensor's max):
 
 - float32 without FP8 rounding: 2e-5, everything (forward, logits, draft residuals, q, cache),
-  drafts (greedy and sampled) equal. The all-reduces sum float32 partials (wo_b's product over
-  half the columns, each rank's experts, the shared expert's halves) in another order, and
-  cuBLAS picks other reductions for the halved shapes: ~1e-7 relative per op over sums of
-  4096-7168 terms, fed back through the loop (the tiny CPU case measures <= 1.2e-6).
-- float32 with the reference FP8 rounding: 5e-3, one forward and its logits: a reassociated
-  sum can land on the other side of an FP8 rounding boundary and move one element by an FP8
-  step (2^-3 relative), as on the CPU (tests/test_parallel.py).
+  drafts (greedy and sampled) equal; q compared over the tokens both sides' top-p keep (one
+  token per row may sit on the cutoff: ``same_support``). The all-reduces sum float32
+  partials (wo_b's product over half the columns, each rank's experts, the shared expert's
+  halves) in another order, and cuBLAS picks other reductions for the halved shapes: ~1e-7
+  relative per op over sums of 4096-7168 terms, fed back through the loop (measured on 2
+  H200s: <= 8e-7; the tiny CPU case <= 1.2e-6).
+- float32 with the reference FP8 rounding: 5e-3, one forward and its logits (measured
+  <= 1.2e-6): a reassociated sum can land on the other side of an FP8 rounding boundary and
+  move one element by an FP8 step (2^-3 relative), as on the CPU (tests/test_parallel.py).
 - bfloat16 with the reference rounding (what an engine runs): 3e-2, one forward and its
-  logits: each rank's partial sum is rounded to bfloat16 (2^-8 relative) before the
-  all-reduce adds it, then the same FP8-step effect.
+  logits (measured <= 4.5e-3): each rank's partial sum is rounded to bfloat16 (2^-8
+  relative) before the all-reduce adds it, then the same FP8-step effect.
 
 The measured errors are printed (``-s``) and written to ``$MTP_GPU_REPORT`` when set.
 
@@ -64,6 +66,21 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def same_support(got: torch.Tensor, want: torch.Tensor, failures: list, what: str):
+    """Top-p's q [S, V] renormalised over the tokens both keep. Top-p is discontinuous: a token
+    whose cumulative probability sits at ``top_p`` (within the logits' ~1e-6 difference) is
+    kept by one side and cut by the other, which rescales the whole row by its mass (measured
+    at Pro: 1.6e-3 of the max, while logits agreed to 8e-7). Such a token is allowed, one per
+    row; the kept distribution must still agree within the tolerance."""
+    a, b = got.double(), want.double()
+    both = (a > 0) & (b > 0)
+    differ = ((a > 0) != (b > 0)).sum(dim=-1)
+    if (differ > 1).any():
+        failures.append(f"{what}: top-p keeps {differ.max().item()} tokens on one side only")
+    a, b = a * both, b * both
+    return a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+
+
 def test_two_gpus_match_one_gpu(world2):
     cases, results = world2
     report, failures = {}, []
@@ -81,8 +98,11 @@ def test_two_gpus_match_one_gpu(world2):
                 if not torch.equal(tp[key], want):
                     failures.append(f"{case['name']} {key}: drafts differ from one GPU's")
                 continue
-            errors[key] = max_rel(tp[key], want)
-            if tp[key].shape != want.shape or errors[key] > tol:
+            got = tp[key]
+            if key.endswith(".probs"):
+                got, want = same_support(got, want, failures, f"{case['name']} {key}")
+            errors[key] = max_rel(got, want)
+            if got.shape != want.shape or errors[key] > tol:
                 failures.append(f"{case['name']} {key}: {errors[key]:.2e} > {tol:.0e}")
         report[case["name"]] = {"tolerance": tol, "max_rel": max(errors.values()),
                                 "per_key": errors,
