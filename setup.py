@@ -15,6 +15,8 @@ HAS_KERNELS = (Path(__file__).parent / "kernels" / "__init__.py").is_file()
 
 PACKAGE_DATA = {
     "mtp": ["py.typed"],  # PEP 561: the package's annotations are for type checkers
+    # the demo's trained pair (release-format shards, ~5.4 MiB) and its held-out prompts
+    "mtp.demo": ["data/*.json", "data/tiny_pair/*"],
     # the CUDA source that mtp_kernels.moe_cuda hands to NVRTC at run time
     "mtp_kernels": ["*.cu"],
 }

@@ -64,8 +64,8 @@ def test_demo_loads_what_it_wrote_and_drafts(capsys):
 
 
 def test_demo_command_prints_drafts_with_timings(capsys):
-    code, out, err = run(capsys, "demo", "--seqs", "2", "--rounds", "1", "-k", "2",
-                         "--temperature", "0.8")
+    code, out, err = run(capsys, "demo", "--random-checkpoint", "--seqs", "2", "--rounds", "1",
+                         "-k", "2", "--temperature", "0.8")
     assert code == EXIT_OK and err == ""
     assert "sampled at temperature 0.8" in out and " ms" in out
     assert out.count("->  drafts [") == 2
@@ -79,23 +79,28 @@ def snapshot(folder) -> dict[str, tuple[int, int]]:
 def test_demo_refuses_a_folder_holding_a_checkpoint_and_overwrite_replaces_it(capsys, tmp_path):
     folder = write_tiny_checkpoint(tmp_path / "ckpt")
     before = snapshot(folder)
-    code, _, err = run(capsys, "demo", "--out", folder)
+    code, _, err = run(capsys, "demo", "--random-checkpoint", "--out", folder)
     assert code == EXIT_ERROR and snapshot(folder) == before
     # names the CLI's own flag, not the Python argument behind it
     assert_one_line_error(err, "mtp demo", "already holds checkpoint files", "--overwrite")
     assert "overwrite=True" not in err
-    code, out, err = run(capsys, "demo", "--out", folder, "--overwrite", "--rounds", "1")
+    code, out, err = run(capsys, "demo", "--random-checkpoint", "--out", folder, "--overwrite",
+                         "--rounds", "1")
     assert code == EXIT_OK and err == "" and "round 1" in out
     assert snapshot(folder).keys() == before.keys() and snapshot(folder) != before
-    code, _, err = run(capsys, "demo", "--overwrite")  # nothing to overwrite without --out
+    code, _, err = run(capsys, "demo", "--random-checkpoint", "--overwrite")  # without --out
     assert code == EXIT_USAGE
     assert_one_line_error(err, "mtp demo", "--overwrite goes with --out DIR")
+    after = snapshot(folder)
+    code, _, err = run(capsys, "demo", "--out", folder)  # the trained pair's demo writes none
+    assert code == EXIT_USAGE and snapshot(folder) == after
+    assert_one_line_error(err, "mtp demo", "--out and --overwrite go with --random-checkpoint")
 
 
 def test_demo_out_that_is_a_file_is_named_plainly(capsys, tmp_path):
     path = tmp_path / "a-file"
     path.write_text("keep me")
-    code, _, err = run(capsys, "demo", "--out", str(path))
+    code, _, err = run(capsys, "demo", "--random-checkpoint", "--out", str(path))
     assert code == EXIT_ERROR and path.read_text() == "keep me"
     assert_one_line_error(err, "mtp demo", f"--out {path}: exists and is not a folder")
     assert "Errno" not in err
@@ -106,7 +111,7 @@ def test_demo_out_that_is_a_file_is_named_plainly(capsys, tmp_path):
 @pytest.mark.parametrize("command", ["demo", "bench"])
 def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(capsys, tmp_path,
                                                                          command):
-    out = ["--out", str(tmp_path / "out")] if command == "demo" else []
+    out = ["--random-checkpoint", "--out", str(tmp_path / "out")] if command == "demo" else []
     code, stdout, err = run(capsys, command, "--device", "cuda", *out)
     assert code == EXIT_ERROR and stdout == ""
     assert_one_line_error(err, f"mtp {command}", "--device cuda: CUDA is not available",
@@ -320,7 +325,8 @@ def test_the_installed_console_script_runs_the_demo():
     """A real process through the entry point pip installed (pyproject: mtp = mtp.cli:main)."""
     script = os.path.join(os.path.dirname(sys.executable), "mtp")
     assert os.path.isfile(script), f"no console script at {script}: run `pip install -e .`"
-    done = subprocess.run([script, "demo", "--seqs", "2", "--rounds", "1"], capture_output=True,
+    done = subprocess.run([script, "demo", "--random-checkpoint", "--seqs", "2", "--rounds", "1"],
+                          capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == EXIT_OK, done.stderr
     assert "round 1" in done.stdout and done.stdout.count("->  drafts [") == 2
