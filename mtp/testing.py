@@ -63,7 +63,7 @@ def init_random_(model: DeepSeekV4MTP, seed: int = 0) -> DeepSeekV4MTP:
         torch.int8
     """
     # On the model's device: full-size models fill in seconds on a GPU (minutes on a CPU). The
-    # values depend on the device's generator (CPU and CUDA streams differ), not on the rank.
+    # values depend on the device type (CPU and CUDA generators differ), not on the rank.
     gen = torch.Generator(device=model.model.embed_tokens.weight.device).manual_seed(seed)
     cfg = model.config
     done: set[int] = set()
