@@ -247,10 +247,11 @@ BAD = {
     "row counts length": (_with(num_rows_per_seq=[3]), ValueError,
                           "1 counts for 2 sequences"),
     "zero rows": (_with(num_rows_per_seq=[3, 0]), ValueError, r"num_rows_per_seq\[1\]"),
-    "bad temperature": (_with(sampling=Sampling(temperature=-1.0)), ValueError,
-                        "Sampling.temperature: -1.0 is out of range"),
-    "bad top_p": (_with(sampling=Sampling(temperature=1.0, top_p=0.0)), ValueError,
-                  "Sampling.top_p: 0.0 is out of range"),
+    # (scalar settings out of range are refused when the Sampling is built)
+    "bad temperature": (_with(sampling=Sampling(temperature=torch.tensor([-1.0, 1.0]))),
+                        ValueError, "Sampling.temperature: value -1.0 is out of range"),
+    "bad top_p": (_with(sampling=Sampling(temperature=1.0, top_p=torch.tensor([0.0, 1.0]))),
+                  ValueError, "Sampling.top_p: value 0.0 is out of range"),
     "per-sequence temperature of the wrong length": (
         _with(sampling=Sampling(temperature=torch.ones(3))), ValueError, r"\[2\]"),
     "not a Sampling": (_with(sampling={"temperature": 1.0}), TypeError, "mtp.sampling.Sampling"),

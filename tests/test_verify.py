@@ -240,14 +240,17 @@ def test_sampled_tokens_follow_q_and_use_only_the_generator():
 
 def test_sampling_refuses_bad_settings():
     logits = torch.randn(2, 5)
-    for bad, message in ((Sampling(temperature=float("nan")), "temperature: nan"),
-                         (Sampling(temperature=1.0, top_p=1.5), "top_p: 1.5"),
-                         (Sampling(temperature="hot"), "expected a float"),
-                         (Sampling(temperature=torch.ones(2, 1)), r"\[2\]"),
-                         (Sampling(temperature=torch.tensor([1.0, -1.0])), "temperature: value -1"),
-                         (Sampling(temperature=1.0, generator=0), "torch.Generator")):
+    # scalars and the generator's type are refused when the Sampling is built, tensors [S]
+    # when it meets the logits
+    for bad, message in ((lambda: Sampling(temperature=float("nan")), "temperature: nan"),
+                         (lambda: Sampling(temperature=1.0, top_p=1.5), "top_p: 1.5"),
+                         (lambda: Sampling(temperature="hot"), "expected a float"),
+                         (lambda: Sampling(temperature=torch.ones(2, 1)), r"\[2\]"),
+                         (lambda: Sampling(temperature=torch.tensor([1.0, -1.0])),
+                          "temperature: value -1"),
+                         (lambda: Sampling(temperature=1.0, generator=0), "torch.Generator")):
         with pytest.raises((ValueError, TypeError), match=message):
-            sample(logits, bad)
+            sample(logits, bad())
 
 
 # ---- acceptance statistics ---------------------------------------------------------------------
