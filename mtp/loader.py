@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -35,8 +34,9 @@ from dataclasses import dataclass, field
 import torch
 
 from . import remap
+from .checkpoint.files import MAX_CONFIG, MAX_INDEX, load_json
 from .config import FP8_BLOCK, REFERENCE_KEYS, MTPConfig
-from .hub import INDEX, SINGLE, Repo, looks_like_repo_id
+from .hub import INDEX, SINGLE, Repo, check_revision, local_path_problem
 from .model import DeepSeekV4MTP, Numerics
 from .quant import WeightFormat
 from .shards import (
@@ -46,6 +46,7 @@ from .shards import (
     Progress,
     ShardReader,
     TensorInfo,
+    check_finite,
     check_little_endian,
     read_header,
 )
@@ -107,7 +108,7 @@ class _Source:
         for file in files:
             if self.repo is not None:
                 self.repo.fetch(file)
-            elif not os.path.isfile(self.path(file)):
+            elif not os.path.exists(self.path(file)):
                 names = sorted(e.name for e in self.entries if e.file == file)
                 raise CheckpointError(
                     f"{self.where}: shard {file} is missing; the index puts {len(names)} needed "
@@ -126,11 +127,7 @@ def _read_index(path: str) -> tuple[list[_Entry], list[str]]:
             out[k] = v
         return out
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f, object_pairs_hook=no_duplicates)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    index = load_json(path, "the index", MAX_INDEX, object_pairs_hook=no_duplicates)
     wm = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
         raise CheckpointError(f"{path}: no weight_map of tensor name -> shard file")
@@ -143,12 +140,13 @@ def _read_index(path: str) -> tuple[list[_Entry], list[str]]:
 def _open(where, *, revision=None, cache_dir=None, token=None, local_files_only=False,
           tqdm_class=None) -> _Source:
     where = os.fspath(where)
+    check_revision(revision)
     repo = None
-    if os.path.isdir(where):
+    if os.path.isdir(os.path.expanduser(where)):
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to Hub repos; {where!r} is a local "
                              f"folder")
-        folder = where
+        folder = os.path.expanduser(where)
         present = set(os.listdir(folder))
         if "config.json" not in present:
             raise CheckpointError(f"{where}: no config.json; copy the model's config.json there")
@@ -158,7 +156,9 @@ def _open(where, *, revision=None, cache_dir=None, token=None, local_files_only=
         if layout is None:
             raise CheckpointError(f"{where}: no {INDEX}, {SINGLE} or model{{r}}-mp{{N}}."
                                   f"safetensors files: not a safetensors checkpoint folder")
-    elif looks_like_repo_id(where):
+    elif (problem := local_path_problem(where)) is not None:
+        raise FileNotFoundError(problem)
+    else:
         repo = Repo(where, revision=revision, cache_dir=cache_dir, token=token,
                     local_files_only=local_files_only, tqdm_class=tqdm_class)
         repo.fetch("config.json")
@@ -172,13 +172,7 @@ def _open(where, *, revision=None, cache_dir=None, token=None, local_files_only=
             raise CheckpointError(f"{where}: neither {INDEX} nor {SINGLE} found{cache} (per-rank "
                                   f"model{{r}}-mp{{N}} files are read from local folders only)")
         present = set()
-    else:
-        raise FileNotFoundError(f"{where!r} is neither a folder nor a Hub repo id (owner/name)")
-    try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            raw_config = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{where}: config.json is not valid JSON ({e})") from None
+    raw_config = load_json(os.path.join(folder, "config.json"), "config.json", MAX_CONFIG)
     if not isinstance(raw_config, dict):
         raise CheckpointError(f"{where}: config.json is not a JSON object")
     src = _Source(where, folder, layout, raw_config, [], [], repo)
@@ -344,7 +338,7 @@ def _analyse(src: _Source, *, dtype: torch.dtype, embed_given: bool = False,
     for file in an.needed():
         if file in src.headers:
             an.headers[file] = src.headers[file]
-        elif os.path.isfile(src.path(file)):
+        elif os.path.exists(src.path(file)):
             try:
                 an.headers[file] = read_header(src.path(file))
             except CheckpointError as e:
@@ -805,6 +799,7 @@ def load_state(path_or_repo_id, *, rank: int, world_size: int, device="cpu",
                 sl = region_slices(inter, d.region)
                 part = handles[d.info.file].get_slice(d.entry.name)[
                     sl[1:] if d.target.expert is not None else sl]
+                check_finite(part, d.info)
                 dest.copy_(part)
                 nbytes += part.numel() * part.element_size()
     finally:

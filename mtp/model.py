@@ -42,6 +42,7 @@ from torch import nn
 from . import ops
 from .cache import KVCache, WindowIndex, call_window
 from .config import FP8_BLOCK, KV_FP8_BLOCK, MTPConfig
+from .memory import check_parameters
 from .quant import WeightFormat, dequantize, fp8_simulate, scale_dtype
 
 # float64 is for verification: the same code, comparable tightly with the float64 reference.
@@ -400,6 +401,10 @@ class DeepSeekV4MTP(nn.Module):
         self.weight_format = weight_format or WeightFormat.released()
         self.dtype = dtype
         self.numerics = numerics or Numerics()
+        check_parameters(config, self.weight_format, dtype, device, skip=tuple(
+            n for n, t in (("model.embed_tokens.weight", embed_tokens),
+                           (f"model.layers.{config.num_hidden_layers}.shared_head.head.weight",
+                            head)) if t is not None))
         self.model = DeepSeekV4MultiTokenPredictor(config, self.weight_format, dtype, device,
                                                    embed_tokens, head)
 

@@ -1,21 +1,25 @@
 """safetensors shard files: header parsing and checks, and parallel block reads.
 
 The loader's file-format half: :func:`read_header` validates a header without reading tensor
-data (dtypes, byte counts, bounds, overlaps); :class:`ShardReader` copies stored tensors into
-destination views in blocks that a few threads read with ``os.preadv``, so peak host memory
-stays at a few 16 MiB staging buffers beyond the destination.
+data (dtypes, byte counts, bounds; tensors tiling the data exactly, no duplicate key), at least
+as strictly as safetensors itself; :class:`ShardReader` copies stored tensors into destination
+views in blocks that a few threads read with ``os.preadv``, so peak host memory stays at a few
+16 MiB staging buffers beyond the destination, and refuses non-finite values on the way.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from .checkpoint.errors import CheckpointError
+from .checkpoint.files import open_regular, parse_json
 
 # safetensors dtype code -> how the module holds it (F4: two e2m1 codes a byte, held as int8)
 DTYPES: dict[str, torch.dtype] = {
@@ -24,18 +28,10 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu, "F4": torch.int8,
 }
-MAX_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
+MAX_HEADER = 100_000_000  # the safetensors format's own limit on the JSON header
 CHUNK = 16 << 20  # bytes per read: threads share big tensors, staging buffers stay small
 DAMAGED = "the file is damaged: download or write it again"
 PLAIN = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint the loader refuses; ``problems`` lists each reason (also in the message)."""
-
-    def __init__(self, message: str, problems: list[str] | None = None):
-        super().__init__(message)
-        self.problems = problems or [message]
 
 
 
@@ -48,6 +44,7 @@ class TensorInfo:
     shape: tuple[int, ...]  # as in the header (F4 counts FP4 elements)
     begin: int
     end: int
+    name: str = ""  # the tensor's key in the header
 
     @property
     def storage_shape(self) -> tuple[int, ...]:
@@ -61,19 +58,36 @@ class TensorInfo:
         return self.end - self.begin
 
 
+def _no_duplicate_keys(name: str):
+    def hook(pairs):
+        out: dict = {}
+        for k, v in pairs:
+            if k in out:
+                raise CheckpointError(f"{name}: the header lists {k!r} twice (a reader would "
+                                      f"silently keep one of them); {DAMAGED}")
+            out[k] = v
+        return out
+    return hook
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def read_header(path: str) -> dict[str, TensorInfo]:
     """Parse and check a safetensors header: every dtype known, every byte count consistent
-    with its shape, every tensor inside the file, none overlapping. Raises CheckpointError
-    naming the file and the damage.
+    with its shape, no key listed twice, and the tensors tiling the data section exactly (no
+    hole, no overlap, nothing after the last one), as safetensors' own reader requires. Only
+    regular files are opened. Raises CheckpointError naming the file and the damage.
 
     Example:
         >>> read_header("model-00046-of-00046.safetensors")["mtp.0.hc_head_base"]   # doctest: +SKIP
         TensorInfo(file='model-00046-of-00046.safetensors', dtype='F32', shape=(4,), ...)
     """
     name = os.path.basename(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
+    fd, size = open_regular(path, "a safetensors shard")
+    try:
+        head = os.pread(fd, 8, 0)
         if len(head) < 8:
             raise CheckpointError(f"{name}: {size} bytes is too short for a safetensors file; "
                                   f"{DAMAGED}")
@@ -81,21 +95,23 @@ def read_header(path: str) -> dict[str, TensorInfo]:
         if n > min(size - 8, MAX_HEADER):
             raise CheckpointError(f"{name}: its header claims {n} bytes but the file has {size} "
                                   f"(truncated, or not safetensors); {DAMAGED}")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{name}: the header is not valid JSON ({e}); {DAMAGED}") from None
-    header.pop("__metadata__", None)
+        raw = os.pread(fd, n, 8)
+    finally:
+        os.close(fd)
+    header = parse_json(raw, name, "the header", object_pairs_hook=_no_duplicate_keys(name))
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{name}: the header is not a JSON object; {DAMAGED}")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict)
+                                 and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{name}: __metadata__ must map strings to strings; {DAMAGED}")
     data = 8 + n
     infos: dict[str, TensorInfo] = {}
     for key, entry in header.items():
         try:
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), \
                 entry["data_offsets"]
-            ints = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end))
+            ints = all(_is_count(v) for v in (*shape, begin, end))
         except (KeyError, TypeError, ValueError):
             ints = False
         if not ints or begin > end:
@@ -111,13 +127,61 @@ def read_header(path: str) -> dict[str, TensorInfo]:
         if data + end > size:
             raise CheckpointError(f"{name} is truncated: tensor {key} ends at byte {data + end} "
                                   f"but the file has {size} bytes; {DAMAGED}")
-        infos[key] = TensorInfo(name, dtype, shape, data + begin, data + end)
-    spans = sorted((i.begin, i.end, k) for k, i in infos.items() if i.end > i.begin)
-    for (_, e0, k0), (b1, _, k1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise CheckpointError(f"{name}: tensors {k0} and {k1} overlap; {DAMAGED}")
+        infos[key] = TensorInfo(name, dtype, shape, data + begin, data + end, key)
+    # The tensors tile the data section in offset order, as safetensors' reader requires.
+    at, last = data, None
+    for begin, end, key in sorted((i.begin, i.end, k) for k, i in infos.items()):
+        if begin < at:
+            raise CheckpointError(f"{name}: tensors {last} and {key} overlap; {DAMAGED}")
+        if begin > at:
+            raise CheckpointError(f"{name}: {begin - at} byte(s) before tensor {key} belong to "
+                                  f"no tensor (a hole in the data); {DAMAGED}")
+        at, last = end, key
+    if at != size:
+        raise CheckpointError(f"{name}: {size - at} byte(s) after the last tensor belong to no "
+                              f"tensor (trailing data); {DAMAGED}")
     return infos
 
+
+# Stored dtype -> (bits, lowest non-finite pattern of a positive value): with the sign bit
+# clear, a float is NaN or infinite when its bits are at least the all-ones exponent (for e4m3fn,
+# which has no infinity, the NaN code 0x7F; E8M0 has no sign bit and one NaN code, 0xFF).
+_NON_FINITE = {"F64": (64, 0x7FF0_0000_0000_0000), "F32": (32, 0x7F80_0000),
+               "F16": (16, 0x7C00), "BF16": (16, 0x7F80), "F8_E4M3": (8, 0x7F),
+               "F8_E5M2": (8, 0x7C), "F8_E8M0": (8, 0xFF)}
+_INTS = {8: (np.int8, np.uint8), 16: (np.int16, np.uint16), 32: (np.int32, np.uint32),
+         64: (np.int64, np.uint64)}
+
+
+def _nonfinite(stored: torch.Tensor, dtype: str) -> bool:
+    """Whether the stored bytes (CPU, the header's dtype) hold a NaN or an infinity, from
+    their bit patterns with two read-only max reductions: read as signed integers, only a
+    positive non-finite value reaches the positive threshold; read as unsigned, only a negative
+    one reaches the threshold with the sign bit set. numpy, not torch: single-threaded
+    reductions cost no thread wake-ups, which under a loaded CPU made torch's parallel ones
+    slower than the read itself. Integers and packed FP4 (e2m1: no NaN, no infinity) have
+    nothing to check."""
+    if dtype not in _NON_FINITE or not stored.numel():
+        return False
+    bits, positive = _NON_FINITE[dtype]
+    signed, unsigned = _INTS[bits]
+    raw = stored.reshape(-1).view(torch.uint8).numpy()
+    if dtype == "F8_E8M0":
+        return int(raw.max()) >= positive
+    negative = positive | 1 << (bits - 1)
+    return int(raw.view(signed).max()) >= positive or int(raw.view(unsigned).max()) >= negative
+
+
+def check_finite(stored: torch.Tensor, info: TensorInfo, r0: int = 0, r1: int | None = None,
+                 ) -> None:
+    """Raise CheckpointError naming the tensor when ``stored`` (rows ``[r0, r1)`` of it, as
+    stored) holds a NaN or an infinity: a damaged or badly converted checkpoint, whose every
+    draft would be garbage."""
+    if stored.numel() and _nonfinite(stored, info.dtype):
+        rows = "" if r1 is None else f" (rows {r0}..{r1 - 1})"
+        raise CheckpointError(f"{info.file}: tensor {info.name}{rows} holds NaN or infinite "
+                              f"{info.dtype} values; the checkpoint is damaged or was converted "
+                              f"wrongly: download or convert it again")
 
 
 class Progress:
@@ -159,7 +223,8 @@ class ShardReader:
 
     def open(self, file: str) -> None:
         if file not in self.fds:
-            self.fds[file] = os.open(os.path.join(self.folder, file), os.O_RDONLY)
+            self.fds[file], _ = open_regular(os.path.join(self.folder, file),
+                                             "a safetensors shard")
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -190,6 +255,7 @@ class ShardReader:
         out = dest[r0:r1]
         if out.device.type == "cpu" and out.dtype == stored and out.is_contiguous():
             self._read(info, offset, out)  # same bytes, same dtype: no conversion, no copy
+            check_finite(out, info, r0, r1)
             return n
         buffer = getattr(self.local, "buffer", None)
         if buffer is None or buffer.numel() < n:
@@ -197,6 +263,7 @@ class ShardReader:
                                  pin_memory=out.device.type == "cuda")
             self.local.buffer = buffer
         self._read(info, offset, buffer[:n])
+        check_finite(buffer[:n].view(stored), info, r0, r1)
         out.copy_(buffer[:n].view(stored).view((r1 - r0,) + tuple(shape[1:])))
         return n
 

@@ -4,8 +4,10 @@ checkpoint's names (for the independent float64 reference in ``reference.py``)."
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
+import pytest
 import torch
 from hypothesis import settings
 
@@ -106,3 +108,21 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> str:
+    """The tiny release-layout checkpoint of ``test_loader.make()`` (do not damage it)."""
+    from test_loader import LAYOUTS, make
+
+    from mtp.export import write_checkpoint
+
+    folder = tmp_path_factory.mktemp("pristine") / "ckpt"
+    write_checkpoint(make(), folder, **LAYOUTS["release"])
+    return str(folder)
+
+
+@pytest.fixture
+def folder(tmp_path, pristine) -> str:
+    """A fresh copy of ``pristine``, free to damage."""
+    return shutil.copytree(pristine, tmp_path / "ckpt")

@@ -9,8 +9,11 @@ import pkgutil
 import pytest
 
 import mtp
+import mtp.checkpoint
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(mtp.__path__, "mtp."))
+MODULES = sorted([m.name for m in pkgutil.iter_modules(mtp.__path__, "mtp.")]
+                 + [m.name for m in pkgutil.iter_modules(mtp.checkpoint.__path__,
+                                                         "mtp.checkpoint.")])
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -40,19 +39,6 @@ def make(cfg=None, fmt=None, dtype=torch.float32, seed=0) -> DeepSeekV4MTP:
     if key not in _MODELS:
         _MODELS[key] = init_random_(DeepSeekV4MTP(cfg, weight_format=fmt, dtype=dtype), seed=seed)
     return _MODELS[key]
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("pristine") / "ckpt"
-    write_checkpoint(make(), folder, **LAYOUTS["release"])
-    return str(folder)
-
-
-@pytest.fixture
-def folder(tmp_path, pristine) -> str:
-    """A fresh copy of the tiny release-layout checkpoint of ``make()``, free to damage."""
-    return shutil.copytree(pristine, tmp_path / "ckpt")
 
 
 def written(tmp_path, model, **kw) -> str:
