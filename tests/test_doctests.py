@@ -9,11 +9,8 @@ import pkgutil
 import pytest
 
 import mtp
-import mtp.checkpoint
 
-MODULES = sorted([m.name for m in pkgutil.iter_modules(mtp.__path__, "mtp.")]
-                 + [m.name for m in pkgutil.iter_modules(mtp.checkpoint.__path__,
-                                                         "mtp.checkpoint.")])
+MODULES = sorted(m.name for m in pkgutil.walk_packages(mtp.__path__, "mtp."))
 
 
 @pytest.mark.parametrize("name", MODULES)
