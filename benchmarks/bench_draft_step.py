@@ -40,7 +40,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mtp import DeepSeekV4MTP, KVCache, MTPConfig  # noqa: E402
-from mtp.model import Experts, Linear  # noqa: E402
+from mtp.facts import facts_of  # noqa: E402
+from mtp.testing import draw  # noqa: E402
 
 ROT = 4  # input sets rotated through, so no repeat reads the same inputs from cache
 
@@ -63,60 +64,37 @@ def _import_kernels():
 # ---- random weights in the stored formats, made on the GPU ----------------------------------
 @torch.no_grad()
 def init_random_gpu_(model: DeepSeekV4MTP, seed: int = 0) -> DeepSeekV4MTP:
-    """Like ``mtp.testing.init_random_`` (same scales), generated on the model's device."""
+    """Like ``mtp.testing.init_random_`` (the same scales, read from each parameter's
+    ``ParamFacts.init``), generated on the model's device; quantised weights get random codes
+    under one power-of-two scale instead of a float draw quantised (much faster at full size)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    cfg = model.config
 
     def randn(shape, std):
         return torch.randn(shape, generator=g, device="cuda") * std
 
-    done = set()
-    for mod in model.modules():
-        if isinstance(mod, Linear):
-            out_f, in_f = mod.weight.shape
-            if mod.storage == "fp8":
-                # e4m3 codes ~ N(0, 64^2), one power-of-two scale so that W ~ N(0, 1/in)
-                mod.weight.copy_(randn(mod.weight.shape, 64.0).clamp(-448, 448))
-                b = 127 + round(math.log2(in_f ** -0.5 / 64.0))
-                mod.weight_scale_inv.view(torch.uint8).fill_(b)
-            else:
-                mod.weight.copy_(randn(mod.weight.shape, in_f ** -0.5))
-            done.update(id(p) for p in mod.parameters())
-        elif isinstance(mod, Experts):
-            assert mod.storage == "fp4", "benchmark: released format only"
-            for name in ("w13_weight", "w2_weight"):
-                w = getattr(mod, name)
-                w.copy_(torch.randint(-128, 128, w.shape, generator=g, device="cuda",
-                                      dtype=torch.int8))
-                in_f = w.shape[-1] * 2
-                b = 127 + round(math.log2(in_f ** -0.5 / 2.93))  # rms of a uniform e2m1 code
-                getattr(mod, name + "_scale").view(torch.uint8).fill_(b)
-            done.update(id(p) for p in mod.parameters())
-    for name, p in model.named_parameters():
-        if id(p) in done:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        parent = name.rsplit(".", 2)[-2]
-        if name.endswith("norm.weight"):
-            p.copy_(1.0 + randn(p.shape, 0.1))
-        elif parent == "embed_tokens":
-            p.copy_(randn(p.shape, 1.0))
-        elif parent == "head":
-            p.copy_(randn(p.shape, cfg.hidden_size ** -0.5))
-        elif leaf.endswith("_fn"):
-            p.copy_(randn(p.shape, p.shape[1] ** -0.5))
-        elif leaf.endswith("_base"):
-            p.copy_(randn(p.shape, 0.5))
-        elif leaf.endswith("_scale"):
-            p.copy_(0.5 + torch.rand(p.shape, generator=g, device="cuda"))
-        elif leaf == "attn_sink":
-            p.copy_(randn(p.shape, 1.0))
-        elif parent == "gate" and leaf == "weight":
-            p.copy_(randn(p.shape, cfg.hidden_size ** -0.5))
-        elif leaf == "e_score_correction_bias":
-            p.copy_(randn(p.shape, 0.1))
+    def rand(shape):
+        return torch.rand(shape, generator=g, device="cuda")
+
+    facts, params, fmt = facts_of(model), dict(model.named_parameters()), model.weight_format
+    for name, p in params.items():
+        f = facts[name]
+        weight = params.get(name.rsplit(".", 1)[0] + "." + f.scale_of) if f.scale_of else None
+        storage = getattr(fmt, f.format) if f.format is not None and weight is None else None
+        if weight is not None:
+            in_f = weight.shape[-1] * (2 if fmt.experts == "fp4" and f.stacked else 1)
+            if p.dtype == torch.float32:
+                raise AssertionError("benchmark: E8M0 scales (the released format) only")
+            # one power-of-two scale so that W ~ N(0, 1/in): e4m3 codes ~ N(0, 64^2), uniform
+            # e2m1 codes have rms 2.93
+            code_rms = 2.93 if fmt.experts == "fp4" and f.stacked else 64.0
+            p.view(torch.uint8).fill_(127 + round(math.log2(in_f ** -0.5 / code_rms)))
+        elif storage == "fp8":
+            p.copy_(randn(p.shape, 64.0).clamp(-448, 448))
+        elif storage == "fp4":
+            p.copy_(torch.randint(-128, 128, p.shape, generator=g, device="cuda",
+                                  dtype=torch.int8))
         else:
-            raise AssertionError(f"no rule for {name}")
+            p.copy_(draw(f.init, tuple(p.shape), randn, rand))
     return model
 
 

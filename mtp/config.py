@@ -102,6 +102,21 @@ def check_key(key: str, value: object) -> None:
         raise ValueError(f"MTPConfig.{key}: {value!r} {problem}")
 
 
+# What a DSpark drafter is (found from config keys or from its tensors: one message).
+DSPARK = ("a DSpark drafter (DeepSeek-V4-Flash-0731 / -Pro-0813: three blocks under "
+          "mtp.{0,1,2}, no e_proj/hnorm), not a V4 MTP layer; mtp implements only the MTP layer "
+          "of the original V4 releases")
+
+
+class NotAnMTPLayer(ValueError):
+    """A config that is not a V4 MTP drafter at all: ``kind`` "dspark" (a DSpark drafter) or
+    "no-mtp" (a model without MTP layers)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
 # Reference-code key -> Hugging Face key (every translation lives here).
 REFERENCE_KEYS: dict[str, str] = {
     "dim": "hidden_size",
@@ -238,12 +253,11 @@ class MTPConfig:
         """Build from a ``config.json`` dict (Hugging Face or reference keys).
 
         Unknown keys are ignored (a full model config has many); a missing required key raises.
+        A DSpark drafter or a model without MTP layers raises :class:`NotAnMTPLayer`.
         """
         dspark = sorted(k for k in raw if k.startswith("dspark"))
         if dspark:
-            raise ValueError(
-                f"config has {dspark[:3]}: this is a DSpark drafter (DeepSeek-V4-*-0731/0813), "
-                "not a V4 MTP layer; mtp implements only the MTP layer of the original releases")
+            raise NotAnMTPLayer("dspark", f"config has {dspark[:3]}: this is {DSPARK}")
         data = {REFERENCE_KEYS.get(k, k): v for k, v in raw.items()}
         names = {f.name for f in dataclasses.fields(cls)}
         required = ("hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads",
@@ -256,8 +270,8 @@ class MTPConfig:
         kwargs = {k: v for k, v in data.items() if k in names and k != "mtp_compress_ratios"}
         n_mtp = data.get("num_nextn_predict_layers", 1)
         if n_mtp == 0 and not isinstance(n_mtp, bool):
-            raise ValueError("config.num_nextn_predict_layers is 0: this model has no MTP layer "
-                             "to draft with")
+            raise NotAnMTPLayer("no-mtp", "config.num_nextn_predict_layers is 0: this model has "
+                                "no MTP layer to draft with")
         for key in ("num_nextn_predict_layers", "num_hidden_layers"):  # used just below
             check_key(key, data.get(key, 1))
         ratios = data.get("compress_ratios")

@@ -16,7 +16,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
+from collections.abc import Collection
 
 import torch
 
@@ -53,16 +56,27 @@ def check_fits(nbytes: int, device, what: str, driven_by: str) -> None:
 
 
 def parameter_bytes(config, weight_format=None, dtype: torch.dtype = torch.bfloat16,
-                    skip: tuple[str, ...] = ()) -> tuple[int, str]:
+                    shared: Collection[str] = ()) -> tuple[int, str]:
     """(bytes of every parameter of the module ``config`` builds, the largest parameter with
     its shape and the config keys whose values appear in that shape). Exact: the module is
-    built on the meta device, which allocates nothing. ``skip``: parameter names the caller
-    supplies (a shared embedding or head)."""
+    built on the meta device, which allocates nothing. ``shared``: the tables the caller
+    supplies (``"embed_tokens"``, ``"head"``: :attr:`~mtp.facts.ParamFacts.shared`)."""
+    return _parameter_bytes(dataclasses.astuple(config), weight_format, dtype,
+                            frozenset(shared))
+
+
+@functools.lru_cache(maxsize=64)  # building a module again with the same config costs nothing
+def _parameter_bytes(cfg_key: tuple, weight_format, dtype: torch.dtype,
+                     shared: frozenset[str]) -> tuple[int, str]:
+    from .config import MTPConfig
+    from .facts import facts_of
     from .model import DeepSeekV4MTP  # deferred: the model imports this module
 
+    config = MTPConfig(*cfg_key)
     meta = DeepSeekV4MTP(config, weight_format=weight_format, dtype=dtype, device="meta")
+    facts = facts_of(meta)
     sizes = {name: p.numel() * p.element_size() for name, p in meta.named_parameters()
-             if name not in skip}
+             if facts[name].shared not in shared}
     if not sizes:
         return 0, ""
     name = max(sizes, key=sizes.get)
@@ -74,11 +88,11 @@ def parameter_bytes(config, weight_format=None, dtype: torch.dtype = torch.bfloa
     return sum(sizes.values()), largest
 
 
-def check_parameters(config, weight_format, dtype, device, skip: tuple[str, ...] = ()) -> None:
+def check_parameters(config, weight_format, dtype, device, shared: Collection[str] = ()) -> None:
     """:func:`check_fits` for the parameters of the module ``config`` builds on ``device``."""
     if torch.device(device if device is not None else "cpu").type == "meta":
         return
-    nbytes, largest = parameter_bytes(config, weight_format, dtype, skip)
+    nbytes, largest = parameter_bytes(config, weight_format, dtype, shared)
     check_fits(nbytes, device, "the module's parameters",
                f"the largest is {largest}; check config.json")
 

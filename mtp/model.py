@@ -42,6 +42,7 @@ from torch import nn
 from . import ops
 from .cache import KVCache, WindowIndex, call_window
 from .config import FP8_BLOCK, KV_FP8_BLOCK, MTPConfig
+from .facts import Init, ParamFacts, TPSplit, adopt, declare
 from .memory import check_parameters
 from .quant import WeightFormat, dequantize, fp8_simulate, scale_dtype
 
@@ -50,8 +51,15 @@ COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _ATTN_CHUNK = 256  # rows per attention chunk: bounds the gathered keys to 256 x W x Dh.
 
 
-def _param(shape, dtype, device) -> nn.Parameter:
-    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+# Facts of the parameters declared in more than one place (see mtp/facts.py).
+NORM = ParamFacts(init=Init("one_plus_normal", 0.1))
+HC_FN, HC_BASE = ParamFacts(init=Init("fan_in")), ParamFacts(init=Init("normal", 0.5))
+HC_SCALE = ParamFacts(init=Init("offset_uniform", 0.5))
+
+
+def _weight(field: str, **facts) -> ParamFacts:
+    """A weight whose stored format is WeightFormat field ``field`` (N(0, 1/in) in tests)."""
+    return ParamFacts(field, init=Init("fan_in"), **facts)
 
 
 @dataclass
@@ -96,7 +104,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         # float32 like the reference; the checkpoint's bf16 values convert exactly.
-        self.weight = _param((dim,), torch.float32, device)
+        declare(self, "weight", (dim,), torch.float32, device, NORM)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)
@@ -107,16 +115,18 @@ class Linear(nn.Module):
 
     The pure-PyTorch path dequantises it per call (:meth:`dequantized`)."""
 
-    def __init__(self, in_features: int, out_features: int, storage: str, scale_kind: str,
-                 dtype: torch.dtype, device=None):
+    def __init__(self, in_features: int, out_features: int, fmt: WeightFormat,
+                 facts: ParamFacts, dtype: torch.dtype, device=None):
         super().__init__()
-        self.storage = storage
-        if storage == "fp8":
-            self.weight = _param((out_features, in_features), torch.float8_e4m3fn, device)
+        self.storage = getattr(fmt, facts.format)
+        shape = (out_features, in_features)
+        if self.storage == "fp8":
+            declare(self, "weight", shape, torch.float8_e4m3fn, device, facts)
             blocks = (-(-out_features // FP8_BLOCK), -(-in_features // FP8_BLOCK))
-            self.weight_scale_inv = _param(blocks, scale_dtype(scale_kind), device)
+            declare(self, "weight_scale_inv", blocks, scale_dtype(fmt.dense_scale), device,
+                    facts.scale("dense_scale"))
         else:
-            self.weight = _param((out_features, in_features), dtype, device)
+            declare(self, "weight", shape, dtype, device, facts)
             self.weight_scale_inv = None
 
     def dequantized(self) -> torch.Tensor:
@@ -136,13 +146,19 @@ class Attention(nn.Module):
         h, dh, q, g, o = (cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank, cfg.o_groups,
                           cfg.o_lora_rank)
         d = cfg.hidden_size
-        self.fused_wqa_wkv = Linear(d, q + dh, fmt.dense, fmt.dense_scale, dtype, device)
+        # wq_a rows then wkv rows; a tensor-parallel rank takes whole heads of wq_b, whole
+        # groups of wo_a and the matching columns of wo_b, and its heads' sinks.
+        self.fused_wqa_wkv = Linear(d, q + dh, fmt, _weight("dense", fused=(
+            "q_lora_rank", "head_dim")), dtype, device)
         self.q_norm = RMSNorm(q, cfg.rms_norm_eps, device)
-        self.wq_b = Linear(q, h * dh, fmt.dense, fmt.dense_scale, dtype, device)
+        self.wq_b = Linear(q, h * dh, fmt, _weight("dense", tp=TPSplit(0, "head_dim")), dtype,
+                           device)
         self.kv_norm = RMSNorm(dh, cfg.rms_norm_eps, device)
-        self.wo_a = Linear(cfg.o_group_in, g * o, fmt.wo_a, fmt.dense_scale, dtype, device)
-        self.wo_b = Linear(g * o, d, fmt.dense, fmt.dense_scale, dtype, device)
-        self.attn_sink = _param((h,), torch.float32, device)
+        self.wo_a = Linear(cfg.o_group_in, g * o, fmt, _weight("wo_a", tp=TPSplit(
+            0, "o_lora_rank")), dtype, device)
+        self.wo_b = Linear(g * o, d, fmt, _weight("dense", tp=TPSplit(1, "o_lora_rank")), dtype,
+                           device)
+        declare(self, "attn_sink", (h,), torch.float32, device, ParamFacts(tp=TPSplit(0)))
 
     def forward(self, u: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         cfg, aq = self.cfg, ctx.numerics.act_quant
@@ -186,8 +202,10 @@ class Attention(nn.Module):
 class Gate(nn.Module):
     def __init__(self, cfg: MTPConfig, device=None):
         super().__init__()
-        self.weight = _param((cfg.n_routed_experts, cfg.hidden_size), torch.float32, device)
-        self.e_score_correction_bias = _param((cfg.n_routed_experts,), torch.float32, device)
+        e, d = cfg.n_routed_experts, cfg.hidden_size
+        declare(self, "weight", (e, d), torch.float32, device, ParamFacts(init=Init("fan_in")))
+        declare(self, "e_score_correction_bias", (e,), torch.float32, device,
+                ParamFacts(init=Init("normal", 0.1)))
 
 
 class SharedExperts(nn.Module):
@@ -195,8 +213,9 @@ class SharedExperts(nn.Module):
         super().__init__()
         d, i = cfg.hidden_size, cfg.shared_intermediate_size
         self.limit = cfg.swiglu_limit
-        self.gate_up_proj = Linear(d, 2 * i, fmt.dense, fmt.dense_scale, dtype, device)
-        self.down_proj = Linear(i, d, fmt.dense, fmt.dense_scale, dtype, device)
+        self.gate_up_proj = Linear(d, 2 * i, fmt, _weight("dense", fused=(
+            "shared_intermediate_size",) * 2), dtype, device)  # w1 rows, then w3 rows
+        self.down_proj = Linear(i, d, fmt, _weight("dense"), dtype, device)
 
     def forward(self, u: torch.Tensor, act_quant: bool) -> torch.Tensor:
         g, v = self.gate_up_proj(u, act_quant).chunk(2, dim=-1)
@@ -212,20 +231,28 @@ class Experts(nn.Module):
         e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.storage, self.limit = fmt.experts, cfg.swiglu_limit
         sdt = scale_dtype(fmt.expert_scale)
+        # One checkpoint tensor per expert (w13: w1 rows then w3 rows); a tensor-parallel rank
+        # holds a range of whole experts.
+        w13 = _weight("experts", fused=("moe_intermediate_size",) * 2, stacked=True,
+                      tp=TPSplit(0))
+        w2 = _weight("experts", stacked=True, tp=TPSplit(0))
         if fmt.experts == "fp4":
-            self.w13_weight = _param((e, 2 * i, d // 2), torch.int8, device)
-            self.w13_weight_scale = _param((e, 2 * i, d // 32), sdt, device)
-            self.w2_weight = _param((e, d, i // 2), torch.int8, device)
-            self.w2_weight_scale = _param((e, d, i // 32), sdt, device)
+            declare(self, "w13_weight", (e, 2 * i, d // 2), torch.int8, device, w13)
+            declare(self, "w13_weight_scale", (e, 2 * i, d // 32), sdt, device,
+                    w13.scale("expert_scale", "w13_weight"))
+            declare(self, "w2_weight", (e, d, i // 2), torch.int8, device, w2)
+            declare(self, "w2_weight_scale", (e, d, i // 32), sdt, device,
+                    w2.scale("expert_scale", "w2_weight"))
         elif fmt.experts == "fp8":
-            self.w13_weight = _param((e, 2 * i, d), torch.float8_e4m3fn, device)
-            self.w13_weight_scale_inv = _param((e, 2 * i // FP8_BLOCK, d // FP8_BLOCK), sdt,
-                                               device)
-            self.w2_weight = _param((e, d, i), torch.float8_e4m3fn, device)
-            self.w2_weight_scale_inv = _param((e, d // FP8_BLOCK, i // FP8_BLOCK), sdt, device)
+            declare(self, "w13_weight", (e, 2 * i, d), torch.float8_e4m3fn, device, w13)
+            declare(self, "w13_weight_scale_inv", (e, 2 * i // FP8_BLOCK, d // FP8_BLOCK), sdt,
+                    device, w13.scale("expert_scale", "w13_weight"))
+            declare(self, "w2_weight", (e, d, i), torch.float8_e4m3fn, device, w2)
+            declare(self, "w2_weight_scale_inv", (e, d // FP8_BLOCK, i // FP8_BLOCK), sdt,
+                    device, w2.scale("expert_scale", "w2_weight"))
         else:
-            self.w13_weight = _param((e, 2 * i, d), dtype, device)
-            self.w2_weight = _param((e, d, i), dtype, device)
+            declare(self, "w13_weight", (e, 2 * i, d), dtype, device, w13)
+            declare(self, "w2_weight", (e, d, i), dtype, device, w2)
 
     def _scales(self, name: str):
         for suffix in ("_scale", "_scale_inv"):
@@ -280,10 +307,10 @@ class Block(nn.Module):
         self.attn = Attention(cfg, fmt, dtype, device)
         self.ffn = MoE(cfg, fmt, dtype, device)
         for site in ("attn", "ffn"):
-            setattr(self, f"hc_{site}_fn", _param((cfg.hc_mix_dim, cfg.hc_dim), torch.float32,
-                                                  device))
-            setattr(self, f"hc_{site}_base", _param((cfg.hc_mix_dim,), torch.float32, device))
-            setattr(self, f"hc_{site}_scale", _param((3,), torch.float32, device))
+            declare(self, f"hc_{site}_fn", (cfg.hc_mix_dim, cfg.hc_dim), torch.float32, device,
+                    HC_FN)
+            declare(self, f"hc_{site}_base", (cfg.hc_mix_dim,), torch.float32, device, HC_BASE)
+            declare(self, f"hc_{site}_scale", (3,), torch.float32, device, HC_SCALE)
 
     def _hc_pre(self, x: torch.Tensor, site: str):
         cfg = self.cfg
@@ -304,7 +331,8 @@ class SharedHead(nn.Module):
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, head.device)
         self.head = nn.Module()
-        self.head.weight = head  # [V, D]: the main model's head, shared by every MTP layer
+        # [V, D]: the main model's head, shared by every MTP layer (or the target's own)
+        adopt(self.head, "weight", head, HEAD)
 
 
 class MTPLayer(nn.Module):
@@ -317,11 +345,11 @@ class MTPLayer(nn.Module):
         d, m = cfg.hidden_size, cfg.hc_mult
         self.enorm = RMSNorm(d, cfg.rms_norm_eps, device)
         self.hnorm = RMSNorm(d, cfg.rms_norm_eps, device)
-        self.e_proj = Linear(d, d, fmt.dense, fmt.dense_scale, dtype, device)
-        self.h_proj = Linear(d, d, fmt.dense, fmt.dense_scale, dtype, device)
-        self.hc_head_fn = _param((m, m * d), torch.float32, device)
-        self.hc_head_base = _param((m,), torch.float32, device)
-        self.hc_head_scale = _param((1,), torch.float32, device)
+        self.e_proj = Linear(d, d, fmt, _weight("dense"), dtype, device)
+        self.h_proj = Linear(d, d, fmt, _weight("dense"), dtype, device)
+        declare(self, "hc_head_fn", (m, m * d), torch.float32, device, HC_FN)
+        declare(self, "hc_head_base", (m,), torch.float32, device, HC_BASE)
+        declare(self, "hc_head_scale", (1,), torch.float32, device, HC_SCALE)
         self.shared_head = SharedHead(cfg, head)
         self.mtp_block = Block(cfg, fmt, dtype, device)
 
@@ -346,7 +374,8 @@ class DeepSeekV4MultiTokenPredictor(nn.Module):
                  embed_tokens: torch.Tensor | None = None, head: torch.Tensor | None = None):
         super().__init__()
         self.embed_tokens = nn.Module()
-        self.embed_tokens.weight = _shared(embed_tokens, "embed_tokens", cfg, dtype, device)
+        adopt(self.embed_tokens, "weight", _shared(embed_tokens, "embed_tokens", cfg, dtype,
+                                                   device), EMBED)
         shared_head = _shared(head, "head", cfg, dtype, device)
         self.mtp_start_layer_idx = cfg.num_hidden_layers
         self.num_mtp_layers = cfg.num_nextn_predict_layers
@@ -354,11 +383,16 @@ class DeepSeekV4MultiTokenPredictor(nn.Module):
             str(L): MTPLayer(cfg, fmt, dtype, shared_head, device) for L in cfg.mtp_layer_ids})
 
 
+# The [V, D] tables a target can share: vocabulary rows split across tensor-parallel ranks.
+EMBED = ParamFacts(tp=TPSplit(0), shared="embed_tokens")
+HEAD = ParamFacts(tp=TPSplit(0), shared="head", init=Init("fan_in"))
+
+
 def _shared(t: torch.Tensor | None, name: str, cfg: MTPConfig, dtype, device) -> nn.Parameter:
     """A [V, D] table: the caller's tensor (shared storage, no copy) or a fresh one to load."""
     shape = (cfg.vocab_size, cfg.hidden_size)
     if t is None:
-        return _param(shape, dtype, device)
+        return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
     if tuple(t.shape) != shape:
         raise ValueError(f"{name}: expected shape [vocab_size, hidden_size] = {list(shape)}, "
                          f"got {list(t.shape)}")
@@ -401,10 +435,8 @@ class DeepSeekV4MTP(nn.Module):
         self.weight_format = weight_format or WeightFormat.released()
         self.dtype = dtype
         self.numerics = numerics or Numerics()
-        check_parameters(config, self.weight_format, dtype, device, skip=tuple(
-            n for n, t in (("model.embed_tokens.weight", embed_tokens),
-                           (f"model.layers.{config.num_hidden_layers}.shared_head.head.weight",
-                            head)) if t is not None))
+        check_parameters(config, self.weight_format, dtype, device, shared={
+            n for n, t in (("embed_tokens", embed_tokens), ("head", head)) if t is not None})
         self.model = DeepSeekV4MultiTokenPredictor(config, self.weight_format, dtype, device,
                                                    embed_tokens, head)
 

@@ -193,10 +193,10 @@ def test_rank_slices_tile_the_full_tensors(tmp_path, layout):
     for world in (1, 2, 4):
         states, reports = zip(*[load_state(folder, rank=r, world_size=world,
                                            dtype=torch.float32) for r in range(world)])
+        facts = remap.param_facts(cfg)
         for name, p in full.items():
-            key = remap.param_key(name)
-            if key in remap.TP_SPLIT:
-                dim = remap.TP_SPLIT[key][0]
+            if facts[name].tp is not None:
+                dim = facts[name].tp.dim
                 parts = [s[name] for s in states]
                 assert all(x.shape[dim] == p.shape[dim] // world for x in parts), name
                 got = torch.cat([as_bytes(x).view(x.shape + (-1,)) for x in parts], dim=dim)

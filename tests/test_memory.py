@@ -40,9 +40,9 @@ def test_a_module_beyond_memory_is_refused_before_allocating():
 def test_a_shared_embedding_and_head_are_not_counted():
     cfg = tiny_config()
     full = parameter_bytes(cfg)[0]
-    skip = ("model.embed_tokens.weight", "model.layers.2.shared_head.head.weight")
     v_by_d = cfg.vocab_size * cfg.hidden_size * 2  # bf16
-    assert parameter_bytes(cfg, skip=skip)[0] == full - 2 * v_by_d
+    assert parameter_bytes(cfg, shared=("embed_tokens", "head"))[0] == full - 2 * v_by_d
+    assert parameter_bytes(cfg, shared=("head",))[0] == full - v_by_d
 
 
 @pytest.mark.parametrize("arg", ["max_seqs", "max_draft_tokens"])
