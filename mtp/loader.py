@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Collection
@@ -37,6 +38,7 @@ from .checkpoint.source import Source, find
 from .checkpoint.stream import Read, stream
 from .config import FP8_BLOCK
 from .model import DeepSeekV4MTP, Numerics
+from .parallel import TensorParallel, check_world_size
 from .surgery import (
     Region,
     full_region,
@@ -116,7 +118,7 @@ def load_model(path_or_repo_id, *, device="cpu", dtype: torch.dtype = torch.bflo
                numerics: Numerics | None = None, revision: str | None = None, cache_dir=None,
                token=None, local_files_only: bool = False,
                progress: bool | Callable[[int, int], None] | None = None,
-               ) -> tuple[DeepSeekV4MTP, LoadReport]:
+               process_group=None) -> tuple[DeepSeekV4MTP, LoadReport]:
     """Build the drafter from ``config.json`` and load its weights from a checkpoint folder or
     a Hub repo id (downloading config, index and only the shards it needs).
 
@@ -130,6 +132,10 @@ def load_model(path_or_repo_id, *, device="cpu", dtype: torch.dtype = torch.bflo
             (``HF_HUB_OFFLINE=1`` also means cache only).
         progress: True / False for a progress bar (default: shown for loads of 1 GiB or more
             on a terminal), or a callable ``(bytes_done, bytes_total)``.
+        process_group: a ``torch.distributed`` group: build the tensor/expert-parallel module
+            (:mod:`mtp.parallel`) and read only this rank's slices. Every rank of the group must
+            call this with the same checkpoint (checked: one small all-gather before any read);
+            ``embed_tokens`` / ``head`` are then this rank's [V/w, D] rows.
 
     Returns:
         ``(model, report)``. On any refusal a :class:`CheckpointError` lists every problem and
@@ -141,17 +147,44 @@ def load_model(path_or_repo_id, *, device="cpu", dtype: torch.dtype = torch.bflo
         loaded 1577 tensors, 5.32 GiB from 3 shard(s) (skipped 43) in ... s (... GB/s); ...
     """  # noqa: E501
     t0 = time.perf_counter()
-    check_little_endian()
-    lp = _checked_plan(path_or_repo_id, dtype=dtype, revision=revision, cache_dir=cache_dir,
-                       token=token, local_files_only=local_files_only,
-                       shared=_shared(embed_tokens is not None, head is not None))
+    tp = TensorParallel(process_group)
+    try:
+        check_little_endian()
+        lp = _checked_plan(path_or_repo_id, dtype=dtype, revision=revision, cache_dir=cache_dir,
+                           token=token, local_files_only=local_files_only,
+                           shared=_shared(embed_tokens is not None, head is not None))
+        check_world_size(lp.config, tp.world_size)
+    except BaseException:
+        tp.agree(None, "load_model", device)  # the other ranks raise too, none waits for us
+        raise
+    settings = repr((dtype, numerics or Numerics(), embed_tokens is None, head is None)).encode()
+    tp.agree(_fingerprint(lp) + settings, f"load_model({lp.source.where!r})", device)
     model = DeepSeekV4MTP(lp.config, weight_format=lp.weight_format, dtype=dtype, device=device,
-                          embed_tokens=embed_tokens, head=head, numerics=numerics)
+                          embed_tokens=embed_tokens, head=head, numerics=numerics,
+                          process_group=process_group)
     params = dict(model.named_parameters())
+    if tp.sharded:
+        regions = {p: _rank_region(p, lp, tp.rank, tp.world_size)
+                   for p in lp.shapes if p not in lp.given}
+        for p, r in regions.items():
+            if region_shape(r) != tuple(params[p].shape):  # the split facts disagree
+                raise AssertionError(f"{p}: rank region {region_shape(r)} but the module holds "
+                                     f"{tuple(params[p].shape)}")
+        reads = _region_reads(lp, regions, {p: params[p].data for p in regions})
+        nbytes = stream(lp.source.folder, reads, progress)
+        return model, report(lp, t0, nbytes, sorted({r.info.file for r in reads}), len(reads))
     reads = [Read(d.info, _dest(params[d.target.param].data, d.region, d))
              for d in lp.loads()]
     nbytes = stream(lp.source.folder, reads, progress)
     return model, report(lp, t0, nbytes, lp.needed(), len(reads))
+
+
+def _fingerprint(lp: LoadPlan) -> bytes:
+    """What a rank is about to load, as bytes: config.json and every tensor it reads (name,
+    file, dtype, shape, byte offsets). Ranks of one group must agree on it."""
+    tensors = sorted((d.entry.name, d.info.file, d.info.dtype, list(d.info.shape), d.info.begin,
+                      d.info.end) for d in lp.loads() if d.info is not None)
+    return json.dumps([lp.source.raw_config, tensors], sort_keys=True, default=str).encode()
 
 
 def _dest(tensor: torch.Tensor, region: Region, d: planning.Decision,
@@ -183,6 +216,22 @@ def _rank_region(param: str, lp: LoadPlan, rank: int, world_size: int) -> Region
     return narrow_region(region, dim, a, b)
 
 
+def _region_reads(lp: LoadPlan, regions: dict[str, Region],
+                  dests: dict[str, torch.Tensor]) -> list[Read]:
+    """The reads filling ``dests[p]`` (holding ``regions[p]`` of parameter p): each stored
+    piece cut to the part inside the region."""
+    reads = []
+    for d in lp.loads():
+        inter = intersect(d.region, regions[d.target.param])
+        if inter is None:
+            continue
+        dest = _dest(dests[d.target.param], inter, d, origin=regions[d.target.param])
+        # the part of the stored tensor: the intersection in the piece's own coordinates
+        part = tuple((a - o, b - o) for (a, b), (o, _) in zip(inter, d.region, strict=True))
+        reads.append(Read(d.info, dest, part[1:] if d.target.expert is not None else part))
+    return reads
+
+
 def load_state(path_or_repo_id, *, rank: int, world_size: int, device="cpu",
                dtype: torch.dtype = torch.bfloat16, revision: str | None = None, cache_dir=None,
                token=None, local_files_only: bool = False, embed_tokens_given: bool = False,
@@ -193,7 +242,9 @@ def load_state(path_or_repo_id, *, rank: int, world_size: int, device="cpu",
     rows of embedding and head; columns of ``wo_b``; experts
     ``[rank*E/world_size, (rank+1)*E/world_size)``; everything else whole (each parameter's
     :attr:`~mtp.facts.ParamFacts.tp`). Only the needed rows are read, through the same path as
-    :func:`load_model` (a column split reads whole rows and keeps the rank's columns).
+    :func:`load_model` (a column split reads whole rows and keeps the rank's columns). These are
+    the shapes of ``DeepSeekV4MTP(..., process_group=pg)``'s parameters on that rank;
+    ``load_model(..., process_group=pg)`` reads them straight into the module.
 
     Example:
         >>> state, report = load_state("checkpoints/DeepSeek-V4-Flash", rank=1, world_size=8)  # doctest: +SKIP
@@ -208,15 +259,7 @@ def load_state(path_or_repo_id, *, rank: int, world_size: int, device="cpu",
     regions = {p: _rank_region(p, lp, rank, world_size) for p in lp.shapes if p not in lp.given}
     state = {p: torch.empty(region_shape(r), dtype=lp.shapes[p][1], device=device)
              for p, r in regions.items()}
-    reads = []
-    for d in lp.loads():
-        inter = intersect(d.region, regions[d.target.param])
-        if inter is None:
-            continue
-        dest = _dest(state[d.target.param], inter, d, origin=regions[d.target.param])
-        # the part of the stored tensor: the intersection in the piece's own coordinates
-        part = tuple((a - o, b - o) for (a, b), (o, _) in zip(inter, d.region, strict=True))
-        reads.append(Read(d.info, dest, part[1:] if d.target.expert is not None else part))
+    reads = _region_reads(lp, regions, state)
     nbytes = stream(lp.source.folder, reads, progress)
     return state, report(lp, t0, nbytes, sorted({r.info.file for r in reads}), len(reads))
 
