@@ -1,8 +1,8 @@
 """What each tensor-parallel rank holds and reads per draft step, at the real V4 shapes (CPU).
 
 For each world size: the rank's resident parameter bytes by part (from the module's parameter
-shapes and each parameter's split (``ParamFacts.tp``, ``mtp.facts``); the tests measure the same rule on real
-ranks at the tiny shapes), the bytes one decode step (batch 1) reads on the busiest rank if
+shapes and each parameter's split, ``mtp.facts.ParamFacts.tp``; the tests measure the same rule
+on real ranks at the tiny shapes), the bytes one decode step (batch 1) reads on the busiest rank if
 every rank computed the whole shared expert, and the share of that step the shared expert is:
 the figures behind computing it split (docs/parallel.md). With ``--time``: CPU time of the
 whole shared expert, of a world-8 rank's part of it and of its LM-head slice, at one row.
