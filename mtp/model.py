@@ -57,8 +57,12 @@ def _param(shape, dtype, device) -> nn.Parameter:
 class Numerics:
     """Switches for the reference's rounding steps (both on by default: they are the model).
 
-    ``act_quant``: FP8-quantise activations (blocks of 128) before every FP8/FP4 product.
-    ``kv_fp8``: FP8-simulate the cached KV's non-RoPE dims (blocks of 64).
+    ``act_quant``: FP8-quantise activations (blocks of 128) before every product whose weight
+    is stored in FP8 or FP4, as the reference does (its ``linear()`` dispatches on the weight's
+    dtype: a bf16/fp32 weight takes its input unrounded, so a bf16 checkpoint gets no
+    activation rounding at all). Off: no product's input is rounded.
+    ``kv_fp8``: FP8-simulate the cached KV's non-RoPE dims (blocks of 64); the reference does
+    it for every checkpoint, bf16 ones included.
     ``zero_embed_at_pos0``: vLLM's zeroing of the token embedding at position 0 (the reference,
     SGLang and TensorRT-LLM do not; disputed upstream).
     """
@@ -123,7 +127,9 @@ class Linear(nn.Module):
         return dequantize(self.weight, self.weight_scale_inv, self.storage)
 
     def forward(self, x: torch.Tensor, act_quant: bool) -> torch.Tensor:
-        return linear(x, self.dequantized(), act_quant)
+        """``act_quant``: the numerics switch; the input is rounded only if this weight is
+        stored in FP8 (a plain weight takes it unrounded, as in the reference)."""
+        return linear(x, self.dequantized(), act_quant and self.storage != "plain")
 
 
 class Attention(nn.Module):
@@ -240,7 +246,9 @@ class Experts(nn.Module):
 
     def forward(self, u: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                 act_quant: bool) -> torch.Tensor:
-        """sum_k weight_k * Expert_{idx_k}(u): u [T, D], idx/weights [T, K] -> [T, D] float32."""
+        """sum_k weight_k * Expert_{idx_k}(u): u [T, D], idx/weights [T, K] -> [T, D] float32.
+        Inputs are FP8-rounded only with ``act_quant`` on and FP8/FP4 experts."""
+        act_quant = act_quant and self.storage != "plain"
         out = torch.zeros(u.shape, dtype=ops.wide(u).dtype, device=u.device)
         for e in idx.unique().tolist():
             rows, k = torch.nonzero(idx == e, as_tuple=True)
