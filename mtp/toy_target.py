@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from . import ops
-from .cache import window_index
 from .config import MTPConfig
 from .model import DeepSeekV4MTP, Numerics, StepContext
 from .quant import WeightFormat
@@ -91,13 +90,9 @@ class ToyTarget(nn.Module):
         positions = torch.arange(t, device=tokens.device)
         e = nn.functional.embedding(tokens, self.embed.weight).to(self.dtype)  # [T, D]
         x = e.unsqueeze(1).repeat(1, cfg.hc_mult, 1)  # [T, D] -> [T, M, D]: one copy per stream
-        cos, sin = ops.rope_cos_sin(positions, cfg.qk_rope_head_dim, cfg.rope_theta,
-                                    ops.wide(e).dtype)
-        window = window_index(positions, torch.zeros_like(positions), cfg.sliding_window, None,
-                              max(t, 1))
-        ctx = StepContext(positions, cos, sin, window, None, 0, self.numerics)
+        ctx = StepContext.single_sequence(cfg, positions, self.numerics)
         for block in self.blocks:
-            x = block(x, ctx)
+            x, _ = block(x, ctx)
         y = ops.hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, cfg.hc_eps,
                         cfg.rms_norm_eps)  # [T, D]
         y = ops.wide(self.norm(y))

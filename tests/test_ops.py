@@ -12,7 +12,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mtp import DeepSeekV4MTP, Numerics, ops
-from mtp.cache import window_index
 from mtp.model import StepContext
 from mtp.quant import WeightFormat
 from mtp.testing import init_random_
@@ -101,11 +100,7 @@ def _model(cfg, seed, fmt=None, **numerics):
 
 
 def _context(model, positions):
-    cfg = model.config
-    cos, sin = ops.rope_cos_sin(positions, cfg.qk_rope_head_dim, cfg.rope_theta, F64)
-    window = window_index(positions, torch.zeros_like(positions), cfg.sliding_window, None,
-                          positions.numel())
-    return StepContext(positions, cos, sin, window, None, 0, model.numerics)
+    return StepContext.single_sequence(model.config, positions, model.numerics)
 
 
 @given(cfg=small_configs(), seed=seeds, extra=st.integers(-3, 6), start=st.integers(0, 50),
@@ -131,7 +126,7 @@ def test_moe_routing_and_experts(cfg, seed, t, act_quant):
     model = _model(cfg, seed, act_quant=act_quant)
     ffn = model.layer(0).mtp_block.ffn
     u = randn(t, cfg.hidden_size, seed=seed)
-    out = ffn(u, act_quant)
+    out = ffn(u, None, _context(model, torch.arange(t)))
     weights = checkpoint_weights(model)
     expected = torch.stack([ref.moe(u[i], weights, cfg, act_quant) for i in range(t)])
     assert rel_err(out, expected) < TIGHT
