@@ -81,6 +81,9 @@ class TritonOps:
         Triton's CPU interpreter stands in for the GPU (development only)."""
         if not isinstance(model, DeepSeekV4MTP):
             return f"expected a DeepSeekV4MTP, got {type(model).__name__}"
+        if model.tp.sharded:
+            return ("the kernels run an unsplit model; a tensor-parallel model (process_group=) "
+                    "runs on the reference ops for now (docs/parallel.md)")
         fmt = model.weight_format
         if (fmt.dense, fmt.wo_a, fmt.experts, fmt.expert_scale) != RELEASED:
             return (f"the kernels take the released format (FP8 dense and wo_a, FP4 experts "

@@ -37,13 +37,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import backend as backends
 from . import ops
 from .cache import KVCache, WindowIndex, call_window, window_index
 from .config import FP8_BLOCK, MTPConfig
+from .parallel import TensorParallel, check_world_size, vocab_embedding
 from .quant import WeightFormat, dequantize, scale_dtype
 
 # float64 is for verification: the same code, comparable tightly with the float64 reference.
@@ -116,7 +116,7 @@ class RMSNorm(nn.Module):
 class Linear(nn.Module):
     """A weight held as stored: FP8 e4m3 with a 128x128 block scale, or plain (compute dtype).
 
-    The ops read it as stored (the reference dequantises per call: :meth:`dequantized`)."""
+    The pure-PyTorch path dequantises it per call (:meth:`dequantized`)."""
 
     def __init__(self, in_features: int, out_features: int, storage: str, scale_kind: str,
                  dtype: torch.dtype, device=None):
@@ -130,24 +130,37 @@ class Linear(nn.Module):
             self.weight = _param((out_features, in_features), dtype, device)
             self.weight_scale_inv = None
 
-    def dequantized(self) -> torch.Tensor:
-        """float32 [out, in]."""
-        return dequantize(self.weight, self.weight_scale_inv, self.storage)
+    def dequantized(self, rows: tuple[int, int] | None = None,
+                    cols: tuple[int, int] | None = None) -> torch.Tensor:
+        """float32 [out, in], or its part ``[rows[0]:rows[1], cols[0]:cols[1]]`` (block-aligned:
+        a tensor-parallel rank's share of a whole weight)."""
+        w, s = self.weight, self.weight_scale_inv
+        for dim, part in ((0, rows), (1, cols)):
+            if part is not None:
+                w = w.narrow(dim, part[0], part[1] - part[0])
+                if s is not None:
+                    s = s.narrow(dim, part[0] // FP8_BLOCK, -(-part[1] // FP8_BLOCK)
+                                 - part[0] // FP8_BLOCK)
+        return dequantize(w, s, self.storage)
 
-    def forward(self, x: torch.Tensor, act_quant: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, act_quant: bool, wide_out: bool = False) -> torch.Tensor:
         """``act_quant``: the numerics switch; the input is rounded only if this weight is
         stored in FP8 (a plain weight takes it unrounded, as in the reference)."""
-        return ops.REFERENCE.linear(x, self, act_quant)
+        return ops.REFERENCE.linear(x, self, act_quant, wide_out=wide_out)
 
 
 class Attention(nn.Module):
-    """Sliding-window multi-query attention with a sink (compress ratio 0)."""
+    """Sliding-window multi-query attention with a sink (compress ratio 0). Tensor-parallel:
+    this rank's heads and their ``wo_a`` groups; ``wo_b``'s output is all-reduced."""
 
-    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None):
+    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None,
+                 tp: TensorParallel | None = None):
         super().__init__()
         self.cfg = cfg
-        h, dh, q, g, o = (cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank, cfg.o_groups,
-                          cfg.o_lora_rank)
+        self.tp = tp = tp or TensorParallel()
+        h, g = tp.local(cfg.num_attention_heads), tp.local(cfg.o_groups)  # this rank's
+        self.heads, self.groups = h, g
+        dh, q, o = cfg.head_dim, cfg.q_lora_rank, cfg.o_lora_rank
         d = cfg.hidden_size
         self.fused_wqa_wkv = Linear(d, q + dh, fmt.dense, fmt.dense_scale, dtype, device)
         self.q_norm = RMSNorm(q, cfg.rms_norm_eps, device)
@@ -161,7 +174,7 @@ class Attention(nn.Module):
         """u [T, D] (the normed block input) -> [T, D]."""
         cfg, op, nm = self.cfg, ctx.ops, ctx.numerics
         aq, eps = nm.act_quant, cfg.rms_norm_eps
-        t, h, dh = u.shape[0], cfg.num_attention_heads, cfg.head_dim
+        t, h, dh = u.shape[0], self.heads, cfg.head_dim
         fused = op.linear(u, self.fused_wqa_wkv, aq)  # [T, Q + Dh]: wq_a rows, wkv rows
         kv_dtype = ctx.cache.kv.dtype if ctx.cache is not None else u.dtype
         q_lat, kv, cos, sin = op.attn_prep(fused, self.q_norm.weight, self.kv_norm.weight,
@@ -172,7 +185,9 @@ class Attention(nn.Module):
         o = op.attend(q, kv, self.attn_sink, cos, sin, ctx.positions,
                       window=cfg.sliding_window, cache=ctx.cache, cache_layer=ctx.cache_layer,
                       index=ctx.window, seq_slots=ctx.seq_slots)  # [T, H, Dh]
-        z = op.grouped_linear(o, self.wo_a, cfg.o_groups)  # [T, G*O]
+        z = op.grouped_linear(o, self.wo_a, self.groups)  # [T, G*O]
+        if self.tp.sharded:  # this rank's columns of wo_b (whole 128-blocks): a float32 partial
+            return self.tp.all_reduce_(op.linear(z, self.wo_b, aq, wide_out=True)).to(u.dtype)
         return op.linear(z, self.wo_b, aq)  # [T, D]
 
 
@@ -184,21 +199,33 @@ class Gate(nn.Module):
 
 
 class SharedExperts(nn.Module):
-    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None):
+    """The shared expert, held whole. Tensor-parallel with ``split`` (the rank's width
+    ``I/w`` is whole 128-blocks): each rank computes its part of the width, like a dense MLP
+    (w1 and w3 rows, w2 columns) and returns a float32 partial sum of the output; otherwise
+    every rank computes it whole."""
+
+    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None,
+                 tp: TensorParallel | None = None):
         super().__init__()
         d, i = cfg.hidden_size, cfg.shared_intermediate_size
         self.limit = cfg.swiglu_limit
+        self.tp = tp = tp or TensorParallel()
+        self.split = tp.sharded and i % tp.world_size == 0 and tp.local(i) % FP8_BLOCK == 0
         self.gate_up_proj = Linear(d, 2 * i, fmt.dense, fmt.dense_scale, dtype, device)
         self.down_proj = Linear(i, d, fmt.dense, fmt.dense_scale, dtype, device)
 
 
 class Experts(nn.Module):
     """The E routed experts, stacked: w13 [E, 2I, D] (w1 rows then w3 rows), w2 [E, D, I];
-    FP4 holds the last dim packed in halves."""
+    FP4 holds the last dim packed in halves. Expert-parallel: this rank's range of E/w experts
+    ``[first, first + E/w)``, under local indices."""
 
-    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None):
+    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None,
+                 tp: TensorParallel | None = None):
         super().__init__()
-        e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        tp = tp or TensorParallel()
+        self.first = tp.part(cfg.n_routed_experts)[0]
+        e, d, i = tp.local(cfg.n_routed_experts), cfg.hidden_size, cfg.moe_intermediate_size
         self.storage, self.limit = fmt.experts, cfg.swiglu_limit
         sdt = scale_dtype(fmt.expert_scale)
         if fmt.experts == "fp4":
@@ -223,19 +250,27 @@ class Experts(nn.Module):
         return None
 
     def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantised float32 (w13 [2I, D], w2 [D, I]) of expert e."""
+        """Dequantised float32 (w13 [2I, D], w2 [D, I]) of expert e (a local index)."""
         s13, s2 = self._scales("w13_weight"), self._scales("w2_weight")
         return (dequantize(self.w13_weight[e], None if s13 is None else s13[e], self.storage),
                 dequantize(self.w2_weight[e], None if s2 is None else s2[e], self.storage))
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None):
+    """Routed experts + the shared expert. Sharded: the gate and the shared expert are held
+    whole on every rank (as DeepSeek's per-rank checkpoints hold them), the routed experts
+    split by range. One all-reduce: of the routed partial sums plus the rank's part of the
+    shared expert (``SharedExperts.split``), or of the routed sums alone, the shared expert
+    then added whole, in the one-process order."""
+
+    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None,
+                 tp: TensorParallel | None = None):
         super().__init__()
         self.cfg = cfg
+        self.tp = tp or TensorParallel()
         self.gate = Gate(cfg, device)
-        self.shared_experts = SharedExperts(cfg, fmt, dtype, device)
-        self.experts = Experts(cfg, fmt, dtype, device)
+        self.shared_experts = SharedExperts(cfg, fmt, dtype, device, self.tp)
+        self.experts = Experts(cfg, fmt, dtype, device, self.tp)
 
     def forward(self, u: torch.Tensor, u_rounded: Any, ctx: StepContext):
         """u [T, D] (the normed block input; ``u_rounded``: the backend's rounded form of it,
@@ -247,13 +282,14 @@ class MoE(nn.Module):
 class Block(nn.Module):
     """A V4 decoder block with hyper-connections (``mtp_block``)."""
 
-    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None):
+    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None,
+                 tp: TensorParallel | None = None):
         super().__init__()
         self.cfg = cfg
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
-        self.attn = Attention(cfg, fmt, dtype, device)
-        self.ffn = MoE(cfg, fmt, dtype, device)
+        self.attn = Attention(cfg, fmt, dtype, device, tp)
+        self.ffn = MoE(cfg, fmt, dtype, device, tp)
         for site in ("attn", "ffn"):
             setattr(self, f"hc_{site}_fn", _param((cfg.hc_mix_dim, cfg.hc_dim), torch.float32,
                                                   device))
@@ -290,7 +326,7 @@ class MTPLayer(nn.Module):
     """One MTP layer (``model.layers.{N+i}``): enorm/hnorm, e_proj/h_proj, the block, hc_head."""
 
     def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, head: nn.Parameter,
-                 device=None):
+                 device=None, tp: TensorParallel | None = None):
         super().__init__()
         self.cfg = cfg
         d, m = cfg.hidden_size, cfg.hc_mult
@@ -302,7 +338,7 @@ class MTPLayer(nn.Module):
         self.hc_head_base = _param((m,), torch.float32, device)
         self.hc_head_scale = _param((1,), torch.float32, device)
         self.shared_head = SharedHead(cfg, head)
-        self.mtp_block = Block(cfg, fmt, dtype, device)
+        self.mtp_block = Block(cfg, fmt, dtype, device, tp)
 
     def forward(self, embed: torch.Tensor, input_ids: torch.Tensor | None,
                 inputs_embeds: torch.Tensor | None, h: torch.Tensor, ctx: StepContext,
@@ -318,7 +354,8 @@ class MTPLayer(nn.Module):
         return self.mtp_block(x, ctx, self.hc_head_fn if head_mix else None)
 
     def logits(self, op, x: torch.Tensor, partials=None) -> torch.Tensor:
-        """x [T, M, D] -> [T, V] float32: hc_head, this layer's norm, the shared head."""
+        """x [T, M, D] -> [T, V] float32: hc_head, this layer's norm, the shared head
+        (sharded: this rank's vocabulary slice [T, V/w])."""
         cfg = self.cfg
         return op.head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base,
                        self.shared_head.norm.weight, self.shared_head.head.weight, cfg.hc_eps,
@@ -327,24 +364,30 @@ class MTPLayer(nn.Module):
 
 class DeepSeekV4MultiTokenPredictor(nn.Module):
     def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None,
-                 embed_tokens: torch.Tensor | None = None, head: torch.Tensor | None = None):
+                 embed_tokens: torch.Tensor | None = None, head: torch.Tensor | None = None,
+                 tp: TensorParallel | None = None):
         super().__init__()
+        tp = tp or TensorParallel()
         self.embed_tokens = nn.Module()
-        self.embed_tokens.weight = _shared(embed_tokens, "embed_tokens", cfg, dtype, device)
-        shared_head = _shared(head, "head", cfg, dtype, device)
+        self.embed_tokens.weight = _shared(embed_tokens, "embed_tokens", cfg, dtype, device, tp)
+        shared_head = _shared(head, "head", cfg, dtype, device, tp)
         self.mtp_start_layer_idx = cfg.num_hidden_layers
         self.num_mtp_layers = cfg.num_nextn_predict_layers
         self.layers = nn.ModuleDict({
-            str(L): MTPLayer(cfg, fmt, dtype, shared_head, device) for L in cfg.mtp_layer_ids})
+            str(L): MTPLayer(cfg, fmt, dtype, shared_head, device, tp)
+            for L in cfg.mtp_layer_ids})
 
 
-def _shared(t: torch.Tensor | None, name: str, cfg: MTPConfig, dtype, device) -> nn.Parameter:
-    """A [V, D] table: the caller's tensor (shared storage, no copy) or a fresh one to load."""
-    shape = (cfg.vocab_size, cfg.hidden_size)
+def _shared(t: torch.Tensor | None, name: str, cfg: MTPConfig, dtype, device,
+            tp: TensorParallel) -> nn.Parameter:
+    """A [V, D] table (sharded: this rank's [V/w, D] rows): the caller's tensor (shared
+    storage, no copy) or a fresh one to load."""
+    shape = (tp.local(cfg.vocab_size), cfg.hidden_size)
     if t is None:
         return _param(shape, dtype, device)
     if tuple(t.shape) != shape:
-        raise ValueError(f"{name}: expected shape [vocab_size, hidden_size] = {list(shape)}, "
+        rows = "vocab_size" if not tp.sharded else f"vocab_size/world_size (rank {tp.rank}'s rows)"
+        raise ValueError(f"{name}: expected shape [{rows}, hidden_size] = {list(shape)}, "
                          f"got {list(t.shape)}")
     if not t.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
@@ -362,13 +405,17 @@ class DeepSeekV4MTP(nn.Module):
         device: where parameters are created (``"meta"`` for shape-only use).
         embed_tokens, head: the target's [V, D] embedding and LM head, shared instead of loaded.
         numerics: the reference's rounding switches (:class:`Numerics`).
+        process_group: a ``torch.distributed`` group to run tensor/expert parallel over (the
+            caller's, e.g. the engine's TP group); each rank then holds its share of the
+            weights (:mod:`mtp.parallel`, docs/parallel.md) and every rank returns the same
+            full results. None: one process.
         backend: which implementation of the ops runs the forward: ``"reference"`` (pure
             PyTorch, any device, format and dtype), ``"triton"`` (``mtp_kernels``: CUDA, the
-            released format, bfloat16 or float32; an error where it cannot run) or ``"auto"``
-            (the default: ``"triton"`` where it can run, else ``"reference"``; decided at
-            each call from where the parameters are, so ``model.cuda()`` switches it). An
-            ops object (``mtp_kernels.TritonOps(model, experts=...)``) is used as given.
-            Settable later: ``model.backend = "reference"``.
+            released format, bfloat16 or float32, one process; an error where it cannot run)
+            or ``"auto"`` (the default: ``"triton"`` where it can run, else ``"reference"``;
+            decided at each call from where the parameters are, so ``model.cuda()`` switches
+            it). An ops object (``mtp_kernels.TritonOps(model, experts=...)``) is used as
+            given. Settable later: ``model.backend = "reference"``.
 
     Example:
         >>> from mtp import DeepSeekV4MTP, MTPConfig
@@ -384,16 +431,18 @@ class DeepSeekV4MTP(nn.Module):
     def __init__(self, config: MTPConfig, *, weight_format: WeightFormat | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
                  embed_tokens: torch.Tensor | None = None, head: torch.Tensor | None = None,
-                 numerics: Numerics | None = None, backend: Any = "auto"):
+                 numerics: Numerics | None = None, process_group=None, backend: Any = "auto"):
         super().__init__()
         if dtype not in COMPUTE_DTYPES:
             raise TypeError(f"dtype: expected one of {COMPUTE_DTYPES}, got {dtype}")
+        self.tp = TensorParallel(process_group)
+        check_world_size(config, self.tp.world_size)
         self.config = config
         self.weight_format = weight_format or WeightFormat.released()
         self.dtype = dtype
         self.numerics = numerics or Numerics()
         self.model = DeepSeekV4MultiTokenPredictor(config, self.weight_format, dtype, device,
-                                                   embed_tokens, head)
+                                                   embed_tokens, head, self.tp)
         self.backend = backend
 
     # ---- the backend -------------------------------------------------------------------------
@@ -439,11 +488,12 @@ class DeepSeekV4MTP(nn.Module):
             self._inv_freq = cached
         return cached
 
+
     # ---- vLLM-compatible surface -------------------------------------------------------------
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[T] token ids -> [T, D] embeddings (compute dtype)."""
         self._check_ids(input_ids, "input_ids")
-        return F.embedding(input_ids, self.model.embed_tokens.weight).to(self.dtype)
+        return vocab_embedding(input_ids, self.model.embed_tokens.weight, self.tp, self.dtype)
 
     def layer(self, spec_step_idx: int = 0) -> MTPLayer:
         """The MTP layer that draft step ``spec_step_idx`` uses (``spec_step_idx % n_mtp``)."""
@@ -482,13 +532,18 @@ class DeepSeekV4MTP(nn.Module):
                           cache_layer, window, None)
         return x.flatten(1)  # [T, M, D] -> [T, M*D]
 
-    def compute_logits(self, hidden_states: torch.Tensor, spec_step_idx: int = 0) -> torch.Tensor:
-        """[T, hc_mult*D] MTP residuals -> [T, V] float32 logits (float64 in float64 mode)."""
+    def compute_logits(self, hidden_states: torch.Tensor, spec_step_idx: int = 0, *,
+                       gather: bool = True) -> torch.Tensor:
+        """[T, hc_mult*D] MTP residuals -> [T, V] float32 logits (float64 in float64 mode).
+
+        Tensor-parallel: ``gather=False`` returns this rank's vocabulary slice [T, V/w]
+        (ranks in order), e.g. for :meth:`mtp.parallel.TensorParallel.sample`."""
         layer = self.layer(spec_step_idx)
         cfg = self.config
         self._check_hidden(hidden_states, None)
         x = hidden_states.to(self.dtype).view(-1, cfg.hc_mult, cfg.hidden_size)  # [T, M, D]
-        return layer.logits(self.ops, x)
+        logits = layer.logits(self.ops, x)
+        return self.tp.all_gather(logits, dim=-1) if gather else logits
 
     def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor,
                     hidden_states: torch.Tensor, seq_slots: torch.Tensor, kv_cache: KVCache,
@@ -518,6 +573,9 @@ class DeepSeekV4MTP(nn.Module):
         cfg = self.config
         t = positions.shape[0]
         h = hidden_states.to(self.dtype).view(t, cfg.hc_mult, cfg.hidden_size)  # [T, M*D] -> ..
+        if self.tp.sharded and inputs_embeds is None:  # a vocabulary-parallel lookup
+            inputs_embeds = vocab_embedding(input_ids, self.model.embed_tokens.weight, self.tp,
+                                            self.dtype)
         ctx = StepContext(self.ops, positions, window, seq_slots, cache, cache_layer,
                           self.numerics, self._rope_inv_freq(positions.device), side_stream)
         return layer(self.model.embed_tokens.weight, input_ids, inputs_embeds, h, ctx,

@@ -182,13 +182,16 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
 
 
 # ---- products ----------------------------------------------------------------------------------
-def matmul(x: torch.Tensor, weight: torch.Tensor, round_input: bool) -> torch.Tensor:
-    """x @ weight^T with float32 accumulation, result in x's dtype; ``round_input``: x is first
-    FP8-rounded in blocks of 128 (the reference's ``act_quant`` before an FP8/FP4 product)."""
+def matmul(x: torch.Tensor, weight: torch.Tensor, round_input: bool,
+           wide_out: bool = False) -> torch.Tensor:
+    """x @ weight^T with float32 accumulation, result in x's dtype (``wide_out``: left in
+    float32, e.g. a tensor-parallel partial sum); ``round_input``: x is first FP8-rounded in
+    blocks of 128 (the reference's ``act_quant`` before an FP8/FP4 product)."""
     if round_input:
         x = fp8_simulate(x, FP8_BLOCK)
     xf = wide(x)
-    return F.linear(xf, weight.to(xf.dtype)).to(x.dtype)
+    y = F.linear(xf, weight.to(xf.dtype))
+    return y if wide_out else y.to(x.dtype)
 
 
 def rounds_input(storage: str, act_quant: bool) -> bool:
@@ -201,13 +204,17 @@ def rounds_input(storage: str, act_quant: bool) -> bool:
 def routed_experts(u: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts,
                    limit: float, act_quant: bool) -> torch.Tensor:
     """sum_k weight_k * Expert_{idx_k}(u): u [T, D], idx/weights [T, K] -> [T, D] float32.
-    ``experts``: the module holding the stacked weights (``expert_weights(e)``, ``storage``);
-    the routing weight multiplies BEFORE w2 (and before w2's input is rounded)."""
+    ``experts``: the module holding the stacked weights (``expert_weights(e)``, ``storage``;
+    tensor-parallel: only its range ``[first, first + E/w)``, the sum over those); the routing
+    weight multiplies BEFORE w2 (and before w2's input is rounded)."""
     aq = rounds_input(experts.storage, act_quant)
     out = torch.zeros(u.shape, dtype=wide(u).dtype, device=u.device)
+    first, n = experts.first, experts.w13_weight.shape[0]
     for e in idx.unique().tolist():
+        if not first <= e < first + n:
+            continue  # another rank's expert
         rows, k = torch.nonzero(idx == e, as_tuple=True)
-        w13, w2 = experts.expert_weights(e)
+        w13, w2 = experts.expert_weights(e - first)
         g, v = matmul(u[rows], w13, aq).chunk(2, dim=-1)
         a = (weights[rows, k, None] * swiglu(g, v, limit)).to(u.dtype)
         out.index_add_(0, rows, wide(matmul(a, w2, aq)))
@@ -235,10 +242,11 @@ class ReferenceOps:
             e = e.masked_fill((positions == 0)[:, None], 0)
         return rms_norm(e, enorm_w, eps), rms_norm(h, hnorm_w, eps)
 
-    def linear(self, x, lin, act_quant: bool):
-        """x [..., in] @ lin^T -> [..., out] in x's dtype."""
+    def linear(self, x, lin, act_quant: bool, wide_out: bool = False):
+        """x [..., in] @ lin^T -> [..., out] in x's dtype (``wide_out``: float32, a
+        tensor-parallel partial sum)."""
         w = dequantize(lin.weight, lin.weight_scale_inv, lin.storage)
-        return matmul(x, w, rounds_input(lin.storage, act_quant))
+        return matmul(x, w, rounds_input(lin.storage, act_quant), wide_out)
 
     def input_proj(self, en, hn, e_proj, h_proj, act_quant: bool):
         """x = h_proj(hn) + e_proj(en) broadcast over the M streams -> [T, M, D]."""
@@ -330,15 +338,27 @@ class ReferenceOps:
     def moe(self, u, u_rounded, ffn, cfg, act_quant: bool, *, side_stream=None):
         """The MoE of u [T, D]: gate, routing, routed experts + shared expert, summed in float32
         -> [T, D] in u's dtype. ``ffn``: the module (``gate``, ``experts``,
-        ``shared_experts``); ``u_rounded`` / ``side_stream``: backend hints (unused here)."""
+        ``shared_experts``, ``tp``); ``u_rounded`` / ``side_stream``: backend hints (unused
+        here). Tensor-parallel (``ffn.tp``): the gate whole, the routed experts by range, the
+        shared expert whole or split by width (``shared_experts.split``); one all-reduce, of
+        the float32 partials."""
         idx, w = route(u, ffn.gate.weight, ffn.gate.e_score_correction_bias,
                        cfg.num_experts_per_tok, cfg.scoring_func, cfg.routed_scaling_factor)
         routed = routed_experts(u, idx, w, ffn.experts, cfg.swiglu_limit, act_quant)
-        sh = ffn.shared_experts
+        sh, tp = ffn.shared_experts, ffn.tp
+        if getattr(sh, "split", False):  # this rank's part of the width: a float32 partial
+            i = sh.down_proj.weight.shape[1]
+            a, b = tp.part(i)  # w1 rows, w3 rows, w2 columns
+            aq = rounds_input(sh.gate_up_proj.storage, act_quant)
+            g = matmul(u, sh.gate_up_proj.dequantized(rows=(a, b)), aq)
+            v = matmul(u, sh.gate_up_proj.dequantized(rows=(i + a, i + b)), aq)
+            shared = matmul(swiglu(g, v, cfg.swiglu_limit).to(u.dtype),
+                            sh.down_proj.dequantized(cols=(a, b)), aq, wide_out=True)
+            return tp.all_reduce_(routed + shared).to(u.dtype)
         g, v = self.linear(u, sh.gate_up_proj, act_quant).chunk(2, dim=-1)
         shared = self.linear(swiglu(g, v, cfg.swiglu_limit).to(u.dtype), sh.down_proj,
                              act_quant)
-        return (routed + wide(shared)).to(u.dtype)
+        return (tp.all_reduce_(routed) + wide(shared)).to(u.dtype)
 
     def head(self, x, fn, scale, base, norm_w, head_w, hc_eps: float, eps: float, *,
              partials=None):
