@@ -129,9 +129,9 @@ def splitk_reduce_kernel(part_ptr, out_ptr, add_ptr, M, N, stride_om, stride_am,
 
 
 def _blocks(m: int) -> tuple[int, int, int, int]:
-    """(BM, BN, warps, split-K programs per multiprocessor) by row count. 64 rows: BN 128 with
-    2 programs per SM is 25-33% faster than BN 64 with 4 at the Flash shapes; 1 row: BN 64, 4
-    per SM is best (H100, benchmarks/sweep_kernels.py)."""
+    """(BM, BN, warps, split-K programs per multiprocessor) by row count: wide tiles and fewer
+    programs for many rows, narrow tiles and more split-K for few (the sweep behind the table:
+    benchmarks/sweep_kernels.py, kernels/NOTES.md)."""
     if m <= 16:
         return 16, 64, 4, 4
     if m <= 32:
