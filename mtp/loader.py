@@ -738,7 +738,8 @@ def load_model(path_or_repo_id, *, device="cpu", dtype: torch.dtype = torch.bflo
     except BaseException:
         tp.agree(None, "load_model", device)  # the other ranks raise too, none waits for us
         raise
-    tp.agree(_fingerprint(an), f"load_model({an.src.where!r})", device)
+    settings = repr((dtype, numerics or Numerics(), embed_tokens is None, head is None)).encode()
+    tp.agree(_fingerprint(an) + settings, f"load_model({an.src.where!r})", device)
     model = DeepSeekV4MTP(an.cfg, weight_format=an.fmt, dtype=dtype, device=device,
                           embed_tokens=embed_tokens, head=head, numerics=numerics,
                           process_group=process_group)

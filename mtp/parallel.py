@@ -172,8 +172,9 @@ class TensorParallel:
         if differ:
             raise ParallelError(
                 f"{what}: the ranks of the process group disagree: rank(s) {differ} see a "
-                f"different checkpoint (config.json or tensor names/shapes/dtypes/offsets) than "
-                f"rank 0; every rank must load the same checkpoint")
+                f"different checkpoint (config.json or tensor names/shapes/dtypes/offsets) or "
+                f"settings (dtype, numerics, shared embed_tokens/head) than rank 0; every rank "
+                f"must load the same checkpoint with the same settings")
 
 
 def combine_argmax(candidates: torch.Tensor) -> torch.Tensor:

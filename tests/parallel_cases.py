@@ -34,7 +34,7 @@ def run_case(path: str, process_group, dtype: torch.dtype, rounding: str = "on",
         h = torch.randn(n, cfg.hc_dim, generator=gen, dtype=torch.float64).to(dtype)
         return h, torch.randint(0, cfg.vocab_size, (n,), generator=gen)
 
-    out: dict = {"bytes": resident_bytes(model),
+    out: dict = {"bytes": resident_bytes(model), "read": drafter.load_report.bytes,
                  "shared_split": model.layer(0).mtp_block.ffn.shared_experts.split}
     h, ids = rows(7)
     with torch.no_grad():

@@ -21,6 +21,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from parallel_cases import run_case  # noqa: E402
 
+from mtp import load_model, write_checkpoint  # noqa: E402
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
@@ -37,8 +39,14 @@ def main(rank: int, world: int, port: int, spec_file: str, outdir: str) -> None:
         if case.get("crash_rank") == rank:
             raise RuntimeError(f"rank {rank} fails on purpose")
         path = case["path"] if isinstance(case["path"], str) else case["path"][rank]
+        dtype = case["dtype"] if isinstance(case["dtype"], str) else case["dtype"][rank]
         try:
-            results[case["name"]] = run_case(path, group, DTYPES[case["dtype"]],
+            if case.get("kind") == "export":  # a rank's module cannot be written out
+                model, _ = load_model(path, dtype=torch.float32, process_group=group)
+                write_checkpoint(model, os.path.join(outdir, f"export{rank}"))
+                results[case["name"]] = "written"
+                continue
+            results[case["name"]] = run_case(path, group, DTYPES[dtype],
                                              case.get("rounding", "on"))
         except Exception as e:
             if not case.get("expect_error"):
