@@ -20,7 +20,8 @@ import torch
 
 from mtp import DeepSeekV4MTP, MTPConfig
 from mtp.facts import facts_of
-from mtp.model import Linear, SharedExperts, linear
+from mtp.model import Linear, SharedExperts
+from mtp.ops import matmul as linear
 from mtp.parallel import valid_world_sizes
 from mtp.quant import WeightFormat
 

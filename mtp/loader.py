@@ -275,7 +275,8 @@ def download(repo_id: str, *, revision: str | None = None, cache_dir=None, token
     """
     tqdm_class = _quiet_tqdm() if progress is False else None
     if os.path.isdir(os.fspath(repo_id)):
-        raise ValueError(f"{repo_id!r} is a local folder; download() fetches Hub repos")
+        raise ValueError(f"{repo_id!r} is a local folder, not a Hub repo id: there is nothing "
+                         f"to download; load or inspect the folder itself")
     lp = _checked_plan(repo_id, dtype=torch.bfloat16, revision=revision, cache_dir=cache_dir,
                        token=token, local_files_only=False, tqdm_class=tqdm_class,
                        shared=_shared(embed_tokens_given, head_given))

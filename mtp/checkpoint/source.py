@@ -110,8 +110,9 @@ def _local_layout(where: str, folder: str) -> tuple[str, set[str]]:
     layout = ("index" if INDEX in present else "single" if SINGLE in present
               else "mp" if any(MP_FILE.match(f) for f in present) else None)
     if layout is None:
-        raise CheckpointError(f"{where}: no {INDEX}, {SINGLE} or model{{r}}-mp{{N}}."
-                              f"safetensors files: not a safetensors checkpoint folder")
+        raise CheckpointError(f"{where}: no {INDEX}, {SINGLE} or per-rank files "
+                              f"(model0-mp8.safetensors, ...): not a safetensors checkpoint "
+                              f"folder")
     return layout, present
 
 
@@ -123,7 +124,8 @@ def _hub_layout(where: str, repo: Repo) -> str:
         return "single"
     cache = " in the cache (offline mode)" if repo.local_files_only else ""
     raise CheckpointError(f"{where}: neither {INDEX} nor {SINGLE} found{cache} (per-rank "
-                          f"model{{r}}-mp{{N}} files are read from local folders only)")
+                          f"files such as model0-mp8.safetensors are read from local folders "
+                          f"only)")
 
 
 def _per_rank_entries(where: str, folder: str, present: set[str],
