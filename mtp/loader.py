@@ -75,6 +75,11 @@ _WORKERS = max(1, min(8, os.cpu_count() or 1))
 _MP_FILE = re.compile(r"^model(\d+)-mp(\d+)\.safetensors$")
 _NO_MTP = ("The checkpoint may have been quantized without including the MTP layers. Use a "
            "checkpoint that includes MTP layer weights, or disable speculative decoding.")
+_NO_MTP_TRANSFORMERS = (
+    "This is a transformers save_pretrained folder (its config.json has transformers_version): "
+    "transformers drops the MTP weights (mtp.*) when it loads DeepSeek-V4. Load the drafter from "
+    "the release folder or repo id (e.g. deepseek-ai/DeepSeek-V4-Flash), sharing the model's "
+    "embedding and head (mtp.integrations.transformers.TransformersTarget.load_drafter).")
 
 
 # ---- where the tensors are -------------------------------------------------------------------
@@ -476,7 +481,8 @@ def _classify(an: _Analysis) -> None:
     elif empty:
         an.kind = "no-mtp"
         layers = ", ".join(f"{L} (mtp.{L - cfg.num_hidden_layers}.*)" for L in empty)
-        an.message = f"MTP layer(s) {layers}: no weights in the checkpoint. {_NO_MTP}"
+        hint = _NO_MTP_TRANSFORMERS if "transformers_version" in an.src.raw_config else _NO_MTP
+        an.message = f"MTP layer(s) {layers}: no weights in the checkpoint. {hint}"
         an.missing = [m for m in an.missing if not any(f"layers.{L}." in m for L in empty)]
 
 
