@@ -229,12 +229,12 @@ class TransformersTarget:
             raise ValueError("prompts: expected a non-empty list of token-id lists")
         rows = [self._token_list(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
         self._check_drafters()
-        self._seqs = [self._new_seq() for _ in rows]
-        outs = []
-        for seq, tokens in zip(self._seqs, rows):
-            logits, residuals = self._run(seq, tokens, check=self.check)
-            outs.append(TargetOutput(logits[None], residuals[None]))
-        return outs
+        self._seqs = []
+        seqs = [self._new_seq() for _ in rows]
+        with self._dropping_on_failure("prefill"):
+            outs = [self._run(seq, tokens, check=self.check) for seq, tokens in zip(seqs, rows)]
+        self._seqs = seqs
+        return [TargetOutput(logits[None], residuals[None]) for logits, residuals in outs]
 
     @torch.no_grad()
     def extend(self, tokens: torch.Tensor) -> TargetOutput:
@@ -252,7 +252,8 @@ class TransformersTarget:
             raise TypeError(f"tokens: expected integer token ids, got {tokens.dtype}")
         rows = [self._token_list(r, f"tokens[{i}]") for i, r in enumerate(tokens.tolist())]
         self._check_drafters()
-        logits, residuals = zip(*(self._run(s, r) for s, r in zip(self._seqs, rows)))
+        with self._dropping_on_failure("extend"):
+            logits, residuals = zip(*(self._run(s, r) for s, r in zip(self._seqs, rows)))
         return TargetOutput(torch.stack(logits), torch.stack(residuals))
 
     @torch.no_grad()
@@ -371,14 +372,10 @@ class TransformersTarget:
         device = self.model.get_input_embeddings().weight.device
         ids = torch.tensor([run], device=device)
         positions = torch.arange(seq.cached, seq.cached + len(run), device=device)[None]
-        try:
-            with _capture_residuals(self.model) as seen:
-                out = self.model(input_ids=ids, position_ids=positions, use_cache=True,
-                                 **{self._cache_kw: seq.cache})
-            residuals = _residual_rows(seen, self.model, len(run))
-        except Exception:
-            self._seqs = []  # a cache may be half-written: nothing of it can be trusted
-            raise
+        with _capture_residuals(self.model) as seen:
+            out = self.model(input_ids=ids, position_ids=positions, use_cache=True,
+                             **{self._cache_kw: seq.cache})
+        residuals = _residual_rows(seen, self.model, len(run))
         seq.start, seq.last_run, seq.before = seq.cached, run, before
         seq.floor = seq.length  # the pending tokens were accepted already
         seq.cached += len(run)
@@ -387,6 +384,18 @@ class TransformersTarget:
             check_residuals(self.model, residuals, out.logits[0])
         n = len(tokens)
         return out.logits[0, -n:].float(), residuals[-n:]
+
+    @contextmanager
+    def _dropping_on_failure(self, call: str):
+        """A forward that fails (out of memory, a check) may leave caches half-written, some
+        sequences extended and others not: drop them all rather than keep corrupt state."""
+        try:
+            yield
+        except Exception as exc:
+            self._seqs = []
+            raise RuntimeError(f"{call}: {type(exc).__name__}: {exc} (the sequences were "
+                               "dropped, since their caches may be half-written; prefill "
+                               "again)") from exc
 
     def _settle(self, seq: _Seq) -> None:
         """Bring recorded sliding-window layers back to their window (they keep every state
