@@ -10,7 +10,7 @@ import pytest
 
 import mtp
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(mtp.__path__, "mtp."))
+MODULES = sorted(m.name for m in pkgutil.walk_packages(mtp.__path__, "mtp."))
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -22,11 +22,11 @@ from collections.abc import Callable
 
 import torch
 
-from .config import MTPConfig
-from .drafter import Drafter
-from .model import DeepSeekV4MTP
-from .sampling import Sampling
-from .testing import init_random_
+from ..config import MTPConfig
+from ..drafter import Drafter
+from ..model import DeepSeekV4MTP
+from ..sampling import Sampling
+from ..testing import init_random_
 
 PROMPT_LENGTHS = (5, 13, 40, 7, 21, 3, 30, 11)  # one per sequence, cycled
 
@@ -34,7 +34,7 @@ PROMPT_LENGTHS = (5, 13, 40, 7, 21, 3, 30, 11)  # one per sequence, cycled
 def write_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0) -> str:
     """The embedded tiny checkpoint: random ``tiny`` weights, release layout (4 shards: the
     embedding, a main-model placeholder layer the drafter skips, the head, the MTP layer)."""
-    from .export import write_checkpoint
+    from ..export import write_checkpoint
 
     model = init_random_(DeepSeekV4MTP(MTPConfig.from_name("tiny")), seed=seed)
     write_checkpoint(model, folder, num_shards=4, main_layers=2)
