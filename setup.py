@@ -9,7 +9,7 @@ from setuptools import setup
 HAS_KERNELS = (Path(__file__).parent / "kernels" / "__init__.py").is_file()
 
 setup(
-    packages=["mtp"] + (["mtp_kernels"] if HAS_KERNELS else []),
+    packages=["mtp", "mtp.demo"] + (["mtp_kernels"] if HAS_KERNELS else []),
     package_dir={"mtp_kernels": "kernels"} if HAS_KERNELS else {},
     # the CUDA source that mtp_kernels.moe_cuda hands to NVRTC at run time
     package_data={"mtp_kernels": ["*.cu"]} if HAS_KERNELS else {},

@@ -65,6 +65,10 @@ class TritonMTP:
                                                                     "e8m0"):
             raise ValueError(f"TritonMTP supports the released format (FP8 dense and wo_a, FP4 "
                              f"experts with E8M0 scales); got {fmt}. Use the module itself.")
+        if model.tp.sharded:
+            raise ValueError("TritonMTP runs an unsplit model; a tensor-parallel model "
+                             "(process_group=) runs on the module itself for now "
+                             "(docs/parallel.md)")
         if model.dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"TritonMTP: compute dtype must be bfloat16 or float32, got "
                              f"{model.dtype}")

@@ -36,7 +36,7 @@ import torch
 from .cache import KVCache
 from .config import MTPConfig
 from .model import DeepSeekV4MTP
-from .sampling import GREEDY, Sampling, sample
+from .sampling import GREEDY, Sampling
 
 
 @dataclass
@@ -131,7 +131,9 @@ class Drafter:
                         **load_kwargs) -> Drafter:
         """Load a checkpoint folder or Hugging Face repo id (``mtp.loader.load_model``) and wrap
         it. ``embed_tokens`` / ``head``: the target's [V, D] tensors, shared instead of loaded.
-        ``load_kwargs`` go to the loader (revision, cache_dir, token, tensor-parallel rank...).
+        ``load_kwargs`` go to the loader (revision, cache_dir, token, ``process_group`` for
+        tensor/expert parallelism: every rank of the group makes the same calls and gets the
+        same drafts, see docs/parallel.md).
         The loader's report is kept as ``.load_report``.
 
         Example:
@@ -405,8 +407,10 @@ class Drafter:
                     x = self.accelerator.forward(drafts[-1], last + step, x, spec_step_idx=step,
                                                  kv_cache=self.cache, seq_slots=slots)
                     hidden.append(x)
-                logits = self.accelerator.compute_logits(x, spec_step_idx=step)  # [S, V]
-            token, q = sample(logits, sampling)
+                # [S, V]; tensor-parallel: this rank's [S, V/w], greedy needs no gather
+                sharded = {"gather": False} if self.model.tp.sharded else {}
+                logits = self.accelerator.compute_logits(x, spec_step_idx=step, **sharded)
+            token, q = self.model.tp.sample(logits, sampling)
             drafts.append(token)
             probs.append(q)
         return Proposal(torch.stack(drafts, dim=1),

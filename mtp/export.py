@@ -113,6 +113,9 @@ def write_checkpoint(model: DeepSeekV4MTP, folder: str | os.PathLike, *,
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}; expected one of {LAYOUTS}")
+    if model.tp.sharded:
+        raise ValueError("model: a tensor-parallel rank's module holds only its slices; write "
+                         "the checkpoint from an unsplit module (process_group=None)")
     if not 1 <= main_layers <= model.config.num_hidden_layers:
         raise ValueError(f"main_layers={main_layers}; expected 1 .. num_hidden_layers="
                          f"{model.config.num_hidden_layers} (layers beyond are the MTP layers)")

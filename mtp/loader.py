@@ -38,6 +38,7 @@ from . import remap
 from .config import FP8_BLOCK, REFERENCE_KEYS, MTPConfig
 from .hub import INDEX, SINGLE, Repo, looks_like_repo_id
 from .model import DeepSeekV4MTP, Numerics
+from .parallel import TensorParallel, check_world_size
 from .quant import WeightFormat
 from .shards import (
     DTYPES,
@@ -702,7 +703,7 @@ def load_model(path_or_repo_id, *, device="cpu", dtype: torch.dtype = torch.bflo
                numerics: Numerics | None = None, revision: str | None = None, cache_dir=None,
                token=None, local_files_only: bool = False,
                progress: bool | Callable[[int, int], None] | None = None,
-               ) -> tuple[DeepSeekV4MTP, LoadReport]:
+               process_group=None) -> tuple[DeepSeekV4MTP, LoadReport]:
     """Build the drafter from ``config.json`` and load its weights from a checkpoint folder or
     a Hub repo id (downloading config, index and only the shards it needs).
 
@@ -716,6 +717,10 @@ def load_model(path_or_repo_id, *, device="cpu", dtype: torch.dtype = torch.bflo
             (``HF_HUB_OFFLINE=1`` also means cache only).
         progress: True / False for a progress bar (default: shown for loads of 1 GiB or more
             on a terminal), or a callable ``(bytes_done, bytes_total)``.
+        process_group: a ``torch.distributed`` group: build the tensor/expert-parallel module
+            (:mod:`mtp.parallel`) and read only this rank's slices. Every rank of the group must
+            call this with the same checkpoint (checked: one small all-gather before any read);
+            ``embed_tokens`` / ``head`` are then this rank's [V/w, D] rows.
 
     Returns:
         ``(model, report)``. On any refusal a :class:`CheckpointError` lists every problem and
@@ -727,18 +732,45 @@ def load_model(path_or_repo_id, *, device="cpu", dtype: torch.dtype = torch.bflo
         loaded 1577 tensors, 5.32 GiB from 3 shard(s) (skipped 43) in ... s (... GB/s); ...
     """  # noqa: E501
     t0 = time.perf_counter()
-    check_little_endian()
-    src = _open(path_or_repo_id, revision=revision, cache_dir=cache_dir, token=token,
-                local_files_only=local_files_only)
-    an = _analyse(src, dtype=dtype, embed_given=embed_tokens is not None,
-                  head_given=head is not None, fetch=True)
-    _raise_if_bad(an)
+    tp = TensorParallel(process_group)
+    try:
+        check_little_endian()
+        src = _open(path_or_repo_id, revision=revision, cache_dir=cache_dir, token=token,
+                    local_files_only=local_files_only)
+        an = _analyse(src, dtype=dtype, embed_given=embed_tokens is not None,
+                      head_given=head is not None, fetch=True)
+        _raise_if_bad(an)
+        check_world_size(an.cfg, tp.world_size)
+    except BaseException:
+        tp.agree(None, "load_model", device)  # the other ranks raise too, none waits for us
+        raise
+    settings = repr((dtype, numerics or Numerics(), embed_tokens is None, head is None)).encode()
+    tp.agree(_fingerprint(an) + settings, f"load_model({an.src.where!r})", device)
     model = DeepSeekV4MTP(an.cfg, weight_format=an.fmt, dtype=dtype, device=device,
-                          embed_tokens=embed_tokens, head=head, numerics=numerics)
+                          embed_tokens=embed_tokens, head=head, numerics=numerics,
+                          process_group=process_group)
     params = dict(model.named_parameters())
+    if tp.sharded:
+        regions = {p: _rank_region(p, an.shapes[p][0], tp.rank, tp.world_size, an)
+                   for p in an.shapes if p not in an.given}
+        for p, r in regions.items():
+            if region_shape(r) != tuple(params[p].shape):  # the split facts disagree
+                raise AssertionError(f"{p}: rank region {region_shape(r)} but the module holds "
+                                     f"{tuple(params[p].shape)}")
+        nbytes, opened, count = _read_regions(
+            an, regions, {p: params[p].data for p in regions}, progress)
+        return model, _report(an, t0, nbytes, opened, count)
     reads = [(d, _dest(params[d.target.param].data, d.region, d)) for d in an.loads()]
     nbytes = _stream(an, reads, progress)
     return model, _report(an, t0, nbytes, an.needed(), len(reads))
+
+
+def _fingerprint(an: _Analysis) -> bytes:
+    """What a rank is about to load, as bytes: config.json and every tensor it reads (name,
+    file, dtype, shape, byte offsets). Ranks of one group must agree on it."""
+    tensors = sorted((d.entry.name, d.info.file, d.info.dtype, list(d.info.shape), d.info.begin,
+                      d.info.end) for d in an.loads() if d.info is not None)
+    return json.dumps([an.src.raw_config, tensors], sort_keys=True, default=str).encode()
 
 
 def _rank_region(param: str, shape: tuple[int, ...], rank: int, world_size: int,
@@ -770,16 +802,15 @@ def load_state(path_or_repo_id, *, rank: int, world_size: int, device="cpu",
     rows of ``wq_b`` (whole heads), ``wo_a`` (whole groups), ``attn_sink`` and the vocabulary
     rows of embedding and head; columns of ``wo_b``; experts
     ``[rank*E/world_size, (rank+1)*E/world_size)``; everything else whole. Only the needed
-    bytes are read (``safetensors`` ``get_slice`` for partial tensors). The module itself has
-    no tensor-parallel shapes yet; this is the loading half.
+    bytes are read (``safetensors`` ``get_slice`` for partial tensors). These are the shapes of
+    ``DeepSeekV4MTP(..., process_group=pg)``'s parameters on that rank; ``load_model(...,
+    process_group=pg)`` reads them straight into the module.
 
     Example:
         >>> state, report = load_state("checkpoints/DeepSeek-V4-Flash", rank=1, world_size=8)  # doctest: +SKIP
         >>> state["model.layers.43.mtp_block.ffn.experts.w13_weight"].shape                       # doctest: +SKIP
         torch.Size([32, 4096, 2048])
     """  # noqa: E501
-    from safetensors import safe_open
-
     t0 = time.perf_counter()
     check_little_endian()
     src = _open(path_or_repo_id, revision=revision, cache_dir=cache_dir, token=token,
@@ -791,6 +822,16 @@ def load_state(path_or_repo_id, *, rank: int, world_size: int, device="cpu",
                for p, (shape, _) in an.shapes.items() if p not in an.given}
     state = {p: torch.empty(region_shape(r), dtype=an.shapes[p][1], device=device)
              for p, r in regions.items()}
+    nbytes, opened, count = _read_regions(an, regions, state, progress)
+    return state, _report(an, t0, nbytes, opened, count)
+
+
+def _read_regions(an: _Analysis, regions: dict[str, Region], state: dict[str, torch.Tensor],
+                  progress) -> tuple[int, list[str], int]:
+    """Fill ``state[p]`` (holding ``regions[p]`` of parameter p) from the checkpoint, reading
+    only the bytes inside the regions. Returns (bytes read, files opened, tensors read)."""
+    from safetensors import safe_open
+
     whole, partial = [], []
     for d in an.loads():
         inter = intersect(d.region, regions[d.target.param])
@@ -807,7 +848,7 @@ def load_state(path_or_repo_id, *, rank: int, world_size: int, device="cpu",
                 if d.info.dtype == "F4":  # safetensors 0.8 get_slice cannot shape F4
                     raise CheckpointError(f"{d.entry.name}: cannot read part of an F4 tensor")
                 if d.info.file not in handles:
-                    handles[d.info.file] = safe_open(src.path(d.info.file), framework="pt")
+                    handles[d.info.file] = safe_open(an.src.path(d.info.file), framework="pt")
                 sl = region_slices(inter, d.region)
                 part = handles[d.info.file].get_slice(d.entry.name)[
                     sl[1:] if d.target.expert is not None else sl]
@@ -815,7 +856,7 @@ def load_state(path_or_repo_id, *, rank: int, world_size: int, device="cpu",
                 nbytes += part.numel() * part.element_size()
     finally:
         handles.clear()
-    return state, _report(an, t0, nbytes, sorted(opened), len(whole) + len(partial))
+    return nbytes, sorted(opened), len(whole) + len(partial)
 
 
 def download(repo_id: str, *, revision: str | None = None, cache_dir=None, token=None,

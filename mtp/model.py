@@ -42,6 +42,7 @@ from torch import nn
 from . import ops
 from .cache import KVCache, WindowIndex, call_window
 from .config import FP8_BLOCK, KV_FP8_BLOCK, MTPConfig
+from .parallel import TensorParallel, check_world_size, vocab_embedding
 from .quant import WeightFormat, dequantize, fp8_simulate, scale_dtype
 
 # float64 is for verification: the same code, comparable tightly with the float64 reference.
@@ -81,13 +82,16 @@ class StepContext:
     numerics: Numerics
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, act_quant: bool) -> torch.Tensor:
-    """x @ weight^T with float32 accumulation, result in x's dtype; with ``act_quant`` the input
-    is first FP8-rounded in blocks of 128 (the reference's ``act_quant`` before its FP8 GEMMs)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, act_quant: bool,
+           wide_out: bool = False) -> torch.Tensor:
+    """x @ weight^T with float32 accumulation, result in x's dtype (``wide_out``: left in
+    float32, e.g. a tensor-parallel partial sum); with ``act_quant`` the input is first
+    FP8-rounded in blocks of 128 (the reference's ``act_quant`` before its FP8 GEMMs)."""
     if act_quant:
         x = fp8_simulate(x, FP8_BLOCK)
     xf = ops.wide(x)
-    return F.linear(xf, weight.to(xf.dtype)).to(x.dtype)
+    y = F.linear(xf, weight.to(xf.dtype))
+    return y if wide_out else y.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -118,22 +122,35 @@ class Linear(nn.Module):
             self.weight = _param((out_features, in_features), dtype, device)
             self.weight_scale_inv = None
 
-    def dequantized(self) -> torch.Tensor:
-        """float32 [out, in]."""
-        return dequantize(self.weight, self.weight_scale_inv, self.storage)
+    def dequantized(self, rows: tuple[int, int] | None = None,
+                    cols: tuple[int, int] | None = None) -> torch.Tensor:
+        """float32 [out, in], or its part ``[rows[0]:rows[1], cols[0]:cols[1]]`` (block-aligned:
+        a tensor-parallel rank's share of a whole weight)."""
+        w, s = self.weight, self.weight_scale_inv
+        for dim, part in ((0, rows), (1, cols)):
+            if part is not None:
+                w = w.narrow(dim, part[0], part[1] - part[0])
+                if s is not None:
+                    s = s.narrow(dim, part[0] // FP8_BLOCK, -(-part[1] // FP8_BLOCK)
+                                 - part[0] // FP8_BLOCK)
+        return dequantize(w, s, self.storage)
 
-    def forward(self, x: torch.Tensor, act_quant: bool) -> torch.Tensor:
-        return linear(x, self.dequantized(), act_quant)
+    def forward(self, x: torch.Tensor, act_quant: bool, wide_out: bool = False) -> torch.Tensor:
+        return linear(x, self.dequantized(), act_quant, wide_out)
 
 
 class Attention(nn.Module):
-    """Sliding-window multi-query attention with a sink (compress ratio 0)."""
+    """Sliding-window multi-query attention with a sink (compress ratio 0). Tensor-parallel:
+    this rank's heads and their ``wo_a`` groups; ``wo_b``'s output is all-reduced."""
 
-    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None):
+    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None,
+                 tp: TensorParallel | None = None):
         super().__init__()
         self.cfg = cfg
-        h, dh, q, g, o = (cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank, cfg.o_groups,
-                          cfg.o_lora_rank)
+        self.tp = tp = tp or TensorParallel()
+        h, g = tp.local(cfg.num_attention_heads), tp.local(cfg.o_groups)  # this rank's
+        self.heads, self.groups = h, g
+        dh, q, o = cfg.head_dim, cfg.q_lora_rank, cfg.o_lora_rank
         d = cfg.hidden_size
         self.fused_wqa_wkv = Linear(d, q + dh, fmt.dense, fmt.dense_scale, dtype, device)
         self.q_norm = RMSNorm(q, cfg.rms_norm_eps, device)
@@ -146,7 +163,7 @@ class Attention(nn.Module):
     def forward(self, u: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         cfg, aq = self.cfg, ctx.numerics.act_quant
         t = u.shape[0]
-        h, dh, r = cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim
+        h, dh, r = self.heads, cfg.head_dim, cfg.qk_rope_head_dim
         q_lat, kv = self.fused_wqa_wkv(u, aq).split([cfg.q_lora_rank, dh], dim=-1)
         q = self.wq_b(self.q_norm(q_lat), aq).view(t, h, dh)  # [T, H*Dh] -> [T, H, Dh]
         q = ops.rms_norm(q, None, cfg.rms_norm_eps)  # per head, no weight
@@ -176,10 +193,12 @@ class Attention(nn.Module):
         # Grouped low-rank output: group g owns heads [g*H/G, (g+1)*H/G) and wo_a rows
         # [g*O, (g+1)*O). No activation quantisation before wo_a (the reference applies it as a
         # plain bf16 product).
-        o = ops.wide(rearrange(o, "t (g hg) d -> t g (hg d)", g=cfg.o_groups))
-        wo_a = rearrange(self.wo_a.dequantized(), "(g r) i -> g r i", g=cfg.o_groups)
+        o = ops.wide(rearrange(o, "t (g hg) d -> t g (hg d)", g=self.groups))
+        wo_a = rearrange(self.wo_a.dequantized(), "(g r) i -> g r i", g=self.groups)
         z = torch.einsum("tgi,gri->tgr", o, wo_a.to(o.dtype)).to(u.dtype)  # [T, G, O]
-        return self.wo_b(rearrange(z, "t g r -> t (g r)"), aq)  # [T, G*O] -> [T, D]
+        # [T, G*O] -> [T, D]; sharded: this rank's columns (whole 128-blocks), a float32 partial
+        out = self.wo_b(rearrange(z, "t g r -> t (g r)"), aq, wide_out=True)
+        return self.tp.all_reduce_(out).to(u.dtype)
 
 
 class Gate(nn.Module):
@@ -190,25 +209,44 @@ class Gate(nn.Module):
 
 
 class SharedExperts(nn.Module):
-    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None):
+    """The shared expert, held whole. Tensor-parallel with ``split`` (the rank's width
+    ``I/w`` is whole 128-blocks): each rank computes its part of the width, like a dense MLP
+    (w1 and w3 rows, w2 columns) and returns a float32 partial sum of the output; otherwise
+    every rank computes it whole."""
+
+    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None,
+                 tp: TensorParallel | None = None):
         super().__init__()
         d, i = cfg.hidden_size, cfg.shared_intermediate_size
         self.limit = cfg.swiglu_limit
+        self.tp = tp = tp or TensorParallel()
+        self.split = tp.sharded and i % tp.world_size == 0 and tp.local(i) % FP8_BLOCK == 0
         self.gate_up_proj = Linear(d, 2 * i, fmt.dense, fmt.dense_scale, dtype, device)
         self.down_proj = Linear(i, d, fmt.dense, fmt.dense_scale, dtype, device)
 
     def forward(self, u: torch.Tensor, act_quant: bool) -> torch.Tensor:
-        g, v = self.gate_up_proj(u, act_quant).chunk(2, dim=-1)
-        return self.down_proj(ops.swiglu(g, v, self.limit).to(u.dtype), act_quant)
+        if not self.split:
+            g, v = self.gate_up_proj(u, act_quant).chunk(2, dim=-1)
+            return self.down_proj(ops.swiglu(g, v, self.limit).to(u.dtype), act_quant)
+        i = self.down_proj.weight.shape[1]
+        a, b = self.tp.part(i)  # this rank's part of the width: w1 rows, w3 rows, w2 columns
+        g = linear(u, self.gate_up_proj.dequantized(rows=(a, b)), act_quant)
+        v = linear(u, self.gate_up_proj.dequantized(rows=(i + a, i + b)), act_quant)
+        return linear(ops.swiglu(g, v, self.limit).to(u.dtype),
+                      self.down_proj.dequantized(cols=(a, b)), act_quant, wide_out=True)
 
 
 class Experts(nn.Module):
     """The E routed experts, stacked: w13 [E, 2I, D] (w1 rows then w3 rows), w2 [E, D, I];
-    FP4 holds the last dim packed in halves."""
+    FP4 holds the last dim packed in halves. Expert-parallel: this rank's range of E/w experts
+    ``[first, first + E/w)``, under local indices."""
 
-    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None):
+    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None,
+                 tp: TensorParallel | None = None):
         super().__init__()
-        e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        tp = tp or TensorParallel()
+        self.first = tp.part(cfg.n_routed_experts)[0]
+        e, d, i = tp.local(cfg.n_routed_experts), cfg.hidden_size, cfg.moe_intermediate_size
         self.storage, self.limit = fmt.experts, cfg.swiglu_limit
         sdt = scale_dtype(fmt.expert_scale)
         if fmt.experts == "fp4":
@@ -233,18 +271,22 @@ class Experts(nn.Module):
         return None
 
     def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dequantised float32 (w13 [2I, D], w2 [D, I]) of expert e."""
+        """Dequantised float32 (w13 [2I, D], w2 [D, I]) of expert e (a local index)."""
         s13, s2 = self._scales("w13_weight"), self._scales("w2_weight")
         return (dequantize(self.w13_weight[e], None if s13 is None else s13[e], self.storage),
                 dequantize(self.w2_weight[e], None if s2 is None else s2[e], self.storage))
 
     def forward(self, u: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                 act_quant: bool) -> torch.Tensor:
-        """sum_k weight_k * Expert_{idx_k}(u): u [T, D], idx/weights [T, K] -> [T, D] float32."""
+        """sum_k weight_k * Expert_{idx_k}(u): u [T, D], idx/weights [T, K] -> [T, D] float32
+        (sharded: the sum over this rank's experts only)."""
         out = torch.zeros(u.shape, dtype=ops.wide(u).dtype, device=u.device)
+        n = self.w13_weight.shape[0]
         for e in idx.unique().tolist():
+            if not self.first <= e < self.first + n:
+                continue  # another rank's expert
             rows, k = torch.nonzero(idx == e, as_tuple=True)
-            w13, w2 = self.expert_weights(e)
+            w13, w2 = self.expert_weights(e - self.first)
             g, v = linear(u[rows], w13, act_quant).chunk(2, dim=-1)
             # routing weight BEFORE w2 (and before w2's input is quantised), as the reference
             a = (weights[rows, k, None] * ops.swiglu(g, v, self.limit)).to(u.dtype)
@@ -253,31 +295,43 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None):
+    """Routed experts + the shared expert. Sharded: the gate and the shared expert are held
+    whole on every rank (as DeepSeek's per-rank checkpoints hold them), the routed experts
+    split by range. One all-reduce: of the routed partial sums plus the rank's part of the
+    shared expert (``SharedExperts.split``), or of the routed sums alone, the shared expert
+    then added whole, in the one-process order."""
+
+    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None,
+                 tp: TensorParallel | None = None):
         super().__init__()
         self.cfg = cfg
+        self.tp = tp or TensorParallel()
         self.gate = Gate(cfg, device)
-        self.shared_experts = SharedExperts(cfg, fmt, dtype, device)
-        self.experts = Experts(cfg, fmt, dtype, device)
+        self.shared_experts = SharedExperts(cfg, fmt, dtype, device, self.tp)
+        self.experts = Experts(cfg, fmt, dtype, device, self.tp)
 
     def forward(self, u: torch.Tensor, act_quant: bool) -> torch.Tensor:
         cfg = self.cfg
         idx, w = ops.route(u, self.gate.weight, self.gate.e_score_correction_bias,
                            cfg.num_experts_per_tok, cfg.scoring_func, cfg.routed_scaling_factor)
-        routed = self.experts(u, idx, w, act_quant)  # float32
-        return (routed + ops.wide(self.shared_experts(u, act_quant))).to(u.dtype)
+        routed = self.experts(u, idx, w, act_quant)  # float32 (sharded: this rank's experts)
+        shared = self.shared_experts(u, act_quant)
+        if self.shared_experts.split:  # both float32 partials: one all-reduce of their sum
+            return self.tp.all_reduce_(routed + shared).to(u.dtype)
+        return (self.tp.all_reduce_(routed) + ops.wide(shared)).to(u.dtype)
 
 
 class Block(nn.Module):
     """A V4 decoder block with hyper-connections (``mtp_block``)."""
 
-    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None):
+    def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None,
+                 tp: TensorParallel | None = None):
         super().__init__()
         self.cfg = cfg
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device)
-        self.attn = Attention(cfg, fmt, dtype, device)
-        self.ffn = MoE(cfg, fmt, dtype, device)
+        self.attn = Attention(cfg, fmt, dtype, device, tp)
+        self.ffn = MoE(cfg, fmt, dtype, device, tp)
         for site in ("attn", "ffn"):
             setattr(self, f"hc_{site}_fn", _param((cfg.hc_mix_dim, cfg.hc_dim), torch.float32,
                                                   device))
@@ -310,7 +364,7 @@ class MTPLayer(nn.Module):
     """One MTP layer (``model.layers.{N+i}``): enorm/hnorm, e_proj/h_proj, the block, hc_head."""
 
     def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, head: nn.Parameter,
-                 device=None):
+                 device=None, tp: TensorParallel | None = None):
         super().__init__()
         self.cfg = cfg
         d, m = cfg.hidden_size, cfg.hc_mult
@@ -322,7 +376,7 @@ class MTPLayer(nn.Module):
         self.hc_head_base = _param((m,), torch.float32, device)
         self.hc_head_scale = _param((1,), torch.float32, device)
         self.shared_head = SharedHead(cfg, head)
-        self.mtp_block = Block(cfg, fmt, dtype, device)
+        self.mtp_block = Block(cfg, fmt, dtype, device, tp)
 
     def forward(self, e: torch.Tensor, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """e [T, D] token embeddings, h [T, M, D] residual streams -> [T, M, D]."""
@@ -331,7 +385,8 @@ class MTPLayer(nn.Module):
         return self.mtp_block(x, ctx)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, M, D] -> [T, V] float32: hc_head, this layer's norm, the shared head."""
+        """x [T, M, D] -> [T, V] float32: hc_head, this layer's norm, the shared head
+        (sharded: this rank's vocabulary slice [T, V/w])."""
         cfg = self.cfg
         y = ops.hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, cfg.hc_eps,
                         cfg.rms_norm_eps)
@@ -342,24 +397,30 @@ class MTPLayer(nn.Module):
 
 class DeepSeekV4MultiTokenPredictor(nn.Module):
     def __init__(self, cfg: MTPConfig, fmt: WeightFormat, dtype, device=None,
-                 embed_tokens: torch.Tensor | None = None, head: torch.Tensor | None = None):
+                 embed_tokens: torch.Tensor | None = None, head: torch.Tensor | None = None,
+                 tp: TensorParallel | None = None):
         super().__init__()
+        tp = tp or TensorParallel()
         self.embed_tokens = nn.Module()
-        self.embed_tokens.weight = _shared(embed_tokens, "embed_tokens", cfg, dtype, device)
-        shared_head = _shared(head, "head", cfg, dtype, device)
+        self.embed_tokens.weight = _shared(embed_tokens, "embed_tokens", cfg, dtype, device, tp)
+        shared_head = _shared(head, "head", cfg, dtype, device, tp)
         self.mtp_start_layer_idx = cfg.num_hidden_layers
         self.num_mtp_layers = cfg.num_nextn_predict_layers
         self.layers = nn.ModuleDict({
-            str(L): MTPLayer(cfg, fmt, dtype, shared_head, device) for L in cfg.mtp_layer_ids})
+            str(L): MTPLayer(cfg, fmt, dtype, shared_head, device, tp)
+            for L in cfg.mtp_layer_ids})
 
 
-def _shared(t: torch.Tensor | None, name: str, cfg: MTPConfig, dtype, device) -> nn.Parameter:
-    """A [V, D] table: the caller's tensor (shared storage, no copy) or a fresh one to load."""
-    shape = (cfg.vocab_size, cfg.hidden_size)
+def _shared(t: torch.Tensor | None, name: str, cfg: MTPConfig, dtype, device,
+            tp: TensorParallel) -> nn.Parameter:
+    """A [V, D] table (sharded: this rank's [V/w, D] rows): the caller's tensor (shared
+    storage, no copy) or a fresh one to load."""
+    shape = (tp.local(cfg.vocab_size), cfg.hidden_size)
     if t is None:
         return _param(shape, dtype, device)
     if tuple(t.shape) != shape:
-        raise ValueError(f"{name}: expected shape [vocab_size, hidden_size] = {list(shape)}, "
+        rows = "vocab_size" if not tp.sharded else f"vocab_size/world_size (rank {tp.rank}'s rows)"
+        raise ValueError(f"{name}: expected shape [{rows}, hidden_size] = {list(shape)}, "
                          f"got {list(t.shape)}")
     if not t.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
@@ -377,6 +438,10 @@ class DeepSeekV4MTP(nn.Module):
         device: where parameters are created (``"meta"`` for shape-only use).
         embed_tokens, head: the target's [V, D] embedding and LM head, shared instead of loaded.
         numerics: the reference's rounding switches (:class:`Numerics`).
+        process_group: a ``torch.distributed`` group to run tensor/expert parallel over (the
+            caller's, e.g. the engine's TP group); each rank then holds its share of the
+            weights (:mod:`mtp.parallel`, docs/parallel.md) and every rank returns the same
+            full results. None: one process.
 
     Example:
         >>> from mtp import DeepSeekV4MTP, MTPConfig
@@ -392,22 +457,24 @@ class DeepSeekV4MTP(nn.Module):
     def __init__(self, config: MTPConfig, *, weight_format: WeightFormat | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
                  embed_tokens: torch.Tensor | None = None, head: torch.Tensor | None = None,
-                 numerics: Numerics | None = None):
+                 numerics: Numerics | None = None, process_group=None):
         super().__init__()
         if dtype not in COMPUTE_DTYPES:
             raise TypeError(f"dtype: expected one of {COMPUTE_DTYPES}, got {dtype}")
+        self.tp = TensorParallel(process_group)
+        check_world_size(config, self.tp.world_size)
         self.config = config
         self.weight_format = weight_format or WeightFormat.released()
         self.dtype = dtype
         self.numerics = numerics or Numerics()
         self.model = DeepSeekV4MultiTokenPredictor(config, self.weight_format, dtype, device,
-                                                   embed_tokens, head)
+                                                   embed_tokens, head, self.tp)
 
     # ---- vLLM-compatible surface -------------------------------------------------------------
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[T] token ids -> [T, D] embeddings (compute dtype)."""
         self._check_ids(input_ids, "input_ids")
-        return F.embedding(input_ids, self.model.embed_tokens.weight).to(self.dtype)
+        return vocab_embedding(input_ids, self.model.embed_tokens.weight, self.tp, self.dtype)
 
     def layer(self, spec_step_idx: int = 0) -> MTPLayer:
         """The MTP layer that draft step ``spec_step_idx`` uses (``spec_step_idx % n_mtp``)."""
@@ -452,13 +519,18 @@ class DeepSeekV4MTP(nn.Module):
         ctx = StepContext(positions, cos, sin, window, kv_cache, cache_layer, self.numerics)
         return layer(e, h, ctx).flatten(1)  # [T, M, D] -> [T, M*D]
 
-    def compute_logits(self, hidden_states: torch.Tensor, spec_step_idx: int = 0) -> torch.Tensor:
-        """[T, hc_mult*D] MTP residuals -> [T, V] float32 logits (float64 in float64 mode)."""
+    def compute_logits(self, hidden_states: torch.Tensor, spec_step_idx: int = 0, *,
+                       gather: bool = True) -> torch.Tensor:
+        """[T, hc_mult*D] MTP residuals -> [T, V] float32 logits (float64 in float64 mode).
+
+        Tensor-parallel: ``gather=False`` returns this rank's vocabulary slice [T, V/w]
+        (ranks in order), e.g. for :meth:`mtp.parallel.TensorParallel.sample`."""
         layer = self.layer(spec_step_idx)
         cfg = self.config
         self._check_hidden(hidden_states, None)
         x = hidden_states.to(self.dtype).view(-1, cfg.hc_mult, cfg.hidden_size)  # [T, M, D]
-        return layer.logits(x)
+        logits = layer.logits(x)
+        return self.tp.all_gather(logits, dim=-1) if gather else logits
 
     # ---- input checks (all before any state changes) -----------------------------------------
     def _check_ids(self, ids: torch.Tensor, name: str) -> None:

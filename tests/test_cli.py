@@ -63,15 +63,15 @@ def test_demo_loads_what_it_wrote_and_drafts(capsys):
 
 
 def test_demo_command_prints_drafts_with_timings(capsys):
-    code, out, err = run(capsys, "demo", "--seqs", "2", "--rounds", "1", "-k", "2",
-                         "--temperature", "0.8")
+    code, out, err = run(capsys, "demo", "--random-checkpoint", "--seqs", "2", "--rounds", "1",
+                         "-k", "2", "--temperature", "0.8")
     assert code == EXIT_OK and err == ""
     assert "sampled at temperature 0.8" in out and " ms" in out
     assert out.count("->  drafts [") == 2
 
 
 def test_demo_refuses_a_folder_holding_a_checkpoint(capsys, tiny_checkpoint):
-    code, _, err = run(capsys, "demo", "--out", tiny_checkpoint)
+    code, _, err = run(capsys, "demo", "--random-checkpoint", "--out", tiny_checkpoint)
     assert code == EXIT_ERROR
     assert_one_line_error(err, "mtp demo", "already holds checkpoint files")
 
@@ -219,7 +219,8 @@ def test_the_installed_console_script_runs_the_demo():
     """A real process through the entry point pip installed (pyproject: mtp = mtp.cli:main)."""
     script = os.path.join(os.path.dirname(sys.executable), "mtp")
     assert os.path.isfile(script), f"no console script at {script}: run `pip install -e .`"
-    done = subprocess.run([script, "demo", "--seqs", "2", "--rounds", "1"], capture_output=True,
+    done = subprocess.run([script, "demo", "--random-checkpoint", "--seqs", "2", "--rounds", "1"],
+                          capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == EXIT_OK, done.stderr
     assert "round 1" in done.stdout and done.stdout.count("->  drafts [") == 2

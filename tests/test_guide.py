@@ -9,8 +9,6 @@ import io
 import pathlib
 import re
 
-import torch
-
 GUIDE = pathlib.Path(__file__).resolve().parent.parent / "docs" / "guide.md"
 
 
@@ -20,21 +18,21 @@ def python_blocks(text: str) -> list[str]:
 
 def test_the_guide_runs_and_its_loops_do_what_it_says():
     blocks = python_blocks(GUIDE.read_text())
-    assert len(blocks) == 4, "setup, loop, greedy run, sampled run: the guide lost a block"
+    assert len(blocks) == 4, "setup, greedy run, sampled run, trained pair: the guide lost a block"
     namespace: dict = {}
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         for i, block in enumerate(blocks):
             exec(compile(block, f"docs/guide.md block {i + 1}", "exec"), namespace)
     lines = printed.getvalue().strip().splitlines()
-    assert len(lines) == 2 and all("proposals: acceptance per draft position" in s for s in lines)
+    assert len(lines) == 3 and "verifications, mean accepted length" in lines[1]
+    # the greedy figures the guide prints are the ones it states
+    assert lines[0] == "[0.6458333333333334, 0.5208333333333334, 0.375] 2.541666666666667"
 
-    stats, out, prompts = namespace["stats"], namespace["out"], namespace["prompts"]
-    drafter, target = namespace["drafter"], namespace["target"]
-    # The sampled run: every sequence grew past max_len from its prompt, the drafter
-    # accepted something (the matching toy layer agrees often) and released its sequences.
-    assert all(len(o) >= 40 and torch.equal(o[:len(p)], p) for p, o in zip(prompts, out))
-    assert stats.mean_accepted > 0.5 and stats.proposals > 0
+    drafter = namespace["drafter"]
+    # The sampled run: every sequence got its 40 tokens; drafts were accepted (the matching
+    # toy layer agrees often) and the drafter released its sequences.
+    assert [len(o) for o in namespace["out"]] == [40, 40, 40]
     assert drafter.seq_ids == []
-    # The drafter shares the target's embedding and head tensors (no copies).
-    assert drafter.model.model.embed_tokens.weight.data_ptr() == target.embed.weight.data_ptr()
+    # The trained pair's run: 32 tokens, more than one token per target step.
+    assert len(namespace["tokens"]) == 32 and namespace["stats"].mean_accepted_length > 1
