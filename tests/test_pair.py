@@ -105,6 +105,13 @@ def test_the_prompts_are_heldout_snippets():
     assert all(TOKENIZER.encode(s["text"]) == p for s, p in zip(snippets, heldout_prompts()))
 
 
+def test_the_old_import_path_of_the_toy_target_still_works():
+    from mtp.demo import matching_mtp
+    from mtp.toy_target import ToyTarget as Old
+    from mtp.toy_target import matching_mtp as old_matching
+    assert Old is ToyTarget and old_matching is matching_mtp
+
+
 def test_a_loaded_target_needs_its_layers(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_target(str(tmp_path))
