@@ -1,7 +1,7 @@
 """Loading benchmark (not a test): a full-size DeepSeek-V4-Flash drafter checkpoint.
 
 Writes the three shards a Flash drafter reads, with the release's names, shapes, dtypes and shard
-files (``/work/shared/spec/tensors-flash.json``: MTP layer, embedding, head; 5.4 GiB of random
+files (``tests/data/tensors-flash.json.gz``: MTP layer, embedding, head; 5.4 GiB of random
 bytes) plus an index that also names the 43 main-model shards (absent: the loader must not need
 them), then times, each in a fresh subprocess so peak memory is its own:
 
@@ -21,6 +21,7 @@ own cost, not the disk. Reports GB/s (1e9 bytes) and peak resident memory (VmHWM
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
@@ -31,7 +32,9 @@ import sys
 import tempfile
 import time
 
-SPEC = "/work/shared/spec/tensors-flash.json"
+# the release's name list, vendored with the tests (tests/data/README.md)
+SPEC = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests", "data",
+                    "tensors-flash.json.gz")
 LABELS = {
     "mtp": "`mtp.loader.load_model` (checks + module)",
     "st-pread": "safetensors `safe_open(backend=\"pread\").get_tensor`",
@@ -40,13 +43,18 @@ LABELS = {
 _BYTES = {"BF16": 2, "F32": 4, "F8_E4M3": 1, "F8_E8M0": 1, "I8": 1}
 
 
+def _release_tensors() -> dict:
+    with gzip.open(SPEC, "rt") as f:
+        return json.load(f)
+
+
 def write_checkpoint(folder: str) -> int:
     """Write the drafter's shards of V4-Flash with random bytes; returns the bytes written."""
     import torch
 
     from mtp import MTPConfig
 
-    tensors = json.load(open(SPEC))["tensors"]
+    tensors = _release_tensors()["tensors"]
     by_shard: dict[str, list[str]] = {}
     for name, info in tensors.items():
         by_shard.setdefault(info["shard"], []).append(name)
@@ -102,7 +110,7 @@ def run_one(kind: str, folder: str) -> dict:
     else:
         from safetensors import safe_open
 
-        names = json.load(open(SPEC))["tensors"]
+        names = _release_tensors()["tensors"]
         backend = "pread" if kind == "st-pread" else "mmap"
         t0 = time.perf_counter()
         kept, nbytes = {}, 0

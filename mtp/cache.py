@@ -89,6 +89,7 @@ def window_index(positions: torch.Tensor, seq_slots: torch.Tensor, window: int,
     ``cache_pos``: the layer's [max_seqs, capacity] position table, or None (stateless: one
     sequence, nothing before its first row).
     """
+    positions = positions.to(torch.int64)  # int32 positions too: the ring math is int64
     t = positions.shape[0]
     device = positions.device
     n_cached = 0 if cache_pos is None else cache_pos.numel()

@@ -72,6 +72,9 @@ class _Plan:
     counts: list[int]
     kept_counts: list[int]
     keep: torch.Tensor | None  # [T'] row indices kept, None when every row is
+    hidden: torch.Tensor  # [T, M*D] (a [T, M, D] argument flattened)
+    next_ids: torch.Tensor  # [T]: next_token_ids or input_ids, whichever was given
+    positions: torch.Tensor  # [T] int64 (int32 accepted, widened here)
 
 
 class Drafter:
@@ -96,7 +99,8 @@ class Drafter:
         >>> drafter.add_sequence("a")
         >>> h = torch.randn(5, cfg.hc_dim)           # target residuals at positions 0..4
         >>> next_tokens = torch.tensor([11, 12, 13, 14, 15])  # tokens at positions 1..5
-        >>> p = drafter.propose(["a"], h, next_tokens, torch.arange(5), [5], k=3)
+        >>> p = drafter.propose(["a"], h, positions=torch.arange(5), num_rows_per_seq=[5],
+        ...                     next_token_ids=next_tokens, k=3)
         >>> p.drafts.shape, drafter.next_position("a")
         (torch.Size([1, 3]), 5)
     """
@@ -274,32 +278,38 @@ class Drafter:
     # ---- the two calls ---------------------------------------------------------------------
     @torch.no_grad()
     def feed(self, seq_ids: Sequence[Hashable], hidden_states: torch.Tensor,
-             input_ids: torch.Tensor, positions: torch.Tensor,
-             num_rows_per_seq: Sequence[int] | torch.Tensor) -> torch.Tensor:
+             input_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+             num_rows_per_seq: Sequence[int] | torch.Tensor | None = None, *,
+             next_token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Consume real rows without drafting (e.g. a prompt that will not draft this step).
 
         Arguments as in :meth:`propose`. Returns [S, M*D]: each sequence's last row's output.
         """
-        plan = self._plan(seq_ids, hidden_states, input_ids, positions, num_rows_per_seq)
+        plan = self._plan(seq_ids, hidden_states, input_ids, next_token_ids, positions,
+                          num_rows_per_seq)
         with self._dropping_on_failure(plan):
-            return self._feed(plan, hidden_states, input_ids, positions)
+            return self._feed(plan)
 
     @torch.no_grad()
     def propose(self, seq_ids: Sequence[Hashable], hidden_states: torch.Tensor,
-                input_ids: torch.Tensor, positions: torch.Tensor,
-                num_rows_per_seq: Sequence[int] | torch.Tensor, *, k: int,
-                sampling: Sampling = GREEDY) -> Proposal:
+                input_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                num_rows_per_seq: Sequence[int] | torch.Tensor | None = None, *, k: int,
+                sampling: Sampling = GREEDY,
+                next_token_ids: torch.Tensor | None = None) -> Proposal:
         """Consume each sequence's new real rows, then draft k tokens for every sequence, all
         sequences batched in each forward.
 
         Args:
             seq_ids: the sequences of this call (S of them, each added before).
-            hidden_states: [T, M*D] the target's pre-``hc_head`` residuals; row i is at
-                ``positions[i]``. The rows of ``seq_ids[0]`` come first, then those of
-                ``seq_ids[1]``, and so on.
-            input_ids: [T] row i's *next* token: the token at ``positions[i] + 1``.
-            positions: [T] each sequence's rows at consecutive positions, starting exactly at
-                its :meth:`next_position`.
+            hidden_states: [T, M*D] (or [T, M, D], transformers' layout) the target's
+                pre-``hc_head`` residuals; row i is at ``positions[i]``. The rows of
+                ``seq_ids[0]`` come first, then those of ``seq_ids[1]``, and so on.
+            next_token_ids: [T] row i's *next* token: the token at ``positions[i] + 1`` (the
+                target's ids shifted left by one). Give this or ``input_ids``, not both.
+            input_ids: the same tensor under vLLM's name (kept for engines that call the
+                layer the vLLM way); exactly one of the two.
+            positions: [T] int64 or int32, each sequence's rows at consecutive positions,
+                starting exactly at its :meth:`next_position`.
             num_rows_per_seq: S row counts (each >= 1), summing to T.
             k: drafts per sequence, 1 <= k <= ``max_draft_tokens``.
             sampling: greedy (default) or :class:`~mtp.sampling.Sampling` with temperature /
@@ -314,10 +324,11 @@ class Drafter:
         if not isinstance(sampling, Sampling):
             raise TypeError(f"sampling: expected a mtp.sampling.Sampling, got "
                             f"{type(sampling).__name__}")
-        plan = self._plan(seq_ids, hidden_states, input_ids, positions, num_rows_per_seq)
+        plan = self._plan(seq_ids, hidden_states, input_ids, next_token_ids, positions,
+                          num_rows_per_seq)
         sampling.check(len(plan.seq_ids), self.device)
         with self._dropping_on_failure(plan):
-            x = self._feed(plan, hidden_states, input_ids, positions)  # [S, M*D]
+            x = self._feed(plan)  # [S, M*D]
             return self._draft(plan, x, k, sampling)
 
     # ---- internals -------------------------------------------------------------------------
@@ -329,9 +340,14 @@ class Drafter:
                              f"(held: {_short(self.seq_ids)})")
         return seq
 
-    def _plan(self, seq_ids, hidden_states, input_ids, positions, num_rows_per_seq) -> _Plan:
+    def _plan(self, seq_ids, hidden_states, input_ids, next_token_ids, positions,
+              num_rows_per_seq) -> _Plan:
         """Check every argument against the drafter's state; change nothing."""
         cfg, device = self.config, self.device
+        ids_name, ids_arg = _next_token_ids(input_ids, next_token_ids)
+        for name, value in (("positions", positions), ("num_rows_per_seq", num_rows_per_seq)):
+            if value is None:
+                raise TypeError(f"{name}: required (see Drafter.propose)")
         if isinstance(seq_ids, (str, bytes)) or not isinstance(seq_ids, Sequence):
             raise TypeError(f"seq_ids: expected a list of sequence ids, got "
                             f"{type(seq_ids).__name__}")
@@ -346,14 +362,17 @@ class Drafter:
         counts = _row_counts(num_rows_per_seq, len(ids))
 
         t = sum(counts)
+        hidden_states = _flat_hidden(hidden_states, cfg)
         _check_tensor(hidden_states, "hidden_states", (t, cfg.hc_dim),
-                      f"[T, hc_mult*hidden_size] = [{t}, {cfg.hc_dim}]", device, floating=True)
-        _check_tensor(input_ids, "input_ids", (t,), f"[T] = [{t}] (the token after each row)",
-                      device, floating=False)
+                      f"[T, hc_mult*hidden_size] = [{t}, {cfg.hc_dim}] (or [T, hc_mult, "
+                      f"hidden_size] = [{t}, {cfg.hc_mult}, {cfg.hidden_size}])", device,
+                      floating=True)
+        _check_tensor(ids_arg, ids_name, (t,),
+                      f"[T] = [{t}] (the token after each row)", device, floating=False)
         _check_tensor(positions, "positions", (t,), f"[T] = [{t}]", device, floating=False)
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size:
-            bad = input_ids[(input_ids < 0) | (input_ids >= cfg.vocab_size)][0].item()
-            raise ValueError(f"input_ids: token id {bad} is outside the vocabulary "
+        if int(ids_arg.min()) < 0 or int(ids_arg.max()) >= cfg.vocab_size:
+            bad = ids_arg[(ids_arg < 0) | (ids_arg >= cfg.vocab_size)][0].item()
+            raise ValueError(f"{ids_name}: token id {bad} is outside the vocabulary "
                              f"[0, {cfg.vocab_size})")
 
         starts = [s.next_position for s in seqs]
@@ -369,10 +388,12 @@ class Drafter:
             offsets = torch.tensor([0] + counts[:-1]).cumsum(0).tolist()
             keep = torch.cat([torch.arange(o + n - m, o + n)
                               for o, n, m in zip(offsets, counts, kept)]).to(device)
-        return _Plan(ids, [s.slot for s in seqs], starts, counts, kept, keep)
+        return _Plan(ids, [s.slot for s in seqs], starts, counts, kept, keep, hidden_states,
+                     ids_arg, positions.to(torch.int64))
 
-    def _feed(self, plan: _Plan, hidden_states, input_ids, positions) -> torch.Tensor:
+    def _feed(self, plan: _Plan) -> torch.Tensor:
         device = self.device
+        hidden_states, input_ids, positions = plan.hidden, plan.next_ids, plan.positions
         slots = torch.tensor(plan.slots, device=device)
         starts = torch.tensor(plan.starts, device=device)
         # Every entry at or after a sequence's next real position came from a draft: drop it
@@ -450,6 +471,26 @@ def _check_hashable(seq_id: object) -> None:
     except TypeError:
         raise TypeError(f"sequence id: expected a hashable id (int or str), got "
                         f"{type(seq_id).__name__}") from None
+
+
+def _next_token_ids(input_ids, next_token_ids) -> tuple[str, torch.Tensor]:
+    """The [T] tokens at positions + 1, given under exactly one of its two names: (the name the
+    caller used, the tensor)."""
+    if (input_ids is None) == (next_token_ids is None):
+        both = "both were given" if input_ids is not None else "neither was given"
+        raise TypeError(f"next_token_ids: pass the token at positions[i] + 1 for each row as "
+                        f"next_token_ids= (or input_ids=, vLLM's name for it), exactly one of "
+                        f"the two; {both}")
+    return ("next_token_ids", next_token_ids) if input_ids is None else ("input_ids", input_ids)
+
+
+def _flat_hidden(hidden_states, cfg: MTPConfig):
+    """[T, M, D] (transformers' residual layout) -> [T, M*D]; anything else unchanged (the
+    shape check that follows names what was expected)."""
+    if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 3 \
+            and tuple(hidden_states.shape[1:]) == (cfg.hc_mult, cfg.hidden_size):
+        return hidden_states.flatten(1)  # [T, M, D] -> [T, M*D]
+    return hidden_states
 
 
 def _row_counts(num_rows_per_seq, s: int) -> list[int]:

@@ -45,7 +45,7 @@ class Repo:
     Example:
         >>> repo = Repo("deepseek-ai/DeepSeek-V4-Flash")               # doctest: +SKIP
         >>> repo.fetch("config.json")                                   # doctest: +SKIP
-        '/root/.cache/huggingface/hub/models--deepseek-ai--.../snapshots/<commit>/config.json'
+        '~/.cache/huggingface/hub/models--deepseek-ai--.../snapshots/<commit>/config.json'
     """
 
     def __init__(self, repo_id: str, *, revision: str | None = None, cache_dir=None,

@@ -162,8 +162,9 @@ def _open(where, *, revision=None, cache_dir=None, token=None, local_files_only=
             "index" if INDEX in present else "single" if SINGLE in present
             else "mp" if any(_MP_FILE.match(f) for f in present) else None)
         if layout is None:
-            raise CheckpointError(f"{where}: no {INDEX}, {SINGLE} or model{{r}}-mp{{N}}."
-                                  f"safetensors files: not a safetensors checkpoint folder")
+            raise CheckpointError(f"{where}: no {INDEX}, {SINGLE} or per-rank files "
+                                  f"(model0-mp8.safetensors, ...): not a safetensors "
+                                  f"checkpoint folder")
     elif looks_like_repo_id(where):
         repo = Repo(where, revision=revision, cache_dir=cache_dir, token=token,
                     local_files_only=local_files_only, tqdm_class=tqdm_class)
@@ -176,7 +177,8 @@ def _open(where, *, revision=None, cache_dir=None, token=None, local_files_only=
         else:
             cache = " in the cache (offline mode)" if repo.local_files_only else ""
             raise CheckpointError(f"{where}: neither {INDEX} nor {SINGLE} found{cache} (per-rank "
-                                  f"model{{r}}-mp{{N}} files are read from local folders only)")
+                                  f"files such as model0-mp8.safetensors are read from local "
+                                  f"folders only)")
         present = set()
     else:
         raise FileNotFoundError(f"{where!r} is neither a folder nor a Hub repo id (owner/name)")
@@ -870,7 +872,8 @@ def download(repo_id: str, *, revision: str | None = None, cache_dir=None, token
     """
     tqdm_class = _quiet_tqdm() if progress is False else None
     if os.path.isdir(os.fspath(repo_id)):
-        raise ValueError(f"{repo_id!r} is a local folder; download() fetches Hub repos")
+        raise ValueError(f"{repo_id!r} is a local folder, not a Hub repo id: there is nothing "
+                         f"to download; load or inspect the folder itself")
     src = _open(repo_id, revision=revision, cache_dir=cache_dir, token=token,
                 tqdm_class=tqdm_class)
     an = _analyse(src, dtype=torch.bfloat16, embed_given=embed_tokens_given,

@@ -1,6 +1,6 @@
-"""Independent float64 reference of the DeepSeek-V4 MTP layer, written from the spec alone.
+"""Independent float64 reference of the DeepSeek-V4 MTP layer, written from the model's
+architecture description (the math) and the release's checkpoint format alone.
 
-Spec: /work/shared/spec/architecture.md (the math) and /work/shared/spec/checkpoint.md (formats).
 Everything is torch float64 on CPU.  The code is deliberately literal (loops over tokens, heads,
 window positions, experts and Sinkhorn iterations) so that it is obviously correct; it is meant
 for tiny shapes only and is used solely by the test suite.

@@ -269,3 +269,63 @@ def test_from_pretrained_loads_through_the_loader_and_drafts_like_the_module(tmp
     for d in (loaded, shared):
         got = d.propose([0], h, ids, pos, [7], k=3)
         assert torch.equal(got.drafts, want.drafts) and torch.equal(got.hidden, want.hidden)
+
+
+# ---- the token convention and the residual layout ------------------------------------------
+def test_next_token_ids_is_input_ids_under_a_name_that_says_what_it_is():
+    """next_token_ids= and input_ids= (vLLM's name) are the same argument; exactly one of the
+    two, and a refusal changes nothing."""
+    h, ids, pos = rows(6, 3)
+    by_name, by_vllm = drafter(), drafter()
+    for d in (by_name, by_vllm):
+        d.add_sequence("a")
+    pa = by_name.propose(["a"], h, positions=pos, num_rows_per_seq=[6], k=3,
+                         next_token_ids=ids)
+    pb = by_vllm.propose(["a"], h, ids, pos, [6], k=3)
+    assert torch.equal(pa.drafts, pb.drafts) and torch.equal(pa.hidden, pb.hidden)
+    h2, ids2, pos2 = rows(1, 4, start=6)
+    xa = by_name.feed(["a"], h2, next_token_ids=ids2, positions=pos2, num_rows_per_seq=[1])
+    assert torch.equal(xa, by_vllm.feed(["a"], h2, ids2, pos2, [1]))
+
+    before = snapshot(by_name)
+    h3, ids3, pos3 = rows(1, 5, start=7)
+    with pytest.raises(TypeError, match="exactly one of the two; both were given"):
+        by_name.propose(["a"], h3, ids3, pos3, [1], k=1, next_token_ids=ids3)
+    with pytest.raises(TypeError, match="exactly one of the two; neither was given"):
+        by_name.feed(["a"], h3, positions=pos3, num_rows_per_seq=[1])
+    with pytest.raises(TypeError, match="positions: required"):
+        by_name.feed(["a"], h3, next_token_ids=ids3, num_rows_per_seq=[1])
+    with pytest.raises(ValueError, match=r"next_token_ids: expected \[T\] = \[1\]"):
+        by_name.feed(["a"], h3, next_token_ids=ids, positions=pos3, num_rows_per_seq=[1])
+    assert_same_state(before, snapshot(by_name))
+
+
+def test_residuals_in_transformers_layout_t_m_d_draft_like_flattened_ones():
+    h, ids, pos = rows(5, 6)
+    flat, stacked = drafter(), drafter()
+    for d in (flat, stacked):
+        d.add_sequence(0)
+    p_flat = flat.propose([0], h, ids, pos, [5], k=2)
+    h3 = h.view(5, TINY.hc_mult, TINY.hidden_size)  # [T, M*D] -> [T, M, D]
+    p_stacked = stacked.propose([0], h3, next_token_ids=ids, positions=pos,
+                                num_rows_per_seq=[5], k=2)
+    assert torch.equal(p_flat.drafts, p_stacked.drafts)
+    assert torch.equal(p_flat.hidden, p_stacked.hidden)
+    with pytest.raises(ValueError, match=r"or \[T, hc_mult, hidden_size\] = \[1, 4, 256\]"):
+        stacked.feed([0], h3[:1, :2], ids[:1], torch.tensor([5]), [1])
+
+
+def test_int32_positions_and_ids_draft_like_int64_ones():
+    """Regression: int32 positions (documented as accepted) failed inside the forward, which
+    then removed every sequence of the call."""
+    h, ids, pos = rows(10, 8)
+    wide, narrow = drafter(), drafter()
+    for d in (wide, narrow):
+        d.add_sequence(0)
+    pw = wide.propose([0], h, ids, pos, [10], k=3)
+    pn = narrow.propose([0], h, ids.int(), pos.int(), [10], k=3)
+    assert torch.equal(pw.drafts, pn.drafts) and torch.equal(pw.hidden, pn.hidden)
+    assert narrow.seq_ids == [0] and narrow.next_position(0) == 10
+    # the module itself, without the drafter, with a cache (the path that failed)
+    m = model()
+    assert torch.equal(m(ids.int(), pos.int(), h), m(ids, pos, h))
