@@ -409,3 +409,61 @@ def test_the_engines_page_example_runs():
             exec(compile(block, f"docs/engines.md block {i + 1}", "exec"), namespace)
     assert printed.getvalue().startswith("SpecStats(k=3")
     assert len(namespace["tokens"]) == 3 and all(len(t) == 12 for t in namespace["tokens"])
+
+
+def test_next_tokens_are_shifted_by_the_loop_and_named_by_the_drafter(targets, drafter_folders):
+    """The drafter's row i takes the token at positions[i] + 1. transformers' input_ids are the
+    tokens at positions[i]: passed unshifted they are valid ids, nothing raises, and the drafts
+    stop agreeing with the target. The speculative loop builds the shifted ids itself (the
+    adapter's greedy acceptance above), and the drafter names the argument for what it is
+    (next_token_ids=, input_ids= kept as vLLM's name; exactly one of the two)."""
+    model = targets["sliding"]
+    seq = list(range(60, 90))
+    logits, rows = full_rows(model, seq)
+    greedy = logits.argmax(-1)  # the target's own next token after each position
+
+    def agreement(next_ids):
+        """Fraction of positions whose first draft (for position n + 1) is the target's."""
+        hits = 0
+        for n in range(10, 29):  # 19 positions
+            d = TransformersTarget(model).load_drafter(drafter_folders["sliding"], max_seqs=1)
+            d.add_sequence(0)
+            p = d.propose([0], rows[:n], next_token_ids=next_ids[:n], positions=torch.arange(n),
+                          num_rows_per_seq=[n], k=1)
+            hits += int(p.drafts[0, 0]) == int(greedy[n])
+        return hits / 19
+
+    ids = torch.tensor(seq)
+    shifted = torch.cat([ids[1:], greedy[-1:]])  # the token after each row
+    assert agreement(shifted) > 0.3 > 0.05 >= agreement(ids)  # unshifted: silently useless
+
+    d = TransformersTarget(model).load_drafter(drafter_folders["sliding"], max_seqs=2)
+    d.add_sequence("a")
+    d.add_sequence("b")
+    by_name = d.propose(["a"], rows[:9], next_token_ids=shifted[:9], positions=torch.arange(9),
+                        num_rows_per_seq=[9], k=2)
+    vllm_style = d.propose(["b"], rows[:9], shifted[:9], torch.arange(9), [9], k=2)
+    assert torch.equal(by_name.drafts, vllm_style.drafts)
+    for kwargs in ({"input_ids": shifted[9:10], "next_token_ids": shifted[9:10]}, {}):
+        with pytest.raises(TypeError, match="next_token_ids.*exactly one"):
+            d.propose(["a"], rows[9:10], positions=torch.tensor([9]), num_rows_per_seq=[1],
+                      k=1, **kwargs)
+    assert d.next_position("a") == 9  # refused before any state changed
+
+
+def test_transformers_residual_layout_is_accepted(targets, drafter_folders):
+    """transformers holds the residual as [T, M, D]; the drafter takes it as it is, with the
+    same drafts as the flattened [T, M*D]."""
+    model = targets["compressed"]
+    seq = list(range(200, 215))
+    _, rows = full_rows(model, seq)  # [T, M*D]
+    streams = rows.view(len(seq), model.config.hc_mult, model.config.hidden_size)  # [T, M, D]
+    d = TransformersTarget(model).load_drafter(drafter_folders["compressed"], max_seqs=2)
+    out = []
+    for seq_id, h in (("flat", rows), ("streams", streams)):
+        d.add_sequence(seq_id)
+        out.append(d.propose([seq_id], h[:-1], next_token_ids=torch.tensor(seq[1:]),
+                             positions=torch.arange(len(seq) - 1),
+                             num_rows_per_seq=[len(seq) - 1], k=3))
+    assert torch.equal(out[0].drafts, out[1].drafts)
+    assert torch.equal(out[0].hidden, out[1].hidden)
