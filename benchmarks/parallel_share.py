@@ -19,7 +19,8 @@ import time
 import torch
 
 from mtp import DeepSeekV4MTP, MTPConfig, remap
-from mtp.model import Linear, SharedExperts, linear
+from mtp.model import Linear, SharedExperts
+from mtp.ops import matmul as linear
 from mtp.parallel import valid_world_sizes
 from mtp.quant import WeightFormat
 
