@@ -12,6 +12,10 @@ import torch
 from hypothesis import settings
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import reference` from any working directory
+# `python -m pytest` puts the repo root on sys.path, where kernels/ (installed as mtp_kernels)
+# would shadow the PyPI package `kernels` that transformers imports: keep the root off it.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 from mtp import DeepSeekV4MTP, MTPConfig  # noqa: E402
 

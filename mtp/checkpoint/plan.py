@@ -36,6 +36,11 @@ FORMAT_OF_DTYPE: dict[str, dict[str, str]] = {
 }
 NO_MTP = ("The checkpoint may have been quantized without including the MTP layers. Use a "
           "checkpoint that includes MTP layer weights, or disable speculative decoding.")
+NO_MTP_TRANSFORMERS = (
+    "This is a transformers save_pretrained folder (its config.json has transformers_version): "
+    "transformers drops the MTP weights (mtp.*) when it loads DeepSeek-V4. Load the drafter from "
+    "the release folder or repo id (e.g. deepseek-ai/DeepSeek-V4-Flash), sharing the model's "
+    "embedding and head (mtp.integrations.transformers.TransformersTarget.load_drafter).")
 STATUSES = ("load", "given", "superseded", "replica", "drop", "refuse")
 
 
@@ -283,7 +288,7 @@ def coverage(decisions: list[Decision], cfg: MTPConfig, fmt: WeightFormat | None
 
 
 def classify(decisions: list[Decision], cfg: MTPConfig, facts, missing: list[str],
-             ) -> tuple[str, str, list[str]]:
+             raw_config: dict | None = None) -> tuple[str, str, list[str]]:
     """(kind, message, missing): a DSpark drafter by its tensors, or MTP layers without
     weights (then their missing tensors are the message, not a list)."""
     filled = {d.target.param for d in decisions
@@ -295,7 +300,8 @@ def classify(decisions: list[Decision], cfg: MTPConfig, facts, missing: list[str
         return "dspark", f"tensors under mtp.* but no e_proj: this looks like {DSPARK}", missing
     if empty:
         layers = ", ".join(f"{L} (mtp.{L - cfg.num_hidden_layers}.*)" for L in empty)
-        return "no-mtp", f"MTP layer(s) {layers}: no weights in the checkpoint. {NO_MTP}", [
+        hint = NO_MTP_TRANSFORMERS if "transformers_version" in (raw_config or {}) else NO_MTP
+        return "no-mtp", f"MTP layer(s) {layers}: no weights in the checkpoint. {hint}", [
             m for m in missing if not any(f"layers.{L}." in m for L in empty)]
     return "v4-mtp", "", missing
 
@@ -326,7 +332,7 @@ def build(source: Source, cfg: MTPConfig, headers: dict[str, dict[str, TensorInf
     problems += place_problems
     cover_problems, missing = coverage(decisions, cfg, fmt, shapes, given)
     problems += cover_problems
-    kind, message, missing = classify(decisions, cfg, facts, missing)
+    kind, message, missing = classify(decisions, cfg, facts, missing, source.raw_config)
     return LoadPlan(source, cfg, kind, message, fmt, tuple(decisions), headers, tuple(problems),
                     tuple(missing), shapes, facts, given)
 
