@@ -8,10 +8,12 @@
 Exit codes (scripts can rely on them):
 
     0  success (inspect: the checkpoint loads as a DeepSeek-V4 MTP drafter)
-    1  the command failed (a refused or unreadable checkpoint, a network or file error)
+    1  the command failed (a missing path, a corrupt or unreadable checkpoint, a network or
+       file error, a device this machine does not have)
     2  usage error (unknown command, bad or missing argument)
-    3  inspect only: the checkpoint was read, but is not a loadable V4 MTP drafter (another
-       kind of model, a DSpark drafter, no MTP layer, missing or unexpected tensors)
+    3  inspect only: the source was read, but is not a loadable V4 MTP drafter (a folder
+       without a checkpoint, another kind of model, a DSpark drafter, no MTP layer, missing
+       or unexpected tensors)
     130  interrupted (Ctrl-C)
 
 Errors are printed as one line on stderr (``mtp <command>: error: ...``), followed by the
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -35,6 +38,10 @@ from .config import PRESETS
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_MTP, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# `mtp bench` refuses presets whose weights exceed this on a CPU: building random full-size
+# weights there takes many minutes (quantising every expert) before the first timing, and a CPU
+# figure for a full-size layer says nothing about a deployment. Tiny (~20 MB) runs anywhere.
+BENCH_CPU_MAX_BYTES = 1 << 30
 
 
 class UsageError(Exception):
@@ -85,6 +92,39 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _device(text: str) -> torch.device:
+    """``--device``: a torch device string, checked when parsed (not torch's own message)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda, cuda:1 or "
+                                         f"mps, got {text!r}") from None
+    if device.type == "meta":
+        raise argparse.ArgumentTypeError("meta tensors hold no data; expected a device such as "
+                                         "cpu or cuda")
+    return device
+
+
+def check_device(device: torch.device) -> None:
+    """Refuse a device this machine lacks, before the command writes or builds anything."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CommandError(f"--device {device}: CUDA is not available on this machine (no "
+                               f"GPU, or a CPU-only build of torch); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CommandError(f"--device {device}: this machine has "
+                               f"{torch.cuda.device_count()} CUDA device(s), "
+                               f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+        return
+    if device.type == "cpu":
+        return
+    try:  # another backend (mps, xpu, ...): usable if a tensor can live there
+        torch.empty(1, device=device)
+    except Exception as e:
+        raise CommandError(f"--device {device}: not usable on this machine "
+                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -122,12 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_positive, default=3, help="propose rounds (default 3)")
     p.add_argument("--temperature", type=_non_negative_float, default=0.0,
                    help="0 drafts greedily (default); > 0 samples")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", type=_device, default=torch.device("cpu"),
+                   help="torch device (default cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="compute dtype (default float32)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and inputs")
-    p.add_argument("--out", metavar="DIR", help="keep the checkpoint in DIR (an empty folder) "
-                   "instead of a temporary one")
+    p.add_argument("--out", metavar="DIR", help="keep the checkpoint in DIR (created if "
+                   "missing; it must hold no checkpoint) instead of a temporary folder")
+    p.add_argument("--overwrite", action="store_true", help="with --out: replace the "
+                   "checkpoint files already in DIR")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("inspect", parents=[debug, hub], help="what a checkpoint holds for the "
@@ -135,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "headers (no tensor data) of a folder or Hub repo and print what the "
                        "drafter would load: config, format, shards to read, tensors and bytes "
                        "per rule, missing and unexpected tensors, and the verdict. Exit code 0 "
-                       "if it loads as a V4 MTP drafter, 3 if not.")
+                       "if it loads as a V4 MTP drafter; 3 if it was read but does not (no "
+                       "checkpoint in the folder, another kind of model, missing tensors); 1 "
+                       "if it cannot be read (no such path, a corrupt file, a network error).")
     p.add_argument("source", metavar="PATH_OR_REPO", help="checkpoint folder or Hub repo id")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_inspect)
@@ -153,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "tokens) and the catch-up of W rows per sequence, for a preset with "
                        "random weights in the released formats (FP8 + FP4 experts), on the "
                        "current device. Times are medians; on CUDA the device is synchronised "
-                       "around each call.")
+                       "around each call. Full-size presets (flash, pro) need a CUDA device: "
+                       "on a CPU, building their random weights alone takes many minutes and "
+                       "says nothing about a deployment.")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                    help="model dimensions (default tiny)")
     p.add_argument("--batch", type=_positive, nargs="+", default=[1, 4],
@@ -163,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive, default=10, help="timed calls (default 10)")
     p.add_argument("--warmup", type=_non_negative, default=2,
                    help="untimed calls first (default 2)")
-    p.add_argument("--device", default=None, help="torch device (default cuda if present, "
-                   "else cpu)")
+    p.add_argument("--device", type=_device, default=None, help="torch device (default cuda "
+                   "if present, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="compute dtype (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--kernels", choices=["reference", "triton"], default="reference",
@@ -180,25 +227,68 @@ def build_parser() -> argparse.ArgumentParser:
 def _demo(args) -> int:
     from .demo import run, run_pair
 
+    check_device(args.device)
     if not args.random_checkpoint:
+        if args.out or args.overwrite:
+            raise UsageError("--out and --overwrite go with --random-checkpoint (the trained "
+                             "pair's demo writes no checkpoint)", "mtp demo")
         prompt = int(args.prompt) if args.prompt.isdigit() else args.prompt
         run_pair(prompt=prompt, k=args.k, max_new_tokens=args.max_new_tokens,
-                 temperature=args.temperature, device=args.device, seed=args.seed)
+                 temperature=args.temperature, device=str(args.device), seed=args.seed)
         return EXIT_OK
-    run(out=args.out, seqs=args.seqs, k=args.k, rounds=args.rounds, device=args.device,
-        dtype=DTYPES[args.dtype], temperature=args.temperature, seed=args.seed)
+    if args.overwrite and not args.out:
+        raise UsageError("--overwrite goes with --out DIR (the default folder is a fresh "
+                         "temporary one)", "mtp demo")
+    if args.out:
+        _check_out_folder(args.out, args.overwrite)
+    run(out=args.out, seqs=args.seqs, k=args.k, rounds=args.rounds, device=str(args.device),
+        dtype=DTYPES[args.dtype], temperature=args.temperature, seed=args.seed,
+        overwrite=args.overwrite)
     return EXIT_OK
+
+
+def _check_out_folder(out: str, overwrite: bool) -> None:
+    """``--out``: a folder (created if missing) that holds no checkpoint unless --overwrite;
+    checked before anything is written."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CommandError(f"--out {out}: exists and is not a folder; give a folder (it is "
+                           f"created if missing)")
+    if overwrite or not os.path.isdir(out):
+        return
+    old = sorted(f for f in os.listdir(out) if f == "config.json"
+                 or (f.startswith("model") and f.endswith((".safetensors", ".index.json"))))
+    if old:
+        shown = ", ".join(old[:3]) + (", ..." if len(old) > 3 else "")
+        raise CommandError(f"--out {out}: already holds checkpoint files ({shown}); add "
+                           f"--overwrite to replace them, or give an empty folder")
 
 
 def _inspect(args) -> int:
     from .loader import plan
 
+    lacking = _lacks_a_checkpoint(args.source)
+    if lacking:  # read, and not a drafter: exit 3, as documented
+        print(f"mtp inspect: error: {args.source}: {lacking}: not a checkpoint folder",
+              file=sys.stderr)
+        return EXIT_NOT_MTP
     p = plan(args.source, revision=args.revision, cache_dir=args.cache_dir, token=args.token)
     if args.json:
         print(json.dumps(_jsonable(p), indent=2))
     else:
         print(p)
     return EXIT_OK if p.ok else EXIT_NOT_MTP
+
+
+def _lacks_a_checkpoint(source: str) -> str | None:
+    """What a local folder lacks to be a checkpoint at all (None: a folder with a config and
+    weight files, or not a local folder)."""
+    if not os.path.isdir(source):
+        return None
+    names = os.listdir(source)
+    lacking = [what for what, there in (
+        ("no config.json", "config.json" in names),
+        ("no .safetensors files", any(n.endswith(".safetensors") for n in names))) if not there]
+    return (("an empty folder" if not names else " and ".join(lacking)) if lacking else None)
 
 
 def _jsonable(obj):
@@ -231,12 +321,13 @@ def _bench(args) -> int:
     from .model import DeepSeekV4MTP
     from .testing import init_random_
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CommandError(f"--device {device}: CUDA is not available on this machine")
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     dtype = DTYPES[args.dtype] if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     cfg = MTPConfig.from_name(args.preset)
+    if device.type == "cpu":
+        _refuse_full_size_on_cpu(args.preset, cfg, dtype)
     accelerator_class = _accelerator_class(args.kernels)
     t0 = time.perf_counter()
     model = init_random_(DeepSeekV4MTP(cfg, dtype=dtype, device=device), seed=0)
@@ -271,6 +362,18 @@ def _bench(args) -> int:
         print(f"{batch:>5}  {catch_up * 1e3:>17.2f} ms  {step * 1e3:>17.2f} ms  "
               f"{step / k * 1e3:>13.2f} ms")
     return EXIT_OK
+
+
+def _refuse_full_size_on_cpu(preset: str, cfg, dtype: torch.dtype) -> None:
+    from .model import DeepSeekV4MTP
+
+    meta = DeepSeekV4MTP(cfg, dtype=dtype, device="meta")  # sizes only, nothing allocated
+    size = sum(p.numel() * p.element_size() for p in meta.parameters())
+    if size > BENCH_CPU_MAX_BYTES:
+        raise CommandError(f"--preset {preset} on the CPU: its weights are {size / 2**30:.1f} "
+                           f"GiB, and building them at random takes many minutes before the "
+                           f"first timing (a full-size CPU figure says nothing about a "
+                           f"deployment); run it on a CUDA device, or use --preset tiny here")
 
 
 def _accelerator_class(kernels: str):

@@ -196,9 +196,9 @@ class Drafter:
     # ---- properties ------------------------------------------------------------------------
     @property
     def accelerator(self) -> Any:
-        """What runs every forward and logits call (the module itself by default). Settable,
-        e.g. after ``from_pretrained``: ``drafter.accelerator = TritonMTP(drafter.model)``;
-        None restores the module."""
+        """What runs every forward and logits call (the module itself by default, which runs
+        its own backend: the kernels on CUDA in the released format). Settable; None restores
+        the module."""
         return self._accelerator
 
     @accelerator.setter
@@ -253,8 +253,9 @@ class Drafter:
         """Run draft steps s >= 1 as CUDA-graph replays (``mtp_kernels.DraftStepGraphs``).
 
         Opt-in, CUDA only, needs the ``mtp_kernels`` package (the repo's ``kernels/``, with
-        Triton). Sets the accelerator to ``TritonMTP(model)`` unless it already is one, and
-        captures one graph per bucket and MTP layer (``spec_step_idx`` = 0 .. n_mtp - 1): a
+        Triton) and the model's triton backend (``backend="auto"``, the default, on CUDA in the
+        released format). Captures the model's own ``decode_step``, one graph per bucket and
+        MTP layer (``spec_step_idx`` = 0 .. n_mtp - 1): a
         proposal for S sequences replays the smallest bucket >= S; more sequences than the
         largest bucket run eagerly. Catch-up rows and draft step 0 stay eager (their row counts
         vary). Same drafts as without graphs; setting ``accelerator`` again drops the graphs.
@@ -278,16 +279,14 @@ class Drafter:
                                f"({exc}); it is the repo's kernels/ folder and needs Triton "
                                "(part of CUDA builds of torch)") from exc
         fast = self._accelerator
-        if fast is self.model:
-            fast = TritonMTP(self.model)
-        elif not isinstance(fast, TritonMTP) or fast.model is not self.model:
-            raise ValueError("use_cuda_graphs: the accelerator must be a TritonMTP of this "
-                             "drafter's model (or unset); it is "
-                             f"{type(fast).__name__}")
+        if fast is not self.model and not (isinstance(fast, TritonMTP)
+                                           and fast.model is self.model):
+            raise ValueError("use_cuda_graphs: the graphs capture the model's own backend; the "
+                             "accelerator must be unset (or a TritonMTP of this drafter's "
+                             f"model); it is {type(fast).__name__}")
         n_mtp = self.config.num_nextn_predict_layers
         graphs = [DraftStepGraphs(fast, self.cache, tuple(sizes), spec_step_idx=i)
                   for i in range(n_mtp)]  # captured first: a failure changes nothing
-        self.accelerator = fast
         self._graphs = graphs
 
     # ---- sequences -------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -70,10 +71,72 @@ def test_demo_command_prints_drafts_with_timings(capsys):
     assert out.count("->  drafts [") == 2
 
 
-def test_demo_refuses_a_folder_holding_a_checkpoint(capsys, tiny_checkpoint):
-    code, _, err = run(capsys, "demo", "--random-checkpoint", "--out", tiny_checkpoint)
-    assert code == EXIT_ERROR
-    assert_one_line_error(err, "mtp demo", "already holds checkpoint files")
+def snapshot(folder) -> dict[str, tuple[int, int]]:
+    return {f: (os.stat(os.path.join(folder, f)).st_size, os.stat(os.path.join(folder, f))
+                .st_mtime_ns) for f in sorted(os.listdir(folder))}
+
+
+def test_demo_refuses_a_folder_holding_a_checkpoint_and_overwrite_replaces_it(capsys, tmp_path):
+    folder = write_tiny_checkpoint(tmp_path / "ckpt")
+    before = snapshot(folder)
+    code, _, err = run(capsys, "demo", "--random-checkpoint", "--out", folder)
+    assert code == EXIT_ERROR and snapshot(folder) == before
+    # names the CLI's own flag, not the Python argument behind it
+    assert_one_line_error(err, "mtp demo", "already holds checkpoint files", "--overwrite")
+    assert "overwrite=True" not in err
+    code, out, err = run(capsys, "demo", "--random-checkpoint", "--out", folder, "--overwrite",
+                         "--rounds", "1")
+    assert code == EXIT_OK and err == "" and "round 1" in out
+    assert snapshot(folder).keys() == before.keys() and snapshot(folder) != before
+    code, _, err = run(capsys, "demo", "--random-checkpoint", "--overwrite")  # without --out
+    assert code == EXIT_USAGE
+    assert_one_line_error(err, "mtp demo", "--overwrite goes with --out DIR")
+    after = snapshot(folder)
+    code, _, err = run(capsys, "demo", "--out", folder)  # the trained pair's demo writes none
+    assert code == EXIT_USAGE and snapshot(folder) == after
+    assert_one_line_error(err, "mtp demo", "--out and --overwrite go with --random-checkpoint")
+
+
+def test_demo_out_that_is_a_file_is_named_plainly(capsys, tmp_path):
+    path = tmp_path / "a-file"
+    path.write_text("keep me")
+    code, _, err = run(capsys, "demo", "--random-checkpoint", "--out", str(path))
+    assert code == EXIT_ERROR and path.read_text() == "keep me"
+    assert_one_line_error(err, "mtp demo", f"--out {path}: exists and is not a folder")
+    assert "Errno" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error path needs a machine without "
+                    "CUDA")
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_a_device_this_machine_lacks_is_refused_before_anything_is_written(capsys, tmp_path,
+                                                                         command):
+    out = ["--random-checkpoint", "--out", str(tmp_path / "out")] if command == "demo" else []
+    code, stdout, err = run(capsys, command, "--device", "cuda", *out)
+    assert code == EXIT_ERROR and stdout == ""
+    assert_one_line_error(err, f"mtp {command}", "--device cuda: CUDA is not available",
+                          "--device cpu")
+    assert "AssertionError" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+@pytest.mark.parametrize("device, fragment", [
+    ("foo", "expected a torch device such as cpu, cuda, cuda:1 or mps, got 'foo'"),
+    ("meta", "meta tensors hold no data")])
+def test_a_device_that_is_not_one_is_a_usage_error(capsys, command, device, fragment):
+    code, out, err = run(capsys, command, "--device", device)
+    assert code == EXIT_USAGE and out == ""
+    assert_one_line_error(err, f"mtp {command}", f"argument --device: {fragment}")
+    assert "Expected one of" not in err  # torch's raw list of device types
+
+
+def test_python_dash_m_mtp_runs_the_command_line():
+    done = subprocess.run([sys.executable, "-m", "mtp", "--version"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == EXIT_OK and done.stdout.startswith("mtp "), done.stderr
+    done = subprocess.run([sys.executable, "-m", "mtp", "bench", "--batch", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == EXIT_USAGE and "mtp bench: error:" in done.stderr
 
 
 # ---- inspect -------------------------------------------------------------------------------
@@ -114,6 +177,39 @@ def test_inspect_says_when_a_checkpoint_is_something_else(capsys, tmp_path):
         json.dump(config, f)
     code, out, _ = run(capsys, "inspect", folder, "--json")
     assert code == EXIT_NOT_MTP and json.loads(out)["kind"] == "dspark"
+
+
+@pytest.mark.parametrize("files, fragment", [
+    ({}, "an empty folder"),
+    ({"notes.txt": "x"}, "no config.json and no .safetensors files"),
+    ({"config.json": "{}"}, "no .safetensors files")])
+def test_inspect_of_a_folder_without_a_checkpoint_exits_3_as_documented(capsys, tmp_path, files,
+                                                                        fragment):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    code, out, err = run(capsys, "inspect", str(tmp_path))
+    assert code == EXIT_NOT_MTP and out == ""  # "3 if not" (the --help text)
+    assert_one_line_error(err, "mtp inspect", fragment, "not a checkpoint folder")
+    code, out, _ = run(capsys, "inspect", "--help")
+    assert "3 if it was read but does not" in " ".join(out.split())
+
+
+def test_inspect_of_unknown_weight_files_names_the_expected_files(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(MTPConfig.from_name("tiny").to_dict()))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "weights.safetensors"))
+    code, _, err = run(capsys, "inspect", str(tmp_path))
+    assert code == EXIT_ERROR
+    assert_one_line_error(err, "mtp inspect", "model.safetensors.index.json",
+                          "per-rank files (model0-mp8.safetensors, ...)")
+    assert "{r}" not in err and "{N}" not in err  # no unfilled placeholder
+
+
+def test_download_of_a_local_folder_says_what_to_do(capsys, tiny_checkpoint):
+    code, _, err = run(capsys, "download", tiny_checkpoint)
+    assert code == EXIT_ERROR
+    assert_one_line_error(err, "mtp download", "is a local folder, not a Hub repo id",
+                          "load or inspect the folder itself")
+    assert "download()" not in err
 
 
 def test_inspect_of_nothing_is_one_error_line_and_debug_shows_the_traceback(capsys, tmp_path):
@@ -168,6 +264,16 @@ def test_bench_on_a_missing_cuda_device_is_an_error(capsys):
     code, _, err = run(capsys, "bench", "--device", "cuda")
     assert code == EXIT_ERROR
     assert_one_line_error(err, "mtp bench", "--device cuda: CUDA is not available")
+
+
+@pytest.mark.parametrize("preset", ["flash", "pro"])
+def test_bench_refuses_full_size_presets_on_the_cpu_at_once(capsys, preset):
+    t0 = time.perf_counter()
+    code, out, err = run(capsys, "bench", "--preset", preset, "--device", "cpu")
+    assert code == EXIT_ERROR and out == ""
+    assert_one_line_error(err, "mtp bench", f"--preset {preset} on the CPU: its weights are",
+                          "GiB", "run it on a CUDA device, or use --preset tiny")
+    assert time.perf_counter() - t0 < 30  # sized on the meta device: nothing built (was 8+ min)
 
 
 def test_bench_with_kernels_that_cannot_load_is_an_error(capsys):

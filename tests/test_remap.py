@@ -3,6 +3,7 @@ lists on the meta device, hypothesis properties, and the generated docs."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import re
@@ -18,7 +19,7 @@ from mtp import DeepSeekV4MTP, MTPConfig, WeightFormat, remap
 from mtp.remap import RULES, Target, UnknownTensorError, explain, match, resolve
 from mtp.surgery import overlaps, region_numel
 
-SPEC = Path("/work/shared/spec")
+DATA = Path(__file__).resolve().parent / "data"  # the release name lists: data/README.md
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "remap-rules.md"
 FLASH2 = MTPConfig(**{**MTPConfig.from_name("flash").__dict__, "num_nextn_predict_layers": 2,
                       "mtp_compress_ratios": (0, 0)})  # N = 43: MTP layers 43 and 44
@@ -171,9 +172,14 @@ def test_explain():
 _BYTES = {"BF16": 2, "F32": 4, "F8_E4M3": 1, "F8_E8M0": 1, "I8": 1}
 
 
+def release_tensor_list(release: str) -> dict:
+    with gzip.open(DATA / f"tensors-{release}.json.gz", "rt") as f:
+        return json.load(f)
+
+
 @pytest.mark.parametrize("release", ["flash", "pro"])
 def test_release_name_list_fills_the_module_exactly(release):
-    data = json.loads((SPEC / f"tensors-{release}.json").read_text())
+    data = release_tensor_list(release)
     tensors = data["tensors"]
     cfg = MTPConfig.from_name(release)
     mtp_names = [n for n in tensors if n.startswith("mtp.")]
@@ -194,28 +200,30 @@ def test_release_name_list_fills_the_module_exactly(release):
     for param, rs in regions.items():  # each element filled exactly once
         assert not overlaps(rs), param
         assert sum(region_numel(r) for r in rs) == math.prod(shapes[param]), param
-    # and the loader's own analysis agrees, from dtypes and shapes alone
-    from mtp import loader
+    # and the loader's plan agrees, from names, dtypes and shapes alone (a pure function: no
+    # file is read)
+    from mtp.checkpoint import plan as planning
+    from mtp.checkpoint.header import TensorInfo
+    from mtp.checkpoint.source import Entry, Source
 
-    src = loader._Source(release, "", "index", cfg.to_dict(),
-                         [loader._Entry(n, i["shard"]) for n, i in tensors.items()],
-                         sorted({i["shard"] for i in tensors.values()}))
-    offset = defaultdict(int)
+    headers, offset = defaultdict(dict), defaultdict(int)
     for name, info in tensors.items():
         n = math.prod(info["shape"]) * _BYTES[info["dtype"]]
-        src.headers.setdefault(info["shard"], {})[name] = loader.TensorInfo(
+        headers[info["shard"]][name] = TensorInfo(
             info["shard"], info["dtype"], tuple(info["shape"]), offset[info["shard"]],
-            offset[info["shard"]] + n)
+            offset[info["shard"]] + n, name)
         offset[info["shard"]] += n
-    an = loader._analyse(src, dtype=torch.bfloat16)
-    assert (an.kind, an.problems, an.missing, an.unexpected) == ("v4-mtp", [], [], [])
-    assert an.fmt == WeightFormat.released()
-    assert len(an.needed()) == 3
+    src = Source(release, "", "index", cfg.to_dict(),
+                 tuple(Entry(n, i["shard"]) for n, i in tensors.items()))
+    lp = planning.build(src, cfg, dict(headers), [], torch.bfloat16)
+    assert (lp.kind, lp.problems, lp.missing, lp.unexpected) == ("v4-mtp", (), (), [])
+    assert lp.weight_format == WeightFormat.released()
+    assert len(lp.needed()) == 3
 
 
 def test_canonical_names_are_the_release_names():
     cfg = MTPConfig.from_name("flash")
-    tensors = json.loads((SPEC / "tensors-flash.json").read_text())["tensors"]
+    tensors = release_tensor_list("flash")["tensors"]
     assert set(dict(remap.canonical_names(cfg))) == set(tensors)
 
 

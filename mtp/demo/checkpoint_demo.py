@@ -31,13 +31,15 @@ from ..testing import init_random_
 PROMPT_LENGTHS = (5, 13, 40, 7, 21, 3, 30, 11)  # one per sequence, cycled
 
 
-def write_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0) -> str:
+def write_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0, *,
+                          overwrite: bool = False) -> str:
     """The embedded tiny checkpoint: random ``tiny`` weights, release layout (4 shards: the
-    embedding, a main-model placeholder layer the drafter skips, the head, the MTP layer)."""
+    embedding, a main-model placeholder layer the drafter skips, the head, the MTP layer).
+    ``overwrite`` replaces a checkpoint already in ``folder`` (otherwise refused)."""
     from ..export import write_checkpoint
 
     model = init_random_(DeepSeekV4MTP(MTPConfig.from_name("tiny")), seed=seed)
-    write_checkpoint(model, folder, num_shards=4, main_layers=2)
+    write_checkpoint(model, folder, num_shards=4, main_layers=2, overwrite=overwrite)
     return os.fspath(folder)
 
 
@@ -52,14 +54,14 @@ def _sync(device: torch.device) -> None:
 
 def run(*, out: str | None = None, seqs: int = 3, k: int = 3, rounds: int = 3,
         device: str = "cpu", dtype: torch.dtype = torch.float32, temperature: float = 0.0,
-        seed: int = 0, echo: Callable[[str], None] = print) -> Drafter:
+        seed: int = 0, echo: Callable[[str], None] = print, overwrite: bool = False) -> Drafter:
     """Run the demo, printing through ``echo``; returns the drafter (for tests)."""
     if seqs < 1 or k < 1 or rounds < 1:
         raise ValueError("seqs, k and rounds must be >= 1")
     with tempfile.TemporaryDirectory(prefix="mtp-demo-") as tmp:
         folder = out or tmp
         t0 = time.perf_counter()
-        write_tiny_checkpoint(folder, seed)
+        write_tiny_checkpoint(folder, seed, overwrite=overwrite)
         echo(f"checkpoint  {folder}: tiny preset, random weights (seed {seed}), "
              f"{_folder_bytes(folder) / 2**20:.1f} MiB in {len(os.listdir(folder)) - 2} shards, "
              f"built and written in {1e3 * (time.perf_counter() - t0):.0f} ms")
