@@ -4,11 +4,12 @@ For V4-Flash / V4-Pro shapes with random weights in the released formats (FP8 + 
 experts), bfloat16 compute, and a KV cache whose window is full, times per batch size:
 
 - the draft step (forward + logits, one row per sequence): the naive path (the module's
-  pure-PyTorch forward, dequantising per call), the fast path eager (``TritonMTP.decode_step``)
-  and CUDA-graph replay (``DraftStepGraphs``), each call timed alone (the host's launch
-  latency included: the GPU idles until the step's first copy arrives) and back to back (20
+  reference backend: pure PyTorch, dequantising per call), the triton backend eager
+  (``DeepSeekV4MTP.decode_step``) and CUDA-graph replay (``DraftStepGraphs``), each call
+  timed alone (the host's launch latency included: the GPU idles until the step's first copy
+  arrives) and back to back (20
   steps enqueued without synchronisation, as a decode loop runs: GPU time per step);
-- a catch-up of 128 rows per sequence (``TritonMTP.forward`` + logits of each last row);
+- a catch-up of 128 rows per sequence (the module's forward + logits of each last row);
 - a k = 3 greedy proposal (three graph replays with the argmax between);
 - ``Drafter.propose`` (1 new row per sequence, k = 3) eager vs ``use_cuda_graphs`` (--drafter);
 
@@ -39,8 +40,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mtp import DeepSeekV4MTP, KVCache, MTPConfig  # noqa: E402
-from mtp.model import Experts, Linear  # noqa: E402
+from mtp import DeepSeekV4MTP, KVCache, MTPConfig, ops  # noqa: E402
+from mtp.facts import facts_of  # noqa: E402
+from mtp.testing import draw  # noqa: E402
 
 ROT = 4  # input sets rotated through, so no repeat reads the same inputs from cache
 
@@ -63,60 +65,37 @@ def _import_kernels():
 # ---- random weights in the stored formats, made on the GPU ----------------------------------
 @torch.no_grad()
 def init_random_gpu_(model: DeepSeekV4MTP, seed: int = 0) -> DeepSeekV4MTP:
-    """Like ``mtp.testing.init_random_`` (same scales), generated on the model's device."""
+    """Like ``mtp.testing.init_random_`` (the same scales, read from each parameter's
+    ``ParamFacts.init``), generated on the model's device; quantised weights get random codes
+    under one power-of-two scale instead of a float draw quantised (much faster at full size)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    cfg = model.config
 
     def randn(shape, std):
         return torch.randn(shape, generator=g, device="cuda") * std
 
-    done = set()
-    for mod in model.modules():
-        if isinstance(mod, Linear):
-            out_f, in_f = mod.weight.shape
-            if mod.storage == "fp8":
-                # e4m3 codes ~ N(0, 64^2), one power-of-two scale so that W ~ N(0, 1/in)
-                mod.weight.copy_(randn(mod.weight.shape, 64.0).clamp(-448, 448))
-                b = 127 + round(math.log2(in_f ** -0.5 / 64.0))
-                mod.weight_scale_inv.view(torch.uint8).fill_(b)
-            else:
-                mod.weight.copy_(randn(mod.weight.shape, in_f ** -0.5))
-            done.update(id(p) for p in mod.parameters())
-        elif isinstance(mod, Experts):
-            assert mod.storage == "fp4", "benchmark: released format only"
-            for name in ("w13_weight", "w2_weight"):
-                w = getattr(mod, name)
-                w.copy_(torch.randint(-128, 128, w.shape, generator=g, device="cuda",
-                                      dtype=torch.int8))
-                in_f = w.shape[-1] * 2
-                b = 127 + round(math.log2(in_f ** -0.5 / 2.93))  # rms of a uniform e2m1 code
-                getattr(mod, name + "_scale").view(torch.uint8).fill_(b)
-            done.update(id(p) for p in mod.parameters())
-    for name, p in model.named_parameters():
-        if id(p) in done:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        parent = name.rsplit(".", 2)[-2]
-        if name.endswith("norm.weight"):
-            p.copy_(1.0 + randn(p.shape, 0.1))
-        elif parent == "embed_tokens":
-            p.copy_(randn(p.shape, 1.0))
-        elif parent == "head":
-            p.copy_(randn(p.shape, cfg.hidden_size ** -0.5))
-        elif leaf.endswith("_fn"):
-            p.copy_(randn(p.shape, p.shape[1] ** -0.5))
-        elif leaf.endswith("_base"):
-            p.copy_(randn(p.shape, 0.5))
-        elif leaf.endswith("_scale"):
-            p.copy_(0.5 + torch.rand(p.shape, generator=g, device="cuda"))
-        elif leaf == "attn_sink":
-            p.copy_(randn(p.shape, 1.0))
-        elif parent == "gate" and leaf == "weight":
-            p.copy_(randn(p.shape, cfg.hidden_size ** -0.5))
-        elif leaf == "e_score_correction_bias":
-            p.copy_(randn(p.shape, 0.1))
+    def rand(shape):
+        return torch.rand(shape, generator=g, device="cuda")
+
+    facts, params, fmt = facts_of(model), dict(model.named_parameters()), model.weight_format
+    for name, p in params.items():
+        f = facts[name]
+        weight = params.get(name.rsplit(".", 1)[0] + "." + f.scale_of) if f.scale_of else None
+        storage = getattr(fmt, f.format) if f.format is not None and weight is None else None
+        if weight is not None:
+            in_f = weight.shape[-1] * (2 if fmt.experts == "fp4" and f.stacked else 1)
+            if p.dtype == torch.float32:
+                raise AssertionError("benchmark: E8M0 scales (the released format) only")
+            # one power-of-two scale so that W ~ N(0, 1/in): e4m3 codes ~ N(0, 64^2), uniform
+            # e2m1 codes have rms 2.93
+            code_rms = 2.93 if fmt.experts == "fp4" and f.stacked else 64.0
+            p.view(torch.uint8).fill_(127 + round(math.log2(in_f ** -0.5 / code_rms)))
+        elif storage == "fp8":
+            p.copy_(randn(p.shape, 64.0).clamp(-448, 448))
+        elif storage == "fp4":
+            p.copy_(torch.randint(-128, 128, p.shape, generator=g, device="cuda",
+                                  dtype=torch.int8))
         else:
-            raise AssertionError(f"no rule for {name}")
+            p.copy_(draw(f.init, tuple(p.shape), randn, rand))
     return model
 
 
@@ -195,7 +174,7 @@ def copy_bandwidth() -> float:
 
 
 def routed_experts(fast, mk, *args) -> int:
-    """Distinct experts the fast path routes to in one call of ``fast.decode_step(*args)``."""
+    """Distinct experts the triton backend routes to in one ``fast.decode_step(*args)``."""
     seen = []
     orig = mk.moe.route
 
@@ -205,12 +184,12 @@ def routed_experts(fast, mk, *args) -> int:
         return idx, w
 
     mk.moe.route = spy
-    mk.model.moe_k.route = spy
+    mk.backend.moe_k.route = spy
     try:
         fast.decode_step(*args)
     finally:
         mk.moe.route = orig
-        mk.model.moe_k.route = orig
+        mk.backend.moe_k.route = orig
     return int(seen[0].unique().numel())
 
 
@@ -238,7 +217,9 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
     model = init_random_gpu_(DeepSeekV4MTP(cfg, dtype=torch.bfloat16, device=dev), seed=0)
     pb = param_bytes(model)
     resident_alloc = torch.cuda.memory_allocated() - base_mem
-    fast = mk.TritonMTP(model, experts=args.experts, head=args.head)
+    # the triton backend with the chosen kernels; the naive timings run the reference backend
+    model.backend = mk.TritonOps(model, experts=args.experts, head=args.head)
+    fast = model
     max_b = max(batches)
     cap = cfg.sliding_window + 4
     cache = KVCache(1, max(max_b, 16), cap, cfg.head_dim, dtype=torch.bfloat16, device=dev)
@@ -247,8 +228,8 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
     fill_cache(cache, cache.max_seqs, pos0, g)
     t0 = time.time()
     pdl = {} if args.pdl_rows is None else {"pdl_rows": args.pdl_rows}
-    graphs = mk.DraftStepGraphs(fast, cache, buckets=tuple(batches), overlap=bool(args.overlap),
-                                **pdl)
+    graphs = mk.DraftStepGraphs(model, cache, buckets=tuple(batches),
+                                overlap=bool(args.overlap), **pdl)
     capture_s = time.time() - t0
     rows = []
     for b in batches:
@@ -261,8 +242,9 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
 
         def naive(i, sets=sets, pos=pos, slots=slots):
             ids, h = sets[i % ROT]
-            x = model(ids, pos, h, kv_cache=cache, seq_slots=slots)
-            model.compute_logits(x)
+            with model.using(ops.REFERENCE):
+                x = model(ids, pos, h, kv_cache=cache, seq_slots=slots)
+                model.compute_logits(x)
 
         def eager(i, sets=sets, pos=pos, slots=slots):
             ids, h = sets[i % ROT]
@@ -320,8 +302,9 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
 
         def catch_naive(i, sets=sets, pos=pos, slots=slots, last=last):
             ids, h = sets[i % 2]
-            x = model(ids, pos, h, kv_cache=cache, seq_slots=slots)
-            model.compute_logits(x[last])
+            with model.using(ops.REFERENCE):
+                x = model(ids, pos, h, kv_cache=cache, seq_slots=slots)
+                model.compute_logits(x[last])
 
         fb = floor_bytes(model, pb, t_rows, n_seq, cfg.n_routed_experts, n_seq, 2)
         t_f = statistics.median(time_it(catch_fast, max(5, args.reps // 4)))
@@ -347,7 +330,7 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
 
 def bench_drafter(model, fast, name, batches, reps, dev, g) -> list[dict]:
     """``Drafter.propose`` as an engine calls it (1 new real row per sequence, k = 3 drafts:
-    the row's step eager through ``TritonMTP.forward``, steps 1 and 2 eager or as graph
+    the row's step eager through the module's triton backend, steps 1 and 2 eager or as graph
     replays after ``use_cuda_graphs``), host work included; the window is not full here."""
     from mtp.drafter import Drafter
     rows = []
@@ -355,7 +338,7 @@ def bench_drafter(model, fast, name, batches, reps, dev, g) -> list[dict]:
     for b in batches:
         ms = {}
         for graphs in (False, True):
-            d = Drafter(model, max_seqs=b, max_draft_tokens=3, accelerator=fast)
+            d = Drafter(model, max_seqs=b, max_draft_tokens=3)
             if graphs:
                 d.use_cuda_graphs(buckets=(b,))
             ids = list(range(b))

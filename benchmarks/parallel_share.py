@@ -1,8 +1,8 @@
 """What each tensor-parallel rank holds and reads per draft step, at the real V4 shapes (CPU).
 
 For each world size: the rank's resident parameter bytes by part (from the module's parameter
-shapes and the split table ``mtp.remap.TP_SPLIT``; the tests measure the same rule on real
-ranks at the tiny shapes), the bytes one decode step (batch 1) reads on the busiest rank if
+shapes and each parameter's split, ``mtp.facts.ParamFacts.tp``; the tests measure the same rule
+on real ranks at the tiny shapes), the bytes one decode step (batch 1) reads on the busiest rank if
 every rank computed the whole shared expert, and the share of that step the shared expert is:
 the figures behind computing it split (docs/parallel.md). With ``--time``: CPU time of the
 whole shared expert, of a world-8 rank's part of it and of its LM-head slice, at one row.
@@ -18,8 +18,10 @@ import time
 
 import torch
 
-from mtp import DeepSeekV4MTP, MTPConfig, remap
-from mtp.model import Linear, SharedExperts, linear
+from mtp import DeepSeekV4MTP, MTPConfig
+from mtp.facts import facts_of
+from mtp.model import Linear, SharedExperts
+from mtp.ops import matmul as linear
 from mtp.parallel import valid_world_sizes
 from mtp.quant import WeightFormat
 
@@ -40,9 +42,10 @@ def rank_bytes(cfg: MTPConfig, world: int) -> dict[str, int]:
     model = DeepSeekV4MTP(cfg, weight_format=WeightFormat.released(), dtype=torch.bfloat16,
                           device="meta")
     out = {part: 0 for part, _ in PARTS}
+    facts = facts_of(model)
     for name, p in model.named_parameters():
         n = p.numel() * p.element_size()
-        out[part_of(name)] += n // world if remap.param_key(name) in remap.TP_SPLIT else n
+        out[part_of(name)] += n // world if facts[name].tp is not None else n
     return out
 
 

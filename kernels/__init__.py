@@ -1,15 +1,18 @@
 """mtp_kernels: optional accelerated kernels for mtp (installed from the repo's ``kernels/``).
 
-Each kernel sits beside the pure-PyTorch reference it replaces (``mtp.ops`` / ``mtp.model``) and
-is selected explicitly; nothing here is imported by ``mtp`` on the CPU path. Importing this
-package needs Triton (``import triton``); running it needs a CUDA GPU.
+Each kernel computes one of ``mtp.ops``' functions faster; :class:`TritonOps` supplies them as
+the module's ops (``DeepSeekV4MTP(..., backend="triton")``, or ``"auto"`` on CUDA in the
+released format), so the forward itself stays the one in ``mtp/model.py``. Nothing here is
+imported by ``mtp`` on the CPU path. Importing this package needs Triton (``import triton``);
+running it needs a CUDA GPU.
 
-- :class:`TritonMTP` wraps a ``DeepSeekV4MTP`` (released FP8/FP4 format) with the same
-  ``forward`` / ``compute_logits`` and a sync-free ``decode_step``.
-- :class:`DraftStepGraphs` captures ``decode_step`` in CUDA graphs per batch bucket.
+- :class:`TritonOps`: the module's ops on the kernels (options: expert and head kernels).
+- :class:`DraftStepGraphs` captures the module's ``decode_step`` in CUDA graphs per batch
+  bucket.
+- :class:`TritonMTP`: deprecated view of a module with these ops (one release).
 """
 
+from .backend import MoEPairs, TritonMTP, TritonOps
 from .graph import DraftStepGraphs
-from .model import TritonMTP
 
-__all__ = ["DraftStepGraphs", "TritonMTP"]
+__all__ = ["DraftStepGraphs", "MoEPairs", "TritonMTP", "TritonOps"]

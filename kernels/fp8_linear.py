@@ -1,5 +1,5 @@
 """FP8 (e4m3 weight, 128x128 E8M0 or float32 block scale) matrix product with the reference's
-activation rounding fused into the load: ``mtp.model.linear(x, dequant(w), act_quant)``.
+activation rounding fused into the load: ``mtp.ops.matmul(x, dequant(w), act_quant)``.
 
 out[m, n] = sum_kb  sx[m, kb] * sw[n // 128, kb] * (xq[m, kb-block] . wq[n, kb-block])
 
@@ -129,9 +129,9 @@ def splitk_reduce_kernel(part_ptr, out_ptr, add_ptr, M, N, stride_om, stride_am,
 
 
 def _blocks(m: int) -> tuple[int, int, int, int]:
-    """(BM, BN, warps, split-K programs per multiprocessor) by row count. 64 rows: BN 128 with
-    2 programs per SM is 25-33% faster than BN 64 with 4 at the Flash shapes; 1 row: BN 64, 4
-    per SM is best (H100, benchmarks/sweep_kernels.py)."""
+    """(BM, BN, warps, split-K programs per multiprocessor) by row count: wide tiles and fewer
+    programs for many rows, narrow tiles and more split-K for few (the sweep behind the table:
+    benchmarks/sweep_kernels.py, kernels/NOTES.md)."""
     if m <= 16:
         return 16, 64, 4, 4
     if m <= 32:
@@ -146,7 +146,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
                add: torch.Tensor | None = None, add_row_div: int = 1,
                out: torch.Tensor | None = None, rounded: bool = False,
                tune: dict | None = None) -> torch.Tensor:
-    """``linear(x, dequant_fp8_block(weight, scale), act_quant)`` of ``mtp.model``.
+    """``mtp.ops.matmul(x, dequant_fp8_block(weight, scale), act_quant)``.
 
     x [M, Kx] (bf16 or fp32, last dim contiguous; Kx = K, or G*K grouped, or 2K with
     ``swiglu_limit``), weight e4m3 [N, K], scale [ceil(N/128), K/128] (E8M0 or float32)
@@ -206,7 +206,6 @@ def fp8_linear_reference(x, weight, scale, *, act_quant, group_n=None, swiglu_li
                          add=None, add_row_div=1):
     """The same function through ``mtp``'s pure-PyTorch code (the specification)."""
     from mtp import ops
-    from mtp.model import linear
     from mtp.quant import dequant_fp8_block
 
     w = dequant_fp8_block(weight, scale)
@@ -220,7 +219,7 @@ def fp8_linear_reference(x, weight, scale, *, act_quant, group_n=None, swiglu_li
         y = torch.einsum("tgd,grd->tgr", ops.wide(xg), wg.to(ops.wide(xg).dtype))
         y = y.to(x.dtype).flatten(1)
     else:
-        y = linear(x, w, act_quant)
+        y = ops.matmul(x, w, act_quant)
     if add is not None:
         y = (y.view(-1, add_row_div, n) + add.unsqueeze(1)).view(-1, n)
     return y

@@ -1,13 +1,14 @@
 """CUDA-graph capture of the decode draft step, one graph per batch bucket.
 
 A draft step at small batch is a few dozen short kernels; launched one by one from Python the
-gaps between them cost as much as the work. :class:`DraftStepGraphs` captures
-``TritonMTP.decode_step`` (forward + logits, one row per sequence) for each bucket size and
-replays it: inputs are copied into the bucket's static buffers (padding rows get slot -1: they
-read and write no cache entry), outputs are views of its static outputs.
+gaps between them cost as much as the work. :class:`DraftStepGraphs` captures the module's own
+``DeepSeekV4MTP.decode_step`` (forward + logits, one row per sequence) with its triton
+backend, for each bucket size, and replays it: inputs are copied into the bucket's static
+buffers (padding rows get slot -1: they read and write no cache entry), outputs are views of its
+static outputs.
 
 Example:
-    >>> graphs = DraftStepGraphs(TritonMTP(model), cache, buckets=(1, 4, 16, 64))
+    >>> graphs = DraftStepGraphs(model, cache, buckets=(1, 4, 16, 64))  # model.ops: triton
     >>> hidden, logits = graphs.step(ids, positions, hidden, slots)   # T <= 64 rows
     >>> tokens = graphs.propose(ids, positions, hidden, slots, k=3)   # [T, 3] greedy drafts
 """
@@ -19,15 +20,15 @@ import triton
 import triton.language as tl
 
 from mtp.cache import KVCache
+from mtp.model import DeepSeekV4MTP
 
 from . import _common
-from .model import TritonMTP
+from .backend import TritonMTP, TritonOps
 
 # Buckets up to this many rows are captured with programmatic dependent launch (each kernel's
-# launch and prologue overlap its predecessor's tail). Measured on an H100 (kernels/NOTES.md,
-# round 4 v20 and round 5): it pays at 1-4 rows, where the step is a chain of short kernels,
-# and costs from 8 rows (8: 0.829 -> 0.858 ms, 16: 0.991 -> 1.066, 256: +21%; early blocks
-# waiting in griddepcontrol.wait hold SM room).
+# launch and prologue overlap its predecessor's tail): it pays where the step is a chain of
+# short kernels and costs from 8 rows, where early blocks waiting in griddepcontrol.wait hold
+# SM room (measurements: kernels/NOTES.md, round 4 v20 and round 5).
 PDL_ROWS = 4
 
 
@@ -55,23 +56,24 @@ _STAGE_BH = 4096
 
 
 class _Bucket:
-    def __init__(self, fast: TritonMTP, cache: KVCache, size: int, spec_step_idx: int,
-                 pool, side: torch.cuda.Stream | None, pdl: bool):
-        cfg, dev = fast.config, fast.device
+    def __init__(self, model: DeepSeekV4MTP, ops: TritonOps, cache: KVCache, size: int,
+                 spec_step_idx: int, pool, side: torch.cuda.Stream | None, pdl: bool):
+        cfg, dev = model.config, ops.device
         self.pdl = pdl and bool(_common.PDL_ARCH)
         self.size = size
         self.ids = torch.zeros(size, dtype=torch.int64, device=dev)
         self.pos = torch.zeros(size, dtype=torch.int64, device=dev)
         self.slots = torch.full((size,), -1, dtype=torch.int64, device=dev)
-        self.hidden = torch.zeros(size, cfg.hc_dim, dtype=fast.dtype, device=dev)
+        self.hidden = torch.zeros(size, cfg.hc_dim, dtype=model.dtype, device=dev)
         self.device = dev
         self._stage_grid = (max(1, triton.cdiv(size * cfg.hc_dim, _STAGE_BH)), 1, 1)
         self._stage_bs = triton.next_power_of_2(size)
         self._stage_run = self._stage_runner()
 
         def run():
-            return fast.decode_step(self.ids, self.pos, self.hidden, self.slots, cache,
-                                    spec_step_idx, side_stream=side)
+            with model.using(ops):
+                return model.decode_step(self.ids, self.pos, self.hidden, self.slots, cache,
+                                         spec_step_idx, side_stream=side)
 
         stream = torch.cuda.Stream(device=dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
@@ -100,9 +102,9 @@ class _Bucket:
 
     def _stage_runner(self):
         """The staging kernel's compiled runner, for :meth:`stage` to call directly: Triton's
-        launch path binds and specialises the arguments again on every call (17-25 us of host
-        time on the H100 machine, 9 us through the runner; kernels/NOTES.md round 6), host
-        time that a decode loop synchronising each step waits for. The runner is a Triton
+        launch path binds and specialises the arguments again on every call, host time that a
+        decode loop synchronising each step waits for (kernels/NOTES.md round 6 has the
+        figures). The runner is a Triton
         internal: probed here on known inputs (before any capture) and not used where it is
         missing or disagrees with the usual launch. Leaves the buffers as they were (zeros,
         slot -1)."""
@@ -134,7 +136,7 @@ class _Bucket:
     def stage(self, ids, pos, hidden, slots) -> None:
         """Copy T <= size rows of inputs in; padding rows get slot -1. One kernel where the
         inputs are contiguous, on this device and of the buffers' dtypes (a step's copies
-        precede every replay: four copies and a fill were ~10 us at batch 1), else copies."""
+        precede every replay: one launch instead of four copies and a fill), else copies."""
         t = pos.shape[0]
         src, dst = (ids, pos, hidden, slots), (self.ids, self.pos, self.hidden, self.slots)
         if all(s.device == self.device and s.dtype == d.dtype and s.is_contiguous()
@@ -152,10 +154,12 @@ class _Bucket:
 
 
 class DraftStepGraphs:
-    """Captured decode steps of a :class:`TritonMTP` over one :class:`~mtp.KVCache`.
+    """Captured decode steps of a :class:`~mtp.DeepSeekV4MTP` over one :class:`~mtp.KVCache`.
 
     Args:
-        fast: the fast path.
+        model: the module; its backend must resolve to :class:`TritonOps` (``"auto"`` on CUDA
+            in the released format, or ``"triton"``). The deprecated ``TritonMTP`` view is
+            accepted too (its ops are captured).
         kv_cache: the cache the steps read and write (its tensors must stay the same objects).
         buckets: batch sizes to capture; a call with T rows replays the smallest bucket >= T.
         spec_step_idx: which MTP layer (``spec_step_idx % n_mtp``) the graphs use.
@@ -169,18 +173,30 @@ class DraftStepGraphs:
     cache is not touched.
     """
 
-    def __init__(self, fast: TritonMTP, kv_cache: KVCache,
+    def __init__(self, model: DeepSeekV4MTP | TritonMTP, kv_cache: KVCache,
                  buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
                  spec_step_idx: int = 0, overlap: bool = True, pdl_rows: int = PDL_ROWS):
+        if isinstance(model, TritonMTP):
+            model, ops = model.model, model.ops
+        elif isinstance(model, DeepSeekV4MTP):
+            ops = model.ops
+        else:
+            raise TypeError(f"DraftStepGraphs captures a DeepSeekV4MTP, got "
+                            f"{type(model).__name__}")
+        if not isinstance(ops, TritonOps):
+            raise ValueError(f"DraftStepGraphs: the model's backend runs {ops.name!r} ops; CUDA "
+                             "graphs capture the triton backend (backend='triton' or 'auto' on "
+                             "CUDA in the released format)")
         if kv_cache.kv.shape[1] < 1:
             raise ValueError("kv_cache has no sequence slots")
-        self.fast = fast
+        self.model, self.ops = model, ops
         self.cache = kv_cache
         self.spec_step_idx = spec_step_idx
         pool = torch.cuda.graph_pool_handle()
         # the shared expert's branch in the graph, beside the routed experts
-        side = torch.cuda.Stream(device=fast.device) if overlap else None
-        self.buckets = {b: _Bucket(fast, kv_cache, b, spec_step_idx, pool, side, b <= pdl_rows)
+        side = torch.cuda.Stream(device=ops.device) if overlap else None
+        self.buckets = {b: _Bucket(model, ops, kv_cache, b, spec_step_idx, pool, side,
+                                   b <= pdl_rows)
                         for b in sorted(set(buckets))}
 
     def _bucket(self, t: int) -> _Bucket:
@@ -192,7 +208,7 @@ class DraftStepGraphs:
 
     def check(self, input_ids, positions, hidden_states, seq_slots) -> None:
         """Validate a step's inputs (one host synchronisation); :meth:`step` assumes them."""
-        cfg = self.fast.config
+        cfg = self.model.config
         t = positions.shape[0]
         if input_ids.shape != (t,) or seq_slots.shape != (t,) or \
                 tuple(hidden_states.shape) != (t, cfg.hc_dim):
@@ -207,7 +223,7 @@ class DraftStepGraphs:
                                    "positions: must be >= 0",
                                    f"seq_slots: slots must be in [0, {self.cache.max_seqs})",
                                    "seq_slots: one row per sequence (distinct slots) in a "
-                                   "decode step; use TritonMTP.forward for several rows")):
+                                   "decode step; use the model's forward for several rows")):
             if flag:
                 raise ValueError(msg)
 

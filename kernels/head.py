@@ -1,15 +1,13 @@
 """The LM head for a few rows: logits = float32(y) @ float32(head)^T, y [T, D] and head [V, D]
 bfloat16, float32 out (``DeepSeekV4MTP.compute_logits``'s product).
 
-At batch 1 the head is 1.06 GB of the draft step's 1.31 (V4-Flash): a pure stream of the
-weight. cuBLAS reaches ~2.8 TB/s on it on an H100 (376-385 us at 1-16 rows, 400 at 64) where
-this kernel reaches ~3.0-3.1 (342 us at 1 row, 355 at 16, 371 at 64; kernels/NOTES.md round
-6). Each program owns BN vocabulary rows and walks D in BK chunks, pipelined 3 deep, on the
-tensor cores: [BN, BK] @ [BK, BT] with the rows padded to BT >= 16 (wgmma's smallest useful
-width); thousands of programs keep enough loads in flight. bf16 x bf16 products are exact in
-float32 and the sums are float32, as cuBLAS's (at 1-16 rows the sweep's outputs were
-bit-identical to its). From 128 rows on cuBLAS is as fast or faster (415 vs 423 us) and takes
-them.
+At batch 1 the head is most of the draft step's bytes: a pure stream of the weight. Each
+program owns BN vocabulary rows and walks D in BK chunks, pipelined 3 deep, on the tensor
+cores: [BN, BK] @ [BK, BT] with the rows padded to BT >= 16 (wgmma's smallest useful width);
+thousands of programs keep enough loads in flight. bf16 x bf16 products are exact in float32
+and the sums are float32, as cuBLAS's. Constraints: y and weight bfloat16, at most ``HEAD_T``
+rows (more rows take cuBLAS, which is as fast there). Timings against cuBLAS: docs/performance.md
+and kernels/NOTES.md (round 6).
 
 Shape legend: T rows (<= HEAD_T), V vocabulary, D hidden.
 """

@@ -13,7 +13,7 @@ rows pairs are sorted by expert on the device (:func:`align_tiles`, one kernel),
 - :func:`moe_w13`: per tile and block of I columns: gate (w1) and up (w3) products (the
   activation FP8 rounding fused, or the input rounded ahead: ``rounded``), both rounded to the
   compute dtype, the clamped SwiGLU and the routing weight -> the w2 input ``act`` (as
-  ``mtp.model.Experts``: weight before w2).
+  ``mtp.ops.routed_experts``: weight before w2).
 - :func:`round_rows`: the w2 input's FP8 rounding, once per pair row; :func:`quant_rows` the
   same rounding split into exact float16 values and scales, the CUDA kernels' input.
 - :func:`moe_w2`: per tile and block of D: the down product, written per pair.
@@ -24,9 +24,9 @@ e2m1 weights: bytes [.., n, k/2], the even input in the low nibble; per-32 E8M0 
 build exact float bits per code (``f32``: float32 bits, five integer ops per code; ``f16x2``:
 float16 bits for 8 codes per register op in inline PTX, ``_common``), then two exact multiplies
 (to the code's value, by the block scale), the dots taking the values as bf16 (exact); ``mx``
-hands bytes and scales to Triton's microscaling dot (``tl.dot_scaled``). These kernels stay at
-~1.6 TB/s at 64 rows on an H100; the hand-written ``moe_cuda`` ones reach 2.4-2.7
-(``kernels/NOTES.md``, rounds 3 and 4).
+hands bytes and scales to Triton's microscaling dot (``tl.dot_scaled``). The hand-written
+``moe_cuda`` kernels are faster where they run (bandwidths: ``kernels/NOTES.md``, rounds 3
+and 4).
 
 Shape legend: T rows, K experts per row, P = T*K pairs, E experts, D hidden, I expert width.
 """

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .memory import cache_bytes, check_fits
+
 
 class KVCache:
     """KV of every MTP layer for up to ``max_seqs`` sequences.
@@ -31,6 +33,11 @@ class KVCache:
 
     def __init__(self, n_layers: int, max_seqs: int, capacity: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        check_fits(cache_bytes(n_layers, max_seqs, capacity, head_dim, dtype), device,
+                   f"the draft KV cache ({n_layers} layer(s) x max_seqs={max_seqs} x "
+                   f"capacity={capacity} x head_dim={head_dim}, {dtype})",
+                   "lower max_seqs, or max_draft_tokens (a Drafter's capacity is "
+                   "sliding_window + max_draft_tokens)")
         self.capacity = capacity
         self.kv = torch.zeros(n_layers, max_seqs, capacity, head_dim, dtype=dtype, device=device)
         self.pos = torch.full((n_layers, max_seqs, capacity), -1, dtype=torch.int64,

@@ -8,7 +8,7 @@ table (:data:`REFERENCE_KEYS`). Defaults are DeepSeek-V4-Flash.
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +19,103 @@ KV_FP8_BLOCK = 64  # the cached KV's non-RoPE dims are FP8-simulated per 64.
 FP4_BLOCK = 32  # FP4 expert scales are per 32 inputs.
 
 SCORING_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
+
+
+
+@dataclass(frozen=True)
+class KeyRange:
+    """The type and range one config key must have: ``kind`` int / float (an int is accepted
+    where a float belongs) / str, values in ``[low, high]`` (``(low, high]`` when
+    ``low_open``), or one of ``choices``."""
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    choices: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.choices:
+            return f"one of {self.choices}"
+        kind = "an integer" if self.kind is int else "a number"
+        return f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+    def problem(self, value: object) -> str | None:
+        """Why ``value`` does not fit, or None."""
+        if self.kind is str:
+            return None if value in self.choices else "is not " + self.describe()
+        if isinstance(value, bool) or not isinstance(value, (int, float) if self.kind is float
+                                                     else int):
+            return (f"has type {type(value).__name__}; expected {self.describe()}"
+                    + (" (write it without quotes)" if isinstance(value, str) else ""))
+        if self.kind is float and not math.isfinite(value):
+            return "is not finite; expected " + self.describe()
+        if value < self.low or value > self.high or (self.low_open and value == self.low):
+            return "is out of range; expected " + self.describe()
+        return None
+
+
+# Every config key's type and range, checked before anything is sized from it. The upper
+# bounds are generous (8-16x the largest release: V4-Pro's 7168 hidden, 129280 vocabulary,
+# 384 experts, 128 heads) and keep every parameter's element count far inside int64; memory
+# itself is checked when a module or cache is built (mtp.memory).
+KEY_RANGES: dict[str, KeyRange] = {
+    "hidden_size": KeyRange(int, 1, 1 << 16),
+    "vocab_size": KeyRange(int, 1, 1 << 22),
+    "num_hidden_layers": KeyRange(int, 0, 1 << 12),
+    "num_nextn_predict_layers": KeyRange(int, 1, 64),
+    "num_attention_heads": KeyRange(int, 1, 1 << 12),
+    "head_dim": KeyRange(int, 1, 1 << 13),
+    "qk_rope_head_dim": KeyRange(int, 2, 1 << 13),
+    "q_lora_rank": KeyRange(int, 1, 1 << 16),
+    "o_groups": KeyRange(int, 1, 1 << 12),
+    "o_lora_rank": KeyRange(int, 1, 1 << 16),
+    "sliding_window": KeyRange(int, 1, 1 << 20),
+    "n_routed_experts": KeyRange(int, 1, 1 << 12),
+    "num_experts_per_tok": KeyRange(int, 1, 1 << 12),
+    "moe_intermediate_size": KeyRange(int, 1, 1 << 18),
+    "n_shared_experts": KeyRange(int, 1, 64),
+    "scoring_func": KeyRange(str, choices=SCORING_FUNCS),
+    "routed_scaling_factor": KeyRange(float, 0, 1e6, low_open=True),
+    "swiglu_limit": KeyRange(float, 0, 1e6),  # 0 disables the clamp
+    "hc_mult": KeyRange(int, 1, 64),
+    "hc_sinkhorn_iters": KeyRange(int, 1, 1000),  # the releases use 20; each is a full pass
+    "hc_eps": KeyRange(float, 0, 0.5, low_open=True),
+    "rms_norm_eps": KeyRange(float, 0, 0.5, low_open=True),
+    "rope_theta": KeyRange(float, 0, 1e12, low_open=True),
+}
+
+
+def check_key(key: str, value: object) -> None:
+    """Raise ValueError naming ``key``, ``value`` and the allowed range if ``value`` does not
+    fit :data:`KEY_RANGES` (keys without a row pass).
+
+    Example:
+        >>> check_key("rope_theta", "1e4")
+        Traceback (most recent call last):
+        ...
+        ValueError: MTPConfig.rope_theta: '1e4' has type str; expected a number in (0, 1e+12] (write it without quotes)
+    """  # noqa: E501
+    rule = KEY_RANGES.get(key)
+    problem = None if rule is None else rule.problem(value)
+    if problem is not None:
+        raise ValueError(f"MTPConfig.{key}: {value!r} {problem}")
+
+
+# What a DSpark drafter is (found from config keys or from its tensors: one message).
+DSPARK = ("a DSpark drafter (DeepSeek-V4-Flash-0731 / -Pro-0813: three blocks under "
+          "mtp.{0,1,2}, no e_proj/hnorm), not a V4 MTP layer; mtp implements only the MTP layer "
+          "of the original V4 releases")
+
+
+class NotAnMTPLayer(ValueError):
+    """A config that is not a V4 MTP drafter at all: ``kind`` "dspark" (a DSpark drafter) or
+    "no-mtp" (a model without MTP layers)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
 
 # Reference-code key -> Hugging Face key (every translation lives here).
 REFERENCE_KEYS: dict[str, str] = {
@@ -73,7 +170,12 @@ class MTPConfig:
     mtp_compress_ratios: tuple[int, ...] = field(default=(0,))
 
     def __post_init__(self) -> None:
-        self.mtp_compress_ratios = tuple(int(r) for r in self.mtp_compress_ratios)
+        ratios = self.mtp_compress_ratios
+        if not isinstance(ratios, (list, tuple)) or not all(
+                isinstance(r, int) and not isinstance(r, bool) for r in ratios):
+            raise ValueError(f"MTPConfig.mtp_compress_ratios: expected a list of integers, got "
+                             f"{ratios!r}")
+        self.mtp_compress_ratios = tuple(ratios)
         self._validate()
 
     # ---- derived -------------------------------------------------------------------------
@@ -112,16 +214,8 @@ class MTPConfig:
             if not ok:
                 raise ValueError(f"MTPConfig.{key}: {msg}")
 
-        for key in (
-            "hidden_size", "vocab_size", "num_attention_heads", "head_dim", "qk_rope_head_dim",
-            "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window", "n_routed_experts",
-            "num_experts_per_tok", "moe_intermediate_size", "n_shared_experts", "hc_mult",
-            "hc_sinkhorn_iters", "num_nextn_predict_layers",
-        ):
-            value = getattr(self, key)
-            need(isinstance(value, int) and value >= 1, key,
-                 f"must be a positive integer, got {value!r}")
-        need(self.num_hidden_layers >= 0, "num_hidden_layers", "must be >= 0")
+        for key in KEY_RANGES:  # types and ranges first: everything below computes with them
+            check_key(key, getattr(self, key))
         # Activations are FP8-quantised per 128 along every quantised product's input.
         for key, value in (
             ("hidden_size", self.hidden_size),
@@ -143,9 +237,6 @@ class MTPConfig:
              f"{self.o_groups} does not divide num_attention_heads={self.num_attention_heads}")
         need(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
              f"{self.num_experts_per_tok} > n_routed_experts={self.n_routed_experts}")
-        need(self.scoring_func in SCORING_FUNCS, "scoring_func",
-             f"{self.scoring_func!r} is not one of {SCORING_FUNCS}")
-        need(self.swiglu_limit >= 0, "swiglu_limit", "must be >= 0 (0 disables the clamp)")
         need(len(self.mtp_compress_ratios) == self.num_nextn_predict_layers,
              "mtp_compress_ratios",
              f"has {len(self.mtp_compress_ratios)} entries for "
@@ -162,12 +253,11 @@ class MTPConfig:
         """Build from a ``config.json`` dict (Hugging Face or reference keys).
 
         Unknown keys are ignored (a full model config has many); a missing required key raises.
+        A DSpark drafter or a model without MTP layers raises :class:`NotAnMTPLayer`.
         """
         dspark = sorted(k for k in raw if k.startswith("dspark"))
         if dspark:
-            raise ValueError(
-                f"config has {dspark[:3]}: this is a DSpark drafter (DeepSeek-V4-*-0731/0813), "
-                "not a V4 MTP layer; mtp implements only the MTP layer of the original releases")
+            raise NotAnMTPLayer("dspark", f"config has {dspark[:3]}: this is {DSPARK}")
         data = {REFERENCE_KEYS.get(k, k): v for k, v in raw.items()}
         names = {f.name for f in dataclasses.fields(cls)}
         required = ("hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads",
@@ -178,13 +268,18 @@ class MTPConfig:
             raise ValueError(f"config is missing required key(s) {missing}; "
                              "is this a DeepSeek-V4 config.json?")
         kwargs = {k: v for k, v in data.items() if k in names and k != "mtp_compress_ratios"}
-        n_mtp = int(data.get("num_nextn_predict_layers", 1))
-        if n_mtp < 1:
-            raise ValueError("config.num_nextn_predict_layers is 0: this model has no MTP layer "
-                             "to draft with")
+        n_mtp = data.get("num_nextn_predict_layers", 1)
+        if n_mtp == 0 and not isinstance(n_mtp, bool):
+            raise NotAnMTPLayer("no-mtp", "config.num_nextn_predict_layers is 0: this model has "
+                                "no MTP layer to draft with")
+        for key in ("num_nextn_predict_layers", "num_hidden_layers"):  # used just below
+            check_key(key, data.get(key, 1))
         ratios = data.get("compress_ratios")
         if ratios is not None:
-            n = int(data["num_hidden_layers"])
+            n = data["num_hidden_layers"]
+            if not isinstance(ratios, list):
+                raise ValueError(f"config.compress_ratios: expected a list, got "
+                                 f"{type(ratios).__name__}")
             if len(ratios) < n + n_mtp:
                 raise ValueError(
                     f"config.compress_ratios has {len(ratios)} entries; expected "
@@ -201,12 +296,16 @@ class MTPConfig:
         Example:
             >>> MTPConfig.from_pretrained("checkpoints/DeepSeek-V4-Flash")  # doctest: +SKIP
         """
+        from .checkpoint.files import MAX_CONFIG, load_json
+
         path = os.fspath(path)
         file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
+        if not os.path.exists(file):
             raise FileNotFoundError(f"no config.json at {file!r}")
-        with open(file, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        raw = load_json(file, "config.json", MAX_CONFIG)  # regular files only, bounded
+        if not isinstance(raw, dict):
+            raise ValueError(f"{file}: config.json is not a JSON object")
+        return cls.from_dict(raw)
 
     @classmethod
     def from_name(cls, name: str) -> MTPConfig:

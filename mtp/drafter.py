@@ -26,6 +26,8 @@ order, as engines lay them out), k drafts, V vocabulary, M*D = hc_mult * hidden_
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Hashable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +39,40 @@ from .cache import KVCache
 from .config import MTPConfig
 from .model import DeepSeekV4MTP
 from .sampling import GREEDY, Sampling
+
+MAX_POSITION = 2**31 - 1
+"""The largest position a row or draft may reach: int32-safe for kernels, and far from where
+int64 sums (position + rows + drafts) or RoPE angles could overflow."""
+
+MAX_ABS_HIDDEN = 1e6
+"""The largest |value| accepted in ``hidden_states``. Real pre-``hc_head`` residuals stay orders
+of magnitude below it; far above it the layer's float32 sums of squares (RMS norms) and bf16
+products overflow, and such a row would leave non-finite KV in the cache."""
+
+
+def _locked(method):
+    """Run a state-changing method under the drafter's lock (one call at a time)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+def check_hidden_values(hidden: torch.Tensor, name: str = "hidden_states") -> None:
+    """Refuse non-finite rows and rows with |value| > ``MAX_ABS_HIDDEN``, before any state
+    changes: such a row would put non-finite KV in the cache, poisoning later calls.
+
+    The one place this check lives: on CPU it reads the result directly; a sync-free GPU
+    variant (a device-side flag read at the next synchronisation, the bad rows kept out of the
+    cache) replaces this function without touching its callers."""
+    ok = hidden.abs() <= MAX_ABS_HIDDEN  # False for NaN too
+    if not bool(ok.all()):
+        row = int((~ok).any(dim=-1).nonzero()[0])
+        value = hidden[row][~ok[row]][0].item()
+        raise ValueError(f"{name}: row {row} holds {value}; values must be finite with "
+                         f"|value| <= {MAX_ABS_HIDDEN:g} (the target's residuals went "
+                         "non-finite or were not residuals)")
 
 
 @dataclass
@@ -115,6 +151,10 @@ class Drafter:
         device = model.model.embed_tokens.weight.device
         if device.type == "meta":
             raise ValueError("model: its parameters are on the meta device; load weights first")
+        # Serialises every state-changing call (sequences, feed, propose, accelerator): a
+        # Drafter may be shared by threads, which then take turns. Reentrant: propose's
+        # failure path calls remove_sequence.
+        self._lock = threading.RLock()
         self.model = model
         self._graphs = None
         self.accelerator = accelerator
@@ -156,12 +196,13 @@ class Drafter:
     # ---- properties ------------------------------------------------------------------------
     @property
     def accelerator(self) -> Any:
-        """What runs every forward and logits call (the module itself by default). Settable,
-        e.g. after ``from_pretrained``: ``drafter.accelerator = TritonMTP(drafter.model)``;
-        None restores the module."""
+        """What runs every forward and logits call (the module itself by default, which runs
+        its own backend: the kernels on CUDA in the released format). Settable; None restores
+        the module."""
         return self._accelerator
 
     @accelerator.setter
+    @_locked
     def accelerator(self, value: Any) -> None:
         if value is not None:
             for method in ("forward", "compute_logits"):
@@ -207,12 +248,14 @@ class Drafter:
         """The cache slot of ``seq_id`` (``cache.kv[:, slot]``)."""
         return self._get(seq_id).slot
 
+    @_locked
     def use_cuda_graphs(self, buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)) -> None:
         """Run draft steps s >= 1 as CUDA-graph replays (``mtp_kernels.DraftStepGraphs``).
 
         Opt-in, CUDA only, needs the ``mtp_kernels`` package (the repo's ``kernels/``, with
-        Triton). Sets the accelerator to ``TritonMTP(model)`` unless it already is one, and
-        captures one graph per bucket and MTP layer (``spec_step_idx`` = 0 .. n_mtp - 1): a
+        Triton) and the model's triton backend (``backend="auto"``, the default, on CUDA in the
+        released format). Captures the model's own ``decode_step``, one graph per bucket and
+        MTP layer (``spec_step_idx`` = 0 .. n_mtp - 1): a
         proposal for S sequences replays the smallest bucket >= S; more sequences than the
         largest bucket run eagerly. Catch-up rows and draft step 0 stay eager (their row counts
         vary). Same drafts as without graphs; setting ``accelerator`` again drops the graphs.
@@ -236,19 +279,18 @@ class Drafter:
                                f"({exc}); it is the repo's kernels/ folder and needs Triton "
                                "(part of CUDA builds of torch)") from exc
         fast = self._accelerator
-        if fast is self.model:
-            fast = TritonMTP(self.model)
-        elif not isinstance(fast, TritonMTP) or fast.model is not self.model:
-            raise ValueError("use_cuda_graphs: the accelerator must be a TritonMTP of this "
-                             "drafter's model (or unset); it is "
-                             f"{type(fast).__name__}")
+        if fast is not self.model and not (isinstance(fast, TritonMTP)
+                                           and fast.model is self.model):
+            raise ValueError("use_cuda_graphs: the graphs capture the model's own backend; the "
+                             "accelerator must be unset (or a TritonMTP of this drafter's "
+                             f"model); it is {type(fast).__name__}")
         n_mtp = self.config.num_nextn_predict_layers
         graphs = [DraftStepGraphs(fast, self.cache, tuple(sizes), spec_step_idx=i)
                   for i in range(n_mtp)]  # captured first: a failure changes nothing
-        self.accelerator = fast
         self._graphs = graphs
 
     # ---- sequences -------------------------------------------------------------------------
+    @_locked
     def add_sequence(self, seq_id: Hashable, position: int = 0) -> None:
         """Start tracking a sequence whose first row will be at ``position``.
 
@@ -259,8 +301,11 @@ class Drafter:
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} is already in the drafter; remove_sequence "
                              "it first to start it again")
-        if not isinstance(position, int) or isinstance(position, bool) or position < 0:
-            raise ValueError(f"position: expected an int >= 0, got {position!r}")
+        limit = MAX_POSITION - self.max_draft_tokens
+        if not isinstance(position, int) or isinstance(position, bool) \
+                or not 0 <= position <= limit:
+            raise ValueError(f"position: expected an int in [0, {limit}] (MAX_POSITION less "
+                             f"max_draft_tokens), got {position!r}")
         if not self._free:
             raise ValueError(f"all {self.max_seqs} sequence slots are in use; remove a finished "
                              "sequence, or build the Drafter with a larger max_seqs")
@@ -268,6 +313,7 @@ class Drafter:
         self.cache.clear(slot)
         self._seqs[seq_id] = _Seq(slot, position)
 
+    @_locked
     def remove_sequence(self, seq_id: Hashable) -> None:
         """Stop tracking a sequence and free its cache slot."""
         seq = self._get(seq_id)
@@ -277,6 +323,7 @@ class Drafter:
 
     # ---- the two calls ---------------------------------------------------------------------
     @torch.no_grad()
+    @_locked
     def feed(self, seq_ids: Sequence[Hashable], hidden_states: torch.Tensor,
              input_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
              num_rows_per_seq: Sequence[int] | torch.Tensor | None = None, *,
@@ -291,6 +338,7 @@ class Drafter:
             return self._feed(plan)
 
     @torch.no_grad()
+    @_locked
     def propose(self, seq_ids: Sequence[Hashable], hidden_states: torch.Tensor,
                 input_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 num_rows_per_seq: Sequence[int] | torch.Tensor | None = None, *, k: int,
@@ -354,15 +402,25 @@ class Drafter:
         ids = list(seq_ids)
         if not ids:
             raise ValueError("seq_ids: empty; pass at least one sequence")
-        seqs = [self._get(s) for s in ids]
-        if len(set(ids)) != len(ids):
-            dup = next(s for s in ids if ids.count(s) > 1)
+        seen: set = set()
+        dup = next((s for s in ids if s in seen or seen.add(s)), _NONE)  # linear
+        if dup is not _NONE:
             raise ValueError(f"seq_ids: sequence {dup!r} appears twice; give each sequence's "
                              "rows as one run")
+        seqs = [self._get(s) for s in ids]
         counts = _row_counts(num_rows_per_seq, len(ids))
 
         t = sum(counts)
+        for seq_id, start, n in zip(ids, [s.next_position for s in seqs], counts):
+            if start + n - 1 + self.max_draft_tokens > MAX_POSITION:
+                raise ValueError(f"num_rows_per_seq: sequence {seq_id!r} would reach position "
+                                 f"{start + n - 1 + self.max_draft_tokens} with its drafts, "
+                                 f"beyond MAX_POSITION = {MAX_POSITION}")
         hidden_states = _flat_hidden(hidden_states, cfg)
+        if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() >= 1 \
+                and hidden_states.shape[0] != t and hidden_states.shape[1:] == (cfg.hc_dim,):
+            raise ValueError(f"num_rows_per_seq: the counts {_short(counts)} sum to {t}, but "
+                             f"hidden_states has {hidden_states.shape[0]} rows")
         _check_tensor(hidden_states, "hidden_states", (t, cfg.hc_dim),
                       f"[T, hc_mult*hidden_size] = [{t}, {cfg.hc_dim}] (or [T, hc_mult, "
                       f"hidden_size] = [{t}, {cfg.hc_mult}, {cfg.hidden_size}])", device,
@@ -370,6 +428,7 @@ class Drafter:
         _check_tensor(ids_arg, ids_name, (t,),
                       f"[T] = [{t}] (the token after each row)", device, floating=False)
         _check_tensor(positions, "positions", (t,), f"[T] = [{t}]", device, floating=False)
+        check_hidden_values(hidden_states)
         if int(ids_arg.min()) < 0 or int(ids_arg.max()) >= cfg.vocab_size:
             bad = ids_arg[(ids_arg < 0) | (ids_arg >= cfg.vocab_size)][0].item()
             raise ValueError(f"{ids_name}: token id {bad} is outside the vocabulary "
@@ -513,8 +572,13 @@ def _row_counts(num_rows_per_seq, s: int) -> list[int]:
     return counts
 
 
+_NONE = object()
+
+
 def _check_tensor(x, name: str, shape: tuple, expected: str, device: torch.device,
                   floating: bool) -> None:
+    if isinstance(x, torch.Tensor) and x.layout != torch.strided:
+        raise ValueError(f"{name}: a {x.layout} tensor; pass a dense one (x.to_dense())")
     if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
         got = f"shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name}: expected {expected}, got {got}")
@@ -552,4 +616,4 @@ def _short(items: list, n: int = 8) -> str:
     return repr(items) if len(items) <= n else repr(items[:n])[:-1] + ", ...]"
 
 
-__all__ = ["Drafter", "Proposal"]
+__all__ = ["MAX_ABS_HIDDEN", "MAX_POSITION", "Drafter", "Proposal", "check_hidden_values"]

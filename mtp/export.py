@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import remap
+from .facts import ParamFacts, facts_of
 from .model import DeepSeekV4MTP
 from .quant import dequant_fp8_block
 from .surgery import int8_as_fp4, region_slices, tp_range
@@ -50,19 +51,21 @@ def _pieces(model: DeepSeekV4MTP, rank: int | None = None,
     """Canonical name -> tensor (contiguous CPU copy) for the whole module or one rank."""
     cfg, fmt = model.config, model.weight_format
     params = {n: p.detach() for n, p in model.named_parameters()}
+    facts = facts_of(model)
+    per_rank = world_size is not None
     out = {}
     for name, t in remap.canonical_names(cfg, fmt):
         if t.param not in params:
             continue  # e.g. the scale of a plain weight
-        p = params[t.param]
-        key = remap.param_key(t.param)
-        if world_size is not None and key == "mtp_block.attn.wo_a.weight_scale_inv":
+        p, f = params[t.param], facts[t.param]
+        weight = _weight_of(t.param, f)
+        if per_rank and weight is not None and facts[weight].format == "wo_a":
             continue  # the converter stores wo_a dequantised, without its scale
-        if world_size is not None and key == "mtp_block.attn.wo_a.weight" and fmt.wo_a == "fp8":
+        if per_rank and f.format == "wo_a" and fmt.wo_a == "fp8":
             scale = params[t.param + "_scale_inv"]
             p = dequant_fp8_block(p, scale).to(torch.bfloat16)  # exact: e4m3 x 2^k fits bf16
-        region, _ = remap.region_of(t, tuple(p.shape), cfg, rank, world_size)
-        if world_size is not None and t.expert is not None:
+        region, _ = remap.region_of(t, tuple(p.shape), cfg, rank, world_size, f)
+        if per_rank and t.expert is not None:
             lo, hi = tp_range(cfg.n_routed_experts, rank, world_size)
             if not lo <= t.expert < hi:
                 continue
@@ -70,12 +73,15 @@ def _pieces(model: DeepSeekV4MTP, rank: int | None = None,
         if t.expert is not None:
             piece = piece[0]
         piece = piece.to("cpu").contiguous().clone()
-        if world_size is not None and key in ("mtp_block.ffn.experts.w13_weight",
-                                              "mtp_block.ffn.experts.w2_weight") \
-                and fmt.experts == "fp4":
-            piece = int8_as_fp4(piece)
+        if per_rank and f.format == "experts" and fmt.experts == "fp4":
+            piece = int8_as_fp4(piece)  # the converter types packed FP4 as F4
         out[name] = piece
     return out
+
+
+def _weight_of(param: str, facts: ParamFacts) -> str | None:
+    """The weight a block scale belongs to (None for anything else)."""
+    return None if facts.scale_of is None else param.rsplit(".", 1)[0] + "." + facts.scale_of
 
 
 def _save(tensors: dict[str, torch.Tensor], path: str) -> int:

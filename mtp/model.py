@@ -32,34 +32,47 @@ G o_groups, O o_lora_rank, E experts, K experts per token, I expert width, V voc
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
+from . import backend as backends
 from . import ops
-from .cache import KVCache, WindowIndex, call_window
-from .config import FP8_BLOCK, KV_FP8_BLOCK, MTPConfig
+from .cache import KVCache, WindowIndex, call_window, window_index
+from .config import FP8_BLOCK, MTPConfig
+from .facts import Init, ParamFacts, TPSplit, adopt, declare
+from .memory import check_parameters
 from .parallel import TensorParallel, check_world_size, vocab_embedding
-from .quant import WeightFormat, dequantize, fp8_simulate, scale_dtype
+from .quant import WeightFormat, dequantize, scale_dtype
 
 # float64 is for verification: the same code, comparable tightly with the float64 reference.
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
-_ATTN_CHUNK = 256  # rows per attention chunk: bounds the gathered keys to 256 x W x Dh.
 
 
-def _param(shape, dtype, device) -> nn.Parameter:
-    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+# Facts of the parameters declared in more than one place (see mtp/facts.py).
+NORM = ParamFacts(init=Init("one_plus_normal", 0.1))
+HC_FN, HC_BASE = ParamFacts(init=Init("fan_in")), ParamFacts(init=Init("normal", 0.5))
+HC_SCALE = ParamFacts(init=Init("offset_uniform", 0.5))
+
+
+def _weight(field: str, **facts) -> ParamFacts:
+    """A weight whose stored format is WeightFormat field ``field`` (N(0, 1/in) in tests)."""
+    return ParamFacts(field, init=Init("fan_in"), **facts)
 
 
 @dataclass
 class Numerics:
     """Switches for the reference's rounding steps (both on by default: they are the model).
 
-    ``act_quant``: FP8-quantise activations (blocks of 128) before every FP8/FP4 product.
-    ``kv_fp8``: FP8-simulate the cached KV's non-RoPE dims (blocks of 64).
+    ``act_quant``: FP8-quantise activations (blocks of 128) before every product whose weight
+    is stored in FP8 or FP4, as the reference does (its ``linear()`` dispatches on the weight's
+    dtype: a bf16/fp32 weight takes its input unrounded, so a bf16 checkpoint gets no
+    activation rounding at all). Off: no product's input is rounded.
+    ``kv_fp8``: FP8-simulate the cached KV's non-RoPE dims (blocks of 64); the reference does
+    it for every checkpoint, bf16 ones included.
     ``zero_embed_at_pos0``: vLLM's zeroing of the token embedding at position 0 (the reference,
     SGLang and TensorRT-LLM do not; disputed upstream).
     """
@@ -71,27 +84,31 @@ class Numerics:
 
 @dataclass
 class StepContext:
-    """What every layer of one forward call needs besides its input."""
+    """What every layer of one forward call needs besides its input.
 
+    ``ops``: the backend's ops (:class:`mtp.ops.ReferenceOps` or a faster one); ``window``: where
+    each row finds its keys, or None for a decode step (one row per sequence, ``seq_slots`` its
+    cache slot, -1 for padding); ``inv_freq``: the RoPE frequencies [R/2] float64;
+    ``side_stream``: a CUDA stream a backend may run the shared expert on."""
+
+    ops: Any
     positions: torch.Tensor  # [T]
-    cos: torch.Tensor  # [T, R/2]
-    sin: torch.Tensor  # [T, R/2]
-    window: WindowIndex
+    window: WindowIndex | None
+    seq_slots: torch.Tensor | None
     cache: KVCache | None
     cache_layer: int
     numerics: Numerics
+    inv_freq: torch.Tensor
+    side_stream: Any = None
 
-
-def linear(x: torch.Tensor, weight: torch.Tensor, act_quant: bool,
-           wide_out: bool = False) -> torch.Tensor:
-    """x @ weight^T with float32 accumulation, result in x's dtype (``wide_out``: left in
-    float32, e.g. a tensor-parallel partial sum); with ``act_quant`` the input is first
-    FP8-rounded in blocks of 128 (the reference's ``act_quant`` before its FP8 GEMMs)."""
-    if act_quant:
-        x = fp8_simulate(x, FP8_BLOCK)
-    xf = ops.wide(x)
-    y = F.linear(xf, weight.to(xf.dtype))
-    return y if wide_out else y.to(x.dtype)
+    @classmethod
+    def single_sequence(cls, cfg: MTPConfig, positions: torch.Tensor, numerics: Numerics,
+                        ops_: Any = ops.REFERENCE) -> StepContext:
+        """Rows of one sequence at consecutive positions, no cache."""
+        window = window_index(positions, torch.zeros_like(positions), cfg.sliding_window, None,
+                              max(positions.shape[0], 1))
+        inv_freq = ops.rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, positions.device)
+        return cls(ops_, positions, window, None, None, 0, numerics, inv_freq)
 
 
 class RMSNorm(nn.Module):
@@ -99,7 +116,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         # float32 like the reference; the checkpoint's bf16 values convert exactly.
-        self.weight = _param((dim,), torch.float32, device)
+        declare(self, "weight", (dim,), torch.float32, device, NORM)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)
@@ -110,16 +127,18 @@ class Linear(nn.Module):
 
     The pure-PyTorch path dequantises it per call (:meth:`dequantized`)."""
 
-    def __init__(self, in_features: int, out_features: int, storage: str, scale_kind: str,
-                 dtype: torch.dtype, device=None):
+    def __init__(self, in_features: int, out_features: int, fmt: WeightFormat,
+                 facts: ParamFacts, dtype: torch.dtype, device=None):
         super().__init__()
-        self.storage = storage
-        if storage == "fp8":
-            self.weight = _param((out_features, in_features), torch.float8_e4m3fn, device)
+        self.storage = getattr(fmt, facts.format)
+        shape = (out_features, in_features)
+        if self.storage == "fp8":
+            declare(self, "weight", shape, torch.float8_e4m3fn, device, facts)
             blocks = (-(-out_features // FP8_BLOCK), -(-in_features // FP8_BLOCK))
-            self.weight_scale_inv = _param(blocks, scale_dtype(scale_kind), device)
+            declare(self, "weight_scale_inv", blocks, scale_dtype(fmt.dense_scale), device,
+                    facts.scale("dense_scale"))
         else:
-            self.weight = _param((out_features, in_features), dtype, device)
+            declare(self, "weight", shape, dtype, device, facts)
             self.weight_scale_inv = None
 
     def dequantized(self, rows: tuple[int, int] | None = None,
@@ -136,7 +155,9 @@ class Linear(nn.Module):
         return dequantize(w, s, self.storage)
 
     def forward(self, x: torch.Tensor, act_quant: bool, wide_out: bool = False) -> torch.Tensor:
-        return linear(x, self.dequantized(), act_quant, wide_out)
+        """``act_quant``: the numerics switch; the input is rounded only if this weight is
+        stored in FP8 (a plain weight takes it unrounded, as in the reference)."""
+        return ops.REFERENCE.linear(x, self, act_quant, wide_out=wide_out)
 
 
 class Attention(nn.Module):
@@ -152,60 +173,48 @@ class Attention(nn.Module):
         self.heads, self.groups = h, g
         dh, q, o = cfg.head_dim, cfg.q_lora_rank, cfg.o_lora_rank
         d = cfg.hidden_size
-        self.fused_wqa_wkv = Linear(d, q + dh, fmt.dense, fmt.dense_scale, dtype, device)
+        # wq_a rows then wkv rows; a tensor-parallel rank takes whole heads of wq_b, whole
+        # groups of wo_a and the matching columns of wo_b, and its heads' sinks.
+        self.fused_wqa_wkv = Linear(d, q + dh, fmt, _weight("dense", fused=(
+            "q_lora_rank", "head_dim")), dtype, device)
         self.q_norm = RMSNorm(q, cfg.rms_norm_eps, device)
-        self.wq_b = Linear(q, h * dh, fmt.dense, fmt.dense_scale, dtype, device)
+        self.wq_b = Linear(q, h * dh, fmt, _weight("dense", tp=TPSplit(0, "head_dim")), dtype,
+                           device)
         self.kv_norm = RMSNorm(dh, cfg.rms_norm_eps, device)
-        self.wo_a = Linear(cfg.o_group_in, g * o, fmt.wo_a, fmt.dense_scale, dtype, device)
-        self.wo_b = Linear(g * o, d, fmt.dense, fmt.dense_scale, dtype, device)
-        self.attn_sink = _param((h,), torch.float32, device)
+        self.wo_a = Linear(cfg.o_group_in, g * o, fmt, _weight("wo_a", tp=TPSplit(
+            0, "o_lora_rank")), dtype, device)
+        self.wo_b = Linear(g * o, d, fmt, _weight("dense", tp=TPSplit(1, "o_lora_rank")), dtype,
+                           device)
+        declare(self, "attn_sink", (h,), torch.float32, device, ParamFacts(tp=TPSplit(0)))
 
     def forward(self, u: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        cfg, aq = self.cfg, ctx.numerics.act_quant
-        t = u.shape[0]
-        h, dh, r = self.heads, cfg.head_dim, cfg.qk_rope_head_dim
-        q_lat, kv = self.fused_wqa_wkv(u, aq).split([cfg.q_lora_rank, dh], dim=-1)
-        q = self.wq_b(self.q_norm(q_lat), aq).view(t, h, dh)  # [T, H*Dh] -> [T, H, Dh]
-        q = ops.rms_norm(q, None, cfg.rms_norm_eps)  # per head, no weight
-        q = ops.apply_rope(q, ctx.cos, ctx.sin)
-        kv = ops.apply_rope(self.kv_norm(kv), ctx.cos, ctx.sin)  # [T, Dh]
-        if ctx.numerics.kv_fp8:
-            kv = torch.cat((fp8_simulate(kv[:, :-r], KV_FP8_BLOCK), kv[:, -r:]), dim=-1)
-
-        cache = ctx.cache
-        if cache is not None:
-            layer_kv = cache.kv[ctx.cache_layer].view(-1, dh)  # [S*C, Dh]
-            pool = torch.cat((layer_kv, kv.to(layer_kv.dtype)), dim=0)
-        else:
-            pool = kv
-        idx, valid = ctx.window.keys_index, ctx.window.keys_valid
-        o = torch.empty(t, h, dh, dtype=ops.wide(u).dtype, device=u.device)
-        for s in range(0, t, _ATTN_CHUNK):
-            e = s + _ATTN_CHUNK
-            o[s:e] = ops.sink_attention(q[s:e], pool[idx[s:e]], valid[s:e], self.attn_sink,
-                                        dh ** -0.5)
-        if cache is not None:  # after every read: this call's rows came from `kv` directly
-            rows, slots = ctx.window.write_rows, ctx.window.write_slots
-            layer_kv.index_copy_(0, slots, kv[rows].to(layer_kv.dtype))
-            cache.pos[ctx.cache_layer].view(-1).index_copy_(0, slots, ctx.positions[rows])
-
-        o = ops.apply_rope(o.to(u.dtype), ctx.cos, ctx.sin, inverse=True)
-        # Grouped low-rank output: group g owns heads [g*H/G, (g+1)*H/G) and wo_a rows
-        # [g*O, (g+1)*O). No activation quantisation before wo_a (the reference applies it as a
-        # plain bf16 product).
-        o = ops.wide(rearrange(o, "t (g hg) d -> t g (hg d)", g=self.groups))
-        wo_a = rearrange(self.wo_a.dequantized(), "(g r) i -> g r i", g=self.groups)
-        z = torch.einsum("tgi,gri->tgr", o, wo_a.to(o.dtype)).to(u.dtype)  # [T, G, O]
-        # [T, G*O] -> [T, D]; sharded: this rank's columns (whole 128-blocks), a float32 partial
-        out = self.wo_b(rearrange(z, "t g r -> t (g r)"), aq, wide_out=True)
-        return self.tp.all_reduce_(out).to(u.dtype)
+        """u [T, D] (the normed block input) -> [T, D]."""
+        cfg, op, nm = self.cfg, ctx.ops, ctx.numerics
+        aq, eps = nm.act_quant, cfg.rms_norm_eps
+        t, h, dh = u.shape[0], self.heads, cfg.head_dim
+        fused = op.linear(u, self.fused_wqa_wkv, aq)  # [T, Q + Dh]: wq_a rows, wkv rows
+        kv_dtype = ctx.cache.kv.dtype if ctx.cache is not None else u.dtype
+        q_lat, kv, cos, sin = op.attn_prep(fused, self.q_norm.weight, self.kv_norm.weight,
+                                           ctx.positions, ctx.inv_freq, eps, kv_fp8=nm.kv_fp8,
+                                           kv_dtype=kv_dtype)
+        q = op.linear(q_lat, self.wq_b, aq).view(t, h, dh)  # [T, H*Dh] -> [T, H, Dh]
+        q = op.q_prep(q, cos, sin, eps)
+        o = op.attend(q, kv, self.attn_sink, cos, sin, ctx.positions,
+                      window=cfg.sliding_window, cache=ctx.cache, cache_layer=ctx.cache_layer,
+                      index=ctx.window, seq_slots=ctx.seq_slots)  # [T, H, Dh]
+        z = op.grouped_linear(o, self.wo_a, self.groups)  # [T, G*O]
+        if self.tp.sharded:  # this rank's columns of wo_b (whole 128-blocks): a float32 partial
+            return self.tp.all_reduce_(op.linear(z, self.wo_b, aq, wide_out=True)).to(u.dtype)
+        return op.linear(z, self.wo_b, aq)  # [T, D]
 
 
 class Gate(nn.Module):
     def __init__(self, cfg: MTPConfig, device=None):
         super().__init__()
-        self.weight = _param((cfg.n_routed_experts, cfg.hidden_size), torch.float32, device)
-        self.e_score_correction_bias = _param((cfg.n_routed_experts,), torch.float32, device)
+        e, d = cfg.n_routed_experts, cfg.hidden_size
+        declare(self, "weight", (e, d), torch.float32, device, ParamFacts(init=Init("fan_in")))
+        declare(self, "e_score_correction_bias", (e,), torch.float32, device,
+                ParamFacts(init=Init("normal", 0.1)))
 
 
 class SharedExperts(nn.Module):
@@ -221,19 +230,9 @@ class SharedExperts(nn.Module):
         self.limit = cfg.swiglu_limit
         self.tp = tp = tp or TensorParallel()
         self.split = tp.sharded and i % tp.world_size == 0 and tp.local(i) % FP8_BLOCK == 0
-        self.gate_up_proj = Linear(d, 2 * i, fmt.dense, fmt.dense_scale, dtype, device)
-        self.down_proj = Linear(i, d, fmt.dense, fmt.dense_scale, dtype, device)
-
-    def forward(self, u: torch.Tensor, act_quant: bool) -> torch.Tensor:
-        if not self.split:
-            g, v = self.gate_up_proj(u, act_quant).chunk(2, dim=-1)
-            return self.down_proj(ops.swiglu(g, v, self.limit).to(u.dtype), act_quant)
-        i = self.down_proj.weight.shape[1]
-        a, b = self.tp.part(i)  # this rank's part of the width: w1 rows, w3 rows, w2 columns
-        g = linear(u, self.gate_up_proj.dequantized(rows=(a, b)), act_quant)
-        v = linear(u, self.gate_up_proj.dequantized(rows=(i + a, i + b)), act_quant)
-        return linear(ops.swiglu(g, v, self.limit).to(u.dtype),
-                      self.down_proj.dequantized(cols=(a, b)), act_quant, wide_out=True)
+        self.gate_up_proj = Linear(d, 2 * i, fmt, _weight("dense", fused=(
+            "shared_intermediate_size",) * 2), dtype, device)  # w1 rows, then w3 rows
+        self.down_proj = Linear(i, d, fmt, _weight("dense"), dtype, device)
 
 
 class Experts(nn.Module):
@@ -249,20 +248,28 @@ class Experts(nn.Module):
         e, d, i = tp.local(cfg.n_routed_experts), cfg.hidden_size, cfg.moe_intermediate_size
         self.storage, self.limit = fmt.experts, cfg.swiglu_limit
         sdt = scale_dtype(fmt.expert_scale)
+        # One checkpoint tensor per expert (w13: w1 rows then w3 rows); a tensor-parallel rank
+        # holds a range of whole experts.
+        w13 = _weight("experts", fused=("moe_intermediate_size",) * 2, stacked=True,
+                      tp=TPSplit(0))
+        w2 = _weight("experts", stacked=True, tp=TPSplit(0))
         if fmt.experts == "fp4":
-            self.w13_weight = _param((e, 2 * i, d // 2), torch.int8, device)
-            self.w13_weight_scale = _param((e, 2 * i, d // 32), sdt, device)
-            self.w2_weight = _param((e, d, i // 2), torch.int8, device)
-            self.w2_weight_scale = _param((e, d, i // 32), sdt, device)
+            declare(self, "w13_weight", (e, 2 * i, d // 2), torch.int8, device, w13)
+            declare(self, "w13_weight_scale", (e, 2 * i, d // 32), sdt, device,
+                    w13.scale("expert_scale", "w13_weight"))
+            declare(self, "w2_weight", (e, d, i // 2), torch.int8, device, w2)
+            declare(self, "w2_weight_scale", (e, d, i // 32), sdt, device,
+                    w2.scale("expert_scale", "w2_weight"))
         elif fmt.experts == "fp8":
-            self.w13_weight = _param((e, 2 * i, d), torch.float8_e4m3fn, device)
-            self.w13_weight_scale_inv = _param((e, 2 * i // FP8_BLOCK, d // FP8_BLOCK), sdt,
-                                               device)
-            self.w2_weight = _param((e, d, i), torch.float8_e4m3fn, device)
-            self.w2_weight_scale_inv = _param((e, d // FP8_BLOCK, i // FP8_BLOCK), sdt, device)
+            declare(self, "w13_weight", (e, 2 * i, d), torch.float8_e4m3fn, device, w13)
+            declare(self, "w13_weight_scale_inv", (e, 2 * i // FP8_BLOCK, d // FP8_BLOCK), sdt,
+                    device, w13.scale("expert_scale", "w13_weight"))
+            declare(self, "w2_weight", (e, d, i), torch.float8_e4m3fn, device, w2)
+            declare(self, "w2_weight_scale_inv", (e, d // FP8_BLOCK, i // FP8_BLOCK), sdt,
+                    device, w2.scale("expert_scale", "w2_weight"))
         else:
-            self.w13_weight = _param((e, 2 * i, d), dtype, device)
-            self.w2_weight = _param((e, d, i), dtype, device)
+            declare(self, "w13_weight", (e, 2 * i, d), dtype, device, w13)
+            declare(self, "w2_weight", (e, d, i), dtype, device, w2)
 
     def _scales(self, name: str):
         for suffix in ("_scale", "_scale_inv"):
@@ -275,23 +282,6 @@ class Experts(nn.Module):
         s13, s2 = self._scales("w13_weight"), self._scales("w2_weight")
         return (dequantize(self.w13_weight[e], None if s13 is None else s13[e], self.storage),
                 dequantize(self.w2_weight[e], None if s2 is None else s2[e], self.storage))
-
-    def forward(self, u: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
-                act_quant: bool) -> torch.Tensor:
-        """sum_k weight_k * Expert_{idx_k}(u): u [T, D], idx/weights [T, K] -> [T, D] float32
-        (sharded: the sum over this rank's experts only)."""
-        out = torch.zeros(u.shape, dtype=ops.wide(u).dtype, device=u.device)
-        n = self.w13_weight.shape[0]
-        for e in idx.unique().tolist():
-            if not self.first <= e < self.first + n:
-                continue  # another rank's expert
-            rows, k = torch.nonzero(idx == e, as_tuple=True)
-            w13, w2 = self.expert_weights(e - self.first)
-            g, v = linear(u[rows], w13, act_quant).chunk(2, dim=-1)
-            # routing weight BEFORE w2 (and before w2's input is quantised), as the reference
-            a = (weights[rows, k, None] * ops.swiglu(g, v, self.limit)).to(u.dtype)
-            out.index_add_(0, rows, ops.wide(linear(a, w2, act_quant)))
-        return out
 
 
 class MoE(nn.Module):
@@ -310,15 +300,11 @@ class MoE(nn.Module):
         self.shared_experts = SharedExperts(cfg, fmt, dtype, device, self.tp)
         self.experts = Experts(cfg, fmt, dtype, device, self.tp)
 
-    def forward(self, u: torch.Tensor, act_quant: bool) -> torch.Tensor:
-        cfg = self.cfg
-        idx, w = ops.route(u, self.gate.weight, self.gate.e_score_correction_bias,
-                           cfg.num_experts_per_tok, cfg.scoring_func, cfg.routed_scaling_factor)
-        routed = self.experts(u, idx, w, act_quant)  # float32 (sharded: this rank's experts)
-        shared = self.shared_experts(u, act_quant)
-        if self.shared_experts.split:  # both float32 partials: one all-reduce of their sum
-            return self.tp.all_reduce_(routed + shared).to(u.dtype)
-        return (self.tp.all_reduce_(routed) + ops.wide(shared)).to(u.dtype)
+    def forward(self, u: torch.Tensor, u_rounded: Any, ctx: StepContext):
+        """u [T, D] (the normed block input; ``u_rounded``: the backend's rounded form of it,
+        from ``hc_pre_norm``) -> [T, D], or the backend's unreduced form its ``hc_post`` sums."""
+        return ctx.ops.moe(u, u_rounded, self, self.cfg, ctx.numerics.act_quant,
+                           side_stream=ctx.side_stream)
 
 
 class Block(nn.Module):
@@ -333,23 +319,27 @@ class Block(nn.Module):
         self.attn = Attention(cfg, fmt, dtype, device, tp)
         self.ffn = MoE(cfg, fmt, dtype, device, tp)
         for site in ("attn", "ffn"):
-            setattr(self, f"hc_{site}_fn", _param((cfg.hc_mix_dim, cfg.hc_dim), torch.float32,
-                                                  device))
-            setattr(self, f"hc_{site}_base", _param((cfg.hc_mix_dim,), torch.float32, device))
-            setattr(self, f"hc_{site}_scale", _param((3,), torch.float32, device))
+            declare(self, f"hc_{site}_fn", (cfg.hc_mix_dim, cfg.hc_dim), torch.float32, device,
+                    HC_FN)
+            declare(self, f"hc_{site}_base", (cfg.hc_mix_dim,), torch.float32, device, HC_BASE)
+            declare(self, f"hc_{site}_scale", (3,), torch.float32, device, HC_SCALE)
 
-    def _hc_pre(self, x: torch.Tensor, site: str):
+    def _hc_pre_norm(self, op, x: torch.Tensor, site: str, **hints):
         cfg = self.cfg
-        return ops.hc_pre(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
-                          getattr(self, f"hc_{site}_base"), cfg.hc_sinkhorn_iters, cfg.hc_eps,
-                          cfg.rms_norm_eps)
+        return op.hc_pre_norm(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
+                              getattr(self, f"hc_{site}_base"),
+                              getattr(self, f"{site}_norm").weight, cfg.hc_sinkhorn_iters,
+                              cfg.hc_eps, cfg.rms_norm_eps, **hints)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """x [T, M, D] -> [T, M, D]."""
-        y, post, comb = self._hc_pre(x, "attn")
-        x = ops.hc_post(self.attn(self.attn_norm(y), ctx), x, post, comb)
-        y, post, comb = self._hc_pre(x, "ffn")
-        return ops.hc_post(self.ffn(self.ffn_norm(y), ctx.numerics.act_quant), x, post, comb)
+    def forward(self, x: torch.Tensor, ctx: StepContext, head_fn: torch.Tensor | None = None):
+        """x [T, M, D] -> (x [T, M, D], partials): ``head_fn`` (the layer's ``hc_head_fn``,
+        when its logits follow) lets a backend compute the head's mixes alongside."""
+        op = ctx.ops
+        u, post, comb, _ = self._hc_pre_norm(op, x, "attn")
+        x, parts = op.hc_post(self.attn(u, ctx), x, post, comb, mix_fn=self.hc_ffn_fn)
+        u, post, comb, u_rounded = self._hc_pre_norm(op, x, "ffn", partials=parts,
+                                                     act_quant=ctx.numerics.act_quant)
+        return op.hc_post(self.ffn(u, u_rounded, ctx), x, post, comb, mix_fn=head_fn)
 
 
 class SharedHead(nn.Module):
@@ -357,7 +347,8 @@ class SharedHead(nn.Module):
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, head.device)
         self.head = nn.Module()
-        self.head.weight = head  # [V, D]: the main model's head, shared by every MTP layer
+        # [V, D]: the main model's head, shared by every MTP layer (or the target's own)
+        adopt(self.head, "weight", head, HEAD)
 
 
 class MTPLayer(nn.Module):
@@ -370,29 +361,34 @@ class MTPLayer(nn.Module):
         d, m = cfg.hidden_size, cfg.hc_mult
         self.enorm = RMSNorm(d, cfg.rms_norm_eps, device)
         self.hnorm = RMSNorm(d, cfg.rms_norm_eps, device)
-        self.e_proj = Linear(d, d, fmt.dense, fmt.dense_scale, dtype, device)
-        self.h_proj = Linear(d, d, fmt.dense, fmt.dense_scale, dtype, device)
-        self.hc_head_fn = _param((m, m * d), torch.float32, device)
-        self.hc_head_base = _param((m,), torch.float32, device)
-        self.hc_head_scale = _param((1,), torch.float32, device)
+        self.e_proj = Linear(d, d, fmt, _weight("dense"), dtype, device)
+        self.h_proj = Linear(d, d, fmt, _weight("dense"), dtype, device)
+        declare(self, "hc_head_fn", (m, m * d), torch.float32, device, HC_FN)
+        declare(self, "hc_head_base", (m,), torch.float32, device, HC_BASE)
+        declare(self, "hc_head_scale", (1,), torch.float32, device, HC_SCALE)
         self.shared_head = SharedHead(cfg, head)
         self.mtp_block = Block(cfg, fmt, dtype, device, tp)
 
-    def forward(self, e: torch.Tensor, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """e [T, D] token embeddings, h [T, M, D] residual streams -> [T, M, D]."""
-        aq = ctx.numerics.act_quant
-        x = self.h_proj(self.hnorm(h), aq) + self.e_proj(self.enorm(e), aq).unsqueeze(1)
-        return self.mtp_block(x, ctx)
+    def forward(self, embed: torch.Tensor, input_ids: torch.Tensor | None,
+                inputs_embeds: torch.Tensor | None, h: torch.Tensor, ctx: StepContext,
+                head_mix: bool = False):
+        """Token ids [T] (embedded with ``embed`` [V, D]) or ``inputs_embeds`` [T, D], residual
+        streams h [T, M, D] -> (x [T, M, D], the head's mix partials or None; ``head_mix``:
+        the logits follow, a backend may compute their mixes alongside)."""
+        cfg, op, nm = self.cfg, ctx.ops, ctx.numerics
+        en, hn = op.embed_norms(input_ids, inputs_embeds, ctx.positions, embed, h,
+                                self.enorm.weight, self.hnorm.weight, cfg.rms_norm_eps,
+                                dtype=h.dtype, zero_pos0=nm.zero_embed_at_pos0)
+        x = op.input_proj(en, hn, self.e_proj, self.h_proj, nm.act_quant)  # [T, M, D]
+        return self.mtp_block(x, ctx, self.hc_head_fn if head_mix else None)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, op, x: torch.Tensor, partials=None) -> torch.Tensor:
         """x [T, M, D] -> [T, V] float32: hc_head, this layer's norm, the shared head
         (sharded: this rank's vocabulary slice [T, V/w])."""
         cfg = self.cfg
-        y = ops.hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, cfg.hc_eps,
-                        cfg.rms_norm_eps)
-        y = self.shared_head.norm(y)
-        yf = ops.wide(y)
-        return F.linear(yf, self.shared_head.head.weight.to(yf.dtype))
+        return op.head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base,
+                       self.shared_head.norm.weight, self.shared_head.head.weight, cfg.hc_eps,
+                       cfg.rms_norm_eps, partials=partials)
 
 
 class DeepSeekV4MultiTokenPredictor(nn.Module):
@@ -402,7 +398,8 @@ class DeepSeekV4MultiTokenPredictor(nn.Module):
         super().__init__()
         tp = tp or TensorParallel()
         self.embed_tokens = nn.Module()
-        self.embed_tokens.weight = _shared(embed_tokens, "embed_tokens", cfg, dtype, device, tp)
+        adopt(self.embed_tokens, "weight", _shared(embed_tokens, "embed_tokens", cfg, dtype,
+                                                   device, tp), EMBED)
         shared_head = _shared(head, "head", cfg, dtype, device, tp)
         self.mtp_start_layer_idx = cfg.num_hidden_layers
         self.num_mtp_layers = cfg.num_nextn_predict_layers
@@ -411,13 +408,18 @@ class DeepSeekV4MultiTokenPredictor(nn.Module):
             for L in cfg.mtp_layer_ids})
 
 
+# The [V, D] tables a target can share: vocabulary rows split across tensor-parallel ranks.
+EMBED = ParamFacts(tp=TPSplit(0), shared="embed_tokens")
+HEAD = ParamFacts(tp=TPSplit(0), shared="head", init=Init("fan_in"))
+
+
 def _shared(t: torch.Tensor | None, name: str, cfg: MTPConfig, dtype, device,
             tp: TensorParallel) -> nn.Parameter:
     """A [V, D] table (sharded: this rank's [V/w, D] rows): the caller's tensor (shared
     storage, no copy) or a fresh one to load."""
     shape = (tp.local(cfg.vocab_size), cfg.hidden_size)
     if t is None:
-        return _param(shape, dtype, device)
+        return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
     if tuple(t.shape) != shape:
         rows = "vocab_size" if not tp.sharded else f"vocab_size/world_size (rank {tp.rank}'s rows)"
         raise ValueError(f"{name}: expected shape [{rows}, hidden_size] = {list(shape)}, "
@@ -442,6 +444,13 @@ class DeepSeekV4MTP(nn.Module):
             caller's, e.g. the engine's TP group); each rank then holds its share of the
             weights (:mod:`mtp.parallel`, docs/parallel.md) and every rank returns the same
             full results. None: one process.
+        backend: which implementation of the ops runs the forward: ``"reference"`` (pure
+            PyTorch, any device, format and dtype), ``"triton"`` (``mtp_kernels``: CUDA, the
+            released format, bfloat16 or float32, one process; an error where it cannot run)
+            or ``"auto"`` (the default: ``"triton"`` where it can run, else ``"reference"``;
+            decided at each call from where the parameters are, so ``model.cuda()`` switches
+            it). An ops object (``mtp_kernels.TritonOps(model, experts=...)``) is used as
+            given. Settable later: ``model.backend = "reference"``.
 
     Example:
         >>> from mtp import DeepSeekV4MTP, MTPConfig
@@ -457,7 +466,7 @@ class DeepSeekV4MTP(nn.Module):
     def __init__(self, config: MTPConfig, *, weight_format: WeightFormat | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
                  embed_tokens: torch.Tensor | None = None, head: torch.Tensor | None = None,
-                 numerics: Numerics | None = None, process_group=None):
+                 numerics: Numerics | None = None, process_group=None, backend: Any = "auto"):
         super().__init__()
         if dtype not in COMPUTE_DTYPES:
             raise TypeError(f"dtype: expected one of {COMPUTE_DTYPES}, got {dtype}")
@@ -467,8 +476,56 @@ class DeepSeekV4MTP(nn.Module):
         self.weight_format = weight_format or WeightFormat.released()
         self.dtype = dtype
         self.numerics = numerics or Numerics()
+        if not self.tp.sharded:  # a rank holds its share; the whole module is estimated
+            check_parameters(config, self.weight_format, dtype, device, shared={
+                n for n, t in (("embed_tokens", embed_tokens), ("head", head)) if t is not None})
         self.model = DeepSeekV4MultiTokenPredictor(config, self.weight_format, dtype, device,
                                                    embed_tokens, head, self.tp)
+        self.backend = backend
+
+    # ---- the backend -------------------------------------------------------------------------
+    @property
+    def backend(self) -> Any:
+        """The backend asked for (``"reference"``, ``"triton"``, ``"auto"`` or an ops object);
+        :attr:`ops` is what runs."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: Any) -> None:
+        backends.check_choice(value)
+        self._backend = value
+        self._resolved: tuple[torch.device, Any] | None = None
+        self._override = None
+
+    @property
+    def ops(self) -> Any:
+        """The ops that run the forward now (:class:`mtp.ops.ReferenceOps` or a backend's),
+        resolved from :attr:`backend` for the device the parameters are on."""
+        if self._override is not None:
+            return self._override
+        dev = self.model.embed_tokens.weight.device
+        if self._resolved is None or self._resolved[0] != dev:
+            self._resolved = (dev, backends.resolve(self._backend, self))
+        return self._resolved[1]
+
+    @contextmanager
+    def using(self, ops_: Any):
+        """Run this model's calls inside the block with ``ops_`` (a backend's ops object)."""
+        before, self._override = self._override, ops_
+        try:
+            yield self
+        finally:
+            self._override = before
+
+    def _rope_inv_freq(self, device: torch.device) -> torch.Tensor:
+        """RoPE frequencies [R/2] float64, derived once per device (a CUDA graph replays them)."""
+        cached = getattr(self, "_inv_freq", None)
+        if cached is None or cached.device != device:
+            cfg = self.config
+            cached = ops.rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, device)
+            self._inv_freq = cached
+        return cached
+
 
     # ---- vLLM-compatible surface -------------------------------------------------------------
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -506,18 +563,12 @@ class DeepSeekV4MTP(nn.Module):
         cfg = self.config
         t = self._check_rows(input_ids, positions, hidden_states, inputs_embeds)
         seq_slots = self._check_slots(kv_cache, seq_slots, positions, t)
-        e = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
-        e = e.to(self.dtype)
-        if self.numerics.zero_embed_at_pos0:
-            e = e.masked_fill((positions == 0)[:, None], 0)
-        # [T, M*D] -> [T, M, D]
-        h = hidden_states.to(self.dtype).view(t, cfg.hc_mult, cfg.hidden_size)
-        cos, sin = ops.rope_cos_sin(positions, cfg.qk_rope_head_dim, cfg.rope_theta,
-                                    ops.wide(e).dtype)
+        self._check_cache(kv_cache)
         cache_layer = spec_step_idx % cfg.num_nextn_predict_layers
         window = call_window(positions, seq_slots, cfg.sliding_window, kv_cache, cache_layer)
-        ctx = StepContext(positions, cos, sin, window, kv_cache, cache_layer, self.numerics)
-        return layer(e, h, ctx).flatten(1)  # [T, M, D] -> [T, M*D]
+        x, _ = self._step(layer, input_ids, inputs_embeds, positions, hidden_states, kv_cache,
+                          cache_layer, window, None)
+        return x.flatten(1)  # [T, M, D] -> [T, M*D]
 
     def compute_logits(self, hidden_states: torch.Tensor, spec_step_idx: int = 0, *,
                        gather: bool = True) -> torch.Tensor:
@@ -529,8 +580,44 @@ class DeepSeekV4MTP(nn.Module):
         cfg = self.config
         self._check_hidden(hidden_states, None)
         x = hidden_states.to(self.dtype).view(-1, cfg.hc_mult, cfg.hidden_size)  # [T, M, D]
-        logits = layer.logits(x)
+        logits = layer.logits(self.ops, x)
         return self.tp.all_gather(logits, dim=-1) if gather else logits
+
+    def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                    hidden_states: torch.Tensor, seq_slots: torch.Tensor, kv_cache: KVCache,
+                    spec_step_idx: int = 0, side_stream: Any = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One draft step for T sequences, one row each: (next hidden [T, M*D], logits [T, V]).
+
+        The same result as ``forward`` with ``kv_cache``/``seq_slots`` followed by
+        ``compute_logits``, but with no checks (the caller validates: ids in the vocabulary,
+        positions >= 0, distinct slots; slot -1 marks a padding row that reads and writes
+        nothing) and, with the triton backend, no host synchronisation: it can be captured in a
+        CUDA graph (``mtp_kernels.DraftStepGraphs``). ``side_stream``: a CUDA stream the
+        backend may run the shared expert on, beside the routed experts (pays inside a graph).
+        """
+        cfg = self.config
+        layer = self.layer(spec_step_idx)
+        cache_layer = spec_step_idx % cfg.num_nextn_predict_layers
+        x, parts = self._step(layer, input_ids, None, positions, hidden_states, kv_cache,
+                              cache_layer, None, seq_slots, side_stream=side_stream,
+                              head_mix=True)
+        return x.flatten(1), layer.logits(self.ops, x, parts)
+
+    def _step(self, layer: MTPLayer, input_ids, inputs_embeds, positions, hidden_states, cache,
+              cache_layer: int, window: WindowIndex | None, seq_slots, *, side_stream=None,
+              head_mix: bool = False):
+        """The layer over checked rows -> (x [T, M, D], the head's mix partials or None)."""
+        cfg = self.config
+        t = positions.shape[0]
+        h = hidden_states.to(self.dtype).view(t, cfg.hc_mult, cfg.hidden_size)  # [T, M*D] -> ..
+        if self.tp.sharded and inputs_embeds is None:  # a vocabulary-parallel lookup
+            inputs_embeds = vocab_embedding(input_ids, self.model.embed_tokens.weight, self.tp,
+                                            self.dtype)
+        ctx = StepContext(self.ops, positions, window, seq_slots, cache, cache_layer,
+                          self.numerics, self._rope_inv_freq(positions.device), side_stream)
+        return layer(self.model.embed_tokens.weight, input_ids, inputs_embeds, h, ctx,
+                     head_mix=head_mix)
 
     # ---- input checks (all before any state changes) -----------------------------------------
     def _check_ids(self, ids: torch.Tensor, name: str) -> None:
@@ -574,6 +661,16 @@ class DeepSeekV4MTP(nn.Module):
         if t and int(positions.min()) < 0:
             raise ValueError("positions: must be >= 0")
         return t
+
+    def _check_cache(self, cache: KVCache | None) -> None:
+        if cache is None:
+            return
+        dev, dh = self.model.embed_tokens.weight.device, self.config.head_dim
+        if cache.kv.device != dev:
+            raise ValueError(f"kv_cache is on {cache.kv.device}; the model is on {dev}")
+        if cache.kv.shape[-1] != dh or not cache.kv.is_contiguous():
+            raise ValueError(f"kv_cache.kv: expected a contiguous [..., {dh}] tensor, got "
+                             f"{list(cache.kv.shape)}")
 
     def _check_slots(self, cache, seq_slots, positions, t):
         if cache is None:

@@ -1,16 +1,36 @@
-"""The MTP layer's math as pure functions of tensors (the reference path).
+"""The MTP layer's math as pure functions of tensors, and the module's ops (the reference
+backend).
+
+Two levels:
+
+- the math (:func:`rms_norm`, :func:`apply_rope`, :func:`hc_pre`, :func:`hc_post`,
+  :func:`sink_attention`, :func:`route`, :func:`swiglu`, ...), each a literal transcription of
+  the model's definition;
+- :class:`ReferenceOps`: the units the module's dataflow (``mtp/model.py``) is written in: the
+  layer's input norms, the FP8 products, the hyper-connection pre-mix with its norm, attention
+  prep (RoPE table, q/kv norms, the KV's FP8 simulation), the attention with its cache write,
+  the grouped ``wo_a``, the MoE, the head. A backend (``mtp_kernels.TritonOps``) supplies faster
+  versions of the same methods with the same signatures; the op tests run against every
+  backend. Where a backend fuses across two ops it passes its own intermediate between them
+  (the ``partials`` / ``u_rounded`` arguments, a MoE result only its ``hc_post`` reads): the
+  reference ignores those hints and returns None for them.
 
 Shape legend: T rows (tokens), M residual streams (hc_mult), D hidden, H heads, Dh head dim,
-R RoPE dims (the LAST R of each head), W window, E experts, K experts per token.
-
-Every function follows ``spec/architecture.md`` literally; accelerated kernels (``kernels/``)
-must match these.
+R RoPE dims (the LAST R of each head), W window, E experts, K experts per token, Q q_lora_rank,
+G o_groups, O o_lora_rank, V vocabulary.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
+
+from .cache import window_index
+from .config import FP8_BLOCK, KV_FP8_BLOCK
+from .quant import dequantize, fp8_simulate
+
+ATTN_CHUNK = 256  # rows per attention chunk: bounds the gathered keys to 256 x W x Dh.
 
 
 def wide(x: torch.Tensor) -> torch.Tensor:
@@ -29,16 +49,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 
 
 # ---- RoPE ------------------------------------------------------------------------------------
-def rope_cos_sin(positions: torch.Tensor, rope_dim: int, theta: float,
-                 dtype: torch.dtype = torch.float32):
-    """cos, sin of p * theta_i for theta_i = theta^(-2i/R): each [T, R/2] in ``dtype``.
+def rope_inv_freq(rope_dim: int, theta: float, device=None) -> torch.Tensor:
+    """theta_i = theta^(-2i/R) for i < R/2, float64 [R/2] (derived once per model and device)."""
+    i = torch.arange(0, rope_dim, 2, dtype=torch.float64, device=device)
+    return theta ** (-i / rope_dim)
 
-    Angles are formed in float64 (the reference forms them in float32, which is off by up to
-    p * 2^-24 rad; both agree to float32 rounding at the positions we test)."""
-    i = torch.arange(0, rope_dim, 2, dtype=torch.float64, device=positions.device)
-    inv_freq = theta ** (-i / rope_dim)  # [R/2]
+
+def rope_table(positions: torch.Tensor, inv_freq: torch.Tensor,
+               dtype: torch.dtype = torch.float32):
+    """cos, sin of p * theta_i: each [T, R/2] in ``dtype``, the angles formed in float64 (the
+    reference forms them in float32, which is off by up to p * 2^-24 rad; both agree to float32
+    rounding at the positions we test)."""
     angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # [T, R/2]
     return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, rope_dim: int, theta: float,
+                 dtype: torch.dtype = torch.float32):
+    """cos, sin of p * theta_i for theta_i = theta^(-2i/R): each [T, R/2] in ``dtype``."""
+    return rope_table(positions, rope_inv_freq(rope_dim, theta, positions.device), dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -150,3 +179,194 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
         v = v.clamp(-limit, limit)
         g = g.clamp(max=limit)
     return F.silu(g) * v
+
+
+# ---- products ----------------------------------------------------------------------------------
+def matmul(x: torch.Tensor, weight: torch.Tensor, round_input: bool,
+           wide_out: bool = False) -> torch.Tensor:
+    """x @ weight^T with float32 accumulation, result in x's dtype (``wide_out``: left in
+    float32, e.g. a tensor-parallel partial sum); ``round_input``: x is first FP8-rounded in
+    blocks of 128 (the reference's ``act_quant`` before an FP8/FP4 product)."""
+    if round_input:
+        x = fp8_simulate(x, FP8_BLOCK)
+    xf = wide(x)
+    y = F.linear(xf, weight.to(xf.dtype))
+    return y if wide_out else y.to(x.dtype)
+
+
+def rounds_input(storage: str, act_quant: bool) -> bool:
+    """Whether a product rounds its input: the numerics switch is on AND the weight is stored in
+    FP8 or FP4 (the reference's ``linear()`` dispatches on the weight's dtype; a bf16/fp32
+    weight is a plain product)."""
+    return act_quant and storage != "plain"
+
+
+def routed_experts(u: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts,
+                   limit: float, act_quant: bool) -> torch.Tensor:
+    """sum_k weight_k * Expert_{idx_k}(u): u [T, D], idx/weights [T, K] -> [T, D] float32.
+    ``experts``: the module holding the stacked weights (``expert_weights(e)``, ``storage``;
+    tensor-parallel: only its range ``[first, first + E/w)``, the sum over those); the routing
+    weight multiplies BEFORE w2 (and before w2's input is rounded)."""
+    aq = rounds_input(experts.storage, act_quant)
+    out = torch.zeros(u.shape, dtype=wide(u).dtype, device=u.device)
+    first, n = experts.first, experts.w13_weight.shape[0]
+    for e in idx.unique().tolist():
+        if not first <= e < first + n:
+            continue  # another rank's expert
+        rows, k = torch.nonzero(idx == e, as_tuple=True)
+        w13, w2 = experts.expert_weights(e - first)
+        g, v = matmul(u[rows], w13, aq).chunk(2, dim=-1)
+        a = (weights[rows, k, None] * swiglu(g, v, limit)).to(u.dtype)
+        out.index_add_(0, rows, wide(matmul(a, w2, aq)))
+    return out
+
+
+class ReferenceOps:
+    """The module's ops in pure PyTorch: the definition every backend matches, on any device
+    and in every weight format and compute dtype. Stateless.
+
+    ``lin`` arguments are the module's ``Linear``s (``weight``, ``weight_scale_inv``,
+    ``storage``: read as stored); ``act_quant`` is the numerics switch, applied where the
+    weight's stored format asks for it (:func:`rounds_input`).
+    """
+
+    name = "reference"
+
+    def embed_norms(self, input_ids, inputs_embeds, positions, embed, h, enorm_w, hnorm_w,
+                    eps: float, *, dtype: torch.dtype, zero_pos0: bool):
+        """The layer's two input norms: (enorm(e) [T, D], hnorm(h) [T, M, D]), e = embed[ids]
+        (or ``inputs_embeds``) in ``dtype``, zero where positions == 0 with ``zero_pos0``."""
+        e = F.embedding(input_ids, embed) if inputs_embeds is None else inputs_embeds
+        e = e.to(dtype)
+        if zero_pos0:
+            e = e.masked_fill((positions == 0)[:, None], 0)
+        return rms_norm(e, enorm_w, eps), rms_norm(h, hnorm_w, eps)
+
+    def linear(self, x, lin, act_quant: bool, wide_out: bool = False):
+        """x [..., in] @ lin^T -> [..., out] in x's dtype (``wide_out``: float32, a
+        tensor-parallel partial sum)."""
+        w = dequantize(lin.weight, lin.weight_scale_inv, lin.storage)
+        return matmul(x, w, rounds_input(lin.storage, act_quant), wide_out)
+
+    def input_proj(self, en, hn, e_proj, h_proj, act_quant: bool):
+        """x = h_proj(hn) + e_proj(en) broadcast over the M streams -> [T, M, D]."""
+        return self.linear(hn, h_proj, act_quant) + self.linear(en, e_proj, act_quant).unsqueeze(1)
+
+    def hc_pre_norm(self, x, fn, scale, base, norm_w, iters: int, hc_eps: float, eps: float, *,
+                    partials=None, act_quant: bool = False):
+        """RMSNorm(hc_pre(x)) and hc_pre's post, comb: x [T, M, D] -> (u [T, D], post [T, M],
+        comb [T, M, M], u_rounded). ``partials``: a backend's precomputed mixes of x (from its
+        ``hc_post``); ``u_rounded``: u as the FP8 products will read it, in the backend's own
+        form (here None: each product rounds its input itself)."""
+        y, post, comb = hc_pre(x, fn, scale, base, iters, hc_eps, eps)
+        return rms_norm(y, norm_w, eps), post, comb, None
+
+    def hc_post(self, a, residual, post, comb, *, mix_fn=None):
+        """(:func:`hc_post`, partials): ``mix_fn`` asks a backend to compute the next
+        ``hc_pre_norm``'s (or the head's) mixes of the result alongside (here: None)."""
+        return hc_post(a, residual, post, comb), None
+
+    def attn_prep(self, fused, q_norm_w, kv_norm_w, positions, inv_freq, eps: float, *,
+                  kv_fp8: bool, kv_dtype: torch.dtype):
+        """fused [T, Q + Dh] (wq_a rows, wkv rows) -> (q_lat = q_norm(fused[:, :Q]) [T, Q],
+        kv [T, Dh] in ``kv_dtype``: kv_norm, RoPE on the last R dims, the FP8 simulation of the
+        first Dh - R in blocks of 64 with ``kv_fp8``; the RoPE table cos, sin [T, R/2])."""
+        cos, sin = rope_table(positions, inv_freq, wide(fused).dtype)
+        q_rank = q_norm_w.shape[0]
+        q_lat, kv = fused.split([q_rank, fused.shape[-1] - q_rank], dim=-1)
+        kv = apply_rope(rms_norm(kv, kv_norm_w, eps), cos, sin)
+        if kv_fp8:
+            r = 2 * cos.shape[-1]
+            kv = torch.cat((fp8_simulate(kv[:, :-r], KV_FP8_BLOCK), kv[:, -r:]), dim=-1)
+        return rms_norm(q_lat, q_norm_w, eps), kv.to(kv_dtype), cos, sin
+
+    def q_prep(self, q, cos, sin, eps: float):
+        """q [T, H, Dh]: per-head RMSNorm (no weight), then RoPE on the last R dims."""
+        return apply_rope(rms_norm(q, None, eps), cos, sin)
+
+    def attend(self, q, kv, sink, cos, sin, positions, *, window: int, cache, cache_layer: int,
+               index, seq_slots):
+        """Sink attention of q [T, H, Dh] over each row's W keys, then the inverse RoPE ->
+        [T, H, Dh] in q's dtype; then this call's kv [T, Dh] goes into the cache (after every
+        read: the rows' own keys come from ``kv``).
+
+        ``index``: a :class:`~mtp.cache.WindowIndex` (any batch), or None for a decode step:
+        one row per sequence, ``seq_slots`` [T] its cache slot, -1 for a padding row (reads and
+        writes nothing; its output is zero here)."""
+        if index is None:
+            return self._attend_decode(q, kv, sink, cos, sin, positions, window, cache,
+                                       cache_layer, seq_slots)
+        t, _, dh = q.shape
+        if cache is not None:
+            layer_kv = cache.kv[cache_layer].view(-1, dh)  # [S*C, Dh]
+            pool = torch.cat((layer_kv, kv.to(layer_kv.dtype)), dim=0)
+        else:
+            pool = kv
+        idx, valid = index.keys_index, index.keys_valid
+        o = torch.empty(q.shape, dtype=wide(q).dtype, device=q.device)
+        for s in range(0, t, ATTN_CHUNK):
+            e = s + ATTN_CHUNK
+            o[s:e] = sink_attention(q[s:e], pool[idx[s:e]], valid[s:e], sink, dh ** -0.5)
+        if cache is not None:
+            rows, slots = index.write_rows, index.write_slots
+            layer_kv.index_copy_(0, slots, kv[rows].to(layer_kv.dtype))
+            cache.pos[cache_layer].view(-1).index_copy_(0, slots, positions[rows])
+        return apply_rope(o.to(q.dtype), cos, sin, inverse=True)
+
+    def _attend_decode(self, q, kv, sink, cos, sin, positions, window, cache, cache_layer,
+                       seq_slots):
+        rows = torch.nonzero(seq_slots >= 0).flatten()
+        out = torch.zeros_like(q)
+        if rows.numel():
+            index = window_index(positions[rows], seq_slots[rows], window,
+                                 cache.pos[cache_layer], cache.capacity)
+            out[rows] = self.attend(q[rows], kv[rows], sink, cos[rows], sin[rows],
+                                    positions[rows], window=window, cache=cache,
+                                    cache_layer=cache_layer, index=index, seq_slots=None)
+        return out
+
+    def grouped_linear(self, o, lin, groups: int):
+        """The grouped low-rank output ``wo_a``: o [T, H, Dh] -> [T, G*O], group g's heads
+        [g*H/G, (g+1)*H/G) times wo_a's rows [g*O, (g+1)*O); no activation rounding (the
+        reference applies it as a plain bf16 product)."""
+        og = wide(rearrange(o, "t (g hg) d -> t g (hg d)", g=groups))
+        w = rearrange(dequantize(lin.weight, lin.weight_scale_inv, lin.storage),
+                      "(g r) i -> g r i", g=groups)
+        z = torch.einsum("tgi,gri->tgr", og, w.to(og.dtype)).to(o.dtype)  # [T, G, O]
+        return rearrange(z, "t g r -> t (g r)")
+
+    def moe(self, u, u_rounded, ffn, cfg, act_quant: bool, *, side_stream=None):
+        """The MoE of u [T, D]: gate, routing, routed experts + shared expert, summed in float32
+        -> [T, D] in u's dtype. ``ffn``: the module (``gate``, ``experts``,
+        ``shared_experts``, ``tp``); ``u_rounded`` / ``side_stream``: backend hints (unused
+        here). Tensor-parallel (``ffn.tp``): the gate whole, the routed experts by range, the
+        shared expert whole or split by width (``shared_experts.split``); one all-reduce, of
+        the float32 partials."""
+        idx, w = route(u, ffn.gate.weight, ffn.gate.e_score_correction_bias,
+                       cfg.num_experts_per_tok, cfg.scoring_func, cfg.routed_scaling_factor)
+        routed = routed_experts(u, idx, w, ffn.experts, cfg.swiglu_limit, act_quant)
+        sh, tp = ffn.shared_experts, ffn.tp
+        if getattr(sh, "split", False):  # this rank's part of the width: a float32 partial
+            i = sh.down_proj.weight.shape[1]
+            a, b = tp.part(i)  # w1 rows, w3 rows, w2 columns
+            aq = rounds_input(sh.gate_up_proj.storage, act_quant)
+            g = matmul(u, sh.gate_up_proj.dequantized(rows=(a, b)), aq)
+            v = matmul(u, sh.gate_up_proj.dequantized(rows=(i + a, i + b)), aq)
+            shared = matmul(swiglu(g, v, cfg.swiglu_limit).to(u.dtype),
+                            sh.down_proj.dequantized(cols=(a, b)), aq, wide_out=True)
+            return tp.all_reduce_(routed + shared).to(u.dtype)
+        g, v = self.linear(u, sh.gate_up_proj, act_quant).chunk(2, dim=-1)
+        shared = self.linear(swiglu(g, v, cfg.swiglu_limit).to(u.dtype), sh.down_proj,
+                             act_quant)
+        return (tp.all_reduce_(routed) + wide(shared)).to(u.dtype)
+
+    def head(self, x, fn, scale, base, norm_w, head_w, hc_eps: float, eps: float, *,
+             partials=None):
+        """Logits: hc_head, the layer's norm, the shared head: x [T, M, D] -> [T, V] float32
+        (float64 in float64 mode). ``partials``: a backend's precomputed hc_head mixes."""
+        y = rms_norm(hc_head(x, fn, scale, base, hc_eps, eps), norm_w, eps)
+        yf = wide(y)
+        return F.linear(yf, head_w.to(yf.dtype))
+
+
+REFERENCE = ReferenceOps()

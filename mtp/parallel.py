@@ -2,7 +2,8 @@
 
 The engine creates its groups; the model only keeps the one it is given (no module globals),
 wrapped in :class:`TensorParallel`: the rank's share of each split dimension and the few
-collectives a sharded step adds. What each rank holds (``mtp.remap.TP_SPLIT``):
+collectives a sharded step adds. What each rank holds (each parameter's ``ParamFacts.tp``,
+:mod:`mtp.facts`):
 
 - attention heads ``[r*H/w, (r+1)*H/w)``: rows of ``wq_b`` and ``attn_sink``, whole ``wo_a``
   groups, the matching columns of ``wo_b`` (its output is all-reduced);

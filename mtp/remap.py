@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .config import MTPConfig
+from .facts import ParamFacts, facts_of
 from .quant import WeightFormat
 from .surgery import Region, full_region, fused_rows, narrow_region, region_shape, tp_range
 
@@ -169,50 +170,9 @@ RULES: tuple[Rule, ...] = (
          why="not a drafter tensor: left to the main model"),
 )
 
-# ---- facts about the module's parameters, keyed by name after `model.[layers.{L}.]` ----------
-# Fused parameters: config fields giving the rows of each shard, in order.
-FUSED: dict[str, tuple[str, ...]] = {
-    "mtp_block.attn.fused_wqa_wkv.weight": ("q_lora_rank", "head_dim"),
-    "mtp_block.attn.fused_wqa_wkv.weight_scale_inv": ("q_lora_rank", "head_dim"),
-    "mtp_block.ffn.shared_experts.gate_up_proj.weight": ("shared_intermediate_size",) * 2,
-    "mtp_block.ffn.shared_experts.gate_up_proj.weight_scale_inv":
-        ("shared_intermediate_size",) * 2,
-    "mtp_block.ffn.experts.w13_weight": ("moe_intermediate_size",) * 2,
-    "mtp_block.ffn.experts.w13_weight_scale": ("moe_intermediate_size",) * 2,
-    "mtp_block.ffn.experts.w13_weight_scale_inv": ("moe_intermediate_size",) * 2,
-}
-# Stacked over experts (dim 0 is the expert).
-STACKED: tuple[str, ...] = tuple(
-    f"mtp_block.ffn.experts.{w}{s}" for w in ("w13_weight", "w2_weight")
-    for s in ("", "_scale", "_scale_inv"))
-# Tensor-parallel split: (dim, unit) with the unit a config field (a head's or a group's rows)
-# or None. Everything else is replicated. Scales follow their weight in 128-blocks.
-TP_SPLIT: dict[str, tuple[int, str | None]] = {
-    "embed_tokens.weight": (0, None),  # vocabulary rows
-    "shared_head.head.weight": (0, None),
-    "mtp_block.attn.wq_b.weight": (0, "head_dim"),
-    "mtp_block.attn.wq_b.weight_scale_inv": (0, None),
-    "mtp_block.attn.wo_a.weight": (0, "o_lora_rank"),  # whole groups
-    "mtp_block.attn.wo_a.weight_scale_inv": (0, None),
-    "mtp_block.attn.wo_b.weight": (1, "o_lora_rank"),  # columns
-    "mtp_block.attn.wo_b.weight_scale_inv": (1, None),
-    "mtp_block.attn.attn_sink": (0, None),
-    **{key: (0, None) for key in STACKED},  # an expert range
-}
-# Which WeightFormat field a stored dtype decides.
-_LINEARS = ("attn.fused_wqa_wkv", "attn.wq_b", "attn.wo_b", "ffn.shared_experts.gate_up_proj",
-            "ffn.shared_experts.down_proj")
-FORMAT_FIELD: dict[str, str] = {
-    **{f"mtp_block.{lin}.weight": "dense" for lin in _LINEARS},
-    **{f"{lin}.weight": "dense" for lin in ("e_proj", "h_proj")},
-    **{f"mtp_block.{lin}.weight_scale_inv": "dense_scale" for lin in _LINEARS},
-    **{f"{lin}.weight_scale_inv": "dense_scale" for lin in ("e_proj", "h_proj")},
-    "mtp_block.attn.wo_a.weight": "wo_a",
-    "mtp_block.attn.wo_a.weight_scale_inv": "dense_scale",
-    **{f"mtp_block.ffn.experts.{w}": "experts" for w in ("w13_weight", "w2_weight")},
-    **{f"mtp_block.ffn.experts.{w}{s}": "expert_scale" for w in ("w13_weight", "w2_weight")
-       for s in ("_scale", "_scale_inv")},
-}
+# Facts about the module's parameters (fused pieces, stacked experts, tensor-parallel split,
+# stored format) are declared where each parameter is created (mtp/model.py, mtp/facts.py):
+# this table only maps names to names.
 
 
 def param_key(param: str) -> str:
@@ -321,21 +281,32 @@ def _candidates(first: str) -> list[int]:
 
 
 @functools.lru_cache(maxsize=32)
-def _param_names(cfg_key: tuple) -> frozenset[str]:
+def _param_facts(cfg_key: tuple) -> dict[str, ParamFacts]:
     from .model import DeepSeekV4MTP  # deferred: model imports nothing from here
 
     cfg = MTPConfig(*cfg_key)
-    names: set[str] = set()
+    out: dict[str, ParamFacts] = {}
     for fmt in (WeightFormat.released(), WeightFormat(experts="fp8", expert_scale="f32"),
                 WeightFormat.plain()):
-        model = DeepSeekV4MTP(cfg, weight_format=fmt, device="meta")
-        names.update(name for name, _ in model.named_parameters())
-    return frozenset(names)
+        out.update(facts_of(DeepSeekV4MTP(cfg, weight_format=fmt, device="meta")))
+    return out
+
+
+def param_facts(cfg: MTPConfig) -> dict[str, ParamFacts]:
+    """Every parameter name of the module for ``cfg``, in any weight format, with the
+    :class:`~mtp.facts.ParamFacts` its constructor declares (read from a meta-device module).
+
+    Example:
+        >>> from mtp import MTPConfig
+        >>> param_facts(MTPConfig.from_name("flash"))["model.embed_tokens.weight"].tp
+        TPSplit(dim=0, unit=None)
+    """
+    return _param_facts(dataclasses.astuple(cfg))
 
 
 def param_names(cfg: MTPConfig) -> frozenset[str]:
     """Every parameter name of the module for ``cfg``, in any weight format."""
-    return _param_names(dataclasses.astuple(cfg))
+    return frozenset(param_facts(cfg))
 
 
 def _match_row(row: Rule, segs: list[str], cfg: MTPConfig, fmt: WeightFormat,
@@ -419,10 +390,11 @@ rule='experts.w3', fallback=False)
 
 def region_of(target: Target, shape: tuple[int, ...], config: MTPConfig,
               rank: int | None = None, world_size: int | None = None,
-              ) -> tuple[Region, tuple[int, ...]]:
+              facts: ParamFacts | None = None) -> tuple[Region, tuple[int, ...]]:
     """The part of parameter ``target.param`` (of ``shape``) that one checkpoint tensor fills,
     and the shape that tensor has: the expert's slot, the shard's rows, and for a per-rank file
-    (``rank`` of ``world_size``) the rank's part along the tensor-parallel dim.
+    (``rank`` of ``world_size``) the rank's part along the tensor-parallel dim. ``facts``: the
+    parameter's :class:`~mtp.facts.ParamFacts` (default: from :func:`param_facts`).
 
     Example:
         >>> from mtp import MTPConfig
@@ -431,17 +403,17 @@ def region_of(target: Target, shape: tuple[int, ...], config: MTPConfig,
         >>> region_of(t, (256, 4096, 2048), cfg)
         (((3, 4), (2048, 4096), (0, 2048)), (2048, 2048))
     """
-    key = param_key(target.param)
+    facts = facts or param_facts(config)[target.param]
     region = full_region(shape)
     rows = 0
     if target.expert is not None:
         region = narrow_region(region, 0, target.expert, target.expert + 1)
         rows = 1
     if target.shard is not None:
-        sizes = [getattr(config, f) for f in FUSED[key]]
+        sizes = [getattr(config, f) for f in facts.fused]
         region = narrow_region(region, rows, *fused_rows(shape[rows], sizes, target.shard))
-    if world_size is not None and key in TP_SPLIT and target.expert is None:
-        dim = TP_SPLIT[key][0]
+    if world_size is not None and facts.tp is not None and target.expert is None:
+        dim = facts.tp.dim
         region = narrow_region(region, dim, *tp_range(shape[dim], rank, world_size))
     piece = region_shape(region)
     return region, piece[1:] if target.expert is not None else piece
@@ -579,15 +551,19 @@ def rules_markdown() -> str:
         shard = "" if r.shard is None else str(r.shard)
         out.append(f"| {k} | {r.name} | `{r.pattern}` | {action} | {shard} | {r.when or ''} "
                    f"| {r.origin} | {r.why.replace('|', '/')} |")
-    out += ["", "## Fused parameters (rows of each shard, in order)", ""]
-    out += [f"- `{k}`: {' + '.join(v)}" for k, v in FUSED.items()]
-    out += ["", "## Tensor-parallel split (everything else is replicated)", ""]
-    out += [f"- `{k}`: dim {d}" + (f", in whole units of `{u}`" if u else "")
-            for k, (d, u) in TP_SPLIT.items()]
+    facts = {param_key(n): f for n, f in param_facts(MTPConfig.from_name("flash")).items()}
+    out += ["", "## Fused parameters (rows of each shard, in order)", "",
+            "Declared with each parameter (`mtp.facts.ParamFacts.fused`, in `mtp/model.py`).", ""]
+    out += [f"- `{k}`: {' + '.join(f.fused)}" for k, f in facts.items() if f.fused]
+    out += ["", "## Tensor-parallel split (everything else is replicated)", "",
+            "Declared with each parameter (`mtp.facts.ParamFacts.tp`); scales follow their "
+            "weight in 128-wide blocks, stacked experts split by whole experts.", ""]
+    out += [f"- `{k}`: dim {f.tp.dim}" + (f", in whole units of `{f.tp.unit}`" if f.tp.unit
+                                          else "")
+            for k, f in facts.items() if f.tp is not None]
     return "\n".join(out) + "\n"
 
 
 __all__ = ["RULES", "Rule", "Target", "Match", "UnknownTensorError", "match", "resolve",
-           "explain", "canonical_names", "param_names", "param_key", "region_of", "rules_markdown",
-           "FUSED",
-           "STACKED", "TP_SPLIT", "FORMAT_FIELD"]
+           "explain", "canonical_names", "param_names", "param_facts", "param_key", "region_of",
+           "rules_markdown"]

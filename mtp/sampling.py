@@ -45,6 +45,16 @@ class Sampling:
     top_p: float | torch.Tensor = 1.0
     generator: torch.Generator | None = None
 
+    def __post_init__(self) -> None:
+        # What can be checked without knowing the rows: scalars' ranges, the generator's type.
+        # Tensors [S] are checked against the logits by check().
+        for name in ("temperature", "top_p"):
+            if not isinstance(getattr(self, name), torch.Tensor):
+                _check_scalar(name, getattr(self, name))
+        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+            raise TypeError(f"Sampling.generator: expected a torch.Generator, got "
+                            f"{type(self.generator).__name__}")
+
     @property
     def greedy(self) -> bool:
         """True when every row is greedy (no randomness, no q)."""
@@ -69,14 +79,7 @@ class Sampling:
                     raise ValueError(f"Sampling.{name}: value {value[bad][0].item()} is out of "
                                      f"range ({_RANGES[name]})")
             else:
-                if not isinstance(value, (int, float)) or isinstance(value, bool):
-                    raise TypeError(f"Sampling.{name}: expected a float, got "
-                                    f"{type(value).__name__}")
-                v = float(value)
-                ok = v == v and v != float("inf") and (v >= 0 if lo_ok else 0 < v <= 1)
-                if not ok:
-                    raise ValueError(f"Sampling.{name}: {value} is out of range "
-                                     f"({_RANGES[name]})")
+                _check_scalar(name, value)
         gen = self.generator
         if gen is not None:
             if not isinstance(gen, torch.Generator):
@@ -85,6 +88,32 @@ class Sampling:
             if gen.device.type != device.type:
                 raise ValueError(f"Sampling.generator: on {gen.device}, but the logits are on "
                                  f"{device}; create it with torch.Generator(device=...)")
+
+
+def _check_scalar(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"Sampling.{name}: expected a float, got {type(value).__name__}")
+    v = float(value)
+    ok = v == v and v != float("inf") and (v >= 0 if name == "temperature" else 0 < v <= 1)
+    if not ok:
+        raise ValueError(f"Sampling.{name}: {value} is out of range ({_RANGES[name]})")
+
+
+def refuse_nan(x: torch.Tensor, name: str) -> None:
+    """Refuse logits holding NaN (argmax and softmax would pick garbage silently). +-inf is
+    kept: -inf masks a token, and argmax of +inf is well defined.
+
+    The one place this check lives. On CPU it reads the result directly. On CUDA it does not
+    run yet (reading a flag would synchronise the host on every draft step); the sync-free
+    variant (a device-side flag read at the next synchronisation) replaces this function
+    without touching its callers."""
+    if x.device.type != "cuda" and bool(torch.isnan(x).any()):
+        raise ValueError(f"{name}: holds NaN (the model's output went non-finite); refusing "
+                         "to pick tokens from it")
+
+
+def _describe(x) -> str:
+    return f"{list(x.shape)} ({x.dtype})" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 _RANGES = {"temperature": "0 for greedy, or a finite value > 0", "top_p": "0 < top_p <= 1"}
@@ -100,6 +129,15 @@ def probs(logits: torch.Tensor, sampling: Sampling = GREEDY) -> torch.Tensor:
     must be verified under the same settings it samples with. A per-row ``temperature`` /
     ``top_p`` tensor [S] applies to the first dim of ``logits`` ([S, V] or [S, k, V]).
     """
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 1 \
+            or not logits.is_floating_point():
+        raise ValueError(f"logits: expected a floating-point tensor [..., V], got "
+                         f"{_describe(logits)}")
+    if not isinstance(sampling, Sampling):
+        raise TypeError(f"sampling: expected a mtp.sampling.Sampling, got "
+                        f"{type(sampling).__name__}")
+    sampling.check(logits.shape[0] if logits.dim() > 1 else 1, logits.device)
+    refuse_nan(logits, "logits")
     x = logits if logits.dtype == torch.float64 else logits.float()
     lead = x.shape[:-1]
 
@@ -151,6 +189,7 @@ def sample(logits: torch.Tensor, sampling: Sampling = GREEDY
     if logits.dim() != 2:
         raise ValueError(f"logits: expected [S, V], got shape {list(logits.shape)}")
     sampling.check(logits.shape[0], logits.device)
+    refuse_nan(logits, "logits")
     if sampling.greedy:
         return logits.argmax(dim=-1), None
     q = probs(logits, sampling)

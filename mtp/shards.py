@@ -1,209 +1,26 @@
-"""safetensors shard files: header parsing and checks, and parallel block reads.
+"""safetensors shard files: the names :mod:`mtp.checkpoint` now holds, kept importable here.
 
-The loader's file-format half: :func:`read_header` validates a header without reading tensor
-data (dtypes, byte counts, bounds, overlaps); :class:`ShardReader` copies stored tensors into
-destination views in blocks that a few threads read with ``os.preadv``, so peak host memory
-stays at a few 16 MiB staging buffers beyond the destination.
+Headers and their checks live in :mod:`mtp.checkpoint.header`, the read path in
+:mod:`mtp.checkpoint.stream`, :class:`CheckpointError` in :mod:`mtp.checkpoint.errors`.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import sys
-import threading
-from dataclasses import dataclass
+from .checkpoint.errors import CheckpointError
+from .checkpoint.header import (
+    _NON_FINITE,
+    DAMAGED,
+    DTYPES,
+    MAX_HEADER,
+    PLAIN,
+    TensorInfo,
+    _nonfinite,
+    check_finite,
+    check_little_endian,
+    read_header,
+)
+from .checkpoint.stream import CHUNK, Progress, Read, ShardReader, stream
 
-import torch
-
-# safetensors dtype code -> how the module holds it (F4: two e2m1 codes a byte, held as int8)
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu, "F4": torch.int8,
-}
-MAX_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
-CHUNK = 16 << 20  # bytes per read: threads share big tensors, staging buffers stay small
-DAMAGED = "the file is damaged: download or write it again"
-PLAIN = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint the loader refuses; ``problems`` lists each reason (also in the message)."""
-
-    def __init__(self, message: str, problems: list[str] | None = None):
-        super().__init__(message)
-        self.problems = problems or [message]
-
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor of a safetensors file as its header describes it (offsets absolute)."""
-
-    file: str
-    dtype: str
-    shape: tuple[int, ...]  # as in the header (F4 counts FP4 elements)
-    begin: int
-    end: int
-
-    @property
-    def storage_shape(self) -> tuple[int, ...]:
-        """The shape of the bytes as the module holds them (F4: last dim halved, int8)."""
-        if self.dtype == "F4":
-            return self.shape[:-1] + (self.shape[-1] // 2,)
-        return self.shape
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-
-def read_header(path: str) -> dict[str, TensorInfo]:
-    """Parse and check a safetensors header: every dtype known, every byte count consistent
-    with its shape, every tensor inside the file, none overlapping. Raises CheckpointError
-    naming the file and the damage.
-
-    Example:
-        >>> read_header("model-00046-of-00046.safetensors")["mtp.0.hc_head_base"]   # doctest: +SKIP
-        TensorInfo(file='model-00046-of-00046.safetensors', dtype='F32', shape=(4,), ...)
-    """
-    name = os.path.basename(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{name}: {size} bytes is too short for a safetensors file; "
-                                  f"{DAMAGED}")
-        n = int.from_bytes(head, "little")
-        if n > min(size - 8, MAX_HEADER):
-            raise CheckpointError(f"{name}: its header claims {n} bytes but the file has {size} "
-                                  f"(truncated, or not safetensors); {DAMAGED}")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{name}: the header is not valid JSON ({e}); {DAMAGED}") from None
-    header.pop("__metadata__", None)
-    data = 8 + n
-    infos: dict[str, TensorInfo] = {}
-    for key, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), \
-                entry["data_offsets"]
-            ints = all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end))
-        except (KeyError, TypeError, ValueError):
-            ints = False
-        if not ints or begin > end:
-            raise CheckpointError(f"{name}: malformed header entry for {key!r}; {DAMAGED}")
-        if dtype not in DTYPES:
-            raise CheckpointError(f"{name}: tensor {key} has dtype {dtype!r}, which the loader "
-                                  f"does not know ({sorted(DTYPES)})")
-        bits = 4 if dtype == "F4" else DTYPES[dtype].itemsize * 8
-        want = math.prod(shape) * bits
-        if want % 8 or end - begin != want // 8:
-            raise CheckpointError(f"{name}: the header gives {key} {end - begin} bytes, but "
-                                  f"{dtype} {list(shape)} needs {want / 8:g}; {DAMAGED}")
-        if data + end > size:
-            raise CheckpointError(f"{name} is truncated: tensor {key} ends at byte {data + end} "
-                                  f"but the file has {size} bytes; {DAMAGED}")
-        infos[key] = TensorInfo(name, dtype, shape, data + begin, data + end)
-    spans = sorted((i.begin, i.end, k) for k, i in infos.items() if i.end > i.begin)
-    for (_, e0, k0), (b1, _, k1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise CheckpointError(f"{name}: tensors {k0} and {k1} overlap; {DAMAGED}")
-    return infos
-
-
-
-class Progress:
-    def __init__(self, total: int, progress):
-        self.callback = progress if callable(progress) else None
-        self.bar = None
-        self.done, self.total = 0, total
-        show = progress is True or (progress is None and total >= 1 << 30
-                                    and sys.stderr.isatty())
-        if show and self.callback is None:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:  # tqdm comes with huggingface_hub; without it, no bar
-                return
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading drafter")
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.callback is not None:
-            self.callback(self.done, self.total)
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class ShardReader:
-    """Copies stored tensors into destination views, in blocks of rows (at most 16 MiB) that
-    worker threads read in parallel with ``os.preadv``. Same dtype, contiguous, on the CPU:
-    the bytes go straight into the destination's memory. Otherwise through a per-thread
-    staging buffer, converting (bf16 -> float32) and moving (to a GPU) on copy."""
-
-    def __init__(self, folder: str):
-        self.folder = folder
-        self.fds: dict[str, int] = {}
-        self.local = threading.local()
-
-    def open(self, file: str) -> None:
-        if file not in self.fds:
-            self.fds[file] = os.open(os.path.join(self.folder, file), os.O_RDONLY)
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-
-    def _read(self, info: TensorInfo, offset: int, out: torch.Tensor) -> None:
-        view = memoryview(out.view(-1).view(torch.uint8).numpy())
-        fd, got = self.fds[info.file], 0
-        while got < len(view):
-            n = os.preadv(fd, [view[got:]], offset + got)
-            if not n:
-                raise CheckpointError(f"{info.file}: the file ended while reading (truncated "
-                                      f"since it was checked?); {DAMAGED}")
-            got += n
-
-    @staticmethod
-    def blocks(info: TensorInfo) -> list[tuple[int, int]]:
-        """Row ranges of at most CHUNK bytes (at least one row)."""
-        rows = info.storage_shape[0]
-        step = max(1, CHUNK // max(info.nbytes // max(rows, 1), 1))
-        return [(r, min(rows, r + step)) for r in range(0, rows, step)]
-
-    def copy(self, info: TensorInfo, dest: torch.Tensor, r0: int, r1: int) -> int:
-        """Rows [r0, r1) of the stored tensor into ``dest[r0:r1]``; returns the bytes read."""
-        stored, shape = DTYPES[info.dtype], info.storage_shape
-        row_bytes = info.nbytes // shape[0]
-        offset, n = info.begin + r0 * row_bytes, (r1 - r0) * row_bytes
-        out = dest[r0:r1]
-        if out.device.type == "cpu" and out.dtype == stored and out.is_contiguous():
-            self._read(info, offset, out)  # same bytes, same dtype: no conversion, no copy
-            return n
-        buffer = getattr(self.local, "buffer", None)
-        if buffer is None or buffer.numel() < n:
-            buffer = torch.empty(max(n, CHUNK), dtype=torch.uint8,
-                                 pin_memory=out.device.type == "cuda")
-            self.local.buffer = buffer
-        self._read(info, offset, buffer[:n])
-        out.copy_(buffer[:n].view(stored).view((r1 - r0,) + tuple(shape[1:])))
-        return n
-
-
-def check_little_endian() -> None:
-    if sys.byteorder != "little":  # safetensors data is little-endian; bytes are copied as is
-        raise RuntimeError("mtp.loader reads safetensors bytes as they are: big-endian hosts "
-                           "are not supported")
-
-
+__all__ = ["CheckpointError", "TensorInfo", "read_header", "check_finite", "check_little_endian",
+           "ShardReader", "Progress", "Read", "stream", "DTYPES", "PLAIN", "MAX_HEADER", "CHUNK",
+           "DAMAGED", "_NON_FINITE", "_nonfinite"]

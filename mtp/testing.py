@@ -7,9 +7,11 @@ norm weights near 1), which keeps tolerances meaningful; they are not a trained 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
+from .facts import Init, facts_of
 from .model import DeepSeekV4MTP, Experts, Linear
 from .quant import quantize_fp4, quantize_fp8_block
 
@@ -18,43 +20,49 @@ def _normal(shape, std: float, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, generator=gen, dtype=torch.float32, device=gen.device) * std
 
 
-def _fill_linear(lin: Linear, gen: torch.Generator, scale_kind: str) -> None:
-    out_f, in_f = lin.weight.shape
-    w = _normal((out_f, in_f), in_f ** -0.5, gen)
-    if lin.storage == "fp8":
-        q, s = quantize_fp8_block(w, "e8m0" if lin.weight_scale_inv.dtype != torch.float32
-                                  else "f32")
-        lin.weight.data.copy_(q)
-        lin.weight_scale_inv.data.copy_(s)
-    else:
-        lin.weight.data.copy_(w)
+def draw(init: Init, shape, normal: Callable, uniform: Callable) -> torch.Tensor:
+    """Values for a parameter of ``shape`` (the unpacked float shape) as its
+    :class:`~mtp.facts.Init` says; ``normal(shape, std)`` / ``uniform(shape)`` draw float32
+    N(0, std^2) / U(0, 1) (so a benchmark can draw on its own device).
+
+    Example:
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> x = draw(Init("one_plus_normal", 0.1), (1000,), lambda s, std: _normal(s, std, gen),
+        ...          lambda s: torch.rand(s, generator=gen))
+        >>> round(x.mean().item(), 1)
+        1.0
+    """
+    if init.kind == "normal":
+        return normal(shape, init.value)
+    if init.kind == "fan_in":
+        return normal(shape, shape[-1] ** -0.5)
+    if init.kind == "one_plus_normal":
+        return 1.0 + normal(shape, init.value)
+    if init.kind == "offset_uniform":
+        return init.value + uniform(shape)
+    raise ValueError(f"draw: {init.kind!r} values come with their weight")
 
 
-def _fill_experts(ex: Experts, gen: torch.Generator) -> None:
-    e, two_i = ex.w13_weight.shape[:2]
-    d = ex.w2_weight.shape[1]
-    i = two_i // 2
-    for k in range(e):
-        w13 = _normal((2 * i, d), d ** -0.5, gen)  # [2I, D]: w1 rows, then w3 rows
-        w2 = _normal((d, i), i ** -0.5, gen)
-        for name, w in (("w13_weight", w13), ("w2_weight", w2)):
-            if ex.storage == "fp4":
-                q, s = quantize_fp4(w)
-                getattr(ex, name).data[k].copy_(q)
-                getattr(ex, name + "_scale").data[k].copy_(s)
-            elif ex.storage == "fp8":
-                sc = getattr(ex, name + "_scale_inv")
-                q, s = quantize_fp8_block(w, "f32" if sc.dtype == torch.float32 else "e8m0")
-                getattr(ex, name).data[k].copy_(q)
-                sc.data[k].copy_(s)
-            else:
-                getattr(ex, name).data[k].copy_(w)
+def _fill_weight(weight: torch.Tensor, scale: torch.Tensor | None, storage: str,
+                 scale_kind: str | None, init: Init, gen: torch.Generator) -> None:
+    """One (expert's) weight drawn in float32 and stored as ``storage`` with its scale."""
+    shape = tuple(weight.shape[:-1]) + (weight.shape[-1] * (2 if storage == "fp4" else 1),)
+    w = draw(init, shape, lambda s, std: _normal(s, std, gen), None)
+    if storage == "fp4":
+        w, s = quantize_fp4(w)
+    elif storage == "fp8":
+        w, s = quantize_fp8_block(w, scale_kind)
+    weight.copy_(w)
+    if scale is not None:
+        scale.copy_(s)
 
 
 @torch.no_grad()
 def init_random_(model: DeepSeekV4MTP, seed: int = 0) -> DeepSeekV4MTP:
     """Fill every parameter of ``model`` with seeded random values in its stored format
-    (FP8 + block scales, packed FP4, or plain) and return the model.
+    (FP8 + block scales, packed FP4, or plain) and return the model. What each parameter gets
+    is its :class:`~mtp.facts.ParamFacts` ``init``; weights (and their scales) are drawn
+    first, in module order, a stacked expert weight expert by expert, then the rest.
 
     Example:
         >>> from mtp import DeepSeekV4MTP, MTPConfig
@@ -65,41 +73,34 @@ def init_random_(model: DeepSeekV4MTP, seed: int = 0) -> DeepSeekV4MTP:
     # On the model's device: full-size models fill in seconds on a GPU (minutes on a CPU). The
     # values depend on the device type (CPU and CUDA generators differ), not on the rank.
     gen = torch.Generator(device=model.model.embed_tokens.weight.device).manual_seed(seed)
-    cfg = model.config
-    done: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, Linear):
-            _fill_linear(module, gen, "e8m0")
-            done.update(id(p) for p in module.parameters())
-        elif isinstance(module, Experts):
-            _fill_experts(module, gen)
-            done.update(id(p) for p in module.parameters())
-    for name, p in model.named_parameters():
-        if id(p) in done:
+    facts, params, fmt = facts_of(model), dict(model.named_parameters()), model.weight_format
+    scale_of = {name.rsplit(".", 1)[0] + "." + f.scale_of: name
+                for name, f in facts.items() if f.scale_of is not None}
+    weights = [n for n, f in facts.items() if f.format is not None and f.scale_of is None]
+    stacked: dict[str, list[str]] = {}  # a module's stacked weights, drawn expert by expert
+    for n in weights:
+        if facts[n].stacked:
+            stacked.setdefault(n.rsplit(".", 1)[0], []).append(n)
+    done: set[str] = set()
+    for n in weights:
+        if n in done:
             continue
-        leaf = name.rsplit(".", 1)[-1]
-        parent = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
-        if name.endswith("norm.weight"):
-            value = 1.0 + _normal(p.shape, 0.1, gen)
-        elif parent == "embed_tokens":
-            value = _normal(p.shape, 1.0, gen)
-        elif parent == "head":
-            value = _normal(p.shape, cfg.hidden_size ** -0.5, gen)
-        elif leaf.endswith("_fn"):
-            value = _normal(p.shape, p.shape[1] ** -0.5, gen)
-        elif leaf.endswith("_base"):
-            value = _normal(p.shape, 0.5, gen)
-        elif leaf.endswith("_scale"):
-            value = 0.5 + torch.rand(p.shape, generator=gen, device=gen.device)
-        elif leaf == "attn_sink":
-            value = _normal(p.shape, 1.0, gen)
-        elif parent == "gate" and leaf == "weight":
-            value = _normal(p.shape, cfg.hidden_size ** -0.5, gen)
-        elif leaf == "e_score_correction_bias":
-            value = _normal(p.shape, 0.1, gen)
-        else:
-            raise AssertionError(f"init_random_: no rule for parameter {name}")
-        p.data.copy_(value)
+        group = stacked.get(n.rsplit(".", 1)[0], [n]) if facts[n].stacked else [n]
+        for k in range(params[n].shape[0]) if facts[n].stacked else [None]:
+            for m in group:
+                s = scale_of.get(m)
+                weight, scale = params[m], None if s is None else params[s]
+                if k is not None:
+                    weight, scale = weight[k], None if scale is None else scale[k]
+                _fill_weight(weight, scale, getattr(fmt, facts[m].format),
+                             None if s is None else getattr(fmt, facts[s].format),
+                             facts[m].init, gen)
+        done.update(group)
+    done.update(scale_of.values())
+    for name, p in params.items():
+        if name not in done:
+            p.copy_(draw(facts[name].init, tuple(p.shape), lambda s, std: _normal(s, std, gen),
+                         lambda s: torch.rand(s, generator=gen, device=gen.device)))
     return model
 
 
@@ -127,4 +128,4 @@ def dequantized_copy(model: DeepSeekV4MTP) -> DeepSeekV4MTP:
     return plain
 
 
-__all__ = ["init_random_", "dequantized_copy"]
+__all__ = ["init_random_", "dequantized_copy", "draw"]

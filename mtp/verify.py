@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .sampling import refuse_nan
+
 PAD = -1  # fills ``VerifyResult.tokens`` after the emitted ones
 
 
@@ -93,6 +95,7 @@ def verify_greedy(target_logits: torch.Tensor, drafts: torch.Tensor) -> VerifyRe
     """
     s, k, v = _check_target(target_logits, "target_logits")
     _check_drafts(drafts, s, k, v)
+    refuse_nan(target_logits, "target_logits")
     choice = target_logits.argmax(dim=-1)  # [S, k+1]
     a = _accepted_length(choice[:, :k] == drafts)
     return _assemble(drafts, a, choice.gather(1, a[:, None]).squeeze(1))
@@ -135,6 +138,8 @@ def rejection_sample(target_probs: torch.Tensor, drafts: torch.Tensor,
         if bool((q_draft <= 0).any()):
             raise ValueError("draft_probs: a draft has probability 0 under its own q, so it "
                              "was not drawn from q; pass the q that sampled these drafts")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
     if generator is not None and generator.device.type != target_probs.device.type:
         raise ValueError(f"generator: on {generator.device}, but the probabilities are on "
                          f"{target_probs.device}")
@@ -213,9 +218,15 @@ class AcceptanceStats:
         if isinstance(num_accepted, VerifyResult):
             k = num_accepted.tokens.shape[1] - 1 if k is None else k
             num_accepted = num_accepted.num_accepted
-        if not isinstance(k, int) or k < 1:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k: expected the number of drafts per sequence (>= 1), got {k!r}")
-        a = torch.as_tensor(num_accepted).flatten().to(torch.int64).cpu()
+        raw = torch.as_tensor(num_accepted).flatten().cpu()
+        if raw.is_floating_point() and not bool((raw == raw.round()).all()):
+            raise ValueError(f"num_accepted: expected whole numbers of accepted drafts, got "
+                             f"{raw[raw != raw.round()][0].item()}")
+        if raw.dtype == torch.bool or raw.is_complex():
+            raise TypeError(f"num_accepted: expected integer counts, got {raw.dtype}")
+        a = raw.to(torch.int64)
         if a.numel() and (int(a.min()) < 0 or int(a.max()) > k):
             raise ValueError(f"num_accepted: values must be in [0, {k}]")
         while len(self._proposed_at) < k:

@@ -4,12 +4,18 @@ checkpoint's names (for the independent float64 reference in ``reference.py``)."
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
+import pytest
 import torch
 from hypothesis import settings
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import reference` from any working directory
+# `python -m pytest` puts the repo root on sys.path, where kernels/ (installed as mtp_kernels)
+# would shadow the PyPI package `kernels` that transformers imports: keep the root off it.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 from mtp import DeepSeekV4MTP, MTPConfig  # noqa: E402
 
@@ -69,6 +75,35 @@ def checkpoint_weights(model: DeepSeekV4MTP, i: int = 0) -> dict[str, torch.Tens
     return {k: v.detach().to(f64) for k, v in w.items()}
 
 
+_STORED = {torch.float8_e4m3fn: "fp8", torch.int8: "fp4", torch.uint8: "fp4",
+           torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32",
+           torch.float64: "f64"}
+
+
+def checkpoint_formats(model: DeepSeekV4MTP, i: int = 0) -> dict[str, str]:
+    """The stored format ("fp8", "fp4", "bf16", "f32", ...) of every weight that
+    ``checkpoint_weights`` returns, read off the dtype the module holds it in: the float64
+    reference rounds a product's input only where its weight is FP8 or FP4."""
+    cfg = model.config
+    layer = model.layer(i)
+    blk = layer.mtp_block
+    attn, ffn = blk.attn, blk.ffn
+    p = f"mtp.{i}."
+    of = {p + "e_proj.weight": layer.e_proj.weight, p + "h_proj.weight": layer.h_proj.weight,
+          p + "attn.wq_a.weight": attn.fused_wqa_wkv.weight,
+          p + "attn.wkv.weight": attn.fused_wqa_wkv.weight,
+          p + "attn.wq_b.weight": attn.wq_b.weight, p + "attn.wo_a.weight": attn.wo_a.weight,
+          p + "attn.wo_b.weight": attn.wo_b.weight}
+    for w in ("w1", "w3"):
+        of[f"{p}ffn.shared_experts.{w}.weight"] = ffn.shared_experts.gate_up_proj.weight
+    of[p + "ffn.shared_experts.w2.weight"] = ffn.shared_experts.down_proj.weight
+    for e in range(cfg.n_routed_experts):
+        for w in ("w1", "w3"):
+            of[f"{p}ffn.experts.{e}.{w}.weight"] = ffn.experts.w13_weight
+        of[f"{p}ffn.experts.{e}.w2.weight"] = ffn.experts.w2_weight
+    return {name: _STORED[t.dtype] for name, t in of.items()}
+
+
 def small_configs(max_experts: int = 6):
     """Hypothesis strategy: tiny MTPConfigs that respect every format block, with the dims the
     math cares about (heads, groups, RoPE width, window, experts, hc_mult, Sinkhorn iters) drawn."""
@@ -106,3 +141,21 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> str:
+    """The tiny release-layout checkpoint of ``test_loader.make()`` (do not damage it)."""
+    from test_loader import LAYOUTS, make
+
+    from mtp.export import write_checkpoint
+
+    folder = tmp_path_factory.mktemp("pristine") / "ckpt"
+    write_checkpoint(make(), folder, **LAYOUTS["release"])
+    return str(folder)
+
+
+@pytest.fixture
+def folder(tmp_path, pristine) -> str:
+    """A fresh copy of ``pristine``, free to damage."""
+    return shutil.copytree(pristine, tmp_path / "ckpt")

@@ -5,7 +5,8 @@ It answers ``HEAD``/``GET /{owner}/{name}/resolve/{revision}/{filename}`` the wa
 ``Content-Length`` on success; 404 with ``X-Error-Code`` ``RepoNotFound`` / ``RevisionNotFound``
 / ``EntryNotFound`` otherwise (see ``huggingface_hub.utils._http.hf_raise_for_status``). Each
 revision is a local folder; its commit hash is derived from the repo and revision names, and the
-hash itself is accepted as a revision. Every request is recorded in ``requests``.
+hash itself is accepted as a revision. Every request is recorded in ``requests``. A repo listed
+in ``failing`` answers every request with that HTTP status (a Hub outage: 500, 503, ...).
 
 Example:
     with HubServer({"org/tiny": {"main": folder}}) as hub:
@@ -28,8 +29,9 @@ def commit_of(repo_id: str, revision: str) -> str:
 
 
 class HubServer:
-    def __init__(self, repos: dict[str, dict[str, str]]):
+    def __init__(self, repos: dict[str, dict[str, str]], failing: dict[str, int] | None = None):
         self.repos = repos
+        self.failing = failing or {}
         self.requests: list[tuple[str, str, str, str]] = []
         self.auth: list[str | None] = []  # the Authorization header of each request
         self._lock = threading.Lock()
@@ -84,6 +86,8 @@ class HubServer:
         with self._lock:
             self.requests.append((h.command, repo_id, revision, filename))
             self.auth.append(h.headers.get("Authorization"))
+        if repo_id in self.failing:
+            return self._error(h, self.failing[repo_id], "", "")
         if repo_id not in self.repos:
             return self._error(h, 404, "RepoNotFound", "")
         found = self._find(repo_id, revision)
@@ -108,8 +112,9 @@ class HubServer:
     def _error(h: BaseHTTPRequestHandler, status: int, code: str, commit: str) -> None:
         message = f"{code}: {h.path}".encode()
         h.send_response(status)
-        h.send_header("X-Error-Code", code)
-        h.send_header("X-Error-Message", code)
+        if code:
+            h.send_header("X-Error-Code", code)
+            h.send_header("X-Error-Message", code)
         if commit:
             h.send_header("X-Repo-Commit", commit)
         h.send_header("Content-Length", str(len(message)))

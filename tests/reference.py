@@ -7,7 +7,10 @@ for tiny shapes only and is used solely by the test suite.
 
 Weights `W` are a dict of already dequantised float64 tensors keyed by checkpoint names
 (`embed.weight`, `head.weight`, `mtp.0.attn.wq_a.weight`, ...).  `cfg` is a dict or an object
-with the Hugging Face config.json key names.
+with the Hugging Face config.json key names.  `formats` (optional) maps those names to the
+format each weight is STORED in ("fp8", "fp4", "bf16", "f32"): the activation rounding before a
+product follows it (architecture.md, Weight formats: FP8/FP4 weight: round the input; bf16/fp32
+weight: do not).  Without `formats`, every weight is taken as released (FP8, FP4 experts).
 """
 
 from __future__ import annotations
@@ -247,9 +250,20 @@ def dequant_fp4(packed_int8, scale_e8m0_uint8):
     return out
 
 
-def _aq(x, act_quant):
-    """Activation FP8 simulation (blocks of 128) before an FP8/FP4 product, if enabled."""
-    return quant_dequant_blocks(x, 128) if act_quant else x.to(F64)
+QUANTISED_FORMATS = ("fp8", "fp4")
+
+
+def _rounds(act_quant, formats, name):
+    """Whether the input of the product with weight `name` is FP8-rounded: only if enabled AND
+    that weight is stored in FP8 or FP4 (architecture.md, Weight formats: the reference's
+    `linear()` dispatches on the weight's dtype).  `formats` None: the released format."""
+    return act_quant and (formats is None or formats[name] in QUANTISED_FORMATS)
+
+
+def _aq(x, act_quant, formats=None, name=None):
+    """Activation FP8 simulation (blocks of 128) before the product with weight `name`, if
+    :func:`_rounds` says so."""
+    return quant_dequant_blocks(x, 128) if _rounds(act_quant, formats, name) else x.to(F64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,7 +343,7 @@ def hc_head(x, fn, scale, base, hc_eps, eps):
 # ----------------------------------------------------------------------------------------------
 
 
-def attention(u_rows, positions, W, cfg, act_quant, kv_fp8, prefix="mtp.0."):
+def attention(u_rows, positions, W, cfg, act_quant, kv_fp8, prefix="mtp.0.", formats=None):
     """Sliding-window MQA with sink, RoPE on last R dims, grouped wo_a, wo_b (Attention)."""
     u_rows = u_rows.to(F64)
     T = u_rows.shape[0]
@@ -347,12 +361,14 @@ def attention(u_rows, positions, W, cfg, act_quant, kv_fp8, prefix="mtp.0."):
     # per-token q [H, Dh] and kv [Dh]
     qs, kvs = [], []
     for t in range(T):
-        u = _aq(u_rows[t], act_quant)  # input of wq_a and wkv
-        q_lat = rms_norm(linear(u, W[pa + "wq_a.weight"]), W[pa + "q_norm.weight"], eps)
-        q = linear(_aq(q_lat, act_quant), W[pa + "wq_b.weight"]).reshape(H, Dh)
+        u_q = _aq(u_rows[t], act_quant, formats, pa + "wq_a.weight")
+        q_lat = rms_norm(linear(u_q, W[pa + "wq_a.weight"]), W[pa + "q_norm.weight"], eps)
+        q = linear(_aq(q_lat, act_quant, formats, pa + "wq_b.weight"),
+                   W[pa + "wq_b.weight"]).reshape(H, Dh)
         for h in range(H):
             q[h] = rms_norm(q[h], None, eps)  # per head, no weight
-        kv = rms_norm(linear(u, W[pa + "wkv.weight"]), W[pa + "kv_norm.weight"], eps)
+        u_kv = _aq(u_rows[t], act_quant, formats, pa + "wkv.weight")
+        kv = rms_norm(linear(u_kv, W[pa + "wkv.weight"]), W[pa + "kv_norm.weight"], eps)
         for h in range(H):
             q[h] = rope_last(q[h], pos[t], R, base)
         kv = rope_last(kv, pos[t], R, base)
@@ -388,7 +404,8 @@ def attention(u_rows, positions, W, cfg, act_quant, kv_fp8, prefix="mtp.0."):
         z = torch.empty((G, O), dtype=F64)
         for g in range(G):
             z[g] = wo_a[g] @ o_groups[g]
-        out[t] = linear(_aq(z.reshape(-1), act_quant), W[pa + "wo_b.weight"])
+        out[t] = linear(_aq(z.reshape(-1), act_quant, formats, pa + "wo_b.weight"),
+                        W[pa + "wo_b.weight"])
     return out
 
 
@@ -397,20 +414,22 @@ def attention(u_rows, positions, W, cfg, act_quant, kv_fp8, prefix="mtp.0."):
 # ----------------------------------------------------------------------------------------------
 
 
-def _swiglu(u_q, w1, w2, w3, weight, limit, act_quant):
-    """Expert: w2(weight * silu(clamp(g, max=limit)) * clamp(v, -limit, limit)) (MoE)."""
-    g = linear(u_q, w1)
-    v = linear(u_q, w3)
+def _swiglu(u, u_q, W, pe, weight, limit, act_quant, formats):
+    """Expert `pe` (a name prefix): w2(weight * silu(clamp(g, max=limit)) *
+    clamp(v, -limit, limit)) (MoE). `u_q`: u FP8-rounded, the input of w1 / w3 where their
+    format asks for it."""
+    g = linear(u_q if _rounds(act_quant, formats, pe + "w1.weight") else u, W[pe + "w1.weight"])
+    v = linear(u_q if _rounds(act_quant, formats, pe + "w3.weight") else u, W[pe + "w3.weight"])
     if limit > 0:
         v = torch.clamp(v, -limit, limit)
         g = torch.clamp(g, max=limit)
     hidden = silu(g) * v
     if weight is not None:
         hidden = weight * hidden
-    return linear(_aq(hidden, act_quant), w2)
+    return linear(_aq(hidden, act_quant, formats, pe + "w2.weight"), W[pe + "w2.weight"])
 
 
-def moe(u, W, cfg, act_quant, prefix="mtp.0."):
+def moe(u, W, cfg, act_quant, prefix="mtp.0.", formats=None):
     """sqrtsoftplus gate, top-K by scores+bias, routed + shared experts (MoE)."""
     if _has_cfg(cfg, "scoring_func") and get_cfg(cfg, "scoring_func") != "sqrtsoftplus":
         raise NotImplementedError("reference implements scoring_func sqrtsoftplus only")
@@ -436,15 +455,11 @@ def moe(u, W, cfg, act_quant, prefix="mtp.0."):
     total = sum(scores[e].item() for e in chosen)
     weights = [scores[e].item() / total * rsf for e in chosen]
 
-    u_q = _aq(u, act_quant)  # input of every w1 / w3
+    u_q = quant_dequant_blocks(u, 128) if act_quant else None  # rounded once, used as needed
     out = torch.zeros_like(u)
     for e, w_k in zip(chosen, weights):
-        pe = pf + f"experts.{e}."
-        out = out + _swiglu(u_q, W[pe + "w1.weight"], W[pe + "w2.weight"], W[pe + "w3.weight"],
-                            w_k, limit, act_quant)
-    ps = pf + "shared_experts."
-    out = out + _swiglu(u_q, W[ps + "w1.weight"], W[ps + "w2.weight"], W[ps + "w3.weight"],
-                        None, limit, act_quant)
+        out = out + _swiglu(u, u_q, W, pf + f"experts.{e}.", w_k, limit, act_quant, formats)
+    out = out + _swiglu(u, u_q, W, pf + "shared_experts.", None, limit, act_quant, formats)
     return out
 
 
@@ -453,7 +468,8 @@ def moe(u, W, cfg, act_quant, prefix="mtp.0."):
 # ----------------------------------------------------------------------------------------------
 
 
-def mtp_layer(hidden, tokens, positions, W, cfg, act_quant=True, kv_fp8=True, prefix="mtp.0."):
+def mtp_layer(hidden, tokens, positions, W, cfg, act_quant=True, kv_fp8=True, prefix="mtp.0.",
+              formats=None):
     """Forward of MTP layer i: enorm/hnorm, e_proj + h_proj, Block with hyper-connections."""
     D = get_cfg(cfg, "hidden_size")
     M = get_cfg(cfg, "hc_mult")
@@ -471,10 +487,11 @@ def mtp_layer(hidden, tokens, positions, W, cfg, act_quant=True, kv_fp8=True, pr
         e = rms_norm(e, W[p + "enorm.weight"], eps)
         h = hidden[t].reshape(M, D)
         x = torch.empty((M, D), dtype=F64)
-        e_part = linear(_aq(e, act_quant), W[p + "e_proj.weight"])
+        e_part = linear(_aq(e, act_quant, formats, p + "e_proj.weight"), W[p + "e_proj.weight"])
         for m in range(M):
             h_m = rms_norm(h[m], W[p + "hnorm.weight"], eps)
-            x[m] = linear(_aq(h_m, act_quant), W[p + "h_proj.weight"]) + e_part
+            x[m] = linear(_aq(h_m, act_quant, formats, p + "h_proj.weight"),
+                          W[p + "h_proj.weight"]) + e_part
         xs.append(x)
 
     # Block, attention half
@@ -485,7 +502,7 @@ def mtp_layer(hidden, tokens, positions, W, cfg, act_quant=True, kv_fp8=True, pr
                                W[p + "hc_attn_base"], M, iters, hc_eps, eps)
         u_rows[t] = rms_norm(y, W[p + "attn_norm.weight"], eps)
         hc.append((post, comb))
-    a = attention(u_rows, positions, W, cfg, act_quant, kv_fp8, prefix=prefix)
+    a = attention(u_rows, positions, W, cfg, act_quant, kv_fp8, prefix=prefix, formats=formats)
     for t in range(T):
         post, comb = hc[t]
         xs[t] = hc_post(a[t], xs[t], post, comb)
@@ -495,7 +512,8 @@ def mtp_layer(hidden, tokens, positions, W, cfg, act_quant=True, kv_fp8=True, pr
     for t in range(T):
         y, post, comb = hc_pre(xs[t], W[p + "hc_ffn_fn"], W[p + "hc_ffn_scale"],
                                W[p + "hc_ffn_base"], M, iters, hc_eps, eps)
-        f = moe(rms_norm(y, W[p + "ffn_norm.weight"], eps), W, cfg, act_quant, prefix=prefix)
+        f = moe(rms_norm(y, W[p + "ffn_norm.weight"], eps), W, cfg, act_quant, prefix=prefix,
+                formats=formats)
         out[t] = hc_post(f, xs[t], post, comb).reshape(-1)
     return out
 

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mtp import MTPConfig
+from mtp.config import KEY_RANGES
 
 # Values from spec/architecture.md, "Notation" (V4-Flash / V4-Pro config.json).
 SPEC = {
@@ -80,7 +81,8 @@ def test_to_dict_round_trips():
     ({"scoring_func": "relu"}, r"scoring_func: 'relu' is not one of"),
     ({"num_nextn_predict_layers": 0}, r"has no MTP layer"),
     ({"dspark_num_blocks": 3}, r"DSpark drafter"),
-    ({"num_attention_heads": 0}, r"num_attention_heads: must be a positive integer"),
+    ({"num_attention_heads": 0},
+     r"num_attention_heads: 0 is out of range; expected an integer in \[1, 4096\]"),
 ])
 def test_validation_names_the_key(change, match):
     with pytest.raises(ValueError, match=match):
@@ -115,3 +117,50 @@ def test_any_format_consistent_dims_are_valid(d, heads, nope_blocks, half_rope, 
     assert cfg.hc_dim == 4 * 128 * d
     assert cfg.o_group_in * groups == heads * head_dim
     assert cfg.nope_head_dim == 64 * nope_blocks
+
+
+# ---- types and ranges, per key, before anything is sized from them ------------------------
+@pytest.mark.parametrize("key,value,match", [
+    ("sliding_window", 1e12, r"sliding_window: 1000000000000.0 has type float; expected an "
+                             r"integer in \[1, 1.04858e\+06\]"),
+    ("sliding_window", 10**12, r"sliding_window: 1000000000000 is out of range"),
+    ("hc_sinkhorn_iters", 1e9, r"hc_sinkhorn_iters: 1000000000.0 has type float"),
+    ("hc_sinkhorn_iters", 10**9, r"hc_sinkhorn_iters: 1000000000 is out of range; expected an "
+                                 r"integer in \[1, 1000\]"),
+    ("vocab_size", 2**70, r"vocab_size: 1180591620717411303424 is out of range"),
+    ("hc_mult", 10**6, r"hc_mult: 1000000 is out of range; expected an integer in \[1, 64\]"),
+    ("hidden_size", 4096.0, r"hidden_size: 4096.0 has type float; expected an integer"),
+    ("num_attention_heads", None, r"num_attention_heads: None has type NoneType"),
+    ("o_groups", True, r"o_groups: True has type bool"),
+    ("rope_theta", "1e4", r"rope_theta: '1e4' has type str; expected a number in \(0, 1e\+12\] "
+                          r"\(write it without quotes\)"),
+    ("rope_theta", 0, r"rope_theta: 0 is out of range; expected a number in \(0, 1e\+12\]"),
+    ("rope_theta", -1e4, r"rope_theta: -10000.0 is out of range"),
+    ("rms_norm_eps", -1e-6, r"rms_norm_eps: -1e-06 is out of range; expected a number in "
+                            r"\(0, 0.5\]"),
+    ("hc_eps", float("nan"), r"hc_eps: nan is not finite"),
+    ("routed_scaling_factor", float("inf"), r"routed_scaling_factor: inf is not finite"),
+    ("num_nextn_predict_layers", 1.0, r"num_nextn_predict_layers: 1.0 has type float"),
+    ("num_hidden_layers", "43", r"num_hidden_layers: '43' has type str"),
+    ("compress_ratios", "0", r"compress_ratios: expected a list, got str"),
+])
+def test_types_and_ranges_name_key_value_and_range(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        MTPConfig.from_dict(_flash_json(**{key: value}))
+
+
+BAD_VALUES = st.one_of(st.none(), st.booleans(), st.text(max_size=4),
+                       st.floats(allow_nan=True, allow_infinity=True),
+                       st.integers(-2**80, 2**80), st.lists(st.integers(), max_size=2))
+
+
+@given(key=st.sampled_from(sorted(KEY_RANGES)), value=BAD_VALUES)
+def test_any_value_is_either_accepted_or_refused_naming_the_key(key, value):
+    """Never a raw TypeError / OverflowError from deeper code: a ValueError naming the key (or a
+    relation between keys), or a valid config."""
+    try:
+        cfg = MTPConfig.from_dict(_flash_json(**{key: value}))
+    except ValueError as e:
+        assert "MTPConfig." in str(e) or "config" in str(e), e
+    else:
+        assert getattr(cfg, key) == value

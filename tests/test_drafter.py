@@ -100,7 +100,7 @@ def test_sequences_are_added_removed_and_slots_reused():
     assert d.slot("z") == slot and d.next_position("z") == 100
     with pytest.raises(ValueError, match="unknown sequence 'x'"):
         d.remove_sequence("x")
-    with pytest.raises(ValueError, match="position: expected an int >= 0"):
+    with pytest.raises(ValueError, match="position: expected an int in"):
         d.add_sequence("w", position=-1)
     with pytest.raises(TypeError, match="hashable"):
         d.add_sequence(["not", "hashable"])
@@ -329,3 +329,115 @@ def test_int32_positions_and_ids_draft_like_int64_ones():
     # the module itself, without the drafter, with a cache (the path that failed)
     m = model()
     assert torch.equal(m(ids.int(), pos.int(), h), m(ids, pos, h))
+
+
+# ---- checks that keep the forward from failing, and bad values out of the cache ----------
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e38])
+def test_non_finite_or_huge_hidden_states_are_refused_before_the_cache_changes(value):
+    """Regression: NaN/Inf/1e38 rows drafted [[0, 0, 0]] and left bad KV in the window, so the
+    next valid call was still non-finite."""
+    d, clean = drafter(), drafter()
+    for x in (d, clean):
+        x.add_sequence(0)
+    h, ids, pos = rows(4, 21)
+    bad = h.clone()
+    bad[2, 5] = value
+    before = snapshot(d)
+    with pytest.raises(ValueError, match=r"hidden_states: row 2 holds .*\|value\| <= 1e\+06"):
+        d.propose([0], bad, ids, pos, [4], k=3)
+    assert_same_state(before, snapshot(d))
+    pa, pb = d.propose([0], h, ids, pos, [4], k=3), clean.propose([0], h, ids, pos, [4], k=3)
+    assert torch.equal(pa.drafts, pb.drafts) and torch.equal(pa.hidden, pb.hidden)
+
+
+def test_positions_that_could_overflow_and_sparse_tensors_are_refused_in_the_checks():
+    """Regression: add_sequence(position=2**63 - 2) and sparse hidden_states passed the checks,
+    then the forward failed and removed the call's sequences."""
+    from mtp.drafter import MAX_POSITION
+    d = drafter()
+    for position in (2**63 - 2, 10**20, MAX_POSITION - 3):  # max_draft_tokens = 4
+        with pytest.raises(ValueError, match="position: expected an int in"):
+            d.add_sequence("far", position=position)
+    d.add_sequence("far", position=MAX_POSITION - 4)
+    d.add_sequence("near")
+    h, ids, _ = rows(2, 22)
+    before = snapshot(d)
+    with pytest.raises(ValueError, match="'far' would reach position 2147483648"):
+        d.propose(["far"], h, ids, torch.tensor([MAX_POSITION - 4, MAX_POSITION - 3]), [2], k=1)
+    with pytest.raises(ValueError, match="hidden_states: a torch.sparse_coo tensor"):
+        d.propose(["near"], h.to_sparse(), ids, torch.arange(2), [2], k=1)
+    assert_same_state(before, snapshot(d))
+    p = d.propose(["far"], h[:1], ids[:1], torch.tensor([MAX_POSITION - 4]), [1], k=4)
+    assert torch.isfinite(p.hidden).all()  # RoPE at the largest positions stays finite
+
+
+def test_a_wrong_num_rows_per_seq_is_named():
+    d = drafter()
+    d.add_sequence(0)
+    h, ids, pos = rows(3, 23)
+    with pytest.raises(ValueError, match=r"num_rows_per_seq: the counts \[2\] sum to 2, but "
+                                         r"hidden_states has 3 rows"):
+        d.propose([0], h, ids, pos, [2], k=1)
+
+
+def test_the_duplicate_sequence_check_is_linear():
+    """Regression: 20,000 ids took 6 s (list.count per id). 200,000 ids with the duplicate
+    last: a quadratic check needs ~10^10 comparisons (minutes); linear takes milliseconds, so
+    a 5 s bound holds on a slow shared CI machine and still fails a quadratic check."""
+    import time
+    d = drafter()
+    ids = list(range(200_000)) + [7]
+    h, tok, pos = rows(1, 0)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="sequence 7 appears twice"):
+        d.propose(ids, h, tok, pos, [1] * len(ids), k=1)
+    assert time.perf_counter() - t0 < 5.0
+
+
+def test_threads_take_turns_and_leave_a_serial_state():
+    """Regression: two threads feeding the same sequence both succeeded and left a cache that
+    matched neither order; propose racing remove_sequence lost an unrelated sequence. With the
+    lock one feed wins and the other is refused (its rows go backwards); the result equals the
+    serial run of the winner, and the unrelated sequence is untouched."""
+    import threading
+    h0, ids0, pos0 = rows(3, 30)
+    feeds = [rows(2, 31 + i, start=3) for i in range(2)]
+    serial = []
+    for i in range(2):
+        ref = drafter()
+        ref.add_sequence("a")
+        ref.feed(["a"], h0, ids0, pos0, [3])
+        ref.feed(["a"], *feeds[i], [2])
+        serial.append(live_entries(ref, "a"))
+    for trial in range(20):
+        d = drafter()
+        for s in ("a", "other", "gone"):
+            d.add_sequence(s)
+        d.feed(["a"], h0, ids0, pos0, [3])
+        d.feed(["other"], h0, ids0, pos0, [3])
+        other = live_entries(d, "other")
+        barrier, outcome = threading.Barrier(3), {}
+
+        def feed(i, d=d, barrier=barrier, outcome=outcome):
+            barrier.wait()
+            try:
+                d.feed(["a"], *feeds[i], [2])
+                outcome[i] = "ok"
+            except ValueError as exc:
+                outcome[i] = str(exc)
+
+        def remove(d=d, barrier=barrier):
+            barrier.wait()
+            d.remove_sequence("gone")
+
+        threads = [threading.Thread(target=feed, args=(i,)) for i in range(2)]
+        threads.append(threading.Thread(target=remove))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        winners = [i for i in range(2) if outcome.get(i) == "ok"]
+        assert len(winners) == 1, (trial, outcome)
+        assert "going backwards" in outcome[1 - winners[0]]
+        assert same_entries(live_entries(d, "a"), serial[winners[0]])
+        assert d.seq_ids == ["a", "other"] and same_entries(live_entries(d, "other"), other)

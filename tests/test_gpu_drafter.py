@@ -1,13 +1,13 @@
 """``Drafter.use_cuda_graphs``: draft steps s >= 1 replayed from CUDA graphs give the same drafts
-and the same cache as the eager fast path (``TritonMTP`` without graphs).
+and the same cache as the eager fast path (the model's triton backend without graphs).
 
 The GPU tests need a CUDA GPU (skipped otherwise, with the reason); the rest run on the CPU
 (errors, and that importing ``mtp`` never imports Triton).
 
 What is compared, and why so:
 - drafts (greedy, and sampled with the same generator): equal. Eager draft steps go through
-  ``TritonMTP.forward`` (the general sliding-window path), graph replays through
-  ``TritonMTP.decode_step`` (one row per sequence): the same kernels but the attention gathers
+  the module's ``forward`` (the general sliding-window path), graph replays through its
+  ``decode_step`` (one row per sequence): the same kernels but the attention gathers
   its keys by a different index path, so the draft residuals may differ in the last bit; a draft
   would change only at a near-tie of two logits (random weights: none in these cases).
 - draft residuals: relative Frobenius error < 1e-5 (float32: summation order only) or < 2e-2
@@ -83,9 +83,9 @@ def play(drafter, dtype, sampling_seed=None):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("sampled", [False, True])
 def test_graphs_equal_eager(dtype, sampled):
-    from mtp_kernels import TritonMTP
     model = build(dtype)
-    eager = Drafter(model, max_seqs=4, max_draft_tokens=3, accelerator=TritonMTP(model))
+    assert model.ops.name == "triton"  # backend "auto" on CUDA in the released format
+    eager = Drafter(model, max_seqs=4, max_draft_tokens=3)
     graphs = Drafter(model, max_seqs=4, max_draft_tokens=3)
     graphs.use_cuda_graphs(buckets=(1, 2))
     assert len(graphs._graphs) == 2  # one DraftStepGraphs per MTP layer
@@ -107,12 +107,11 @@ def test_graphs_equal_eager(dtype, sampled):
 def test_graphs_timing_and_reset():
     """A k = 3 proposal at batch 1, eager fast path vs graphs (tiny shapes: launch-bound, so
     this shows the host cost removed, not the Flash figure: see docs/performance.md)."""
-    from mtp_kernels import TritonMTP
     model = build(torch.bfloat16, n_mtp=1)
     cfg = model.config
     ms = {}
     for use in (False, True):
-        d = Drafter(model, max_seqs=1, max_draft_tokens=3, accelerator=TritonMTP(model))
+        d = Drafter(model, max_seqs=1, max_draft_tokens=3)
         if use:
             d.use_cuda_graphs(buckets=(1,))
         d.add_sequence("a")

@@ -1,5 +1,5 @@
-"""End to end: ``mtp_kernels.TritonMTP`` (and its CUDA-graph runner) against the module's own
-pure-PyTorch forward, on the GPU.
+"""End to end: the module's triton backend (``mtp_kernels.TritonOps``, and the CUDA-graph runner
+of its ``decode_step``) against the same module on the reference backend, on the GPU.
 
 Needs a CUDA GPU (skipped otherwise, with the reason; ``TRITON_INTERPRET=1`` runs the eager parts
 on the CPU through Triton's interpreter). Triton is imported lazily.
@@ -40,13 +40,20 @@ def rel(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def build(dtype, rounding: bool, seed=0):
+def build(dtype, rounding: bool, seed=0, backend="reference"):
     cfg = MTPConfig.from_name("tiny")
     num = Numerics(act_quant=rounding, kv_fp8=rounding)
     src = init_random_(DeepSeekV4MTP(cfg, numerics=num), seed=seed)
-    m = DeepSeekV4MTP(cfg, dtype=dtype, numerics=num, device=DEVICE)
+    m = DeepSeekV4MTP(cfg, dtype=dtype, numerics=num, device=DEVICE, backend=backend)
     m.load_state_dict(src.state_dict())
     return m
+
+
+def triton(model, **options):
+    """``model`` switched to the triton backend (with kernel options)."""
+    from mtp_kernels import TritonOps
+    model.backend = TritonOps(model, **options)
+    return model
 
 
 def scenario(model, runner, dtype):
@@ -83,13 +90,13 @@ def scenario(model, runner, dtype):
 def test_fast_path_matches_module(dtype, rounding, experts, head):
     """experts="auto": the CUDA expert kernels where they can run (bf16, rounding on, a GPU),
     else the Triton ones. head="triton" (the default): head.head_logits for the few-row logits."""
-    from mtp_kernels import TritonMTP
     model = build(dtype, rounding)
+    assert model.ops.name == "reference"
     ref = scenario(model, model, dtype)
-    runner = TritonMTP(model, experts=experts, head=head)
+    runner = triton(build(dtype, rounding), experts=experts, head=head)
     if experts == "auto" and dtype == torch.bfloat16 and DEVICE == "cuda":
-        assert runner.experts == "cuda", "the CUDA expert kernels should run on this GPU"
-    fast = scenario(model, runner, dtype)
+        assert runner.ops.experts == "cuda", "the CUDA expert kernels should run on this GPU"
+    fast = scenario(runner, runner, dtype)
     if dtype == torch.float32 and not rounding:
         for a, b in zip(fast, ref):
             assert rel(a, b) < 2e-6
@@ -107,13 +114,13 @@ def test_fast_path_matches_module(dtype, rounding, experts, head):
 def test_graph_replay_equals_eager(dtype, pdl_rows):
     """pdl_rows: no bucket, bucket 1, both buckets captured with programmatic dependent launch
     (where the GPU has it): the overlap must change nothing."""
-    from mtp_kernels import DraftStepGraphs, TritonMTP, _common
-    model = build(dtype, True)
-    fast = TritonMTP(model)
+    from mtp_kernels import DraftStepGraphs, _common
+    model = build(dtype, True, backend="triton")
+    fast = model
     cfg = model.config
     caches = [KVCache(1, 4, cfg.sliding_window + 3, cfg.head_dim, dtype=dtype, device=DEVICE)
               for _ in range(2)]
-    graphs = DraftStepGraphs(fast, caches[1], buckets=(1, 4), pdl_rows=pdl_rows)
+    graphs = DraftStepGraphs(model, caches[1], buckets=(1, 4), pdl_rows=pdl_rows)
     for b, bucket in graphs.buckets.items():
         assert bucket.pdl == (b <= pdl_rows and bool(_common.PDL_ARCH))
     assert not _common.PDL  # restored after capture: eager calls launch without it
@@ -143,12 +150,14 @@ def test_graph_replay_equals_eager(dtype, pdl_rows):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs")
 def test_graph_step_rejects_bad_input():
-    from mtp_kernels import DraftStepGraphs, TritonMTP
-    model = build(torch.bfloat16, True)
+    from mtp_kernels import DraftStepGraphs
+    model = build(torch.bfloat16, True, backend="triton")
     cfg = model.config
     cache = KVCache(1, 2, cfg.sliding_window + 3, cfg.head_dim, dtype=torch.bfloat16,
                     device=DEVICE)
-    graphs = DraftStepGraphs(TritonMTP(model), cache, buckets=(2,))
+    with pytest.raises(ValueError, match="CUDA graphs capture the triton backend"):
+        DraftStepGraphs(build(torch.bfloat16, True), cache, buckets=(2,))  # reference ops
+    graphs = DraftStepGraphs(model, cache, buckets=(2,))
     before = cache.kv.clone(), cache.pos.clone()
     h = torch.zeros(2, cfg.hc_dim, dtype=torch.bfloat16, device=DEVICE)
     ids = torch.tensor([1, 2], device=DEVICE)
@@ -168,23 +177,52 @@ def test_graph_step_rejects_bad_input():
 
 
 def test_experts_choice_errors():
-    from mtp_kernels import TritonMTP
+    from mtp_kernels import TritonOps
     model = build(torch.float32, True)
     with pytest.raises(ValueError, match="experts must be one of"):
-        TritonMTP(model, experts="fast")
+        TritonOps(model, experts="fast")
     with pytest.raises(ValueError, match="experts='cuda' cannot run here"):
-        TritonMTP(model, experts="cuda")  # float32 (and on the interpreter, no GPU either)
-    assert TritonMTP(model).experts == "triton"  # auto: float32 takes the Triton kernels
+        TritonOps(model, experts="cuda")  # float32 (and on the interpreter, no GPU either)
+    assert TritonOps(model).experts == "triton"  # auto: float32 takes the Triton kernels
 
 
 @pytest.mark.skipif(DEVICE is None, reason="needs a CUDA GPU")
-def test_rejects_unsupported_format():
-    from mtp_kernels import TritonMTP
-
+def test_backend_choice():
+    """"auto": the kernels on CUDA in the released format, the reference elsewhere (decided
+    from where the parameters are); "triton" where it cannot run: a clear error."""
     from mtp import WeightFormat
     cfg = MTPConfig.from_name("tiny")
+    auto = DeepSeekV4MTP(cfg, dtype=torch.bfloat16, device=DEVICE)
+    assert auto.ops.name == ("triton" if DEVICE == "cuda" else "reference")
+    assert DeepSeekV4MTP(cfg, dtype=torch.bfloat16).ops.name == "reference"  # CPU
+    plain = DeepSeekV4MTP(cfg, weight_format=WeightFormat.plain(), device=DEVICE)
+    assert plain.ops.name == "reference"
+    plain.backend = "triton"
     with pytest.raises(ValueError, match="released format"):
-        TritonMTP(DeepSeekV4MTP(cfg, weight_format=WeightFormat.plain(), device=DEVICE))
+        plain.ops  # noqa: B018
     odd = dataclasses.replace(cfg, qk_rope_head_dim=48, head_dim=176)  # 24: no power of 2
     with pytest.raises(ValueError, match="qk_rope_head_dim / 2 = 24 must be a power of two"):
-        TritonMTP(DeepSeekV4MTP(odd, device=DEVICE))
+        DeepSeekV4MTP(odd, device=DEVICE, backend="triton").ops  # noqa: B018
+
+
+@pytest.mark.skipif(DEVICE is None, reason="needs a CUDA GPU")
+def test_deprecated_tritonmtp_is_a_view_of_the_module():
+    """TritonMTP (one more release): the module's forward with the triton ops, bit for bit;
+    the module keeps its own backend."""
+    from mtp_kernels import TritonMTP
+    model = build(torch.bfloat16, True)
+    with pytest.warns(DeprecationWarning, match="TritonMTP is deprecated"):
+        view = TritonMTP(model)
+    fast = triton(build(torch.bfloat16, True))
+    assert scenario_equal(view, fast)
+    assert model.ops.name == "reference"
+
+
+def scenario_equal(a, b) -> bool:
+    cfg = MTPConfig.from_name("tiny")
+    ids = torch.arange(6, device=DEVICE)
+    pos = torch.arange(6, device=DEVICE)
+    h = torch.randn(6, cfg.hc_dim, generator=torch.Generator().manual_seed(2)).to(
+        DEVICE, torch.bfloat16)
+    xa, xb = a.forward(ids, pos, h), b.forward(ids, pos, h)
+    return torch.equal(xa, xb) and torch.equal(a.compute_logits(xa), b.compute_logits(xb))

@@ -109,3 +109,47 @@ def test_token_is_sent(hub):
 def test_unknown_repo(hub):
     with pytest.raises(FileNotFoundError, match="no Hub repo 'org/absent'"):
         load_model("org/absent", cache_dir=hub.cache)
+
+
+# ---- revisions, paths that are not repo ids, and failures as one line ---------------------
+@pytest.mark.parametrize("revision", ["refs/../../..", "../x", "/etc/passwd", "a\\b", "v1\n",
+                                      "main\x00", "a b", "x.lock", "-x", "refs//x", "@{1}"])
+def test_bad_revisions_are_refused_before_any_request(hub, revision):
+    with pytest.raises(ValueError, match=r"revision=.* is not a branch, tag or commit name"):
+        load_model(REPO, revision=revision, cache_dir=hub.cache)
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize("where", ["models/DeepSeek-V4-Flash", "./x", "../x/y", "~/no-such-x/y",
+                                   "/no/such/folder"])
+def test_a_missing_local_path_is_not_sent_to_the_hub(hub, tmp_path, monkeypatch, where):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()  # so models/... reads as a local path
+    with pytest.raises(FileNotFoundError, match=r"is neither a folder nor a Hub repo id: it reads "
+                                                r"as a local path .* no such folder exists"):
+        load_model(where, cache_dir=hub.cache)
+    assert hub.requests == []
+
+
+def test_a_file_is_not_a_checkpoint_folder(hub, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="is a file, not a checkpoint folder"):
+        load_model(str(tmp_path / "config.json"))
+
+
+def test_hub_failures_are_one_line_without_retry_noise(tmp_path, monkeypatch, capfd, caplog):
+    import huggingface_hub.utils._http as hf_http
+
+    monkeypatch.setattr(hf_http.time, "sleep", lambda s: None)  # its backoff, not its requests
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with HubServer({}, failing={"org/down": 503}) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        with pytest.raises(FileNotFoundError) as info:
+            load_model("org/down", cache_dir=str(tmp_path / "cache"))
+        assert len(server.requests) > 1  # huggingface_hub did retry
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("could not fetch config.json of org/down@main from http://127.0.0.1:")
+    assert "503 Service Unavailable" in message and "local_files_only=True" in message
+    out, err = capfd.readouterr()
+    assert "Retry" not in out + err + caplog.text and "thrown while requesting" not in err

@@ -63,10 +63,10 @@ def fp4_weight(e, n, k, seed):
 
 
 def experts_reference(u, idx, wts, w13, s13, w2, s2, limit=10.0):
-    """``mtp.model.Experts``' output per (row, expert) pair [T*K, D], activation rounding on:
-    the clamped SwiGLU of w13 times the routing weight (rounded to u's dtype), then w2."""
+    """``mtp.ops.routed_experts``' output per (row, expert) pair [T*K, D], activation rounding
+    on: the clamped SwiGLU of w13 times the routing weight (rounded to u's dtype), then w2."""
     from mtp import ops
-    from mtp.model import linear
+    from mtp.ops import matmul as linear
     from mtp.quant import dequant_fp4
     out = []
     for r in range(idx.shape[0]):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -40,19 +39,6 @@ def make(cfg=None, fmt=None, dtype=torch.float32, seed=0) -> DeepSeekV4MTP:
     if key not in _MODELS:
         _MODELS[key] = init_random_(DeepSeekV4MTP(cfg, weight_format=fmt, dtype=dtype), seed=seed)
     return _MODELS[key]
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("pristine") / "ckpt"
-    write_checkpoint(make(), folder, **LAYOUTS["release"])
-    return str(folder)
-
-
-@pytest.fixture
-def folder(tmp_path, pristine) -> str:
-    """A fresh copy of the tiny release-layout checkpoint of ``make()``, free to damage."""
-    return shutil.copytree(pristine, tmp_path / "ckpt")
 
 
 def written(tmp_path, model, **kw) -> str:
@@ -207,10 +193,10 @@ def test_rank_slices_tile_the_full_tensors(tmp_path, layout):
     for world in (1, 2, 4):
         states, reports = zip(*[load_state(folder, rank=r, world_size=world,
                                            dtype=torch.float32) for r in range(world)])
+        facts = remap.param_facts(cfg)
         for name, p in full.items():
-            key = remap.param_key(name)
-            if key in remap.TP_SPLIT:
-                dim = remap.TP_SPLIT[key][0]
+            if facts[name].tp is not None:
+                dim = facts[name].tp.dim
                 parts = [s[name] for s in states]
                 assert all(x.shape[dim] == p.shape[dim] // world for x in parts), name
                 got = torch.cat([as_bytes(x).view(x.shape + (-1,)) for x in parts], dim=dim)

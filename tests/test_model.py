@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import reference as ref
 import torch
-from conftest import checkpoint_weights, rel_err, small_configs, tiny_config
+from conftest import checkpoint_formats, checkpoint_weights, rel_err, small_configs, tiny_config
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -46,7 +46,8 @@ def test_float64_mode_matches_the_spec_reference(cfg, seed, t, start, fmt, act_q
     ids, pos, h = rows(cfg, t, seed, start)
     x = model(ids, pos, h)
     weights = checkpoint_weights(model)
-    expected = ref.mtp_layer(h.double(), ids, pos, weights, cfg, act_quant, kv_fp8)
+    expected = ref.mtp_layer(h.double(), ids, pos, weights, cfg, act_quant, kv_fp8,
+                             formats=checkpoint_formats(model))
     assert rel_err(x, expected) < 1e-11
     assert rel_err(model.compute_logits(x), ref.mtp_logits(expected, weights, cfg)) < 1e-11
 
@@ -80,14 +81,17 @@ def test_bfloat16_stays_close_to_the_reference(seed):
     assert rel_err(x, expected) < 2e-2
 
 
-@pytest.mark.parametrize("act_quant", [False, True])
+@pytest.mark.parametrize("kv_fp8", [False, True])
 @pytest.mark.parametrize("fmt", ["released", "base", "converter"])
-def test_quantized_equals_predequantized_bit_for_bit(fmt, act_quant):
+def test_quantized_equals_predequantized_bit_for_bit(fmt, kv_fp8):
     """float32: holding FP8/FP4 weights quantised or handing them in dequantised gives the same
-    output to the last bit (dequantisation is exact and the products are the same)."""
+    output to the last bit (dequantisation is exact and the products are the same) once the
+    activation rounding is off. The dequantised copy is a plain checkpoint: it rounds no
+    activations even with the switch on (the rounding follows each weight's stored format)."""
     cfg = tiny_config()
-    model = make(cfg, 3, torch.float32, fmt, act_quant=act_quant)
+    model = make(cfg, 3, torch.float32, fmt, act_quant=False, kv_fp8=kv_fp8)
     plain = dequantized_copy(model)
+    plain.numerics.act_quant = True
     ids, pos, h = rows(cfg, 10, 3)
     assert torch.equal(model(ids, pos, h), plain(ids, pos, h))
     x = model(ids, pos, h)
@@ -197,3 +201,33 @@ def test_two_shared_experts_widen_the_shared_expert():
     ids, pos, h = rows(cfg, 6, 4)
     expected = ref.mtp_layer(h.double(), ids, pos, checkpoint_weights(model), cfg)
     assert rel_err(model(ids, pos, h), expected) < 1e-11
+
+
+@pytest.mark.parametrize("layout", ["release", "mp"])
+def test_bf16_checkpoint_rounds_no_activations_but_the_kv(tmp_path, layout):
+    """A checkpoint stored in bf16 (converted, fine-tuned or re-exported drafters), written by
+    mtp.export and read by the real loader: the reference rounds a product's input to FP8 only
+    where the weight is FP8/FP4, so nothing here is rounded but the cached KV (unconditional).
+    float64 compute with the default numerics, against the float64 reference told that every
+    weight is bf16: 1e-11 as in the hypothesis test above (~1e-15 observed); the old behaviour
+    (rounding every product) was ~1e-1 off."""
+    from mtp.export import write_checkpoint
+    from mtp.loader import load_model
+
+    cfg = tiny_config()
+    bf16 = make(cfg, 5, torch.bfloat16, "plain")
+    write_checkpoint(bf16, tmp_path, **({"layout": "mp", "mp": 2} if layout == "mp" else {}))
+    model, report = load_model(tmp_path, dtype=torch.float64)
+    assert report.weight_format == WeightFormat.plain()
+    assert model.numerics == Numerics()  # act_quant and kv_fp8 on: the defaults
+    formats = dict.fromkeys(checkpoint_formats(bf16), "bf16")
+    assert set(checkpoint_formats(bf16).values()) == {"bf16"}
+    ids, pos, h = rows(cfg, 9, 5)
+    x = model(ids, pos, h)
+    weights = checkpoint_weights(model)
+    expected = ref.mtp_layer(h.double(), ids, pos, weights, cfg, formats=formats)
+    assert rel_err(x, expected) < 1e-11
+    assert rel_err(model.compute_logits(x), ref.mtp_logits(expected, weights, cfg)) < 1e-11
+    # the KV's FP8 simulation still applies to a bf16 checkpoint (it moves the output)
+    no_kv = ref.mtp_layer(h.double(), ids, pos, weights, cfg, kv_fp8=False, formats=formats)
+    assert rel_err(x, no_kv) > 1e-4

@@ -5,6 +5,7 @@ precision: tolerances are 1e-12 relative unless stated."""
 
 from __future__ import annotations
 
+import pytest
 import reference as ref
 import torch
 from conftest import rel_err, small_configs
@@ -12,7 +13,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mtp import DeepSeekV4MTP, Numerics, ops
-from mtp.cache import window_index
 from mtp.model import StepContext
 from mtp.quant import WeightFormat
 from mtp.testing import init_random_
@@ -101,11 +101,7 @@ def _model(cfg, seed, fmt=None, **numerics):
 
 
 def _context(model, positions):
-    cfg = model.config
-    cos, sin = ops.rope_cos_sin(positions, cfg.qk_rope_head_dim, cfg.rope_theta, F64)
-    window = window_index(positions, torch.zeros_like(positions), cfg.sliding_window, None,
-                          positions.numel())
-    return StepContext(positions, cos, sin, window, None, 0, model.numerics)
+    return StepContext.single_sequence(model.config, positions, model.numerics)
 
 
 @given(cfg=small_configs(), seed=seeds, extra=st.integers(-3, 6), start=st.integers(0, 50),
@@ -131,7 +127,7 @@ def test_moe_routing_and_experts(cfg, seed, t, act_quant):
     model = _model(cfg, seed, act_quant=act_quant)
     ffn = model.layer(0).mtp_block.ffn
     u = randn(t, cfg.hidden_size, seed=seed)
-    out = ffn(u, act_quant)
+    out = ffn(u, None, _context(model, torch.arange(t)))
     weights = checkpoint_weights(model)
     expected = torch.stack([ref.moe(u[i], weights, cfg, act_quant) for i in range(t)])
     assert rel_err(out, expected) < TIGHT
@@ -201,3 +197,135 @@ def test_route_every_scoring_func(seed, func, experts, top_k, t):
         total = 1.0 if func == "softmax" else sum(picked)
         expected = torch.tensor([s / total * 2.5 for s in picked], dtype=F64)
         assert rel_err(w[i], expected) < TIGHT
+
+
+# ---- the module's ops, per backend -------------------------------------------------------------
+BACKENDS = [
+    "reference",
+    pytest.param("triton", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="the triton backend runs on CUDA only")),
+]
+OPS_TOL = 1e-5  # float32 against float64, tiny shapes: accumulation order and precision only
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_ops_match_the_float64_reference(backend):
+    """Each op the forward is written in, for each backend, in float32 with the rounding steps
+    off (those are compared bit for bit per kernel in tests/test_kernels.py), against
+    ``ReferenceOps`` in float64 on the same weights and the same inputs: the backend's units
+    one by one, including the cross-op hints (hc_post's mix partials for the next hc_pre, the
+    MoE's unreduced output summed by hc_post, the head's partials). 3 rows: few enough for the
+    triton backend's partials path."""
+    from conftest import tiny_config
+
+    from mtp.cache import KVCache, window_index
+
+    dev = "cuda" if backend == "triton" else "cpu"
+    cfg = tiny_config()
+    num = Numerics(act_quant=False, kv_fp8=False)
+    src = init_random_(DeepSeekV4MTP(cfg, numerics=num), seed=3)
+    m = DeepSeekV4MTP(cfg, numerics=num, device=dev, backend=backend)
+    m64 = DeepSeekV4MTP(cfg, numerics=num, dtype=F64, backend="reference")
+    m.load_state_dict(src.state_dict())
+    m64.load_state_dict(src.state_dict())
+    op, r = m.ops, ops.REFERENCE
+    assert op.name == backend
+    L, L64 = m.layer(0), m64.layer(0)
+    B, B64 = L.mtp_block, L64.mtp_block
+    A, A64 = B.attn, B64.attn
+    t, mm, d, eps = 3, cfg.hc_mult, cfg.hidden_size, cfg.rms_norm_eps
+    g = torch.Generator().manual_seed(0)
+
+    def pair(*shape, scale=1.0):  # the same values, on the backend's device in fp32 and f64
+        x = torch.randn(*shape, generator=g) * scale
+        return x.to(dev), x.to(F64)
+
+    def close(a, b, what):
+        a = [a] if isinstance(a, torch.Tensor) else a
+        b = [b] if isinstance(b, torch.Tensor) else b
+        for x, y in zip(a, b):
+            assert rel_err(x.cpu(), y) < OPS_TOL, what
+
+    ids = torch.randint(0, cfg.vocab_size, (t,), generator=g)
+    pos = torch.arange(20, 20 + t)
+    h, h64 = pair(t, mm, d)
+    emb = dict(dtype=torch.float32, zero_pos0=False)
+    close(op.embed_norms(ids.to(dev), None, pos.to(dev), m.model.embed_tokens.weight, h,
+                         L.enorm.weight, L.hnorm.weight, eps, **emb),
+          r.embed_norms(ids, None, pos, m64.model.embed_tokens.weight, h64, L64.enorm.weight,
+                        L64.hnorm.weight, eps, **{**emb, "dtype": F64}), "embed_norms")
+    (en, en64), (hn, hn64) = pair(t, d), pair(t, mm, d)
+    close(op.input_proj(en, hn, L.e_proj, L.h_proj, False),
+          r.input_proj(en64, hn64, L64.e_proj, L64.h_proj, False), "input_proj")
+    x, x64 = pair(t, mm, d)
+    hc = (cfg.hc_sinkhorn_iters, cfg.hc_eps, eps)
+    u, post, comb, _ = op.hc_pre_norm(x, B.hc_attn_fn, B.hc_attn_scale, B.hc_attn_base,
+                                      B.attn_norm.weight, *hc)
+    u64, post64, comb64, _ = r.hc_pre_norm(x64, B64.hc_attn_fn, B64.hc_attn_scale,
+                                           B64.hc_attn_base, B64.attn_norm.weight, *hc)
+    close([u, post, comb], [u64, post64, comb64], "hc_pre_norm")
+    a, a64 = pair(t, d)
+    y, parts = op.hc_post(a, x, post64.float().to(dev), comb64.float().to(dev),
+                          mix_fn=B.hc_ffn_fn)
+    y64, _ = r.hc_post(a64, x64, post64, comb64)
+    close(y, y64, "hc_post")
+    close(op.hc_pre_norm(y64.float().to(dev), B.hc_ffn_fn, B.hc_ffn_scale, B.hc_ffn_base,
+                         B.ffn_norm.weight, *hc, partials=parts)[:3],
+          r.hc_pre_norm(y64, B64.hc_ffn_fn, B64.hc_ffn_scale, B64.hc_ffn_base,
+                        B64.ffn_norm.weight, *hc)[:3], "hc_pre_norm with hc_post's partials")
+    # attention: prep, q, the window (stateless and a decode step over a cache), wo_a
+    fused, fused64 = pair(t, cfg.q_lora_rank + cfg.head_dim)
+    inv, inv64 = m._rope_inv_freq(torch.device(dev)), m64._rope_inv_freq(torch.device("cpu"))
+    got = op.attn_prep(fused, A.q_norm.weight, A.kv_norm.weight, pos.to(dev), inv, eps,
+                       kv_fp8=False, kv_dtype=torch.float32)
+    want = r.attn_prep(fused64, A64.q_norm.weight, A64.kv_norm.weight, pos, inv64, eps,
+                       kv_fp8=False, kv_dtype=F64)
+    close(got, want, "attn_prep")
+    cos, sin = got[2], got[3]
+    cos64, sin64 = want[2], want[3]
+    hh, dh = A.heads, cfg.head_dim
+    q, q64 = pair(t, hh, dh)
+    close(op.q_prep(q.clone(), cos, sin, eps), r.q_prep(q64, cos64, sin64, eps), "q_prep")
+    kv, kv64 = pair(t, dh)
+    win = window_index(pos, torch.zeros_like(pos), cfg.sliding_window, None, t)
+    win_dev = type(win)(*(v.to(dev) for v in vars(win).values()))
+    kw = dict(window=cfg.sliding_window, cache_layer=0, seq_slots=None)
+    close(op.attend(q, kv, A.attn_sink, cos, sin, pos.to(dev), cache=None, index=win_dev, **kw),
+          r.attend(q64, kv64, A64.attn_sink, cos64, sin64, pos, cache=None, index=win, **kw),
+          "attend")
+    cap = cfg.sliding_window + 3
+    caches = [KVCache(1, 3, cap, dh, dtype=dt, device=dv) for dt, dv in
+              ((torch.float32, dev), (F64, "cpu"))]
+    ring, _ = pair(1, 3, cap, dh)
+    for c, v in zip(caches, (ring, ring.to(F64).cpu())):
+        c.kv.copy_(v.to(c.kv.dtype))
+        held = torch.arange(20 - cap, 20)  # 2 sequences, their rings full up to position 19
+        c.pos[0, :2, held % cap] = held.to(c.pos.device)
+    slots = torch.tensor([1, 0, -1])  # one row per sequence, the last a padding row
+    kw = dict(window=cfg.sliding_window, cache_layer=0, index=None)
+    o = op.attend(q, kv, A.attn_sink, cos, sin, pos.to(dev), cache=caches[0],
+                  seq_slots=slots.to(dev), **kw)
+    o64 = r.attend(q64, kv64, A64.attn_sink, cos64, sin64, pos, cache=caches[1],
+                   seq_slots=slots, **kw)
+    close([o[:2], caches[0].kv, caches[0].pos.double()],
+          [o64[:2], caches[1].kv, caches[1].pos.double()], "attend, decode step")
+    close(op.grouped_linear(q, A.wo_a, A.groups), r.grouped_linear(q64, A64.wo_a, A64.groups),
+          "grouped_linear (wo_a)")
+    close(op.linear(fused[:, :cfg.q_lora_rank], A.wq_b, False),
+          r.linear(fused64[:, :cfg.q_lora_rank], A64.wq_b, False), "linear (wq_b)")
+    # the MoE, summed by hc_post (the triton backend hands it over unreduced)
+    u, u64 = pair(t, d)
+    f = op.moe(u, None, B.ffn, cfg, False)
+    f64 = r.moe(u64, None, B64.ffn, cfg, False)
+    pc, pc64 = post64.float().to(dev), post64
+    close(op.hc_post(f, x, pc, comb64.float().to(dev))[0], r.hc_post(f64, x64, pc64, comb64)[0],
+          "moe + hc_post")
+    # the head, with and without the partials of the hc_post before it
+    hd = (L.hc_head_fn, L.hc_head_scale, L.hc_head_base, L.shared_head.norm.weight,
+          L.shared_head.head.weight, cfg.hc_eps, eps)
+    hd64 = (L64.hc_head_fn, L64.hc_head_scale, L64.hc_head_base, L64.shared_head.norm.weight,
+            L64.shared_head.head.weight, cfg.hc_eps, eps)
+    close(op.head(x, *hd), r.head(x64, *hd64), "head")
+    y, parts = op.hc_post(a, x, pc, comb64.float().to(dev), mix_fn=L.hc_head_fn)
+    close(op.head(y, *hd, partials=parts), r.head(r.hc_post(a64, x64, pc64, comb64)[0], *hd64),
+          "head with hc_post's partials")

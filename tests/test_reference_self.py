@@ -386,3 +386,22 @@ def test_moe_routes_by_bias_but_weights_by_scores():
     # K = 1: the weight is score / score * 2.0 = 2.0, whatever the score
     want = expert(p + "experts.2.", 2.0) + expert(p + "shared_experts.", 1.0)
     assert torch.allclose(got, want, atol=1e-12)
+
+
+def test_activation_rounding_follows_each_weights_stored_format(tiny):
+    """architecture.md, Weight formats: FP8/FP4 weights get their input rounded, bf16/fp32 ones
+    do not, whatever the switch says; the KV's FP8 simulation is not a product's rounding."""
+    W, hidden, tokens = tiny
+    pos = torch.arange(5)
+    products = [k for k in W if k.endswith(("proj.weight", "wq_a.weight", "wkv.weight",
+                                            "wq_b.weight", "wo_a.weight", "wo_b.weight"))
+                or (".experts." in k or ".shared_experts." in k)]
+    bf16 = dict.fromkeys(products, "bf16")
+    out = ref.mtp_layer(hidden, tokens, pos, W, CFG, formats=bf16)
+    assert torch.equal(out, ref.mtp_layer(hidden, tokens, pos, W, CFG, act_quant=False))
+    released = dict.fromkeys(products, "fp8")
+    assert torch.equal(ref.mtp_layer(hidden, tokens, pos, W, CFG, formats=released),
+                       ref.mtp_layer(hidden, tokens, pos, W, CFG))
+    # one FP8 weight among bf16 ones: only its input is rounded, and that moves the output
+    one = {**bf16, "mtp.0.e_proj.weight": "fp8"}
+    assert not torch.equal(ref.mtp_layer(hidden, tokens, pos, W, CFG, formats=one), out)

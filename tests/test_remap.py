@@ -200,23 +200,25 @@ def test_release_name_list_fills_the_module_exactly(release):
     for param, rs in regions.items():  # each element filled exactly once
         assert not overlaps(rs), param
         assert sum(region_numel(r) for r in rs) == math.prod(shapes[param]), param
-    # and the loader's own analysis agrees, from dtypes and shapes alone
-    from mtp import loader
+    # and the loader's plan agrees, from names, dtypes and shapes alone (a pure function: no
+    # file is read)
+    from mtp.checkpoint import plan as planning
+    from mtp.checkpoint.header import TensorInfo
+    from mtp.checkpoint.source import Entry, Source
 
-    src = loader._Source(release, "", "index", cfg.to_dict(),
-                         [loader._Entry(n, i["shard"]) for n, i in tensors.items()],
-                         sorted({i["shard"] for i in tensors.values()}))
-    offset = defaultdict(int)
+    headers, offset = defaultdict(dict), defaultdict(int)
     for name, info in tensors.items():
         n = math.prod(info["shape"]) * _BYTES[info["dtype"]]
-        src.headers.setdefault(info["shard"], {})[name] = loader.TensorInfo(
+        headers[info["shard"]][name] = TensorInfo(
             info["shard"], info["dtype"], tuple(info["shape"]), offset[info["shard"]],
-            offset[info["shard"]] + n)
+            offset[info["shard"]] + n, name)
         offset[info["shard"]] += n
-    an = loader._analyse(src, dtype=torch.bfloat16)
-    assert (an.kind, an.problems, an.missing, an.unexpected) == ("v4-mtp", [], [], [])
-    assert an.fmt == WeightFormat.released()
-    assert len(an.needed()) == 3
+    src = Source(release, "", "index", cfg.to_dict(),
+                 tuple(Entry(n, i["shard"]) for n, i in tensors.items()))
+    lp = planning.build(src, cfg, dict(headers), [], torch.bfloat16)
+    assert (lp.kind, lp.problems, lp.missing, lp.unexpected) == ("v4-mtp", (), (), [])
+    assert lp.weight_format == WeightFormat.released()
+    assert len(lp.needed()) == 3
 
 
 def test_canonical_names_are_the_release_names():

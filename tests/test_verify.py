@@ -240,14 +240,17 @@ def test_sampled_tokens_follow_q_and_use_only_the_generator():
 
 def test_sampling_refuses_bad_settings():
     logits = torch.randn(2, 5)
-    for bad, message in ((Sampling(temperature=float("nan")), "temperature: nan"),
-                         (Sampling(temperature=1.0, top_p=1.5), "top_p: 1.5"),
-                         (Sampling(temperature="hot"), "expected a float"),
-                         (Sampling(temperature=torch.ones(2, 1)), r"\[2\]"),
-                         (Sampling(temperature=torch.tensor([1.0, -1.0])), "temperature: value -1"),
-                         (Sampling(temperature=1.0, generator=0), "torch.Generator")):
+    # scalars and the generator's type are refused when the Sampling is built, tensors [S]
+    # when it meets the logits
+    for bad, message in ((lambda: Sampling(temperature=float("nan")), "temperature: nan"),
+                         (lambda: Sampling(temperature=1.0, top_p=1.5), "top_p: 1.5"),
+                         (lambda: Sampling(temperature="hot"), "expected a float"),
+                         (lambda: Sampling(temperature=torch.ones(2, 1)), r"\[2\]"),
+                         (lambda: Sampling(temperature=torch.tensor([1.0, -1.0])),
+                          "temperature: value -1"),
+                         (lambda: Sampling(temperature=1.0, generator=0), "torch.Generator")):
         with pytest.raises((ValueError, TypeError), match=message):
-            sample(logits, bad)
+            sample(logits, bad())
 
 
 # ---- acceptance statistics ---------------------------------------------------------------------
@@ -264,3 +267,31 @@ def test_acceptance_statistics():
         stats.update(torch.tensor([4]), k=3)
     with pytest.raises(ValueError, match="k: expected"):
         stats.update(torch.tensor([1]))
+
+
+def test_bad_sampling_and_verification_inputs_are_refused():
+    """Regression: each of these was accepted and gave garbage or inverted distributions."""
+    for value in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="Sampling.temperature"):
+            Sampling(temperature=value)
+    for value in (0.0, -0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="Sampling.top_p"):
+            Sampling(temperature=1.0, top_p=value)
+    with pytest.raises(TypeError, match="Sampling.generator: expected a torch.Generator"):
+        Sampling(temperature=1.0, generator=42)
+    nan_logits = torch.tensor([[float("nan"), 1.0, 0.0]])
+    with pytest.raises(ValueError, match="logits: holds NaN"):
+        sample(nan_logits)
+    with pytest.raises(ValueError, match="logits: holds NaN"):
+        probs(nan_logits, Sampling(temperature=1.0))
+    with pytest.raises(ValueError, match="target_logits: holds NaN"):
+        verify_greedy(nan_logits[:, None].expand(1, 2, 3), torch.tensor([[1]]))
+    p = torch.full((1, 2, 3), 1 / 3)
+    with pytest.raises(TypeError, match="generator: expected a torch.Generator"):
+        rejection_sample(p, torch.tensor([[1]]), None, generator=42)
+    stats = AcceptanceStats()
+    with pytest.raises(ValueError, match="k: expected"):
+        stats.update(torch.tensor([1]), k=True)
+    with pytest.raises(ValueError, match="num_accepted: expected whole numbers"):
+        stats.update(torch.tensor([0.5, 1.0]), k=2)
+    assert stats.proposals == 0

@@ -39,11 +39,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import corpus as corpus_lib  # noqa: E402
 
 import mtp.model  # noqa: E402
+from mtp import ops  # noqa: E402
 from mtp.cache import window_index  # noqa: E402
 from mtp.demo.pair_config import PAIR_CONFIG, PLAIN_NUMERICS, TARGET_LAYERS  # noqa: E402
 from mtp.demo.toy_target import ToyTarget, _scale_block_outputs_  # noqa: E402
 from mtp.model import DeepSeekV4MTP, Experts, StepContext  # noqa: E402
-from mtp.ops import rope_cos_sin  # noqa: E402
 from mtp.quant import WeightFormat  # noqa: E402
 from mtp.testing import init_random_  # noqa: E402
 
@@ -54,7 +54,7 @@ FROZEN_IN_POSTHOC = ("e_score_correction", "shared_head.head")
 BIAS_STEP = 1e-3
 # Attention rows per chunk: the module bounds memory for long inference prompts at 256 rows;
 # a training batch has tens of thousands of rows and the memory to gather them in few chunks.
-mtp.model._ATTN_CHUNK = 8192
+ops.ATTN_CHUNK = 8192
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -103,8 +103,9 @@ def freeze(module) -> None:
 
 
 class LoadTracker:
-    """Counts each MoE's expert choices during a step (a pre-hook on ``Experts.forward``) and
-    applies the auxiliary-loss-free bias update afterwards."""
+    """Counts each MoE's expert choices during a step (a pre-hook on ``MoE.forward`` that
+    routes its input again, without gradients) and applies the auxiliary-loss-free bias update
+    afterwards."""
 
     def __init__(self, *modules):
         self.counts: dict[Experts, torch.Tensor] = {}
@@ -113,11 +114,15 @@ class LoadTracker:
             for sub in module.modules():
                 if isinstance(sub, mtp.model.MoE):
                     self.gates[sub.experts] = sub.gate
-                    sub.experts.register_forward_pre_hook(self._count)
+                    sub.register_forward_pre_hook(self._count)
 
-    def _count(self, experts, args):
-        idx = args[1]
-        n = self.gates[experts].weight.shape[0]
+    def _count(self, moe, args):
+        experts, gate, cfg = moe.experts, moe.gate, moe.cfg
+        with torch.no_grad():
+            idx, _ = ops.route(args[0], gate.weight, gate.e_score_correction_bias,
+                               cfg.num_experts_per_tok, cfg.scoring_func,
+                               cfg.routed_scaling_factor)
+        n = gate.weight.shape[0]
         c = torch.bincount(idx.flatten(), minlength=n).float()
         self.counts[experts] = self.counts.get(experts, 0) + c
 
@@ -142,12 +147,12 @@ def mtp_logits(m: DeepSeekV4MTP, residual, next_ids, positions, slots) -> torch.
     """The MTP layer over a packed batch (one run of rows per sequence): row i takes the
     target's residual at i and the token at i + 1, and predicts the token at i + 2."""
     cfg, layer = PAIR_CONFIG, m.layer(0)
-    e = m.embed_input_ids(next_ids)
     h = residual.view(-1, cfg.hc_mult, cfg.hidden_size)  # [T, M*D] -> [T, M, D]
-    cos, sin = rope_cos_sin(positions, cfg.qk_rope_head_dim, cfg.rope_theta, torch.float32)
     window = window_index(positions, slots, cfg.sliding_window, None, positions.shape[0])
-    ctx = StepContext(positions, cos, sin, window, None, 0, m.numerics)
-    return layer.logits(layer(e, h, ctx))
+    inv_freq = ops.rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, positions.device)
+    ctx = StepContext(ops.REFERENCE, positions, window, slots, None, 0, m.numerics, inv_freq)
+    x, _ = layer(m.model.embed_tokens.weight, next_ids, None, h, ctx)
+    return layer.logits(ops.REFERENCE, x)
 
 
 def losses(target, m, tokens, with_target_grad: bool):

@@ -168,8 +168,7 @@ class ToyTarget(nn.Module):
             seq_slots = torch.zeros_like(positions)
         e = nn.functional.embedding(tokens, self.embed.weight).to(self.dtype)  # [T, D]
         x = e.unsqueeze(1).repeat(1, cfg.hc_mult, 1)  # [T, D] -> [T, M, D]: a copy per stream
-        cos, sin = ops.rope_cos_sin(positions, cfg.qk_rope_head_dim, cfg.rope_theta,
-                                    ops.wide(e).dtype)
+        inv_freq = ops.rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, positions.device)
         for i, block in enumerate(self.blocks):
             if cache is None:
                 window = window_index(positions, seq_slots, cfg.sliding_window, None,
@@ -177,7 +176,8 @@ class ToyTarget(nn.Module):
             else:
                 window = window_index(positions, seq_slots, cfg.sliding_window, cache.pos[i],
                                       cache.capacity)
-            x = block(x, StepContext(positions, cos, sin, window, cache, i, self.numerics))
+            x, _ = block(x, StepContext(ops.REFERENCE, positions, window, seq_slots, cache, i,
+                                        self.numerics, inv_freq))
         return self.logits(x), x.flatten(1)  # [T, M, D] -> [T, M*D]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,310 @@
+"""TritonOps: the module's ops (``mtp.ops.ReferenceOps``' methods, same signatures) on CUDA
+through the Triton kernels and the hand-written CUDA expert kernels.
+
+``DeepSeekV4MTP`` picks these with ``backend="triton"`` (or ``"auto"`` on CUDA in the released
+format); its forward, written once in ``mtp/model.py``, then launches the kernels below. The
+weights are read as stored: FP8 weights, FP4 experts and their E8M0 scales (E8M0 reinterpreted
+as bytes, a view); nothing is copied or dequantised ahead.
+
+Three fusions cross the module's op boundaries, each through an argument the reference ignores:
+``hc_post(..., mix_fn=fn)`` also computes the next hc_pre's (or the head's) mix partials for a
+few rows (``hc.POST_MIX_T``), handed on as ``partials``; ``hc_pre_norm(..., act_quant=True)``
+also writes its output FP8-rounded (and in the CUDA expert kernels' layout), handed to ``moe``
+as ``u_rounded``; ``moe`` returns the routed experts' per-pair outputs unreduced
+(:class:`MoEPairs`), which ``hc_post`` sums in its own launch.
+
+Example:
+    >>> model = DeepSeekV4MTP(cfg, dtype=torch.bfloat16, device="cuda")  # backend="auto"
+    >>> model.ops.name                                                    # doctest: +SKIP
+    'triton'
+    >>> model.backend = TritonOps(model, experts="triton", head="cublas")  # explicit options
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mtp import ops
+from mtp.config import KV_FP8_BLOCK
+from mtp.model import DeepSeekV4MTP
+
+from . import attention as attn_k
+from . import hc as hc_k
+from . import head as head_k
+from . import moe as moe_k
+from . import moe_cuda
+from .fp8_linear import fp8_linear
+
+EXPERTS = ("auto", "cuda", "triton")
+HEADS = ("cublas", "triton")
+RELEASED = ("fp8", "fp8", "fp4", "e8m0")  # dense, wo_a, experts, expert scales
+
+
+@dataclass
+class MoEPairs:
+    """The MoE's output before its final sum: the routed experts' output per (row, k) pair
+    ``pair_out`` [T*K, D], their experts ``idx`` [T, K] and the shared expert [T, D]; the
+    triton ``hc_post`` adds them (routed in ascending expert order, then the shared)."""
+
+    pair_out: torch.Tensor
+    idx: torch.Tensor
+    shared: torch.Tensor
+
+
+class TritonOps:
+    """The module's ops on CUDA for a :class:`~mtp.DeepSeekV4MTP` in the released weight format
+    (FP8 dense weights with E8M0 or float32 block scales, FP8 ``wo_a``, FP4 routed experts),
+    bfloat16 or float32 compute.
+
+    Args:
+        model: the module it serves (its config, dtype and device; weights are passed per call).
+        experts: the routed experts' kernels: ``"cuda"`` (``moe_cuda``: hand-written, compiled
+            by NVRTC at first use; bfloat16 with the activation rounding on, else the Triton
+            ones run), ``"triton"`` (``moe``), or ``"auto"``: ``"cuda"`` where it can run
+            (torch with ``torch.cuda._compile_kernel``, compute capability >= 8.0, bfloat16,
+            hidden size and expert width multiples of 128).
+        head: the LM head's product for up to ``head.HEAD_T`` rows: ``"triton"``
+            (``head.head_logits``) or ``"cublas"`` (torch.mm); more rows take cuBLAS either way
+            (docs/performance.md has the timings).
+    """
+
+    name = "triton"
+
+    @staticmethod
+    def unsupported(model: DeepSeekV4MTP, *, interpret: bool = False) -> str | None:
+        """Why these ops cannot run ``model`` as it is now (None: they can). ``interpret``:
+        Triton's CPU interpreter stands in for the GPU (development only)."""
+        if not isinstance(model, DeepSeekV4MTP):
+            return f"expected a DeepSeekV4MTP, got {type(model).__name__}"
+        if model.tp.sharded:
+            return ("the kernels run an unsplit model; a tensor-parallel model (process_group=) "
+                    "runs on the reference ops for now (docs/parallel.md)")
+        fmt = model.weight_format
+        if (fmt.dense, fmt.wo_a, fmt.experts, fmt.expert_scale) != RELEASED:
+            return (f"the kernels take the released format (FP8 dense and wo_a, FP4 experts "
+                    f"with E8M0 scales); got {fmt}")
+        if model.dtype not in (torch.bfloat16, torch.float32):
+            return f"compute dtype must be bfloat16 or float32, got {model.dtype}"
+        half = model.config.qk_rope_head_dim // 2
+        if half & (half - 1):
+            return f"qk_rope_head_dim / 2 = {half} must be a power of two (a Triton block)"
+        dev = model.model.embed_tokens.weight.device
+        if dev.type != "cuda" and not interpret:
+            return f"the model is on {dev}; the kernels need a CUDA device"
+        return None
+
+    def __init__(self, model: DeepSeekV4MTP, *, experts: str = "auto", head: str = "triton"):
+        why = self.unsupported(model, interpret=bool(os.environ.get("TRITON_INTERPRET")))
+        if why:
+            raise ValueError(f"TritonOps: {why}; use the reference backend")
+        if experts not in EXPERTS:
+            raise ValueError(f"TritonOps: experts must be one of {EXPERTS}, got {experts!r}")
+        if head not in HEADS:
+            raise ValueError(f"TritonOps: head must be one of {HEADS}, got {head!r}")
+        cfg = model.config
+        dev = model.model.embed_tokens.weight.device
+        why = moe_cuda.unavailable(dev) or moe_cuda.unsupported(
+            cfg.hidden_size, cfg.moe_intermediate_size) or (
+            None if model.dtype == torch.bfloat16 else f"compute dtype {model.dtype}: the CUDA "
+            f"expert kernels are bfloat16 only")
+        if experts == "cuda" and why:
+            raise ValueError(f"TritonOps: experts='cuda' cannot run here: {why}; use 'triton'")
+        self.experts = "triton" if experts == "triton" or why else "cuda"
+        self.head_kernel = head  # (the method `head` is the op)
+        self.config, self.dtype, self.device = cfg, model.dtype, dev
+        self._small_tiles: dict[tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def _cuda(self) -> bool:
+        return self.experts == "cuda"
+
+    # ---- the layer's start -----------------------------------------------------------------
+    def embed_norms(self, input_ids, inputs_embeds, positions, embed, h, enorm_w, hnorm_w,
+                    eps: float, *, dtype: torch.dtype, zero_pos0: bool):
+        t, m, d = h.shape
+        rows = h.reshape(t * m, d).contiguous()  # [T, M, D] -> [T*M, D]
+        if inputs_embeds is None and embed.dtype == dtype:  # lookup + both norms, one launch
+            en, hn = hc_k.embed_norms(input_ids, positions, embed, rows, enorm_w, hnorm_w, eps,
+                                      zero_pos0=zero_pos0)
+        else:
+            e = F.embedding(input_ids, embed) if inputs_embeds is None else inputs_embeds
+            e = e.to(dtype)
+            if zero_pos0:
+                e = e.masked_fill((positions == 0)[:, None], 0)
+            en = hc_k.rmsnorm(e.contiguous(), enorm_w, eps)
+            hn = hc_k.rmsnorm(rows, hnorm_w, eps)
+        return en, hn.view(t, m, d)
+
+    def linear(self, x, lin, act_quant: bool, **kw):
+        return fp8_linear(x, lin.weight, lin.weight_scale_inv, act_quant=act_quant, **kw)
+
+    def input_proj(self, en, hn, e_proj, h_proj, act_quant: bool):
+        # e_proj beside h_proj on a side stream was measured slower (kernels/NOTES.md round
+        # 6): both stream their weights, so they share the bandwidth, and the add is a launch
+        t, m, d = hn.shape
+        ep = self.linear(en, e_proj, act_quant)
+        x = self.linear(hn.view(t * m, d), h_proj, act_quant, add=ep, add_row_div=m)
+        return x.view(t, m, d)  # [T*M, D] -> [T, M, D]
+
+    # ---- hyper-connections -----------------------------------------------------------------
+    def hc_pre_norm(self, x, fn, scale, base, norm_w, iters: int, hc_eps: float, eps: float, *,
+                    partials=None, act_quant: bool = False):
+        # with the CUDA experts the same kernel also writes their input (quant_rows of u)
+        u, post, comb, *q = hc_k.hc_pre_norm(x, fn, scale, base, norm_w, iters, hc_eps, eps,
+                                             act_quant=act_quant,
+                                             quant_rows=act_quant and self._cuda,
+                                             partials=partials)
+        return u, post, comb, (tuple(q) or None)
+
+    def hc_post(self, a, residual, post, comb, *, mix_fn=None):
+        if residual.shape[0] > hc_k.POST_MIX_T:  # the mixes' partials pay for few rows only
+            mix_fn = None
+        if isinstance(a, MoEPairs):
+            return hc_k.hc_post(None, residual, post, comb, moe=(a.pair_out, a.idx, a.shared),
+                                mix_fn=mix_fn)
+        return hc_k.hc_post(a, residual, post, comb, mix_fn=mix_fn)
+
+    # ---- attention -------------------------------------------------------------------------
+    def attn_prep(self, fused, q_norm_w, kv_norm_w, positions, inv_freq, eps: float, *,
+                  kv_fp8: bool, kv_dtype: torch.dtype):
+        # the RoPE table, q_norm and the kv norm/RoPE/FP8 steps: one launch
+        return attn_k.attn_prep(fused, q_norm_w.shape[0], q_norm_w, kv_norm_w, positions,
+                                inv_freq, eps, kv_fp8, kv_dtype, KV_FP8_BLOCK)
+
+    def q_prep(self, q, cos, sin, eps: float):
+        return attn_k.q_prep(q, cos, sin, eps)  # in place
+
+    def attend(self, q, kv, sink, cos, sin, positions, *, window: int, cache, cache_layer: int,
+               index, seq_slots):
+        dh = q.shape[-1]
+        if cache is not None:
+            layer_kv = cache.kv[cache_layer].view(-1, dh)  # [S*C, Dh]
+            cpos = cache.pos[cache_layer]  # [S, C]
+        else:
+            layer_kv = cpos = None
+        if index is not None:
+            o = attn_k.sink_attention(q, kv, sink, cos, sin, window, cache_kv=layer_kv,
+                                      keys_index=index.keys_index, keys_valid=index.keys_valid)
+            if cache is not None:
+                attn_k.cache_write(kv, positions, layer_kv, cpos.view(-1),
+                                   rows=index.write_rows, slots=index.write_slots)
+            return o
+        # a decode step: the kernel reads the cache's position table itself (no index tensors)
+        o = attn_k.sink_attention(q, kv, sink, cos, sin, window, cache_kv=layer_kv,
+                                  positions=positions, seq_slots=seq_slots, cache_pos=cpos)
+        attn_k.cache_write(kv, positions, layer_kv, cpos, seq_slots=seq_slots)
+        return o
+
+    def grouped_linear(self, o, lin, groups: int):
+        t = o.shape[0]
+        # [T, H, Dh] -> [T, G * H*Dh/G]; wo_a takes no activation rounding
+        return self.linear(o.view(t, -1), lin, False, group_n=lin.weight.shape[0] // groups)
+
+    # ---- MoE -------------------------------------------------------------------------------
+    def moe(self, u, u_rounded, ffn, cfg, act_quant: bool, *, side_stream=None):
+        """``u_rounded``: (u FP8-rounded, and for the CUDA experts the same as quant_rows'
+        (xh, xs)) with act_quant on: the experts read it, each of their inputs rounded once
+        instead of in every program; None with act_quant off. The gate reads u."""
+        rounded = u_rounded is not None
+        x = u_rounded[0] if rounded else u
+        main = torch.cuda.current_stream() if side_stream is not None else None
+        if main is not None:  # fork: the shared expert beside the routed ones
+            side_stream.wait_stream(main)
+            with torch.cuda.stream(side_stream):
+                shared = self._shared(ffn.shared_experts, x, rounded, act_quant, per_sm=1)
+        logits = moe_k.gate_logits(u, ffn.gate.weight)  # [T, E] fp32, as ops.route
+        idx, w = moe_k.route(logits, ffn.gate.e_score_correction_bias, cfg.num_experts_per_tok,
+                             cfg.scoring_func, cfg.routed_scaling_factor)
+        ex = ffn.experts
+        if self._cuda and rounded:  # (the CUDA kernels take rounded inputs only)
+            pairs, tile_expert = self._tiles(idx, moe_cuda.TILE)
+            xh, xs = u_rounded[1:]
+            act = moe_cuda.moe_w13(xh, xs, ex.w13_weight, ex.w13_weight_scale, pairs,
+                                   tile_expert, w, limit=cfg.swiglu_limit)
+            ah, as_ = moe_k.quant_rows(act, pairs)
+            pair_out = moe_cuda.moe_w2(ah, as_, ex.w2_weight, ex.w2_weight_scale, pairs,
+                                       tile_expert, idx.numel())
+        else:
+            pairs, tile_expert = self._tiles(idx, moe_k.BM)
+            act = moe_k.moe_w13(x, ex.w13_weight, ex.w13_weight_scale, pairs, tile_expert, w,
+                                act_quant=False, rounded=rounded, limit=cfg.swiglu_limit)
+            if rounded:
+                moe_k.round_rows(act, pairs)
+            pair_out = moe_k.moe_w2(act, ex.w2_weight, ex.w2_weight_scale, pairs, tile_expert,
+                                    idx.numel(), act_quant=False, rounded=rounded)
+        if main is not None:  # join
+            main.wait_stream(side_stream)
+            shared.record_stream(main)
+        else:
+            shared = self._shared(ffn.shared_experts, x, rounded, act_quant)
+        return MoEPairs(pair_out, idx, shared)
+
+    def _shared(self, sh, x, rounded: bool, act_quant: bool, per_sm: int | None = None):
+        # beside the routed experts (a side stream): one program per SM (per_sm=1), so that
+        # the routed chain's small kernels (gate, route, experts: the longer branch) find SMs
+        # free instead of queueing behind four programs per SM of these
+        tune = {"per_sm": per_sm} if per_sm else None
+        gu = self.linear(x, sh.gate_up_proj, False, rounded=rounded, tune=tune)  # [T, 2I]
+        return self.linear(gu, sh.down_proj, act_quant, swiglu_limit=self.config.swiglu_limit,
+                           tune=tune)
+
+    def _tiles(self, idx, bm):
+        t, k = idx.shape
+        if t >= moe_k.SMALL_T:
+            return moe_k.align_tiles(idx, self.config.n_routed_experts, bm)
+        key = (t * k, bm)  # few rows: each pair its own tile, a fixed pattern
+        if key not in self._small_tiles:
+            self._small_tiles[key] = moe_k.align_tiles(idx, self.config.n_routed_experts, bm)[0]
+        return self._small_tiles[key], idx.reshape(-1)
+
+    # ---- logits ----------------------------------------------------------------------------
+    def head(self, x, fn, scale, base, norm_w, head_w, hc_eps: float, eps: float, *,
+             partials=None):
+        y = hc_k.hc_head_norm(x, fn, scale, base, norm_w, hc_eps, eps, partials=partials)
+        if head_w.dtype == torch.bfloat16 and y.dtype == torch.bfloat16 and head_w.is_cuda:
+            # bf16 products are exact in fp32; fp32 accumulation and output, as F.linear on
+            # the upcast operands, without materialising a float32 head
+            if self.head_kernel == "triton":
+                return head_k.head_logits(y, head_w)
+            return torch.mm(y, head_w.t(), out_dtype=torch.float32)
+        return torch.mm(ops.wide(y), head_w.t().to(ops.wide(y).dtype))
+
+
+class TritonMTP:
+    """Deprecated (one release): the module runs the kernels itself. Use
+    ``DeepSeekV4MTP(..., backend="triton")`` (``"auto"``, the default, does on CUDA in the
+    released format), or ``model.backend = TritonOps(model, experts=..., head=...)``.
+
+    A view of ``model`` whose calls run with :class:`TritonOps` (``model`` itself keeps its
+    backend): ``forward``, ``compute_logits``, ``decode_step`` as the module's."""
+
+    def __init__(self, model: DeepSeekV4MTP, *, experts: str = "auto", head: str = "triton"):
+        warnings.warn("TritonMTP is deprecated: DeepSeekV4MTP runs the same kernels with "
+                      "backend='triton' (the default 'auto' does on CUDA); options: "
+                      "model.backend = TritonOps(model, experts=..., head=...)",
+                      DeprecationWarning, stacklevel=2)
+        if not isinstance(model, DeepSeekV4MTP):
+            raise TypeError(f"TritonMTP wraps a DeepSeekV4MTP, got {type(model).__name__}")
+        self.model = model
+        self.ops = TritonOps(model, experts=experts, head=head)
+        self.config, self.dtype, self.device = model.config, model.dtype, self.ops.device
+        self.experts, self.head = self.ops.experts, self.ops.head_kernel
+
+    def forward(self, *args, **kwargs):
+        with self.model.using(self.ops):
+            return self.model.forward(*args, **kwargs)
+
+    __call__ = forward
+
+    def compute_logits(self, *args, **kwargs):
+        with self.model.using(self.ops):
+            return self.model.compute_logits(*args, **kwargs)
+
+    def decode_step(self, *args, **kwargs):
+        with self.model.using(self.ops):
+            return self.model.decode_step(*args, **kwargs)
