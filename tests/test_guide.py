@@ -27,7 +27,8 @@ def test_the_guide_runs_and_its_loops_do_what_it_says():
     lines = printed.getvalue().strip().splitlines()
     assert len(lines) == 3 and "verifications, mean accepted length" in lines[1]
     # the greedy figures the guide prints are the ones it states
-    assert lines[0] == "[0.6153846153846154, 0.40384615384615385, 0.2692307692307692] 2.2884615384615383"
+    assert lines[0] == (
+        "[0.6153846153846154, 0.40384615384615385, 0.2692307692307692] 2.2884615384615383")
 
     drafter = namespace["drafter"]
     # The sampled run: every sequence got its 40 tokens; drafts were accepted (the matching
