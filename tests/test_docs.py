@@ -8,19 +8,14 @@ issue", issue numbers of this project, "the spec" (the design notes the code was
 
 from __future__ import annotations
 
-import contextlib
-import io
 import pathlib
 import re
 
 import pytest
+from doc_blocks import python_blocks, run_python_blocks
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
-
-
-def python_blocks(text: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", text, re.S)
 
 
 def test_drafter_md_runs_as_written():
@@ -28,12 +23,8 @@ def test_drafter_md_runs_as_written():
     assert "```py\n" not in text, "a ```py block would be skipped: write ```python"
     blocks = python_blocks(text)
     assert len(blocks) == 2, "the API tour and the CUDA-graphs block: drafter.md lost a block"
-    namespace: dict = {}
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        for i, block in enumerate(blocks):
-            exec(compile(block, f"docs/drafter.md block {i + 1}", "exec"), namespace)
-    assert printed.getvalue().startswith("loaded ")  # the load report
+    namespace, printed = run_python_blocks(ROOT / "docs" / "drafter.md", blocks)
+    assert printed.startswith("loaded ")  # the load report
     assert namespace["drafter"].seq_ids == ["a"]
 
 

@@ -4,27 +4,18 @@ target's greedy tokens); this test adds checks on what the loops left behind."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import pathlib
-import re
+
+from doc_blocks import python_blocks, run_python_blocks
 
 GUIDE = pathlib.Path(__file__).resolve().parent.parent / "docs" / "guide.md"
-
-
-def python_blocks(text: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", text, re.S)
 
 
 def test_the_guide_runs_and_its_loops_do_what_it_says():
     blocks = python_blocks(GUIDE.read_text())
     assert len(blocks) == 4, "setup, greedy run, sampled run, trained pair: the guide lost a block"
-    namespace: dict = {}
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        for i, block in enumerate(blocks):
-            exec(compile(block, f"docs/guide.md block {i + 1}", "exec"), namespace)
-    lines = printed.getvalue().strip().splitlines()
+    namespace, printed = run_python_blocks(GUIDE, blocks)
+    lines = printed.strip().splitlines()
     assert len(lines) == 3 and "verifications, mean accepted length" in lines[1]
     # the greedy figures the guide prints are the ones it states
     assert lines[0] == (

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 pytest.importorskip("transformers", reason="transformers is in the test extra: "
                     "pip install -e '.[test]'")
 
+from doc_blocks import python_blocks, run_python_blocks  # noqa: E402
 from hf_v4 import build_target, write_matching_drafter  # noqa: E402
 from transformers import DeepseekV4ForCausalLM, DynamicCache  # noqa: E402
 
@@ -394,20 +395,12 @@ def test_sampled_tokens_follow_the_targets_distribution(targets, drafter_folders
 def test_the_engines_page_example_runs():
     """docs/engines.md's python blocks, in order, in one namespace (its own assert checks the
     tokens against transformers' generate)."""
-    import contextlib
-    import io
     import pathlib
-    import re
-
     page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "engines.md"
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+    blocks = python_blocks(page.read_text())
     assert len(blocks) == 1, "the transformers example: the page lost or gained a block"
-    namespace: dict = {}
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        for i, block in enumerate(blocks):
-            exec(compile(block, f"docs/engines.md block {i + 1}", "exec"), namespace)
-    assert printed.getvalue().startswith("SpecStats(k=3")
+    namespace, printed = run_python_blocks(page, blocks)
+    assert printed.startswith("SpecStats(k=3")
     assert len(namespace["tokens"]) == 3 and all(len(t) == 12 for t in namespace["tokens"])
 
 
