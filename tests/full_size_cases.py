@@ -27,7 +27,10 @@ def rank_share(whole: DeepSeekV4MTP, part: DeepSeekV4MTP, rank: int, world: int)
 
 @torch.no_grad()
 def run_full_case(group, rank: int, world: int, device: str, preset: str, dtype: torch.dtype,
-                  rounding: str, rounds: int = 3, k: int = 3) -> dict:
+                  rounding: str, rounds: int = 3, k: int = 3, graphs: bool = False) -> dict:
+    """{"one": the whole model's results, "tp": the rank's share's (the model's default
+    backend: the Triton kernels on CUDA), and with ``graphs`` "tp_graphs": the share's again
+    with its draft steps replayed from CUDA graphs, the collectives captured in them}."""
     cfg = MTPConfig.from_name(preset)
     kw = dict(weight_format=WeightFormat.released(), dtype=dtype, numerics=ROUNDING[rounding],
               device=device)
@@ -37,4 +40,9 @@ def run_full_case(group, rank: int, world: int, device: str, preset: str, dtype:
     rank_share(whole, part, rank, world)
     del whole
     out["tp"] = play(Drafter(part, max_seqs=3, max_draft_tokens=k), rounds, k)
+    out["ops"] = part.ops.name
+    if graphs:
+        drafter = Drafter(part, max_seqs=3, max_draft_tokens=k)
+        drafter.use_cuda_graphs(buckets=(1, 2, 4))
+        out["tp_graphs"] = play(drafter, rounds, k)
     return out
