@@ -16,6 +16,7 @@ that their capture in CUDA graphs runs; normally a group of one runs the unsplit
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -36,6 +37,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 
 def main(rank: int, world: int, port: int, spec_file: str, outdir: str) -> None:
+    if os.environ.get("MTP_DUMP_AFTER"):  # every N s, the stacks into the rank's log
+        faulthandler.dump_traceback_later(float(os.environ["MTP_DUMP_AFTER"]), repeat=True)
     with open(spec_file, encoding="utf-8") as f:
         spec = json.load(f)
     torch.set_num_threads(1)

@@ -61,7 +61,9 @@ PRESETS = ("tiny",) if ON_CPU else tuple(
 RUNS = {("float32", "off"): (2e-5, True), ("float32", "on"): (5e-3, False),
         ("bfloat16", "on"): (3e-2, False)}
 # one GPU shared by the ranks: the loop in float32 and an engine's bfloat16 forward
-RUNS_ONE_GPU = (("float32", "off"), ("bfloat16", "on"))
+# (MTP_PARALLEL_RUNS=float32-off: fewer cases where device time is short)
+RUNS_ONE_GPU = tuple(tuple(r.split("-")) for r in os.environ.get(
+    "MTP_PARALLEL_RUNS", "float32-off,bfloat16-on").split(","))
 ONE_FORWARD_KEYS = ("block", "logits")
 
 
