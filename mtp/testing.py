@@ -58,11 +58,18 @@ def _fill_weight(weight: torch.Tensor, scale: torch.Tensor | None, storage: str,
 
 
 @torch.no_grad()
-def init_random_(model: DeepSeekV4MTP, seed: int = 0) -> DeepSeekV4MTP:
+def init_random_(model: DeepSeekV4MTP, seed: int = 0, *,
+                 skip_shared: bool = False) -> DeepSeekV4MTP:
     """Fill every parameter of ``model`` with seeded random values in its stored format
     (FP8 + block scales, packed FP4, or plain) and return the model. What each parameter gets
     is its :class:`~mtp.facts.ParamFacts` ``init``; weights (and their scales) are drawn
     first, in module order, a stacked expert weight expert by expert, then the rest.
+
+    A table the caller passed in (``embed_tokens=`` / ``head=``: the target's own tensors,
+    :attr:`~mtp.model.DeepSeekV4MTP.shared_with_caller`) is never overwritten: such a module
+    is refused with a ``ValueError`` naming the parameter, unless ``skip_shared=True``, which
+    fills only the module's own parameters (their values then differ from an unshared module's
+    with the same seed: the skipped draws are not made).
 
     Example:
         >>> from mtp import DeepSeekV4MTP, MTPConfig
@@ -70,10 +77,17 @@ def init_random_(model: DeepSeekV4MTP, seed: int = 0) -> DeepSeekV4MTP:
         >>> m.model.layers["2"].mtp_block.ffn.experts.w13_weight.dtype
         torch.int8
     """
+    facts, params, fmt = facts_of(model), dict(model.named_parameters()), model.weight_format
+    shared = {n for n, f in facts.items() if f.shared in model.shared_with_caller}
+    if shared and not skip_shared:
+        name = sorted(shared)[0]
+        raise ValueError(f"init_random_: {name} is the caller's tensor (passed as "
+                         f"{facts[name].shared}=, e.g. the target's own {facts[name].shared}): "
+                         f"random values would overwrite it; pass skip_shared=True to fill "
+                         f"only the drafter's own parameters")
     # On the model's device: full-size models fill in seconds on a GPU (minutes on a CPU). The
     # values depend on the device type (CPU and CUDA generators differ), not on the rank.
     gen = torch.Generator(device=model.model.embed_tokens.weight.device).manual_seed(seed)
-    facts, params, fmt = facts_of(model), dict(model.named_parameters()), model.weight_format
     scale_of = {name.rsplit(".", 1)[0] + "." + f.scale_of: name
                 for name, f in facts.items() if f.scale_of is not None}
     weights = [n for n, f in facts.items() if f.format is not None and f.scale_of is None]
@@ -98,7 +112,7 @@ def init_random_(model: DeepSeekV4MTP, seed: int = 0) -> DeepSeekV4MTP:
         done.update(group)
     done.update(scale_of.values())
     for name, p in params.items():
-        if name not in done:
+        if name not in done and name not in shared:
             p.copy_(draw(facts[name].init, tuple(p.shape), lambda s, std: _normal(s, std, gen),
                          lambda s: torch.rand(s, generator=gen, device=gen.device)))
     return model
