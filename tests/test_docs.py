@@ -74,3 +74,11 @@ def test_the_path_pattern_finds_paths():  # the check above cannot pass vacuousl
     assert REPO_PATH.findall("see `mtp/demo/toy_target.py`, benchmarks/bench_*.py.") == [
         "mtp/demo/toy_target.py", "benchmarks/bench_*.py"]
     assert not any(ROOT.glob("mtp/demo.py"))
+
+
+@pytest.mark.parametrize("page", PAGES + [ROOT / "kernels" / "NOTES.md"], ids=lambda p: p.name)
+def test_no_merge_conflict_markers(page):
+    """A merge once left docs/parallel.md with both sides and the markers between them."""
+    hits = [n for n, line in enumerate(page.read_text().splitlines(), 1)
+            if re.match(r"(<{7}|={7}|>{7})( |$)", line)]
+    assert not hits, f"{page.name}: conflict markers at lines {hits}"
