@@ -438,7 +438,8 @@ class DeepSeekV4MTP(nn.Module):
         dtype: compute dtype, ``torch.float32`` or ``torch.bfloat16`` (``torch.float64``
             runs the same code in double precision, for verification).
         device: where parameters are created (``"meta"`` for shape-only use).
-        embed_tokens, head: the target's [V, D] embedding and LM head, shared instead of loaded.
+        embed_tokens, head: the target's [V, D] embedding and LM head, shared instead of loaded
+            (no copy; recorded in :attr:`shared_with_caller`).
         numerics: the reference's rounding switches (:class:`Numerics`).
         process_group: a ``torch.distributed`` group to run tensor/expert parallel over (the
             caller's, e.g. the engine's TP group); each rank then holds its share of the
@@ -476,9 +477,13 @@ class DeepSeekV4MTP(nn.Module):
         self.weight_format = weight_format or WeightFormat.released()
         self.dtype = dtype
         self.numerics = numerics or Numerics()
+        # The tables adopted from the caller (their storage is the target's): ParamFacts.shared
+        # names; mtp.testing.init_random_ refuses to overwrite them.
+        self.shared_with_caller = frozenset(
+            n for n, t in (("embed_tokens", embed_tokens), ("head", head)) if t is not None)
         if not self.tp.sharded:  # a rank holds its share; the whole module is estimated
-            check_parameters(config, self.weight_format, dtype, device, shared={
-                n for n, t in (("embed_tokens", embed_tokens), ("head", head)) if t is not None})
+            check_parameters(config, self.weight_format, dtype, device,
+                             shared=self.shared_with_caller)
         self.model = DeepSeekV4MultiTokenPredictor(config, self.weight_format, dtype, device,
                                                    embed_tokens, head, self.tp)
         self.backend = backend
