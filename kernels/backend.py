@@ -285,7 +285,7 @@ class TritonOps:
         # free instead of queueing behind four programs per SM of these
         tune = {"per_sm": per_sm} if per_sm else None
         gate_up, down = sh.gate_up_proj, sh.down_proj
-        if not getattr(sh, "split", False):
+        if not sh.split:
             gu = self.linear(x, gate_up, False, rounded=rounded, tune=tune)  # [T, 2I]
             return self.linear(gu, down, act_quant, swiglu_limit=self.config.swiglu_limit,
                                tune=tune)
