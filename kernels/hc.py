@@ -33,6 +33,10 @@ from ._common import (
 _MIX_BK = 128
 _MIX_BT = 16
 MIX_PROGRAMS = 128  # hc_mix: split-K programs per block of rows (hc_finish sums their partials)
+# ... in all, for more than MIX_MANY_T rows (a catch-up): 128 left the SMs mostly idle there
+# (one 4-warp program each; 105 us at 512 rows, kernels/NOTES.md, catch-up)
+MIX_MANY_T = 64
+MIX_PROGRAMS_MANY = 512
 POST_MIX_T = 4  # hc_post computes the next mixes itself for up to this many rows (no hc_mix)
 _POST_MIX_BD = 128  # ... with column blocks this wide (D/128 programs per row)
 FINISH_WARPS = 4  # hc_finish: warps per row's program (8 for rows over 4096)
@@ -202,7 +206,8 @@ def _mix_partials(x: torch.Tensor, fn: torch.Tensor):
     fp = max(16, triton.next_power_of_2(f))
     tb = triton.cdiv(t, _MIX_BT)
     n_k = kt // _MIX_BK
-    n_split = max(1, min(n_k, MIX_PROGRAMS // tb))
+    programs = MIX_PROGRAMS if t <= MIX_MANY_T else MIX_PROGRAMS_MANY
+    n_split = max(1, min(n_k, programs // tb))
     per = triton.cdiv(n_k, n_split)
     n_split = triton.cdiv(n_k, per)
     part = torch.empty(n_split, t, fp, dtype=torch.float32, device=x.device)

@@ -50,6 +50,10 @@ from .quant import WeightFormat, dequantize, scale_dtype
 
 # float64 is for verification: the same code, comparable tightly with the float64 reference.
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+# Rows per piece of a cached forward (a long catch-up): bounds the call's temporaries
+# (docs/performance.md has the measured peak for a chunk) at one extra read of the weights per
+# chunk.
+CHUNK_ROWS = 1024
 
 
 # Facts of the parameters declared in more than one place (see mtp/facts.py).
@@ -570,8 +574,28 @@ class DeepSeekV4MTP(nn.Module):
         seq_slots = self._check_slots(kv_cache, seq_slots, positions, t)
         self._check_cache(kv_cache)
         cache_layer = spec_step_idx % cfg.num_nextn_predict_layers
-        window = call_window(positions, seq_slots, cfg.sliding_window, kv_cache, cache_layer)
-        x, _ = self._step(layer, input_ids, inputs_embeds, positions, hidden_states, kv_cache,
+        # A long catch-up over a cache runs in chunks of CHUNK_ROWS rows: each chunk writes its
+        # keys before the next reads them, so the result equals one call's, and the call's
+        # temporaries are bounded by a chunk's rows instead of growing with T.
+        step = CHUNK_ROWS if kv_cache is not None else max(t, 1)
+        if t <= step:
+            return self._rows(layer, input_ids, inputs_embeds, positions, hidden_states,
+                              kv_cache, cache_layer, seq_slots)
+        out = torch.empty(t, cfg.hc_dim, dtype=self.dtype, device=hidden_states.device)
+        for a in range(0, t, step):
+            rows = slice(a, a + step)
+            out[rows] = self._rows(
+                layer, None if input_ids is None else input_ids[rows],
+                None if inputs_embeds is None else inputs_embeds[rows], positions[rows],
+                hidden_states[rows], kv_cache, cache_layer, seq_slots[rows])
+        return out
+
+    def _rows(self, layer, input_ids, inputs_embeds, positions, hidden_states, cache,
+              cache_layer: int, seq_slots) -> torch.Tensor:
+        """``forward`` over checked rows, in one piece -> [T, M*D]."""
+        window = call_window(positions, seq_slots, self.config.sliding_window, cache,
+                             cache_layer)
+        x, _ = self._step(layer, input_ids, inputs_embeds, positions, hidden_states, cache,
                           cache_layer, window, None)
         return x.flatten(1)  # [T, M, D] -> [T, M*D]
 
