@@ -222,7 +222,8 @@ class TritonOps:
                              cfg.scoring_func, cfg.routed_scaling_factor)
         ex = ffn.experts
         if self._cuda and rounded:  # (the CUDA kernels take rounded inputs only)
-            pairs, tile_expert = self._tiles(idx, moe_cuda.TILE)
+            many = idx.numel() > moe_cuda.MANY_PAIRS * self.config.n_routed_experts
+            pairs, tile_expert = self._tiles(idx, moe_cuda.TILE_MANY if many else moe_cuda.TILE)
             xh, xs = u_rounded[1:]
             act = moe_cuda.moe_w13(xh, xs, ex.w13_weight, ex.w13_weight_scale, pairs,
                                    tile_expert, w, limit=cfg.swiglu_limit)

@@ -655,7 +655,9 @@ class DeepSeekV4MTP(nn.Module):
                              f"{_describe(ids)}")
         if ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{name}: expected int64 or int32 token ids, got {ids.dtype}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+        # one host synchronisation for both bounds (each costs a device round trip)
+        lo, hi = torch.stack((ids.min(), ids.max())).tolist() if ids.numel() else (0, 0)
+        if lo < 0 or hi >= self.config.vocab_size:
             bad = ids[(ids < 0) | (ids >= self.config.vocab_size)][0].item()
             raise ValueError(f"{name}: token id {bad} is outside the vocabulary "
                              f"[0, {self.config.vocab_size})")
@@ -712,14 +714,19 @@ class DeepSeekV4MTP(nn.Module):
             return None
         if seq_slots is None or tuple(seq_slots.shape) != (t,):
             raise ValueError(f"seq_slots: expected [{t}] cache slots, got {_describe(seq_slots)}")
-        if t and (int(seq_slots.min()) < 0 or int(seq_slots.max()) >= cache.max_seqs):
+        lo, hi = torch.stack((seq_slots.min(), seq_slots.max())).tolist() if t else (0, 0)
+        if lo < 0 or hi >= cache.max_seqs:
             raise ValueError(f"seq_slots: slots must be in [0, {cache.max_seqs})")
-        if t > 1:
+        if t > 1:  # the run checks, read back in one host synchronisation
             same = seq_slots[1:] == seq_slots[:-1]
-            if not bool((positions[1:] == positions[:-1] + 1)[same].all()):
+            broken = (same & (positions[1:] != positions[:-1] + 1)).any()
+            distinct = torch.zeros(cache.max_seqs, dtype=torch.int64, device=seq_slots.device)
+            distinct = distinct.index_fill_(0, seq_slots.to(torch.int64), 1).sum()
+            broken, runs, distinct = torch.stack(
+                (broken.to(torch.int64), (~same).sum() + 1, distinct)).tolist()
+            if broken:
                 raise ValueError("positions: rows of one sequence must be consecutive positions")
-            runs = int((~same).sum()) + 1
-            if runs != int(seq_slots.unique().numel()):
+            if runs != distinct:
                 raise ValueError("seq_slots: each sequence's rows must come together (one run "
                                  "per slot)")
         return seq_slots.to(torch.int64)
