@@ -57,8 +57,8 @@ def _epilogue(acc, rows, cols, M, N, out_ptr, stride_om, add_ptr, stride_am,
 
 @triton.jit
 def fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, add_ptr,
-                      M, N, K, stride_xm, stride_om, stride_am, stride_wsn, kb_per_split,
-                      swiglu_limit,
+                      M, N, K, stride_xm, stride_om, stride_am, stride_wn, stride_wsn,
+                      kb_per_split, swiglu_limit,
                       GROUP_N: tl.constexpr, ACT_QUANT: tl.constexpr, SWIGLU: tl.constexpr,
                       SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, SPLIT: tl.constexpr,
                       ADD_ROW_DIV: tl.constexpr, FP8_DOT: tl.constexpr, PREQ: tl.constexpr,
@@ -89,8 +89,8 @@ def fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, add_ptr,
                 v = tl.minimum(tl.maximum(v, -swiglu_limit), swiglu_limit)
                 g = tl.minimum(g, swiglu_limit)
             x = (g / (1.0 + tl.exp(-g)) * v).to(x_ptr.dtype.element_ty)
-        w = tl.load(w_ptr + cols[:, None] * K + kb * BK + kk[None, :], mask=cmask[:, None],
-                    other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * stride_wn + kb * BK + kk[None, :],
+                    mask=cmask[:, None], other=0.0)
         sb = tl.load(ws_ptr + ((pid_n * BN) // 128) * stride_wsn + kb)
         if SCALE_E8M0:
             sw = e8m0_to_f32(sb)
@@ -200,8 +200,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
     """``mtp.ops.matmul(x, dequant_fp8_block(weight, scale), act_quant)``.
 
     x [M, Kx] (bf16 or fp32, last dim contiguous; Kx = K, or G*K grouped, or 2K with
-    ``swiglu_limit``), weight e4m3 [N, K], scale [ceil(N/128), K/128] (E8M0 or float32)
-    -> [M, N] in x's dtype.
+    ``swiglu_limit``), weight e4m3 [N, K] (last dim contiguous: a block-aligned column range
+    of a wider weight is read in place), scale [ceil(N/128), K/128] (E8M0 or float32)
+    -> [M, N] in x's dtype (or ``out``'s: float32 for a tensor-parallel partial sum).
 
     ``rounded``: x is already FP8-rounded (``fp8_simulate``; pass ``act_quant=False``): its
     values are exact in bf16, so float32 x still takes the tensor-core dot.
@@ -218,6 +219,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
         raise ValueError(f"fp8_linear: K={k} is not a multiple of {BK}")
     if x.stride(-1) != 1:
         raise ValueError("fp8_linear: x's last dim must be contiguous")
+    if weight.stride(1) != 1:
+        raise ValueError("fp8_linear: weight's last dim must be contiguous")
     group = group_n or n
     if group % 128 and group != n:
         raise ValueError(f"fp8_linear: group_n={group} must be a multiple of 128")
@@ -244,7 +247,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
         x, xs = quant_fp8(x, k, swiglu_limit)
     fp8_linear_kernel[(nb, mb, split)](
         x, xs, weight, scale_u8, out, part, add_t, m, n, k, x.stride(0), out.stride(0),
-        add_t.stride(0), scale_u8.stride(0), per,
+        add_t.stride(0), weight.stride(0), scale_u8.stride(0), per,
         float(swiglu_limit or 0.0),
         GROUP_N=group, ACT_QUANT=act_quant and not preq, SWIGLU=swiglu_limit is not None,
         SCALE_E8M0=scale.dtype == torch.float8_e8m0fnu,

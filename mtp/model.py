@@ -451,7 +451,8 @@ class DeepSeekV4MTP(nn.Module):
             full results. None: one process.
         backend: which implementation of the ops runs the forward: ``"reference"`` (pure
             PyTorch, any device, format and dtype), ``"triton"`` (``mtp_kernels``: CUDA, the
-            released format, bfloat16 or float32, one process; an error where it cannot run)
+            released format, bfloat16 or float32, whole or a tensor-parallel rank's share; an
+            error where it cannot run)
             or ``"auto"`` (the default: ``"triton"`` where it can run, else ``"reference"``;
             decided at each call from where the parameters are, so ``model.cuda()`` switches
             it). An ops object (``mtp_kernels.TritonOps(model, experts=...)``) is used as

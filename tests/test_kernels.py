@@ -126,6 +126,27 @@ def test_fp8_linear_rounded_input(dtype, monkeypatch):
     assert torch.equal(y, fp8_linear(x, w, s, act_quant=True))
 
 
+@pytest.mark.parametrize("m", [1, 40])
+def test_fp8_linear_column_range_in_place(m):
+    """A tensor-parallel rank's block-aligned column range of a weight, read in place (a view
+    with the whole row's stride), into a float32 ``out`` (the rank's partial sum) equals the
+    same product on a contiguous copy, bit for bit, and the reference within tolerance."""
+    from mtp_kernels.fp8_linear import fp8_linear, fp8_linear_reference
+    w, s = fp8_weight(256, 512, seed=65)
+    x = randn(m, 256, seed=66, dtype=torch.bfloat16)
+    view, sv = w[:, 128:384], s[:, 1:3]  # columns [128, 384): input blocks 1 and 2
+    assert not view.is_contiguous()
+    out = torch.empty(m, 256, dtype=torch.float32, device=x.device)
+    y = fp8_linear(x, view, sv, act_quant=True, out=out)
+    assert y is out
+    assert torch.equal(y, fp8_linear(x, view.contiguous(), sv.contiguous(), act_quant=True,
+                                     out=torch.empty_like(out)))
+    ref = fp8_linear_reference(x, view.contiguous(), sv.contiguous(), act_quant=True)
+    assert rel(y, ref) < BF16_TOL
+    with pytest.raises(ValueError, match="weight's last dim"):
+        fp8_linear(x, w.t(), s.t(), act_quant=True)
+
+
 def test_act_quant_bit_exact():
     """The fused FP8 activation rounding equals ``fp8_simulate`` bit for bit: an identity weight
     block (scale 1) returns the rounded activations themselves."""
