@@ -7,6 +7,7 @@ model in memory (no checkpoint written: a Pro checkpoint is ~20 GB).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -29,19 +30,21 @@ def rank_share(whole: DeepSeekV4MTP, part: DeepSeekV4MTP, rank: int, world: int)
 
 @torch.no_grad()
 def run_full_case(group, rank: int, world: int, device: str, preset: str, dtype: torch.dtype,
-                  rounding: str, rounds: int = 3, k: int = 3, graphs: bool = False) -> dict:
-    """{"one": the whole model's results, "tp": the rank's share's (the model's default
-    backend: the Triton kernels on CUDA), and with ``graphs`` "tp_graphs": the share's again
-    with its draft steps replayed from CUDA graphs, the collectives captured in them}."""
+                  rounding: str, rounds: int = 3, k: int = 3, graphs: bool = False,
+                  backend: str = "auto", config: dict | None = None) -> dict:
+    """{"one": the whole model's results, "tp": the rank's share's (``backend``; "auto": the
+    Triton kernels on CUDA), and with ``graphs`` "tp_graphs": the share's again with its draft
+    steps replayed from CUDA graphs, the collectives captured in them}. ``config``: fields of
+    the preset replaced."""
     t0 = time.monotonic()
 
     def progress(what: str) -> None:  # into the rank's log: where the time goes
         print(f"{preset} {dtype} {rounding}: {what} at {time.monotonic() - t0:.1f} s",
               flush=True)
 
-    cfg = MTPConfig.from_name(preset)
+    cfg = dataclasses.replace(MTPConfig.from_name(preset), **(config or {}))
     kw = dict(weight_format=WeightFormat.released(), dtype=dtype, numerics=ROUNDING[rounding],
-              device=device)
+              device=device, backend=backend)
     whole = init_random_(DeepSeekV4MTP(cfg, **kw), seed=3)
     progress("built")
     out = {"one": play(Drafter(whole, max_seqs=3, max_draft_tokens=k), rounds, k)}

@@ -71,7 +71,9 @@ def main(rank: int, world: int, port: int, spec_file: str, outdir: str) -> None:
                 results[case["name"]] = run_full_case(group, rank, world, device,
                                                       case["preset"], DTYPES[dtype],
                                                       case["rounding"],
-                                                      graphs=case.get("graphs", False))
+                                                      graphs=case.get("graphs", False),
+                                                      backend=case.get("backend", "auto"),
+                                                      config=case.get("config"))
                 continue
             results[case["name"]] = run_case(path, group, DTYPES[dtype],
                                              case.get("rounding", "on"))
