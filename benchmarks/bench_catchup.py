@@ -45,7 +45,7 @@ OFF = 10 ** 9  # a row threshold no call reaches
 def switches(mk) -> dict:
     """The many-row paths: name -> (module, its row threshold constant)."""
     return {"preq": (mk.fp8_linear, "PREQ_ROWS"), "mix": (mk.hc, "MIX_MANY_T"),
-            "attn": (mk.attention, "ATTN_MANY_T"), "tile16": (mk.moe_cuda, "MANY_PAIRS")}
+            "attn": (mk.attention, "ATTN_MANY_T")}
 
 
 def gpu_ms(fn, n=3):

@@ -245,8 +245,7 @@ class TritonOps:
             mine = (idx >= ex.first) & (idx < ex.first + n_local)  # [T, K]
             idx = torch.where(mine, idx - ex.first, n_local)
         if self._cuda and rounded:  # (the CUDA kernels take rounded inputs only)
-            many = idx.numel() > moe_cuda.MANY_PAIRS * self.n_experts
-            pairs, tile_expert = self._tiles(idx, moe_cuda.TILE_MANY if many else moe_cuda.TILE)
+            pairs, tile_expert = self._tiles(idx, moe_cuda.TILE)
             xh, xs = u_rounded[1:]
             act = moe_cuda.moe_w13(xh, xs, ex.w13_weight, ex.w13_weight_scale, pairs,
                                    tile_expert, w, limit=cfg.swiglu_limit)

@@ -31,10 +31,6 @@ SOURCE = Path(__file__).with_name("moe_fp4.cu")
 # kernel variant with fewer registers, so more warps per SM); an expert with more than 8 pairs
 # gets several tiles, each reading its weights (kernels/NOTES.md, round 4, v18).
 TILE = 8
-# ... and 16 (two token groups per tile, one weight read for up to 16 pairs) where the experts
-# average more than MANY_PAIRS pairs each (a catch-up of 512 rows: ~12).
-TILE_MANY = 16
-MANY_PAIRS = 8
 
 # Launch settings (kernels/NOTES.md, round 4): warps per block (``wn``, each its own 16 weight
 # rows), pipeline stages per warp (``stages``, a power of two, in flight together) and
