@@ -576,7 +576,10 @@ class Drafter:
         dest = None if full else prog.dest(plan.counts)
         host = (plan.slots + [-1] * pad + plan.starts + [0] * pad + plan.counts + [0] * pad
                 + (dest or []))
-        packed = torch.tensor(host, dtype=torch.int64).to(self.device, non_blocking=True)
+        packed = torch.tensor(host, dtype=torch.int64)
+        if self.device.type == "cuda":  # pinned: the copy is queued, the host does not wait
+            packed = packed.pin_memory()
+        packed = packed.to(self.device, non_blocking=True)
         with self._dropping_on_failure(plan):
             prog.stage(packed, plan.next_ids, plan.positions, plan.hidden, full)
             captured.replay()
