@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 from collections.abc import Hashable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -440,7 +441,9 @@ class Drafter:
         sampling.check(len(plan.seq_ids), self.device)
         graphs = self._whole_call_graphs() if _scalar_greedy(sampling) else None
         if graphs is not None and graphs.bucket(len(plan.seq_ids), max(plan.counts)):
-            return self._propose_graphed(plan, k, graphs)
+            proposal = self._propose_graphed(plan, k, graphs)
+            if proposal is not None:
+                return proposal
         self._check_values(plan)
         with self._dropping_on_failure(plan):
             x = self._feed(plan)  # [S, M*D]
@@ -565,11 +568,23 @@ class Drafter:
                     "triton backend (CUDA, the released format)")
         return None
 
-    def _propose_graphed(self, plan: _Plan, k: int, graphs) -> Proposal:
+    def _propose_graphed(self, plan: _Plan, k: int, graphs) -> Proposal | None:
         """A greedy call as one graph replay, its value checks on the device (read later by
-        :meth:`_settle`). No host synchronisation."""
+        :meth:`_settle`). No host synchronisation. None (nothing done) if the bucket's capture
+        failed: the caller runs the eager path."""
         s = len(plan.seq_ids)
-        captured = graphs.get(s, max(plan.counts), k)  # first use of a bucket: captures it
+        try:  # first use of a bucket: captures it (nothing of the drafter changes)
+            captured = graphs.get(s, max(plan.counts), k)
+        except Exception as exc:  # noqa: BLE001 - whatever capture raises: eager from now on
+            if self._cuda_graphs:
+                raise
+            what = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"Drafter: capturing a CUDA graph of propose failed ({what}); this "
+                          "drafter runs the eager path from now on (Drafter(..., "
+                          "cuda_graphs=False) chooses it without trying)", RuntimeWarning,
+                          stacklevel=3)
+            self._proposer = _NONE
+            return None
         prog = captured.program
         pad = prog.seqs - s
         full = pad == 0 and all(n == prog.rows for n in plan.counts)

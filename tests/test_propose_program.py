@@ -181,3 +181,28 @@ def test_cuda_graphs_argument():
         Drafter(drafter().model, cuda_graphs=True)
     d = Drafter(drafter().model, max_seqs=2)  # None: the CPU runs the eager path, unchanged
     assert d._whole_call_graphs() is None
+
+
+def test_a_failed_capture_falls_back_to_the_eager_path():
+    """If capturing a bucket fails (with cuda_graphs=None), the call runs eagerly with a
+    warning, and so do the later ones; with cuda_graphs=True the error propagates."""
+
+    class Failing(ProposeBuckets):
+        def _make(self, program):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    d, eager = drafter(), drafter()
+    d._proposer = Failing(d.model, d.cache, *d._buckets(), MAX_ABS_HIDDEN)
+    h, ids, pos = rows(3, 0)
+    for x in (d, eager):
+        x.add_sequence("a")
+    with pytest.warns(RuntimeWarning, match="capturing a CUDA graph of propose failed"):
+        p = d.propose(["a"], h, ids, pos, [3], k=2)
+    assert torch.equal(p.drafts, eager.propose(["a"], h, ids, pos, [3], k=2).drafts)
+    assert d._whole_call_graphs() is None and d.next_position("a") == 3
+    d._cuda_graphs = True
+    d._proposer = Failing(d.model, d.cache, *d._buckets(), MAX_ABS_HIDDEN)
+    h, ids, pos = rows(1, 1, start=3)
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        d.propose(["a"], h, ids, pos, [1], k=2)
+    assert d.next_position("a") == 3
