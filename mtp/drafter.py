@@ -68,7 +68,8 @@ def check_hidden_values(hidden: torch.Tensor, name: str = "hidden_states") -> No
     The one place this check lives: on CPU it reads the result directly; a sync-free GPU
     variant (a device-side flag read at the next synchronisation, the bad rows kept out of the
     cache) replaces this function without touching its callers."""
-    ok = hidden.abs() <= MAX_ABS_HIDDEN  # False for NaN too
+    # False for NaN too; the bound within the dtype's range (float16: 1e6 would round to inf)
+    ok = hidden.abs() <= min(MAX_ABS_HIDDEN, torch.finfo(hidden.dtype).max)
     if not bool(ok.all()):
         row = int((~ok).any(dim=-1).nonzero()[0])
         value = hidden[row][~ok[row]][0].item()
@@ -749,7 +750,8 @@ def _next_token_ids(input_ids, next_token_ids) -> tuple[str, torch.Tensor]:
 def _flat_hidden(hidden_states, cfg: MTPConfig):
     """[T, M, D] (transformers' residual layout) -> [T, M*D]; anything else unchanged (the
     shape check that follows names what was expected)."""
-    if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 3 \
+    if isinstance(hidden_states, torch.Tensor) and hidden_states.layout == torch.strided \
+            and hidden_states.dim() == 3 \
             and tuple(hidden_states.shape[1:]) == (cfg.hc_mult, cfg.hidden_size):
         return hidden_states.flatten(1)  # [T, M, D] -> [T, M*D]
     return hidden_states

@@ -242,7 +242,7 @@ def load_state(path_or_repo_id, *, rank: int, world_size: int, device="cpu",
     rows of embedding and head; columns of ``wo_b``; experts
     ``[rank*E/world_size, (rank+1)*E/world_size)``; everything else whole (each parameter's
     :attr:`~mtp.facts.ParamFacts.tp`). Only the needed rows are read, through the same path as
-    :func:`load_model` (a column split reads whole rows and keeps the rank's columns). These are
+    :func:`load_model` (a column split reads only the rank's columns, one run per row). These are
     the shapes of ``DeepSeekV4MTP(..., process_group=pg)``'s parameters on that rank;
     ``load_model(..., process_group=pg)`` reads them straight into the module.
 
