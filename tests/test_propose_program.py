@@ -87,7 +87,8 @@ def test_program_equals_eager_over_a_loop_with_partial_acceptance(seed, k):
 
 
 DEFERRED = {  # checked on the device: the call returns, the next one raises
-    "position going backwards", "gap", "not consecutive", "id outside the vocabulary"}
+    "position going backwards", "gap", "not consecutive", "id outside the vocabulary",
+    "float16 row that rounds to inf"}
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
