@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mtp import DeepSeekV4MTP, WeightFormat, remap
+from mtp import DeepSeekV4MTP, Drafter, WeightFormat, remap
 from mtp.checkpoint.header import read_header
 from mtp.export import write_checkpoint
 from mtp.loader import CheckpointError, load_model, load_state, plan
@@ -438,6 +438,17 @@ def test_plan_kinds(folder):
     raw.pop("dspark_num_blocks")
     path.write_text(json.dumps(raw))
     assert plan(folder).kind == "no-mtp"
+
+
+def test_the_backend_is_chosen_where_the_module_is_loaded(folder):
+    model, _ = load_model(folder, dtype=torch.float32, backend="reference")
+    assert model.backend == "reference" and model.ops.name == "reference"
+    assert load_model(folder, dtype=torch.float32)[0].backend == "auto"  # the default
+    drafter = Drafter.from_pretrained(folder, dtype=torch.float32, backend="reference")
+    assert drafter.model.backend == "reference"
+    with pytest.raises(ValueError, match=r"backend: expected one of \('reference', 'triton', "
+                                         r"'auto'\) or an ops object, got 'cuda'"):
+        load_model(folder, backend="cuda")
 
 
 def test_bad_arguments(tmp_path, folder):
