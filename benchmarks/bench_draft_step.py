@@ -386,7 +386,7 @@ def bench_drafter(model, fast, mk, name, batches, reps, dev, g, pb, bw, bare) ->
                        floor_ms=floor_ms, graph_ms=ms, x_floor=ms / floor_ms,
                        x_bare=ms / bare[b] if b in bare else float("nan"),
                        host_us=statistics.median(host), capture_s=capture_s,
-                       buckets=sorted(d._proposer.captured))
+                       buckets=sorted(d._proposer.made))
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
