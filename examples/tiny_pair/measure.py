@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--only", default="", help="drafter names, separated by ';'")
+    ap.add_argument("--ks", default="1,2,3,4", help="draft counts k")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     prompts = heldout_prompts()[:args.prompts]
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
             continue
         target, drafter = make()
         for mode in ("greedy", "sampled"):
-            for k in (1, 2, 3, 4):
+            for k in (int(k) for k in args.ks.split(",")):
                 sampling = Sampling() if mode == "greedy" else \
                     Sampling(temperature=1.0, generator=torch.Generator().manual_seed(k))
                 t0 = time.perf_counter()
