@@ -32,6 +32,11 @@ from ._common import (
     sm_count,
 )
 
+# From this many rows (not a decode step) one program takes ATTN_MANY_BH heads: each row's W
+# keys are gathered once per program, so fewer head blocks read them fewer times.
+ATTN_MANY_T = 64
+ATTN_MANY_BH = 64
+
 
 @triton.jit
 def _rope_row(pos_ptr, inv_freq_ptr, cos_ptr, sin_ptr, t, HALF: tl.constexpr):
@@ -320,7 +325,8 @@ def sink_attention(q: torch.Tensor, new_kv: torch.Tensor, sink: torch.Tensor, co
     Keys: ``cat(cache_kv [S*C, Dh], new_kv [T, Dh])[keys_index]`` where ``keys_valid``; or, when
     ``keys_index`` is None (decode: one row per sequence, row t the only new row of slot
     ``seq_slots[t]``), the window read from ``cache_kv``/``cache_pos`` ([S, C]) by position.
-    ``tune``: launch settings for benchmarks (``bd``: head-dim block, ``warps``).
+    ``tune``: launch settings for benchmarks (``bh``: heads per program, ``bd``: head-dim block,
+    ``warps``).
     """
     t, h, dh = q.shape
     r = 2 * cos.shape[1]
@@ -333,7 +339,9 @@ def sink_attention(q: torch.Tensor, new_kv: torch.Tensor, sink: torch.Tensor, co
     cap = cache_pos.shape[-1] if cache_pos is not None else 1
     dummy = positions if decode else keys_index
     tune = tune or {}
-    bh, bd = 16, tune.get("bd", 64)
+    many = not decode and t >= ATTN_MANY_T
+    bh, bd = tune.get("bh", ATTN_MANY_BH if many else 16), tune.get("bd", 64)
+    warps = tune.get("warps", 8 if bh > 16 else 4)
     blocks = t * triton.cdiv(h, bh)
     parts = triton.cdiv(dh - r, bd) + 1  # P @ V output blocks
     split = min(parts, max(1, sm_count(q.device) // blocks))  # few rows: spread the blocks
@@ -343,7 +351,7 @@ def sink_attention(q: torch.Tensor, new_kv: torch.Tensor, sink: torch.Tensor, co
         seq_slots if decode else dummy, cache_pos if cache_pos is not None else dummy,
         sink, cos, sin, out, h, cap, n_cached, dh ** -0.5,
         W=window, WP=max(16, triton.next_power_of_2(window)), DH=dh, R=r, BH=bh, BD=bd,
-        DECODE=decode, DOT_F32=q.dtype == torch.float32, num_warps=tune.get("warps", 4),
+        DECODE=decode, DOT_F32=q.dtype == torch.float32, num_warps=warps,
         **launch_opts())
     return out
 

@@ -13,6 +13,14 @@ also writes its output FP8-rounded (and in the CUDA expert kernels' layout), han
 as ``u_rounded``; ``moe`` returns the routed experts' per-pair outputs unreduced
 (:class:`MoEPairs`), which ``hc_post`` sums in its own launch.
 
+Tensor-parallel (a module built with ``process_group=``): the same kernels on the rank's
+shapes (its heads, its ``wo_b`` columns, its range of experts, its vocabulary slice) and the
+module's collectives at the same points as on the reference ops: ``wo_b``'s product is left in
+float32 (``linear(..., wide_out=True)``) for its all-reduce, and ``moe`` sums the rank's pairs
+and its part of the shared expert in float32 and all-reduces them itself (the fusion into
+``hc_post`` then does not apply). On an NCCL group the collectives are captured in the draft
+step's CUDA graphs (``DraftStepGraphs``) with the kernels.
+
 Example:
     >>> model = DeepSeekV4MTP(cfg, dtype=torch.bfloat16, device="cuda")  # backend="auto"
     >>> model.ops.name                                                    # doctest: +SKIP
@@ -30,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from mtp import ops
-from mtp.config import KV_FP8_BLOCK
+from mtp.config import FP8_BLOCK, KV_FP8_BLOCK
 from mtp.model import DeepSeekV4MTP
 
 from . import attention as attn_k
@@ -59,7 +67,7 @@ class MoEPairs:
 class TritonOps:
     """The module's ops on CUDA for a :class:`~mtp.DeepSeekV4MTP` in the released weight format
     (FP8 dense weights with E8M0 or float32 block scales, FP8 ``wo_a``, FP4 routed experts),
-    bfloat16 or float32 compute.
+    bfloat16 or float32 compute; whole, or a tensor-parallel rank's share.
 
     Args:
         model: the module it serves (its config, dtype and device; weights are passed per call).
@@ -81,9 +89,6 @@ class TritonOps:
         Triton's CPU interpreter stands in for the GPU (development only)."""
         if not isinstance(model, DeepSeekV4MTP):
             return f"expected a DeepSeekV4MTP, got {type(model).__name__}"
-        if model.tp.sharded:
-            return ("the kernels run an unsplit model; a tensor-parallel model (process_group=) "
-                    "runs on the reference ops for now (docs/parallel.md)")
         fmt = model.weight_format
         if (fmt.dense, fmt.wo_a, fmt.experts, fmt.expert_scale) != RELEASED:
             return (f"the kernels take the released format (FP8 dense and wo_a, FP4 experts "
@@ -117,6 +122,9 @@ class TritonOps:
         self.experts = "triton" if experts == "triton" or why else "cuda"
         self.head_kernel = head  # (the method `head` is the op)
         self.config, self.dtype, self.device = cfg, model.dtype, dev
+        # the experts' ids in routing: this rank's, plus one for other ranks' (skipped tiles)
+        self.n_experts = (model.tp.local(cfg.n_routed_experts) + 1 if model.tp.sharded
+                          else cfg.n_routed_experts)
         self._small_tiles: dict[tuple[int, int], torch.Tensor] = {}
 
     @property
@@ -140,7 +148,10 @@ class TritonOps:
             hn = hc_k.rmsnorm(rows, hnorm_w, eps)
         return en, hn.view(t, m, d)
 
-    def linear(self, x, lin, act_quant: bool, **kw):
+    def linear(self, x, lin, act_quant: bool, wide_out: bool = False, **kw):
+        if wide_out:  # a tensor-parallel partial sum, left in float32 for the all-reduce
+            kw["out"] = torch.empty(x.shape[0], lin.weight.shape[0], dtype=torch.float32,
+                                    device=x.device)
         return fp8_linear(x, lin.weight, lin.weight_scale_inv, act_quant=act_quant, **kw)
 
     def input_proj(self, en, hn, e_proj, h_proj, act_quant: bool):
@@ -209,18 +220,30 @@ class TritonOps:
     def moe(self, u, u_rounded, ffn, cfg, act_quant: bool, *, side_stream=None):
         """``u_rounded``: (u FP8-rounded, and for the CUDA experts the same as quant_rows'
         (xh, xs)) with act_quant on: the experts read it, each of their inputs rounded once
-        instead of in every program; None with act_quant off. The gate reads u."""
+        instead of in every program; None with act_quant off. The gate reads u.
+
+        Tensor-parallel (``ffn.tp``): the gate routes over all E experts, the pairs routed to
+        another rank's experts go to an empty tile (local expert E/w: the kernels skip it),
+        and the rank's float32 partial (its pairs' outputs summed, plus its part of the shared
+        expert where ``shared_experts.split``) is all-reduced here: [T, D] in u's dtype, as
+        ``ReferenceOps.moe``."""
         rounded = u_rounded is not None
         x = u_rounded[0] if rounded else u
+        sh, tp = ffn.shared_experts, ffn.tp
         main = torch.cuda.current_stream() if side_stream is not None else None
         if main is not None:  # fork: the shared expert beside the routed ones
             side_stream.wait_stream(main)
             with torch.cuda.stream(side_stream):
-                shared = self._shared(ffn.shared_experts, x, rounded, act_quant, per_sm=1)
+                shared = self._shared(sh, x, rounded, act_quant, tp, per_sm=1)
         logits = moe_k.gate_logits(u, ffn.gate.weight)  # [T, E] fp32, as ops.route
         idx, w = moe_k.route(logits, ffn.gate.e_score_correction_bias, cfg.num_experts_per_tok,
                              cfg.scoring_func, cfg.routed_scaling_factor)
         ex = ffn.experts
+        mine = None
+        if tp.sharded:  # global expert ids -> this rank's range; the others' -> E/w (skipped)
+            n_local = ex.w13_weight.shape[0]
+            mine = (idx >= ex.first) & (idx < ex.first + n_local)  # [T, K]
+            idx = torch.where(mine, idx - ex.first, n_local)
         if self._cuda and rounded:  # (the CUDA kernels take rounded inputs only)
             pairs, tile_expert = self._tiles(idx, moe_cuda.TILE)
             xh, xs = u_rounded[1:]
@@ -241,25 +264,57 @@ class TritonOps:
             main.wait_stream(side_stream)
             shared.record_stream(main)
         else:
-            shared = self._shared(ffn.shared_experts, x, rounded, act_quant)
-        return MoEPairs(pair_out, idx, shared)
+            shared = self._shared(sh, x, rounded, act_quant, tp)
+        if mine is None:
+            return MoEPairs(pair_out, idx, shared)
+        t, k = idx.shape
+        # this rank's pairs (the others' rows were never written) in float32, then the shared
+        # expert's part, one all-reduce of [T, D] float32, rounded once, as the reference
+        part = torch.where(mine[..., None], pair_out.view(t, k, -1), 0).sum(
+            1, dtype=torch.float32)  # [T*K, D] -> [T, K, D] -> [T, D]
+        if sh.split:
+            return tp.all_reduce_(part + shared).to(u.dtype)
+        return (tp.all_reduce_(part) + shared.float()).to(u.dtype)
 
-    def _shared(self, sh, x, rounded: bool, act_quant: bool, per_sm: int | None = None):
+    def _shared(self, sh, x, rounded: bool, act_quant: bool, tp, per_sm: int | None = None):
+        """The shared expert of x: [T, D] in x's dtype, or with ``sh.split`` this rank's part
+        of its width (rows [a, b) of w1 and of w3, columns [a, b) of w2, read in place) as a
+        float32 partial sum."""
         # beside the routed experts (a side stream): one program per SM (per_sm=1), so that
         # the routed chain's small kernels (gate, route, experts: the longer branch) find SMs
         # free instead of queueing behind four programs per SM of these
         tune = {"per_sm": per_sm} if per_sm else None
-        gu = self.linear(x, sh.gate_up_proj, False, rounded=rounded, tune=tune)  # [T, 2I]
-        return self.linear(gu, sh.down_proj, act_quant, swiglu_limit=self.config.swiglu_limit,
-                           tune=tune)
+        gate_up, down = sh.gate_up_proj, sh.down_proj
+        if not sh.split:
+            gu = self.linear(x, gate_up, False, rounded=rounded, tune=tune)  # [T, 2I]
+            return self.linear(gu, down, act_quant, swiglu_limit=self.config.swiglu_limit,
+                               tune=tune)
+        i = down.weight.shape[1]
+        a, b = tp.part(i)
+        gu = torch.empty(x.shape[0], 2 * (b - a), dtype=x.dtype, device=x.device)  # [g | v]
+        n, blk = b - a, FP8_BLOCK  # (whole 128-blocks: SharedExperts.split)
+        for half, start in enumerate((a, i + a)):  # w1 rows, then w3 rows: views, no copy
+            fp8_linear(x, gate_up.weight.narrow(0, start, n),
+                       gate_up.weight_scale_inv.narrow(0, start // blk, n // blk),
+                       act_quant=False, rounded=rounded, tune=tune,
+                       out=gu[:, half * n:(half + 1) * n])
+        out = torch.empty(x.shape[0], down.weight.shape[0], dtype=torch.float32,
+                          device=x.device)
+        return fp8_linear(gu, down.weight[:, a:b], down.weight_scale_inv[:, a // blk:b // blk],
+                          act_quant=act_quant, swiglu_limit=self.config.swiglu_limit,
+                          tune=tune, out=out)
 
     def _tiles(self, idx, bm):
+        """Tiles of the (row, expert) pairs. ``idx`` holds this rank's local expert ids, E/w
+        for another rank's (tensor-parallel): one more expert than the rank holds, whose
+        tiles the kernels skip."""
         t, k = idx.shape
+        n = self.n_experts
         if t >= moe_k.SMALL_T:
-            return moe_k.align_tiles(idx, self.config.n_routed_experts, bm)
+            return moe_k.align_tiles(idx, n, bm)
         key = (t * k, bm)  # few rows: each pair its own tile, a fixed pattern
         if key not in self._small_tiles:
-            self._small_tiles[key] = moe_k.align_tiles(idx, self.config.n_routed_experts, bm)[0]
+            self._small_tiles[key] = moe_k.align_tiles(idx, n, bm)[0]
         return self._small_tiles[key], idx.reshape(-1)
 
     # ---- logits ----------------------------------------------------------------------------

@@ -35,6 +35,10 @@ BK = 128
 # accumulation precision, then fp32 across blocks, like the reference's own FP8 GEMM). Off:
 # both as bf16 (exact values, fp32 accumulation). float32 models never take it.
 FP8_DOT = True
+# From this many rows the activations are FP8-rounded once by quant_fp8 (one extra launch)
+# instead of in every output block's program: at 512 rows the rounding inside the product's
+# loop cost as much as the dot (kernels/NOTES.md, catch-up).
+PREQ_ROWS = 128
 _SMS = 132  # H100 SXM; only used to size split-K (a different count just changes the split)
 
 
@@ -52,13 +56,15 @@ def _epilogue(acc, rows, cols, M, N, out_ptr, stride_om, add_ptr, stride_am,
 
 
 @triton.jit
-def fp8_linear_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, add_ptr,
-                      M, N, K, stride_xm, stride_om, stride_am, stride_wsn, kb_per_split,
-                      swiglu_limit,
+def fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, add_ptr,
+                      M, N, K, stride_xm, stride_om, stride_am, stride_wn, stride_wsn,
+                      kb_per_split, swiglu_limit,
                       GROUP_N: tl.constexpr, ACT_QUANT: tl.constexpr, SWIGLU: tl.constexpr,
                       SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, SPLIT: tl.constexpr,
-                      ADD_ROW_DIV: tl.constexpr, FP8_DOT: tl.constexpr,
+                      ADD_ROW_DIV: tl.constexpr, FP8_DOT: tl.constexpr, PREQ: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """PREQ: x is already e4m3 codes [M, K] with their scales xs [M, K/128] (``quant_fp8``,
+    written once for all output blocks instead of rounded again in each)."""
     pdl_enter()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -76,21 +82,24 @@ def fp8_linear_kernel(x_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, add_ptr,
     for kb in range(kb0, kb1):
         xoff = rows[:, None] * stride_xm + x_col0 + kb * BK + kk[None, :]
         x = tl.load(x_ptr + xoff, mask=rmask[:, None], other=0.0)
-        if SWIGLU:
+        if SWIGLU and not PREQ:
             v = tl.load(x_ptr + xoff + K, mask=rmask[:, None], other=0.0).to(tl.float32)
             g = x.to(tl.float32)
             if swiglu_limit > 0:
                 v = tl.minimum(tl.maximum(v, -swiglu_limit), swiglu_limit)
                 g = tl.minimum(g, swiglu_limit)
             x = (g / (1.0 + tl.exp(-g)) * v).to(x_ptr.dtype.element_ty)
-        w = tl.load(w_ptr + cols[:, None] * K + kb * BK + kk[None, :], mask=cmask[:, None],
-                    other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * stride_wn + kb * BK + kk[None, :],
+                    mask=cmask[:, None], other=0.0)
         sb = tl.load(ws_ptr + ((pid_n * BN) // 128) * stride_wsn + kb)
         if SCALE_E8M0:
             sw = e8m0_to_f32(sb)
         else:
             sw = sb.to(tl.float32)
-        if ACT_QUANT:
+        if PREQ:  # the same dot and scaling as ACT_QUANT with FP8_DOT, rounding hoisted out
+            xs = tl.load(xs_ptr + rows * n_kb + kb, mask=rmask, other=0.0)
+            acc += tl.dot(x, tl.trans(w)) * (xs * sw)[:, None]
+        elif ACT_QUANT:
             xf = x.to(tl.float32)
             e = pow2_scale_bits(tl.max(tl.abs(xf), axis=1))
             q = fp8_round(xf, e)
@@ -128,6 +137,48 @@ def splitk_reduce_kernel(part_ptr, out_ptr, add_ptr, M, N, stride_om, stride_am,
               ADD_ROW_DIV)
 
 
+@triton.jit
+def quant_fp8_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, swiglu_limit,
+                     SWIGLU: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """One [BM, 128] block: ``fp8_simulate`` as e4m3 codes and power-of-two scales (the
+    rounding fp8_linear_kernel's ACT_QUANT does per block), of x or of swiglu(x)."""
+    pdl_enter()
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    kb = tl.program_id(1)
+    cols = kb * BK + tl.arange(0, BK)
+    rmask = rows < M
+    xoff = rows[:, None] * stride_xm + cols[None, :]
+    x = tl.load(x_ptr + xoff, mask=rmask[:, None], other=0.0)
+    if SWIGLU:
+        v = tl.load(x_ptr + xoff + K, mask=rmask[:, None], other=0.0).to(tl.float32)
+        g = x.to(tl.float32)
+        if swiglu_limit > 0:
+            v = tl.minimum(tl.maximum(v, -swiglu_limit), swiglu_limit)
+            g = tl.minimum(g, swiglu_limit)
+        x = (g / (1.0 + tl.exp(-g)) * v).to(x_ptr.dtype.element_ty)
+    xf = x.to(tl.float32)
+    e = pow2_scale_bits(tl.max(tl.abs(xf), axis=1))
+    q = fp8_round(xf, e)
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.float8e4nv), mask=rmask[:, None])
+    tl.store(s_ptr + rows * (K // BK) + kb, ((e + 127) << 23).to(tl.float32, bitcast=True),
+             mask=rmask)
+
+
+def quant_fp8(x: torch.Tensor, k: int, swiglu_limit: float | None = None):
+    """``fp8_simulate(x, 128)`` (of ``swiglu(x[:, :k], x[:, k:])`` with ``swiglu_limit``) as
+    what the FP8 tensor cores read: x [M, k] (or [M, 2k]) bf16 -> (codes [M, k] float8_e4m3fn,
+    scales [M, k/128] float32 powers of two): codes * scales = the rounded values, exactly."""
+    m = x.shape[0]
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(m, k // BK, dtype=torch.float32, device=x.device)
+    if m:
+        bm = 32
+        quant_fp8_kernel[(triton.cdiv(m, bm), k // BK)](
+            x, q, s, m, k, x.stride(0), float(swiglu_limit or 0.0),
+            SWIGLU=swiglu_limit is not None, BM=bm, BK=BK, num_warps=4, **launch_opts())
+    return q, s
+
+
 def _blocks(m: int) -> tuple[int, int, int, int]:
     """(BM, BN, warps, split-K programs per multiprocessor) by row count: wide tiles and fewer
     programs for many rows, narrow tiles and more split-K for few (the sweep behind the table:
@@ -149,12 +200,14 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
     """``mtp.ops.matmul(x, dequant_fp8_block(weight, scale), act_quant)``.
 
     x [M, Kx] (bf16 or fp32, last dim contiguous; Kx = K, or G*K grouped, or 2K with
-    ``swiglu_limit``), weight e4m3 [N, K], scale [ceil(N/128), K/128] (E8M0 or float32)
-    -> [M, N] in x's dtype.
+    ``swiglu_limit``), weight e4m3 [N, K] (last dim contiguous: a block-aligned column range
+    of a wider weight is read in place), scale [ceil(N/128), K/128] (E8M0 or float32)
+    -> [M, N] in x's dtype (or ``out``'s: float32 for a tensor-parallel partial sum).
 
     ``rounded``: x is already FP8-rounded (``fp8_simulate``; pass ``act_quant=False``): its
     values are exact in bf16, so float32 x still takes the tensor-core dot.
-    ``tune``: launch settings for benchmarks (``bn`` 64 or 128, ``warps``, ``stages``,
+    ``tune``: launch settings for benchmarks (``preq_rows``: rows from which the input is
+    rounded ahead by :func:`quant_fp8`, ``bn`` 64 or 128, ``warps``, ``stages``,
     ``per_sm``: split-K programs per multiprocessor).
 
     Example:
@@ -166,6 +219,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
         raise ValueError(f"fp8_linear: K={k} is not a multiple of {BK}")
     if x.stride(-1) != 1:
         raise ValueError("fp8_linear: x's last dim must be contiguous")
+    if weight.stride(1) != 1:
+        raise ValueError("fp8_linear: weight's last dim must be contiguous")
     group = group_n or n
     if group % 128 and group != n:
         raise ValueError(f"fp8_linear: group_n={group} must be a multiple of 128")
@@ -184,15 +239,21 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
     part = (torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1
             else out)
     add_t = add if add is not None else out
+    fp8_dot = FP8_DOT and x.dtype == torch.bfloat16
+    preq = (fp8_dot and (act_quant or rounded) and group == n
+            and m >= tune.get("preq_rows", PREQ_ROWS))
+    xs = x
+    if preq:  # many rows: round each input block once, not once per output block
+        x, xs = quant_fp8(x, k, swiglu_limit)
     fp8_linear_kernel[(nb, mb, split)](
-        x, weight, scale_u8, out, part, add_t, m, n, k, x.stride(0), out.stride(0),
-        add_t.stride(0), scale_u8.stride(0), per,
+        x, xs, weight, scale_u8, out, part, add_t, m, n, k, x.stride(0), out.stride(0),
+        add_t.stride(0), weight.stride(0), scale_u8.stride(0), per,
         float(swiglu_limit or 0.0),
-        GROUP_N=group, ACT_QUANT=act_quant, SWIGLU=swiglu_limit is not None,
+        GROUP_N=group, ACT_QUANT=act_quant and not preq, SWIGLU=swiglu_limit is not None,
         SCALE_E8M0=scale.dtype == torch.float8_e8m0fnu,
         DOT_F32=x.dtype == torch.float32 and not act_quant and not rounded, SPLIT=split,
         ADD_ROW_DIV=add_row_div if add is not None else 0,
-        FP8_DOT=FP8_DOT and act_quant and x.dtype == torch.bfloat16, BM=bm, BN=bn, BK=BK,
+        FP8_DOT=fp8_dot and act_quant, PREQ=preq, BM=bm, BN=bn, BK=BK,
         num_warps=warps, num_stages=tune.get("stages", 3), **launch_opts())
     if split > 1:
         rbn = 256

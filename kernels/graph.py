@@ -189,6 +189,14 @@ class DraftStepGraphs:
                              "CUDA in the released format)")
         if kv_cache.kv.shape[1] < 1:
             raise ValueError("kv_cache has no sequence slots")
+        if model.tp.sharded:  # the collectives are captured too: NCCL can be, gloo cannot
+            import torch.distributed as dist
+
+            if dist.get_backend(model.tp.group) != "nccl":
+                raise ValueError(f"DraftStepGraphs: a tensor-parallel model's collectives are "
+                                 f"captured in the graphs, which needs an NCCL process group; "
+                                 f"this one is {dist.get_backend(model.tp.group)!r} (run it "
+                                 f"eagerly, without graphs)")
         self.model, self.ops = model, ops
         self.cache = kv_cache
         self.spec_step_idx = spec_step_idx
@@ -229,8 +237,10 @@ class DraftStepGraphs:
 
     def step(self, input_ids: torch.Tensor, positions: torch.Tensor,
              hidden_states: torch.Tensor, seq_slots: torch.Tensor, *, check: bool = True):
-        """One draft step for T <= max bucket sequences -> (hidden [T, M*D], logits [T, V]),
-        views of the bucket's static outputs (valid until the next replay of that bucket)."""
+        """One draft step for T <= max bucket sequences -> (hidden [T, M*D], logits [T, V]
+        or, tensor-parallel, the rank's [T, V/w]), views of the bucket's static outputs (valid
+        until the next replay of that bucket). Tensor-parallel: every rank replays its graph
+        with the same inputs (the captured collectives pair up across the ranks)."""
         if check:
             self.check(input_ids, positions, hidden_states, seq_slots)
         t = positions.shape[0]
@@ -241,12 +251,14 @@ class DraftStepGraphs:
 
     def propose(self, input_ids, positions, hidden_states, seq_slots, k: int, *,
                 check: bool = True) -> torch.Tensor:
-        """k greedy draft tokens per sequence -> [T, k] int64 (no host synchronisation)."""
+        """k greedy draft tokens per sequence -> [T, k] int64 (no host synchronisation;
+        tensor-parallel: the logits are the rank's vocabulary slice, one [T, 2] all-gather
+        per step picks the token)."""
         tokens = []
         ids, pos, hid = input_ids, positions, hidden_states
         for s in range(k):
             hid, logits = self.step(ids, pos, hid, seq_slots, check=check and s == 0)
-            ids = logits.argmax(dim=-1)
+            ids = self.model.tp.argmax(logits)
             tokens.append(ids)
             pos = pos + 1
         return torch.stack(tokens, dim=1)

@@ -17,6 +17,7 @@ Shape legend: T rows, M hc_mult, D hidden, F mix rows ((2+M)M, or M for the head
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -33,6 +34,10 @@ from ._common import (
 _MIX_BK = 128
 _MIX_BT = 16
 MIX_PROGRAMS = 128  # hc_mix: split-K programs per block of rows (hc_finish sums their partials)
+# Above this many rows (a catch-up) the mixes are one cuBLAS float32 product instead of
+# hc_mix (~150 us per call at 512 rows, with 128 or 512 programs alike; kernels/NOTES.md,
+# catch-up), handed to hc_finish as a single partial.
+MIX_MANY_T = 64
 POST_MIX_T = 4  # hc_post computes the next mixes itself for up to this many rows (no hc_mix)
 _POST_MIX_BD = 128  # ... with column blocks this wide (D/128 programs per row)
 FINISH_WARPS = 4  # hc_finish: warps per row's program (8 for rows over 4096)
@@ -202,6 +207,11 @@ def _mix_partials(x: torch.Tensor, fn: torch.Tensor):
     fp = max(16, triton.next_power_of_2(f))
     tb = triton.cdiv(t, _MIX_BT)
     n_k = kt // _MIX_BK
+    if t > MIX_MANY_T and x.is_cuda:
+        # IEEE float32 like hc_mix (cuBLAS, unless the user allowed TF32 for float32 matmuls)
+        z = x.view(t, kt).float()  # [T, M, D] -> [T, M*D]
+        part = F.pad(torch.mm(z, fn.t()), (0, fp - f)).unsqueeze(0)  # [1, T, FP]
+        return part, z.square().sum(1).unsqueeze(0), 1, fp
     n_split = max(1, min(n_k, MIX_PROGRAMS // tb))
     per = triton.cdiv(n_k, n_split)
     n_split = triton.cdiv(n_k, per)

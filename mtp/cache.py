@@ -84,6 +84,16 @@ def group_starts(seq_slots: torch.Tensor) -> torch.Tensor:
     return torch.cummax(torch.where(new_run, rows, 0), dim=0).values
 
 
+def run_ends(seq_slots: torch.Tensor) -> torch.Tensor:
+    """Index of the last row of each row's run of equal ``seq_slots`` ([T] -> [T])."""
+    t = seq_slots.shape[0]
+    rows = torch.arange(t, device=seq_slots.device)
+    run_end = torch.ones(t, dtype=torch.bool, device=seq_slots.device)
+    run_end[:-1] = seq_slots[1:] != seq_slots[:-1]
+    last = torch.where(run_end, rows, t).flip(0)
+    return torch.cummin(last, dim=0).values.flip(0)
+
+
 def window_index(positions: torch.Tensor, seq_slots: torch.Tensor, window: int,
                  cache_pos: torch.Tensor | None, capacity: int) -> WindowIndex:
     """Gather indices for a batch whose rows come in runs, one run per sequence, with
@@ -97,7 +107,6 @@ def window_index(positions: torch.Tensor, seq_slots: torch.Tensor, window: int,
     sequence, nothing before its first row).
     """
     positions = positions.to(torch.int64)  # int32 positions too: the ring math is int64
-    t = positions.shape[0]
     device = positions.device
     n_cached = 0 if cache_pos is None else cache_pos.numel()
     starts = group_starts(seq_slots)  # [T]
@@ -114,9 +123,10 @@ def window_index(positions: torch.Tensor, seq_slots: torch.Tensor, window: int,
         keys_index = torch.where(from_new, new_index, flat_slot)
         keys_valid = from_new | ((q >= 0) & (held == q))
     # Keep only the last `capacity` rows of each run: earlier ones would collide in the ring.
-    ends = torch.zeros(t, dtype=torch.long, device=device)
-    ends.scatter_reduce_(0, starts, positions, reduce="amax", include_self=False)
-    keep = positions > ends[starts] - capacity
+    # A run's last position is its last row's (positions rise by one inside a run); each row
+    # finds its run's last row by a reversed running minimum (a scatter_reduce was ~60 us for
+    # 512 rows on the GPU).
+    keep = positions > positions[run_ends(seq_slots)] - capacity
     write_rows = torch.nonzero(keep).flatten()
     write_slots = seq_slots[write_rows] * capacity + positions[write_rows].remainder(capacity)
     return WindowIndex(keys_index, keys_valid, write_rows, write_slots)

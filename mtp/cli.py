@@ -214,9 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "if present, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="compute dtype (default bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--kernels", choices=["reference", "triton"], default="reference",
-                   help="reference: the pure-PyTorch module (default); triton: the "
-                   "mtp_kernels accelerator (CUDA, released weight format)")
+    p.add_argument("--backend", choices=["auto", "reference", "triton"], default=None,
+                   help="which ops run the module (DeepSeekV4MTP's backend=): auto (default: "
+                   "the Triton kernels on CUDA in the released format, the reference "
+                   "elsewhere), reference (pure PyTorch), triton (mtp_kernels; CUDA)")
+    p.add_argument("--kernels", choices=["reference", "triton"], default=None,
+                   help="deprecated alias of --backend (kept for one release)")
     p.add_argument("--graphs", action="store_true", help="draft steps as CUDA-graph replays "
                    "(Drafter.use_cuda_graphs; CUDA, needs mtp_kernels)")
     p.set_defaults(func=_bench)
@@ -328,22 +331,26 @@ def _bench(args) -> int:
     cfg = MTPConfig.from_name(args.preset)
     if device.type == "cpu":
         _refuse_full_size_on_cpu(args.preset, cfg, dtype)
-    accelerator_class = _accelerator_class(args.kernels)
+    backend = _backend_choice(args)
     t0 = time.perf_counter()
-    model = init_random_(DeepSeekV4MTP(cfg, dtype=dtype, device=device), seed=0)
-    accelerator = accelerator_class(model) if accelerator_class else None
+    model = init_random_(DeepSeekV4MTP(cfg, dtype=dtype, device=device, backend=backend),
+                         seed=0)
+    try:
+        ops = type(model.ops).__name__  # resolved now: "triton" that cannot run says why
+    except (RuntimeError, ValueError) as e:
+        raise CommandError(f"--backend {backend}: {e}") from e
     setup_s = time.perf_counter() - t0
     w, k = cfg.sliding_window, args.k
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"mtp bench: preset {args.preset} (hidden {cfg.hidden_size}, {cfg.n_routed_experts} "
           f"experts), random weights (FP8 + FP4 experts, built in {setup_s:.1f} s), "
-          f"{name}, {str(dtype).removeprefix('torch.')}, {args.kernels} kernels"
+          f"{name}, {str(dtype).removeprefix('torch.')}, backend {backend} ({ops})"
           f"{' + CUDA graphs' if args.graphs else ''}, k = {k}, "
           f"median of {args.repeats}")
     print(f"{'batch':>5}  {f'catch-up {w} rows + k':>20}  {'propose (1 row + k)':>20}  "
           f"{'per draft token':>16}")
     for batch in args.batch:
-        drafter = Drafter(model, max_seqs=batch, max_draft_tokens=k, accelerator=accelerator)
+        drafter = Drafter(model, max_seqs=batch, max_draft_tokens=k)
         if args.graphs:
             drafter.use_cuda_graphs(buckets=(batch,))
         ids = list(range(batch))
@@ -376,16 +383,25 @@ def _refuse_full_size_on_cpu(preset: str, cfg, dtype: torch.dtype) -> None:
                            f"deployment); run it on a CUDA device, or use --preset tiny here")
 
 
-def _accelerator_class(kernels: str):
-    """The accelerator class for ``--kernels`` (None: the module itself)."""
-    if kernels == "reference":
-        return None
-    try:
-        from mtp_kernels import TritonMTP
-    except ImportError as e:
-        raise CommandError(f"--kernels triton: the mtp_kernels package cannot be imported "
-                           f"({e}); it needs Triton and a CUDA build of torch") from e
-    return TritonMTP
+def _backend_choice(args) -> str:
+    """``--backend``, or the deprecated ``--kernels`` (with a warning); checked before the
+    weights are built: ``triton`` needs the mtp_kernels package."""
+    backend = args.backend
+    if args.kernels is not None:
+        if backend is not None and backend != args.kernels:
+            raise UsageError(f"--kernels {args.kernels} (deprecated) and --backend {backend} "
+                             f"disagree; give --backend only", "mtp bench")
+        print(f"mtp bench: warning: --kernels is deprecated; use --backend {args.kernels}",
+              file=sys.stderr)
+        backend = args.kernels
+    backend = backend or "auto"
+    if backend == "triton":
+        try:
+            import mtp_kernels  # noqa: F401
+        except ImportError as e:
+            raise CommandError(f"--backend triton: the mtp_kernels package cannot be imported "
+                               f"({e}); it needs Triton and a CUDA build of torch") from e
+    return backend
 
 
 def _propose(drafter, ids: list[int], rows: int, k: int):

@@ -1,27 +1,29 @@
 """Write a module back out as a checkpoint in the official on-disk format.
 
 The names come from the remap table (:func:`mtp.remap.canonical_names`), so what is written is
-exactly what the loader reads back. Three layouts:
+exactly what the loader reads back: the drafter's own tensors (MTP layers, embedding, head),
+nothing of the main model. Three layouts:
 
 - ``"release"``: ``model-{k:05d}-of-{n:05d}.safetensors`` + ``model.safetensors.index.json``
-  laid out like the release: ``embed.weight`` (and main layer 0) in the first shard, further
-  main-model layers in the next ones, ``head.weight`` with ``norm.weight`` and ``hc_head_*`` in
-  the one before last, the MTP block in the last.
+  laid out like the release: ``embed.weight`` in the first shard, ``head.weight`` in the one
+  before last, the MTP block in the last (3 shards).
 - ``"single"``: everything in one ``model.safetensors``.
 - ``"mp"``: the reference converter's per-rank files ``model{r}-mp{MP}.safetensors``: rows of
   embed, head, wq_b, wo_a, attn_sink and columns of wo_b split over ranks, rank r holding experts
   ``[r*E/MP, (r+1)*E/MP)`` under their global ids, ``wo_a`` dequantised to BF16 without a scale,
   FP4 experts typed ``F4``; the other tensors in every file.
 
-The main-model tensors written (``layers.{k}.attn_norm.weight``, ``norm.weight``,
-``hc_head_*``) are small placeholders the drafter must skip, as it skips the real ones.
 Every tensor keeps the dtype the module holds it in, so a written module loads back bit-exact.
+A folder that also holds placeholder main-model tensors, laid out over more shards like a whole
+release (for tests and demos of what the loader skips), is
+:func:`mtp.testing.write_release_like`'s.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import torch
 from safetensors.torch import save_file
@@ -33,17 +35,6 @@ from .quant import dequant_fp8_block
 from .surgery import int8_as_fp4, region_slices, tp_range
 
 LAYOUTS = ("release", "single", "mp")
-
-
-def _main_model(cfg, layers: int) -> dict[str, torch.Tensor]:
-    d, m = cfg.hidden_size, cfg.hc_mult
-    out = {f"layers.{k}.attn_norm.weight": torch.ones(d, dtype=torch.bfloat16)
-           for k in range(layers)}
-    out["norm.weight"] = torch.ones(d, dtype=torch.bfloat16)
-    out["hc_head_fn"] = torch.zeros(m, m * d)
-    out["hc_head_base"] = torch.zeros(m)
-    out["hc_head_scale"] = torch.ones(1)
-    return out
 
 
 def _pieces(model: DeepSeekV4MTP, rank: int | None = None,
@@ -90,18 +81,17 @@ def _save(tensors: dict[str, torch.Tensor], path: str) -> int:
 
 
 def write_checkpoint(model: DeepSeekV4MTP, folder: str | os.PathLike, *,
-                     num_shards: int | None = None, main_layers: int = 1,
-                     layout: str = "release", mp: int | None = None,
-                     overwrite: bool = False) -> None:
-    """Write ``model`` (config, index, shards) into ``folder`` in the official format.
+                     num_shards: int | None = None, layout: str = "release",
+                     mp: int | None = None, overwrite: bool = False,
+                     main_layers: int | None = None) -> None:
+    """Write ``model``'s tensors (config, index, shards) into ``folder`` in the official format.
 
     Args:
-        num_shards: shard files of the "release" layout (default ``main_layers + 2``; at least
-            3 and at most ``main_layers + 2``, since each shard before the head's holds at least
-            one main-model layer).
-        main_layers: main-model placeholder layers written (``layers.{k}.attn_norm.weight``).
+        num_shards: shard files of the "release" layout: 3 (embedding, head, MTP layers).
         layout: "release", "single" or "mp" (then ``mp`` = number of ranks).
         overwrite: replace checkpoint files already in ``folder`` (otherwise refuse).
+        main_layers: deprecated (one release): also write that many placeholder main-model
+            layers; use :func:`mtp.testing.write_release_like`, which this then calls.
 
     Example:
         >>> from mtp import DeepSeekV4MTP, MTPConfig
@@ -110,27 +100,47 @@ def write_checkpoint(model: DeepSeekV4MTP, folder: str | os.PathLike, *,
         >>> import tempfile
         >>> m = init_random_(DeepSeekV4MTP(MTPConfig.from_name("tiny")), seed=0)
         >>> folder = tempfile.mkdtemp()
-        >>> write_checkpoint(m, folder, num_shards=4, main_layers=2)
-        >>> sorted(os.listdir(folder))[:2]
-        ['config.json', 'model-00001-of-00004.safetensors']
+        >>> write_checkpoint(m, folder)
+        >>> sorted(os.listdir(folder))[-2:]
+        ['model-00003-of-00003.safetensors', 'model.safetensors.index.json']
         >>> loaded, report = load_model(folder, dtype=torch.float32)
         >>> report.shards_skipped
-        ['model-00002-of-00004.safetensors']
+        []
     """
+    if main_layers is not None:
+        warnings.warn("write_checkpoint(main_layers=) is deprecated: the library writes the "
+                      "drafter's tensors only; mtp.testing.write_release_like(model, folder, "
+                      "main_layers=...) adds placeholder main-model layers", DeprecationWarning,
+                      stacklevel=2)
+        from .testing import write_release_like
+
+        write_release_like(model, folder, main_layers=main_layers, num_shards=num_shards,
+                           layout=layout, mp=mp, overwrite=overwrite)
+        return
+    _write(model, folder, {}, 0, num_shards=num_shards, layout=layout, mp=mp,
+          overwrite=overwrite)
+
+
+def _write(model: DeepSeekV4MTP, folder: str | os.PathLike, main: dict[str, torch.Tensor],
+          main_layers: int, *, num_shards: int | None, layout: str, mp: int | None,
+          overwrite: bool) -> None:
+    """:func:`write_checkpoint` with ``main`` (main-model tensors, ``main_layers`` of them
+    ``layers.{k}.*``) added: in every file of "single"/"mp", spread over the first shards of
+    "release" (one layer or more per shard before the head's), the rest beside the head."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}; expected one of {LAYOUTS}")
     if model.tp.sharded:
         raise ValueError("model: a tensor-parallel rank's module holds only its slices; write "
                          "the checkpoint from an unsplit module (process_group=None)")
-    if not 1 <= main_layers <= model.config.num_hidden_layers:
-        raise ValueError(f"main_layers={main_layers}; expected 1 .. num_hidden_layers="
-                         f"{model.config.num_hidden_layers} (layers beyond are the MTP layers)")
     if (layout == "mp") != (mp is not None):
         raise ValueError("mp= (the number of ranks) goes with layout='mp', and only with it")
-    n = num_shards if num_shards is not None else main_layers + 2
-    if layout == "release" and not 3 <= n <= main_layers + 2:
-        raise ValueError(f"num_shards={n}: the release layout needs 3 .. main_layers + 2 = "
-                         f"{main_layers + 2} shards (raise main_layers for more shards)")
+    most = max(main_layers, 1) + 2  # each shard before the head's holds embed or a layer
+    n = num_shards if num_shards is not None else most
+    if layout == "release" and not 3 <= n <= most:
+        more = ("; more shards need placeholder main-model layers "
+                "(mtp.testing.write_release_like)" if not main_layers
+                else " (raise main_layers for more shards)")
+        raise ValueError(f"num_shards={n}: the release layout needs 3 .. {most} shards{more}")
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     old = [f for f in os.listdir(folder) if f == "config.json"
@@ -142,7 +152,7 @@ def write_checkpoint(model: DeepSeekV4MTP, folder: str | os.PathLike, *,
         os.remove(os.path.join(folder, f))
 
     cfg = model.config
-    main = _main_model(cfg, main_layers)
+    main = dict(main)
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg.to_dict(), f, indent=2)
     if layout == "mp":
@@ -157,8 +167,9 @@ def write_checkpoint(model: DeepSeekV4MTP, folder: str | os.PathLike, *,
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
     shards[0]["embed.weight"] = pieces.pop("embed.weight")
     for k in range(main_layers):
-        shards[min(k, n - 3)][f"layers.{k}.attn_norm.weight"] = main.pop(
-            f"layers.{k}.attn_norm.weight")
+        layer = f"layers.{k}."
+        for name in [x for x in main if x.startswith(layer)]:
+            shards[min(k, n - 3)][name] = main.pop(name)
     shards[n - 2].update(main)
     shards[n - 2]["head.weight"] = pieces.pop("head.weight")
     shards[n - 1].update(pieces)

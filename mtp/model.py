@@ -50,6 +50,10 @@ from .quant import WeightFormat, dequantize, scale_dtype
 
 # float64 is for verification: the same code, comparable tightly with the float64 reference.
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+# Rows per piece of a cached forward (a long catch-up): bounds the call's temporaries
+# (docs/performance.md has the measured peak for a chunk) at one extra read of the weights per
+# chunk.
+CHUNK_ROWS = 1024
 
 
 # Facts of the parameters declared in more than one place (see mtp/facts.py).
@@ -438,7 +442,8 @@ class DeepSeekV4MTP(nn.Module):
         dtype: compute dtype, ``torch.float32`` or ``torch.bfloat16`` (``torch.float64``
             runs the same code in double precision, for verification).
         device: where parameters are created (``"meta"`` for shape-only use).
-        embed_tokens, head: the target's [V, D] embedding and LM head, shared instead of loaded.
+        embed_tokens, head: the target's [V, D] embedding and LM head, shared instead of loaded
+            (no copy; recorded in :attr:`shared_with_caller`).
         numerics: the reference's rounding switches (:class:`Numerics`).
         process_group: a ``torch.distributed`` group to run tensor/expert parallel over (the
             caller's, e.g. the engine's TP group); each rank then holds its share of the
@@ -446,7 +451,8 @@ class DeepSeekV4MTP(nn.Module):
             full results. None: one process.
         backend: which implementation of the ops runs the forward: ``"reference"`` (pure
             PyTorch, any device, format and dtype), ``"triton"`` (``mtp_kernels``: CUDA, the
-            released format, bfloat16 or float32, one process; an error where it cannot run)
+            released format, bfloat16 or float32, whole or a tensor-parallel rank's share; an
+            error where it cannot run)
             or ``"auto"`` (the default: ``"triton"`` where it can run, else ``"reference"``;
             decided at each call from where the parameters are, so ``model.cuda()`` switches
             it). An ops object (``mtp_kernels.TritonOps(model, experts=...)``) is used as
@@ -476,9 +482,13 @@ class DeepSeekV4MTP(nn.Module):
         self.weight_format = weight_format or WeightFormat.released()
         self.dtype = dtype
         self.numerics = numerics or Numerics()
+        # The tables adopted from the caller (their storage is the target's): ParamFacts.shared
+        # names; mtp.testing.init_random_ refuses to overwrite them.
+        self.shared_with_caller = frozenset(
+            n for n, t in (("embed_tokens", embed_tokens), ("head", head)) if t is not None)
         if not self.tp.sharded:  # a rank holds its share; the whole module is estimated
-            check_parameters(config, self.weight_format, dtype, device, shared={
-                n for n, t in (("embed_tokens", embed_tokens), ("head", head)) if t is not None})
+            check_parameters(config, self.weight_format, dtype, device,
+                             shared=self.shared_with_caller)
         self.model = DeepSeekV4MultiTokenPredictor(config, self.weight_format, dtype, device,
                                                    embed_tokens, head, self.tp)
         self.backend = backend
@@ -565,8 +575,28 @@ class DeepSeekV4MTP(nn.Module):
         seq_slots = self._check_slots(kv_cache, seq_slots, positions, t)
         self._check_cache(kv_cache)
         cache_layer = spec_step_idx % cfg.num_nextn_predict_layers
-        window = call_window(positions, seq_slots, cfg.sliding_window, kv_cache, cache_layer)
-        x, _ = self._step(layer, input_ids, inputs_embeds, positions, hidden_states, kv_cache,
+        # A long catch-up over a cache runs in chunks of CHUNK_ROWS rows: each chunk writes its
+        # keys before the next reads them, so the result equals one call's, and the call's
+        # temporaries are bounded by a chunk's rows instead of growing with T.
+        step = CHUNK_ROWS if kv_cache is not None else max(t, 1)
+        if t <= step:
+            return self._rows(layer, input_ids, inputs_embeds, positions, hidden_states,
+                              kv_cache, cache_layer, seq_slots)
+        out = torch.empty(t, cfg.hc_dim, dtype=self.dtype, device=hidden_states.device)
+        for a in range(0, t, step):
+            rows = slice(a, a + step)
+            out[rows] = self._rows(
+                layer, None if input_ids is None else input_ids[rows],
+                None if inputs_embeds is None else inputs_embeds[rows], positions[rows],
+                hidden_states[rows], kv_cache, cache_layer, seq_slots[rows])
+        return out
+
+    def _rows(self, layer, input_ids, inputs_embeds, positions, hidden_states, cache,
+              cache_layer: int, seq_slots) -> torch.Tensor:
+        """``forward`` over checked rows, in one piece -> [T, M*D]."""
+        window = call_window(positions, seq_slots, self.config.sliding_window, cache,
+                             cache_layer)
+        x, _ = self._step(layer, input_ids, inputs_embeds, positions, hidden_states, cache,
                           cache_layer, window, None)
         return x.flatten(1)  # [T, M, D] -> [T, M*D]
 
@@ -626,7 +656,9 @@ class DeepSeekV4MTP(nn.Module):
                              f"{_describe(ids)}")
         if ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{name}: expected int64 or int32 token ids, got {ids.dtype}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+        # one host synchronisation for both bounds (each costs a device round trip)
+        lo, hi = torch.stack((ids.min(), ids.max())).tolist() if ids.numel() else (0, 0)
+        if lo < 0 or hi >= self.config.vocab_size:
             bad = ids[(ids < 0) | (ids >= self.config.vocab_size)][0].item()
             raise ValueError(f"{name}: token id {bad} is outside the vocabulary "
                              f"[0, {self.config.vocab_size})")
@@ -683,14 +715,19 @@ class DeepSeekV4MTP(nn.Module):
             return None
         if seq_slots is None or tuple(seq_slots.shape) != (t,):
             raise ValueError(f"seq_slots: expected [{t}] cache slots, got {_describe(seq_slots)}")
-        if t and (int(seq_slots.min()) < 0 or int(seq_slots.max()) >= cache.max_seqs):
+        lo, hi = torch.stack((seq_slots.min(), seq_slots.max())).tolist() if t else (0, 0)
+        if lo < 0 or hi >= cache.max_seqs:
             raise ValueError(f"seq_slots: slots must be in [0, {cache.max_seqs})")
-        if t > 1:
+        if t > 1:  # the run checks, read back in one host synchronisation
             same = seq_slots[1:] == seq_slots[:-1]
-            if not bool((positions[1:] == positions[:-1] + 1)[same].all()):
+            broken = (same & (positions[1:] != positions[:-1] + 1)).any()
+            distinct = torch.zeros(cache.max_seqs, dtype=torch.int64, device=seq_slots.device)
+            distinct = distinct.index_fill_(0, seq_slots.to(torch.int64), 1).sum()
+            broken, runs, distinct = torch.stack(
+                (broken.to(torch.int64), (~same).sum() + 1, distinct)).tolist()
+            if broken:
                 raise ValueError("positions: rows of one sequence must be consecutive positions")
-            runs = int((~same).sum()) + 1
-            if runs != int(seq_slots.unique().numel()):
+            if runs != distinct:
                 raise ValueError("seq_slots: each sequence's rows must come together (one run "
                                  "per slot)")
         return seq_slots.to(torch.int64)

@@ -1,4 +1,5 @@
-"""Random weights in the released formats, for tests, the demo and benchmarks.
+"""Random weights in the released formats and release-like folders, for tests, the demo and
+benchmarks: a deliberate public API, like ``torch.testing``.
 
 The values are scaled so a forward pass stays well conditioned (projections ~ N(0, 1/in),
 norm weights near 1), which keeps tolerances meaningful; they are not a trained model.
@@ -7,6 +8,7 @@ norm weights near 1), which keeps tolerances meaningful; they are not a trained 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 
 import torch
@@ -58,11 +60,18 @@ def _fill_weight(weight: torch.Tensor, scale: torch.Tensor | None, storage: str,
 
 
 @torch.no_grad()
-def init_random_(model: DeepSeekV4MTP, seed: int = 0) -> DeepSeekV4MTP:
+def init_random_(model: DeepSeekV4MTP, seed: int = 0, *,
+                 skip_shared: bool = False) -> DeepSeekV4MTP:
     """Fill every parameter of ``model`` with seeded random values in its stored format
     (FP8 + block scales, packed FP4, or plain) and return the model. What each parameter gets
     is its :class:`~mtp.facts.ParamFacts` ``init``; weights (and their scales) are drawn
     first, in module order, a stacked expert weight expert by expert, then the rest.
+
+    A table the caller passed in (``embed_tokens=`` / ``head=``: the target's own tensors,
+    :attr:`~mtp.model.DeepSeekV4MTP.shared_with_caller`) is never overwritten: such a module
+    is refused with a ``ValueError`` naming the parameter, unless ``skip_shared=True``, which
+    fills only the module's own parameters (their values then differ from an unshared module's
+    with the same seed: the skipped draws are not made).
 
     Example:
         >>> from mtp import DeepSeekV4MTP, MTPConfig
@@ -70,10 +79,17 @@ def init_random_(model: DeepSeekV4MTP, seed: int = 0) -> DeepSeekV4MTP:
         >>> m.model.layers["2"].mtp_block.ffn.experts.w13_weight.dtype
         torch.int8
     """
+    facts, params, fmt = facts_of(model), dict(model.named_parameters()), model.weight_format
+    shared = {n for n, f in facts.items() if f.shared in model.shared_with_caller}
+    if shared and not skip_shared:
+        name = sorted(shared)[0]
+        raise ValueError(f"init_random_: {name} is the caller's tensor (passed as "
+                         f"{facts[name].shared}=, e.g. the target's own {facts[name].shared}): "
+                         f"random values would overwrite it; pass skip_shared=True to fill "
+                         f"only the drafter's own parameters")
     # On the model's device: full-size models fill in seconds on a GPU (minutes on a CPU). The
     # values depend on the device type (CPU and CUDA generators differ), not on the rank.
     gen = torch.Generator(device=model.model.embed_tokens.weight.device).manual_seed(seed)
-    facts, params, fmt = facts_of(model), dict(model.named_parameters()), model.weight_format
     scale_of = {name.rsplit(".", 1)[0] + "." + f.scale_of: name
                 for name, f in facts.items() if f.scale_of is not None}
     weights = [n for n, f in facts.items() if f.format is not None and f.scale_of is None]
@@ -98,7 +114,7 @@ def init_random_(model: DeepSeekV4MTP, seed: int = 0) -> DeepSeekV4MTP:
         done.update(group)
     done.update(scale_of.values())
     for name, p in params.items():
-        if name not in done:
+        if name not in done and name not in shared:
             p.copy_(draw(facts[name].init, tuple(p.shape), lambda s, std: _normal(s, std, gen),
                          lambda s: torch.rand(s, generator=gen, device=gen.device)))
     return model
@@ -128,4 +144,58 @@ def dequantized_copy(model: DeepSeekV4MTP) -> DeepSeekV4MTP:
     return plain
 
 
-__all__ = ["init_random_", "dequantized_copy", "draw"]
+def main_model_placeholders(config, layers: int) -> dict[str, torch.Tensor]:
+    """Small stand-ins for the main model's tensors a release holds beside the drafter's
+    (``layers.{k}.attn_norm.weight`` for k < ``layers``, ``norm.weight``, ``hc_head_*``): the
+    names a loader must skip, with the release's dtypes and shapes."""
+    d, m = config.hidden_size, config.hc_mult
+    out = {f"layers.{k}.attn_norm.weight": torch.ones(d, dtype=torch.bfloat16)
+           for k in range(layers)}
+    out["norm.weight"] = torch.ones(d, dtype=torch.bfloat16)
+    out["hc_head_fn"] = torch.zeros(m, m * d)
+    out["hc_head_base"] = torch.zeros(m)
+    out["hc_head_scale"] = torch.ones(1)
+    return out
+
+
+def write_release_like(model: DeepSeekV4MTP, folder: str | os.PathLike, *,
+                       main_layers: int = 1, num_shards: int | None = None,
+                       layout: str = "release", mp: int | None = None,
+                       overwrite: bool = False) -> None:
+    """:func:`mtp.export.write_checkpoint` plus placeholder main-model tensors
+    (:func:`main_model_placeholders`), laid out like a whole release: ``embed.weight`` and main
+    layer 0 in the first shard, further main layers in the next ones, ``head.weight`` with
+    ``norm.weight`` and ``hc_head_*`` in the one before last, the MTP block in the last. For
+    tests and demos of what the loader skips; the drafter never reads the placeholders.
+
+    Args:
+        main_layers: placeholder layers (1 .. ``num_hidden_layers``).
+        num_shards: default ``main_layers + 2``; 3 .. ``main_layers + 2`` (each shard before
+            the head's holds at least one main-model layer).
+        layout, mp, overwrite: as in :func:`~mtp.export.write_checkpoint` (the placeholders go
+            into every file of "single" and "mp").
+
+    Example:
+        >>> import tempfile
+        >>> from mtp import DeepSeekV4MTP, MTPConfig
+        >>> from mtp.loader import load_model
+        >>> m = init_random_(DeepSeekV4MTP(MTPConfig.from_name("tiny")), seed=0)
+        >>> folder = tempfile.mkdtemp()
+        >>> write_release_like(m, folder, num_shards=4, main_layers=2)
+        >>> loaded, report = load_model(folder, dtype=torch.float32)
+        >>> report.shards_skipped
+        ['model-00002-of-00004.safetensors']
+    """
+    from .export import _write
+
+    n_layers = model.config.num_hidden_layers
+    if isinstance(main_layers, bool) or not isinstance(main_layers, int) \
+            or not 1 <= main_layers <= n_layers:
+        raise ValueError(f"main_layers={main_layers!r}; expected 1 .. num_hidden_layers="
+                         f"{n_layers} (layers beyond are the MTP layers)")
+    _write(model, folder, main_model_placeholders(model.config, main_layers), main_layers,
+           num_shards=num_shards, layout=layout, mp=mp, overwrite=overwrite)
+
+
+__all__ = ["init_random_", "dequantized_copy", "draw", "main_model_placeholders",
+           "write_release_like"]

@@ -146,12 +146,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> str:
     """The tiny release-layout checkpoint of ``test_loader.make()`` (do not damage it)."""
-    from test_loader import LAYOUTS, make
-
-    from mtp.export import write_checkpoint
+    from test_loader import LAYOUTS, make, write
 
     folder = tmp_path_factory.mktemp("pristine") / "ckpt"
-    write_checkpoint(make(), folder, **LAYOUTS["release"])
+    write(make(), folder, **LAYOUTS["release"])
     return str(folder)
 
 

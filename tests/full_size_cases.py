@@ -7,6 +7,9 @@ model in memory (no checkpoint written: a Pro checkpoint is ~20 GB).
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
 import torch
 from parallel_cases import ROUNDING, play
 
@@ -27,14 +30,35 @@ def rank_share(whole: DeepSeekV4MTP, part: DeepSeekV4MTP, rank: int, world: int)
 
 @torch.no_grad()
 def run_full_case(group, rank: int, world: int, device: str, preset: str, dtype: torch.dtype,
-                  rounding: str, rounds: int = 3, k: int = 3) -> dict:
-    cfg = MTPConfig.from_name(preset)
+                  rounding: str, rounds: int = 3, k: int = 3, graphs: bool = False,
+                  backend: str = "auto", config: dict | None = None) -> dict:
+    """{"one": the whole model's results, "tp": the rank's share's (``backend``; "auto": the
+    Triton kernels on CUDA), and with ``graphs`` "tp_graphs": the share's again with its draft
+    steps replayed from CUDA graphs, the collectives captured in them}. ``config``: fields of
+    the preset replaced."""
+    t0 = time.monotonic()
+
+    def progress(what: str) -> None:  # into the rank's log: where the time goes
+        print(f"{preset} {dtype} {rounding}: {what} at {time.monotonic() - t0:.1f} s",
+              flush=True)
+
+    cfg = dataclasses.replace(MTPConfig.from_name(preset), **(config or {}))
     kw = dict(weight_format=WeightFormat.released(), dtype=dtype, numerics=ROUNDING[rounding],
-              device=device)
+              device=device, backend=backend)
     whole = init_random_(DeepSeekV4MTP(cfg, **kw), seed=3)
+    progress("built")
     out = {"one": play(Drafter(whole, max_seqs=3, max_draft_tokens=k), rounds, k)}
+    progress(f"one device ({whole.ops.name})")
     part = DeepSeekV4MTP(cfg, process_group=group, **kw)
     rank_share(whole, part, rank, world)
     del whole
     out["tp"] = play(Drafter(part, max_seqs=3, max_draft_tokens=k), rounds, k)
+    out["ops"] = part.ops.name
+    progress(f"the rank's share ({part.ops.name}, split: {part.tp.sharded})")
+    if graphs:
+        drafter = Drafter(part, max_seqs=3, max_draft_tokens=k)
+        drafter.use_cuda_graphs(buckets=(1, 2, 4))
+        progress("captured")
+        out["tp_graphs"] = play(drafter, rounds, k)
+        progress("graphs")
     return out

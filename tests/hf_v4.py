@@ -18,9 +18,9 @@ import dataclasses
 import torch
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
-from mtp import DeepSeekV4MTP, MTPConfig, write_checkpoint
+from mtp import DeepSeekV4MTP, MTPConfig
 from mtp.quant import quantize_fp8_block
-from mtp.testing import init_random_
+from mtp.testing import init_random_, write_release_like
 
 N_LAYERS = 3
 LAYER_TYPES = {
@@ -103,5 +103,5 @@ def write_matching_drafter(target: DeepseekV4ForCausalLM, folder, seed: int = 1)
     scale.copy_((scale.float() * 2.0 ** -3).to(scale.dtype))
     mtp.model.embed_tokens.weight.copy_(target.model.embed_tokens.weight.float())
     layer.shared_head.head.weight.copy_(target.lm_head.weight.float())
-    write_checkpoint(mtp, folder, num_shards=4, main_layers=2)
+    write_release_like(mtp, folder, num_shards=4, main_layers=2)
     return str(folder)

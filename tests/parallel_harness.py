@@ -46,12 +46,14 @@ class Launch:
 
 
 def launch(world: int, cases: list[dict], tmp_path, *, timeout: float = 240,
-           grace: float = 15, collective_timeout: int = 60, backend: str = "gloo") -> Launch:
+           grace: float = 15, collective_timeout: int = 60, backend: str = "gloo",
+           spec: dict | None = None) -> Launch:
+    """``spec``: more switches for the workers (``parallel_worker.py`` lists them)."""
     outdir = tmp_path / f"ranks{world}-{time.monotonic_ns()}"
     outdir.mkdir()
-    spec = outdir / "spec.json"
-    spec.write_text(json.dumps({"cases": cases, "timeout": collective_timeout,
-                                "backend": backend}))
+    spec_file = outdir / "spec.json"
+    spec_file.write_text(json.dumps({**(spec or {}), "cases": cases,
+                                     "timeout": collective_timeout, "backend": backend}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            # NVLink multicast stays off (on shared hosts it can take the GPUs out of service)
            "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -63,7 +65,8 @@ def launch(world: int, cases: list[dict], tmp_path, *, timeout: float = 240,
     for r in range(world):
         with open(logs[r], "wb") as log:
             procs.append(subprocess.Popen(
-                [sys.executable, WORKER, str(r), str(world), str(port), str(spec), str(outdir)],
+                [sys.executable, WORKER, str(r), str(world), str(port), str(spec_file),
+                 str(outdir)],
                 stdout=log, stderr=subprocess.STDOUT, env=env))
     killed, failed_at = [], None
     try:

@@ -282,18 +282,35 @@ def test_bench_with_kernels_that_cannot_load_is_an_error(capsys):
         pytest.skip("mtp_kernels imports here; the error path needs a machine without Triton")
     except ImportError:
         pass
-    code, _, err = run(capsys, "bench", "--kernels", "triton", "--device", "cpu")
+    code, _, err = run(capsys, "bench", "--backend", "triton", "--device", "cpu")
     assert code == EXIT_ERROR
-    assert_one_line_error(err, "mtp bench", "--kernels triton: the mtp_kernels package cannot")
+    assert_one_line_error(err, "mtp bench", "--backend triton: the mtp_kernels package cannot")
+
+
+def test_bench_picks_the_modules_backend_and_keeps_kernels_as_a_deprecated_alias(capsys):
+    """Before: --kernels built the deprecated TritonMTP accelerator; now the module's own
+    backend= runs (auto by default), and --kernels still works with a warning."""
+    small = ("--batch", "1", "--repeats", "1", "--warmup", "0", "--device", "cpu", "-k", "1")
+    code, out, err = run(capsys, "bench", *small)
+    assert code == EXIT_OK and err == ""
+    assert "backend auto (ReferenceOps)" in out  # auto on a CPU: the reference ops
+    code, out, err = run(capsys, "bench", "--kernels", "reference", *small)
+    assert code == EXIT_OK and "backend reference (ReferenceOps)" in out
+    assert err == "mtp bench: warning: --kernels is deprecated; use --backend reference\n"
+    code, _, err = run(capsys, "bench", "--kernels", "reference", "--backend", "triton", *small)
+    assert code == EXIT_USAGE and "disagree; give --backend only" in err
+    code, out, err = run(capsys, "bench", "--backend", "triton", *small)  # a CPU module
+    assert code == EXIT_ERROR and out == ""
+    assert_one_line_error(err, "mtp bench", "--backend triton: ")  # unimportable or "cannot run"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bench_on_cuda_with_the_triton_kernels(capsys):
     code, out, err = run(capsys, "bench", "--batch", "1", "4", "--repeats", "2", "--device",
-                         "cuda", "--kernels", "triton")
+                         "cuda", "--backend", "triton")
     assert code == EXIT_OK, err
-    assert "triton kernels" in out
+    assert "backend triton (TritonOps)" in out
 
 
 # ---- usage ---------------------------------------------------------------------------------

@@ -50,3 +50,35 @@ def test_the_pattern_catches_what_it_must():  # the check above cannot pass vacu
     for fine in ("vLLM issue #33299", "issue-bound kernels", "the specification and default",
                  "a separate piece of work"):
         assert not UNFOLLOWABLE.search(fine), fine
+
+
+# a repository path in running text: mtp/..., kernels/..., tests/..., docs/... (globs allowed)
+REPO_PATH = re.compile(r"(?<![\w./-])((?:mtp|kernels|tests|benchmarks|examples|docs)/[\w./*-]*"
+                       r"[\w*])")
+# a removed file, named as the provenance of a measurement or as what a change removed
+HISTORICAL = {("performance.md", "kernels/model.py"), ("NOTES.md", "kernels/model.py")}
+
+
+@pytest.mark.parametrize("page", PAGES + [ROOT / "kernels" / "NOTES.md"], ids=lambda p: p.name)
+def test_every_repository_path_a_page_names_exists(page):
+    """Code moves (the demo code went from mtp/demo.py and mtp/toy_target.py to mtp/demo/,
+    drafter.md kept the old names): every path a page names must still be there."""
+    missing = [f"{page.name}:{n}: {path}"
+               for n, line in enumerate(page.read_text().splitlines(), 1)
+               for path in REPO_PATH.findall(line)
+               if (page.name, path) not in HISTORICAL and not any(ROOT.glob(path))]
+    assert not missing, "\n".join(missing)
+
+
+def test_the_path_pattern_finds_paths():  # the check above cannot pass vacuously
+    assert REPO_PATH.findall("see `mtp/demo/toy_target.py`, benchmarks/bench_*.py.") == [
+        "mtp/demo/toy_target.py", "benchmarks/bench_*.py"]
+    assert not any(ROOT.glob("mtp/demo.py"))
+
+
+@pytest.mark.parametrize("page", PAGES + [ROOT / "kernels" / "NOTES.md"], ids=lambda p: p.name)
+def test_no_merge_conflict_markers(page):
+    """A merge once left docs/parallel.md with both sides and the markers between them."""
+    hits = [n for n, line in enumerate(page.read_text().splitlines(), 1)
+            if re.match(r"(<{7}|={7}|>{7})( |$)", line)]
+    assert not hits, f"{page.name}: conflict markers at lines {hits}"

@@ -226,3 +226,44 @@ def scenario_equal(a, b) -> bool:
         DEVICE, torch.bfloat16)
     xa, xb = a.forward(ids, pos, h), b.forward(ids, pos, h)
     return torch.equal(xa, xb) and torch.equal(a.compute_logits(xa), b.compute_logits(xb))
+
+
+def catchup_scenario(model, dtype, chunk_rows, monkeypatch):
+    """A catch-up over a cache: 129 rows of one sequence and 70 of another behind their cached
+    prompts (odd counts, past every row threshold of the kernels), in chunks of ``chunk_rows``,
+    then the logits of each last row; the outputs and the cache."""
+    from mtp import model as model_mod
+    cfg = model.config
+    g = torch.Generator().manual_seed(4)
+    cache = KVCache(1, 3, cfg.sliding_window + 3, cfg.head_dim, dtype=dtype, device=DEVICE)
+    slots = torch.tensor([1] * 5 + [2] * 3, device=DEVICE)
+    pos = torch.cat([torch.arange(5), torch.arange(3)]).to(DEVICE)
+    ids = torch.randint(0, cfg.vocab_size, (8,), generator=g).to(DEVICE)
+    h = torch.randn(8, cfg.hc_dim, generator=g).to(DEVICE, dtype)
+    model.forward(ids, pos, h, kv_cache=cache, seq_slots=slots)
+    slots = torch.tensor([1] * 129 + [2] * 70, device=DEVICE)
+    pos = torch.cat([torch.arange(5, 134), torch.arange(3, 73)]).to(DEVICE)
+    ids = torch.randint(0, cfg.vocab_size, (199,), generator=g).to(DEVICE)
+    h = torch.randn(199, cfg.hc_dim, generator=g).to(DEVICE, dtype)
+    monkeypatch.setattr(model_mod, "CHUNK_ROWS", chunk_rows)
+    x = model.forward(ids, pos, h, kv_cache=cache, seq_slots=slots)
+    return [x, model.compute_logits(x[[128, 198]]), cache.kv, cache.pos.to(torch.float64)]
+
+
+@pytest.mark.parametrize("chunk_rows", [1024, 100])
+@pytest.mark.parametrize("dtype,rounding", [(torch.float32, False), (torch.bfloat16, True)])
+def test_catchup_matches_module(dtype, rounding, chunk_rows, monkeypatch):
+    """The many-row kernels (FP8 products with the input rounded ahead, hc_mix over more
+    programs, attention with 64 heads per program) in a whole forward, one call or chunks of
+    100 rows, against the reference backend: the bounds of test_fast_path_matches_module."""
+    ref = catchup_scenario(build(dtype, rounding), dtype, chunk_rows, monkeypatch)
+    fast = catchup_scenario(triton(build(dtype, rounding)), dtype, chunk_rows, monkeypatch)
+    if dtype == torch.float32 and not rounding:
+        for a, b in zip(fast, ref):
+            assert rel(a, b) < 2e-6
+        return
+    truth = catchup_scenario(build(torch.float64, rounding), torch.float64, chunk_rows,
+                             monkeypatch)
+    for k, (a, b, c) in enumerate(zip(fast, ref, truth)):
+        err_fast, err_ref = rel(a, c), rel(b, c)
+        assert err_fast <= 1.5 * err_ref + 1e-4, (k, err_fast, err_ref)

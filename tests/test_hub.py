@@ -15,6 +15,7 @@ from test_loader import assert_same_forward, assert_same_params, make
 
 from mtp.export import write_checkpoint
 from mtp.loader import download, load_model, plan
+from mtp.testing import write_release_like
 
 REPO = "org/tiny"
 INDEX = "model.safetensors.index.json"
@@ -28,7 +29,7 @@ def hub(tmp_path, monkeypatch):
     folders = {}
     for revision, seed in (("main", 0), ("v1", 1)):
         folders[revision] = str(tmp_path / "served" / revision)
-        write_checkpoint(make(CFG, seed=seed), folders[revision], num_shards=5, main_layers=3)
+        write_release_like(make(CFG, seed=seed), folders[revision], num_shards=5, main_layers=3)
     single = str(tmp_path / "served" / "single")
     write_checkpoint(make(CFG), single, layout="single")
     with HubServer({REPO: folders, "org/single": {"main": single}}) as server:

@@ -267,6 +267,26 @@ def test_drafter_shares_the_targets_embedding_and_head(targets, drafter_folders)
     assert drafter.load_report is not None and drafter.model.dtype == torch.float32
 
 
+def test_init_random_refuses_the_targets_shared_embedding_and_head(targets, drafter_folders):
+    """A drafter built with the target's tables: random init must not write into the target
+    (before: init_random_ filled the shared embedding and head with random values)."""
+    from mtp.testing import init_random_
+
+    model = targets["sliding"]
+    drafter = TransformersTarget(model).load_drafter(drafter_folders["sliding"])
+    assert drafter.model.shared_with_caller == {"embed_tokens", "head"}
+    embed, head = model.model.embed_tokens.weight.clone(), model.lm_head.weight.clone()
+    norm = drafter.model.layer(0).enorm.weight.clone()
+    with pytest.raises(ValueError, match=r"model\.embed_tokens\.weight is the caller's tensor"
+                                         r".*skip_shared=True"):
+        init_random_(drafter.model, seed=3)
+    assert torch.equal(drafter.model.layer(0).enorm.weight, norm)  # refused before any write
+    init_random_(drafter.model, seed=3, skip_shared=True)
+    assert not torch.equal(drafter.model.layer(0).enorm.weight, norm)  # its own ones filled
+    assert torch.equal(model.model.embed_tokens.weight, embed)  # the target's left alone
+    assert torch.equal(model.lm_head.weight, head)
+
+
 def test_casting_the_target_after_building_the_drafter_is_caught(drafter_folders):
     model = build_target("sliding")
     target = TransformersTarget(model)

@@ -126,6 +126,27 @@ def test_fp8_linear_rounded_input(dtype, monkeypatch):
     assert torch.equal(y, fp8_linear(x, w, s, act_quant=True))
 
 
+@pytest.mark.parametrize("m", [1, 40])
+def test_fp8_linear_column_range_in_place(m):
+    """A tensor-parallel rank's block-aligned column range of a weight, read in place (a view
+    with the whole row's stride), into a float32 ``out`` (the rank's partial sum) equals the
+    same product on a contiguous copy, bit for bit, and the reference within tolerance."""
+    from mtp_kernels.fp8_linear import fp8_linear, fp8_linear_reference
+    w, s = fp8_weight(256, 512, seed=65)
+    x = randn(m, 256, seed=66, dtype=torch.bfloat16)
+    view, sv = w[:, 128:384], s[:, 1:3]  # columns [128, 384): input blocks 1 and 2
+    assert not view.is_contiguous()
+    out = torch.empty(m, 256, dtype=torch.float32, device=x.device)
+    y = fp8_linear(x, view, sv, act_quant=True, out=out)
+    assert y is out
+    assert torch.equal(y, fp8_linear(x, view.contiguous(), sv.contiguous(), act_quant=True,
+                                     out=torch.empty_like(out)))
+    ref = fp8_linear_reference(x, view.contiguous(), sv.contiguous(), act_quant=True)
+    assert rel(y, ref) < BF16_TOL
+    with pytest.raises(ValueError, match="weight's last dim"):
+        fp8_linear(x, w.t(), s.t(), act_quant=True)
+
+
 def test_act_quant_bit_exact():
     """The fused FP8 activation rounding equals ``fp8_simulate`` bit for bit: an identity weight
     block (scale 1) returns the rounded activations themselves."""
@@ -566,3 +587,122 @@ def test_sink_attention_and_cache(dtype, dh, r, sms, monkeypatch):
     kv3.index_copy_(0, win_idx.write_slots, new_kv[real][win_idx.write_rows])
     pos3.view(-1).index_copy_(0, win_idx.write_slots, pos[real][win_idx.write_rows])
     assert torch.equal(kv2, kv3) and torch.equal(pos2, pos3)
+
+
+# ---- catch-up: the many-row paths, on both sides of each row threshold ----------------------
+@pytest.mark.parametrize("m", [127, 128, 129, 301])
+def test_fp8_linear_many_rows(m, monkeypatch):
+    """From ``PREQ_ROWS`` rows the input is FP8-rounded once ahead (``quant_fp8``) instead of in
+    every output block: the same codes and scales reach the same FP8 dot with the same tiles,
+    so both paths agree bit for bit, for a strided input, the fused SwiGLU, the broadcast add
+    and a pre-rounded input; and each against the reference (BF16_TOL: exact products, the
+    bf16 rounding of the output)."""
+    from mtp_kernels import fp8_linear as fl
+
+    from mtp.quant import fp8_simulate
+    if INTERPRET:
+        pytest.skip("FP8 tensor-core dots: the interpreter has no float8 dot")
+    calls = []
+    orig = fl.quant_fp8
+    monkeypatch.setattr(fl, "quant_fp8", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    w, s = fp8_weight(384, 512, seed=70)
+    x = randn(m, 1024, seed=71, dtype=torch.bfloat16, std=4.0)
+    add = randn((m + 3) // 4, 384, seed=72, dtype=torch.bfloat16)
+    old = {"preq_rows": 10 ** 9}  # the in-kernel rounding
+    cases = [
+        (x[:, :512], dict(act_quant=True)),  # a strided view: row stride 1024
+        (x, dict(act_quant=True, swiglu_limit=10.0)),
+        (x[:, 512:].contiguous(), dict(act_quant=True, add=add, add_row_div=4)),
+    ]
+    for xi, kw in cases:
+        y = fl.fp8_linear(xi, w, s, **kw)
+        assert torch.equal(y, fl.fp8_linear(xi, w, s, tune=old, **kw)), kw
+        assert rel(y, fl.fp8_linear_reference(xi, w, s, **kw)) < BF16_TOL, kw
+    xr = fp8_simulate(x[:, :512], 128)
+    y = fl.fp8_linear(xr, w, s, act_quant=False, rounded=True)
+    assert torch.equal(y, fl.fp8_linear(xr, w, s, act_quant=True, tune=old))
+    assert len(calls) == (4 if m >= fl.PREQ_ROWS else 0)
+
+
+@pytest.mark.parametrize("m", [1, 33, 129])
+def test_quant_fp8_exact(m):
+    """codes x scales equal ``fp8_simulate`` bit for bit (of x, and of the clamped SwiGLU of
+    its halves rounded to bf16), rows spanning 16 orders of magnitude."""
+    from mtp_kernels.fp8_linear import quant_fp8
+
+    from mtp import ops
+    from mtp.quant import fp8_simulate
+    if INTERPRET:
+        pytest.skip("float8 stores: the interpreter has no float8 type")
+    x = (randn(m, 512, seed=73) * torch.logspace(-8, 8, m, device=DEVICE)[:, None]).to(
+        torch.bfloat16)
+    q, s = quant_fp8(x, 512)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (m, 4)
+    got = (q.float().view(m, 4, 128) * s[:, :, None]).view(m, 512)
+    assert torch.equal(got.to(torch.bfloat16), fp8_simulate(x, 128))
+    q, s = quant_fp8(x, 256, swiglu_limit=10.0)
+    want = fp8_simulate(ops.swiglu(x[:, :256], x[:, 256:], 10.0).to(torch.bfloat16), 128)
+    got = (q.float().view(m, 2, 128) * s[:, :, None]).view(m, 256)
+    assert torch.equal(got.to(torch.bfloat16), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t", [64, 65, 129, 300])
+def test_hc_pre_norm_many_rows(t, dtype):
+    """Above ``MIX_MANY_T`` rows hc_mix splits the inputs over more programs: the mixes sum in
+    another order (fp32), so the same bounds as for few rows (test_rmsnorm_and_hc)."""
+    from mtp_kernels import hc
+
+    from mtp import ops
+    m, d = 4, 256
+    x = randn(t, m, d, seed=74, dtype=dtype)
+    w = 1 + randn(d, seed=75, std=0.1)
+    fn = randn((2 + m) * m, m * d, seed=76, std=(m * d) ** -0.5)
+    scale, base = 0.5 + torch.rand(3, device=DEVICE), randn((2 + m) * m, seed=77, std=0.5)
+    tol = BF16_TOL if dtype == torch.bfloat16 else F32_TOL
+    u, post, comb = hc.hc_pre_norm(x, fn, scale, base, w, 20, 1e-6, 1e-6)
+    y_r, post_r, comb_r = ops.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
+    assert rel(post, post_r) < 1e-5 and rel(comb, comb_r) < 1e-5
+    assert rel(u, ops.rms_norm(y_r, w, 1e-6)) < tol
+    fh = randn(m, m * d, seed=78, std=(m * d) ** -0.5)
+    sh, bh = 0.5 + torch.rand(1, device=DEVICE), randn(m, seed=79, std=0.5)
+    yh = hc.hc_head_norm(x, fh, sh, bh, w, 1e-6, 1e-6)
+    assert rel(yh, ops.rms_norm(ops.hc_head(x, fh, sh, bh, 1e-6, 1e-6), w, 1e-6)) < tol
+
+
+@pytest.mark.parametrize("h", [20, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("lengths", [(63,), (64,), (40, 25), (129, 2)])
+def test_sink_attention_many_rows(lengths, dtype, h):
+    """Indexed attention of runs of rows (a catch-up: each sequence's rows after its cached
+    history) on both sides of ``ATTN_MANY_T``, where one program takes ``ATTN_MANY_BH``
+    heads (20: a partial head block), against the reference (the tolerances of
+    test_sink_attention_and_cache)."""
+    from mtp_kernels import attention as at
+
+    from mtp import ops
+    from mtp.cache import window_index
+    dh, r, win, cap = 128, 64, 16, 19
+    seqs = len(lengths)
+    slots = torch.cat([torch.full((n,), s_) for s_, n in enumerate(lengths)]).to(DEVICE)
+    pos = torch.cat([torch.arange(n) + 7 * (s_ + 1) for s_, n in enumerate(lengths)]).to(DEVICE)
+    t = len(pos)
+    cache_kv = randn(seqs * cap, dh, seed=80, dtype=dtype)
+    cache_pos = torch.full((seqs, cap), -1, dtype=torch.int64, device=DEVICE)
+    for s_ in range(seqs):  # the history before each run's first position
+        first = 7 * (s_ + 1)
+        held = torch.arange(max(0, first - cap), first, device=DEVICE)
+        cache_pos[s_, held % cap] = held
+    new_kv = randn(t, dh, seed=81, dtype=dtype)
+    q = randn(t, h, dh, seed=82, dtype=dtype)
+    sink = randn(h, seed=83)
+    i = torch.arange(0, r, 2, dtype=torch.float64, device=DEVICE)
+    cos, sin = at.rope_table(pos, 10000.0 ** (-i / r))
+    idx = window_index(pos, slots, win, cache_pos, cap)
+    pool = torch.cat((cache_kv, new_kv))
+    o_ref = ops.sink_attention(q, pool[idx.keys_index], idx.keys_valid, sink,
+                               dh ** -0.5).to(dtype)
+    o_ref = ops.apply_rope(o_ref, cos, sin, inverse=True)
+    o = at.sink_attention(q, new_kv, sink, cos, sin, win, cache_kv=cache_kv,
+                          keys_index=idx.keys_index, keys_valid=idx.keys_valid)
+    assert rel(o, o_ref) < (BF16_TOL if dtype == torch.bfloat16 else F32_TOL)

@@ -20,12 +20,14 @@ from safetensors.torch import save_file
 from mtp import DeepSeekV4MTP, WeightFormat, remap
 from mtp.export import write_checkpoint
 from mtp.loader import CheckpointError, load_model, load_state, plan
-from mtp.testing import init_random_
+from mtp.testing import init_random_, write_release_like
 
 BASE = WeightFormat(experts="fp8", expert_scale="f32")  # the -Base checkpoints
 FORMATS = {"release": WeightFormat.released(), "base": BASE, "plain": WeightFormat.plain()}
-LAYOUTS = {"release": dict(num_shards=4, main_layers=2), "single": dict(layout="single"),
-           "mp": dict(layout="mp", mp=2)}
+# "release": a whole release's layout (placeholder main layers, 4 shards); "drafter": what
+# write_checkpoint writes by default (the drafter's tensors, 3 shards)
+LAYOUTS = {"release": dict(num_shards=4, main_layers=2), "drafter": {},
+           "single": dict(layout="single"), "mp": dict(layout="mp", mp=2)}
 SHARD = "model-{:05d}-of-00004.safetensors".format
 
 
@@ -41,9 +43,14 @@ def make(cfg=None, fmt=None, dtype=torch.float32, seed=0) -> DeepSeekV4MTP:
     return _MODELS[key]
 
 
+def write(model, folder, **kw) -> None:
+    """write_checkpoint, or write_release_like where placeholder main layers are asked for."""
+    (write_release_like if "main_layers" in kw else write_checkpoint)(model, folder, **kw)
+
+
 def written(tmp_path, model, **kw) -> str:
     folder = tmp_path / "ckpt"
-    write_checkpoint(model, folder, **(kw or LAYOUTS["release"]))
+    write(model, folder, **kw)
     return str(folder)
 
 
@@ -168,7 +175,7 @@ def test_opens_exactly_the_shards_with_needed_tensors(tmp_path_factory, main_lay
     model = make(cfg)
     folder = tmp_path_factory.mktemp("ckpt")
     n = 3 + min(extra, main_layers - 1)
-    write_checkpoint(model, folder, num_shards=n, main_layers=main_layers, overwrite=True)
+    write_release_like(model, folder, num_shards=n, main_layers=main_layers, overwrite=True)
     index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
     wanted = {f for name, f in index.items() if name.startswith("mtp.")
               or (name == "embed.weight" and not embed_given)
@@ -378,5 +385,39 @@ def test_bad_arguments(tmp_path, folder):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         write_checkpoint(make(), folder)
     with pytest.raises(ValueError, match="main_layers=3"):
-        write_checkpoint(make(), tmp_path / "x", main_layers=3)
+        write_release_like(make(), tmp_path / "x", main_layers=3)
+    with pytest.raises(ValueError, match=r"num_shards=4: the release layout needs 3 \.\. 3 "
+                                         r"shards; more shards need placeholder main-model"):
+        write_checkpoint(make(), tmp_path / "y", num_shards=4)
+
+
+def test_write_checkpoint_writes_the_drafters_tensors_only(tmp_path):
+    """Before: every layout also held placeholder main-model tensors (layers.0.attn_norm,
+    norm, hc_head_*), which belong to tests and demos, not to the library's output."""
+    model = make()
+    names = {n for n, t in remap.canonical_names(model.config, model.weight_format)
+             if t.param in dict(model.named_parameters())}
+    for layout, kw in (("drafter", {}), ("single", LAYOUTS["single"]), ("mp", LAYOUTS["mp"])):
+        folder = tmp_path / layout
+        write_checkpoint(model, folder, **kw)
+        stored = set()
+        for f in folder.glob("*.safetensors"):
+            with safe_open(f, "pt") as st_file:
+                stored |= set(st_file.keys())
+        assert stored <= names and not any(n.startswith(("layers.", "norm.", "hc_head"))
+                                            for n in stored), layout
+    index = json.loads((tmp_path / "drafter" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == names
+
+
+def test_main_layers_is_a_deprecated_alias_of_write_release_like(tmp_path):
+    model = make()
+    with pytest.warns(DeprecationWarning, match=r"main_layers=\) is deprecated.*"
+                                                r"mtp\.testing\.write_release_like"):
+        write_checkpoint(model, tmp_path / "old", num_shards=4, main_layers=2)
+    write_release_like(model, tmp_path / "new", num_shards=4, main_layers=2)
+    files = sorted(p.name for p in (tmp_path / "new").iterdir())
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == files
+    for f in files:
+        assert (tmp_path / "old" / f).read_bytes() == (tmp_path / "new" / f).read_bytes(), f
 

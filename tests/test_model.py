@@ -156,6 +156,30 @@ def test_shared_embedding_and_head_are_not_copied():
         DeepSeekV4MTP(cfg, head=head[:, :255])
 
 
+@pytest.mark.parametrize("given", [("embed_tokens",), ("head",), ("embed_tokens", "head")])
+def test_init_random_never_overwrites_a_callers_tensor(given):
+    """Before: init_random_ drew random values into the caller's embedding/head (shared
+    storage: the target's own tables)."""
+    cfg = tiny_config()
+    tables = {n: torch.randn(cfg.vocab_size, cfg.hidden_size) for n in given}
+    before = {n: t.clone() for n, t in tables.items()}
+    model = DeepSeekV4MTP(cfg, **tables)
+    assert model.shared_with_caller == set(given)
+    param = {"embed_tokens": "model.embed_tokens.weight",
+             "head": "model.layers.2.shared_head.head.weight"}[given[0]]
+    with torch.no_grad():
+        model.layer(0).hnorm.weight.fill_(7.0)
+    with pytest.raises(ValueError, match=rf"init_random_: {param} is the caller's tensor "
+                                         rf"\(passed as {given[0]}=.*skip_shared=True"):
+        init_random_(model, seed=0)
+    assert (model.layer(0).hnorm.weight == 7.0).all()  # refused before any write
+    init_random_(model, seed=0, skip_shared=True)
+    assert not (model.layer(0).hnorm.weight == 7.0).any()  # its own parameters filled
+    for n, t in tables.items():
+        assert torch.equal(t, before[n]), n  # the caller's values, untouched
+    assert all(torch.isfinite(p.float()).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("call,error,match", [
     (lambda m, ids, pos, h: m(ids, pos, h[:, :256]), ValueError,
      r"hidden_states: expected \[6, hc_mult\*hidden_size\] = \[6, 1024\], got shape \[6, 256\]"),

@@ -45,7 +45,7 @@ from mtp.parallel import (
     combine_argmax,
     valid_world_sizes,
 )
-from mtp.testing import init_random_
+from mtp.testing import init_random_, write_release_like
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="this torch build has no torch.distributed gloo backend")
@@ -68,7 +68,7 @@ def checkpoints(folder, cfg) -> dict[str, str]:
     for name, fmt, dtype in (("bf16", WeightFormat.plain(), torch.bfloat16),
                              ("fp8", WeightFormat.released(), torch.float32)):
         model = init_random_(DeepSeekV4MTP(cfg, weight_format=fmt, dtype=dtype), seed=1)
-        write_checkpoint(model, folder / name, num_shards=4, main_layers=2)
+        write_release_like(model, folder / name, num_shards=4, main_layers=2)
         out[name] = str(folder / name)
     return out
 

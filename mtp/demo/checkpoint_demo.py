@@ -2,8 +2,8 @@
 
 1. Build the embedded tiny checkpoint: the ``tiny`` preset with seeded random weights
    (``mtp.testing.init_random_``) written in the official on-disk format (FP8 weights with E8M0
-   block scales, packed FP4 experts, sharded safetensors with an index) by
-   ``mtp.export.write_checkpoint``.
+   block scales, packed FP4 experts, sharded safetensors with an index, placeholder main-model
+   layers the loader skips) by ``mtp.testing.write_release_like``.
 2. Load it with ``Drafter.from_pretrained``, exactly as a real release is loaded (the loader
    opens only the shards that hold the MTP layer, embedding and head).
 3. Draft for a few sequences of different lengths in one batched call, then a few rounds as a
@@ -36,10 +36,10 @@ def write_tiny_checkpoint(folder: str | os.PathLike, seed: int = 0, *,
     """The embedded tiny checkpoint: random ``tiny`` weights, release layout (4 shards: the
     embedding, a main-model placeholder layer the drafter skips, the head, the MTP layer).
     ``overwrite`` replaces a checkpoint already in ``folder`` (otherwise refused)."""
-    from ..export import write_checkpoint
+    from ..testing import write_release_like
 
     model = init_random_(DeepSeekV4MTP(MTPConfig.from_name("tiny")), seed=seed)
-    write_checkpoint(model, folder, num_shards=4, main_layers=2, overwrite=overwrite)
+    write_release_like(model, folder, num_shards=4, main_layers=2, overwrite=overwrite)
     return os.fspath(folder)
 
 

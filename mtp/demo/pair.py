@@ -4,7 +4,8 @@ The folder ``mtp/demo/data/tiny_pair`` is laid out like a DeepSeek-V4 release: `
 ``model.safetensors.index.json`` and shards holding ``embed.weight`` and target layer 0, target
 layers 1..3, ``head.weight`` with the target's ``norm.weight`` and ``hc_head_*``, and the MTP
 layer ``mtp.0.*`` in the last shard. Dense weights are FP8 e4m3 with E8M0 128x128 block scales,
-routed experts FP4 e2m1 with E8M0 per-32 scales (``mtp.export.write_checkpoint`` writes them).
+routed experts FP4 e2m1 with E8M0 per-32 scales (``mtp.testing.write_release_like`` writes
+them, with placeholder target layers that the real ones then replace).
 
 Loading goes through the real loader: ``Drafter.from_pretrained`` reads only the MTP shard (the
 embedding and head are the target's, shared), and each target layer ``layers.{k}.*`` is read
@@ -28,6 +29,7 @@ from ..drafter import Drafter
 from ..export import write_checkpoint
 from ..model import DeepSeekV4MTP, Experts, Linear, Numerics
 from ..quant import WeightFormat, quantize_fp4, quantize_fp8_block
+from ..testing import write_release_like
 from .pair_config import PAIR_CONFIG, PLAIN_NUMERICS, TARGET_LAYERS
 from .toy_target import ToyTarget
 
@@ -92,11 +94,10 @@ def export_pair(target: ToyTarget, mtp_layer: DeepSeekV4MTP, folder: str | os.Pa
     """Write the pair in the release format and layout (see the module docstring)."""
     folder = os.fspath(folder)
     n = TARGET_LAYERS + 2
-    write_checkpoint(quantized_copy(mtp_layer), folder, num_shards=n,
-                     main_layers=TARGET_LAYERS, overwrite=True)
+    write_release_like(quantized_copy(mtp_layer), folder, num_shards=n,
+                       main_layers=TARGET_LAYERS, overwrite=True)
     with tempfile.TemporaryDirectory() as tmp:
-        write_checkpoint(quantized_copy(_carrier(target)), tmp, layout="single",
-                         main_layers=1)
+        write_checkpoint(quantized_copy(_carrier(target)), tmp, layout="single")
         with safe_open(os.path.join(tmp, "model.safetensors"), "pt") as f:
             blocks = {}
             for name in f.keys():
