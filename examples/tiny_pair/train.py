@@ -353,7 +353,11 @@ def main(argv=None) -> int:
         logf.flush()
 
     data = corpus_lib.load(args.snapshot)
-    info = {"corpus": data.describe(), "args": vars(args), "torch": torch.__version__,
+    # the output folder as given when relative; only its name when absolute (a log names no
+    # machine's paths)
+    shown = vars(args) | {"out": args.out if not os.path.isabs(args.out)
+                          else os.path.basename(args.out)}
+    info = {"corpus": data.describe(), "args": shown, "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     log({"event": "start", **info})
     train = Windows(data.stream("train"), args.seq + 2, device, args.seed)
