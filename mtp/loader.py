@@ -26,9 +26,11 @@ import json
 import os
 import time
 from collections.abc import Callable, Collection
+from typing import Any
 
 import torch
 
+from . import backend as backends
 from .checkpoint import plan as planning
 from .checkpoint.errors import CheckpointError
 from .checkpoint.header import TensorInfo, check_little_endian, read_header
@@ -118,7 +120,7 @@ def load_model(path_or_repo_id, *, device="cpu", dtype: torch.dtype = torch.bflo
                numerics: Numerics | None = None, revision: str | None = None, cache_dir=None,
                token=None, local_files_only: bool = False,
                progress: bool | Callable[[int, int], None] | None = None,
-               process_group=None) -> tuple[DeepSeekV4MTP, LoadReport]:
+               process_group=None, backend: Any = "auto") -> tuple[DeepSeekV4MTP, LoadReport]:
     """Build the drafter from ``config.json`` and load its weights from a checkpoint folder or
     a Hub repo id (downloading config, index and only the shards it needs).
 
@@ -136,6 +138,8 @@ def load_model(path_or_repo_id, *, device="cpu", dtype: torch.dtype = torch.bflo
             (:mod:`mtp.parallel`) and read only this rank's slices. Every rank of the group must
             call this with the same checkpoint (checked: one small all-gather before any read);
             ``embed_tokens`` / ``head`` are then this rank's [V/w, D] rows.
+        backend: which ops run the module (:class:`~mtp.model.DeepSeekV4MTP`'s ``backend``:
+            ``"auto"``, ``"reference"``, ``"triton"``); checked before anything is read.
 
     Returns:
         ``(model, report)``. On any refusal a :class:`CheckpointError` lists every problem and
@@ -149,6 +153,7 @@ def load_model(path_or_repo_id, *, device="cpu", dtype: torch.dtype = torch.bflo
     t0 = time.perf_counter()
     tp = TensorParallel(process_group)
     try:
+        backends.check_choice(backend)
         check_little_endian()
         lp = _checked_plan(path_or_repo_id, dtype=dtype, revision=revision, cache_dir=cache_dir,
                            token=token, local_files_only=local_files_only,
@@ -161,7 +166,7 @@ def load_model(path_or_repo_id, *, device="cpu", dtype: torch.dtype = torch.bflo
     tp.agree(_fingerprint(lp) + settings, f"load_model({lp.source.where!r})", device)
     model = DeepSeekV4MTP(lp.config, weight_format=lp.weight_format, dtype=dtype, device=device,
                           embed_tokens=embed_tokens, head=head, numerics=numerics,
-                          process_group=process_group)
+                          process_group=process_group, backend=backend)
     params = dict(model.named_parameters())
     if tp.sharded:
         regions = {p: _rank_region(p, lp, tp.rank, tp.world_size)
@@ -242,7 +247,7 @@ def load_state(path_or_repo_id, *, rank: int, world_size: int, device="cpu",
     rows of embedding and head; columns of ``wo_b``; experts
     ``[rank*E/world_size, (rank+1)*E/world_size)``; everything else whole (each parameter's
     :attr:`~mtp.facts.ParamFacts.tp`). Only the needed rows are read, through the same path as
-    :func:`load_model` (a column split reads whole rows and keeps the rank's columns). These are
+    :func:`load_model` (a column split reads only the rank's columns, one run per row). These are
     the shapes of ``DeepSeekV4MTP(..., process_group=pg)``'s parameters on that rank;
     ``load_model(..., process_group=pg)`` reads them straight into the module.
 

@@ -1,9 +1,11 @@
 """The docs run as written and send the reader nowhere they cannot follow.
 
-docs/drafter.md's python blocks run, in order, in one namespace (the guide has its own test,
-tests/test_guide.py; the README's snippet tests/test_readme.py). Every page of docs/ and the
-README is free of references to things a reader of the published docs does not have: "the
-issue", issue numbers of this project, "the spec" (the design notes the code was written from).
+The python blocks of docs/drafter.md, kernels.md, loading.md and numerics.md run, in order, in
+one namespace per page (the guide has its own test, tests/test_guide.py; engines.md
+tests/test_integrations_transformers.py; the README's snippet tests/test_readme.py). Every
+page of docs/ and the README is free of references to things a reader of the published docs
+does not have: "the issue", issue numbers of this project, "the spec" (the design notes the
+code was written from).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import pathlib
 import re
 
 import pytest
+import torch
 from doc_blocks import python_blocks, run_python_blocks
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -26,6 +29,50 @@ def test_drafter_md_runs_as_written():
     namespace, printed = run_python_blocks(ROOT / "docs" / "drafter.md", blocks)
     assert printed.startswith("loaded ")  # the load report
     assert namespace["drafter"].seq_ids == ["a"]
+
+
+def test_every_page_with_python_blocks_is_run():
+    """A page's blocks are run by some test: none is left to rot as a fragment."""
+    run_elsewhere = {"guide.md", "engines.md", "README.md"}  # their own tests (module docstring)
+    with_blocks = {p.name for p in PAGES if python_blocks(p.read_text())}
+    assert with_blocks - run_elsewhere == {"drafter.md", "kernels.md", "loading.md",
+                                           "numerics.md"}
+
+
+def _has_gpu_kernels() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import mtp_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_loading_md_runs_as_written():
+    page = ROOT / "docs" / "loading.md"
+    blocks = python_blocks(page.read_text())
+    assert len(blocks) == 2, "the facts block and the load block: loading.md lost a block"
+    namespace, printed = run_python_blocks(page, blocks)
+    assert printed.startswith("TPSplit(dim=0, unit='head_dim')\n")  # the comment's claim
+    assert "loaded " in printed and namespace["report"].shards_skipped  # the placeholder shard
+
+
+def test_numerics_md_runs_as_written():
+    page = ROOT / "docs" / "numerics.md"
+    namespace, printed = run_python_blocks(page, python_blocks(page.read_text()))
+    assert printed == "Numerics(act_quant=False, kv_fp8=False, zero_embed_at_pos0=False)\n"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu_kernels(), reason="kernels.md's block runs the Triton kernels: "
+                    "it needs a CUDA device and mtp_kernels (Triton)")
+def test_kernels_md_runs_as_written():
+    page = ROOT / "docs" / "kernels.md"
+    blocks = python_blocks(page.read_text())
+    assert len(blocks) == 1
+    _, printed = run_python_blocks(page, blocks)
+    assert printed == "triton\n(2, 3)\n"
 
 
 # phrases that point at the project's own tracker or design notes (not at upstream projects:

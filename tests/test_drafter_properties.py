@@ -255,6 +255,15 @@ BAD = {
     "per-sequence temperature of the wrong length": (
         _with(sampling=Sampling(temperature=torch.ones(3))), ValueError, r"\[2\]"),
     "not a Sampling": (_with(sampling={"temperature": 1.0}), TypeError, "mtp.sampling.Sampling"),
+    # found by the random calls below; both reached the failure path (or a raw torch error)
+    "float16 row that rounds to inf": (
+        lambda c: {**c, "hidden_states": c["hidden_states"].index_fill(1, torch.tensor([0]),
+                                                                      1e5).half()},
+        ValueError, "row 0 holds inf; values must be finite"),  # (1e6 as float16 is inf too)
+    "sparse [T, M, D] rows": (
+        lambda c: {**c, "hidden_states": c["hidden_states"].view(
+            3, TINY.hc_mult, TINY.hidden_size).to_sparse()},
+        ValueError, "a torch.sparse_coo tensor; pass a dense one"),
 }
 
 
@@ -292,3 +301,108 @@ def test_feed_refuses_like_propose():
         d.feed([0], h, ids, pos, [3])
     assert_same_state(before, snapshot(d))
     assert TINY.vocab_size == 1024  # the messages above assume the tiny preset
+
+
+# ---- random calls: a clear refusal with nothing changed, or success -----------------------------
+# Only faults outside the caller's control (out of memory, a kernel error) may reach the
+# "forward failed, sequences removed" path; any argument a caller can pass is either run or
+# refused by the checks first.
+HELD = {"a": (0, 5), "b": (1, 2), "idle": (0, 4)}  # sequence -> (first position, rows fed)
+HIDDEN_VALUES = {"normal": 1.0, "nan": float("nan"), "inf": float("inf"),
+                 "huge": 1e7, "float32 max": 3e38}
+
+
+@st.composite
+def calls(draw):
+    """A propose/feed call against HELD: each part valid most of the time, otherwise broken in
+    one of the ways a caller can break it. Returns (method, kwargs)."""
+    broken = lambda: draw(st.integers(0, 5)) == 0  # noqa: E731 (about one part in six)
+    ids = draw(st.lists(st.sampled_from(["a", "b", "idle"]), min_size=1, max_size=3,
+                        unique=True))
+    if broken():
+        ids = draw(st.sampled_from([ids + [ids[0]], ids + ["zz"], [], "ab", ("a",), None,
+                                    [["a"]], [3.5]]))
+    n_seq = len(ids) if isinstance(ids, (list, tuple)) else 1
+    counts = draw(st.lists(st.integers(1, 10), min_size=n_seq, max_size=n_seq))
+    t = sum(counts) or 1  # (no sequences: refused whatever the rows)
+    if broken():
+        counts = draw(st.sampled_from([counts + [1], counts[:-1], [0] * n_seq, [2.0] * n_seq,
+                                       [True] * n_seq, torch.tensor(counts),
+                                       torch.tensor(counts, dtype=torch.float32), None, 3]))
+    starts = [HELD[s][0] + HELD[s][1] if s in HELD else 0
+              for s in (ids if isinstance(ids, (list, tuple)) else [])
+              if isinstance(s, str)]
+    pos = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)]) \
+        if starts and isinstance(counts, list) and len(starts) == len(counts) \
+        and all(isinstance(n, int) for n in counts) else torch.arange(t)
+    if broken():
+        pos = draw(st.sampled_from([pos + 1, pos - 1, pos.flip(0), pos.to(torch.int32),
+                                    pos.to(torch.int16), pos.float(), pos[:-1],
+                                    pos + 2**31, pos + 2**62, pos - 2**40, pos.view(1, -1),
+                                    pos.to_sparse(), pos.tolist()]))
+    elif draw(st.booleans()):
+        pos = pos.to(torch.int32)
+    shape = draw(st.sampled_from(["flat", "flat", "3d", "narrow", "wide", "1d", "rows+1",
+                                  "transposed"])) if broken() else "flat"
+    dtype = draw(st.sampled_from([torch.float64, torch.float32, torch.bfloat16, torch.float16,
+                                  torch.int64, torch.bool, torch.complex64])) \
+        if broken() else torch.float64
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    rows_ = t + (shape == "rows+1")
+    h = torch.randn(rows_, TINY.hc_dim, generator=gen, dtype=torch.float64)
+    if broken():
+        value = HIDDEN_VALUES[draw(st.sampled_from(sorted(HIDDEN_VALUES)))]
+        h[draw(st.integers(0, rows_ - 1)), draw(st.integers(0, TINY.hc_dim - 1))] = value
+    h = {"flat": h, "rows+1": h, "3d": h.view(rows_, TINY.hc_mult, TINY.hidden_size),
+         "narrow": h[:, :-1], "wide": torch.cat((h, h[:, :1]), 1), "1d": h.flatten(),
+         "transposed": h.t().contiguous().t()}[shape]
+    h = h.to(dtype) if dtype != torch.bool else h > 0
+    if broken():
+        array = (h if h.is_complex() else h.to(torch.float64)).numpy()
+        h = draw(st.sampled_from([h.to_sparse(), h.tolist(), h.to("meta"), array]))
+    next_ids = torch.randint(0, TINY.vocab_size, (t,), generator=gen)
+    if broken():
+        next_ids = draw(st.sampled_from([next_ids.to(torch.int32), next_ids.to(torch.int16),
+                                         next_ids.to(torch.uint8), next_ids.float(),
+                                         next_ids - TINY.vocab_size, next_ids + TINY.vocab_size,
+                                         next_ids + 2**40, next_ids[:-1], next_ids.view(1, -1),
+                                         next_ids.to_sparse(), next_ids.tolist()]))
+    kwargs = dict(seq_ids=ids, hidden_states=h, positions=pos, num_rows_per_seq=counts)
+    name = draw(st.sampled_from(["next_token_ids", "input_ids"]))
+    kwargs[name] = next_ids
+    if broken():
+        kwargs[draw(st.sampled_from(["next_token_ids", "input_ids"]))] = next_ids
+    method = draw(st.sampled_from(["propose", "feed"]))
+    if method == "propose":
+        kwargs["k"] = draw(st.sampled_from([0, 5, 2.0, True, "2", None])) if broken() \
+            else draw(st.integers(1, 4))
+        n = len(ids) if isinstance(ids, list) else 1
+        kwargs["sampling"] = draw(st.sampled_from([
+            Sampling(), Sampling(temperature=0.7, top_p=0.9),
+            Sampling(temperature=torch.full((n,), 0.5)),
+            Sampling(temperature=torch.full((n + 1,), 0.5)),
+            Sampling(temperature=torch.tensor([float("nan")] * n)),
+            Sampling(top_p=torch.full((n,), 0.0), temperature=1.0), {"temperature": 1.0},
+            None])) if broken() else Sampling()
+    return method, kwargs
+
+
+@settings(max_examples=100, deadline=None)
+@given(call=calls())
+def test_random_calls_succeed_or_are_refused_with_nothing_changed(call):
+    """Whatever a caller passes: either the call runs (and every sequence is still held), or
+    it raises a ValueError/TypeError naming the problem, with the drafter's state (sequences,
+    positions, slots, cache contents) bitwise as before. Never the failure path."""
+    method, kwargs = call
+    d = drafter()
+    for name, (start, n) in HELD.items():
+        d.add_sequence(name, position=start)
+        h, ids, pos = rows(n, 7, start)
+        d.propose([name], h, ids, pos, [n], k=3)  # draft entries in the cache too
+    before = snapshot(d)
+    try:
+        getattr(d, method)(**kwargs)
+    except (ValueError, TypeError) as e:
+        assert str(e) and "removed" not in str(e), e
+        assert_same_state(before, snapshot(d))
+    assert set(d.seq_ids) == set(HELD)  # no sequence lost either way

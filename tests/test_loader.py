@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mtp import DeepSeekV4MTP, WeightFormat, remap
+from mtp import DeepSeekV4MTP, Drafter, WeightFormat, remap
+from mtp.checkpoint.header import read_header
 from mtp.export import write_checkpoint
 from mtp.loader import CheckpointError, load_model, load_state, plan
 from mtp.testing import init_random_, write_release_like
@@ -214,6 +216,69 @@ def test_rank_slices_tile_the_full_tensors(tmp_path, layout):
             assert max(r.bytes for r in reports) < reports[0].bytes * world
 
 
+def test_a_column_split_reads_only_the_ranks_columns(tmp_path, monkeypatch):
+    """wo_b (and its block scale) split by columns: each rank's reads cover exactly its
+    columns. Before: whole rows, world_size times the bytes (at Flash, 32 MiB of wo_b per
+    rank where 32/w MiB are needed)."""
+    cfg = tiny_config(o_groups=4)
+    folder = written(tmp_path, make(cfg, fmt=WeightFormat.released()), **LAYOUTS["drafter"])
+    index = json.loads((Path(folder) / "model.safetensors.index.json").read_text())
+    names = [n for n in index["weight_map"] if ".attn.wo_b." in n]
+    assert len(names) == 2  # the FP8 weight and its scale
+    infos = {n: read_header(os.path.join(folder, index["weight_map"][n]))[n] for n in names}
+    reads = []  # (file, offset, bytes) of every read the loader makes
+    real = os.preadv
+
+    def counted(fd, buffers, offset):
+        n = real(fd, buffers, offset)
+        reads.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), offset, n))
+        return n
+
+    monkeypatch.setattr(os, "preadv", counted)
+    world = 4
+    for rank in range(world):
+        reads.clear()
+        load_state(folder, rank=rank, world_size=world, dtype=torch.float32)
+        for name, info in infos.items():
+            rows, cols = info.shape
+            elem = info.nbytes // (rows * cols)
+            c0, c1 = rank * cols // world * elem, (rank + 1) * cols // world * elem
+            inside = [(o - info.begin, n) for f, o, n in reads
+                      if f == info.file and info.begin <= o < info.end]
+            assert sum(n for _, n in inside) == info.nbytes // world, (name, rank)
+            for o, n in inside:  # every read within the rank's columns of one row
+                assert c0 <= o % (cols * elem) and o % (cols * elem) + n <= c1, (name, rank)
+
+
+@st.composite
+def stored_parts(draw):
+    """A stored tensor's shape (1-4 dims) and a part of it (a (start, stop) per dim)."""
+    shape = draw(st.lists(st.integers(1, 6), min_size=1, max_size=4))
+    part = []
+    for n in shape:
+        a = draw(st.integers(0, n - 1))
+        part.append((a, draw(st.integers(a + 1, n))))
+    return tuple(shape), tuple(part)
+
+
+@settings(max_examples=60, deadline=None)
+@given(stored_parts(), st.sampled_from([torch.float32, torch.bfloat16, torch.int8]))
+def test_stream_delivers_exactly_a_part(tmp_path_factory, shape_part, dtype):
+    """Any part of any stored tensor (whole rows, columns, inner blocks): the bytes delivered
+    are the tensor's slice, read from exactly the part's bytes when it is not whole rows."""
+    from mtp.checkpoint.stream import Read, stream
+
+    shape, part = shape_part
+    folder = tmp_path_factory.mktemp("part")
+    t = torch.arange(math.prod(shape), dtype=torch.float32).view(shape).to(dtype)
+    save_file({"t": t}, str(folder / "t.safetensors"))
+    info = read_header(str(folder / "t.safetensors"))["t"]
+    want = t[tuple(slice(a, b) for a, b in part)]
+    dest = torch.full_like(want, 7)
+    assert stream(str(folder), [Read(info, dest, part)]) == want.numel() * want.element_size()
+    assert torch.equal(dest, want)
+
+
 def test_rank_slices_refuse_uneven_splits(folder):  # 4 heads, 2 groups
     with pytest.raises(ValueError, match="cannot split"):
         load_state(folder, rank=0, world_size=4)
@@ -373,6 +438,17 @@ def test_plan_kinds(folder):
     raw.pop("dspark_num_blocks")
     path.write_text(json.dumps(raw))
     assert plan(folder).kind == "no-mtp"
+
+
+def test_the_backend_is_chosen_where_the_module_is_loaded(folder):
+    model, _ = load_model(folder, dtype=torch.float32, backend="reference")
+    assert model.backend == "reference" and model.ops.name == "reference"
+    assert load_model(folder, dtype=torch.float32)[0].backend == "auto"  # the default
+    drafter = Drafter.from_pretrained(folder, dtype=torch.float32, backend="reference")
+    assert drafter.model.backend == "reference"
+    with pytest.raises(ValueError, match=r"backend: expected one of \('reference', 'triton', "
+                                         r"'auto'\) or an ops object, got 'cuda'"):
+        load_model(folder, backend="cuda")
 
 
 def test_bad_arguments(tmp_path, folder):

@@ -2,16 +2,20 @@
 
 A :class:`Read` says which part of which stored tensor goes into which destination view; the
 same path serves a whole-module load and a tensor-parallel rank's slices. :func:`stream` runs the
-reads in blocks of whole rows (at most 16 MiB), in file order, over a few threads that read with
+reads in blocks of rows (at most 16 MiB), in file order, over a few threads that read with
 ``os.preadv``: when the stored dtype is the destination's, the rows are whole and the
 destination is contiguous host memory, the bytes go straight into it (one copy out of the page
-cache); otherwise through a per-thread 16 MiB buffer that keeps the wanted columns, converts the
-dtype or moves to the GPU on copy (pinned when the destination is CUDA). Every block is checked
+cache); otherwise through a per-thread 16 MiB buffer that converts the dtype or moves to the
+GPU on copy (pinned when the destination is CUDA). A part that is not whole rows (a
+tensor-parallel rank's columns) is read run by run: only the bytes inside the part leave the
+page cache, one read per contiguous piece of a row. Every block is checked
 for NaN and infinity as it passes (:func:`~mtp.checkpoint.header.check_finite`).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import sys
 import threading
@@ -46,7 +50,7 @@ class Read:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the part delivered (what a rank needs, not the whole rows read)."""
+        """Bytes of the part delivered (what a rank needs)."""
         return region_numel(self.part) * self.info.nbytes // max(
             region_numel(full_region(self.info.storage_shape)), 1)
 
@@ -100,7 +104,12 @@ class ShardReader:
 
     def _read(self, info: TensorInfo, offset: int, out: torch.Tensor) -> None:
         view = memoryview(out.view(-1).view(torch.uint8).numpy())
-        fd, got = self.fds[info.file], 0
+        self._read_at(self.fds[info.file], info, view, offset)
+
+    @staticmethod
+    def _read_at(fd: int, info: TensorInfo, view: memoryview, offset: int) -> None:
+        """Fill ``view`` with the file's bytes from ``offset`` on."""
+        got = 0
         while got < len(view):
             n = os.preadv(fd, [view[got:]], offset + got)
             if not n:
@@ -130,17 +139,49 @@ class ShardReader:
             self._read(info, offset, out)  # same bytes, same dtype: no conversion, no copy
             check_finite(out, info, r0, r1)
             return n
-        buffer = getattr(self.local, "buffer", None)
-        if buffer is None or buffer.numel() < n:
-            buffer = torch.empty(max(n, CHUNK), dtype=torch.uint8,
-                                 pin_memory=out.device.type == "cuda")
-            self.local.buffer = buffer
-        self._read(info, offset, buffer[:n])
-        rows = buffer[:n].view(stored).view((r1 - r0,) + tuple(shape[1:]))
-        check_finite(rows, info, r0, r1)
-        cols = rows[(slice(None),) + tuple(slice(a, b) for a, b in part[1:])]
+        if not whole_rows:  # only the part's bytes: docs/performance.md, column reads
+            cols = self._read_part(read, r0, r1, out.device.type == "cuda")
+        else:
+            buffer = self._buffer(n, out.device.type == "cuda")
+            self._read(info, offset, buffer[:n])
+            cols = buffer[:n].view(stored).view((r1 - r0,) + tuple(shape[1:]))
+        check_finite(cols, info, r0, r1)
         out.copy_(cols)
         return cols.numel() * cols.element_size()
+
+    def _buffer(self, n: int, pin: bool) -> torch.Tensor:
+        """This thread's staging buffer, at least ``n`` bytes."""
+        buffer = getattr(self.local, "buffer", None)
+        if buffer is None or buffer.numel() < n:
+            buffer = torch.empty(max(n, CHUNK), dtype=torch.uint8, pin_memory=pin)
+            self.local.buffer = buffer
+        return buffer
+
+    def _read_part(self, read: Read, r0: int, r1: int, pin: bool) -> torch.Tensor:
+        """Rows ``[r0, r1)`` cut to the read's part of the other dims, reading only the bytes
+        inside it: per row, one read per contiguous run (the last dim that is not whole, with
+        every dim after it) -> [r1 - r0, *part sizes] in the stored dtype."""
+        info, part = read.info, read.part
+        shape = info.storage_shape
+        stored = DTYPES[info.dtype]
+        elem = torch.empty((), dtype=stored).element_size()
+        strides = [math.prod(shape[j + 1:]) * elem for j in range(len(shape))]  # bytes
+        k = max(j for j in range(1, len(shape)) if part[j] != (0, shape[j]))
+        run = (part[k][1] - part[k][0]) * strides[k]
+        sizes = tuple(b - a for a, b in part[1:])
+        n = (r1 - r0) * math.prod(sizes) * elem
+        buffer = self._buffer(n, pin)[:n]
+        view = memoryview(buffer.numpy())
+        fd, at = self.fds[info.file], 0
+        # the runs' offsets within a row: one per index of the dims before k
+        starts = [part[k][0] * strides[k] + sum(i * strides[j] for j, i in enumerate(idx, 1))
+                  for idx in itertools.product(*(range(a, b) for a, b in part[1:k]))]
+        for row in range(info.begin + r0 * strides[0], info.begin + r1 * strides[0],
+                         strides[0]):
+            for start in starts:
+                self._read_at(fd, info, view[at:at + run], row + start)
+                at += run
+        return buffer.view(stored).view((r1 - r0,) + sizes)
 
 
 def stream(folder: str, reads: Sequence[Read],
