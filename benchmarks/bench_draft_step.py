@@ -11,7 +11,9 @@ experts), bfloat16 compute, and a KV cache whose window is full, times per batch
   steps enqueued without synchronisation, as a decode loop runs: GPU time per step);
 - a catch-up of 128 rows per sequence (the module's forward + logits of each last row);
 - a k = 3 greedy proposal (three graph replays with the argmax between);
-- ``Drafter.propose`` (1 new row per sequence, k = 3) eager vs ``use_cuda_graphs`` (--drafter);
+- ``Drafter.propose(k=3)`` as built by default on CUDA (a greedy call: one whole-call graph
+  replay) with 1 and k + 1 new rows per sequence, against its floor and the bare graph
+  proposal; the host time of one call (enqueue only) and the first call's capture (--drafter);
 
 against the floor: the bytes that must be read (every dense weight, the experts actually routed
 to in that very call, the embedding rows, the KV window) and written, over the device-to-device
@@ -270,7 +272,7 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     # k = 3 greedy proposal (graph replays)
-    for b in [x for x in batches if x in (1, 16, 64)]:
+    for b in [x for x in batches if x in (1, 16, 64) or x in args.drafter]:
         slots = torch.arange(b, device=dev)
         pos = torch.full((b,), pos0, device=dev)
         sets = inputs(cfg, b, ROT, dev, g, torch.bfloat16)
@@ -286,7 +288,8 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
                    graph_ms=t, x_floor=t / (fb / bw * 1e3))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    rows += bench_drafter(model, fast, name, args.drafter, args.reps, dev, g)
+    bare = {r["batch"]: r["graph_ms"] for r in rows if r["what"] == "k=3 proposal"}
+    rows += bench_drafter(model, fast, mk, name, args.drafter, args.reps, dev, g, pb, bw, bare)
     # catch-up: 128 rows per sequence through forward, then logits of each sequence's last row
     for n_seq in args.catchup:
         t_rows = 128 * n_seq
@@ -328,34 +331,64 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
     return rows
 
 
-def bench_drafter(model, fast, name, batches, reps, dev, g) -> list[dict]:
-    """``Drafter.propose`` as an engine calls it (1 new real row per sequence, k = 3 drafts:
-    the row's step eager through the module's triton backend, steps 1 and 2 eager or as graph
-    replays after ``use_cuda_graphs``), host work included; the window is not full here."""
+def bench_drafter(model, fast, mk, name, batches, reps, dev, g, pb, bw, bare) -> list[dict]:
+    """``Drafter.propose(k=3)`` as an engine calls it, the default drafter on CUDA (greedy: one
+    whole-call graph replay per call), with 1 and k + 1 = 4 new real rows per sequence, host
+    work included, each call timed alone (the GPU idles until the call's first copy arrives);
+    the host time of one call (enqueue only: measured with the GPU busy behind a sleeping
+    kernel); the first call's capture time. The window is full (as in the floor). ``bare``:
+    {batch: ms} of the bare graph proposal, same run."""
     from mtp.drafter import Drafter
     rows = []
     cfg = model.config
+    k, pos0 = 3, 1000
     for b in batches:
-        ms = {}
-        for graphs in (False, True):
-            d = Drafter(model, max_seqs=b, max_draft_tokens=3)
-            if graphs:
-                d.use_cuda_graphs(buckets=(b,))
+        for n in (1, k + 1):
+            d = Drafter(model, max_seqs=b, max_draft_tokens=k)
             ids = list(range(b))
             for i in ids:
-                d.add_sequence(i, position=1000)
-            sets = inputs(cfg, b, ROT, dev, g, torch.bfloat16)
+                d.add_sequence(i, position=pos0)
+            fill_cache(d.cache, b, pos0, g)
+            t = b * n
+            sets = inputs(cfg, t, ROT, dev, g, torch.bfloat16)
+            total = 4 + reps + 40  # calls: capture, warm-up, timed, host-timed
+            positions = [(torch.arange(n, device=dev) + pos0 + j * n).repeat(b)
+                         for j in range(total)]
+            calls = iter(range(total))
 
-            def call(j, d=d, ids=ids, sets=sets):
-                pos = torch.tensor([d.next_position(i) for i in ids], device=dev)
+            def call(_, d=d, ids=ids, sets=sets, counts=[n] * b, positions=positions,
+                     calls=calls):
+                j = next(calls)
                 nxt, h = sets[j % ROT]
-                d.propose(ids, h, nxt, pos, [1] * len(ids), k=3)
+                return d.propose(ids, h, nxt, positions[j], counts, k=k)
 
-            ms[graphs] = statistics.median(time_it(call, reps))
-        row = dict(preset=name, what="Drafter.propose k=3", batch=b, eager_ms=ms[False],
-                   graph_ms=ms[True], speedup=ms[False] / ms[True])
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+            t0 = time.perf_counter()
+            call(0).check()
+            capture_s = time.perf_counter() - t0
+            ms = statistics.median(time_it(call, reps, warmup=3))
+            host = []
+            for _ in range(40):
+                d.synchronize()
+                torch.cuda._sleep(20_000_000)  # the GPU busy for ~10 ms: enqueue only
+                t0 = time.perf_counter()
+                call(0)
+                host.append((time.perf_counter() - t0) * 1e6)
+            d.synchronize()
+            # floor: the real rows' step (b * n rows, the experts they route to) + k - 1 steps
+            sl = torch.full((t,), -1, device=dev)
+            used_n = routed_experts(fast, mk, sets[0][0], positions[0], sets[0][1], sl, d.cache)
+            used_1 = routed_experts(fast, mk, sets[0][0][:b], positions[0][:b],
+                                    sets[0][1][:b], sl[:b], d.cache)
+            fb = (floor_bytes(model, pb, t, b, used_n, b, 2)
+                  + (k - 1) * floor_bytes(model, pb, b, b, used_1, b, 2))
+            floor_ms = fb / bw * 1e3
+            row = dict(preset=name, what=f"Drafter.propose k=3, {n} row(s)/seq", batch=b,
+                       floor_ms=floor_ms, graph_ms=ms, x_floor=ms / floor_ms,
+                       x_bare=ms / bare[b] if b in bare else float("nan"),
+                       host_us=statistics.median(host), capture_s=capture_s,
+                       buckets=sorted(d._proposer.made))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
@@ -481,15 +514,26 @@ def main() -> None:
           "back-to-back ms | x floor | vs naive |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows[1:]:
-        if r["what"] in ("memory", "Drafter.propose k=3"):
+        if r["what"] == "memory" or r["what"].startswith("Drafter"):
             continue
         print(f"| {r['preset']} | {r['what']} | {r['batch']} | {r['floor_ms']:.3f} | "
               f"{r.get('naive_ms', nan):.2f} | {r.get('eager_ms', nan):.3f} | "
               f"{r.get('graph_ms', nan):.3f} | {r['x_floor']:.2f} | "
               f"{r.get('b2b_ms', nan):.3f} | {r.get('b2b_x_floor', nan):.2f} | "
               f"{r.get('speedup_vs_naive', nan):.0f} |")
+    print("\n| preset | what | batch | floor ms | ms | x floor | x bare graphs | host us/call | "
+          "capture s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows[1:]:
-        if r["what"] in ("memory", "Drafter.propose k=3"):
+        if r["what"] == "k=3 proposal":
+            print(f"| {r['preset']} | bare graph proposal (k=3) | {r['batch']} | "
+                  f"{r['floor_ms']:.3f} | {r['graph_ms']:.3f} | {r['x_floor']:.2f} | 1 | | |")
+        if r["what"].startswith("Drafter"):
+            print(f"| {r['preset']} | {r['what']} | {r['batch']} | {r['floor_ms']:.3f} | "
+                  f"{r['graph_ms']:.3f} | {r['x_floor']:.2f} | {r['x_bare']:.2f} | "
+                  f"{r['host_us']:.0f} | {r['capture_s']:.2f} |")
+    for r in rows[1:]:
+        if r["what"] == "memory":
             print(json.dumps(r))
 
 

@@ -205,11 +205,13 @@ class TritonOps:
                 attn_k.cache_write(kv, positions, layer_kv, cpos.view(-1),
                                    rows=index.write_rows, slots=index.write_slots)
             return o
-        # a decode step: the kernel reads the cache's position table itself (no index tensors)
-        o = attn_k.sink_attention(q, kv, sink, cos, sin, window, cache_kv=layer_kv,
-                                  positions=positions, seq_slots=seq_slots, cache_pos=cpos)
+        # a decode step: the kernel reads the cache's position table itself (no index tensors).
+        # The rows go into the ring first: a sequence with several consecutive rows then finds
+        # its earlier rows there (a row's own key comes from kv; the entries overwritten are
+        # C positions back, outside every row's window while rows per slot <= C - W + 1)
         attn_k.cache_write(kv, positions, layer_kv, cpos, seq_slots=seq_slots)
-        return o
+        return attn_k.sink_attention(q, kv, sink, cos, sin, window, cache_kv=layer_kv,
+                                     positions=positions, seq_slots=seq_slots, cache_pos=cpos)
 
     def grouped_linear(self, o, lin, groups: int):
         t = o.shape[0]

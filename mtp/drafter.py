@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 from collections.abc import Hashable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ import torch
 from .cache import KVCache
 from .config import MTPConfig
 from .model import DeepSeekV4MTP
+from .propose_program import ERR_HIDDEN, ERR_IDS, ERR_LOGITS, ERR_POSITIONS, INPUT_ERRORS
 from .sampling import GREEDY, Sampling
 
 MAX_POSITION = 2**31 - 1
@@ -85,11 +87,24 @@ class Proposal:
     ``mtp.verify.rejection_sample``); None when drafting greedily.
     ``hidden`` [S, k, M*D]: the MTP residual each draft came from (``hidden[:, 0]``: the last
     real row's output; ``hidden[:, s]``: draft step s's).
+
+    All three stay on the drafter's device. On CUDA some argument checks finish on the GPU
+    after the call returns (docs/drafter.md, "When each check fires"): :meth:`check` waits
+    for this proposal's and raises if its call was refused (the drafter's next call would).
     """
 
     drafts: torch.Tensor
     probs: torch.Tensor | None
     hidden: torch.Tensor
+    _deferred: Any = field(default=None, repr=False, compare=False)
+
+    def check(self) -> Proposal:
+        """Raise the error of this proposal's call if its device-side checks failed (then its
+        drafts are void and the drafter is as before the call); returns self. Waits for the
+        call's GPU work only; a no-op on CPU and once checked."""
+        if self._deferred is not None:
+            self._deferred.drafter._settle_if(self._deferred)
+        return self
 
 
 @dataclass
@@ -111,7 +126,21 @@ class _Plan:
     keep: torch.Tensor | None  # [T'] row indices kept, None when every row is
     hidden: torch.Tensor  # [T, M*D] (a [T, M, D] argument flattened)
     next_ids: torch.Tensor  # [T]: next_token_ids or input_ids, whichever was given
-    positions: torch.Tensor  # [T] int64 (int32 accepted, widened here)
+    positions: torch.Tensor  # [T] int64 or int32 as given
+    ids_name: str  # the name next_ids was given under
+
+
+@dataclass
+class _Deferred:
+    """A call whose device-side checks are still running: its error word (pinned host memory,
+    copied when ``event`` completes), and what restoring the drafter needs."""
+
+    drafter: Drafter
+    error: torch.Tensor
+    event: Any
+    plan: _Plan
+    program: Any  # the ProposeProgram whose buffers hold the call's inputs
+    dest: list[int] | None  # the rows' places in them (None: in order)
 
 
 class Drafter:
@@ -125,6 +154,10 @@ class Drafter:
         accelerator: an object with ``forward`` and ``compute_logits`` of exactly the module's
             signatures (e.g. a GPU kernel path); every forward and logits call goes through it.
             Default: the module itself.
+        cuda_graphs: run a greedy :meth:`propose` as one CUDA-graph replay (captured the first
+            time a bucket of sequences x new rows x k is needed): None (default) where it can
+            run (CUDA, the module's triton backend, one process, no accelerator set), False
+            never (the eager path), True where it can or raise ``ValueError`` saying why not.
 
     Example:
         >>> import torch
@@ -143,12 +176,15 @@ class Drafter:
     """
 
     def __init__(self, model: DeepSeekV4MTP, *, max_seqs: int = 64, max_draft_tokens: int = 4,
-                 accelerator: Any = None):
+                 accelerator: Any = None, cuda_graphs: bool | None = None):
         if not isinstance(model, DeepSeekV4MTP):
             raise TypeError(f"model: expected a mtp.DeepSeekV4MTP, got {type(model).__name__}")
         for name, value in (("max_seqs", max_seqs), ("max_draft_tokens", max_draft_tokens)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if cuda_graphs not in (None, True, False):
+            raise ValueError(f"cuda_graphs: expected None (where they can run), True or False, "
+                             f"got {cuda_graphs!r}")
         device = model.model.embed_tokens.weight.device
         if device.type == "meta":
             raise ValueError("model: its parameters are on the meta device; load weights first")
@@ -158,6 +194,9 @@ class Drafter:
         self._lock = threading.RLock()
         self.model = model
         self._graphs = None
+        self._cuda_graphs = cuda_graphs
+        self._proposer: Any = None  # ProposeGraphs, _NONE (cannot run), None (not decided)
+        self._pending: _Deferred | None = None
         self.accelerator = accelerator
         self.max_draft_tokens = max_draft_tokens
         cfg = model.config
@@ -167,15 +206,21 @@ class Drafter:
         self.load_report = None  # set by from_pretrained: what the loader read
         self._seqs: dict[Hashable, _Seq] = {}
         self._free = list(range(max_seqs - 1, -1, -1))  # pop() hands out slot 0 first
+        if cuda_graphs:
+            self._whole_call_graphs()  # raises why they cannot run
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str, *, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.bfloat16, max_seqs: int = 64,
                         max_draft_tokens: int = 4, embed_tokens: torch.Tensor | None = None,
-                        head: torch.Tensor | None = None, numerics=None,
-                        **load_kwargs) -> Drafter:
+                        head: torch.Tensor | None = None, numerics=None, backend: Any = "auto",
+                        cuda_graphs: bool | None = None, **load_kwargs) -> Drafter:
         """Load a checkpoint folder or Hugging Face repo id (``mtp.loader.load_model``) and wrap
         it. ``embed_tokens`` / ``head``: the target's [V, D] tensors, shared instead of loaded.
+        On CUDA in the released format the module runs the Triton kernels (``backend="auto"``)
+        and greedy proposals replay CUDA graphs (``cuda_graphs=None``), with nothing more to
+        call; ``backend="reference"`` picks the pure-PyTorch ops, ``cuda_graphs=False`` the
+        eager path (see :class:`Drafter`).
         ``load_kwargs`` go to the loader (revision, cache_dir, token, ``process_group`` for
         tensor/expert parallelism: every rank of the group makes the same calls and gets the
         same drafts, see docs/parallel.md).
@@ -190,7 +235,9 @@ class Drafter:
         model, report = load_model(path_or_repo_id, device=device, dtype=dtype,
                                    embed_tokens=embed_tokens, head=head, numerics=numerics,
                                    **load_kwargs)
-        drafter = cls(model, max_seqs=max_seqs, max_draft_tokens=max_draft_tokens)
+        model.backend = backend
+        drafter = cls(model, max_seqs=max_seqs, max_draft_tokens=max_draft_tokens,
+                      cuda_graphs=cuda_graphs)
         drafter.load_report = report
         return drafter
 
@@ -210,8 +257,10 @@ class Drafter:
                 if not callable(getattr(value, method, None)):
                     raise TypeError(f"accelerator: has no callable {method}(...) (it needs "
                                     "forward and compute_logits with the module's signatures)")
+        self._settle()
         self._accelerator = self.model if value is None else value
         self._graphs = None  # captured for the previous accelerator
+        self._proposer = None
 
     @property
     def config(self) -> MTPConfig:
@@ -251,11 +300,14 @@ class Drafter:
 
     @_locked
     def use_cuda_graphs(self, buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)) -> None:
-        """Run draft steps s >= 1 as CUDA-graph replays (``mtp_kernels.DraftStepGraphs``).
+        """Also run the draft steps s >= 1 of the calls that do not replay a whole-call graph
+        (sampled drafting, catch-up-sized calls, a tensor-parallel module) as CUDA-graph
+        replays (``mtp_kernels.DraftStepGraphs``). Greedy calls need nothing: on CUDA they
+        replay whole-call graphs by default (``cuda_graphs``).
 
-        Opt-in, CUDA only, needs the ``mtp_kernels`` package (the repo's ``kernels/``, with
+        CUDA only, needs the ``mtp_kernels`` package (the repo's ``kernels/``, with
         Triton) and the model's triton backend (``backend="auto"``, the default, on CUDA in the
-        released format). Captures the model's own ``decode_step``, one graph per bucket and
+        released format). Captures the model's own ``decode_step`` now, one graph per bucket and
         MTP layer (``spec_step_idx`` = 0 .. n_mtp - 1): a
         proposal for S sequences replays the smallest bucket >= S; more sequences than the
         largest bucket run eagerly. Catch-up rows and draft step 0 stay eager (their row counts
@@ -265,6 +317,7 @@ class Drafter:
             >>> drafter = Drafter(model.cuda(), max_seqs=64)          # doctest: +SKIP
             >>> drafter.use_cuda_graphs(buckets=(1, 2, 4, 8, 16, 32, 64))  # doctest: +SKIP
         """
+        self._settle()
         sizes = list(buckets) if isinstance(buckets, Sequence) else None
         if not sizes or any(not isinstance(b, int) or isinstance(b, bool) or b < 1
                             for b in sizes):
@@ -298,6 +351,7 @@ class Drafter:
         Start later than 0 when only the last rows' residuals are at hand: the drafts of a
         sequence depend only on the W rows before them.
         """
+        self._settle()
         _check_hashable(seq_id)
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} is already in the drafter; remove_sequence "
@@ -317,6 +371,8 @@ class Drafter:
     @_locked
     def remove_sequence(self, seq_id: Hashable) -> None:
         """Stop tracking a sequence and free its cache slot."""
+        if self._pending is not None and seq_id in self._pending.plan.seq_ids:
+            self._settle()
         seq = self._get(seq_id)
         self.cache.clear(seq.slot)
         del self._seqs[seq_id]
@@ -333,8 +389,10 @@ class Drafter:
 
         Arguments as in :meth:`propose`. Returns [S, M*D]: each sequence's last row's output.
         """
+        self._settle()
         plan = self._plan(seq_ids, hidden_states, input_ids, next_token_ids, positions,
                           num_rows_per_seq)
+        self._check_values(plan)
         with self._dropping_on_failure(plan):
             return self._feed(plan)
 
@@ -366,7 +424,13 @@ class Drafter:
 
         Returns a :class:`Proposal`. Afterwards each sequence's next position is one past its
         last row: the next call re-feeds from there (the verified rows, with real residuals).
+
+        On CUDA with graphs (the default there) a greedy call whose sequences and rows fit
+        the buckets checks token ids, positions and hidden values on the GPU: an error raises
+        at the drafter's next call (or at ``Proposal.check()``) and leaves the drafter as it
+        was before this call (docs/drafter.md, "When each check fires").
         """
+        self._settle()
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.max_draft_tokens:
             raise ValueError(f"k: expected an int in [1, {self.max_draft_tokens}] "
                              f"(max_draft_tokens sizes the cache), got {k!r}")
@@ -376,9 +440,22 @@ class Drafter:
         plan = self._plan(seq_ids, hidden_states, input_ids, next_token_ids, positions,
                           num_rows_per_seq)
         sampling.check(len(plan.seq_ids), self.device)
+        graphs = self._whole_call_graphs() if _scalar_greedy(sampling) else None
+        if graphs is not None and graphs.bucket(len(plan.seq_ids), max(plan.counts)):
+            proposal = self._propose_graphed(plan, k, graphs)
+            if proposal is not None:
+                return proposal
+        self._check_values(plan)
         with self._dropping_on_failure(plan):
             x = self._feed(plan)  # [S, M*D]
             return self._draft(plan, x, k, sampling)
+
+    @_locked
+    def synchronize(self) -> None:
+        """Wait for the last call's device-side checks and raise its error if one failed
+        (docs/drafter.md, "When each check fires"). Every call of the drafter does this first;
+        a no-op on CPU."""
+        self._settle()
 
     # ---- internals -------------------------------------------------------------------------
     def _get(self, seq_id: Hashable) -> _Seq:
@@ -429,18 +506,8 @@ class Drafter:
         _check_tensor(ids_arg, ids_name, (t,),
                       f"[T] = [{t}] (the token after each row)", device, floating=False)
         _check_tensor(positions, "positions", (t,), f"[T] = [{t}]", device, floating=False)
-        check_hidden_values(hidden_states)
-        if int(ids_arg.min()) < 0 or int(ids_arg.max()) >= cfg.vocab_size:
-            bad = ids_arg[(ids_arg < 0) | (ids_arg >= cfg.vocab_size)][0].item()
-            raise ValueError(f"{ids_name}: token id {bad} is outside the vocabulary "
-                             f"[0, {cfg.vocab_size})")
 
         starts = [s.next_position for s in seqs]
-        pos = positions.detach().to("cpu", torch.int64)
-        expected = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)])
-        if not torch.equal(pos, expected):
-            _explain_positions(ids, starts, counts, pos)
-
         window = cfg.sliding_window
         kept = [min(n, window) for n in counts]
         keep = None
@@ -449,11 +516,148 @@ class Drafter:
             keep = torch.cat([torch.arange(o + n - m, o + n)
                               for o, n, m in zip(offsets, counts, kept)]).to(device)
         return _Plan(ids, [s.slot for s in seqs], starts, counts, kept, keep, hidden_states,
-                     ids_arg, positions.to(torch.int64))
+                     ids_arg, positions, ids_name)
+
+    def _check_values(self, plan: _Plan) -> None:
+        """The checks that read the tensors' values (each a host synchronisation on CUDA):
+        finite bounded hidden states, token ids in the vocabulary, positions where expected."""
+        _check_values(plan.ids_name, plan.next_ids, plan.positions, plan.hidden, plan.seq_ids,
+                      plan.starts, plan.counts, self.config.vocab_size)
+
+    def _whole_call_graphs(self):
+        """The :class:`mtp_kernels.ProposeGraphs` greedy calls replay, or None where they
+        cannot run (decided once per accelerator; with ``cuda_graphs=True`` a ValueError)."""
+        if self._proposer is None:
+            why = self._graphs_unavailable()
+            if why is not None and self._cuda_graphs:
+                raise ValueError(f"cuda_graphs=True: {why}; pass cuda_graphs=None (graphs "
+                                 "where they can run) or False")
+            if why is not None:
+                self._proposer = _NONE
+            else:
+                from mtp_kernels import ProposeGraphs
+                self._proposer = ProposeGraphs(self.model, self.cache, *self._buckets(),
+                                               MAX_ABS_HIDDEN)
+        return None if self._proposer is _NONE else self._proposer
+
+    def _buckets(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Whole-call buckets: sequences (powers of two, and max_seqs), new rows per sequence
+        (powers of two, and the most a call between verifications brings: max_draft_tokens
+        + 1; never past the window, whose earlier rows the eager path drops)."""
+        top = min(self.max_draft_tokens + 1, self.config.sliding_window)
+        rows = sorted({r for r in (1, 2, 4, 8, 16) if r < top} | {top})
+        seqs = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < self.max_seqs}
+                      | {self.max_seqs})
+        return tuple(seqs), tuple(rows)
+
+    def _graphs_unavailable(self) -> str | None:
+        if self._cuda_graphs is False:
+            return "turned off (cuda_graphs=False)"
+        if self.device.type != "cuda":
+            return f"the drafter is on {self.device}; CUDA graphs need a CUDA device"
+        if self._accelerator is not self.model:
+            return "an accelerator is set (graphs capture the module's own backend)"
+        if self.model.tp.sharded:
+            return "a tensor-parallel module drafts through the eager path with draft-step graphs"
+        try:
+            from mtp_kernels import TritonOps
+        except ImportError as exc:
+            return (f"the mtp_kernels package cannot be imported ({exc}); it is the repo's "
+                    "kernels/ folder and needs Triton")
+        if not isinstance(self.model.ops, TritonOps):
+            return (f"the module runs the {self.model.ops.name!r} ops; the graphs capture the "
+                    "triton backend (CUDA, the released format)")
+        return None
+
+    def _propose_graphed(self, plan: _Plan, k: int, graphs) -> Proposal | None:
+        """A greedy call as one graph replay, its value checks on the device (read later by
+        :meth:`_settle`). No host synchronisation. None (nothing done) if its bucket's capture
+        failed (now or before): the caller runs the eager path."""
+        s = len(plan.seq_ids)
+        try:  # first use of a bucket: captures it (nothing of the drafter changes)
+            captured = graphs.get(s, max(plan.counts), k)
+        except Exception as exc:  # noqa: BLE001 - whatever capture raises: that bucket eager
+            if self._cuda_graphs:
+                raise
+            what = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"Drafter: capturing a CUDA graph of propose failed ({what}); calls "
+                          f"of this size ({s} sequences, {max(plan.counts)} rows each, k={k}) "
+                          "run the eager path from now on (Drafter(..., cuda_graphs=False) "
+                          "chooses it for all without trying)", RuntimeWarning, stacklevel=3)
+            return None
+        if captured is None:  # its capture failed before
+            return None
+        prog = captured.program
+        pad = prog.seqs - s
+        full = pad == 0 and all(n == prog.rows for n in plan.counts)
+        dest = None if full else prog.dest(plan.counts)
+        host = (plan.slots + [-1] * pad + plan.starts + [0] * pad + plan.counts + [0] * pad
+                + (dest or []))
+        packed = torch.tensor(host, dtype=torch.int64)
+        if self.device.type == "cuda":  # pinned: the copy is queued, the host does not wait
+            packed = packed.pin_memory()
+        packed = packed.to(self.device, non_blocking=True)
+        with self._dropping_on_failure(plan):
+            prog.stage(packed, plan.next_ids, plan.positions, plan.hidden, full)
+            captured.replay()
+            drafts = captured.drafts[:s].clone()  # the graph's buffers: rewritten next replay
+            hidden = captured.hidden[:s].clone()
+            if self.device.type == "cuda":  # read back when the call is done, not waited for
+                error = torch.empty(1, dtype=torch.int32, pin_memory=True)
+                error.copy_(captured.error.view(1), non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:  # the eager runner (tests): already computed
+                error, event = captured.error.view(1).cpu(), None
+        for seq_id, start, n in zip(plan.seq_ids, plan.starts, plan.counts):
+            self._seqs[seq_id].next_position = start + n
+        self._pending = _Deferred(self, error, event, plan, prog, dest)
+        return Proposal(drafts, None, hidden, self._pending)
+
+    def _settle(self) -> None:
+        """Read the last graphed call's error word (waiting for that call only); on an error,
+        put the drafter back as it was before that call and raise what the checks found."""
+        pend, self._pending = self._pending, None
+        if pend is None:
+            return
+        if pend.event is not None:
+            pend.event.synchronize()
+        err = int(pend.error[0])
+        if not err:
+            return
+        plan = pend.plan
+        for seq_id, start in zip(plan.seq_ids, plan.starts):
+            if seq_id in self._seqs:
+                self._seqs[seq_id].next_position = start
+        after = (f" (found on the GPU after propose({_short(plan.seq_ids)}) returned; that "
+                 "call's drafts are void and it changed nothing: the drafter is as before it)")
+        if not err & INPUT_ERRORS:  # NaN logits: its rows and drafts went into the cache
+            for slot, start in zip(plan.slots, plan.starts):
+                self.cache.discard_from(slot, start)
+            raise ValueError("logits: hold NaN (the model's output went non-finite from finite "
+                             "inputs: check the weights)" + after)
+        prog = pend.program
+        dest = (torch.arange(len(plan.next_ids), device=self.device) if pend.dest is None
+                else torch.tensor(pend.dest, device=self.device))
+        try:  # the host checks on the call's own inputs (the program's copies) name the row
+            _check_values(plan.ids_name, prog.ids[dest], prog.pos[dest], prog.hidden[dest],
+                          plan.seq_ids, plan.starts, plan.counts, self.config.vocab_size)
+        except ValueError as exc:
+            raise ValueError(f"{exc}{after}") from None
+        names = [n for bit, n in ((ERR_IDS, plan.ids_name), (ERR_POSITIONS, "positions"),
+                                  (ERR_HIDDEN, "hidden_states"), (ERR_LOGITS, "logits"))
+                 if err & bit]
+        raise ValueError(f"{', '.join(names)}: refused by the device-side checks{after}")
+
+    def _settle_if(self, pend: _Deferred) -> None:
+        with self._lock:
+            if self._pending is pend:
+                self._settle()
 
     def _feed(self, plan: _Plan) -> torch.Tensor:
         device = self.device
-        hidden_states, input_ids, positions = plan.hidden, plan.next_ids, plan.positions
+        hidden_states, input_ids = plan.hidden, plan.next_ids
+        positions = plan.positions.to(torch.int64)
         slots = torch.tensor(plan.slots, device=device)
         starts = torch.tensor(plan.starts, device=device)
         # Every entry at or after a sequence's next real position came from a draft: drop it
@@ -555,6 +759,26 @@ def _flat_hidden(hidden_states, cfg: MTPConfig):
             and tuple(hidden_states.shape[1:]) == (cfg.hc_mult, cfg.hidden_size):
         return hidden_states.flatten(1)  # [T, M, D] -> [T, M*D]
     return hidden_states
+
+
+def _scalar_greedy(sampling: Sampling) -> bool:
+    """Greedy, known without reading a tensor (a per-row temperature tensor is not)."""
+    return not isinstance(sampling.temperature, torch.Tensor) and sampling.temperature == 0
+
+
+def _check_values(ids_name: str, ids: torch.Tensor, positions: torch.Tensor,
+                  hidden: torch.Tensor, seq_ids: list, starts: list[int], counts: list[int],
+                  vocab_size: int) -> None:
+    """Refuse a call by the values of its tensors (reads them: on CUDA, synchronisations)."""
+    check_hidden_values(hidden)
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        bad = ids[(ids < 0) | (ids >= vocab_size)][0].item()
+        raise ValueError(f"{ids_name}: token id {bad} is outside the vocabulary "
+                         f"[0, {vocab_size})")
+    pos = positions.detach().to("cpu", torch.int64)
+    expected = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)])
+    if not torch.equal(pos, expected):
+        _explain_positions(seq_ids, starts, counts, pos)
 
 
 def _row_counts(num_rows_per_seq, s: int) -> list[int]:

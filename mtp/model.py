@@ -615,23 +615,29 @@ class DeepSeekV4MTP(nn.Module):
 
     def decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor,
                     hidden_states: torch.Tensor, seq_slots: torch.Tensor, kv_cache: KVCache,
-                    spec_step_idx: int = 0, side_stream: Any = None
+                    spec_step_idx: int = 0, side_stream: Any = None, *,
+                    logits_rows: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One draft step for T sequences, one row each: (next hidden [T, M*D], logits [T, V]).
+        """One draft step for T rows: (next hidden [T, M*D], logits [T, V]).
 
         The same result as ``forward`` with ``kv_cache``/``seq_slots`` followed by
         ``compute_logits``, but with no checks (the caller validates: ids in the vocabulary,
-        positions >= 0, distinct slots; slot -1 marks a padding row that reads and writes
+        positions >= 0, each slot's rows together at consecutive positions, at most
+        ``capacity - W + 1`` of them; slot -1 marks a padding row that reads and writes
         nothing) and, with the triton backend, no host synchronisation: it can be captured in a
-        CUDA graph (``mtp_kernels.DraftStepGraphs``). ``side_stream``: a CUDA stream the
-        backend may run the shared expert on, beside the routed experts (pays inside a graph).
+        CUDA graph (``mtp_kernels.DraftStepGraphs``, ``mtp_kernels.ProposeGraphs``).
+        ``side_stream``: a CUDA stream the backend may run the shared expert on, beside the
+        routed experts (pays inside a graph). ``logits_rows`` [S]: compute the logits of these
+        rows only (-> [S, V]; e.g. each sequence's last row).
         """
         cfg = self.config
         layer = self.layer(spec_step_idx)
         cache_layer = spec_step_idx % cfg.num_nextn_predict_layers
         x, parts = self._step(layer, input_ids, None, positions, hidden_states, kv_cache,
                               cache_layer, None, seq_slots, side_stream=side_stream,
-                              head_mix=True)
+                              head_mix=logits_rows is None)
+        if logits_rows is not None:
+            return x.flatten(1), layer.logits(self.ops, x.index_select(0, logits_rows))
         return x.flatten(1), layer.logits(self.ops, x, parts)
 
     def _step(self, layer: MTPLayer, input_ids, inputs_embeds, positions, hidden_states, cache,

@@ -291,8 +291,9 @@ class ReferenceOps:
         read: the rows' own keys come from ``kv``).
 
         ``index``: a :class:`~mtp.cache.WindowIndex` (any batch), or None for a decode step:
-        one row per sequence, ``seq_slots`` [T] its cache slot, -1 for a padding row (reads and
-        writes nothing; its output is zero here)."""
+        each sequence's rows together at consecutive positions (usually one), ``seq_slots`` [T]
+        their cache slot, -1 for a padding row (reads and writes nothing; its output is zero
+        here)."""
         if index is None:
             return self._attend_decode(q, kv, sink, cos, sin, positions, window, cache,
                                        cache_layer, seq_slots)

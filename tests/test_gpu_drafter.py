@@ -85,9 +85,9 @@ def play(drafter, dtype, sampling_seed=None):
 def test_graphs_equal_eager(dtype, sampled):
     model = build(dtype)
     assert model.ops.name == "triton"  # backend "auto" on CUDA in the released format
-    eager = Drafter(model, max_seqs=4, max_draft_tokens=3)
-    graphs = Drafter(model, max_seqs=4, max_draft_tokens=3)
-    graphs.use_cuda_graphs(buckets=(1, 2))
+    eager = Drafter(model, max_seqs=4, max_draft_tokens=3, cuda_graphs=False)
+    graphs = Drafter(model, max_seqs=4, max_draft_tokens=3, cuda_graphs=False)
+    graphs.use_cuda_graphs(buckets=(1, 2))  # draft-step graphs only
     assert len(graphs._graphs) == 2  # one DraftStepGraphs per MTP layer
     seed = 11 if sampled else None
     d_e, h_e = play(eager, dtype, seed)
@@ -111,7 +111,7 @@ def test_graphs_timing_and_reset():
     cfg = model.config
     ms = {}
     for use in (False, True):
-        d = Drafter(model, max_seqs=1, max_draft_tokens=3)
+        d = Drafter(model, max_seqs=1, max_draft_tokens=3, cuda_graphs=False)
         if use:
             d.use_cuda_graphs(buckets=(1,))
         d.add_sequence("a")
@@ -183,3 +183,185 @@ def test_importing_mtp_imports_no_triton():
             "assert 'triton' not in sys.modules and 'mtp_kernels' not in sys.modules, "
             "sorted(m for m in sys.modules if 'triton' in m or 'kernels' in m)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- the default GPU drafter: a greedy call is one whole-call graph replay ------------------
+# Compared with the eager path (the same module, same triton ops, cuda_graphs=False) and with
+# the module's reference ops. Tolerances, with their reasons:
+# - the graph runs the real rows through decode_step over padded buckets (S x R rows), the
+#   eager path through forward over exactly T rows: the same kernels, but the row count picks
+#   some launch shapes (split-K of the products), so sums may round differently. float32: every
+#   draft equal, residuals and cached KV within 1e-5 relative (summation order). bfloat16: an
+#   ulp can cross an FP8 activation rounding boundary (2^-4 relative on one element), so the
+#   residuals and KV are held to 2e-2, and drafts to >= 90% agreement (a near-tie flip changes
+#   that sequence's later drafts; the measured share is printed).
+# - positions in the cache: equal exactly (they depend on the row counts only).
+
+
+def gpu_loop(drafters, dtype, seed=0, k=3, rounds=8):
+    """A randomized loop of 4 sequences at different positions through each drafter with the
+    same inputs: rounds of 1-4 of them with 1 .. k + 1 new rows each (accepted drafts + the
+    bonus) and 1 .. k drafts, round 3 a catch-up longer than the window (eager everywhere).
+    Returns, per drafter, the list of Proposals."""
+    cfg = drafters[0].config
+    gen = torch.Generator().manual_seed(seed)
+    for d in drafters:
+        for s in range(4):
+            d.add_sequence(s, position=5 * s)
+    out = [[] for _ in drafters]
+    for r in range(rounds):
+        ids = torch.randperm(4, generator=gen)[:int(torch.randint(1, 5, (1,), generator=gen))]
+        ids = ids.tolist()
+        top = cfg.sliding_window + 2 if r == 3 else k + 1
+        counts = [int(torch.randint(1, top + 1, (1,), generator=gen)) for _ in ids]
+        kr = int(torch.randint(1, k + 1, (1,), generator=gen))
+        t = sum(counts)
+        h = torch.randn(t, cfg.hc_dim, generator=gen).to("cuda", dtype)
+        nxt = torch.randint(0, cfg.vocab_size, (t,), generator=gen).cuda()
+        first = drafters[0]
+        pos = torch.cat([torch.arange(first.next_position(s), first.next_position(s) + n)
+                         for s, n in zip(ids, counts)]).cuda()
+        for d, o in zip(drafters, out):
+            o.append(d.propose(ids, h, nxt, pos, counts, k=kr).check())
+    for d in drafters[1:]:
+        assert [d.next_position(s) for s in range(4)] == \
+            [first.next_position(s) for s in range(4)]
+    return out
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_gpu_drafter_equals_the_eager_path(dtype):
+    model = build(dtype)
+    graphed = Drafter(model, max_seqs=4, max_draft_tokens=3)  # the default: graphs
+    eager = Drafter(model, max_seqs=4, max_draft_tokens=3, cuda_graphs=False)
+    pg, pe = gpu_loop([graphed, eager], dtype)
+    made = graphed._proposer.made
+    assert any(r > 1 for _, r, _ in made) and any(s > 1 for s, _, _ in made), made.keys()
+    agree = torch.cat([(a.drafts == b.drafts).flatten() for a, b in zip(pg, pe)])
+    err = max(rel(a.hidden[:, 0], b.hidden[:, 0]) for a, b in zip(pg, pe))
+    # the real rows' entries (the last call's draft entries depend on its drafts)
+    nxt = torch.full((eager.max_seqs,), -1, device="cuda")
+    for s in eager.seq_ids:
+        nxt[eager.slot(s)] = eager.next_position(s)
+    held = (eager.cache.pos >= 0) & (eager.cache.pos < nxt[None, :, None])
+    kv_err = rel(graphed.cache.kv[held], eager.cache.kv[held])
+    print(f"\n{dtype}: graphs vs eager: drafts agree {agree.float().mean().item():.3f}, real "
+          f"row residual max rel {err:.2e}, cached KV rel {kv_err:.2e}; buckets captured "
+          f"{sorted(made)}")
+    assert torch.equal(graphed.cache.pos, eager.cache.pos)
+    if dtype == torch.float32:
+        assert bool(agree.all()) and err < 1e-5 and kv_err < 1e-5
+    else:
+        assert agree.float().mean() >= 0.9 and err < 2e-2 and kv_err < 2e-2
+
+
+@needs_cuda
+def test_default_gpu_drafter_equals_the_reference_ops():
+    """float32 with the FP8 rounding steps off: the kernels differ from the reference ops in
+    summation order only (tests/test_gpu_fast_path.py: < 2e-6 per step): every draft equal,
+    residuals within 1e-4 relative after eight rounds of cache reuse."""
+    num = Numerics(act_quant=False, kv_fp8=False)
+    src = init_random_(DeepSeekV4MTP(TINY, numerics=num), seed=0)
+    fast = DeepSeekV4MTP(TINY, dtype=torch.float32, numerics=num, device="cuda")
+    ref = DeepSeekV4MTP(TINY, dtype=torch.float32, numerics=num, device="cuda",
+                        backend="reference")
+    fast.load_state_dict(src.state_dict())
+    ref.load_state_dict(src.state_dict())
+    graphed = Drafter(fast, max_seqs=4, max_draft_tokens=3)
+    plain = Drafter(ref, max_seqs=4, max_draft_tokens=3)
+    assert plain._whole_call_graphs() is None  # the reference ops run eagerly
+    pg, pr = gpu_loop([graphed, plain], torch.float32, seed=1)
+    err = max(rel(a.hidden, b.hidden) for a, b in zip(pg, pr))
+    print(f"\ngraphs (triton) vs reference ops, float32: residuals max rel {err:.2e}")
+    assert all(torch.equal(a.drafts, b.drafts) for a, b in zip(pg, pr))
+    assert err < 1e-4 and torch.equal(graphed.cache.pos, plain.cache.pos)
+
+
+def _on_cuda(call: dict) -> dict:
+    out = {}
+    for key, v in call.items():
+        if isinstance(v, torch.Tensor) and v.device.type == "cpu":
+            v = v.cuda()
+        elif isinstance(v, Sampling):
+            v = Sampling(*(x.cuda() if isinstance(x, torch.Tensor) else x
+                           for x in (v.temperature, v.top_p)), v.generator)
+        out[key] = v
+    return out
+
+
+def _bad_cases():
+    from test_drafter_properties import BAD
+    cases = dict(BAD)
+    for name, value in (("nan", float("nan")), ("inf", float("inf")), ("huge", 1e7)):
+        def brk(c, value=value):
+            h = c["hidden_states"].clone()
+            h[1, 3] = value
+            return {**c, "hidden_states": h}
+        cases[f"hidden {name}"] = (brk, ValueError, "hidden_states: row 1 holds")
+    return cases
+
+
+DEFERRED_ON_GPU = {"position going backwards", "gap", "not consecutive",
+                   "id outside the vocabulary", "hidden nan", "hidden inf", "hidden huge",
+                   "float16 row that rounds to inf"}
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", sorted(_bad_cases()))
+def test_gpu_refusals_change_nothing(case):
+    """Every refusal on the default GPU drafter: host checks at the call, value checks at the
+    next call (device-side, deferred); either way the drafter is bitwise as before."""
+    from drafter_helpers import assert_same_state, snapshot
+    from test_drafter_properties import _good
+    model = build(torch.float32, n_mtp=1)
+    d = Drafter(model, max_seqs=4, max_draft_tokens=4)
+    g = torch.Generator().manual_seed(0)
+    for name, start, n in (("a", 0, 5), ("b", 1, 2), ("idle", 0, 4)):
+        d.add_sequence(name, position=start)
+        h = torch.randn(n, TINY.hc_dim, generator=g).cuda()
+        ids = torch.randint(0, TINY.vocab_size, (n,), generator=g).cuda()
+        d.propose([name], h, ids, torch.arange(start, start + n).cuda(), [n], k=3)
+    break_call, error, message = _bad_cases()[case]
+    good_cpu = {**_good(), "hidden_states": _good()["hidden_states"].float()}
+    good = _on_cuda(good_cpu)
+    call = _on_cuda(break_call(dict(good_cpu)))  # broken on the CPU, as the CPU tests do
+    if case == "hidden device":
+        message = "on meta, but the drafter is on cuda"
+    before = snapshot(d)
+    if case in DEFERRED_ON_GPU:
+        d.propose(**call)
+        with pytest.raises(error, match=message):
+            d.propose(**good)
+    else:
+        with pytest.raises(error, match=message):
+            d.propose(**call)
+    assert_same_state(before, snapshot(d))
+    assert d.propose(**good).check().drafts.shape == (2, 2)
+
+
+@needs_cuda
+def test_graphed_call_does_not_wait_for_the_gpu():
+    """With the GPU busy (a sleeping kernel queued first), a graphed propose returns while the
+    queue still runs: no host synchronisation. Also prints the first call's capture time and
+    the host time per call."""
+    model = build(torch.bfloat16, n_mtp=1)
+    d = Drafter(model, max_seqs=2, max_draft_tokens=3)
+    d.add_sequence("a")
+    h = torch.randn(1, TINY.hc_dim, device="cuda", dtype=torch.bfloat16)
+    ids = torch.tensor([5], device="cuda")
+    t0 = time.perf_counter()
+    d.propose(["a"], h, ids, torch.tensor([0], device="cuda"), [1], k=3).check()
+    capture = time.perf_counter() - t0
+    host = []
+    for i in range(1, 21):
+        pos = torch.tensor([i], device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda._sleep(50_000_000)  # ~25 ms of GPU time queued ahead
+        t0 = time.perf_counter()
+        d.propose(["a"], h, ids, pos, [1], k=3)
+        host.append(time.perf_counter() - t0)
+        assert not torch.cuda.current_stream().query(), "propose waited for the GPU"
+    d.synchronize()
+    print(f"\ntiny bf16 batch 1: first call (capture) {capture * 1e3:.0f} ms; host time per "
+          f"graphed call {sorted(host)[len(host) // 2] * 1e6:.0f} us (median, GPU busy)")

@@ -1,0 +1,83 @@
+"""A whole greedy ``Drafter.propose`` call as one CUDA graph replay, captured lazily per bucket.
+
+:class:`ProposeGraphs` captures one :class:`mtp.propose_program.ProposeProgram` per bucket of
+(sequences, rows per sequence, k) the first time a call needs it: the real rows' step, the
+k - 1 draft steps, the argmaxes, the rollback of draft entries and the device-side input
+checks, all in one replay. Padding (sequences past the call's, rows before a sequence's first)
+has cache slot -1 and writes nothing.
+
+Example:
+    >>> graphs = ProposeGraphs(model, cache, (1, 2, 4), (1, 2, 4), max_abs_hidden=1e6)
+    >>> captured = graphs.get(seqs=3, rows=2, k=3)   # bucket (4, 2, 3), captured on first use
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mtp.cache import KVCache
+from mtp.model import DeepSeekV4MTP
+from mtp.propose_program import ProposeBuckets, ProposeProgram
+
+from . import _common
+from .backend import TritonOps
+from .graph import PDL_ROWS
+
+
+class CapturedProposal:
+    """One bucket's program and its graph; ``drafts``, ``hidden``, ``error``: its static
+    outputs (rewritten by every replay)."""
+
+    def __init__(self, program: ProposeProgram, pool, pdl: bool):
+        self.program = program
+        self.pdl = pdl and bool(_common.PDL_ARCH)
+        dev = program.cache.kv.device
+        program.clear()  # capture and warm-up on padding only: the cache is not touched
+        stream = torch.cuda.Stream(device=dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        was = _common.PDL
+        _common.PDL = self.pdl  # read by every Triton launch: recorded into the graph's nodes
+        try:
+            with torch.cuda.stream(stream):  # warm-up: compiles kernels, fills lazy caches
+                for _ in range(2):
+                    program.run()
+            torch.cuda.current_stream(dev).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.drafts, self.hidden, self.error = program.run()
+        finally:
+            _common.PDL = was
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class ProposeGraphs(ProposeBuckets):
+    """:class:`~mtp.propose_program.ProposeBuckets` whose programs are CUDA graphs, captured on
+    first use, over one :class:`~mtp.KVCache` (its tensors must stay the same objects).
+
+    Args (beyond the base class's): ``overlap``: the shared expert on a second stream (as
+    :class:`DraftStepGraphs`); ``pdl_rows``: buckets of at most this many rows (S * R) use
+    programmatic dependent launch where the GPU has it.
+    """
+
+    def __init__(self, model: DeepSeekV4MTP, kv_cache: KVCache, seq_buckets: tuple[int, ...],
+                 row_buckets: tuple[int, ...], max_abs_hidden: float, overlap: bool = True,
+                 pdl_rows: int = PDL_ROWS):
+        if not isinstance(model, DeepSeekV4MTP) or not isinstance(model.ops, TritonOps):
+            raise ValueError("ProposeGraphs: the module's backend must run the triton ops "
+                             "(backend='triton' or 'auto' on CUDA in the released format)")
+        if model.tp.sharded:
+            raise ValueError("ProposeGraphs: an unsplit module only (greedy argmax over the "
+                             "whole vocabulary)")
+        side = torch.cuda.Stream(device=kv_cache.kv.device) if overlap else None
+        super().__init__(model, kv_cache, seq_buckets, row_buckets, max_abs_hidden, side)
+        self.pdl_rows = pdl_rows
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def _make(self, program: ProposeProgram) -> CapturedProposal:
+        return CapturedProposal(program, self.pool,
+                                program.seqs * program.rows <= self.pdl_rows)
+
+
+__all__ = ["CapturedProposal", "ProposeGraphs"]

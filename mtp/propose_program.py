@@ -1,0 +1,222 @@
+"""One greedy ``Drafter.propose`` call as a fixed-shape program of tensor operations, the unit
+a CUDA graph captures (``mtp_kernels.ProposeGraphs``); eager elsewhere (the CPU tests run it
+with the reference ops).
+
+A program serves a bucket: up to S sequences with up to R new rows each, k drafts. The rows
+sit in static buffers [S * R], sequence i's n_i rows at the *end* of its block of R (so its
+last row is always row i * R + R - 1); the rows before them and the sequences past the call's
+are padding (cache slot -1: they read and write nothing).
+
+Nothing in it synchronises with the host, so the values the host cannot see without waiting
+are checked on the device: token ids in the vocabulary, positions where the drafter expects
+them, |hidden| finite and <= ``MAX_ABS_HIDDEN``, NaN logits. Each failed check sets a bit of
+the int32 error word (``ERR_*``), and an input error turns every cache write of the call off
+(every slot -1: the cache stays bit for bit as it was); the drafter reads the word at the next
+synchronisation and raises there. Bad values never reach a memory access: ids are clamped,
+bad and padding rows zeroed, positions taken from what the host knows.
+
+Shape legend: S sequences (bucket), R rows per sequence (bucket), k drafts, M*D = hc_mult *
+hidden_size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import KVCache
+from .model import DeepSeekV4MTP
+
+ERR_IDS = 1
+"""A token id outside the vocabulary (``next_token_ids`` / ``input_ids``)."""
+ERR_POSITIONS = 2
+"""A row's position differs from where the drafter expects it."""
+ERR_HIDDEN = 4
+"""A ``hidden_states`` value non-finite or above ``MAX_ABS_HIDDEN`` in magnitude."""
+ERR_LOGITS = 8
+"""NaN in a draft step's logits (finite inputs, non-finite output: the weights)."""
+INPUT_ERRORS = ERR_IDS | ERR_POSITIONS | ERR_HIDDEN
+
+_NO_LIMIT = 2**62  # "drop no entry" in the rollback's per-slot position limit
+
+
+class ProposeProgram:
+    """Static buffers for one bucket and :meth:`run`, the call's computation on them.
+
+    Args:
+        model: the module (its backend runs the ops).
+        cache: the drafter's KV cache (its tensors are read and written in place).
+        seqs, rows, k: the bucket: S sequences, R rows per sequence (R <= capacity - W + 1),
+            k drafts.
+        max_abs_hidden: the bound on |hidden_states|.
+        side_stream: a CUDA stream for the shared expert (``decode_step``'s), or None.
+    """
+
+    def __init__(self, model: DeepSeekV4MTP, cache: KVCache, seqs: int, rows: int, k: int,
+                 max_abs_hidden: float, side_stream=None):
+        cfg, dev = model.config, cache.kv.device
+        if rows > cache.capacity - cfg.sliding_window + 1:
+            raise ValueError(f"rows: {rows} per sequence do not fit the ring (capacity "
+                             f"{cache.capacity}, window {cfg.sliding_window})")
+        self.model, self.cache = model, cache
+        self.seqs, self.rows, self.k = seqs, rows, k
+        self.max_abs_hidden = max_abs_hidden
+        self.side_stream = side_stream
+        n = seqs * rows
+        self.hidden = torch.zeros(n, cfg.hc_dim, dtype=model.dtype, device=dev)
+        self.ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.pos = torch.zeros(n, dtype=torch.int64, device=dev)
+        # per sequence: cache slot (-1: padding), next real position, new rows (0: padding)
+        self.meta = torch.zeros(3, seqs, dtype=torch.int64, device=dev)
+        self.meta[0] = -1
+        self._j = torch.arange(rows, device=dev)
+        self._last = torch.arange(seqs, device=dev) * rows + rows - 1  # [S]
+        self._limit = torch.empty(cache.max_seqs + 1, dtype=torch.int64, device=dev)
+
+    def dest(self, counts: list[int]) -> list[int]:
+        """Where the caller's rows go in the buffers: sequence i's rows at the end of its
+        block (host arithmetic only)."""
+        r, out = self.rows, []
+        for i, n in enumerate(counts):
+            base = i * r + r - n
+            out.extend(range(base, base + n))
+        return out
+
+    def stage(self, packed: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
+              hidden: torch.Tensor, full: bool) -> None:
+        """Copy a call in. ``packed`` (on the device): meta [3, S] flattened, then the [T]
+        destinations of :meth:`dest` unless ``full`` (every row of the bucket is the call's,
+        in order: plain copies)."""
+        s = self.seqs
+        self.meta.view(-1).copy_(packed[:3 * s])
+        if full:
+            self.hidden.copy_(hidden)
+            self.ids.copy_(ids)
+            self.pos.copy_(positions)
+            return
+        dest = packed[3 * s:]
+        self.hidden.index_copy_(0, dest, hidden.to(self.hidden.dtype))
+        self.ids.index_copy_(0, dest, ids.to(torch.int64))
+        self.pos.index_copy_(0, dest, positions.to(torch.int64))
+
+    def clear(self) -> None:
+        """Every sequence padding (what capture and warm-up run on: nothing is written)."""
+        self.meta.zero_()
+        self.meta[0] = -1
+
+    def run(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The call on the staged buffers -> (drafts [S, k] int64, hidden [S, k, M*D], error
+        word [] int32). No host synchronisation."""
+        model, cache = self.model, self.cache
+        cfg = model.config
+        s, r = self.seqs, self.rows
+        slots, starts, counts = self.meta[0], self.meta[1], self.meta[2]
+        first = r - counts  # [S] the block's first real row
+        real = (self._j[None, :] >= first[:, None]) & (slots[:, None] >= 0)  # [S, R]
+        want = starts[:, None] + self._j[None, :] - first[:, None]  # [S, R] positions
+        ids = self.ids.view(s, r)
+        hid = self.hidden.view(s, r, -1)  # [S*R, M*D] -> [S, R, M*D]
+        bad_ids = real & ((ids < 0) | (ids >= cfg.vocab_size))
+        bad_pos = real & (self.pos.view(s, r) != want)
+        finite = (hid.abs() <= self.max_abs_hidden).all(dim=-1)  # False for NaN too
+        bad_hid = real & ~finite
+        error = (bad_ids.any().to(torch.int32) * ERR_IDS
+                 + bad_pos.any().to(torch.int32) * ERR_POSITIONS
+                 + bad_hid.any().to(torch.int32) * ERR_HIDDEN)
+        ok = error == 0
+        seq_on = (slots >= 0) & ok  # [S] sequences whose cache this call may change
+        row_slots = torch.where(real & ok, slots[:, None], -1).flatten()  # [S*R]
+        x_in = torch.where((real & finite)[..., None], hid, 0).flatten(0, 1)
+        ids_in = torch.where(real & ~bad_ids, ids, 0).flatten()
+        pos_in = torch.where(real, want, 0).flatten()
+
+        # Rollback: every entry at or after a sequence's next real position came from a draft.
+        limit = self._limit
+        limit.fill_(_NO_LIMIT)
+        limit.scatter_(0, torch.where(seq_on, slots, cache.max_seqs), starts)  # padding: last
+        cache.pos.masked_fill_(cache.pos >= limit[:-1].view(1, -1, 1), -1)
+
+        last_rows = None if r == 1 else self._last
+        x, logits = model.decode_step(ids_in, pos_in, x_in, row_slots, cache, 0,
+                                      side_stream=self.side_stream, logits_rows=last_rows)
+        if last_rows is not None:
+            x = x.index_select(0, last_rows)  # [S, M*D] each sequence's last row
+        nan = torch.isnan(logits).any()
+        draft_slots = torch.where(seq_on, slots, -1)
+        last_pos = starts + counts - 1
+        hidden, drafts = [x], []
+        token = logits.argmax(dim=-1)
+        for step in range(1, self.k):
+            drafts.append(token)
+            x, logits = model.decode_step(token, last_pos + step, x, draft_slots, cache, step,
+                                          side_stream=self.side_stream)
+            hidden.append(x)
+            nan = nan | torch.isnan(logits).any()
+            token = logits.argmax(dim=-1)
+        drafts.append(token)
+        error = error + nan.to(torch.int32) * ERR_LOGITS
+        return torch.stack(drafts, dim=1), torch.stack(hidden, dim=1), error
+
+
+class EagerProposal:
+    """A bucket's program run eagerly at each :meth:`replay` (what a captured graph replays);
+    ``drafts``, ``hidden``, ``error``: the last run's outputs."""
+
+    def __init__(self, program: ProposeProgram):
+        self.program = program
+        self.drafts = self.hidden = self.error = None
+
+    def replay(self) -> None:
+        self.drafts, self.hidden, self.error = self.program.run()
+
+
+class ProposeBuckets:
+    """The buckets of (sequences, rows per sequence, k) and their programs, made on first use.
+    Here the programs run eagerly (any device, any backend: for tests);
+    ``mtp_kernels.ProposeGraphs`` captures each in a CUDA graph instead.
+
+    Args:
+        model, cache: as :class:`ProposeProgram`.
+        seq_buckets: sequence counts; a call with S sequences uses the smallest bucket >= S.
+        row_buckets: new rows per sequence (each <= capacity - W + 1); a call whose longest
+            sequence has n rows uses the smallest bucket >= n.
+        max_abs_hidden: the bound on |hidden_states| checked on the device.
+    """
+
+    def __init__(self, model: DeepSeekV4MTP, cache: KVCache, seq_buckets: tuple[int, ...],
+                 row_buckets: tuple[int, ...], max_abs_hidden: float, side_stream=None):
+        self.model, self.cache = model, cache
+        self.seq_buckets = tuple(sorted(set(seq_buckets)))
+        self.row_buckets = tuple(sorted(set(row_buckets)))
+        self.max_abs_hidden = max_abs_hidden
+        self.side_stream = side_stream
+        self.made: dict[tuple[int, int, int], object] = {}
+        self.failed: set[tuple[int, int, int]] = set()  # buckets whose making raised
+
+    def bucket(self, seqs: int, rows: int) -> tuple[int, int] | None:
+        """(S, R) of the smallest buckets holding a call, or None (too large for any)."""
+        s = next((b for b in self.seq_buckets if b >= seqs), None)
+        r = next((b for b in self.row_buckets if b >= rows), None)
+        return None if s is None or r is None else (s, r)
+
+    def get(self, seqs: int, rows: int, k: int):
+        """The bucket's runner for a call (made now if it is the bucket's first call); None if
+        making it failed before (the error was raised then)."""
+        s, r = self.bucket(seqs, rows)
+        key = (s, r, k)
+        runner = self.made.get(key)
+        if runner is None and key not in self.failed:
+            program = ProposeProgram(self.model, self.cache, s, r, k, self.max_abs_hidden,
+                                     side_stream=self.side_stream)
+            try:
+                runner = self.made[key] = self._make(program)
+            except BaseException:
+                self.failed.add(key)
+                raise
+        return runner
+
+    def _make(self, program: ProposeProgram):
+        return EagerProposal(program)
+
+
+__all__ = ["ERR_HIDDEN", "ERR_IDS", "ERR_LOGITS", "ERR_POSITIONS", "INPUT_ERRORS",
+           "EagerProposal", "ProposeBuckets", "ProposeProgram"]

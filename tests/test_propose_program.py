@@ -1,0 +1,224 @@
+"""The whole-call program (``mtp.propose_program``: what a CUDA graph captures for a greedy
+``Drafter.propose``) run eagerly on the CPU with the reference ops, against the drafter's eager
+path: the bucketing and padding, the rows at the end of each block, the rollback on the device,
+and the device-side checks with their deferred errors. The GPU tests
+(tests/test_gpu_drafter.py) run the same against the captured graphs.
+
+Tolerance: the module in float64 (every FP8 rounding step on). The program runs the real rows
+through ``decode_step`` (keys gathered by position from the cache, the head over each
+sequence's last row only) where the eager path runs ``forward`` then ``compute_logits``: the same
+operations on the same values, so drafts must be equal and residuals within 1e-12 relative
+(float64 summation order at most); cache positions equal, cached KV within 1e-12.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from drafter_helpers import TINY, W, assert_same_state, drafter, rel_err, rows, snapshot
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_drafter_properties import BAD, _good
+
+from mtp import DeepSeekV4MTP, Numerics
+from mtp.drafter import MAX_ABS_HIDDEN, Drafter
+from mtp.propose_program import ProposeBuckets, ProposeProgram
+from mtp.testing import init_random_
+
+TOL = 1e-12
+
+
+def programmed(d: Drafter) -> Drafter:
+    """``d`` with greedy calls through the whole-call programs, run eagerly (what the GPU
+    replays as graphs)."""
+    d._proposer = ProposeBuckets(d.model, d.cache, *d._buckets(), MAX_ABS_HIDDEN)
+    return d
+
+
+def held_kv_close(a: Drafter, b: Drafter) -> bool:
+    held = a.cache.pos >= 0
+    return torch.equal(a.cache.pos, b.cache.pos) and \
+        rel_err(a.cache.kv[held], b.cache.kv[held]) < TOL
+
+
+def test_buckets():
+    d = drafter(max_seqs=5, max_draft_tokens=4)
+    assert d._buckets() == ((1, 2, 4, 5), (1, 2, 4, 5))  # rows: up to k + 1 = 5
+    small_window = drafter(max_seqs=1, max_draft_tokens=4)
+    assert small_window._buckets()[1][-1] == min(5, W)
+    b = ProposeBuckets(d.model, d.cache, (1, 2, 4), (1, 2, 5), MAX_ABS_HIDDEN)
+    assert b.bucket(3, 3) == (4, 5) and b.bucket(5, 1) is None and b.bucket(1, 6) is None
+    prog = ProposeProgram(d.model, d.cache, 4, 5, 2, MAX_ABS_HIDDEN)
+    assert prog.dest([2, 5, 1]) == [3, 4, 5, 6, 7, 8, 9, 14]  # each at the end of its block
+    with pytest.raises(ValueError, match="do not fit the ring"):
+        ProposeProgram(d.model, d.cache, 1, d.cache.capacity - W + 2, 2, MAX_ABS_HIDDEN)
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.integers(2, 4))
+def test_program_equals_eager_over_a_loop_with_partial_acceptance(seed, k):
+    """Four sequences at different positions, rounds of 1-4 of them with 1 .. k + 1 new rows
+    each (accepted drafts + the bonus) and 1 .. k drafts, a catch-up round (too many rows: the
+    eager path); the same loop through the eager path: drafts, residuals, cache (the draft
+    entries dropped by the next call included) and positions agree."""
+    gen = torch.Generator().manual_seed(seed)
+    eager, prog = drafter(), programmed(drafter())
+    for d in (eager, prog):
+        for s in range(4):
+            d.add_sequence(s, position=3 * s)
+    for r in range(7):
+        n_seqs = int(torch.randint(1, 5, (1,), generator=gen))
+        ids = torch.randperm(4, generator=gen)[:n_seqs].tolist()
+        top = W + 3 if r == 2 else k + 1  # round 2: a catch-up longer than the window
+        counts = [int(torch.randint(1, top + 1, (1,), generator=gen)) for _ in ids]
+        h, nxt, _ = rows(sum(counts), seed + r)
+        pos = torch.cat([torch.arange(eager.next_position(s), eager.next_position(s) + n)
+                         for s, n in zip(ids, counts)])
+        kr = int(torch.randint(1, k + 1, (1,), generator=gen))  # fewer drafts: stale entries
+        pe = eager.propose(ids, h, nxt, pos, counts, k=kr)
+        pp = prog.propose(ids, h, nxt.to(torch.int32), pos, counts, k=kr)
+        assert torch.equal(pe.drafts, pp.drafts), (r, counts)
+        assert rel_err(pp.hidden, pe.hidden) < TOL
+        assert held_kv_close(eager, prog)
+        assert [eager.next_position(s) for s in range(4)] == \
+            [prog.next_position(s) for s in range(4)]
+    assert prog._proposer.made, "no call went through the programs"
+    assert any(r > 1 for _, r, _ in prog._proposer.made), "no multi-row bucket was used"
+
+
+DEFERRED = {  # checked on the device: the call returns, the next one raises
+    "position going backwards", "gap", "not consecutive", "id outside the vocabulary",
+    "float16 row that rounds to inf"}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_refusals_through_the_program_change_nothing(case):
+    """Every refusal of the eager path, through the program: the host's checks raise at the
+    call; the value checks raise at the next call with the same message, and either way the
+    drafter is bitwise as before the refused call."""
+    d = programmed(drafter())
+    for name, start, n in (("a", 0, 5), ("b", 1, 2), ("idle", 0, 4)):
+        d.add_sequence(name, position=start)
+        h, ids, pos = rows(n, 3, start)
+        d.propose([name], h, ids, pos, [n], k=3)
+    break_call, error, message = BAD[case]
+    call = break_call(_good())
+    before = snapshot(d)
+    if case in DEFERRED:
+        d.propose(**call)  # returns: nothing was synchronised
+        with pytest.raises(error, match=message) as info:
+            d.propose(**_good())
+        assert "found on the GPU after propose(['a', 'b']) returned" in str(info.value)
+    else:
+        with pytest.raises(error, match=message):
+            d.propose(**call)
+    assert_same_state(before, snapshot(d))
+    assert d.propose(**_good()).drafts.shape == (2, 2)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e7])
+@pytest.mark.parametrize("how", ["next call", "Proposal.check", "synchronize", "feed",
+                                 "remove_sequence"])
+def test_bad_hidden_values_are_refused_at_the_next_synchronisation(value, how):
+    d = programmed(drafter())
+    d.add_sequence("a", position=5)
+    d.add_sequence("b", position=3)
+    h, ids, pos = rows(3, 1, 0)
+    d.propose(["a", "b"], h, ids, torch.tensor([5, 6, 3]), [2, 1], k=2)
+    before = snapshot(d)
+    h, ids, _ = rows(3, 2, 0)
+    h[1, 7] = value
+    p = d.propose(["a", "b"], h, ids, torch.tensor([7, 8, 4]), [2, 1], k=2)
+    assert d.next_position("a") == 9  # as if accepted, until the checks are read
+    with pytest.raises(ValueError, match="hidden_states: row 1 holds") as info:
+        if how == "next call":
+            d.propose(["a"], h[:1], ids[:1], torch.tensor([7]), [1], k=2)
+        elif how == "Proposal.check":
+            p.check()
+        elif how == "synchronize":
+            d.synchronize()
+        elif how == "feed":
+            d.feed(["b"], h[:1], ids[:1], torch.tensor([4]), [1])
+        else:
+            d.remove_sequence("a")
+    assert "changed nothing" in str(info.value)
+    assert_same_state(before, snapshot(d))
+    p.check()  # raised once; the drafter is usable again
+    h[1, 7] = 0.0
+    assert d.propose(["a", "b"], h[:2], ids[:2], torch.tensor([7, 4]), [1, 1],
+                     k=2).check().drafts.shape == (2, 2)
+
+
+def test_nan_logits_roll_the_call_back():
+    """Finite inputs, NaN logits (a broken head norm): the call's rows and drafts were written;
+    the error rolls them back, and the drafter then drafts exactly as a twin that never saw
+    the call."""
+    cfg = TINY
+    model = init_random_(DeepSeekV4MTP(cfg, dtype=torch.float64, numerics=Numerics()), seed=5)
+    d = programmed(Drafter(model, max_seqs=2, max_draft_tokens=3))
+    twin = Drafter(model, max_seqs=2, max_draft_tokens=3, cuda_graphs=False)
+    for x in (d, twin):
+        x.add_sequence("a")
+        h, ids, pos = rows(6, 4)
+        x.propose(["a"], h, ids, pos, [6], k=3)
+    norm = model.model.layers[str(cfg.num_hidden_layers)].shared_head.norm.weight
+    keep = norm.clone()
+    norm[0] = float("nan")
+    h, ids, pos = rows(2, 5, start=6)
+    d.propose(["a"], h, ids, pos, [2], k=3)
+    norm.copy_(keep)
+    with pytest.raises(ValueError, match="logits: hold NaN"):
+        d.synchronize()
+    assert d.next_position("a") == 6
+    h, ids, pos = rows(3, 6, start=6)
+    pa, pb = d.propose(["a"], h, ids, pos, [3], k=3), twin.propose(["a"], h, ids, pos, [3], k=3)
+    assert torch.equal(pa.drafts, pb.drafts) and rel_err(pa.hidden, pb.hidden) < TOL
+
+
+def test_cuda_graphs_argument():
+    with pytest.raises(ValueError, match="cuda_graphs: expected None"):
+        drafter().__class__(drafter().model, cuda_graphs="yes")
+    with pytest.raises(ValueError, match="cuda_graphs=True: the drafter is on cpu"):
+        Drafter(drafter().model, cuda_graphs=True)
+    d = Drafter(drafter().model, max_seqs=2)  # None: the CPU runs the eager path, unchanged
+    assert d._whole_call_graphs() is None
+
+
+def test_a_failed_capture_falls_back_to_the_eager_path():
+    """If capturing a bucket fails (with cuda_graphs=None), the call runs eagerly with a
+    warning, and so do the later calls of that bucket (no second try, no second warning),
+    while other buckets still run their programs; with cuda_graphs=True the error
+    propagates."""
+
+    class Failing(ProposeBuckets):
+        def _make(self, program):
+            if program.rows > 2:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            return super()._make(program)
+
+    d, eager = drafter(), drafter()
+    d._proposer = Failing(d.model, d.cache, *d._buckets(), MAX_ABS_HIDDEN)
+    h, ids, pos = rows(3, 0)
+    for x in (d, eager):
+        x.add_sequence("a")
+    with pytest.warns(RuntimeWarning, match=r"propose failed .* \(1 sequences, 3 rows each"):
+        p = d.propose(["a"], h, ids, pos, [3], k=2)
+    assert torch.equal(p.drafts, eager.propose(["a"], h, ids, pos, [3], k=2).drafts)
+    assert d.next_position("a") == 3 and d._proposer.failed == {(1, 4, 2)}
+    h, ids, pos = rows(3, 1, start=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the failed bucket is not tried again
+        assert torch.equal(d.propose(["a"], h, ids, pos, [3], k=2).drafts,
+                           eager.propose(["a"], h, ids, pos, [3], k=2).drafts)
+        h, ids, pos = rows(1, 2, start=6)
+        assert torch.equal(d.propose(["a"], h, ids, pos, [1], k=2).drafts,
+                           eager.propose(["a"], h, ids, pos, [1], k=2).drafts)
+    assert (1, 1, 2) in d._proposer.made  # another bucket: its program ran
+    d._cuda_graphs = True
+    d._proposer = Failing(d.model, d.cache, *d._buckets(), MAX_ABS_HIDDEN)
+    h, ids, pos = rows(3, 3, start=7)
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        d.propose(["a"], h, ids, pos, [3], k=2)
+    assert d.next_position("a") == 7
