@@ -571,20 +571,21 @@ class Drafter:
 
     def _propose_graphed(self, plan: _Plan, k: int, graphs) -> Proposal | None:
         """A greedy call as one graph replay, its value checks on the device (read later by
-        :meth:`_settle`). No host synchronisation. None (nothing done) if the bucket's capture
-        failed: the caller runs the eager path."""
+        :meth:`_settle`). No host synchronisation. None (nothing done) if its bucket's capture
+        failed (now or before): the caller runs the eager path."""
         s = len(plan.seq_ids)
         try:  # first use of a bucket: captures it (nothing of the drafter changes)
             captured = graphs.get(s, max(plan.counts), k)
-        except Exception as exc:  # noqa: BLE001 - whatever capture raises: eager from now on
+        except Exception as exc:  # noqa: BLE001 - whatever capture raises: that bucket eager
             if self._cuda_graphs:
                 raise
             what = f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"Drafter: capturing a CUDA graph of propose failed ({what}); this "
-                          "drafter runs the eager path from now on (Drafter(..., "
-                          "cuda_graphs=False) chooses it without trying)", RuntimeWarning,
-                          stacklevel=3)
-            self._proposer = _NONE
+            warnings.warn(f"Drafter: capturing a CUDA graph of propose failed ({what}); calls "
+                          f"of this size ({s} sequences, {max(plan.counts)} rows each, k={k}) "
+                          "run the eager path from now on (Drafter(..., cuda_graphs=False) "
+                          "chooses it for all without trying)", RuntimeWarning, stacklevel=3)
+            return None
+        if captured is None:  # its capture failed before
             return None
         prog = captured.program
         pad = prog.seqs - s
@@ -734,6 +735,9 @@ def _check_hashable(seq_id: object) -> None:
     except TypeError:
         raise TypeError(f"sequence id: expected a hashable id (int or str), got "
                         f"{type(seq_id).__name__}") from None
+    if seq_id != seq_id:  # NaN: a dict finds it only through the very same object
+        raise ValueError(f"sequence id: {seq_id!r} is not equal to itself, so a later call "
+                         f"could not name it; use an int or str")
 
 
 def _next_token_ids(input_ids, next_token_ids) -> tuple[str, torch.Tensor]:

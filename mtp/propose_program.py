@@ -190,6 +190,7 @@ class ProposeBuckets:
         self.max_abs_hidden = max_abs_hidden
         self.side_stream = side_stream
         self.made: dict[tuple[int, int, int], object] = {}
+        self.failed: set[tuple[int, int, int]] = set()  # buckets whose making raised
 
     def bucket(self, seqs: int, rows: int) -> tuple[int, int] | None:
         """(S, R) of the smallest buckets holding a call, or None (too large for any)."""
@@ -198,14 +199,19 @@ class ProposeBuckets:
         return None if s is None or r is None else (s, r)
 
     def get(self, seqs: int, rows: int, k: int):
-        """The bucket's runner for a call (made now if it is the bucket's first call)."""
+        """The bucket's runner for a call (made now if it is the bucket's first call); None if
+        making it failed before (the error was raised then)."""
         s, r = self.bucket(seqs, rows)
         key = (s, r, k)
         runner = self.made.get(key)
-        if runner is None:
+        if runner is None and key not in self.failed:
             program = ProposeProgram(self.model, self.cache, s, r, k, self.max_abs_hidden,
                                      side_stream=self.side_stream)
-            runner = self.made[key] = self._make(program)
+            try:
+                runner = self.made[key] = self._make(program)
+            except BaseException:
+                self.failed.add(key)
+                raise
         return runner
 
     def _make(self, program: ProposeProgram):

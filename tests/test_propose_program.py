@@ -13,6 +13,8 @@ operations on the same values, so drafts must be equal and residuals within 1e-1
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from drafter_helpers import TINY, W, assert_same_state, drafter, rel_err, rows, snapshot
@@ -186,24 +188,37 @@ def test_cuda_graphs_argument():
 
 def test_a_failed_capture_falls_back_to_the_eager_path():
     """If capturing a bucket fails (with cuda_graphs=None), the call runs eagerly with a
-    warning, and so do the later ones; with cuda_graphs=True the error propagates."""
+    warning, and so do the later calls of that bucket (no second try, no second warning),
+    while other buckets still run their programs; with cuda_graphs=True the error
+    propagates."""
 
     class Failing(ProposeBuckets):
         def _make(self, program):
-            raise RuntimeError("operation not permitted when stream is capturing")
+            if program.rows > 2:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            return super()._make(program)
 
     d, eager = drafter(), drafter()
     d._proposer = Failing(d.model, d.cache, *d._buckets(), MAX_ABS_HIDDEN)
     h, ids, pos = rows(3, 0)
     for x in (d, eager):
         x.add_sequence("a")
-    with pytest.warns(RuntimeWarning, match="capturing a CUDA graph of propose failed"):
+    with pytest.warns(RuntimeWarning, match=r"propose failed .* \(1 sequences, 3 rows each"):
         p = d.propose(["a"], h, ids, pos, [3], k=2)
     assert torch.equal(p.drafts, eager.propose(["a"], h, ids, pos, [3], k=2).drafts)
-    assert d._whole_call_graphs() is None and d.next_position("a") == 3
+    assert d.next_position("a") == 3 and d._proposer.failed == {(1, 4, 2)}
+    h, ids, pos = rows(3, 1, start=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the failed bucket is not tried again
+        assert torch.equal(d.propose(["a"], h, ids, pos, [3], k=2).drafts,
+                           eager.propose(["a"], h, ids, pos, [3], k=2).drafts)
+        h, ids, pos = rows(1, 2, start=6)
+        assert torch.equal(d.propose(["a"], h, ids, pos, [1], k=2).drafts,
+                           eager.propose(["a"], h, ids, pos, [1], k=2).drafts)
+    assert (1, 1, 2) in d._proposer.made  # another bucket: its program ran
     d._cuda_graphs = True
     d._proposer = Failing(d.model, d.cache, *d._buckets(), MAX_ABS_HIDDEN)
-    h, ids, pos = rows(1, 1, start=3)
+    h, ids, pos = rows(3, 3, start=7)
     with pytest.raises(RuntimeError, match="stream is capturing"):
-        d.propose(["a"], h, ids, pos, [1], k=2)
-    assert d.next_position("a") == 3
+        d.propose(["a"], h, ids, pos, [3], k=2)
+    assert d.next_position("a") == 7
