@@ -741,6 +741,9 @@ def _check_hashable(seq_id: object) -> None:
     except TypeError:
         raise TypeError(f"sequence id: expected a hashable id (int or str), got "
                         f"{type(seq_id).__name__}") from None
+    if seq_id != seq_id:  # NaN: a dict finds it only through the very same object
+        raise ValueError(f"sequence id: {seq_id!r} is not equal to itself, so a later call "
+                         f"could not name it; use an int or str")
 
 
 def _next_token_ids(input_ids, next_token_ids) -> tuple[str, torch.Tensor]:

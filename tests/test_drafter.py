@@ -104,6 +104,10 @@ def test_sequences_are_added_removed_and_slots_reused():
         d.add_sequence("w", position=-1)
     with pytest.raises(TypeError, match="hashable"):
         d.add_sequence(["not", "hashable"])
+    # before: a NaN id was added, and a later float("nan") could not name it ("unknown")
+    with pytest.raises(ValueError, match="nan is not equal to itself"):
+        d.add_sequence(float("nan"))
+    assert d.seq_ids == ["y", "z"]
 
 
 def test_a_restarted_sequence_is_independent_of_its_past():
