@@ -336,6 +336,10 @@ class ReferenceOps:
         z = torch.einsum("tgi,gri->tgr", og, w.to(og.dtype)).to(o.dtype)  # [T, G, O]
         return rearrange(z, "t g r -> t (g r)")
 
+    def routed(self, u, idx, w, experts, limit: float, act_quant: bool):
+        """The routed experts' float32 sum [T, D] (:func:`routed_experts`)."""
+        return routed_experts(u, idx, w, experts, limit, act_quant)
+
     def moe(self, u, u_rounded, ffn, cfg, act_quant: bool, *, side_stream=None):
         """The MoE of u [T, D]: gate, routing, routed experts + shared expert, summed in float32
         -> [T, D] in u's dtype. ``ffn``: the module (``gate``, ``experts``,
@@ -345,7 +349,7 @@ class ReferenceOps:
         the float32 partials."""
         idx, w = route(u, ffn.gate.weight, ffn.gate.e_score_correction_bias,
                        cfg.num_experts_per_tok, cfg.scoring_func, cfg.routed_scaling_factor)
-        routed = routed_experts(u, idx, w, ffn.experts, cfg.swiglu_limit, act_quant)
+        routed = self.routed(u, idx, w, ffn.experts, cfg.swiglu_limit, act_quant)
         sh, tp = ffn.shared_experts, ffn.tp
         if getattr(sh, "split", False):  # this rank's part of the width: a float32 partial
             i = sh.down_proj.weight.shape[1]

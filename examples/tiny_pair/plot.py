@@ -7,6 +7,7 @@ the library does not: ``pip install matplotlib``; plots are made once, from save
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -18,6 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def plot_losses(log_path: str, out: str) -> None:
     rows = [json.loads(line) for line in open(log_path)]
+    start = next(r for r in rows if r.get("event") == "start")
+    batch, seq = start["args"]["batch"], start["args"]["seq"]
     fig, ax = plt.subplots(figsize=(7, 4))
     for phase, label in (("A", "joint"), ("A'", "post-hoc (frozen target)")):
         pts = [r for r in rows if r.get("phase") == phase and "step" in r]
@@ -26,10 +29,15 @@ def plot_losses(log_path: str, out: str) -> None:
         steps = [r["step"] for r in pts]
         if phase == "A":
             ax.plot(steps, [r["ntp"] for r in pts], label="target next-token CE (joint)")
-        ax.plot(steps, [r["mtp"] for r in pts], label=f"MTP CE, {label}")
-    ax.set_xlabel("step (64 x 512 bytes)")
-    ax.set_ylabel("cross-entropy (nats / byte)")
-    ax.set_title("tiny pair training (H200, bf16 autocast)")
+        ax.plot(steps, [r["mtp"] for r in pts], label=f"MTP CE (token after next), {label}")
+    bigram = next((r["heldout_bits"] for r in rows if r.get("event") == "bigram"), None)
+    if bigram is not None:
+        ax.axhline(bigram * math.log(2), color="gray", linestyle="--",
+                   label="byte bigram, held-out")
+    ax.set_xlabel(f"step ({batch} x {seq} bytes)")
+    ax.set_ylabel("training cross-entropy (nats / byte)")
+    ax.set_title(f"tiny pair training ({start['device']}, bf16 autocast)")
+    ax.set_ylim(0, 6)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -43,6 +43,7 @@ from mtp import ops  # noqa: E402
 from mtp.cache import window_index  # noqa: E402
 from mtp.demo.pair_config import PAIR_CONFIG, PLAIN_NUMERICS, TARGET_LAYERS  # noqa: E402
 from mtp.demo.toy_target import ToyTarget, _scale_block_outputs_  # noqa: E402
+from mtp.demo.training_ops import TrainingOps  # noqa: E402
 from mtp.model import DeepSeekV4MTP, Experts, StepContext  # noqa: E402
 from mtp.quant import WeightFormat  # noqa: E402
 from mtp.testing import init_random_  # noqa: E402
@@ -52,9 +53,6 @@ MTP_LAMBDA = 0.3
 # head is the frozen target's.
 FROZEN_IN_POSTHOC = ("e_score_correction", "shared_head.head")
 BIAS_STEP = 1e-3
-# Attention rows per chunk: the module bounds memory for long inference prompts at 256 rows;
-# a training batch has tens of thousands of rows and the memory to gather them in few chunks.
-ops.ATTN_CHUNK = 8192
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -110,13 +108,20 @@ class LoadTracker:
     def __init__(self, *modules):
         self.counts: dict[Experts, torch.Tensor] = {}
         self.gates = {}
+        self.hooks = []
         for module in modules:
             for sub in module.modules():
                 if isinstance(sub, mtp.model.MoE):
                     self.gates[sub.experts] = sub.gate
-                    sub.register_forward_pre_hook(self._count)
+                    self.hooks.append(sub.register_forward_pre_hook(self._count))
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
 
     def _count(self, moe, args):
+        if not torch.is_grad_enabled():
+            return  # evaluation: no step follows
         experts, gate, cfg = moe.experts, moe.gate, moe.cfg
         with torch.no_grad():
             idx, _ = ops.route(args[0], gate.weight, gate.e_score_correction_bias,
@@ -143,30 +148,34 @@ def batch_rows(b: int, s: int, device):
     return positions, slots
 
 
-def mtp_logits(m: DeepSeekV4MTP, residual, next_ids, positions, slots) -> torch.Tensor:
+def mtp_logits(m: DeepSeekV4MTP, residual, next_ids, positions, slots, ops_) -> torch.Tensor:
     """The MTP layer over a packed batch (one run of rows per sequence): row i takes the
     target's residual at i and the token at i + 1, and predicts the token at i + 2."""
     cfg, layer = PAIR_CONFIG, m.layer(0)
     h = residual.view(-1, cfg.hc_mult, cfg.hidden_size)  # [T, M*D] -> [T, M, D]
-    window = window_index(positions, slots, cfg.sliding_window, None, positions.shape[0])
     inv_freq = ops.rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, positions.device)
-    ctx = StepContext(ops.REFERENCE, positions, window, slots, None, 0, m.numerics, inv_freq)
+    window = window_index(positions, slots, cfg.sliding_window, None, positions.shape[0]) \
+        if getattr(ops_, "needs_window_index", True) else None
+    ctx = StepContext(ops_, positions, window, slots, None, 0, m.numerics, inv_freq)
     x, _ = layer(m.model.embed_tokens.weight, next_ids, None, h, ctx)
-    return layer.logits(ops.REFERENCE, x)
+    return layer.logits(ops_, x)
 
 
-def losses(target, m, tokens, with_target_grad: bool):
-    """tokens [B, S+2] -> (next-token CE, MTP CE or None, target logits, MTP logits)."""
+def losses(target, m, tokens, with_target_grad: bool, autocast: bool = True, ops_=None):
+    """tokens [B, S+2] -> (next-token CE, MTP CE or None, target logits, MTP logits), under
+    bf16 autocast (``autocast``; float32 master weights). ``ops_``: default TrainingOps;
+    ``mtp.ops.REFERENCE`` runs the inference path instead."""
     b, s = tokens.shape[0], tokens.shape[1] - 2
     positions, slots = batch_rows(b, s, tokens.device)
-    with torch.autocast(tokens.device.type, dtype=torch.bfloat16,
-                        enabled=tokens.device.type == "cuda"):
+    ops_ = ops_ or TrainingOps(s)
+    with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=autocast):
         with torch.set_grad_enabled(with_target_grad and torch.is_grad_enabled()):
-            logits, residual = target.rows(tokens[:, :s].flatten(), positions, slots)
+            logits, residual = target.rows(tokens[:, :s].flatten(), positions, slots,
+                                           ops_=ops_)
         ntp = F.cross_entropy(logits.float(), tokens[:, 1:s + 1].flatten())
         if m is None:
             return ntp, None, logits, None
-        ml = mtp_logits(m, residual, tokens[:, 1:s + 1].flatten(), positions, slots)
+        ml = mtp_logits(m, residual, tokens[:, 1:s + 1].flatten(), positions, slots, ops_)
         return ntp, F.cross_entropy(ml.float(), tokens[:, 2:].flatten()), logits, ml
 
 
@@ -203,6 +212,25 @@ def evaluate(target, m, heldout: torch.Tensor) -> dict:
     return {k: round(v / len(chunks), 4) for k, v in out.items()}
 
 
+@torch.no_grad()
+def greedy_sample(target, prompt: str, n: int = 160) -> str:
+    """The target's greedy continuation of ``prompt`` (a check that it writes code)."""
+    from mtp.demo.tokenizer import TOKENIZER
+    from mtp.speculative import generate
+
+    tokens, _ = generate(target, None, TOKENIZER.encode(prompt), n)
+    return TOKENIZER.decode(tokens)
+
+
+def bigram_bits(train: np.ndarray, heldout: np.ndarray, vocab: int) -> float:
+    """Held-out bits per byte of the training set's byte bigrams (add-one smoothed): the
+    bar a trained target must clear."""
+    counts = np.bincount(train[:-1].astype(np.int64) * vocab + train[1:], minlength=vocab ** 2)
+    p = (counts.reshape(vocab, vocab) + 1.0)
+    p /= p.sum(1, keepdims=True)
+    return float(-np.log2(p[heldout[:-1].astype(np.int64), heldout[1:]]).mean())
+
+
 # ---- the loop ----------------------------------------------------------------------------------
 def run_phase(name, target, m, params, train: Windows, heldout, args, steps, budget, log,
               target_grad: bool, lam: float):
@@ -210,13 +238,30 @@ def run_phase(name, target, m, params, train: Windows, heldout, args, steps, bud
                               "weight_decay": 0.1},
                              {"params": [p for p in params if p.dim() < 2],
                               "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+                            fused=torch.device(args.device).type == "cuda")
     tracker = LoadTracker(*(x for x in (target if target_grad else None, m) if x is not None))
-    warmup, total = 50, steps
+    # steps: a count, None (from the time budget), or a callable giving another run's count
+    # once it is known (None before; the lr schedule needs no count during warm-up).
+    follow = steps if callable(steps) else None
+    warmup, total = 50, None if follow else steps
+    if total is not None:
+        log({"phase": name, "event": "steps", "steps": total})
     t0 = t_mark = time.perf_counter()
     step = 0
     while total is None or step < total:
-        if total is None and step == 12:  # steps 2..11 timed: the first ones compile/allocate
+        waited = time.monotonic()
+        while follow is not None and total is None:
+            total = follow()
+            if total is None and step < 12:
+                break  # the other run announces its count at its step 12 (see below)
+            if total is None:
+                if time.monotonic() - waited > 300:
+                    raise RuntimeError(f"phase {name}: no step count to follow after 300 s")
+                time.sleep(0.2)
+        if total is None and follow is None and step == 12:  # steps 2..11 timed (the first
+            # ones compile and allocate)
+            _sync(args.device)
             per = (time.perf_counter() - t_mark) / 10
             total = max(100, min(args.max_steps, int(budget / per)))
             log({"phase": name, "event": "steps", "seconds_per_step": round(per, 4),
@@ -246,9 +291,12 @@ def run_phase(name, target, m, params, train: Windows, heldout, args, steps, bud
             log(rec)
         step += 1
     _sync(args.device)
+    tracker.close()
+    seconds = time.perf_counter() - t0
     metrics = evaluate(target, m, heldout)
-    log({"phase": name, "event": "done", "steps": step,
-         "seconds": round(time.perf_counter() - t0, 1), "heldout": metrics})
+    log({"phase": name, "event": "done", "steps": step, "seconds": round(seconds, 1),
+         "tokens_per_second": round(step * args.batch * args.seq / seconds),
+         "heldout": metrics, "greedy": greedy_sample(target, args.sample_prompt)})
     return metrics
 
 
@@ -284,6 +332,11 @@ def main(argv=None) -> int:
     ap.add_argument("--max-steps", type=int, default=20000)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--phases", default="A,A',B,B'")
+    ap.add_argument("--match-steps", metavar="LOG",
+                    help="phase B runs as many steps as phase A in this other run's log "
+                         "(two processes sharing one GPU); waits for it")
+    ap.add_argument("--sample-prompt", default="import os\n\n\ndef ",
+                    help="the text each phase's greedy sample continues")
     for phase, budget in (("joint", 130), ("posthoc", 45), ("alone", 110)):
         ap.add_argument(f"--steps-{phase}", type=int, default=None)
         ap.add_argument(f"--budget-{phase}", type=float, default=budget,
@@ -300,14 +353,20 @@ def main(argv=None) -> int:
         logf.flush()
 
     data = corpus_lib.load(args.snapshot)
-    info = {"corpus": data.describe(), "args": vars(args), "torch": torch.__version__,
+    # the output folder as given when relative; only its name when absolute (a log names no
+    # machine's paths)
+    shown = vars(args) | {"out": args.out if not os.path.isabs(args.out)
+                          else os.path.basename(args.out)}
+    info = {"corpus": data.describe(), "args": shown, "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     log({"event": "start", **info})
     train = Windows(data.stream("train"), args.seq + 2, device, args.seed)
     held = Windows(data.stream("heldout"), args.seq + 2, device, args.seed + 1)
     heldout = held.batch(args.heldout_windows)
+    bits = bigram_bits(data.stream("train"), data.stream("heldout"), PAIR_CONFIG.vocab_size)
+    log({"event": "bigram", "heldout_bits": round(bits, 4)})
     phases = args.phases.split(",")
-    summary = {"info": info}
+    summary = {"info": info, "bigram_heldout_bits": round(bits, 4)}
 
     target = new_target(args.seed, device)
     if "A" in phases:
@@ -329,7 +388,8 @@ def main(argv=None) -> int:
     if "B" in phases:
         target_b = new_target(args.seed, device)
         params = trainable(target_b)
-        steps = args.steps_alone or summary.get("steps_A")
+        steps = args.steps_alone or summary.get("steps_A") or (
+            args.match_steps and (lambda: _announced_steps(args.match_steps, "A")))
         summary["B"] = run_phase("B", target_b, None, params, train, heldout, args, steps,
                                  args.budget_alone, log, True, 0.0)
         save(target_b, os.path.join(args.out, "target_B.pt"))
@@ -342,10 +402,21 @@ def main(argv=None) -> int:
                                       args.steps_posthoc, args.budget_posthoc, log, False,
                                       1.0)
             save(m, os.path.join(args.out, "mtp_B_posthoc.pt"))
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    log({"event": "end", "summary": summary})
     logf.close()
     return 0
+
+
+def _announced_steps(log_path: str, phase: str) -> int | None:
+    """The step count another run's log announces for ``phase`` (its "steps" event), or
+    None while it has not."""
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            for line in f:
+                rec = json.loads(line) if line.endswith("\n") else {}
+                if rec.get("phase") == phase and rec.get("event") in ("steps", "done"):
+                    return rec["steps"]
+    return None
 
 
 def _last_steps(out: str, phase: str) -> int | None:

@@ -30,7 +30,7 @@ from ..export import write_checkpoint
 from ..model import DeepSeekV4MTP, Experts, Linear, Numerics
 from ..quant import WeightFormat, quantize_fp4, quantize_fp8_block
 from ..testing import write_release_like
-from .pair_config import PAIR_CONFIG, TARGET_LAYERS
+from .pair_config import PAIR_CONFIG, PLAIN_NUMERICS, TARGET_LAYERS
 from .toy_target import ToyTarget
 
 # What belongs to a decoder block (main layer or MTP block); the rest of ``mtp.0.*`` (enorm,
@@ -191,9 +191,20 @@ def load_target(folder: str, *, device="cpu", dtype=torch.float32,
 
 def load_tiny_pair(device: str | torch.device = "cpu", *, dtype: torch.dtype = torch.float32,
                    folder: str | None = None, max_seqs: int = 64, max_draft_tokens: int = 4,
-                   numerics: Numerics | None = None) -> tuple[ToyTarget, Drafter]:
+                   numerics: Numerics | None = None,
+                   target_numerics: Numerics | None = None) -> tuple[ToyTarget, Drafter]:
     """The shipped tiny pair: ``(target, drafter)``, the target implementing the protocol of
     ``mtp.speculative`` and the drafter sharing its embedding and head.
+
+    Both hold their weights as shipped (FP8 + FP4). The drafter computes with ``numerics``
+    (default: the release's, FP8-rounded activations and KV); the target with
+    ``target_numerics`` (default: unrounded activations and KV, ``PLAIN_NUMERICS``). Why: FP8
+    rounding turns the float32 differences between computing a row alone and computing it
+    beside others (a verification scores k + 1 rows at once, plain decoding one) into whole
+    FP8 steps, enough to flip a near-tied greedy choice; with it, speculative and plain
+    greedy decoding of one prompt part ways on about one prompt in ten within 64 tokens.
+    Without it the target computes each row the same up to float32 rounding, and greedy
+    speculative decoding reproduces plain decoding token for token.
 
     Example:
         >>> from mtp.demo import load_tiny_pair, TOKENIZER
@@ -206,7 +217,8 @@ def load_tiny_pair(device: str | torch.device = "cpu", *, dtype: torch.dtype = t
         (16, 3)
     """
     folder = folder or data_folder()
-    target = load_target(folder, device=device, dtype=dtype, numerics=numerics,
+    target = load_target(folder, device=device, dtype=dtype,
+                         numerics=target_numerics or PLAIN_NUMERICS,
                          max_extend=max_draft_tokens + 1)
     drafter = Drafter.from_pretrained(folder, device=device, dtype=dtype, max_seqs=max_seqs,
                                       max_draft_tokens=max_draft_tokens, numerics=numerics,

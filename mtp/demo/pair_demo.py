@@ -28,8 +28,8 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-# A held-out snippet whose greedy continuation is code rather than a run of spaces (the
-# under-trained target ends most greedy continuations in whitespace; docs/acceptance.md).
+# The held-out snippet the demo continues by default (idlelib/redirector.py: a method ends,
+# the next begins, and the pair writes one).
 DEMO_PROMPT = 25
 
 

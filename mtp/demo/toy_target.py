@@ -155,28 +155,35 @@ class ToyTarget(nn.Module):
 
     # ---- the model -------------------------------------------------------------------------
     def rows(self, tokens: torch.Tensor, positions: torch.Tensor,
-             seq_slots: torch.Tensor | None = None, cache: KVCache | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             seq_slots: torch.Tensor | None = None, cache: KVCache | None = None, *,
+             ops_=ops.REFERENCE) -> tuple[torch.Tensor, torch.Tensor]:
         """The forward over T rows: tokens, positions, seq_slots [T] (each sequence's rows
         together, at consecutive positions) -> (logits [T, V] float32, residual [T, M*D]).
 
         Without ``cache`` the runs of equal ``seq_slots`` are independent sequences starting at
         their first row (a packed training batch); with it they attend to their cached KV and
-        are written to it. Differentiable when the parameters require grad (training)."""
+        are written to it. Differentiable when the parameters require grad (training).
+        ``ops_``: the ops that run the blocks (``mtp.demo.training_ops.TrainingOps`` for a
+        training batch)."""
         cfg = self.config
         if seq_slots is None:
             seq_slots = torch.zeros_like(positions)
         e = nn.functional.embedding(tokens, self.embed.weight).to(self.dtype)  # [T, D]
         x = e.unsqueeze(1).repeat(1, cfg.hc_mult, 1)  # [T, D] -> [T, M, D]: a copy per stream
         inv_freq = ops.rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, positions.device)
+        # Without a cache every block reads the same window (none for ops that attend over
+        # whole windows, e.g. TrainingOps: no index, no host synchronisation building it).
+        stateless = None
+        if cache is None and getattr(ops_, "needs_window_index", True):
+            stateless = window_index(positions, seq_slots, cfg.sliding_window, None,
+                                     max(positions.shape[0], 1))
         for i, block in enumerate(self.blocks):
             if cache is None:
-                window = window_index(positions, seq_slots, cfg.sliding_window, None,
-                                      max(positions.shape[0], 1))
+                window = stateless
             else:
                 window = window_index(positions, seq_slots, cfg.sliding_window, cache.pos[i],
                                       cache.capacity)
-            x, _ = block(x, StepContext(ops.REFERENCE, positions, window, seq_slots, cache, i,
+            x, _ = block(x, StepContext(ops_, positions, window, seq_slots, cache, i,
                                         self.numerics, inv_freq))
         return self.logits(x), x.flatten(1)  # [T, M, D] -> [T, M*D]
 
