@@ -37,6 +37,14 @@ PDL_ARCH = tl.constexpr(not os.environ.get("TRITON_INTERPRET") and torch.cuda.is
                         and torch.cuda.get_device_capability() >= (9, 0))
 PDL = False  # the launch attribute (only honoured where PDL_ARCH)
 
+# The catch-up paths for many rows (fp8_linear rounds its input once ahead from PREQ_ROWS
+# rows, attention takes ATTN_MANY_BH heads per program from ATTN_MANY_T rows, the hc mixes
+# are one cuBLAS product above MIX_MANY_T rows). Off by default: they were timed on an H200
+# (docs/performance.md, catch-up) but their tests (tests/test_kernels.py "many rows",
+# tests/test_gpu_fast_path.py catch-up, which turn this on) have not yet run on a GPU. A
+# user may turn them on: `mtp_kernels._common.MANY_ROWS = True`.
+MANY_ROWS = False
+
 
 @triton.jit
 def pdl_enter():

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import (
     EXACT,
     fp8_round,
@@ -339,7 +340,7 @@ def sink_attention(q: torch.Tensor, new_kv: torch.Tensor, sink: torch.Tensor, co
     cap = cache_pos.shape[-1] if cache_pos is not None else 1
     dummy = positions if decode else keys_index
     tune = tune or {}
-    many = not decode and t >= ATTN_MANY_T
+    many = _common.MANY_ROWS and not decode and t >= ATTN_MANY_T
     bh, bd = tune.get("bh", ATTN_MANY_BH if many else 16), tune.get("bd", 64)
     warps = tune.get("warps", 8 if bh > 16 else 4)
     blocks = t * triton.cdiv(h, bh)

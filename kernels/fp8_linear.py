@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import e8m0_to_f32, fp8_round, launch_opts, mma, pdl_enter, pow2_scale_bits
 
 BK = 128
@@ -240,8 +241,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
             else out)
     add_t = add if add is not None else out
     fp8_dot = FP8_DOT and x.dtype == torch.bfloat16
+    preq_rows = tune.get("preq_rows", PREQ_ROWS if _common.MANY_ROWS else None)
     preq = (fp8_dot and (act_quant or rounded) and group == n
-            and m >= tune.get("preq_rows", PREQ_ROWS))
+            and preq_rows is not None and m >= preq_rows)
     xs = x
     if preq:  # many rows: round each input block once, not once per output block
         x, xs = quant_fp8(x, k, swiglu_limit)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import (
     even_odd8,
     exp2_int,
@@ -207,7 +208,7 @@ def _mix_partials(x: torch.Tensor, fn: torch.Tensor):
     fp = max(16, triton.next_power_of_2(f))
     tb = triton.cdiv(t, _MIX_BT)
     n_k = kt // _MIX_BK
-    if t > MIX_MANY_T and x.is_cuda:
+    if _common.MANY_ROWS and t > MIX_MANY_T and x.is_cuda:
         # IEEE float32 like hc_mix (cuBLAS, unless the user allowed TF32 for float32 matmuls)
         z = x.view(t, kt).float()  # [T, M, D] -> [T, M*D]
         part = F.pad(torch.mm(z, fn.t()), (0, fp - f)).unsqueeze(0)  # [1, T, FP]

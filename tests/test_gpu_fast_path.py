@@ -250,12 +250,16 @@ def catchup_scenario(model, dtype, chunk_rows, monkeypatch):
     return [x, model.compute_logits(x[[128, 198]]), cache.kv, cache.pos.to(torch.float64)]
 
 
+@pytest.mark.parametrize("many_rows", [False, True])
 @pytest.mark.parametrize("chunk_rows", [1024, 100])
 @pytest.mark.parametrize("dtype,rounding", [(torch.float32, False), (torch.bfloat16, True)])
-def test_catchup_matches_module(dtype, rounding, chunk_rows, monkeypatch):
-    """The many-row kernels (FP8 products with the input rounded ahead, hc_mix over more
-    programs, attention with 64 heads per program) in a whole forward, one call or chunks of
-    100 rows, against the reference backend: the bounds of test_fast_path_matches_module."""
+def test_catchup_matches_module(dtype, rounding, chunk_rows, many_rows, monkeypatch):
+    """A catch-up in a whole forward, one call or chunks of 100 rows, against the reference
+    backend: the bounds of test_fast_path_matches_module. With ``many_rows`` the many-row
+    kernels (FP8 products with the input rounded ahead, the hc mixes as one product,
+    attention with 64 heads per program; off by default) take it."""
+    from mtp_kernels import _common
+    monkeypatch.setattr(_common, "MANY_ROWS", many_rows)
     ref = catchup_scenario(build(dtype, rounding), dtype, chunk_rows, monkeypatch)
     fast = catchup_scenario(triton(build(dtype, rounding)), dtype, chunk_rows, monkeypatch)
     if dtype == torch.float32 and not rounding:

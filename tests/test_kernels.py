@@ -590,6 +590,14 @@ def test_sink_attention_and_cache(dtype, dh, r, sms, monkeypatch):
 
 
 # ---- catch-up: the many-row paths, on both sides of each row threshold ----------------------
+@pytest.fixture
+def many_rows(monkeypatch):
+    """The many-row paths turned on (off by default until these tests have run on a GPU)."""
+    from mtp_kernels import _common
+    monkeypatch.setattr(_common, "MANY_ROWS", True)
+
+
+@pytest.mark.usefixtures("many_rows")
 @pytest.mark.parametrize("m", [127, 128, 129, 301])
 def test_fp8_linear_many_rows(m, monkeypatch):
     """From ``PREQ_ROWS`` rows the input is FP8-rounded once ahead (``quant_fp8``) instead of in
@@ -646,6 +654,7 @@ def test_quant_fp8_exact(m):
     assert torch.equal(got.to(torch.bfloat16), want)
 
 
+@pytest.mark.usefixtures("many_rows")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("t", [64, 65, 129, 300])
 def test_hc_pre_norm_many_rows(t, dtype):
@@ -670,6 +679,7 @@ def test_hc_pre_norm_many_rows(t, dtype):
     assert rel(yh, ops.rms_norm(ops.hc_head(x, fh, sh, bh, 1e-6, 1e-6), w, 1e-6)) < tol
 
 
+@pytest.mark.usefixtures("many_rows")
 @pytest.mark.parametrize("h", [20, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("lengths", [(63,), (64,), (40, 25), (129, 2)])
