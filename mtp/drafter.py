@@ -155,10 +155,11 @@ class Drafter:
             signatures (e.g. a GPU kernel path); every forward and logits call goes through it.
             Default: the module itself.
         cuda_graphs: run a :meth:`propose` as one CUDA-graph replay (captured the first time a
-            bucket of sequences x new rows x k x greedy/sampled is needed): None (default)
-            where it can run (CUDA, the module's triton backend, one process, no accelerator
-            set), False never (the eager path), True where it can or raise ``ValueError``
-            saying why not.
+            bucket of sequences x new rows x k x greedy/sampled is needed): False (default)
+            never (the eager path), None where it can run (CUDA, the module's triton backend,
+            one process, no accelerator set), True where it can or raise ``ValueError``
+            saying why not. Opt-in for now: the whole-call graphs have been checked on the
+            CPU (eagerly and through Triton's interpreter) but not yet run on a GPU.
 
     Example:
         >>> import torch
@@ -177,7 +178,7 @@ class Drafter:
     """
 
     def __init__(self, model: DeepSeekV4MTP, *, max_seqs: int = 64, max_draft_tokens: int = 4,
-                 accelerator: Any = None, cuda_graphs: bool | None = None):
+                 accelerator: Any = None, cuda_graphs: bool | None = False):
         if not isinstance(model, DeepSeekV4MTP):
             raise TypeError(f"model: expected a mtp.DeepSeekV4MTP, got {type(model).__name__}")
         for name, value in (("max_seqs", max_seqs), ("max_draft_tokens", max_draft_tokens)):
@@ -215,13 +216,13 @@ class Drafter:
                         dtype: torch.dtype = torch.bfloat16, max_seqs: int = 64,
                         max_draft_tokens: int = 4, embed_tokens: torch.Tensor | None = None,
                         head: torch.Tensor | None = None, numerics=None, backend: Any = "auto",
-                        cuda_graphs: bool | None = None, **load_kwargs) -> Drafter:
+                        cuda_graphs: bool | None = False, **load_kwargs) -> Drafter:
         """Load a checkpoint folder or Hugging Face repo id (``mtp.loader.load_model``) and wrap
         it. ``embed_tokens`` / ``head``: the target's [V, D] tensors, shared instead of loaded.
-        On CUDA in the released format the module runs the Triton kernels (``backend="auto"``)
-        and proposals replay CUDA graphs (``cuda_graphs=None``), with nothing more to
-        call; ``backend="reference"`` picks the pure-PyTorch ops, ``cuda_graphs=False`` the
-        eager path (see :class:`Drafter`).
+        On CUDA in the released format the module runs the Triton kernels (``backend="auto"``),
+        with nothing more to call; ``backend="reference"`` picks the pure-PyTorch ops, and
+        ``cuda_graphs=None`` replays whole-call CUDA graphs where they can run (opt-in for
+        now, see :class:`Drafter`).
         ``load_kwargs`` go to the loader (revision, cache_dir, token, ``process_group`` for
         tensor/expert parallelism: every rank of the group makes the same calls and gets the
         same drafts, see docs/parallel.md).

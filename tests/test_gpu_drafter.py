@@ -185,7 +185,7 @@ def test_importing_mtp_imports_no_triton():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-# ---- the default GPU drafter: a greedy call is one whole-call graph replay ------------------
+# ---- the whole-call graphs (cuda_graphs=True): a call is one graph replay -----------------
 # Compared with the eager path (the same module, same triton ops, cuda_graphs=False) and with
 # the module's reference ops. Tolerances, with their reasons:
 # - the graph runs the real rows through decode_step over padded buckets (S x R rows), the
@@ -231,9 +231,9 @@ def gpu_loop(drafters, dtype, seed=0, k=3, rounds=8):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_default_gpu_drafter_equals_the_eager_path(dtype):
+def test_graphed_drafter_equals_the_eager_path(dtype):
     model = build(dtype)
-    graphed = Drafter(model, max_seqs=4, max_draft_tokens=3)  # the default: graphs
+    graphed = Drafter(model, max_seqs=4, max_draft_tokens=3, cuda_graphs=True)
     eager = Drafter(model, max_seqs=4, max_draft_tokens=3, cuda_graphs=False)
     pg, pe = gpu_loop([graphed, eager], dtype)
     made = graphed._proposer.made
@@ -257,7 +257,7 @@ def test_default_gpu_drafter_equals_the_eager_path(dtype):
 
 
 @needs_cuda
-def test_default_gpu_drafter_equals_the_reference_ops():
+def test_graphed_drafter_equals_the_reference_ops():
     """float32 with the FP8 rounding steps off: the kernels differ from the reference ops in
     summation order only (tests/test_gpu_fast_path.py: < 2e-6 per step): every draft equal,
     residuals within 1e-4 relative after eight rounds of cache reuse."""
@@ -268,7 +268,7 @@ def test_default_gpu_drafter_equals_the_reference_ops():
                         backend="reference")
     fast.load_state_dict(src.state_dict())
     ref.load_state_dict(src.state_dict())
-    graphed = Drafter(fast, max_seqs=4, max_draft_tokens=3)
+    graphed = Drafter(fast, max_seqs=4, max_draft_tokens=3, cuda_graphs=True)
     plain = Drafter(ref, max_seqs=4, max_draft_tokens=3)
     assert plain._whole_call_graphs() is None  # the reference ops run eagerly
     pg, pr = gpu_loop([graphed, plain], torch.float32, seed=1)
@@ -308,14 +308,16 @@ DEFERRED_ON_GPU = {"position going backwards", "gap", "not consecutive",
 
 
 @needs_cuda
+@pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("case", sorted(_bad_cases()))
-def test_gpu_refusals_change_nothing(case):
-    """Every refusal on the default GPU drafter: host checks at the call, value checks at the
-    next call (device-side, deferred); either way the drafter is bitwise as before."""
+def test_gpu_refusals_change_nothing(case, graphs):
+    """Every refusal on the GPU drafter, eager (the default) and with whole-call graphs: host
+    checks at the call, value checks at the call (eager) or at the next call (graphs: on the
+    device, deferred); either way the drafter is bitwise as before."""
     from drafter_helpers import assert_same_state, snapshot
     from test_drafter_properties import _good
     model = build(torch.float32, n_mtp=1)
-    d = Drafter(model, max_seqs=4, max_draft_tokens=4)
+    d = Drafter(model, max_seqs=4, max_draft_tokens=4, cuda_graphs=graphs)
     g = torch.Generator().manual_seed(0)
     for name, start, n in (("a", 0, 5), ("b", 1, 2), ("idle", 0, 4)):
         d.add_sequence(name, position=start)
@@ -329,7 +331,7 @@ def test_gpu_refusals_change_nothing(case):
     if case == "hidden device":
         message = "on meta, but the drafter is on cuda"
     before = snapshot(d)
-    if case in DEFERRED_ON_GPU:
+    if graphs and case in DEFERRED_ON_GPU:
         d.propose(**call)
         with pytest.raises(error, match=message):
             d.propose(**good)
@@ -346,7 +348,7 @@ def test_graphed_call_does_not_wait_for_the_gpu():
     queue still runs: no host synchronisation. Also prints the first call's capture time and
     the host time per call."""
     model = build(torch.bfloat16, n_mtp=1)
-    d = Drafter(model, max_seqs=2, max_draft_tokens=3)
+    d = Drafter(model, max_seqs=2, max_draft_tokens=3, cuda_graphs=True)
     d.add_sequence("a")
     h = torch.randn(1, TINY.hc_dim, device="cuda", dtype=torch.bfloat16)
     ids = torch.tensor([5], device="cuda")
@@ -376,7 +378,7 @@ def test_sampled_calls_replay_graphs_too():
     model = build(torch.float32, n_mtp=1)
     out = []
     for _ in range(2):
-        graphed = Drafter(model, max_seqs=4, max_draft_tokens=3)
+        graphed = Drafter(model, max_seqs=4, max_draft_tokens=3, cuda_graphs=True)
         eager = Drafter(model, max_seqs=4, max_draft_tokens=3, cuda_graphs=False)
         g = torch.Generator().manual_seed(4)
         h = torch.randn(5, TINY.hc_dim, generator=g).cuda()

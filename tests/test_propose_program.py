@@ -183,7 +183,9 @@ def test_cuda_graphs_argument():
         drafter().__class__(drafter().model, cuda_graphs="yes")
     with pytest.raises(ValueError, match="cuda_graphs=True: the drafter is on cpu"):
         Drafter(drafter().model, cuda_graphs=True)
-    d = Drafter(drafter().model, max_seqs=2)  # None: the CPU runs the eager path, unchanged
+    d = Drafter(drafter().model, max_seqs=2)  # the default (False): the eager path
+    assert d._whole_call_graphs() is None
+    d = Drafter(drafter().model, max_seqs=2, cuda_graphs=None)  # where they can: not on a CPU
     assert d._whole_call_graphs() is None
 
 
