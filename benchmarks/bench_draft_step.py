@@ -335,9 +335,10 @@ def bench_drafter(model, fast, mk, name, batches, reps, dev, g, pb, bw, bare) ->
     """``Drafter.propose(k=3)`` as an engine calls it, with whole-call graphs
     (``cuda_graphs=True``, opt-in for now: greedy, one graph replay per call), with 1 and
     k + 1 = 4 new real rows per sequence, host work included, each call timed alone (the GPU
-    idles until the call's first copy arrives); the host time of one call (enqueue only: measured with the GPU busy behind a sleeping
-    kernel); the first call's capture time. The window is full (as in the floor). ``bare``:
-    {batch: ms} of the bare graph proposal, same run."""
+    idles until the call's first copy arrives); the host time of one call (enqueue only:
+    measured with the GPU busy behind a sleeping kernel); the first call's capture time. The
+    window is full (as in the floor). ``bare``: {batch: ms} of the bare graph proposal, same
+    run."""
     from mtp.drafter import Drafter
     rows = []
     cfg = model.config
