@@ -9,8 +9,8 @@ running it needs a CUDA GPU.
 - :class:`TritonOps`: the module's ops on the kernels (options: expert and head kernels).
 - :class:`DraftStepGraphs` captures the module's ``decode_step`` in CUDA graphs per batch
   bucket.
-- :class:`ProposeGraphs` captures a whole greedy ``Drafter.propose`` call (real rows, draft
-  steps, argmaxes, device-side checks) per bucket, lazily.
+- :class:`ProposeGraphs` captures a whole ``Drafter.propose`` call (real rows, draft steps,
+  argmaxes or draws, device-side checks) per bucket, lazily.
 - :class:`TritonMTP`: deprecated view of a module with these ops (one release).
 """
 

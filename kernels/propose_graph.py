@@ -1,10 +1,10 @@
-"""A whole greedy ``Drafter.propose`` call as one CUDA graph replay, captured lazily per bucket.
+"""A whole ``Drafter.propose`` call as one CUDA graph replay, captured lazily per bucket.
 
 :class:`ProposeGraphs` captures one :class:`mtp.propose_program.ProposeProgram` per bucket of
-(sequences, rows per sequence, k) the first time a call needs it: the real rows' step, the
-k - 1 draft steps, the argmaxes, the rollback of draft entries and the device-side input
-checks, all in one replay. Padding (sequences past the call's, rows before a sequence's first)
-has cache slot -1 and writes nothing.
+(sequences, rows per sequence, k, greedy or sampled) the first time a call needs it: the real
+rows' step, the k - 1 draft steps, the argmaxes or draws, the rollback of draft entries and
+the device-side input checks, all in one replay. Padding (sequences past the call's, rows
+before a sequence's first) has cache slot -1 and writes nothing.
 
 Example:
     >>> graphs = ProposeGraphs(model, cache, (1, 2, 4), (1, 2, 4), max_abs_hidden=1e6)
@@ -25,8 +25,8 @@ from .graph import PDL_ROWS
 
 
 class CapturedProposal:
-    """One bucket's program and its graph; ``drafts``, ``hidden``, ``error``: its static
-    outputs (rewritten by every replay)."""
+    """One bucket's program and its graph; ``drafts``, ``hidden``, ``probs`` (None when
+    greedy), ``error``: its static outputs (rewritten by every replay)."""
 
     def __init__(self, program: ProposeProgram, pool, pdl: bool):
         self.program = program
@@ -44,7 +44,7 @@ class CapturedProposal:
             torch.cuda.current_stream(dev).wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=pool):
-                self.drafts, self.hidden, self.error = program.run()
+                self.drafts, self.hidden, self.probs, self.error = program.run()
         finally:
             _common.PDL = was
 
@@ -68,8 +68,8 @@ class ProposeGraphs(ProposeBuckets):
             raise ValueError("ProposeGraphs: the module's backend must run the triton ops "
                              "(backend='triton' or 'auto' on CUDA in the released format)")
         if model.tp.sharded:
-            raise ValueError("ProposeGraphs: an unsplit module only (greedy argmax over the "
-                             "whole vocabulary)")
+            raise ValueError("ProposeGraphs: an unsplit module only (the drafts are picked "
+                             "from the whole vocabulary's logits)")
         side = torch.cuda.Stream(device=kv_cache.kv.device) if overlap else None
         super().__init__(model, kv_cache, seq_buckets, row_buckets, max_abs_hidden, side)
         self.pdl_rows = pdl_rows

@@ -154,10 +154,11 @@ class Drafter:
         accelerator: an object with ``forward`` and ``compute_logits`` of exactly the module's
             signatures (e.g. a GPU kernel path); every forward and logits call goes through it.
             Default: the module itself.
-        cuda_graphs: run a greedy :meth:`propose` as one CUDA-graph replay (captured the first
-            time a bucket of sequences x new rows x k is needed): None (default) where it can
-            run (CUDA, the module's triton backend, one process, no accelerator set), False
-            never (the eager path), True where it can or raise ``ValueError`` saying why not.
+        cuda_graphs: run a :meth:`propose` as one CUDA-graph replay (captured the first time a
+            bucket of sequences x new rows x k x greedy/sampled is needed): None (default)
+            where it can run (CUDA, the module's triton backend, one process, no accelerator
+            set), False never (the eager path), True where it can or raise ``ValueError``
+            saying why not.
 
     Example:
         >>> import torch
@@ -218,7 +219,7 @@ class Drafter:
         """Load a checkpoint folder or Hugging Face repo id (``mtp.loader.load_model``) and wrap
         it. ``embed_tokens`` / ``head``: the target's [V, D] tensors, shared instead of loaded.
         On CUDA in the released format the module runs the Triton kernels (``backend="auto"``)
-        and greedy proposals replay CUDA graphs (``cuda_graphs=None``), with nothing more to
+        and proposals replay CUDA graphs (``cuda_graphs=None``), with nothing more to
         call; ``backend="reference"`` picks the pure-PyTorch ops, ``cuda_graphs=False`` the
         eager path (see :class:`Drafter`).
         ``load_kwargs`` go to the loader (revision, cache_dir, token, ``process_group`` for
@@ -425,7 +426,7 @@ class Drafter:
         Returns a :class:`Proposal`. Afterwards each sequence's next position is one past its
         last row: the next call re-feeds from there (the verified rows, with real residuals).
 
-        On CUDA with graphs (the default there) a greedy call whose sequences and rows fit
+        On CUDA with graphs (the default there) a call whose sequences and rows fit
         the buckets checks token ids, positions and hidden values on the GPU: an error raises
         at the drafter's next call (or at ``Proposal.check()``) and leaves the drafter as it
         was before this call (docs/drafter.md, "When each check fires").
@@ -440,9 +441,10 @@ class Drafter:
         plan = self._plan(seq_ids, hidden_states, input_ids, next_token_ids, positions,
                           num_rows_per_seq)
         sampling.check(len(plan.seq_ids), self.device)
-        graphs = self._whole_call_graphs() if _scalar_greedy(sampling) else None
+        mode = _mode(sampling)
+        graphs = self._whole_call_graphs() if mode is not None else None
         if graphs is not None and graphs.bucket(len(plan.seq_ids), max(plan.counts)):
-            proposal = self._propose_graphed(plan, k, graphs)
+            proposal = self._propose_graphed(plan, k, graphs, mode, sampling)
             if proposal is not None:
                 return proposal
         self._check_values(plan)
@@ -525,7 +527,7 @@ class Drafter:
                       plan.starts, plan.counts, self.config.vocab_size)
 
     def _whole_call_graphs(self):
-        """The :class:`mtp_kernels.ProposeGraphs` greedy calls replay, or None where they
+        """The :class:`mtp_kernels.ProposeGraphs` calls replay, or None where they
         cannot run (decided once per accelerator; with ``cuda_graphs=True`` a ValueError)."""
         if self._proposer is None:
             why = self._graphs_unavailable()
@@ -569,13 +571,14 @@ class Drafter:
                     "triton backend (CUDA, the released format)")
         return None
 
-    def _propose_graphed(self, plan: _Plan, k: int, graphs) -> Proposal | None:
-        """A greedy call as one graph replay, its value checks on the device (read later by
+    def _propose_graphed(self, plan: _Plan, k: int, graphs, mode: str,
+                         sampling: Sampling) -> Proposal | None:
+        """A call as one graph replay, its value checks on the device (read later by
         :meth:`_settle`). No host synchronisation. None (nothing done) if its bucket's capture
         failed (now or before): the caller runs the eager path."""
         s = len(plan.seq_ids)
         try:  # first use of a bucket: captures it (nothing of the drafter changes)
-            captured = graphs.get(s, max(plan.counts), k)
+            captured = graphs.get(s, max(plan.counts), k, mode)
         except Exception as exc:  # noqa: BLE001 - whatever capture raises: that bucket eager
             if self._cuda_graphs:
                 raise
@@ -599,9 +602,12 @@ class Drafter:
         packed = packed.to(self.device, non_blocking=True)
         with self._dropping_on_failure(plan):
             prog.stage(packed, plan.next_ids, plan.positions, plan.hidden, full)
+            if mode != "greedy":
+                prog.stage_sampling(sampling, s)
             captured.replay()
             drafts = captured.drafts[:s].clone()  # the graph's buffers: rewritten next replay
             hidden = captured.hidden[:s].clone()
+            probs = None if captured.probs is None else captured.probs[:s].clone()
             if self.device.type == "cuda":  # read back when the call is done, not waited for
                 error = torch.empty(1, dtype=torch.int32, pin_memory=True)
                 error.copy_(captured.error.view(1), non_blocking=True)
@@ -612,7 +618,7 @@ class Drafter:
         for seq_id, start, n in zip(plan.seq_ids, plan.starts, plan.counts):
             self._seqs[seq_id].next_position = start + n
         self._pending = _Deferred(self, error, event, plan, prog, dest)
-        return Proposal(drafts, None, hidden, self._pending)
+        return Proposal(drafts, probs, hidden, self._pending)
 
     def _settle(self) -> None:
         """Read the last graphed call's error word (waiting for that call only); on an error,
@@ -761,9 +767,16 @@ def _flat_hidden(hidden_states, cfg: MTPConfig):
     return hidden_states
 
 
-def _scalar_greedy(sampling: Sampling) -> bool:
-    """Greedy, known without reading a tensor (a per-row temperature tensor is not)."""
-    return not isinstance(sampling.temperature, torch.Tensor) and sampling.temperature == 0
+def _mode(sampling: Sampling) -> str | None:
+    """The whole-call program that runs ``sampling`` (``mtp.propose_program.MODES``), known
+    without reading a tensor; None for a per-sequence temperature tensor (whether every row is
+    greedy, and so whether q is returned, needs its values: the eager path)."""
+    t, p = sampling.temperature, sampling.top_p
+    if isinstance(t, torch.Tensor):
+        return None
+    if t == 0:
+        return "greedy"
+    return "top_p" if isinstance(p, torch.Tensor) or p < 1 else "sample"
 
 
 def _check_values(ids_name: str, ids: torch.Tensor, positions: torch.Tensor,

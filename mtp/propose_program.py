@@ -1,4 +1,4 @@
-"""One greedy ``Drafter.propose`` call as a fixed-shape program of tensor operations, the unit
+"""One ``Drafter.propose`` call as a fixed-shape program of tensor operations, the unit
 a CUDA graph captures (``mtp_kernels.ProposeGraphs``); eager elsewhere (the CPU tests run it
 with the reference ops).
 
@@ -25,6 +25,7 @@ import torch
 
 from .cache import KVCache
 from .model import DeepSeekV4MTP
+from .sampling import _one_hot_argmax, _top_p
 
 ERR_IDS = 1
 """A token id outside the vocabulary (``next_token_ids`` / ``input_ids``)."""
@@ -38,6 +39,21 @@ INPUT_ERRORS = ERR_IDS | ERR_POSITIONS | ERR_HIDDEN
 
 _NO_LIMIT = 2**62  # "drop no entry" in the rollback's per-slot position limit
 
+MODES = ("greedy", "sample", "top_p")
+"""How a program picks its drafts: argmax; from softmax(logits / temperature); the same
+restricted to the top-p nucleus (``mtp.sampling.probs``' arithmetic, per-sequence settings)."""
+
+
+def draw(q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of q [S, V] (probabilities) from uniforms u [S] in [0, 1): the token
+    whose cumulative interval holds u * (total mass), i.e. token i with probability q_i /
+    sum(q); a token with q_i = 0 is never drawn (its interval is empty). Inverse-CDF sampling:
+    the uniforms come from the caller's generator outside the captured region."""
+    cdf = q.cumsum(dim=-1)  # [S, V]
+    target = (u * cdf[:, -1]).unsqueeze(1)  # [S, 1], < the total mass
+    token = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return token.clamp_(max=q.shape[-1] - 1)  # (a NaN row: flagged, kept in range)
+
 
 class ProposeProgram:
     """Static buffers for one bucket and :meth:`run`, the call's computation on them.
@@ -49,16 +65,20 @@ class ProposeProgram:
             k drafts.
         max_abs_hidden: the bound on |hidden_states|.
         side_stream: a CUDA stream for the shared expert (``decode_step``'s), or None.
+        mode: one of ``MODES``; sampled programs read ``temperature`` / ``top_p`` [S] and the
+            uniforms ``u`` [S, k] from their buffers (staged per call).
     """
 
     def __init__(self, model: DeepSeekV4MTP, cache: KVCache, seqs: int, rows: int, k: int,
-                 max_abs_hidden: float, side_stream=None):
+                 max_abs_hidden: float, side_stream=None, mode: str = "greedy"):
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         cfg, dev = model.config, cache.kv.device
         if rows > cache.capacity - cfg.sliding_window + 1:
             raise ValueError(f"rows: {rows} per sequence do not fit the ring (capacity "
                              f"{cache.capacity}, window {cfg.sliding_window})")
         self.model, self.cache = model, cache
-        self.seqs, self.rows, self.k = seqs, rows, k
+        self.seqs, self.rows, self.k, self.mode = seqs, rows, k, mode
         self.max_abs_hidden = max_abs_hidden
         self.side_stream = side_stream
         n = seqs * rows
@@ -71,6 +91,9 @@ class ProposeProgram:
         self._j = torch.arange(rows, device=dev)
         self._last = torch.arange(seqs, device=dev) * rows + rows - 1  # [S]
         self._limit = torch.empty(cache.max_seqs + 1, dtype=torch.int64, device=dev)
+        self.temperature = torch.ones(seqs, dtype=torch.float32, device=dev)
+        self.top_p = torch.ones(seqs, dtype=torch.float32, device=dev)
+        self.u = torch.zeros(seqs, k, dtype=torch.float32, device=dev)
 
     def dest(self, counts: list[int]) -> list[int]:
         """Where the caller's rows go in the buffers: sequence i's rows at the end of its
@@ -98,14 +121,39 @@ class ProposeProgram:
         self.ids.index_copy_(0, dest, ids.to(torch.int64))
         self.pos.index_copy_(0, dest, positions.to(torch.int64))
 
+    def stage_sampling(self, sampling, s: int) -> None:
+        """A sampled call's settings (scalars or [s] tensors) and fresh uniforms from its
+        generator (every row of the bucket: the generator advances by S * k draws)."""
+        for buf, value in ((self.temperature, sampling.temperature),
+                           (self.top_p, sampling.top_p)):
+            if isinstance(value, torch.Tensor):
+                buf[:s].copy_(value)
+            else:
+                buf.fill_(float(value))
+        torch.rand(self.u.shape, generator=sampling.generator, device=self.u.device,
+                   out=self.u)
+
     def clear(self) -> None:
         """Every sequence padding (what capture and warm-up run on: nothing is written)."""
         self.meta.zero_()
         self.meta[0] = -1
 
-    def run(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The call on the staged buffers -> (drafts [S, k] int64, hidden [S, k, M*D], error
-        word [] int32). No host synchronisation."""
+    def _pick(self, logits: torch.Tensor, step: int):
+        """Draft tokens [S] and their q [S, V] (None when greedy) from one step's logits."""
+        if self.mode == "greedy":
+            return logits.argmax(dim=-1), None
+        x = logits if logits.dtype == torch.float64 else logits.float()
+        t = self.temperature.to(x.dtype)[:, None]  # [S, 1]
+        greedy_rows = t == 0
+        p = torch.softmax(x / torch.where(greedy_rows, 1.0, t), dim=-1)
+        if self.mode == "top_p":
+            p = _top_p(p, self.top_p.to(x.dtype)[:, None])
+        p = torch.where(greedy_rows, _one_hot_argmax(x), p)
+        return draw(p, self.u[:, step].to(x.dtype)), p
+
+    def run(self):
+        """The call on the staged buffers -> (drafts [S, k] int64, hidden [S, k, M*D], q
+        [S, k, V] or None (greedy), error word [] int32). No host synchronisation."""
         model, cache = self.model, self.cache
         cfg = model.config
         s, r = self.seqs, self.rows
@@ -143,18 +191,21 @@ class ProposeProgram:
         nan = torch.isnan(logits).any()
         draft_slots = torch.where(seq_on, slots, -1)
         last_pos = starts + counts - 1
-        hidden, drafts = [x], []
-        token = logits.argmax(dim=-1)
+        hidden, drafts, qs = [x], [], []
+        token, q = self._pick(logits, 0)
         for step in range(1, self.k):
             drafts.append(token)
+            qs.append(q)
             x, logits = model.decode_step(token, last_pos + step, x, draft_slots, cache, step,
                                           side_stream=self.side_stream)
             hidden.append(x)
             nan = nan | torch.isnan(logits).any()
-            token = logits.argmax(dim=-1)
+            token, q = self._pick(logits, step)
         drafts.append(token)
+        qs.append(q)
         error = error + nan.to(torch.int32) * ERR_LOGITS
-        return torch.stack(drafts, dim=1), torch.stack(hidden, dim=1), error
+        probs = None if q is None else torch.stack(qs, dim=1)
+        return torch.stack(drafts, dim=1), torch.stack(hidden, dim=1), probs, error
 
 
 class EagerProposal:
@@ -163,10 +214,10 @@ class EagerProposal:
 
     def __init__(self, program: ProposeProgram):
         self.program = program
-        self.drafts = self.hidden = self.error = None
+        self.drafts = self.hidden = self.probs = self.error = None
 
     def replay(self) -> None:
-        self.drafts, self.hidden, self.error = self.program.run()
+        self.drafts, self.hidden, self.probs, self.error = self.program.run()
 
 
 class ProposeBuckets:
@@ -189,8 +240,8 @@ class ProposeBuckets:
         self.row_buckets = tuple(sorted(set(row_buckets)))
         self.max_abs_hidden = max_abs_hidden
         self.side_stream = side_stream
-        self.made: dict[tuple[int, int, int], object] = {}
-        self.failed: set[tuple[int, int, int]] = set()  # buckets whose making raised
+        self.made: dict[tuple[int, int, int, str], object] = {}  # (S, R, k, mode) -> runner
+        self.failed: set[tuple[int, int, int, str]] = set()  # buckets whose making raised
 
     def bucket(self, seqs: int, rows: int) -> tuple[int, int] | None:
         """(S, R) of the smallest buckets holding a call, or None (too large for any)."""
@@ -198,15 +249,15 @@ class ProposeBuckets:
         r = next((b for b in self.row_buckets if b >= rows), None)
         return None if s is None or r is None else (s, r)
 
-    def get(self, seqs: int, rows: int, k: int):
+    def get(self, seqs: int, rows: int, k: int, mode: str = "greedy"):
         """The bucket's runner for a call (made now if it is the bucket's first call); None if
         making it failed before (the error was raised then)."""
         s, r = self.bucket(seqs, rows)
-        key = (s, r, k)
+        key = (s, r, k, mode)
         runner = self.made.get(key)
         if runner is None and key not in self.failed:
             program = ProposeProgram(self.model, self.cache, s, r, k, self.max_abs_hidden,
-                                     side_stream=self.side_stream)
+                                     side_stream=self.side_stream, mode=mode)
             try:
                 runner = self.made[key] = self._make(program)
             except BaseException:
@@ -218,5 +269,5 @@ class ProposeBuckets:
         return EagerProposal(program)
 
 
-__all__ = ["ERR_HIDDEN", "ERR_IDS", "ERR_LOGITS", "ERR_POSITIONS", "INPUT_ERRORS",
-           "EagerProposal", "ProposeBuckets", "ProposeProgram"]
+__all__ = ["ERR_HIDDEN", "ERR_IDS", "ERR_LOGITS", "ERR_POSITIONS", "INPUT_ERRORS", "MODES",
+           "EagerProposal", "ProposeBuckets", "ProposeProgram", "draw"]

@@ -24,7 +24,8 @@ from test_drafter_properties import BAD, _good
 
 from mtp import DeepSeekV4MTP, Numerics
 from mtp.drafter import MAX_ABS_HIDDEN, Drafter
-from mtp.propose_program import ProposeBuckets, ProposeProgram
+from mtp.propose_program import ProposeBuckets, ProposeProgram, draw
+from mtp.sampling import Sampling
 from mtp.testing import init_random_
 
 TOL = 1e-12
@@ -85,7 +86,7 @@ def test_program_equals_eager_over_a_loop_with_partial_acceptance(seed, k):
         assert [eager.next_position(s) for s in range(4)] == \
             [prog.next_position(s) for s in range(4)]
     assert prog._proposer.made, "no call went through the programs"
-    assert any(r > 1 for _, r, _ in prog._proposer.made), "no multi-row bucket was used"
+    assert any(r > 1 for _, r, *_ in prog._proposer.made), "no multi-row bucket was used"
 
 
 DEFERRED = {  # checked on the device: the call returns, the next one raises
@@ -206,7 +207,7 @@ def test_a_failed_capture_falls_back_to_the_eager_path():
     with pytest.warns(RuntimeWarning, match=r"propose failed .* \(1 sequences, 3 rows each"):
         p = d.propose(["a"], h, ids, pos, [3], k=2)
     assert torch.equal(p.drafts, eager.propose(["a"], h, ids, pos, [3], k=2).drafts)
-    assert d.next_position("a") == 3 and d._proposer.failed == {(1, 4, 2)}
+    assert d.next_position("a") == 3 and d._proposer.failed == {(1, 4, 2, "greedy")}
     h, ids, pos = rows(3, 1, start=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the failed bucket is not tried again
@@ -215,10 +216,61 @@ def test_a_failed_capture_falls_back_to_the_eager_path():
         h, ids, pos = rows(1, 2, start=6)
         assert torch.equal(d.propose(["a"], h, ids, pos, [1], k=2).drafts,
                            eager.propose(["a"], h, ids, pos, [1], k=2).drafts)
-    assert (1, 1, 2) in d._proposer.made  # another bucket: its program ran
+    assert (1, 1, 2, "greedy") in d._proposer.made  # another bucket: its program ran
     d._cuda_graphs = True
     d._proposer = Failing(d.model, d.cache, *d._buckets(), MAX_ABS_HIDDEN)
     h, ids, pos = rows(3, 3, start=7)
     with pytest.raises(RuntimeError, match="stream is capturing"):
         d.propose(["a"], h, ids, pos, [3], k=2)
     assert d.next_position("a") == 7
+
+
+def test_draw_is_the_inverse_cdf():
+    """Uniforms on a grid of N points give each token exactly its share of the mass (within
+    1/N), never a token of probability 0; a NaN row stays inside the vocabulary."""
+    q = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 2.0],
+                      [0.2, 0.2, 0.2, 0.2, 0.0]], dtype=torch.float64)  # rows need not sum to 1
+    n = 10_000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    tokens = torch.stack([draw(q, u[i].expand(3)) for i in range(0, n, 7)], dim=1)
+    share = torch.stack([(tokens == v).double().mean(dim=1) for v in range(5)], dim=1)
+    assert (share - q / q.sum(dim=1, keepdim=True)).abs().max() < 7 / n + 1e-9
+    assert not bool((share[q == 0] > 0).any())
+    edge = draw(q, torch.tensor([0.0, 1 - 1e-16, 0.9999999], dtype=torch.float64))
+    assert edge.tolist() == [0, 4, 3]
+    nan = draw(torch.full((1, 5), float("nan"), dtype=torch.float64), torch.tensor([0.5],
+               dtype=torch.float64))
+    assert 0 <= int(nan) < 5
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.6])
+def test_sampled_program_draws_from_the_eager_q(top_p):
+    """A sampled call through the program: d_1's q equals the eager path's (the same
+    arithmetic on logits within 1e-12 relative: q within 1e-8 in float64), every draft has
+    q > 0 at its step (inside the nucleus), the same generator seed gives the same drafts, and
+    the cache's positions and each sequence's next position agree with the eager path's."""
+    runs = []
+    for _ in range(2):
+        prog, eager = programmed(drafter()), drafter()
+        for d in (prog, eager):
+            d.add_sequence("a", position=2)
+            d.add_sequence("b")
+        h, ids, _ = rows(5, 8)
+        pos = torch.tensor([2, 3, 4, 0, 1])
+        gens = [torch.Generator().manual_seed(3) for _ in range(2)]
+        pp, pe = (d.propose(["a", "b"], h, ids, pos, [3, 2], k=3,
+                            sampling=Sampling(temperature=0.7, top_p=top_p, generator=g))
+                  for d, g in zip((prog, eager), gens))
+        assert pp.probs.shape == pe.probs.shape == (2, 3, TINY.vocab_size)
+        # q moves by exp(logit difference): logits of magnitude ~1e2-1e3 within 1e-12 relative
+        assert (pp.probs[:, 0] - pe.probs[:, 0]).abs().max() < 1e-8
+        assert rel_err(pp.hidden[:, 0], pe.hidden[:, 0]) < TOL
+        chosen = pp.probs.gather(2, pp.drafts[:, :, None])
+        assert bool((chosen > 0).all())
+        if top_p < 1:  # the nucleus is smaller than the vocabulary
+            assert bool(((pp.probs > 0).sum(dim=-1) < TINY.vocab_size).all())
+        assert torch.equal(prog.cache.pos, eager.cache.pos)
+        assert [prog.next_position(s) for s in "ab"] == [eager.next_position(s) for s in "ab"]
+        assert any(m == ("top_p" if top_p < 1 else "sample") for *_, m in prog._proposer.made)
+        runs.append(pp.drafts)
+    assert torch.equal(runs[0], runs[1])
