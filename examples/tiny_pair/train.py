@@ -1,13 +1,16 @@
 """Train the tiny V4-shaped pair (a 4-block target and one MTP layer) on Python's stdlib.
 
-    python examples/tiny_pair/train.py --out runs/pair            # on a GPU, ~6 minutes
+    python examples/tiny_pair/train.py --out runs/pair/joint --snapshot stdlib.tar.gz
+    # on a GPU: phases A and A', about 2.5 minutes on an H200 (the shipped run)
 
 Reproduces the shipped pair from scratch (``--steps-*`` fix the step counts; without them
-each phase runs for its time budget, the step count measured on its first steps and written
-to the log). The model is the library's own: ``mtp.demo.ToyTarget`` (``mtp.model.Block``
-blocks) and ``mtp.model.DeepSeekV4MTP``, built in the plain weight format with gradients
-enabled (the library holds inference weights with ``requires_grad=False``; training turns it
-on), in float32 master weights under bf16 autocast.
+each phase runs for its time budget, the step count measured on its steps 2..11 and written
+to the log; seed 0). The model is the library's own: ``mtp.demo.ToyTarget``
+(``mtp.model.Block`` blocks) and ``mtp.model.DeepSeekV4MTP``, built in the plain weight format
+with gradients enabled (the library holds inference weights with ``requires_grad=False``;
+training turns it on), in float32 master weights under bf16 autocast; the blocks run with
+``mtp.demo.training_ops.TrainingOps`` (the reference's math arranged for a training batch).
+``train_gpu.sh`` runs phases B and B' beside A and A' for the comparison.
 
 Phases (each saves its weights and held-out metrics as it ends):
 
@@ -294,9 +297,10 @@ def run_phase(name, target, m, params, train: Windows, heldout, args, steps, bud
     tracker.close()
     seconds = time.perf_counter() - t0
     metrics = evaluate(target, m, heldout)
+    sample = greedy_sample(target, args.sample_prompt, args.sample_tokens)
     log({"phase": name, "event": "done", "steps": step, "seconds": round(seconds, 1),
          "tokens_per_second": round(step * args.batch * args.seq / seconds),
-         "heldout": metrics, "greedy": greedy_sample(target, args.sample_prompt)})
+         "heldout": metrics, "greedy": sample})
     return metrics
 
 
@@ -324,20 +328,21 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder for weights, log and metrics")
     ap.add_argument("--snapshot", help="corpus snapshot (tar.gz); default: this Python's stdlib")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heldout-windows", type=int, default=64)
     ap.add_argument("--max-steps", type=int, default=20000)
     ap.add_argument("--log-every", type=int, default=25)
-    ap.add_argument("--phases", default="A,A',B,B'")
+    ap.add_argument("--phases", default="A,A'", help="of A, A', B, B' (comma-separated)")
     ap.add_argument("--match-steps", metavar="LOG",
                     help="phase B runs as many steps as phase A in this other run's log "
                          "(two processes sharing one GPU); waits for it")
     ap.add_argument("--sample-prompt", default="import os\n\n\ndef ",
                     help="the text each phase's greedy sample continues")
-    for phase, budget in (("joint", 130), ("posthoc", 45), ("alone", 110)):
+    ap.add_argument("--sample-tokens", type=int, default=160)
+    for phase, budget in (("joint", 95), ("posthoc", 20), ("alone", 95)):
         ap.add_argument(f"--steps-{phase}", type=int, default=None)
         ap.add_argument(f"--budget-{phase}", type=float, default=budget,
                         help="seconds, when --steps-* is not given")
