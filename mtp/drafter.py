@@ -259,6 +259,11 @@ class Drafter:
                 if not callable(getattr(value, method, None)):
                     raise TypeError(f"accelerator: has no callable {method}(...) (it needs "
                                     "forward and compute_logits with the module's signatures)")
+        if value is not None and value is not self.model:
+            warnings.warn("Drafter.accelerator is deprecated and will be removed in the next "
+                          "release: pick the module's ops with backend= (DeepSeekV4MTP(..., "
+                          "backend=), Drafter.from_pretrained(..., backend=))",
+                          DeprecationWarning, stacklevel=2)
         self._settle()
         self._accelerator = self.model if value is None else value
         self._graphs = None  # captured for the previous accelerator

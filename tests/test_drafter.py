@@ -188,9 +188,10 @@ def test_an_accelerator_must_have_both_methods_and_can_be_set_later():
     with pytest.raises(TypeError, match="compute_logits"):
         d.accelerator = half
     assert d.accelerator is d.model
-    d.accelerator = acc = CountingAccelerator(d.model)
+    with pytest.warns(DeprecationWarning, match="backend="):  # the older hook
+        d.accelerator = acc = CountingAccelerator(d.model)
     assert d.accelerator is acc
-    d.accelerator = None
+    d.accelerator = None  # back to the module: no warning
     assert d.accelerator is d.model
 
 
