@@ -57,6 +57,18 @@ def _epilogue(acc, rows, cols, M, N, out_ptr, stride_om, add_ptr, stride_am,
 
 
 @triton.jit
+def _swiglu_block(x, x_ptr, xoff, K, rmask, swiglu_limit):
+    """The SwiGLU input of a down projection: x holds the gate block, the value block lies K
+    columns on (``ops.swiglu``: clamped where swiglu_limit > 0), in x's dtype."""
+    v = tl.load(x_ptr + xoff + K, mask=rmask[:, None], other=0.0).to(tl.float32)
+    g = x.to(tl.float32)
+    if swiglu_limit > 0:
+        v = tl.minimum(tl.maximum(v, -swiglu_limit), swiglu_limit)
+        g = tl.minimum(g, swiglu_limit)
+    return (g / (1.0 + tl.exp(-g)) * v).to(x_ptr.dtype.element_ty)
+
+
+@triton.jit
 def fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, add_ptr,
                       M, N, K, stride_xm, stride_om, stride_am, stride_wn, stride_wsn,
                       kb_per_split, swiglu_limit,
@@ -84,12 +96,7 @@ def fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, add_ptr,
         xoff = rows[:, None] * stride_xm + x_col0 + kb * BK + kk[None, :]
         x = tl.load(x_ptr + xoff, mask=rmask[:, None], other=0.0)
         if SWIGLU and not PREQ:
-            v = tl.load(x_ptr + xoff + K, mask=rmask[:, None], other=0.0).to(tl.float32)
-            g = x.to(tl.float32)
-            if swiglu_limit > 0:
-                v = tl.minimum(tl.maximum(v, -swiglu_limit), swiglu_limit)
-                g = tl.minimum(g, swiglu_limit)
-            x = (g / (1.0 + tl.exp(-g)) * v).to(x_ptr.dtype.element_ty)
+            x = _swiglu_block(x, x_ptr, xoff, K, rmask, swiglu_limit)
         w = tl.load(w_ptr + cols[:, None] * stride_wn + kb * BK + kk[None, :],
                     mask=cmask[:, None], other=0.0)
         sb = tl.load(ws_ptr + ((pid_n * BN) // 128) * stride_wsn + kb)
@@ -151,12 +158,7 @@ def quant_fp8_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, swiglu_limit,
     xoff = rows[:, None] * stride_xm + cols[None, :]
     x = tl.load(x_ptr + xoff, mask=rmask[:, None], other=0.0)
     if SWIGLU:
-        v = tl.load(x_ptr + xoff + K, mask=rmask[:, None], other=0.0).to(tl.float32)
-        g = x.to(tl.float32)
-        if swiglu_limit > 0:
-            v = tl.minimum(tl.maximum(v, -swiglu_limit), swiglu_limit)
-            g = tl.minimum(g, swiglu_limit)
-        x = (g / (1.0 + tl.exp(-g)) * v).to(x_ptr.dtype.element_ty)
+        x = _swiglu_block(x, x_ptr, xoff, K, rmask, swiglu_limit)
     xf = x.to(tl.float32)
     e = pow2_scale_bits(tl.max(tl.abs(xf), axis=1))
     q = fp8_round(xf, e)

@@ -55,6 +55,27 @@ def stage_inputs_kernel(ids_ptr, pos_ptr, slots_ptr, hid_ptr, ids_dst, pos_dst, 
 _STAGE_BH = 4096
 
 
+def capture(run, device: torch.device, pool, pdl: bool):
+    """Warm ``run`` up twice on a side stream (compiles kernels, fills lazy caches), then
+    capture it into a CUDA graph in ``pool``, with programmatic dependent launch as ``pdl``
+    says -> (graph, what the captured ``run`` returned: static outputs each replay rewrites)."""
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    was = _common.PDL
+    _common.PDL = pdl  # read by every Triton launch: recorded into the graph's nodes
+    try:
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = run()
+    finally:
+        _common.PDL = was
+    return graph, out
+
+
 class _Bucket:
     def __init__(self, model: DeepSeekV4MTP, ops: TritonOps, cache: KVCache, size: int,
                  spec_step_idx: int, pool, side: torch.cuda.Stream | None, pdl: bool):
@@ -75,20 +96,7 @@ class _Bucket:
                 return model.decode_step(self.ids, self.pos, self.hidden, self.slots, cache,
                                          spec_step_idx, side_stream=side)
 
-        stream = torch.cuda.Stream(device=dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        was = _common.PDL
-        _common.PDL = self.pdl  # read by every Triton launch: recorded into the graph's nodes
-        try:
-            with torch.cuda.stream(stream):  # warm-up: compiles kernels, fills lazy caches
-                for _ in range(2):
-                    run()
-            torch.cuda.current_stream(dev).wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
-                self.out_hidden, self.out_logits = run()
-        finally:
-            _common.PDL = was
+        self.graph, (self.out_hidden, self.out_logits) = capture(run, dev, pool, self.pdl)
 
     def _stage_args(self, ids, pos, hidden, slots, t) -> tuple:
         """stage_inputs_kernel's arguments, its two constexprs (BS, BH) last."""

@@ -21,7 +21,7 @@ from mtp.propose_program import ProposeBuckets, ProposeProgram
 
 from . import _common
 from .backend import TritonOps
-from .graph import PDL_ROWS
+from .graph import PDL_ROWS, capture
 
 
 class CapturedProposal:
@@ -33,20 +33,8 @@ class CapturedProposal:
         self.pdl = pdl and bool(_common.PDL_ARCH)
         dev = program.cache.kv.device
         program.clear()  # capture and warm-up on padding only: the cache is not touched
-        stream = torch.cuda.Stream(device=dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        was = _common.PDL
-        _common.PDL = self.pdl  # read by every Triton launch: recorded into the graph's nodes
-        try:
-            with torch.cuda.stream(stream):  # warm-up: compiles kernels, fills lazy caches
-                for _ in range(2):
-                    program.run()
-            torch.cuda.current_stream(dev).wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
-                self.drafts, self.hidden, self.probs, self.error = program.run()
-        finally:
-            _common.PDL = was
+        self.graph, (self.drafts, self.hidden, self.probs, self.error) = capture(
+            program.run, dev, pool, self.pdl)
 
     def replay(self) -> None:
         self.graph.replay()
