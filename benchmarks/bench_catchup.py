@@ -27,6 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_draft_step import (  # noqa: E402
     _import_kernels,
+    catchup_call,
+    catchup_case,
     copy_bandwidth,
     fill_cache,
     floor_bytes,
@@ -73,16 +75,7 @@ def bench_preset(name, mk, sw, configure, bw, args) -> None:
     fill_cache(cache, 16, 1000, g)
     for n_seq in [int(x) for x in args.seqs.split(",") if x]:
         t_rows = 128 * n_seq
-        slots = torch.arange(n_seq, device=dev).repeat_interleave(128)
-        pos = (torch.arange(128, device=dev) + 1000).repeat(n_seq)
-        sets = inputs(cfg, t_rows, 2, dev, g, torch.bfloat16)
-        last = torch.arange(n_seq, device=dev) * 128 + 127
-
-        def call(i, sets=sets, pos=pos, slots=slots, last=last):
-            ids, h = sets[i % 2]
-            x = model.forward(ids, pos, h, kv_cache=cache, seq_slots=slots)
-            model.compute_logits(x[last])
-
+        call = catchup_call(model, cache, catchup_case(cfg, n_seq, 1000, dev, g))
         floor_ms = floor_bytes(model, pb, t_rows, n_seq, cfg.n_routed_experts, n_seq,
                                2) / bw * 1e3
         configs = [("before", set(sw)), ("after", set())]

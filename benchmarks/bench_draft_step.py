@@ -30,6 +30,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -292,23 +293,10 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
     rows += bench_drafter(model, fast, mk, name, args.drafter, args.reps, dev, g, pb, bw, bare)
     # catch-up: 128 rows per sequence through forward, then logits of each sequence's last row
     for n_seq in args.catchup:
-        t_rows = 128 * n_seq
-        slots = torch.arange(n_seq, device=dev).repeat_interleave(128)
-        pos = (torch.arange(128, device=dev) + pos0).repeat(n_seq)
-        sets = inputs(cfg, t_rows, 2, dev, g, torch.bfloat16)
-        last = torch.arange(n_seq, device=dev) * 128 + 127
-
-        def catch_fast(i, sets=sets, pos=pos, slots=slots, last=last):
-            ids, h = sets[i % 2]
-            x = fast.forward(ids, pos, h, kv_cache=cache, seq_slots=slots)
-            fast.compute_logits(x[last])
-
-        def catch_naive(i, sets=sets, pos=pos, slots=slots, last=last):
-            ids, h = sets[i % 2]
-            with model.using(ops.REFERENCE):
-                x = model(ids, pos, h, kv_cache=cache, seq_slots=slots)
-                model.compute_logits(x[last])
-
+        case = catchup_case(cfg, n_seq, pos0, dev, g)
+        t_rows = case[0].numel()
+        catch_fast = catchup_call(fast, cache, case)
+        catch_naive = catchup_call(model, cache, case, reference=True)
         fb = floor_bytes(model, pb, t_rows, n_seq, cfg.n_routed_experts, n_seq, 2)
         t_f = statistics.median(time_it(catch_fast, max(5, args.reps // 4)))
         t_n = statistics.median(time_it(catch_naive, 3, 1)) if args.naive_reps \
@@ -329,6 +317,28 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
     if args.profile:
         profile(graphs, cfg, args.profile, name, out, g)
     return rows
+
+
+def catchup_case(cfg, n_seq: int, pos0: int, dev, g):
+    """A catch-up of 128 rows for each of n_seq sequences (cache slots 0..n_seq-1) from
+    position pos0: (slots [T], positions [T], two input sets, each sequence's last row [S])."""
+    slots = torch.arange(n_seq, device=dev).repeat_interleave(128)
+    pos = (torch.arange(128, device=dev) + pos0).repeat(n_seq)
+    sets = inputs(cfg, 128 * n_seq, 2, dev, g, torch.bfloat16)
+    return slots, pos, sets, torch.arange(n_seq, device=dev) * 128 + 127
+
+
+def catchup_call(model, cache, case, reference: bool = False):
+    """call(i): the catch-up ``case`` through ``model.forward`` (its reference ops where
+    ``reference``: the naive baseline), then the logits of each sequence's last row."""
+    slots, pos, sets, last = case
+
+    def call(i):
+        ids, h = sets[i % 2]
+        with model.using(ops.REFERENCE) if reference else contextlib.nullcontext():
+            x = model.forward(ids, pos, h, kv_cache=cache, seq_slots=slots)
+            model.compute_logits(x[last])
+    return call
 
 
 def bench_drafter(model, fast, mk, name, batches, reps, dev, g, pb, bw, bare) -> list[dict]:
