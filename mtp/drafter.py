@@ -307,10 +307,10 @@ class Drafter:
 
     @_locked
     def use_cuda_graphs(self, buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)) -> None:
-        """Also run the draft steps s >= 1 of the calls that do not replay a whole-call graph
-        (sampled drafting, catch-up-sized calls, a tensor-parallel module) as CUDA-graph
-        replays (``mtp_kernels.DraftStepGraphs``). Greedy calls need nothing: on CUDA they
-        replay whole-call graphs by default (``cuda_graphs``).
+        """Run the draft steps s >= 1 of the calls that do not replay a whole-call graph as
+        CUDA-graph replays (``mtp_kernels.DraftStepGraphs``): every call by default; with
+        ``cuda_graphs=None`` (opt-in) the calls its buckets do not cover (catch-up-sized
+        calls, a per-sequence temperature tensor) and a tensor-parallel module's.
 
         CUDA only, needs the ``mtp_kernels`` package (the repo's ``kernels/``, with
         Triton) and the model's triton backend (``backend="auto"``, the default, on CUDA in the
@@ -432,8 +432,8 @@ class Drafter:
         Returns a :class:`Proposal`. Afterwards each sequence's next position is one past its
         last row: the next call re-feeds from there (the verified rows, with real residuals).
 
-        On CUDA with graphs (the default there) a call whose sequences and rows fit
-        the buckets checks token ids, positions and hidden values on the GPU: an error raises
+        On CUDA with whole-call graphs (``cuda_graphs=None``, opt-in) a call whose sequences
+        and rows fit the buckets checks token ids, positions and hidden values on the GPU: an error raises
         at the drafter's next call (or at ``Proposal.check()``) and leaves the drafter as it
         was before this call (docs/drafter.md, "When each check fires").
         """
