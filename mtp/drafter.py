@@ -433,9 +433,9 @@ class Drafter:
         last row: the next call re-feeds from there (the verified rows, with real residuals).
 
         On CUDA with whole-call graphs (``cuda_graphs=None``, opt-in) a call whose sequences
-        and rows fit the buckets checks token ids, positions and hidden values on the GPU: an error raises
-        at the drafter's next call (or at ``Proposal.check()``) and leaves the drafter as it
-        was before this call (docs/drafter.md, "When each check fires").
+        and rows fit the buckets checks token ids, positions and hidden values on the GPU: an
+        error raises at the drafter's next call (or at ``Proposal.check()``) and leaves the
+        drafter as it was before this call (docs/drafter.md, "When each check fires").
         """
         self._settle()
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.max_draft_tokens:
