@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--long", default="512,1024,4096", help="Flash: rows of one long catch-up")
     args = ap.parse_args()
     mk = _import_kernels()
-    mk._common.MANY_ROWS = True  # off by default; each path is then switched by its threshold
+    mk._common.MANY_ROWS = True  # the default; each path is then switched by its threshold
     sw = switches(mk)
     default = {k: getattr(m, n) for k, (m, n) in sw.items()}
 

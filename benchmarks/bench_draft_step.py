@@ -343,7 +343,8 @@ def catchup_call(model, cache, case, reference: bool = False):
 
 def bench_drafter(model, fast, mk, name, batches, reps, dev, g, pb, bw, bare) -> list[dict]:
     """``Drafter.propose(k=3)`` as an engine calls it, with whole-call graphs
-    (``cuda_graphs=True``, opt-in for now: greedy, one graph replay per call), with 1 and
+    (the default on CUDA; ``cuda_graphs=True`` here so that the benchmark cannot time the
+    eager path unawares: greedy, one graph replay per call), with 1 and
     k + 1 = 4 new real rows per sequence, host work included, each call timed alone (the GPU
     idles until the call's first copy arrives); the host time of one call (enqueue only:
     measured with the GPU busy behind a sleeping kernel); the first call's capture time. The

@@ -39,11 +39,10 @@ PDL = False  # the launch attribute (only honoured where PDL_ARCH)
 
 # The catch-up paths for many rows (fp8_linear rounds its input once ahead from PREQ_ROWS
 # rows, attention takes ATTN_MANY_BH heads per program from ATTN_MANY_T rows, the hc mixes
-# are one cuBLAS product above MIX_MANY_T rows). Off by default: they were timed on an H200
-# (docs/performance.md, catch-up) but their tests (tests/test_kernels.py "many rows",
-# tests/test_gpu_fast_path.py catch-up, which turn this on) have not yet run on a GPU. A
-# user may turn them on: `mtp_kernels._common.MANY_ROWS = True`.
-MANY_ROWS = False
+# are one cuBLAS product above MIX_MANY_T rows). False: the decode-tuned kernels at every row
+# count (benchmarks' A/B; tests/test_kernels.py "many rows" and tests/test_gpu_fast_path.py
+# catch-up run both).
+MANY_ROWS = True
 
 
 @triton.jit

@@ -229,7 +229,13 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
         raise ValueError(f"fp8_linear: group_n={group} must be a multiple of 128")
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    dot_f32 = x.dtype == torch.float32 and not act_quant and not rounded
     bm, bn, warps, per_sm = _blocks(m)
+    stages = 3
+    if dot_f32 and bm >= 64:
+        # float32 operands take twice bf16's shared memory: (64, 128) tiles over 3 stages ask
+        # for 256 KiB, more than an H100/H200 multiprocessor's 227 KiB
+        bn, stages = 64, 2
     tune = tune or {}
     bn, warps, per_sm = tune.get("bn", bn), tune.get("warps", warps), tune.get("per_sm", per_sm)
     nb, mb, kbs = triton.cdiv(n, bn), triton.cdiv(m, bm), k // BK
@@ -255,10 +261,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
         float(swiglu_limit or 0.0),
         GROUP_N=group, ACT_QUANT=act_quant and not preq, SWIGLU=swiglu_limit is not None,
         SCALE_E8M0=scale.dtype == torch.float8_e8m0fnu,
-        DOT_F32=x.dtype == torch.float32 and not act_quant and not rounded, SPLIT=split,
+        DOT_F32=dot_f32, SPLIT=split,
         ADD_ROW_DIV=add_row_div if add is not None else 0,
         FP8_DOT=fp8_dot and act_quant, PREQ=preq, BM=bm, BN=bn, BK=BK,
-        num_warps=warps, num_stages=tune.get("stages", 3), **launch_opts())
+        num_warps=warps, num_stages=tune.get("stages", stages), **launch_opts())
     if split > 1:
         rbn = 256
         splitk_reduce_kernel[(m, triton.cdiv(n, rbn))](
@@ -285,6 +291,6 @@ def fp8_linear_reference(x, weight, scale, *, act_quant, group_n=None, swiglu_li
         y = y.to(x.dtype).flatten(1)
     else:
         y = ops.matmul(x, w, act_quant)
-    if add is not None:
-        y = (y.view(-1, add_row_div, n) + add.unsqueeze(1)).view(-1, n)
+    if add is not None:  # row r gets add[r // add_row_div] (the last group may be short)
+        y = y + add.repeat_interleave(add_row_div, dim=0)[:y.shape[0]]
     return y

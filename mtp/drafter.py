@@ -155,11 +155,10 @@ class Drafter:
             signatures (e.g. a GPU kernel path); every forward and logits call goes through it.
             Default: the module itself.
         cuda_graphs: run a :meth:`propose` as one CUDA-graph replay (captured the first time a
-            bucket of sequences x new rows x k x greedy/sampled is needed): False (default)
-            never (the eager path), None where it can run (CUDA, the module's triton backend,
-            one process, no accelerator set), True where it can or raise ``ValueError``
-            saying why not. Opt-in for now: the whole-call graphs have been checked on the
-            CPU (eagerly and through Triton's interpreter) but not yet run on a GPU.
+            bucket of sequences x new rows x k x greedy/sampled is needed): None (default)
+            where it can run (CUDA, the module's triton backend, one process, no accelerator
+            set; elsewhere, the CPU included, the eager path), True where it can or raise
+            ``ValueError`` saying why not, False never (the eager path).
 
     Example:
         >>> import torch
@@ -178,7 +177,7 @@ class Drafter:
     """
 
     def __init__(self, model: DeepSeekV4MTP, *, max_seqs: int = 64, max_draft_tokens: int = 4,
-                 accelerator: Any = None, cuda_graphs: bool | None = False):
+                 accelerator: Any = None, cuda_graphs: bool | None = None):
         if not isinstance(model, DeepSeekV4MTP):
             raise TypeError(f"model: expected a mtp.DeepSeekV4MTP, got {type(model).__name__}")
         for name, value in (("max_seqs", max_seqs), ("max_draft_tokens", max_draft_tokens)):
@@ -216,13 +215,13 @@ class Drafter:
                         dtype: torch.dtype = torch.bfloat16, max_seqs: int = 64,
                         max_draft_tokens: int = 4, embed_tokens: torch.Tensor | None = None,
                         head: torch.Tensor | None = None, numerics=None, backend: Any = "auto",
-                        cuda_graphs: bool | None = False, **load_kwargs) -> Drafter:
+                        cuda_graphs: bool | None = None, **load_kwargs) -> Drafter:
         """Load a checkpoint folder or Hugging Face repo id (``mtp.loader.load_model``) and wrap
         it. ``embed_tokens`` / ``head``: the target's [V, D] tensors, shared instead of loaded.
-        On CUDA in the released format the module runs the Triton kernels (``backend="auto"``),
-        with nothing more to call; ``backend="reference"`` picks the pure-PyTorch ops, and
-        ``cuda_graphs=None`` replays whole-call CUDA graphs where they can run (opt-in for
-        now, see :class:`Drafter`).
+        On CUDA in the released format the module runs the Triton kernels (``backend="auto"``)
+        and each :meth:`propose` replays a whole-call CUDA graph (``cuda_graphs=None``, see
+        :class:`Drafter`), with nothing more to call; ``backend="reference"`` picks the
+        pure-PyTorch ops, ``cuda_graphs=False`` the eager path.
         ``load_kwargs`` go to the loader (revision, cache_dir, token, ``process_group`` for
         tensor/expert parallelism: every rank of the group makes the same calls and gets the
         same drafts, see docs/parallel.md).
@@ -308,9 +307,10 @@ class Drafter:
     @_locked
     def use_cuda_graphs(self, buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)) -> None:
         """Run the draft steps s >= 1 of the calls that do not replay a whole-call graph as
-        CUDA-graph replays (``mtp_kernels.DraftStepGraphs``): every call by default; with
-        ``cuda_graphs=None`` (opt-in) the calls its buckets do not cover (catch-up-sized
-        calls, a per-sequence temperature tensor) and a tensor-parallel module's.
+        CUDA-graph replays (``mtp_kernels.DraftStepGraphs``): with ``cuda_graphs=False`` every
+        call; with the whole-call graphs (the default on CUDA) the calls their buckets do not
+        cover (catch-up-sized calls, a per-sequence temperature tensor) and a tensor-parallel
+        module's.
 
         CUDA only, needs the ``mtp_kernels`` package (the repo's ``kernels/``, with
         Triton) and the model's triton backend (``backend="auto"``, the default, on CUDA in the
@@ -432,7 +432,7 @@ class Drafter:
         Returns a :class:`Proposal`. Afterwards each sequence's next position is one past its
         last row: the next call re-feeds from there (the verified rows, with real residuals).
 
-        On CUDA with whole-call graphs (``cuda_graphs=None``, opt-in) a call whose sequences
+        On CUDA with whole-call graphs (``cuda_graphs=None``, the default) a call whose sequences
         and rows fit the buckets checks token ids, positions and hidden values on the GPU: an
         error raises at the drafter's next call (or at ``Proposal.check()``) and leaves the
         drafter as it was before this call (docs/drafter.md, "When each check fires").

@@ -192,9 +192,12 @@ def test_importing_mtp_imports_no_triton():
 #   eager path through forward over exactly T rows: the same kernels, but the row count picks
 #   some launch shapes (split-K of the products), so sums may round differently. float32: every
 #   draft equal, residuals and cached KV within 1e-5 relative (summation order). bfloat16: an
-#   ulp can cross an FP8 activation rounding boundary (2^-4 relative on one element), so the
-#   residuals and KV are held to 2e-2, and drafts to >= 90% agreement (a near-tie flip changes
-#   that sequence's later drafts; the measured share is printed).
+#   ulp can cross an FP8 activation rounding boundary (one e4m3 step, up to 2^-3 of that
+#   element, carried through every later product of the call), so neither path is nearer the
+#   other than to the truth: both are judged against the same loop run in float64 (reference
+#   ops), the graphs held to 1.5x the eager path's error plus 1e-3 (the bound of the fast path's
+#   own tests), drafts to >= 90% agreement with the eager path (a near-tie flip changes that
+#   sequence's later drafts; the measured share is printed).
 # - positions in the cache: equal exactly (they depend on the row counts only).
 
 
@@ -216,13 +219,13 @@ def gpu_loop(drafters, dtype, seed=0, k=3, rounds=8):
         counts = [int(torch.randint(1, top + 1, (1,), generator=gen)) for _ in ids]
         kr = int(torch.randint(1, k + 1, (1,), generator=gen))
         t = sum(counts)
-        h = torch.randn(t, cfg.hc_dim, generator=gen).to("cuda", dtype)
+        h = torch.randn(t, cfg.hc_dim, generator=gen).to("cuda", dtype)  # dtype's values
         nxt = torch.randint(0, cfg.vocab_size, (t,), generator=gen).cuda()
         first = drafters[0]
         pos = torch.cat([torch.arange(first.next_position(s), first.next_position(s) + n)
                          for s, n in zip(ids, counts)]).cuda()
         for d, o in zip(drafters, out):
-            o.append(d.propose(ids, h, nxt, pos, counts, k=kr).check())
+            o.append(d.propose(ids, h.to(d.model.dtype), nxt, pos, counts, k=kr).check())
     for d in drafters[1:]:
         assert [d.next_position(s) for s in range(4)] == \
             [first.next_position(s) for s in range(4)]
@@ -252,8 +255,16 @@ def test_graphed_drafter_equals_the_eager_path(dtype):
     assert torch.equal(graphed.cache.pos, eager.cache.pos)
     if dtype == torch.float32:
         assert bool(agree.all()) and err < 1e-5 and kv_err < 1e-5
-    else:
-        assert agree.float().mean() >= 0.9 and err < 2e-2 and kv_err < 2e-2
+        return
+    assert agree.float().mean() >= 0.9
+    truth = Drafter(build(torch.float64), max_seqs=4, max_draft_tokens=3, cuda_graphs=False)
+    pt, = gpu_loop([truth], dtype)
+    for n, (a, b, t) in enumerate(zip(pg, pe, pt)):
+        ga, eb = rel(a.hidden[:, 0], t.hidden[:, 0]), rel(b.hidden[:, 0], t.hidden[:, 0])
+        print(f"call {n}: real-row residual rel error: graphs {ga:.2e}, eager {eb:.2e}")
+        assert ga <= 1.5 * eb + 1e-3, (n, ga, eb)
+    kv_g, kv_e = (rel(d.cache.kv[held], truth.cache.kv[held]) for d in (graphed, eager))
+    assert kv_g <= 1.5 * kv_e + 1e-3, (kv_g, kv_e)
 
 
 @needs_cuda

@@ -100,6 +100,22 @@ def test_fp8_linear_grouped_no_quant(dtype):
     assert rel(y, ref) < (BF16_TOL if dtype == torch.bfloat16 else F32_TOL)
 
 
+@pytest.mark.parametrize("m", [32, 33, 129, 300])
+def test_fp8_linear_float32_without_rounding(m):
+    """float32 activations, the FP8 rounding off (the exact-numerics mode): the ieee float32
+    dot at every row-count tile, including the (64-row) tiles whose float32 operands need a
+    smaller tile to fit in shared memory, and split-K; a plain and a SwiGLU-plus-add input."""
+    from mtp_kernels.fp8_linear import fp8_linear, fp8_linear_reference
+    w, s = fp8_weight(384, 512, seed=8)
+    x = randn(m, 1024, seed=9, dtype=torch.float32, std=4.0)
+    add = randn((m + 3) // 4, 384, seed=10)
+    for xi, kw in [(x[:, :512].contiguous(), {}),
+                   (x, dict(swiglu_limit=10.0, add=add, add_row_div=4))]:
+        y = fp8_linear(xi, w, s, act_quant=False, **kw)
+        assert y.dtype == torch.float32 and y.shape == (m, 384)
+        assert rel(y, fp8_linear_reference(xi, w, s, act_quant=False, **kw)) < F32_TOL, kw
+
+
 def test_fp8_linear_swiglu_and_add():
     from mtp_kernels.fp8_linear import fp8_linear, fp8_linear_reference
     w, s = fp8_weight(256, 128, seed=5)
