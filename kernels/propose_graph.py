@@ -17,14 +17,14 @@ import torch
 
 from mtp.cache import KVCache
 from mtp.model import DeepSeekV4MTP
-from mtp.propose_program import ProposeBuckets, ProposeProgram
+from mtp.propose_program import ProposeBuckets, ProposeProgram, StaticProposal
 
 from . import _common
 from .backend import TritonOps
 from .graph import PDL_ROWS, capture
 
 
-class CapturedProposal:
+class CapturedProposal(StaticProposal):
     """One bucket's program and its graph; ``drafts``, ``hidden``, ``probs`` (None when
     greedy), ``error``: its static outputs (rewritten by every replay)."""
 

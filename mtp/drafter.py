@@ -27,6 +27,7 @@ order, as engines lay them out), k drafts, V vocabulary, M*D = hc_mult * hidden_
 from __future__ import annotations
 
 import functools
+import operator
 import threading
 import warnings
 from collections.abc import Hashable, Sequence
@@ -58,6 +59,21 @@ def _locked(method):
     def wrapper(self, *args, **kwargs):
         with self._lock:
             return method(self, *args, **kwargs)
+    return wrapper
+
+
+def _locked_no_grad(method):
+    """:func:`_locked` under ``torch.no_grad()``, switched directly (the decorator's context
+    object costs ~2 us more per call)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            grad = torch.is_grad_enabled()
+            torch.set_grad_enabled(False)
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                torch.set_grad_enabled(grad)
     return wrapper
 
 
@@ -128,6 +144,8 @@ class _Plan:
     next_ids: torch.Tensor  # [T]: next_token_ids or input_ids, whichever was given
     positions: torch.Tensor  # [T] int64 or int32 as given
     ids_name: str  # the name next_ids was given under
+    seqs: list[_Seq]  # each sequence's record
+    ends: list[int]  # each sequence's next position after the call (start + count)
 
 
 @dataclass
@@ -136,11 +154,10 @@ class _Deferred:
     copied when ``event`` completes), and what restoring the drafter needs."""
 
     drafter: Drafter
-    error: torch.Tensor
+    error: torch.Tensor  # [] int32, the program's (reused by its next call: read before)
     event: Any
     plan: _Plan
     program: Any  # the ProposeProgram whose buffers hold the call's inputs
-    dest: list[int] | None  # the rows' places in them (None: in order)
 
 
 class Drafter:
@@ -204,6 +221,8 @@ class Drafter:
         self.cache = KVCache(cfg.num_nextn_predict_layers, max_seqs,
                              cfg.sliding_window + max_draft_tokens, cfg.head_dim,
                              dtype=model.dtype, device=device)
+        self._device = self.cache.kv.device  # (the cache's tensors never move)
+        self._event: Any = None  # recorded after each graphed call (CUDA), made at the first
         self.load_report = None  # set by from_pretrained: what the loader read
         self._seqs: dict[Hashable, _Seq] = {}
         self._free = list(range(max_seqs - 1, -1, -1))  # pop() hands out slot 0 first
@@ -274,7 +293,7 @@ class Drafter:
 
     @property
     def device(self) -> torch.device:
-        return self.cache.kv.device
+        return self._device
 
     @property
     def max_seqs(self) -> int:
@@ -386,8 +405,7 @@ class Drafter:
         self._free.append(seq.slot)
 
     # ---- the two calls ---------------------------------------------------------------------
-    @torch.no_grad()
-    @_locked
+    @_locked_no_grad
     def feed(self, seq_ids: Sequence[Hashable], hidden_states: torch.Tensor,
              input_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
              num_rows_per_seq: Sequence[int] | torch.Tensor | None = None, *,
@@ -403,8 +421,7 @@ class Drafter:
         with self._dropping_on_failure(plan):
             return self._feed(plan)
 
-    @torch.no_grad()
-    @_locked
+    @_locked_no_grad
     def propose(self, seq_ids: Sequence[Hashable], hidden_states: torch.Tensor,
                 input_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 num_rows_per_seq: Sequence[int] | torch.Tensor | None = None, *, k: int,
@@ -446,8 +463,11 @@ class Drafter:
                             f"{type(sampling).__name__}")
         plan = self._plan(seq_ids, hidden_states, input_ids, next_token_ids, positions,
                           num_rows_per_seq)
-        sampling.check(len(plan.seq_ids), self.device)
-        mode = _mode(sampling)
+        if sampling is GREEDY:  # (frozen, its scalars checked when made, no tensor)
+            mode = "greedy"
+        else:
+            sampling.check(len(plan.seq_ids), self.device)
+            mode = _mode(sampling)
         graphs = self._whole_call_graphs() if mode is not None else None
         if graphs is not None and graphs.bucket(len(plan.seq_ids), max(plan.counts)):
             proposal = self._propose_graphed(plan, k, graphs, mode, sampling)
@@ -488,43 +508,58 @@ class Drafter:
         ids = list(seq_ids)
         if not ids:
             raise ValueError("seq_ids: empty; pass at least one sequence")
-        seen: set = set()
-        dup = next((s for s in ids if s in seen or seen.add(s)), _NONE)  # linear
-        if dup is not _NONE:
-            raise ValueError(f"seq_ids: sequence {dup!r} appears twice; give each sequence's "
-                             "rows as one run")
-        seqs = [self._get(s) for s in ids]
+        seqs = self._lookup(ids)
         counts = _row_counts(num_rows_per_seq, len(ids))
+        starts = [s.next_position for s in seqs]
+        ends = list(map(operator.add, starts, counts))
 
         t = sum(counts)
-        for seq_id, start, n in zip(ids, [s.next_position for s in seqs], counts):
-            if start + n - 1 + self.max_draft_tokens > MAX_POSITION:
-                raise ValueError(f"num_rows_per_seq: sequence {seq_id!r} would reach position "
-                                 f"{start + n - 1 + self.max_draft_tokens} with its drafts, "
-                                 f"beyond MAX_POSITION = {MAX_POSITION}")
+        if max(ends) - 1 + self.max_draft_tokens > MAX_POSITION:
+            for seq_id, end in zip(ids, ends):
+                if end - 1 + self.max_draft_tokens > MAX_POSITION:
+                    raise ValueError(f"num_rows_per_seq: sequence {seq_id!r} would reach "
+                                     f"position {end - 1 + self.max_draft_tokens} with its "
+                                     f"drafts, beyond MAX_POSITION = {MAX_POSITION}")
         hidden_states = _flat_hidden(hidden_states, cfg)
         if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() >= 1 \
                 and hidden_states.shape[0] != t and hidden_states.shape[1:] == (cfg.hc_dim,):
             raise ValueError(f"num_rows_per_seq: the counts {_short(counts)} sum to {t}, but "
                              f"hidden_states has {hidden_states.shape[0]} rows")
         _check_tensor(hidden_states, "hidden_states", (t, cfg.hc_dim),
-                      f"[T, hc_mult*hidden_size] = [{t}, {cfg.hc_dim}] (or [T, hc_mult, "
-                      f"hidden_size] = [{t}, {cfg.hc_mult}, {cfg.hidden_size}])", device,
-                      floating=True)
+                      lambda: f"[T, hc_mult*hidden_size] = [{t}, {cfg.hc_dim}] (or [T, "
+                      f"hc_mult, hidden_size] = [{t}, {cfg.hc_mult}, {cfg.hidden_size}])",
+                      device, floating=True)
         _check_tensor(ids_arg, ids_name, (t,),
-                      f"[T] = [{t}] (the token after each row)", device, floating=False)
-        _check_tensor(positions, "positions", (t,), f"[T] = [{t}]", device, floating=False)
+                      lambda: f"[T] = [{t}] (the token after each row)", device, floating=False)
+        _check_tensor(positions, "positions", (t,), lambda: f"[T] = [{t}]", device,
+                      floating=False)
 
-        starts = [s.next_position for s in seqs]
         window = cfg.sliding_window
-        kept = [min(n, window) for n in counts]
-        keep = None
-        if kept != counts:  # only the last W rows of a sequence can ever be attended
+        kept, keep = counts, None
+        if max(counts) > window:  # only the last W rows of a sequence can ever be attended
+            kept = [min(n, window) for n in counts]
             offsets = torch.tensor([0] + counts[:-1]).cumsum(0).tolist()
             keep = torch.cat([torch.arange(o + n - m, o + n)
                               for o, n, m in zip(offsets, counts, kept)]).to(device)
         return _Plan(ids, [s.slot for s in seqs], starts, counts, kept, keep, hidden_states,
-                     ids_arg, positions, ids_name)
+                     ids_arg, positions, ids_name, seqs, ends)
+
+    def _lookup(self, ids: list) -> list[_Seq]:
+        """Each sequence's record; refuses a duplicate, unhashable or unknown id. The common
+        case (all known, distinct) in two passes at C speed; otherwise the checks that name
+        the first bad id, in order."""
+        try:
+            seqs = [self._seqs[s] for s in ids]
+            if len(set(ids)) == len(ids):
+                return seqs
+        except (KeyError, TypeError):
+            pass
+        seen: set = set()
+        dup = next((s for s in ids if s in seen or seen.add(s)), _NONE)  # linear
+        if dup is not _NONE:
+            raise ValueError(f"seq_ids: sequence {dup!r} appears twice; give each sequence's "
+                             "rows as one run")
+        return [self._get(s) for s in ids]
 
     def _check_values(self, plan: _Plan) -> None:
         """The checks that read the tensors' values (each a host synchronisation on CUDA):
@@ -597,33 +632,33 @@ class Drafter:
         if captured is None:  # its capture failed before
             return None
         prog = captured.program
-        pad = prog.seqs - s
-        full = pad == 0 and all(n == prog.rows for n in plan.counts)
-        dest = None if full else prog.dest(plan.counts)
-        host = (plan.slots + [-1] * pad + plan.starts + [0] * pad + plan.counts + [0] * pad
-                + (dest or []))
-        packed = torch.tensor(host, dtype=torch.int64)
-        if self.device.type == "cuda":  # pinned: the copy is queued, the host does not wait
-            packed = packed.pin_memory()
-        packed = packed.to(self.device, non_blocking=True)
-        with self._dropping_on_failure(plan):
-            prog.stage(packed, plan.next_ids, plan.positions, plan.hidden, full)
+        # (self._pending is None: the previous graphed call was waited for, so its copies
+        # from and to the program's host buffers are done and they can be rewritten)
+        try:  # (as _dropping_on_failure, without a context manager's host time)
+            prog.stage(plan.slots, plan.starts, plan.counts, plan.next_ids, plan.positions,
+                       plan.hidden)
             if mode != "greedy":
                 prog.stage_sampling(sampling, s)
             captured.replay()
-            drafts = captured.drafts[:s].clone()  # the graph's buffers: rewritten next replay
-            hidden = captured.hidden[:s].clone()
-            probs = None if captured.probs is None else captured.probs[:s].clone()
-            if self.device.type == "cuda":  # read back when the call is done, not waited for
-                error = torch.empty(1, dtype=torch.int32, pin_memory=True)
-                error.copy_(captured.error.view(1), non_blocking=True)
-                event = torch.cuda.Event()
+            # the graph's buffers are rewritten by the next replay: the proposal's copies
+            drafts, hidden, probs = (None if t is None else t.clone()
+                                     for t in captured.outputs(s))
+            # read back when the call is done (on the CPU: already computed)
+            prog.error_host.copy_(captured.error, non_blocking=True)
+            event = None
+            if self._device.type == "cuda":
+                if self._event is None:
+                    self._event = torch.cuda.Event()
+                event = self._event  # (reused: the previous call's was waited for)
                 event.record()
-            else:  # the eager runner (tests): already computed
-                error, event = captured.error.view(1).cpu(), None
-        for seq_id, start, n in zip(plan.seq_ids, plan.starts, plan.counts):
-            self._seqs[seq_id].next_position = start + n
-        self._pending = _Deferred(self, error, event, plan, prog, dest)
+        except BaseException as exc:
+            try:
+                prog.renew_host()  # this call's copies may still use the old ones
+            finally:
+                self._failed(plan, exc)
+        for seq, end in zip(plan.seqs, plan.ends):
+            seq.next_position = end
+        self._pending = _Deferred(self, prog.error_host, event, plan, prog)
         return Proposal(drafts, probs, hidden, self._pending)
 
     def _settle(self) -> None:
@@ -634,7 +669,7 @@ class Drafter:
             return
         if pend.event is not None:
             pend.event.synchronize()
-        err = int(pend.error[0])
+        err = int(pend.error)
         if not err:
             return
         plan = pend.plan
@@ -649,8 +684,7 @@ class Drafter:
             raise ValueError("logits: hold NaN (the model's output went non-finite from finite "
                              "inputs: check the weights)" + after)
         prog = pend.program
-        dest = (torch.arange(len(plan.next_ids), device=self.device) if pend.dest is None
-                else torch.tensor(pend.dest, device=self.device))
+        dest = torch.tensor(prog.dest(plan.counts), device=self.device)
         try:  # the host checks on the call's own inputs (the program's copies) name the row
             _check_values(plan.ids_name, prog.ids[dest], prog.pos[dest], prog.hidden[dest],
                           plan.seq_ids, plan.starts, plan.counts, self.config.vocab_size)
@@ -730,15 +764,20 @@ class Drafter:
         try:
             yield
         except BaseException as exc:
-            for seq_id in plan.seq_ids:
-                if seq_id in self._seqs:
-                    self.remove_sequence(seq_id)
-            if not isinstance(exc, Exception):  # KeyboardInterrupt and the like pass through
-                raise
-            raise RuntimeError(
-                f"drafter: the forward failed ({type(exc).__name__}: {exc}); sequences "
-                f"{_short(plan.seq_ids)} were removed because their cache may be half-written: "
-                "add them again and re-feed their last W rows") from exc
+            self._failed(plan, exc)
+
+    def _failed(self, plan: _Plan, exc: BaseException):
+        """What :meth:`_dropping_on_failure` does with the exception ``exc`` being handled:
+        drop the call's sequences, raise."""
+        for seq_id in plan.seq_ids:
+            if seq_id in self._seqs:
+                self.remove_sequence(seq_id)
+        if not isinstance(exc, Exception):  # KeyboardInterrupt and the like pass through
+            raise exc
+        raise RuntimeError(
+            f"drafter: the forward failed ({type(exc).__name__}: {exc}); sequences "
+            f"{_short(plan.seq_ids)} were removed because their cache may be half-written: "
+            "add them again and re-feed their last W rows") from exc
 
 
 def _check_hashable(seq_id: object) -> None:
@@ -800,7 +839,13 @@ def _check_values(ids_name: str, ids: torch.Tensor, positions: torch.Tensor,
         _explain_positions(seq_ids, starts, counts, pos)
 
 
+_INTS = {int}
+
+
 def _row_counts(num_rows_per_seq, s: int) -> list[int]:
+    if type(num_rows_per_seq) is list and len(num_rows_per_seq) == s \
+            and set(map(type, num_rows_per_seq)) == _INTS and min(num_rows_per_seq) >= 1:
+        return list(num_rows_per_seq)  # the common case: a list of ints (a copy: kept)
     if isinstance(num_rows_per_seq, torch.Tensor):
         if num_rows_per_seq.dim() != 1 or num_rows_per_seq.is_floating_point():
             raise ValueError(f"num_rows_per_seq: expected a 1-D integer tensor, got shape "
@@ -823,13 +868,15 @@ def _row_counts(num_rows_per_seq, s: int) -> list[int]:
 _NONE = object()
 
 
-def _check_tensor(x, name: str, shape: tuple, expected: str, device: torch.device,
+def _check_tensor(x, name: str, shape: tuple, expected, device: torch.device,
                   floating: bool) -> None:
+    """``expected``: what the message says was expected (a function making it: most calls
+    pass, and never format it)."""
     if isinstance(x, torch.Tensor) and x.layout != torch.strided:
         raise ValueError(f"{name}: a {x.layout} tensor; pass a dense one (x.to_dense())")
-    if not isinstance(x, torch.Tensor) or tuple(x.shape) != shape:
+    if not isinstance(x, torch.Tensor) or x.shape != shape:
         got = f"shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name}: expected {expected}, got {got}")
+        raise ValueError(f"{name}: expected {expected()}, got {got}")
     if floating and not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
     if not floating and x.dtype not in (torch.int64, torch.int32):

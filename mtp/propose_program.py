@@ -21,6 +21,7 @@ hidden_size, V vocabulary.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .cache import KVCache
@@ -85,15 +86,33 @@ class ProposeProgram:
         self.hidden = torch.zeros(n, cfg.hc_dim, dtype=model.dtype, device=dev)
         self.ids = torch.zeros(n, dtype=torch.int64, device=dev)
         self.pos = torch.zeros(n, dtype=torch.int64, device=dev)
-        # per sequence: cache slot (-1: padding), next real position, new rows (0: padding)
-        self.meta = torch.zeros(3, seqs, dtype=torch.int64, device=dev)
+        # A call's small inputs in one buffer, staged by one copy: meta [3, S] (per sequence:
+        # cache slot (-1: padding), next real position, new rows (0: padding)), then per row of
+        # the bucket the caller's row it is gathered from (a call that fills part of the bucket)
+        self.staged = torch.zeros(3 * seqs + n, dtype=torch.int64, device=dev)
+        self.meta = self.staged[:3 * seqs].view(3, seqs)  # [3 * S] -> [3, S]
         self.meta[0] = -1
+        self._src = self.staged[3 * seqs:]
+        self._staged_meta = self.staged[:3 * seqs]
+        self.renew_host()
         self._j = torch.arange(rows, device=dev)
+        self._j_host = np.arange(rows)
         self._last = torch.arange(seqs, device=dev) * rows + rows - 1  # [S]
         self._limit = torch.empty(cache.max_seqs + 1, dtype=torch.int64, device=dev)
         self.temperature = torch.ones(seqs, dtype=torch.float32, device=dev)
         self.top_p = torch.ones(seqs, dtype=torch.float32, device=dev)
         self.u = torch.zeros(seqs, k, dtype=torch.float32, device=dev)
+
+    def renew_host(self) -> None:
+        """(Re)make the host side of ``staged`` and of the error word (pinned on CUDA: copies
+        are queued, the host does not wait), with a numpy view the host writes through. Made
+        anew after a call that failed between its staging and its end, whose copies may still
+        use the old ones (torch's pinned-memory allocator reuses them once those are done)."""
+        pin = self.staged.device.type == "cuda"
+        self.host = torch.zeros(self.staged.shape, dtype=torch.int64, pin_memory=pin)
+        self.error_host = torch.zeros((), dtype=torch.int32, pin_memory=pin)
+        self._host_np = self.host.numpy()
+        self._host_meta = self.host[:3 * self.seqs]
 
     def dest(self, counts: list[int]) -> list[int]:
         """Where the caller's rows go in the buffers: sequence i's rows at the end of its
@@ -104,22 +123,38 @@ class ProposeProgram:
             out.extend(range(base, base + n))
         return out
 
-    def stage(self, packed: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
-              hidden: torch.Tensor, full: bool) -> None:
-        """Copy a call in. ``packed`` (on the device): meta [3, S] flattened, then the [T]
-        destinations of :meth:`dest` unless ``full`` (every row of the bucket is the call's,
-        in order: plain copies)."""
-        s = self.seqs
-        self.meta.view(-1).copy_(packed[:3 * s])
-        if full:
+    def stage(self, slots: list[int], starts: list[int], counts: list[int], ids: torch.Tensor,
+              positions: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Copy a call in: s <= S sequences' cache slots, next real positions and row counts
+        (each <= R), their T rows (``ids`` / ``positions`` [T], ``hidden`` [T, M*D]).
+
+        The small inputs go through the pinned host buffer ``host`` in one copy; the caller
+        guarantees that the previous call's copies from it are done (``Drafter`` waits for
+        each graphed call's event before the next call). When the call fills the bucket (S
+        sequences of R rows) its rows are copied as they are; otherwise each row of the bucket
+        is gathered from the caller's row ``_src`` names (padding rows repeat a real row: the
+        program ignores their values)."""
+        big, r = self.seqs, self.rows
+        s = len(slots)
+        pad = big - s
+        self._host_np[:3 * big] = (slots + [-1] * pad + starts + [0] * pad
+                                   + counts + [0] * pad)
+        if pad == 0 and min(counts) == r:  # every row of the bucket, in order
+            self._staged_meta.copy_(self._host_meta, non_blocking=True)
             self.hidden.copy_(hidden)
             self.ids.copy_(ids)
             self.pos.copy_(positions)
             return
-        dest = packed[3 * s:]
-        self.hidden.index_copy_(0, dest, hidden.to(self.hidden.dtype))
-        self.ids.index_copy_(0, dest, ids.to(torch.int64))
-        self.pos.index_copy_(0, dest, positions.to(torch.int64))
+        # bucket row (i, j) <- the caller's row off_i + j - (R - n_i), the first one before it
+        n = np.asarray(counts)
+        off = np.cumsum(n) - n
+        src = np.maximum(self._j_host[None, :] - r + n[:, None], 0) + off[:, None]  # [s, R]
+        self._host_np[3 * big:3 * big + s * r] = src.reshape(-1)
+        self._host_np[3 * big + s * r:] = 0
+        self.staged.copy_(self.host, non_blocking=True)
+        for buf, x in ((self.hidden, hidden), (self.ids, ids), (self.pos, positions)):
+            torch.index_select(x if x.dtype == buf.dtype else x.to(buf.dtype), 0, self._src,
+                               out=buf)
 
     def stage_sampling(self, sampling, s: int) -> None:
         """A sampled call's settings (scalars or [s] tensors) and fresh uniforms from its
@@ -219,6 +254,35 @@ class EagerProposal:
     def replay(self) -> None:
         self.drafts, self.hidden, self.probs, self.error = self.program.run()
 
+    def outputs(self, s: int) -> tuple:
+        """The first ``s`` sequences' (drafts, hidden, probs or None) of the last replay."""
+        return first_rows((self.drafts, self.hidden, self.probs), s)
+
+
+class StaticProposal:
+    """Base of a runner whose outputs are the same tensors at every replay (a captured
+    graph's static outputs): ``drafts``, ``hidden``, ``probs`` (None when greedy), ``error``,
+    set by the subclass."""
+
+    drafts: torch.Tensor
+    hidden: torch.Tensor
+    probs: torch.Tensor | None
+    error: torch.Tensor
+
+    def outputs(self, s: int) -> tuple:
+        """The first ``s`` sequences' (drafts, hidden, probs or None): views of the static
+        outputs, made once per ``s``."""
+        views = self.__dict__.setdefault("_views", {})
+        found = views.get(s)
+        if found is None:
+            found = views[s] = first_rows((self.drafts, self.hidden, self.probs), s)
+        return found
+
+
+def first_rows(tensors: tuple, s: int) -> tuple:
+    """Each tensor's first ``s`` rows (itself when it has exactly ``s``; None stays None)."""
+    return tuple(t if t is None or t.shape[0] == s else t[:s] for t in tensors)
+
 
 class ProposeBuckets:
     """The buckets of (sequences, rows per sequence, k) and their programs, made on first use.
@@ -242,16 +306,28 @@ class ProposeBuckets:
         self.side_stream = side_stream
         self.made: dict[tuple[int, int, int, str], object] = {}  # (S, R, k, mode) -> runner
         self.failed: set[tuple[int, int, int, str]] = set()  # buckets whose making raised
+        # a call's (sequences, longest row count[, k, mode]) -> its bucket, its runner: calls
+        # that fit a bucket only, so at most max(seq_buckets) x max(row_buckets) (x k x modes)
+        self._sizes: dict[tuple[int, int], tuple[int, int] | None] = {}
+        self._calls: dict[tuple[int, int, int, str], object] = {}
 
     def bucket(self, seqs: int, rows: int) -> tuple[int, int] | None:
         """(S, R) of the smallest buckets holding a call, or None (too large for any)."""
-        s = next((b for b in self.seq_buckets if b >= seqs), None)
-        r = next((b for b in self.row_buckets if b >= rows), None)
-        return None if s is None or r is None else (s, r)
+        found = self._sizes.get((seqs, rows))
+        if found is None:
+            s = next((b for b in self.seq_buckets if b >= seqs), None)
+            r = next((b for b in self.row_buckets if b >= rows), None)
+            if s is None or r is None:
+                return None
+            found = self._sizes[(seqs, rows)] = (s, r)  # only sizes a bucket holds: bounded
+        return found
 
     def get(self, seqs: int, rows: int, k: int, mode: str = "greedy"):
         """The bucket's runner for a call (made now if it is the bucket's first call); None if
         making it failed before (the error was raised then)."""
+        runner = self._calls.get((seqs, rows, k, mode))  # a call of this size ran before
+        if runner is not None:
+            return runner
         s, r = self.bucket(seqs, rows)
         key = (s, r, k, mode)
         runner = self.made.get(key)
@@ -263,6 +339,8 @@ class ProposeBuckets:
             except BaseException:
                 self.failed.add(key)
                 raise
+        if runner is not None:
+            self._calls[(seqs, rows, k, mode)] = runner
         return runner
 
     def _make(self, program: ProposeProgram):
@@ -270,4 +348,5 @@ class ProposeBuckets:
 
 
 __all__ = ["ERR_HIDDEN", "ERR_IDS", "ERR_LOGITS", "ERR_POSITIONS", "INPUT_ERRORS", "MODES",
-           "EagerProposal", "ProposeBuckets", "ProposeProgram", "draw"]
+           "EagerProposal", "ProposeBuckets", "ProposeProgram", "StaticProposal", "draw",
+           "first_rows"]

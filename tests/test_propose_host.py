@@ -1,0 +1,153 @@
+"""The host side of a graphed ``Drafter.propose`` (everything but the replay), on the CPU: how
+a call is staged into its bucket's buffers, how few torch operations a steady call
+dispatches (each one is a launch, a copy or an allocation on CUDA, ~5-15 us of host time
+there), and what a call that fails after staging leaves behind.
+
+The program runs once when its bucket is made (real outputs); its "replay" is then a no-op,
+as a captured graph's replay is one launch for the host. What the programs compute is tested
+in tests/test_propose_program.py.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from drafter_helpers import drafter, rows
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mtp.drafter import MAX_ABS_HIDDEN
+from mtp.propose_program import ProposeBuckets, ProposeProgram, StaticProposal
+
+
+class StubProposal(StaticProposal):
+    """The bucket's program run once; every replay after that does nothing (or raises)."""
+
+    fail = False
+
+    def __init__(self, program):
+        self.program = program
+        self.drafts, self.hidden, self.probs, self.error = program.run()
+
+    def replay(self) -> None:
+        if StubProposal.fail:
+            raise RuntimeError("an illegal memory access was encountered")
+
+
+class StubBuckets(ProposeBuckets):
+    def _make(self, program):
+        return StubProposal(program)
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def stubbed(max_seqs: int = 4, n_seqs: int = 4):
+    d = drafter(max_seqs=max_seqs)
+    d._proposer = StubBuckets(d.model, d.cache, *d._buckets(), MAX_ABS_HIDDEN)
+    for s in range(n_seqs):
+        d.add_sequence(s, position=10 * s)
+    return d
+
+
+def call(d, seq_ids, counts, ids_dtype=torch.int64):
+    h, ids, _ = rows(sum(counts), 1)
+    pos = torch.cat([torch.arange(d.next_position(s), d.next_position(s) + n)
+                     for s, n in zip(seq_ids, counts)])
+    return dict(seq_ids=seq_ids, hidden_states=h, next_token_ids=ids.to(ids_dtype),
+                positions=pos, num_rows_per_seq=counts, k=2)
+
+
+def test_stage_puts_each_row_at_the_end_of_its_block():
+    """A call that fills part of its bucket: its rows land where ``dest`` says (the last n_i
+    rows of block i), converted to the buffers' dtypes; the per-sequence meta holds slots,
+    next positions and counts, padding sequences slot -1 and 0 rows. A call that fills the
+    bucket: plain copies, in order."""
+    d = drafter(max_seqs=5)
+    prog = ProposeProgram(d.model, d.cache, 4, 5, 2, MAX_ABS_HIDDEN)
+    counts = [2, 5, 1]
+    h, ids, pos = rows(8, 0)
+    prog.stage([3, 0, 2], [10, 20, 30], counts, ids.to(torch.int32), pos.to(torch.int32), h)
+    assert prog.meta.tolist() == [[3, 0, 2, -1], [10, 20, 30, 0], [2, 5, 1, 0]]
+    dest = torch.tensor(prog.dest(counts))
+    assert torch.equal(prog.ids[dest], ids) and torch.equal(prog.pos[dest], pos)
+    assert torch.equal(prog.hidden[dest], h)
+    h, ids, pos = rows(20, 1)
+    prog.stage([0, 1, 2, 4], [1, 2, 3, 4], [5] * 4, ids, pos, h)
+    assert prog.meta.tolist() == [[0, 1, 2, 4], [1, 2, 3, 4], [5] * 4]
+    assert torch.equal(prog.ids, ids) and torch.equal(prog.pos, pos)
+    assert torch.equal(prog.hidden, h)
+
+
+@pytest.mark.parametrize("held, seq_ids, counts, expected", [
+    # the bucket filled (1 sequence held, 1 row): copy_ x5 = the packed small inputs (one
+    # host-to-device copy) + ids + positions + hidden into the bucket's buffers + the error
+    # word back; clone x2 = the proposal's drafts and hidden (the graph's outputs are
+    # rewritten by the next replay; greedy: no q); _local_scalar_dense: the previous call's
+    # error word, read from host memory once its event is done
+    (1, [0], [1], {"copy_": 5, "clone": 2, "_local_scalar_dense": 1}),
+    # a partial bucket (3 of 4 sequences, up to 3 of 4 rows): the rows gathered straight
+    # into the buffers (index_select x3 instead of three copies)
+    (4, [2, 0, 3], [1, 3, 2], {"copy_": 2, "index_select": 3, "clone": 2,
+                            "_local_scalar_dense": 1}),
+])
+def test_a_steady_call_dispatches_eight_torch_operations(held, seq_ids, counts, expected):
+    """Regression guard on propose's host time: after a bucket's first call, a greedy call
+    dispatches exactly these operations (each a launch or a copy on CUDA), and nothing that
+    allocates a host buffer (``torch.tensor`` of a list, pinned memory, a CPU ``.to``)."""
+    d = stubbed(max_seqs=held, n_seqs=held)
+    d.propose(**call(d, seq_ids, counts))  # makes the bucket
+    d.propose(**call(d, seq_ids, counts))
+    args = call(d, seq_ids, counts)
+    with CountOps() as c:
+        d.propose(**args)
+    assert dict(c.ops) == expected
+
+
+def test_int32_inputs_add_one_conversion_each():
+    d = stubbed()
+    for _ in range(2):
+        d.propose(**call(d, [1, 2], [2, 1], torch.int32))
+    args = call(d, [1, 2], [2, 1], torch.int32)
+    with CountOps() as c:
+        d.propose(**args)
+    assert c.ops["_to_copy"] == 1 and sum(c.ops.values()) == 9  # ids only: positions int64
+
+
+def test_calls_reuse_the_programs_host_buffers():
+    """No per-call host allocation: the packed inputs and the error word go through the same
+    (on CUDA pinned) buffers every call."""
+    d = stubbed()
+    d.propose(**call(d, [0, 1], [2, 2]))
+    prog = d._proposer.get(2, 2, 2).program
+    buffers = prog.host.data_ptr(), prog.error_host.data_ptr()
+    for _ in range(3):
+        d.propose(**call(d, [0, 1], [1, 2]))
+    assert (prog.host.data_ptr(), prog.error_host.data_ptr()) == buffers
+
+
+def test_a_call_failing_after_staging_renews_the_host_buffers():
+    """A failure between staging and the end of the call (here the replay): its sequences are
+    dropped (their cache may be half-written), the program's host buffers are replaced (that
+    call's copies may still read them), and the drafter goes on."""
+    d = stubbed()
+    d.propose(**call(d, [0, 1], [1, 1]))
+    prog = d._proposer.get(2, 1, 2).program
+    host, error = prog.host, prog.error_host
+    StubProposal.fail = True
+    try:
+        with pytest.raises(RuntimeError, match=r"the forward failed \(RuntimeError: an illegal"):
+            d.propose(**call(d, [0, 1], [1, 1]))
+    finally:
+        StubProposal.fail = False
+    assert d.seq_ids == [2, 3] and prog.host is not host and prog.error_host is not error
+    d.add_sequence(0, position=0)
+    assert d.propose(**call(d, [0, 2], [1, 1])).drafts.shape == (2, 2)
