@@ -26,6 +26,7 @@ order, as engines lay them out), k drafts, V vocabulary, M*D = hc_mult * hidden_
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 import threading
@@ -41,7 +42,7 @@ from .cache import KVCache
 from .config import MTPConfig
 from .model import DeepSeekV4MTP
 from .propose_program import ERR_HIDDEN, ERR_IDS, ERR_LOGITS, ERR_POSITIONS, INPUT_ERRORS
-from .sampling import GREEDY, Sampling
+from .sampling import GREEDY, Sampling, nan_flag
 
 MAX_POSITION = 2**31 - 1
 """The largest position a row or draft may reach: int32-safe for kernels, and far from where
@@ -77,15 +78,21 @@ def _locked_no_grad(method):
     return wrapper
 
 
+def hidden_ok(hidden: torch.Tensor) -> torch.Tensor:
+    """[T, ...] -> [T, ...] bool: which values ``hidden_states`` may hold (finite, |value| <=
+    ``MAX_ABS_HIDDEN``), elementwise on the tensor's device (nothing is read on the host)."""
+    # False for NaN too; the bound within the dtype's range (float16: 1e6 would round to inf)
+    return hidden.abs() <= min(MAX_ABS_HIDDEN, torch.finfo(hidden.dtype).max)
+
+
 def check_hidden_values(hidden: torch.Tensor, name: str = "hidden_states") -> None:
     """Refuse non-finite rows and rows with |value| > ``MAX_ABS_HIDDEN``, before any state
     changes: such a row would put non-finite KV in the cache, poisoning later calls.
 
-    The one place this check lives: on CPU it reads the result directly; a sync-free GPU
-    variant (a device-side flag read at the next synchronisation, the bad rows kept out of the
-    cache) replaces this function without touching its callers."""
-    # False for NaN too; the bound within the dtype's range (float16: 1e6 would round to inf)
-    ok = hidden.abs() <= min(MAX_ABS_HIDDEN, torch.finfo(hidden.dtype).max)
+    Reads the values on the host (on CUDA a synchronisation). The Drafter calls it on the CPU;
+    on CUDA it tests :func:`hidden_ok` on the device instead and calls this only to name the
+    row once the device has found one (docs/drafter.md, "When each check fires")."""
+    ok = hidden_ok(hidden)
     if not bool(ok.all()):
         row = int((~ok).any(dim=-1).nonzero()[0])
         value = hidden[row][~ok[row]][0].item()
@@ -154,10 +161,11 @@ class _Deferred:
     copied when ``event`` completes), and what restoring the drafter needs."""
 
     drafter: Drafter
-    error: torch.Tensor  # [] int32, the program's (reused by its next call: read before)
+    error: torch.Tensor  # int32: [] the program's (reused by its next call), [1] eager
     event: Any
     plan: _Plan
-    program: Any  # the ProposeProgram whose buffers hold the call's inputs
+    program: Any  # the ProposeProgram whose buffers hold the call's inputs; None: eager
+    call: str = "propose"  # the method the call was
 
 
 class Drafter:
@@ -215,6 +223,10 @@ class Drafter:
         self._cuda_graphs = cuda_graphs
         self._proposer: Any = None  # ProposeGraphs, _NONE (cannot run), None (not decided)
         self._pending: _Deferred | None = None
+        # Where the eager path's value checks run: on CUDA on the device, read at the next
+        # synchronisation like the whole-call graphs' (a host read would wait for the GPU);
+        # elsewhere on the host, at the call. (Tests set it on the CPU to run the CUDA way.)
+        self._defer_checks = device.type == "cuda"
         self.accelerator = accelerator
         self.max_draft_tokens = max_draft_tokens
         cfg = model.config
@@ -417,9 +429,7 @@ class Drafter:
         self._settle()
         plan = self._plan(seq_ids, hidden_states, input_ids, next_token_ids, positions,
                           num_rows_per_seq)
-        self._check_values(plan)
-        with self._dropping_on_failure(plan):
-            return self._feed(plan)
+        return self._eager(plan, None, GREEDY)
 
     @_locked_no_grad
     def propose(self, seq_ids: Sequence[Hashable], hidden_states: torch.Tensor,
@@ -449,9 +459,9 @@ class Drafter:
         Returns a :class:`Proposal`. Afterwards each sequence's next position is one past its
         last row: the next call re-feeds from there (the verified rows, with real residuals).
 
-        On CUDA with whole-call graphs (``cuda_graphs=None``, the default) a call whose sequences
-        and rows fit the buckets checks token ids, positions and hidden values on the GPU: an
-        error raises at the drafter's next call (or at ``Proposal.check()``) and leaves the
+        On CUDA a call checks token ids, positions and hidden values, and its draft logits for
+        NaN, on the GPU (whole-call graph or eager path alike): an error raises at the
+        drafter's next call (or at ``Proposal.check()``, ``synchronize()``) and leaves the
         drafter as it was before this call (docs/drafter.md, "When each check fires").
         """
         self._settle()
@@ -473,10 +483,7 @@ class Drafter:
             proposal = self._propose_graphed(plan, k, graphs, mode, sampling)
             if proposal is not None:
                 return proposal
-        self._check_values(plan)
-        with self._dropping_on_failure(plan):
-            x = self._feed(plan)  # [S, M*D]
-            return self._draft(plan, x, k, sampling)
+        return self._eager(plan, k, sampling)
 
     @_locked
     def synchronize(self) -> None:
@@ -539,8 +546,8 @@ class Drafter:
         if max(counts) > window:  # only the last W rows of a sequence can ever be attended
             kept = [min(n, window) for n in counts]
             offsets = torch.tensor([0] + counts[:-1]).cumsum(0).tolist()
-            keep = torch.cat([torch.arange(o + n - m, o + n)
-                              for o, n, m in zip(offsets, counts, kept)]).to(device)
+            keep = _on_device(torch.cat([torch.arange(o + n - m, o + n)
+                                         for o, n, m in zip(offsets, counts, kept)]), device)
         return _Plan(ids, [s.slot for s in seqs], starts, counts, kept, keep, hidden_states,
                      ids_arg, positions, ids_name, seqs, ends)
 
@@ -661,9 +668,10 @@ class Drafter:
         self._pending = _Deferred(self, prog.error_host, event, plan, prog)
         return Proposal(drafts, probs, hidden, self._pending)
 
-    def _settle(self) -> None:
-        """Read the last graphed call's error word (waiting for that call only); on an error,
-        put the drafter back as it was before that call and raise what the checks found."""
+    def _settle(self, at_call: bool = False) -> None:
+        """Read the last call's error word (waiting for that call only); on an error, put the
+        drafter back as it was before that call and raise what the checks found. ``at_call``:
+        the call itself is reading it (host checks), not a later one."""
         pend, self._pending = self._pending, None
         if pend is None:
             return
@@ -676,18 +684,25 @@ class Drafter:
         for seq_id, start in zip(plan.seq_ids, plan.starts):
             if seq_id in self._seqs:
                 self._seqs[seq_id].next_position = start
-        after = (f" (found on the GPU after propose({_short(plan.seq_ids)}) returned; that "
-                 "call's drafts are void and it changed nothing: the drafter is as before it)")
+        what = f"{pend.call}({_short(plan.seq_ids)})"
+        after = (f" ({what} changed nothing: the drafter is as before it)" if at_call else
+                 f" (found on the GPU after {what} returned; that call's drafts are void and "
+                 "it changed nothing: the drafter is as before it)")
         if not err & INPUT_ERRORS:  # NaN logits: its rows and drafts went into the cache
-            for slot, start in zip(plan.slots, plan.starts):
-                self.cache.discard_from(slot, start)
+            if pend.program is not None:  # (the eager path has put its slots back already)
+                for slot, start in zip(plan.slots, plan.starts):
+                    self.cache.discard_from(slot, start)
             raise ValueError("logits: hold NaN (the model's output went non-finite from finite "
                              "inputs: check the weights)" + after)
         prog = pend.program
-        dest = torch.tensor(prog.dest(plan.counts), device=self.device)
-        try:  # the host checks on the call's own inputs (the program's copies) name the row
-            _check_values(plan.ids_name, prog.ids[dest], prog.pos[dest], prog.hidden[dest],
-                          plan.seq_ids, plan.starts, plan.counts, self.config.vocab_size)
+        if prog is None:  # the eager path: the caller's tensors
+            ids, pos, hidden = plan.next_ids, plan.positions, plan.hidden
+        else:  # the program's copies, where stage put them
+            dest = torch.tensor(prog.dest(plan.counts), device=self.device)
+            ids, pos, hidden = prog.ids[dest], prog.pos[dest], prog.hidden[dest]
+        try:  # the host checks on the call's inputs name the row
+            _check_values(plan.ids_name, ids, pos, hidden, plan.seq_ids, plan.starts,
+                          plan.counts, self.config.vocab_size)
         except ValueError as exc:
             raise ValueError(f"{exc}{after}") from None
         names = [n for bit, n in ((ERR_IDS, plan.ids_name), (ERR_POSITIONS, "positions"),
@@ -700,12 +715,87 @@ class Drafter:
             if self._pending is pend:
                 self._settle()
 
+    def _eager(self, plan: _Plan, k: int | None, sampling: Sampling):
+        """A call through the module's forward (and k draft steps; None: ``feed``).
+
+        Its value checks run on the host first, or with ``_defer_checks`` (CUDA) on the device:
+        the forward then runs on harmless stand-ins for bad values (see
+        :meth:`_device_checks`). Either way the call's error word (``ERR_*``; NaN draft logits
+        included) is computed on the device, and a failed call puts its sequences' cache slots
+        back bit for bit, on the device, from a copy taken before it; the word is read at once
+        (host checks) or at the next synchronisation (:meth:`_settle`)."""
+        error = None
+        run = plan
+        if self._defer_checks:
+            run, error = self._device_checks(plan)
+        else:
+            self._check_values(plan)
+        saved = None
+        if error is not None or k is not None:  # the call may still be refused
+            slots = _on_device(plan.slots, self.device)
+            saved = (self.cache.kv.index_select(1, slots), self.cache.pos.index_select(1, slots))
+        with self._dropping_on_failure(plan):
+            out = x = self._feed(run)  # [S, M*D]
+            if k is not None:
+                out, nan = self._draft(run, x, k, sampling)
+                tp = self.model.tp
+                if tp.sharded:  # each rank saw its vocabulary slice: agree on the flag
+                    nan = tp.all_reduce_(nan.to(torch.int32).view(1))[0] > 0
+                word = nan.to(torch.int32) * ERR_LOGITS
+                error = word if error is None else error + word
+        if saved is None:
+            return out
+        ok = error == 0
+        for table, before in zip((self.cache.kv, self.cache.pos), saved):
+            table.index_copy_(1, slots, torch.where(ok, table.index_select(1, slots), before))
+        pend = self._defer(plan, error, "feed" if k is None else "propose")
+        if k is not None:
+            out._deferred = pend
+        return out
+
+    def _device_checks(self, plan: _Plan) -> tuple[_Plan, torch.Tensor]:
+        """:meth:`_check_values` without reading a value: the same tests on the device, as an
+        error word [] int32 (``ERR_IDS``, ``ERR_POSITIONS``, ``ERR_HIDDEN``), and the call with
+        every bad value replaced by a harmless one for the forward to run on (an id by 0, a
+        row by zeros, the positions by where the drafter expects the rows), so that nothing
+        out of range reaches a memory access or the module's own checks. What the forward then
+        writes is put back by the caller when the word is not 0."""
+        ids, hidden = plan.next_ids, plan.hidden
+        bad_ids = (ids < 0) | (ids >= self.config.vocab_size)  # [T]
+        expected = _on_device(torch.cat([torch.arange(s, s + n)
+                                         for s, n in zip(plan.starts, plan.counts)]),
+                              self.device)  # [T] int64
+        bad_pos = plan.positions.to(torch.int64) != expected
+        row_ok = hidden_ok(hidden).all(dim=-1)  # [T]
+        error = (bad_ids.any().to(torch.int32) * ERR_IDS
+                 + bad_pos.any().to(torch.int32) * ERR_POSITIONS
+                 + (~row_ok).any().to(torch.int32) * ERR_HIDDEN)
+        run = dataclasses.replace(plan, next_ids=torch.where(bad_ids, 0, ids),
+                                  positions=expected,
+                                  hidden=torch.where(row_ok[:, None], hidden, 0))
+        return run, error
+
+    def _defer(self, plan: _Plan, error: torch.Tensor, call: str) -> _Deferred:
+        """Keep an eager call's error word for :meth:`_settle` (on CUDA copied back without
+        waiting), or with host checks read it now (raising at the call)."""
+        if self.device.type == "cuda":
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            host.copy_(error.view(1), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = error.view(1).cpu(), None
+        self._pending = pend = _Deferred(self, host, event, plan, None, call)
+        if not self._defer_checks:
+            self._settle(at_call=True)
+        return pend
+
     def _feed(self, plan: _Plan) -> torch.Tensor:
         device = self.device
         hidden_states, input_ids = plan.hidden, plan.next_ids
         positions = plan.positions.to(torch.int64)
-        slots = torch.tensor(plan.slots, device=device)
-        starts = torch.tensor(plan.starts, device=device)
+        slots = _on_device(plan.slots, device)
+        starts = _on_device(plan.starts, device)
         # Every entry at or after a sequence's next real position came from a draft: drop it
         # before the real rows are written (spec, "Multi-step drafting").
         pos = self.cache.pos[:, slots]  # [L, S, C]
@@ -714,7 +804,7 @@ class Drafter:
             hidden_states = hidden_states.index_select(0, plan.keep)
             input_ids = input_ids.index_select(0, plan.keep)
             positions = positions.index_select(0, plan.keep)
-        kept = torch.tensor(plan.kept_counts, device=device)
+        kept = _on_device(plan.kept_counts, device)
         seq_slots = slots.repeat_interleave(kept)  # [T']
         x = self.accelerator.forward(input_ids, positions, hidden_states, spec_step_idx=0,
                                      kv_cache=self.cache, seq_slots=seq_slots)  # [T', M*D]
@@ -722,11 +812,15 @@ class Drafter:
             self._seqs[seq_id].next_position = start + n
         return x[kept.cumsum(0) - 1]  # each sequence's last row, [S, M*D]
 
-    def _draft(self, plan: _Plan, x: torch.Tensor, k: int, sampling: Sampling) -> Proposal:
+    def _draft(self, plan: _Plan, x: torch.Tensor, k: int, sampling: Sampling
+               ) -> tuple[Proposal, torch.Tensor]:
+        """The k draft steps -> (the proposal, whether any step's logits held NaN: bool [] on
+        the device, never read here)."""
         device = self.device
-        slots = torch.tensor(plan.slots, device=device)
-        last = torch.tensor([s + n - 1 for s, n in zip(plan.starts, plan.counts)], device=device)
+        slots = _on_device(plan.slots, device)
+        last = _on_device([s + n - 1 for s, n in zip(plan.starts, plan.counts)], device)
         hidden, drafts, probs = [x], [], []
+        nan = torch.zeros((), dtype=torch.bool, device=device)
         for step in range(k):
             graphs = self._graph_for(step, len(plan.slots))
             if graphs is not None:  # one row per sequence: exactly a captured decode step
@@ -741,12 +835,13 @@ class Drafter:
                 # [S, V]; tensor-parallel: this rank's [S, V/w], greedy needs no gather
                 sharded = {"gather": False} if self.model.tp.sharded else {}
                 logits = self.accelerator.compute_logits(x, spec_step_idx=step, **sharded)
-            token, q = self.model.tp.sample(logits, sampling)
+            nan = nan | nan_flag(logits)  # NaN rows still draw in-vocabulary tokens
+            token, q = self.model.tp.sample(logits, sampling, check_nan=False)
             drafts.append(token)
             probs.append(q)
         return Proposal(torch.stack(drafts, dim=1),
                         None if probs[0] is None else torch.stack(probs, dim=1),
-                        torch.stack(hidden, dim=1))
+                        torch.stack(hidden, dim=1)), nan
 
     def _graph_for(self, step: int, n_seqs: int):
         """The captured graphs for draft step ``step`` >= 1 of ``n_seqs`` sequences, or None
@@ -778,6 +873,15 @@ class Drafter:
             f"drafter: the forward failed ({type(exc).__name__}: {exc}); sequences "
             f"{_short(plan.seq_ids)} were removed because their cache may be half-written: "
             "add them again and re-feed their last W rows") from exc
+
+
+def _on_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host integers -> an int64 tensor on ``device``; on CUDA through pinned memory, so the
+    copy is queued behind the GPU's work instead of waiting for it."""
+    t = torch.as_tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def _check_hashable(seq_id: object) -> None:
@@ -911,4 +1015,5 @@ def _short(items: list, n: int = 8) -> str:
     return repr(items) if len(items) <= n else repr(items[:n])[:-1] + ", ...]"
 
 
-__all__ = ["MAX_ABS_HIDDEN", "MAX_POSITION", "Drafter", "Proposal", "check_hidden_values"]
+__all__ = ["MAX_ABS_HIDDEN", "MAX_POSITION", "Drafter", "Proposal", "check_hidden_values",
+           "hidden_ok"]

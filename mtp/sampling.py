@@ -99,17 +99,34 @@ def _check_scalar(name: str, value) -> None:
         raise ValueError(f"Sampling.{name}: {value} is out of range ({_RANGES[name]})")
 
 
-def refuse_nan(x: torch.Tensor, name: str) -> None:
-    """Refuse logits holding NaN (argmax and softmax would pick garbage silently). +-inf is
-    kept: -inf masks a token, and argmax of +inf is well defined.
+def nan_flag(x: torch.Tensor) -> torch.Tensor:
+    """Whether ``x`` holds NaN, as a bool tensor [] on ``x``'s device: computed without
+    reading it, so it never synchronises; read it (``bool(flag)``) when the result is needed
+    anyway. What :meth:`mtp.drafter.Drafter.propose` keeps for its draft steps' logits on CUDA,
+    and what a decode loop that passes ``check_nan=False`` to :func:`sample` can keep too.
 
-    The one place this check lives. On CPU it reads the result directly. On CUDA it does not
-    run yet (reading a flag would synchronise the host on every draft step); the sync-free
-    variant (a device-side flag read at the next synchronisation) replaces this function
-    without touching its callers."""
-    if x.device.type != "cuda" and bool(torch.isnan(x).any()):
-        raise ValueError(f"{name}: holds NaN (the model's output went non-finite); refusing "
-                         "to pick tokens from it")
+    Example:
+        >>> nan_flag(torch.tensor([[0.0, float("nan")]]))
+        tensor(True)
+    """
+    return torch.isnan(x).any()
+
+
+def refuse_nan(x: torch.Tensor, name: str) -> None:
+    """Refuse logits holding NaN (argmax and softmax would pick garbage silently), naming the
+    argument. +-inf is kept: -inf masks a token, and argmax of +inf is well defined.
+
+    The one place this check lives. It reads :func:`nan_flag` at once: on CUDA one host
+    synchronisation (the callers' results are read right after anyway). The Drafter does not
+    call it: it keeps the flag on the device and raises at its next synchronisation."""
+    if bool(nan_flag(x)):
+        raise nan_error(name)
+
+
+def nan_error(name: str) -> ValueError:
+    """The error :func:`refuse_nan` raises for ``name``."""
+    return ValueError(f"{name}: holds NaN (the model's output went non-finite); refusing to "
+                      "pick tokens from it")
 
 
 def _describe(x) -> str:
@@ -121,13 +138,18 @@ _RANGES = {"temperature": "0 for greedy, or a finite value > 0", "top_p": "0 < t
 GREEDY = Sampling()
 
 
-def probs(logits: torch.Tensor, sampling: Sampling = GREEDY) -> torch.Tensor:
+def probs(logits: torch.Tensor, sampling: Sampling = GREEDY, *,
+          check_nan: bool = True) -> torch.Tensor:
     """The distribution ``sampling`` draws from: [..., V] logits -> [..., V] probabilities.
 
     Rows at temperature 0 get the one-hot of their argmax (the first one on ties). Also the
     right way to turn *target* logits into the p of ``mtp.verify.rejection_sample``: the target
     must be verified under the same settings it samples with. A per-row ``temperature`` /
     ``top_p`` tensor [S] applies to the first dim of ``logits`` ([S, V] or [S, k, V]).
+
+    NaN in ``logits`` raises ``ValueError`` (:func:`refuse_nan`: on CUDA one synchronisation);
+    ``check_nan=False`` skips that check, for a caller that keeps :func:`nan_flag` and reads it
+    later (rows holding NaN then give NaN probabilities).
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() < 1 \
             or not logits.is_floating_point():
@@ -137,7 +159,8 @@ def probs(logits: torch.Tensor, sampling: Sampling = GREEDY) -> torch.Tensor:
         raise TypeError(f"sampling: expected a mtp.sampling.Sampling, got "
                         f"{type(sampling).__name__}")
     sampling.check(logits.shape[0] if logits.dim() > 1 else 1, logits.device)
-    refuse_nan(logits, "logits")
+    if check_nan:
+        refuse_nan(logits, "logits")
     x = logits if logits.dtype == torch.float64 else logits.float()
     lead = x.shape[:-1]
 
@@ -176,25 +199,42 @@ def _top_p(p: torch.Tensor, top_p) -> torch.Tensor:
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
-def sample(logits: torch.Tensor, sampling: Sampling = GREEDY
+def sample(logits: torch.Tensor, sampling: Sampling = GREEDY, *, check_nan: bool = True
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pick one token per row: [S, V] logits -> (tokens [S] int64, q [S, V] or None).
 
     q is the distribution the tokens were drawn from (None when every row is greedy).
 
+    NaN in ``logits`` raises ``ValueError`` naming ``logits``, on every device (on CUDA the
+    check reads one flag: a host synchronisation). A decode loop that must not wait passes
+    ``check_nan=False`` and keeps ``nan_flag(logits)`` to read with its next result: a row
+    holding NaN then still gets a token inside the vocabulary (meaningless; its q row is NaN)
+    instead of failing inside ``torch.multinomial`` (greedy rows need no draw; a sampled draw
+    may still read its input on the host inside torch).
+
     Example:
         >>> sample(torch.tensor([[1.0, 3.0], [5.0, 0.0]]))[0]
         tensor([1, 0])
+        >>> logits = torch.tensor([[1.0, float("nan")]])
+        >>> flag = nan_flag(logits)  # on the device, nothing waits
+        >>> tokens, _ = sample(logits, check_nan=False)
+        >>> bool(flag)  # read when the tokens are read
+        True
     """
     if logits.dim() != 2:
         raise ValueError(f"logits: expected [S, V], got shape {list(logits.shape)}")
     sampling.check(logits.shape[0], logits.device)
-    refuse_nan(logits, "logits")
+    if check_nan:
+        refuse_nan(logits, "logits")
     if sampling.greedy:
-        return logits.argmax(dim=-1), None
-    q = probs(logits, sampling)
-    tokens = torch.multinomial(q, 1, generator=sampling.generator).squeeze(1)
+        return logits.argmax(dim=-1), None  # a NaN row: argmax stays inside the vocabulary
+    q = probs(logits, sampling, check_nan=False)
+    drawn = q
+    if not check_nan:  # torch.multinomial refuses a NaN row: draw token 0 there instead
+        nan_rows = torch.isnan(q).any(dim=-1, keepdim=True)  # [S, 1]
+        drawn = torch.where(nan_rows, _one_hot_argmax(torch.zeros_like(q)), q)
+    tokens = torch.multinomial(drawn, 1, generator=sampling.generator).squeeze(1)
     return tokens, q
 
 
-__all__ = ["GREEDY", "Sampling", "probs", "sample"]
+__all__ = ["GREEDY", "Sampling", "nan_flag", "probs", "refuse_nan", "sample"]

@@ -87,6 +87,10 @@ def verify_greedy(target_logits: torch.Tensor, drafts: torch.Tensor) -> VerifyRe
             draft 1 goes).
         drafts: [S, k] token ids.
 
+    NaN in ``target_logits`` raises ``ValueError`` (``mtp.sampling.refuse_nan``), on CUDA
+    too: the check reads one flag there, a host synchronisation, as the drafts' range check
+    does; the result is read right after by the caller anyway.
+
     Example:
         >>> logits = torch.eye(4)[None, [2, 3, 1]]  # target argmax: 2, then 3, then 1
         >>> r = verify_greedy(logits, torch.tensor([[2, 0]]))

@@ -79,3 +79,33 @@ def play(drafter: Drafter, rounds: int = 4, k: int = 3) -> dict:
         new_rows = [1 + (r + j) % (k + 1) for j in range(len(seqs))]  # 0..k drafts accepted
     out["cache.kv"] = drafter.cache.kv.clone()
     return {key: v.cpu() for key, v in out.items()}
+
+
+def run_nan_case(path: str, process_group, rank: int) -> dict:
+    """NaN logits on ONE rank's vocabulary slice (a NaN row in rank 1's part of the head):
+    greedy drafting must refuse on every rank together (the ranks agree on the flag), with the
+    drafter as before the call; the head mended, the same call then runs."""
+    drafter = Drafter.from_pretrained(path, device="cpu", dtype=torch.float32, max_seqs=2,
+                                      max_draft_tokens=3, process_group=process_group)
+    cfg = drafter.config
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(6, cfg.hc_dim, generator=gen)
+    ids = torch.randint(0, cfg.vocab_size, (6,), generator=gen)
+    drafter.add_sequence("a")
+    drafter.propose(["a"], h[:4], ids[:4], torch.arange(4), [4], k=3)
+    before = (drafter.cache.kv.clone(), drafter.cache.pos.clone(), drafter.next_position("a"))
+    head = drafter.model.layer(0).shared_head.head.weight  # this rank's rows [V/w, D]
+    keep = head.clone()
+    if rank == 1:
+        head[0] = float("nan")
+    message = "no error"
+    try:
+        drafter.propose(["a"], h[4:], ids[4:], torch.arange(4, 6), [2], k=3)
+    except ValueError as e:
+        message = str(e)
+    unchanged = (torch.equal(before[0], drafter.cache.kv)
+                 and torch.equal(before[1], drafter.cache.pos)
+                 and before[2] == drafter.next_position("a") and drafter.seq_ids == ["a"])
+    head.copy_(keep)
+    after = drafter.propose(["a"], h[4:], ids[4:], torch.arange(4, 6), [2], k=3).drafts
+    return {"message": message, "unchanged": unchanged, "after": after}

@@ -28,7 +28,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 
 from full_size_cases import run_full_case  # noqa: E402
-from parallel_cases import run_case  # noqa: E402
+from parallel_cases import run_case, run_nan_case  # noqa: E402
 
 from mtp import load_model, write_checkpoint  # noqa: E402
 from mtp.parallel import TensorParallel  # noqa: E402
@@ -66,6 +66,9 @@ def main(rank: int, world: int, port: int, spec_file: str, outdir: str) -> None:
                 model, _ = load_model(path, dtype=torch.float32, process_group=group)
                 write_checkpoint(model, os.path.join(outdir, f"export{rank}"))
                 results[case["name"]] = "written"
+                continue
+            if case.get("kind") == "nan":  # NaN logits on one rank's vocabulary slice
+                results[case["name"]] = run_nan_case(path, group, rank)
                 continue
             if case.get("kind") == "full":  # a full-size model made on the device
                 results[case["name"]] = run_full_case(group, rank, world, device,

@@ -323,8 +323,8 @@ DEFERRED_ON_GPU = {"position going backwards", "gap", "not consecutive",
 @pytest.mark.parametrize("case", sorted(_bad_cases()))
 def test_gpu_refusals_change_nothing(case, graphs):
     """Every refusal on the GPU drafter, eager (the default) and with whole-call graphs: host
-    checks at the call, value checks at the call (eager) or at the next call (graphs: on the
-    device, deferred); either way the drafter is bitwise as before."""
+    checks at the call, value checks on the device and raised at the next call (both paths);
+    either way the drafter is bitwise as before."""
     from drafter_helpers import assert_same_state, snapshot
     from test_drafter_properties import _good
     model = build(torch.float32, n_mtp=1)
@@ -342,15 +342,88 @@ def test_gpu_refusals_change_nothing(case, graphs):
     if case == "hidden device":
         message = "on meta, but the drafter is on cuda"
     before = snapshot(d)
-    if graphs and case in DEFERRED_ON_GPU:
+    if case in DEFERRED_ON_GPU:
         d.propose(**call)
-        with pytest.raises(error, match=message):
+        with pytest.raises(error, match=message) as info:
             d.propose(**good)
+        assert "found on the GPU after propose(['a', 'b']) returned" in str(info.value)
     else:
         with pytest.raises(error, match=message):
             d.propose(**call)
     assert_same_state(before, snapshot(d))
     assert d.propose(**good).check().drafts.shape == (2, 2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("graphs", [False, True])
+def test_gpu_nan_logits_are_refused_at_the_next_synchronisation(graphs, sampled):
+    """Finite inputs, NaN logits (a NaN in the head norm), eager and graphed, greedy and
+    sampled: the call returns without waiting, the next synchronisation raises "logits: hold
+    NaN" with the next position put back, and the drafter then drafts exactly as a twin that
+    never saw the call. The eager path puts its cache slots back bit for bit; the graphed path
+    drops the call's entries (positions equal to the twin's where they can still be read)."""
+    from drafter_helpers import assert_same_state, snapshot
+    model = build(torch.float32, n_mtp=1)
+    norm = model.model.layers[str(TINY.num_hidden_layers)].shared_head.norm.weight
+    keep = norm.clone()
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(9, TINY.hc_dim, generator=g).cuda()
+    ids = torch.randint(0, TINY.vocab_size, (9,), generator=g).cuda()
+
+    def sampling():
+        return Sampling(temperature=0.8, top_p=0.9,
+                        generator=torch.Generator("cuda").manual_seed(1)) if sampled \
+            else Sampling()
+
+    d, twin = (Drafter(model, max_seqs=2, max_draft_tokens=3, cuda_graphs=graphs)
+               for _ in range(2))
+    for x in (d, twin):
+        x.add_sequence("a")
+        x.propose(["a"], h[:4], ids[:4], torch.arange(4).cuda(), [4], k=3,
+                  sampling=sampling()).check()
+    before = snapshot(d)
+    norm[0] = float("nan")
+    try:
+        p = d.propose(["a"], h[4:6], ids[4:6], torch.arange(4, 6).cuda(), [2], k=3,
+                      sampling=sampling())
+        assert d.next_position("a") == 6
+        with pytest.raises(ValueError, match=r"logits: hold NaN .*found on the GPU after "
+                                             r"propose\(\['a'\]\) returned"):
+            p.check()
+    finally:
+        norm.copy_(keep)
+    assert d.next_position("a") == 4 and d.seq_ids == ["a"]
+    if not graphs:
+        assert_same_state(before, snapshot(d))
+    pa = d.propose(["a"], h[4:7], ids[4:7], torch.arange(4, 7).cuda(), [3], k=3,
+                   sampling=sampling()).check()
+    pb = twin.propose(["a"], h[4:7], ids[4:7], torch.arange(4, 7).cuda(), [3], k=3,
+                      sampling=sampling()).check()
+    assert torch.equal(pa.drafts, pb.drafts) and torch.equal(pa.hidden, pb.hidden)
+
+
+@needs_cuda
+def test_gpu_sampling_functions_refuse_nan_logits():
+    """On CUDA as on the CPU: sample, probs and verify_greedy raise naming the argument (one
+    synchronisation each); with check_nan=False a NaN row still draws a token in range and
+    nothing fails on the device (torch.multinomial never sees the NaN row), and nan_flag
+    says so when read."""
+    from mtp.sampling import nan_flag, probs, sample
+    from mtp.verify import verify_greedy
+    logits = torch.tensor([[0.0, 2.0, 1.0], [float("nan"), 0.0, 0.0]], device="cuda")
+    sampled = Sampling(temperature=1.0, generator=torch.Generator("cuda").manual_seed(0))
+    for call in (lambda: sample(logits), lambda: sample(logits, sampled),
+                 lambda: probs(logits, sampled)):
+        with pytest.raises(ValueError, match="logits: holds NaN"):
+            call()
+    with pytest.raises(ValueError, match="target_logits: holds NaN"):
+        verify_greedy(logits[None], torch.tensor([[1]], device="cuda"))
+    flag = nan_flag(logits)
+    tokens, q = sample(logits, sampled, check_nan=False)
+    assert flag.device.type == "cuda" and bool(flag)
+    assert int(tokens[1]) == 0 and 0 <= int(tokens[0]) < 3 and torch.isnan(q[1]).all()
+    torch.cuda.synchronize()  # no device-side assertion fired
 
 
 @needs_cuda

@@ -103,7 +103,8 @@ def world2(tmp_path_factory):
               dict(name="settings", path=paths["fp8"], dtype=["float32", "float64"],
                    expect_error=True),
               dict(name="export", kind="export", path=paths["fp8"], dtype="float32",
-                   expect_error=True)]
+                   expect_error=True),
+              dict(name="nan", kind="nan", path=paths["fp8"], dtype="float32")]
     return paths, runs, launch(2, runs + errors, tmp).check()
 
 
@@ -228,6 +229,17 @@ def test_ranks_that_disagree_on_the_settings_all_raise(world2):
     for r in range(2):
         assert "disagree: rank(s) [1]" in results[r]["settings"]
         assert "same settings" in results[r]["settings"]
+
+
+def test_nan_logits_on_one_ranks_slice_are_refused_on_every_rank(world2):
+    """Regression: greedy tensor-parallel drafting took the argmax over the ranks' slices
+    without looking for NaN, so NaN logits on one rank's slice drafted silently."""
+    _, _, results = world2
+    for r in range(2):
+        out = results[r]["nan"]
+        assert out["message"].startswith("logits: hold NaN"), (r, out["message"])
+        assert out["unchanged"], r
+    assert torch.equal(results[0]["nan"]["after"], results[1]["nan"]["after"])
 
 
 def test_a_rank_that_fails_to_load_stops_every_rank(world2):

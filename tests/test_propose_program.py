@@ -21,6 +21,7 @@ from drafter_helpers import TINY, W, assert_same_state, drafter, rel_err, rows, 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_drafter_properties import BAD, _good
+from test_eager_deferred import deferred
 
 from mtp import DeepSeekV4MTP, Numerics
 from mtp.drafter import MAX_ABS_HIDDEN, Drafter
@@ -122,8 +123,12 @@ def test_refusals_through_the_program_change_nothing(case):
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e7])
 @pytest.mark.parametrize("how", ["next call", "Proposal.check", "synchronize", "feed",
                                  "remove_sequence"])
-def test_bad_hidden_values_are_refused_at_the_next_synchronisation(value, how):
-    d = programmed(drafter())
+@pytest.mark.parametrize("path", ["program", "eager"])
+def test_bad_hidden_values_are_refused_at_the_next_synchronisation(value, how, path):
+    """Through the program, and through the eager path with its checks on the device (CUDA's
+    eager path; before, it read every value on the host): the bad row never reaches the cache,
+    and the next synchronisation raises naming the row, the drafter bitwise as before."""
+    d = programmed(drafter()) if path == "program" else deferred(drafter())
     d.add_sequence("a", position=5)
     d.add_sequence("b", position=3)
     h, ids, pos = rows(3, 1, 0)
