@@ -685,9 +685,10 @@ class Drafter:
             if seq_id in self._seqs:
                 self._seqs[seq_id].next_position = start
         what = f"{pend.call}({_short(plan.seq_ids)})"
+        void = "drafts are" if pend.call == "propose" else "output is"
         after = (f" ({what} changed nothing: the drafter is as before it)" if at_call else
-                 f" (found on the GPU after {what} returned; that call's drafts are void and "
-                 "it changed nothing: the drafter is as before it)")
+                 f" (found on the GPU after {what} returned; that call's {void} void and it "
+                 "changed nothing: the drafter is as before it)")
         if not err & INPUT_ERRORS:  # NaN logits: its rows and drafts went into the cache
             if pend.program is not None:  # (the eager path has put its slots back already)
                 for slot, start in zip(plan.slots, plan.starts):

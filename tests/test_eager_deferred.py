@@ -165,7 +165,8 @@ def test_feed_with_device_checks_refuses_at_the_next_call():
     d.feed(["a"], h, ids, torch.tensor([6, 7]), [2])  # a gap: "a" is at 5
     assert d.next_position("a") == 7
     with pytest.raises(ValueError, match=r"'a' starts at position 6, leaving a gap.*found on "
-                                         r"the GPU after feed\(\['a'\]\) returned"):
+                                         r"the GPU after feed\(\['a'\]\) returned; that "
+                                         "call's output is void"):
         d.synchronize()
     assert_same_state(before, snapshot(d))
 

@@ -400,7 +400,9 @@ def test_gpu_nan_logits_are_refused_at_the_next_synchronisation(graphs, sampled)
                    sampling=sampling()).check()
     pb = twin.propose(["a"], h[4:7], ids[4:7], torch.arange(4, 7).cuda(), [3], k=3,
                       sampling=sampling()).check()
-    assert torch.equal(pa.drafts, pb.drafts) and torch.equal(pa.hidden, pb.hidden)
+    # the same calls on the same kernels; 1e-6 relative (not bitwise) leaves room for a library
+    # (cuBLAS) picking another algorithm for the twin's separate graphs: float32 reordering
+    assert torch.equal(pa.drafts, pb.drafts) and rel(pa.hidden, pb.hidden) < 1e-6
 
 
 @needs_cuda
