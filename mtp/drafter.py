@@ -672,11 +672,14 @@ class Drafter:
         """Read the last call's error word (waiting for that call only); on an error, put the
         drafter back as it was before that call and raise what the checks found. ``at_call``:
         the call itself is reading it (host checks), not a later one."""
-        pend, self._pending = self._pending, None
+        pend = self._pending
         if pend is None:
             return
         if pend.event is not None:
+            # still pending if the wait is interrupted: its error word is read later, and its
+            # bucket's host buffers are not rewritten while its copies may be in flight
             pend.event.synchronize()
+        self._pending = None
         err = int(pend.error)
         if not err:
             return

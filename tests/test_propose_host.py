@@ -151,3 +151,32 @@ def test_a_call_failing_after_staging_renews_the_host_buffers():
     assert d.seq_ids == [2, 3] and prog.host is not host and prog.error_host is not error
     d.add_sequence(0, position=0)
     assert d.propose(**call(d, [0, 2], [1, 1])).drafts.shape == (2, 2)
+
+
+class Interrupted:
+    """An event whose wait is interrupted (Ctrl-C while the host waits for the GPU)."""
+
+    def synchronize(self):
+        raise KeyboardInterrupt
+
+
+def test_an_interrupted_wait_leaves_the_call_pending():
+    """The next call waits for the previous call's event before it rewrites that bucket's host
+    buffers; if the wait is interrupted, the previous call stays pending (its copies may still
+    be in flight, its error word unread): the call after that waits for it again, and a
+    refusal found then is still raised (the programs run for real here)."""
+    d = stubbed()
+    d._proposer = ProposeBuckets(d.model, d.cache, *d._buckets(), MAX_ABS_HIDDEN)
+    d.propose(**call(d, [0, 1], [1, 1]))
+    good = call(d, [0, 1], [1, 1])
+    bad = dict(good, positions=good["positions"] + 1)  # a gap: refused on the device
+    d.propose(**bad)
+    pend = d._pending
+    event, pend.event = pend.event, Interrupted()
+    with pytest.raises(KeyboardInterrupt):
+        d.propose(**good)
+    assert d._pending is pend
+    pend.event = event
+    with pytest.raises(ValueError, match="leaving a gap"):
+        d.propose(**good)
+    assert d._pending is None and d.propose(**good).drafts.shape == (2, 2)
