@@ -237,6 +237,9 @@ class Drafter:
         self._event: Any = None  # recorded after each graphed call (CUDA), made at the first
         self.load_report = None  # set by from_pretrained: what the loader read
         self._seqs: dict[Hashable, _Seq] = {}
+        # the last call's seq_ids, their records and slots (valid until a sequence is added or
+        # removed): an engine's batch often stays the same from call to call
+        self._last_lookup: tuple[list, list[_Seq], list[int]] = ([], [], [])
         self._free = list(range(max_seqs - 1, -1, -1))  # pop() hands out slot 0 first
         if cuda_graphs:
             self._whole_call_graphs()  # raises why they cannot run
@@ -405,6 +408,7 @@ class Drafter:
         slot = self._free.pop()
         self.cache.clear(slot)
         self._seqs[seq_id] = _Seq(slot, position)
+        self._last_lookup = ([], [], [])
 
     @_locked
     def remove_sequence(self, seq_id: Hashable) -> None:
@@ -414,6 +418,7 @@ class Drafter:
         seq = self._get(seq_id)
         self.cache.clear(seq.slot)
         del self._seqs[seq_id]
+        self._last_lookup = ([], [], [])
         self._free.append(seq.slot)
 
     # ---- the two calls ---------------------------------------------------------------------
@@ -515,7 +520,7 @@ class Drafter:
         ids = list(seq_ids)
         if not ids:
             raise ValueError("seq_ids: empty; pass at least one sequence")
-        seqs = self._lookup(ids)
+        seqs, slots = self._lookup(ids)
         counts = _row_counts(num_rows_per_seq, len(ids))
         starts = [s.next_position for s in seqs]
         ends = list(map(operator.add, starts, counts))
@@ -548,17 +553,23 @@ class Drafter:
             offsets = torch.tensor([0] + counts[:-1]).cumsum(0).tolist()
             keep = _on_device(torch.cat([torch.arange(o + n - m, o + n)
                                          for o, n, m in zip(offsets, counts, kept)]), device)
-        return _Plan(ids, [s.slot for s in seqs], starts, counts, kept, keep, hidden_states,
-                     ids_arg, positions, ids_name, seqs, ends)
+        return _Plan(ids, slots, starts, counts, kept, keep, hidden_states, ids_arg, positions,
+                     ids_name, seqs, ends)
 
-    def _lookup(self, ids: list) -> list[_Seq]:
-        """Each sequence's record; refuses a duplicate, unhashable or unknown id. The common
-        case (all known, distinct) in two passes at C speed; otherwise the checks that name
-        the first bad id, in order."""
+    def _lookup(self, ids: list) -> tuple[list[_Seq], list[int]]:
+        """Each sequence's record and cache slot; refuses a duplicate, unhashable or unknown
+        id. The same ids as the last call (no sequence added or removed since): its answer;
+        else all known and distinct: two passes at C speed; else the checks that name the
+        first bad id, in order."""
+        last_ids, seqs, slots = self._last_lookup
+        if ids == last_ids:
+            return seqs, slots
         try:
             seqs = [self._seqs[s] for s in ids]
             if len(set(ids)) == len(ids):
-                return seqs
+                slots = [s.slot for s in seqs]
+                self._last_lookup = ids, seqs, slots
+                return seqs, slots
         except (KeyError, TypeError):
             pass
         seen: set = set()
@@ -566,7 +577,8 @@ class Drafter:
         if dup is not _NONE:
             raise ValueError(f"seq_ids: sequence {dup!r} appears twice; give each sequence's "
                              "rows as one run")
-        return [self._get(s) for s in ids]
+        seqs = [self._get(s) for s in ids]
+        return seqs, [s.slot for s in seqs]
 
     def _check_values(self, plan: _Plan) -> None:
         """The checks that read the tensors' values (each a host synchronisation on CUDA):

@@ -180,3 +180,20 @@ def test_an_interrupted_wait_leaves_the_call_pending():
     with pytest.raises(ValueError, match="leaving a gap"):
         d.propose(**good)
     assert d._pending is None and d.propose(**good).drafts.shape == (2, 2)
+
+
+def test_the_last_calls_records_are_forgotten_when_sequences_change():
+    """A call with the same seq_ids as the last one reuses its lookup, unless a sequence was
+    removed or added since: a sequence added again under the same id is a new record (its
+    position), in another slot."""
+    d = stubbed(n_seqs=2)
+    d.propose(**call(d, [0, 1], [1, 1]))
+    d.remove_sequence(1)
+    d.add_sequence("x")  # takes 1's slot
+    d.add_sequence(1, position=50)
+    assert d.slot(1) != d.slot("x")
+    d.propose(**call(d, [0, 1], [1, 2]))
+    assert d.next_position(1) == 52
+    prog = d._proposer.get(2, 2, 2).program
+    assert prog.meta[0, :2].tolist() == [d.slot(0), d.slot(1)]
+    assert prog.meta[1, :2].tolist() == [d.next_position(0) - 1, 50]
