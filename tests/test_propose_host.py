@@ -15,6 +15,8 @@ from collections import Counter
 import pytest
 import torch
 from drafter_helpers import drafter, rows
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mtp.drafter import MAX_ABS_HIDDEN
@@ -85,6 +87,27 @@ def test_stage_puts_each_row_at_the_end_of_its_block():
     assert prog.meta.tolist() == [[0, 1, 2, 4], [1, 2, 3, 4], [5] * 4]
     assert torch.equal(prog.ids, ids) and torch.equal(prog.pos, pos)
     assert torch.equal(prog.hidden, h)
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), seqs=st.integers(1, 4), rows_=st.integers(1, 5),
+       ids_dtype=st.sampled_from([torch.int64, torch.int32]))
+def test_staged_rows_are_the_callers_rows_in_any_bucket(data, seqs, rows_, ids_dtype):
+    """Any call that fits a bucket (s <= S sequences, each 1 .. R rows): after ``stage``, the
+    rows at ``dest`` are the caller's, bit for bit, and the meta is the call's, padded."""
+    d = drafter(max_seqs=4)
+    prog = ProposeProgram(d.model, d.cache, seqs, rows_, 2, MAX_ABS_HIDDEN)
+    s = data.draw(st.integers(1, seqs))
+    counts = data.draw(st.lists(st.integers(1, rows_), min_size=s, max_size=s))
+    slots = data.draw(st.permutations(range(4)))[:s]
+    starts = data.draw(st.lists(st.integers(0, 10**6), min_size=s, max_size=s))
+    h, ids, pos = rows(sum(counts), data.draw(st.integers(0, 99)))
+    prog.stage(slots, starts, counts, ids.to(ids_dtype), pos, h)
+    pad = seqs - s
+    assert prog.meta.tolist() == [slots + [-1] * pad, starts + [0] * pad, counts + [0] * pad]
+    dest = torch.tensor(prog.dest(counts))
+    assert torch.equal(prog.ids[dest], ids) and torch.equal(prog.pos[dest], pos)
+    assert torch.equal(prog.hidden[dest], h)
 
 
 @pytest.mark.parametrize("held, seq_ids, counts, expected", [
