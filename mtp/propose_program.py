@@ -308,7 +308,7 @@ class ProposeBuckets:
         self.failed: set[tuple[int, int, int, str]] = set()  # buckets whose making raised
         # a call's (sequences, longest row count[, k, mode]) -> its bucket, its runner: calls
         # that fit a bucket only, so at most max(seq_buckets) x max(row_buckets) (x k x modes)
-        self._sizes: dict[tuple[int, int], tuple[int, int] | None] = {}
+        self._sizes: dict[tuple[int, int], tuple[int, int]] = {}
         self._calls: dict[tuple[int, int, int, str], object] = {}
 
     def bucket(self, seqs: int, rows: int) -> tuple[int, int] | None:
