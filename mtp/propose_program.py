@@ -101,6 +101,7 @@ class ProposeProgram:
         self._limit = torch.empty(cache.max_seqs + 1, dtype=torch.int64, device=dev)
         self.temperature = torch.ones(seqs, dtype=torch.float32, device=dev)
         self.top_p = torch.ones(seqs, dtype=torch.float32, device=dev)
+        self._held: list[float | None] = [1.0, 1.0]  # the scalar each holds in every row
         self.u = torch.zeros(seqs, k, dtype=torch.float32, device=dev)
 
     def renew_host(self) -> None:
@@ -158,13 +159,18 @@ class ProposeProgram:
 
     def stage_sampling(self, sampling, s: int) -> None:
         """A sampled call's settings (scalars or [s] tensors) and fresh uniforms from its
-        generator (every row of the bucket: the generator advances by S * k draws)."""
-        for buf, value in ((self.temperature, sampling.temperature),
-                           (self.top_p, sampling.top_p)):
+        generator (every row of the bucket: the generator advances by S * k draws). A scalar
+        the buffer already holds (the last call's, nothing else writes it) is not written
+        again."""
+        for i, (buf, value) in enumerate(((self.temperature, sampling.temperature),
+                                          (self.top_p, sampling.top_p))):
             if isinstance(value, torch.Tensor):
+                self._held[i] = None
                 buf[:s].copy_(value)
-            else:
+            elif self._held[i] != float(value):
+                self._held[i] = None  # (unknown if the fill raises)
                 buf.fill_(float(value))
+                self._held[i] = float(value)
         torch.rand(self.u.shape, generator=sampling.generator, device=self.u.device,
                    out=self.u)
 

@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mtp.drafter import MAX_ABS_HIDDEN
 from mtp.propose_program import ProposeBuckets, ProposeProgram, StaticProposal
+from mtp.sampling import Sampling
 
 
 class StubProposal(StaticProposal):
@@ -220,3 +221,28 @@ def test_the_last_calls_records_are_forgotten_when_sequences_change():
     prog = d._proposer.get(2, 2, 2).program
     assert prog.meta[0, :2].tolist() == [d.slot(0), d.slot(1)]
     assert prog.meta[1, :2].tolist() == [d.next_position(0) - 1, 50]
+
+
+def test_a_sampled_steady_call_writes_an_unchanged_scalar_setting_once():
+    """Sampled with scalar settings: the temperature and top-p buffers are filled at the
+    bucket's first call and not again while the values stay (each fill a launch on CUDA);
+    a new value is written, and so is a per-sequence tensor. The uniforms are drawn every
+    call (``torch.rand``'s ``uniform_``)."""
+    d = stubbed()
+    gen = torch.Generator().manual_seed(0)
+    warm = Sampling(temperature=0.7, top_p=0.9, generator=gen)
+    d.propose(**call(d, [0, 1], [1, 1]), sampling=warm)
+    prog = d._proposer.get(2, 1, 2, "top_p").program
+    per_seq = torch.full((2,), 0.8, dtype=torch.float64)
+    for sampling, fills in ((warm, 0), (Sampling(temperature=0.5, top_p=0.9, generator=gen), 1),
+                            (Sampling(temperature=0.5, top_p=per_seq, generator=gen), 0)):
+        args = call(d, [0, 1], [1, 1])
+        with CountOps() as c:
+            d.propose(**args, sampling=sampling)
+        assert c.ops["fill_"] == fills and c.ops["uniform_"] == 1, dict(c.ops)
+    assert prog.temperature.tolist() == [0.5, 0.5]
+    assert prog.top_p.tolist() == pytest.approx([0.8, 0.8])
+    args = call(d, [0, 1], [1, 1])
+    with CountOps() as c:  # back to a scalar top_p: written again over the tensor's values
+        d.propose(**args, sampling=Sampling(temperature=0.5, top_p=0.8, generator=gen))
+    assert c.ops["fill_"] == 1 and prog.top_p.tolist() == pytest.approx([0.8, 0.8])
