@@ -237,9 +237,9 @@ class Drafter:
         self._event: Any = None  # recorded after each graphed call (CUDA), made at the first
         self.load_report = None  # set by from_pretrained: what the loader read
         self._seqs: dict[Hashable, _Seq] = {}
-        # the last call's seq_ids, their records and slots (valid until a sequence is added or
-        # removed): an engine's batch often stays the same from call to call
-        self._last_lookup: tuple[list, list[_Seq], list[int]] = ([], [], [])
+        # the last call's seq_ids -> their records and slots (valid until a sequence is added
+        # or removed): an engine's batch often stays the same from call to call
+        self._last_lookup: dict[tuple, tuple[list[_Seq], list[int]]] = {}
         self._free = list(range(max_seqs - 1, -1, -1))  # pop() hands out slot 0 first
         if cuda_graphs:
             self._whole_call_graphs()  # raises why they cannot run
@@ -408,7 +408,7 @@ class Drafter:
         slot = self._free.pop()
         self.cache.clear(slot)
         self._seqs[seq_id] = _Seq(slot, position)
-        self._last_lookup = ([], [], [])
+        self._last_lookup = {}
 
     @_locked
     def remove_sequence(self, seq_id: Hashable) -> None:
@@ -418,7 +418,7 @@ class Drafter:
         seq = self._get(seq_id)
         self.cache.clear(seq.slot)
         del self._seqs[seq_id]
-        self._last_lookup = ([], [], [])
+        self._last_lookup = {}
         self._free.append(seq.slot)
 
     # ---- the two calls ---------------------------------------------------------------------
@@ -561,15 +561,16 @@ class Drafter:
         id. The same ids as the last call (no sequence added or removed since): its answer;
         else all known and distinct: two passes at C speed; else the checks that name the
         first bad id, in order."""
-        last_ids, seqs, slots = self._last_lookup
-        if ids == last_ids:
-            return seqs, slots
         try:
+            key = tuple(ids)  # (a dict key: equal exactly where the ids' dict lookups agree)
+            found = self._last_lookup.get(key)
+            if found is not None:
+                return found
             seqs = [self._seqs[s] for s in ids]
             if len(set(ids)) == len(ids):
-                slots = [s.slot for s in seqs]
-                self._last_lookup = ids, seqs, slots
-                return seqs, slots
+                found = seqs, [s.slot for s in seqs]
+                self._last_lookup = {key: found}
+                return found
         except (KeyError, TypeError):
             pass
         seen: set = set()

@@ -246,3 +246,13 @@ def test_a_sampled_steady_call_writes_an_unchanged_scalar_setting_once():
     with CountOps() as c:  # back to a scalar top_p: written again over the tensor's values
         d.propose(**args, sampling=Sampling(temperature=0.5, top_p=0.8, generator=gen))
     assert c.ops["fill_"] == 1 and prog.top_p.tolist() == pytest.approx([0.8, 0.8])
+
+
+def test_the_last_calls_lookup_agrees_with_a_dict_lookup():
+    """An id equal to the last call's by ``==`` but not as a dict key (a 0-d tensor: hashed by
+    identity) is not taken for it: unknown, as a dict lookup says."""
+    d = stubbed(n_seqs=2)
+    d.propose(**call(d, [0, 1], [1, 1]))
+    args = call(d, [0, 1], [1, 1])
+    with pytest.raises(ValueError, match="unknown sequence tensor"):
+        d.propose(**dict(args, seq_ids=[torch.tensor(0), 1]))
