@@ -13,7 +13,8 @@ experts), bfloat16 compute, and a KV cache whose window is full, times per batch
 - a k = 3 greedy proposal (three graph replays with the argmax between);
 - ``Drafter.propose(k=3)`` as built by default on CUDA (a greedy call: one whole-call graph
   replay) with 1 and k + 1 new rows per sequence, against its floor and the bare graph
-  proposal; the host time of one call (enqueue only) and the first call's capture (--drafter);
+  proposal; the host time of one call (enqueue only; median, 10th-90th percentile, and the
+  bucket's graph replayed alone) and the first call's capture (--drafter);
 
 against the floor: the bytes that must be read (every dense weight, the experts actually routed
 to in that very call, the embedding rows, the KV window) and written, over the device-to-device
@@ -341,6 +342,20 @@ def catchup_call(model, cache, case, reference: bool = False):
     return call
 
 
+def host_enqueue_us(fn, sync, n: int = 40) -> list[float]:
+    """Host microseconds of each of n calls of ``fn`` with the GPU kept busy behind a sleeping
+    kernel (~10 ms), so that only the enqueueing is timed; ``sync`` before each."""
+    out = []
+    for _ in range(n):
+        sync()
+        torch.cuda._sleep(20_000_000)
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e6)
+    sync()
+    return out
+
+
 def bench_drafter(model, fast, mk, name, batches, reps, dev, g, pb, bw, bare) -> list[dict]:
     """``Drafter.propose(k=3)`` as an engine calls it, with whole-call graphs
     (the default on CUDA; ``cuda_graphs=True`` here so that the benchmark cannot time the
@@ -378,14 +393,11 @@ def bench_drafter(model, fast, mk, name, batches, reps, dev, g, pb, bw, bare) ->
             call(0).check()
             capture_s = time.perf_counter() - t0
             ms = statistics.median(time_it(call, reps, warmup=3))
-            host = []
-            for _ in range(40):
-                d.synchronize()
-                torch.cuda._sleep(20_000_000)  # the GPU busy for ~10 ms: enqueue only
-                t0 = time.perf_counter()
-                call(0)
-                host.append((time.perf_counter() - t0) * 1e6)
-            d.synchronize()
+            host = sorted(host_enqueue_us(lambda: call(0), d.synchronize))
+            # the bucket's graph replayed alone (the last call's inputs again: the same rows and
+            # drafts rewritten): the part of the host time that is the graph launch itself
+            runner = next(iter(d._proposer.made.values()))
+            replay = host_enqueue_us(runner.replay, torch.cuda.synchronize)
             # floor: the real rows' step (b * n rows, the experts they route to) + k - 1 steps
             sl = torch.full((t,), -1, device=dev)
             used_n = routed_experts(fast, mk, sets[0][0], positions[0], sets[0][1], sl, d.cache)
@@ -397,7 +409,9 @@ def bench_drafter(model, fast, mk, name, batches, reps, dev, g, pb, bw, bare) ->
             row = dict(preset=name, what=f"Drafter.propose k=3, {n} row(s)/seq", batch=b,
                        floor_ms=floor_ms, graph_ms=ms, x_floor=ms / floor_ms,
                        x_bare=ms / bare[b] if b in bare else float("nan"),
-                       host_us=statistics.median(host), capture_s=capture_s,
+                       host_us=statistics.median(host), host_us_p10=host[len(host) // 10],
+                       host_us_p90=host[len(host) * 9 // 10],
+                       replay_host_us=statistics.median(replay), capture_s=capture_s,
                        buckets=sorted(d._proposer.made))
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -534,16 +548,18 @@ def main() -> None:
               f"{r.get('b2b_ms', nan):.3f} | {r.get('b2b_x_floor', nan):.2f} | "
               f"{r.get('speedup_vs_naive', nan):.0f} |")
     print("\n| preset | what | batch | floor ms | ms | x floor | x bare graphs | host us/call | "
-          "capture s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "host p10-p90 | replay alone host us | capture s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows[1:]:
         if r["what"] == "k=3 proposal":
             print(f"| {r['preset']} | bare graph proposal (k=3) | {r['batch']} | "
-                  f"{r['floor_ms']:.3f} | {r['graph_ms']:.3f} | {r['x_floor']:.2f} | 1 | | |")
+                  f"{r['floor_ms']:.3f} | {r['graph_ms']:.3f} | {r['x_floor']:.2f} | 1 | | | "
+                  "| |")
         if r["what"].startswith("Drafter"):
             print(f"| {r['preset']} | {r['what']} | {r['batch']} | {r['floor_ms']:.3f} | "
                   f"{r['graph_ms']:.3f} | {r['x_floor']:.2f} | {r['x_bare']:.2f} | "
-                  f"{r['host_us']:.0f} | {r['capture_s']:.2f} |")
+                  f"{r['host_us']:.0f} | {r['host_us_p10']:.0f}-{r['host_us_p90']:.0f} | "
+                  f"{r['replay_host_us']:.0f} | {r['capture_s']:.2f} |")
     for r in rows[1:]:
         if r["what"] == "memory":
             print(json.dumps(r))
