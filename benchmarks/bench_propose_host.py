@@ -23,61 +23,19 @@ import json
 import os
 import sys
 import time
-from collections import Counter
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mtp import DeepSeekV4MTP, MTPConfig  # noqa: E402
-from mtp.drafter import MAX_ABS_HIDDEN, Drafter  # noqa: E402
-from mtp.propose_program import ProposeBuckets  # noqa: E402
-from mtp.testing import init_random_  # noqa: E402
-
-try:
-    from mtp.propose_program import StaticProposal  # noqa: E402
-except ImportError:  # before the host-side rework (for the "before" figures)
-    StaticProposal = object
-
-
-class StubProposal(StaticProposal):
-    """A bucket's program run once at creation; each replay after that does nothing."""
-
-    def __init__(self, program):
-        self.program = program
-        self.drafts, self.hidden, self.probs, self.error = program.run()
-
-    def replay(self) -> None:
-        pass
-
-
-class StubBuckets(ProposeBuckets):
-    def _make(self, program):
-        return StubProposal(program)
-
-
-class CountOps(TorchDispatchMode):
-    """Counts the aten operations dispatched inside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket.__name__)] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def stub_drafter(model: DeepSeekV4MTP, max_seqs: int, k: int) -> Drafter:
-    d = Drafter(model, max_seqs=max_seqs, max_draft_tokens=k)
-    d._proposer = StubBuckets(d.model, d.cache, *d._buckets(), MAX_ABS_HIDDEN)
-    return d
+from mtp.drafter import Drafter  # noqa: E402
+from mtp.testing import CountOps, host_only, init_random_  # noqa: E402
 
 
 def case(model, held: int, s: int, n: int, k: int, reps: int) -> dict:
     cfg = model.config
-    d = stub_drafter(model, held, k)
+    d = host_only(Drafter(model, max_seqs=held, max_draft_tokens=k))
     ids = list(range(s))
     for i in range(held):
         d.add_sequence(i, position=1000)

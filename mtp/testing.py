@@ -1,5 +1,5 @@
-"""Random weights in the released formats and release-like folders, for tests, the demo and
-benchmarks: a deliberate public API, like ``torch.testing``.
+"""Random weights in the released formats and release-like folders, and a drafter's host side
+alone, for tests, the demo and benchmarks: a deliberate public API, like ``torch.testing``.
 
 The values are scaled so a forward pass stays well conditioned (projections ~ N(0, 1/in),
 norm weights near 1), which keeps tolerances meaningful; they are not a trained model.
@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections import Counter
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .facts import Init, facts_of
 from .model import DeepSeekV4MTP, Experts, Linear
+from .propose_program import ProposeBuckets, StaticProposal
 from .quant import quantize_fp4, quantize_fp8_block
 
 
@@ -197,5 +200,69 @@ def write_release_like(model: DeepSeekV4MTP, folder: str | os.PathLike, *,
            num_shards=num_shards, layout=layout, mp=mp, overwrite=overwrite)
 
 
-__all__ = ["init_random_", "dequantized_copy", "draw", "main_model_placeholders",
-           "write_release_like"]
+class HostOnlyProposal(StaticProposal):
+    """A whole-call bucket whose program runs once when the bucket is made (real outputs) and
+    whose replays then do nothing, or raise ``HostOnlyProposal.fail`` when that is set: a
+    captured graph's replay is one launch for the host, so a drafter with these buckets runs a
+    graphed ``propose``'s host side alone, on any device."""
+
+    fail: BaseException | None = None
+
+    def __init__(self, program):
+        self.program = program
+        self.drafts, self.hidden, self.probs, self.error = program.run()
+
+    def replay(self) -> None:
+        if HostOnlyProposal.fail is not None:
+            raise HostOnlyProposal.fail
+
+
+class _HostOnlyBuckets(ProposeBuckets):
+    def _make(self, program):
+        return HostOnlyProposal(program)
+
+
+def host_only(drafter):
+    """``drafter`` (a :class:`mtp.drafter.Drafter`) with its whole-call buckets made of
+    :class:`HostOnlyProposal`: each ``propose`` that fits a bucket does its checks, staging,
+    copies and bookkeeping, and no compute after the bucket's first call. Returns it.
+
+    Example:
+        >>> from mtp import DeepSeekV4MTP, MTPConfig
+        >>> from mtp.drafter import Drafter
+        >>> d = host_only(Drafter(init_random_(DeepSeekV4MTP(MTPConfig.from_name("tiny")))))
+        >>> d.add_sequence(0)
+        >>> cfg = d.config
+        >>> call = dict(hidden_states=torch.zeros(1, cfg.hc_dim), positions=torch.tensor([0]),
+        ...             next_token_ids=torch.tensor([1]), num_rows_per_seq=[1], k=2)
+        >>> d.propose([0], **call).drafts.shape
+        torch.Size([1, 2])
+    """
+    from .drafter import MAX_ABS_HIDDEN
+    drafter._proposer = _HostOnlyBuckets(drafter.model, drafter.cache, *drafter._buckets(),
+                                         MAX_ABS_HIDDEN)
+    return drafter
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten operations dispatched inside it (``.ops``: name -> count); on CUDA each
+    is a launch, a copy or an allocation.
+
+    Example:
+        >>> with CountOps() as c:
+        ...     _ = torch.ones(3) + 1
+        >>> dict(c.ops)
+        {'ones': 1, 'add': 1}
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+__all__ = ["CountOps", "HostOnlyProposal", "dequantized_copy", "draw", "host_only",
+           "init_random_", "main_model_placeholders", "write_release_like"]

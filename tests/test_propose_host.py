@@ -10,52 +10,20 @@ in tests/test_propose_program.py.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
 from drafter_helpers import drafter, rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from mtp.drafter import MAX_ABS_HIDDEN
-from mtp.propose_program import ProposeBuckets, ProposeProgram, StaticProposal
+from mtp.propose_program import ProposeBuckets, ProposeProgram
 from mtp.sampling import Sampling
-
-
-class StubProposal(StaticProposal):
-    """The bucket's program run once; every replay after that does nothing (or raises)."""
-
-    fail = False
-
-    def __init__(self, program):
-        self.program = program
-        self.drafts, self.hidden, self.probs, self.error = program.run()
-
-    def replay(self) -> None:
-        if StubProposal.fail:
-            raise RuntimeError("an illegal memory access was encountered")
-
-
-class StubBuckets(ProposeBuckets):
-    def _make(self, program):
-        return StubProposal(program)
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+from mtp.testing import CountOps, HostOnlyProposal, host_only
 
 
 def stubbed(max_seqs: int = 4, n_seqs: int = 4):
-    d = drafter(max_seqs=max_seqs)
-    d._proposer = StubBuckets(d.model, d.cache, *d._buckets(), MAX_ABS_HIDDEN)
+    d = host_only(drafter(max_seqs=max_seqs))
     for s in range(n_seqs):
         d.add_sequence(s, position=10 * s)
     return d
@@ -166,12 +134,12 @@ def test_a_call_failing_after_staging_renews_the_host_buffers():
     d.propose(**call(d, [0, 1], [1, 1]))
     prog = d._proposer.get(2, 1, 2).program
     host, error = prog.host, prog.error_host
-    StubProposal.fail = True
+    HostOnlyProposal.fail = RuntimeError("an illegal memory access was encountered")
     try:
         with pytest.raises(RuntimeError, match=r"the forward failed \(RuntimeError: an illegal"):
             d.propose(**call(d, [0, 1], [1, 1]))
     finally:
-        StubProposal.fail = False
+        HostOnlyProposal.fail = None
     assert d.seq_ids == [2, 3] and prog.host is not host and prog.error_host is not error
     d.add_sequence(0, position=0)
     assert d.propose(**call(d, [0, 2], [1, 1])).drafts.shape == (2, 2)
