@@ -81,35 +81,36 @@ def full_cases(runs, graphs: bool) -> list[dict]:
             for preset in PRESETS for dtype, rounding in runs]
 
 
+def run_group(tmp_path_factory, folder: str, world: int, runs, graphs: bool, **launch_kw):
+    """The full cases of ``runs`` on a group of ``world`` processes -> (cases, their results)."""
+    cases = full_cases(runs, graphs)
+    return cases, launch(world, cases, tmp_path_factory.mktemp(folder), grace=20,
+                         **launch_kw).check()
+
+
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory):
     if not ON_CPU and GPUS < 2:
         pytest.skip("needs 2 CUDA GPUs (NCCL, one process per GPU); MTP_PARALLEL_ON_CPU=1 "
                     "runs it with gloo on the CPU at the tiny preset")
-    cases = full_cases(RUNS_TWO_GPUS, graphs=not ON_CPU)
-    run = launch(2, cases, tmp_path_factory.mktemp("nccl"), timeout=240, grace=20,
-                 collective_timeout=120, backend="gloo" if ON_CPU else "nccl")
-    return cases, run.check()
+    return run_group(tmp_path_factory, "nccl", 2, RUNS_TWO_GPUS, not ON_CPU, timeout=240,
+                     collective_timeout=120, backend="gloo" if ON_CPU else "nccl")
 
 
 @pytest.fixture(scope="module")
 def shared_gpu(tmp_path_factory):
     if ON_CPU or GPUS < 1:
         pytest.skip("needs a CUDA GPU (2 processes share it over gloo)")
-    cases = full_cases(RUNS_ONE_GPU, graphs=False)
-    run = launch(2, cases, tmp_path_factory.mktemp("gloo_cuda"), timeout=300, grace=20,
-                 collective_timeout=200, backend="gloo", spec={"device": "cuda"})
-    return cases, run.check()
+    return run_group(tmp_path_factory, "gloo_cuda", 2, RUNS_ONE_GPU, False, timeout=300,
+                     collective_timeout=200, backend="gloo", spec={"device": "cuda"})
 
 
 @pytest.fixture(scope="module")
 def nccl_one(tmp_path_factory):
     if ON_CPU or GPUS < 1:
         pytest.skip("needs a CUDA GPU (an NCCL group of one)")
-    cases = full_cases(RUNS_ONE_GPU, graphs=True)
-    run = launch(1, cases, tmp_path_factory.mktemp("nccl_one"), timeout=300, grace=20,
-                 collective_timeout=200, backend="nccl", spec={"sharded_at_one": True})
-    return cases, run.check()
+    return run_group(tmp_path_factory, "nccl_one", 1, RUNS_ONE_GPU, True, timeout=300,
+                     collective_timeout=200, backend="nccl", spec={"sharded_at_one": True})
 
 
 INTERPRET = bool(os.environ.get("TRITON_INTERPRET"))
