@@ -1,0 +1,199 @@
+"""Where does the host time of one graphed ``Drafter.propose`` go on a GPU machine? (GPU)
+
+``bench_draft_step.py`` times the host side of a call (enqueue only, the GPU kept busy behind
+a sleeping kernel); this script takes that call apart on the same machine: the host time with
+the GPU busy and idle, with Python's garbage collector on and off, the call's parts timed one
+by one (argument checks, staging, the replay, the proposal's copies, the error word and the
+event), ``cProfile``'s table of the Python functions and C calls, and ``torch.profiler``'s CPU
+table (each aten operation and CUDA runtime call with its host time).
+
+Usage:
+    PYTHONPATH=.:benchmarks python benchmarks/profile_propose_host.py --preset flash \
+        --batches 1,64 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import io
+import json
+import os
+import pstats
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_draft_step import _import_kernels, fill_cache, init_random_gpu_, inputs  # noqa: E402
+
+from mtp import DeepSeekV4MTP, MTPConfig  # noqa: E402
+from mtp.drafter import Drafter  # noqa: E402
+
+SLEEP = 20_000_000  # cycles of the sleeping kernel that keeps the GPU busy (~10 ms)
+
+
+def host_us(call, sync, n: int, busy: bool) -> list[float]:
+    """Host microseconds of n calls, each after ``sync``; ``busy``: behind a sleeping kernel
+    (enqueue only), else with the GPU idle."""
+    out = []
+    for _ in range(n):
+        sync()
+        if busy:
+            torch.cuda._sleep(SLEEP)
+        t0 = time.perf_counter()
+        call()
+        out.append((time.perf_counter() - t0) * 1e6)
+    sync()
+    return out
+
+
+def summary(xs: list[float]) -> str:
+    xs = sorted(xs)
+    return (f"median {statistics.median(xs):7.1f}  min {xs[0]:7.1f}  p10 {xs[len(xs) // 10]:7.1f}"
+            f"  p90 {xs[len(xs) * 9 // 10]:7.1f}")
+
+
+class Parts:
+    """perf_counter around the call's parts, installed by wrapping them."""
+
+    def __init__(self):
+        self.t: dict[str, list[float]] = {}
+
+    def wrap(self, obj, name: str, label: str):
+        fn = getattr(obj, name)
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.t.setdefault(label, []).append((time.perf_counter() - t0) * 1e6)
+        setattr(obj, name, timed)
+        return fn
+
+
+def profile_case(model, b: int, n: int, reps: int, out: str, name: str) -> dict:
+    cfg = model.config
+    dev = torch.device("cuda")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    k, pos0 = 3, 1000
+    d = Drafter(model, max_seqs=b, max_draft_tokens=k, cuda_graphs=True)
+    ids = list(range(b))
+    for i in ids:
+        d.add_sequence(i, position=pos0)
+    fill_cache(d.cache, b, pos0, g)
+    sets = inputs(cfg, b * n, 4, dev, g, torch.bfloat16)
+    total = 10 + 8 * reps
+    positions = [(torch.arange(n, device=dev) + pos0 + j * n).repeat(b) for j in range(total)]
+    counter = iter(range(total))
+    counts = [n] * b
+
+    def call():
+        j = next(counter)
+        nxt, h = sets[j % 4]
+        return d.propose(ids, h, nxt, positions[j], counts, k=k)
+
+    for _ in range(5):
+        call().check()
+    res = dict(preset=name, batch=b, rows=n)
+    lines = [f"=== {name} batch {b}, {n} row(s) per sequence ==="]
+    for label, busy, gc_on in (("busy", True, True), ("idle", False, True),
+                               ("busy, gc off", True, False)):
+        if not gc_on:
+            gc.disable()
+        xs = host_us(call, d.synchronize, reps, busy)
+        gc.enable()
+        res[label] = statistics.median(xs)
+        lines.append(f"host us, GPU {label:13s}: {summary(xs)}")
+    # the parts, timed one by one inside the call (GPU busy)
+    runner = next(iter(d._proposer.made.values()))
+    prog = runner.program
+    parts = Parts()
+    originals = [(d, "_plan", parts.wrap(d, "_plan", "argument checks (_plan)")),
+                 (prog, "stage", parts.wrap(prog, "stage", "staging (stage)")),
+                 (runner, "replay", parts.wrap(runner, "replay", "graph replay")),
+                 (d, "_settle", parts.wrap(d, "_settle", "_settle (nothing pending)"))]
+    host_us(call, d.synchronize, reps, True)
+    for obj, attr, _ in originals:  # the wrappers were instance attributes: drop them
+        delattr(obj, attr)
+    for label, xs in parts.t.items():
+        lines.append(f"  part {label:28s}: {summary(xs)}")
+    # the replay alone, and the rest of the call's torch operations alone
+    xs = host_us(runner.replay, torch.cuda.synchronize, reps, True)
+    lines.append(f"  graph replay alone         : {summary(xs)}")
+    s = b
+    outs = runner.outputs(s)
+    xs = host_us(lambda: [t.clone() for t in outs if t is not None], torch.cuda.synchronize,
+                 reps, True)
+    lines.append(f"  the proposal's clones alone: {summary(xs)}")
+    ev = torch.cuda.Event()
+
+    def tail():
+        prog.error_host.copy_(runner.error, non_blocking=True)
+        ev.record()
+    xs = host_us(tail, torch.cuda.synchronize, reps, True)
+    lines.append(f"  error copy + event alone   : {summary(xs)}")
+    # cProfile of the calls (GPU busy)
+    pr = cProfile.Profile(time.perf_counter)
+    for _ in range(reps):
+        d.synchronize()
+        torch.cuda._sleep(SLEEP)
+        pr.enable()
+        call()
+        pr.disable()
+    d.synchronize()
+    sio = io.StringIO()
+    pstats.Stats(pr, stream=sio).sort_stats("tottime").print_stats(30)
+    lines.append(f"--- cProfile, {reps} calls, by own time ---\n{sio.getvalue()}")
+    # torch.profiler, CPU activities (GPU busy)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        for _ in range(reps):
+            d.synchronize()
+            torch.cuda._sleep(SLEEP)
+            call()
+        d.synchronize()
+    table = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=30,
+                                   max_name_column_width=60)
+    lines.append(f"--- torch.profiler CPU, {reps} calls (and the loop's sync/sleep) ---\n{table}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    with open(os.path.join(out, f"host_profile_{name}_b{b}_n{n}.txt"), "w") as f:
+        f.write(text + "\n")
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="flash")
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--rows", default="1,4")
+    ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    mk = _import_kernels()
+    os.makedirs(args.out, exist_ok=True)
+    print(json.dumps(dict(card=torch.cuda.get_device_name(), torch=torch.__version__,
+                          commit=os.environ.get("MTP_COMMIT", "?"),
+                          command=" ".join(sys.argv))), flush=True)
+    results = []
+    for name in args.preset.split(","):
+        cfg = MTPConfig.from_name(name)
+        model = init_random_gpu_(DeepSeekV4MTP(cfg, dtype=torch.bfloat16,
+                                               device=torch.device("cuda")), seed=0)
+        model.backend = mk.TritonOps(model)
+        for b in (int(x) for x in args.batches.split(",")):
+            for n in (int(x) for x in args.rows.split(",")):
+                results.append(profile_case(model, b, n, args.reps, args.out, name))
+        del model
+        torch.cuda.empty_cache()
+    print(json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()
