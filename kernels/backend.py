@@ -198,20 +198,30 @@ class TritonOps:
             cpos = cache.pos[cache_layer]  # [S, C]
         else:
             layer_kv = cpos = None
+        keys = {"cache": cache, "cache_layer": cache_layer, "index": index,
+                "seq_slots": seq_slots}
         if index is not None:
             o = attn_k.sink_attention(q, kv, sink, cos, sin, window, cache_kv=layer_kv,
                                       keys_index=index.keys_index, keys_valid=index.keys_valid)
             if cache is not None:
-                attn_k.cache_write(kv, positions, layer_kv, cpos.view(-1),
-                                   rows=index.write_rows, slots=index.write_slots)
+                self.write_keys(kv, positions, **keys)
             return o
         # a decode step: the kernel reads the cache's position table itself (no index tensors).
         # The rows go into the ring first: a sequence with several consecutive rows then finds
         # its earlier rows there (a row's own key comes from kv; the entries overwritten are
         # C positions back, outside every row's window while rows per slot <= C - W + 1)
-        attn_k.cache_write(kv, positions, layer_kv, cpos, seq_slots=seq_slots)
+        self.write_keys(kv, positions, **keys)
         return attn_k.sink_attention(q, kv, sink, cos, sin, window, cache_kv=layer_kv,
                                      positions=positions, seq_slots=seq_slots, cache_pos=cpos)
+
+    def write_keys(self, kv, positions, *, cache, cache_layer: int, index, seq_slots):
+        layer_kv = cache.kv[cache_layer].view(-1, kv.shape[-1])  # [S*C, Dh]
+        cpos = cache.pos[cache_layer]  # [S, C]
+        if index is not None:
+            attn_k.cache_write(kv, positions, layer_kv, cpos.view(-1), rows=index.write_rows,
+                               slots=index.write_slots)
+        else:
+            attn_k.cache_write(kv, positions, layer_kv, cpos, seq_slots=seq_slots)
 
     def grouped_linear(self, o, lin, groups: int):
         t = o.shape[0]

@@ -51,7 +51,7 @@ class ProposeGraphs(ProposeBuckets):
 
     def __init__(self, model: DeepSeekV4MTP, kv_cache: KVCache, seq_buckets: tuple[int, ...],
                  row_buckets: tuple[int, ...], max_abs_hidden: float, overlap: bool = True,
-                 pdl_rows: int = PDL_ROWS):
+                 pdl_rows: int = PDL_ROWS, max_rows: int | None = None):
         if not isinstance(model, DeepSeekV4MTP) or not isinstance(model.ops, TritonOps):
             raise ValueError("ProposeGraphs: the module's backend must run the triton ops "
                              "(backend='triton' or 'auto' on CUDA in the released format)")
@@ -59,7 +59,8 @@ class ProposeGraphs(ProposeBuckets):
             raise ValueError("ProposeGraphs: an unsplit module only (the drafts are picked "
                              "from the whole vocabulary's logits)")
         side = torch.cuda.Stream(device=kv_cache.kv.device) if overlap else None
-        super().__init__(model, kv_cache, seq_buckets, row_buckets, max_abs_hidden, side)
+        super().__init__(model, kv_cache, seq_buckets, row_buckets, max_abs_hidden, side,
+                         max_rows)
         self.pdl_rows = pdl_rows
         self.pool = torch.cuda.graph_pool_handle()
 

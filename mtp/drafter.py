@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from . import model as model_mod
 from .cache import KVCache
 from .config import MTPConfig
 from .model import DeepSeekV4MTP
@@ -484,7 +485,7 @@ class Drafter:
             sampling.check(len(plan.seq_ids), self.device)
             mode = _mode(sampling)
         graphs = self._whole_call_graphs() if mode is not None else None
-        if graphs is not None and graphs.bucket(len(plan.seq_ids), max(plan.counts)):
+        if graphs is not None and graphs.bucket(len(plan.seq_ids), max(plan.kept_counts)):
             proposal = self._propose_graphed(plan, k, graphs, mode, sampling)
             if proposal is not None:
                 return proposal
@@ -600,18 +601,27 @@ class Drafter:
             else:
                 from mtp_kernels import ProposeGraphs
                 self._proposer = ProposeGraphs(self.model, self.cache, *self._buckets(),
-                                               MAX_ABS_HIDDEN)
+                                               MAX_ABS_HIDDEN, max_rows=self._max_bucket_rows())
         return None if self._proposer is _NONE else self._proposer
 
     def _buckets(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Whole-call buckets: sequences (powers of two, and max_seqs), new rows per sequence
-        (powers of two, and the most a call between verifications brings: max_draft_tokens
-        + 1; never past the window, whose earlier rows the eager path drops)."""
-        top = min(self.max_draft_tokens + 1, self.config.sliding_window)
-        rows = sorted({r for r in (1, 2, 4, 8, 16) if r < top} | {top})
+        """Whole-call buckets: sequences (powers of two, and max_seqs), new rows per sequence:
+        powers of two up to the window W, W itself, and the most a call between verifications
+        brings (max_draft_tokens + 1). A catch-up of more than W rows takes the W bucket (its
+        earlier rows are never attended: only checked)."""
+        w = self.config.sliding_window
+        top = min(self.max_draft_tokens + 1, w)
+        rows = sorted({1 << i for i in range(w.bit_length()) if 1 << i < w} | {top, w})
         seqs = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < self.max_seqs}
                       | {self.max_seqs})
         return tuple(seqs), tuple(rows)
+
+    def _max_bucket_rows(self) -> int:
+        """The most rows (sequences x rows per sequence) a whole-call bucket may have: every
+        call between verifications fits; a larger catch-up runs the eager path, chunked by
+        the module's CHUNK_ROWS (the same bound on a call's temporaries)."""
+        top = min(self.max_draft_tokens + 1, self.config.sliding_window)
+        return max(model_mod.CHUNK_ROWS, self._buckets()[0][-1] * top)
 
     def _graphs_unavailable(self) -> str | None:
         if self._cuda_graphs is False:
@@ -637,15 +647,15 @@ class Drafter:
         """A call as one graph replay, its value checks on the device (read later by
         :meth:`_settle`). No host synchronisation. None (nothing done) if its bucket's capture
         failed (now or before): the caller runs the eager path."""
-        s = len(plan.seq_ids)
+        s, rows = len(plan.seq_ids), max(plan.kept_counts)
         try:  # first use of a bucket: captures it (nothing of the drafter changes)
-            captured = graphs.get(s, max(plan.counts), k, mode)
+            captured = graphs.get(s, rows, k, mode)
         except Exception as exc:  # noqa: BLE001 - whatever capture raises: that bucket eager
             if self._cuda_graphs:
                 raise
             what = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"Drafter: capturing a CUDA graph of propose failed ({what}); calls "
-                          f"of this size ({s} sequences, {max(plan.counts)} rows each, k={k}) "
+                          f"of this size ({s} sequences, {rows} rows each, k={k}) "
                           "run the eager path from now on (Drafter(..., cuda_graphs=False) "
                           "chooses it for all without trying)", RuntimeWarning, stacklevel=3)
             return None
@@ -712,7 +722,8 @@ class Drafter:
             raise ValueError("logits: hold NaN (the model's output went non-finite from finite "
                              "inputs: check the weights)" + after)
         prog = pend.program
-        if prog is None:  # the eager path: the caller's tensors
+        if prog is None or plan.keep is not None:  # the caller's tensors (eager; or rows the
+            # program did not stage)
             ids, pos, hidden = plan.next_ids, plan.positions, plan.hidden
         else:  # the program's copies, where stage put them
             dest = torch.tensor(prog.dest(plan.counts), device=self.device)
@@ -823,11 +834,17 @@ class Drafter:
             positions = positions.index_select(0, plan.keep)
         kept = _on_device(plan.kept_counts, device)
         seq_slots = slots.repeat_interleave(kept)  # [T']
-        x = self.accelerator.forward(input_ids, positions, hidden_states, spec_step_idx=0,
-                                     kv_cache=self.cache, seq_slots=seq_slots)  # [T', M*D]
+        # only each sequence's last row's output is read: the others give their keys only
+        if self._accelerator is self.model:
+            x = self.model.forward(input_ids, positions, hidden_states, spec_step_idx=0,
+                                   kv_cache=self.cache, seq_slots=seq_slots, last_only=True)
+        else:  # (a deprecated accelerator: the module's older signature, every row's output)
+            x = self.accelerator.forward(input_ids, positions, hidden_states, spec_step_idx=0,
+                                         kv_cache=self.cache, seq_slots=seq_slots)
+            x = x[kept.cumsum(0) - 1]  # [T', M*D] -> each sequence's last row, [S, M*D]
         for seq_id, start, n in zip(plan.seq_ids, plan.starts, plan.counts):
             self._seqs[seq_id].next_position = start + n
-        return x[kept.cumsum(0) - 1]  # each sequence's last row, [S, M*D]
+        return x
 
     def _draft(self, plan: _Plan, x: torch.Tensor, k: int, sampling: Sampling
                ) -> tuple[Proposal, torch.Tensor]:

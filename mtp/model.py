@@ -32,6 +32,8 @@ G o_groups, O o_lora_rank, E experts, K experts per token, I expert width, V voc
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +43,7 @@ from torch import nn
 
 from . import backend as backends
 from . import ops
-from .cache import KVCache, WindowIndex, call_window, window_index
+from .cache import KVCache, WindowIndex, call_window, run_ends, window_index
 from .config import FP8_BLOCK, MTPConfig
 from .facts import Init, ParamFacts, TPSplit, adopt, declare
 from .memory import check_parameters
@@ -91,9 +93,11 @@ class StepContext:
     """What every layer of one forward call needs besides its input.
 
     ``ops``: the backend's ops (:class:`mtp.ops.ReferenceOps` or a faster one); ``window``: where
-    each row finds its keys, or None for a decode step (one row per sequence, ``seq_slots`` its
-    cache slot, -1 for padding); ``inv_freq``: the RoPE frequencies [R/2] float64;
-    ``side_stream``: a CUDA stream a backend may run the shared expert on."""
+    each row finds its keys, or None for a decode step (each sequence's rows together at
+    consecutive positions, usually one; keys read from the cache by position); ``seq_slots``:
+    each row's cache slot (-1: padding, decode layout only), or None without a cache;
+    ``inv_freq``: the RoPE frequencies [R/2] float64; ``side_stream``: a CUDA stream a backend
+    may run the shared expert on."""
 
     ops: Any
     positions: torch.Tensor  # [T]
@@ -113,6 +117,14 @@ class StepContext:
                               max(positions.shape[0], 1))
         inv_freq = ops.rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, positions.device)
         return cls(ops_, positions, window, None, None, 0, numerics, inv_freq)
+
+    def rows(self, out_rows: torch.Tensor) -> StepContext:
+        """The context of the rows ``out_rows`` [S] alone (of distinct sequences, e.g. each
+        one's last row), in decode layout: each reads its window's earlier keys from the cache,
+        where the caller wrote every row's key first (``write_keys``)."""
+        return dataclasses.replace(self, positions=self.positions.index_select(0, out_rows),
+                                   window=None,
+                                   seq_slots=self.seq_slots.index_select(0, out_rows))
 
 
 class RMSNorm(nn.Module):
@@ -191,16 +203,27 @@ class Attention(nn.Module):
                            device)
         declare(self, "attn_sink", (h,), torch.float32, device, ParamFacts(tp=TPSplit(0)))
 
-    def forward(self, u: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """u [T, D] (the normed block input) -> [T, D]."""
+    def forward(self, u: torch.Tensor, ctx: StepContext,
+                out_rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """u [T, D] (the normed block input) -> [T, D]; with ``out_rows`` [S] (rows of distinct
+        sequences; needs a cache) every row's key goes into the cache and only those rows
+        attend -> [S, D] (None when S = 0: the call's keys were all it had to give)."""
         cfg, op, nm = self.cfg, ctx.ops, ctx.numerics
         aq, eps = nm.act_quant, cfg.rms_norm_eps
-        t, h, dh = u.shape[0], self.heads, cfg.head_dim
+        h, dh = self.heads, cfg.head_dim
         fused = op.linear(u, self.fused_wqa_wkv, aq)  # [T, Q + Dh]: wq_a rows, wkv rows
         kv_dtype = ctx.cache.kv.dtype if ctx.cache is not None else u.dtype
         q_lat, kv, cos, sin = op.attn_prep(fused, self.q_norm.weight, self.kv_norm.weight,
                                            ctx.positions, ctx.inv_freq, eps, kv_fp8=nm.kv_fp8,
                                            kv_dtype=kv_dtype)
+        if out_rows is not None:  # a row's key depends on that row alone (one layer)
+            op.write_keys(kv, ctx.positions, cache=ctx.cache, cache_layer=ctx.cache_layer,
+                          index=ctx.window, seq_slots=ctx.seq_slots)
+            if not out_rows.numel():
+                return None
+            q_lat, kv, cos, sin = (x.index_select(0, out_rows) for x in (q_lat, kv, cos, sin))
+            ctx = ctx.rows(out_rows)  # they read the others' keys from the cache
+        t = q_lat.shape[0]
         q = op.linear(q_lat, self.wq_b, aq).view(t, h, dh)  # [T, H*Dh] -> [T, H, Dh]
         q = op.q_prep(q, cos, sin, eps)
         o = op.attend(q, kv, self.attn_sink, cos, sin, ctx.positions,
@@ -335,12 +358,21 @@ class Block(nn.Module):
                               getattr(self, f"{site}_norm").weight, cfg.hc_sinkhorn_iters,
                               cfg.hc_eps, cfg.rms_norm_eps, **hints)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, head_fn: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, ctx: StepContext, head_fn: torch.Tensor | None = None,
+                out_rows: torch.Tensor | None = None):
         """x [T, M, D] -> (x [T, M, D], partials): ``head_fn`` (the layer's ``hc_head_fn``,
-        when its logits follow) lets a backend compute the head's mixes alongside."""
+        when its logits follow) lets a backend compute the head's mixes alongside.
+        ``out_rows`` [S]: only these rows' outputs are wanted (-> [S, M, D]); the others give
+        their keys to the cache and stop after the attention's first product."""
         op = ctx.ops
         u, post, comb, _ = self._hc_pre_norm(op, x, "attn")
-        x, parts = op.hc_post(self.attn(u, ctx), x, post, comb, mix_fn=self.hc_ffn_fn)
+        a = self.attn(u, ctx, out_rows)
+        if out_rows is not None:
+            if a is None:  # no row's output wanted
+                return x[:0], None
+            x, post, comb = (t.index_select(0, out_rows) for t in (x, post, comb))
+            ctx = ctx.rows(out_rows)
+        x, parts = op.hc_post(a, x, post, comb, mix_fn=self.hc_ffn_fn)
         u, post, comb, u_rounded = self._hc_pre_norm(op, x, "ffn", partials=parts,
                                                      act_quant=ctx.numerics.act_quant)
         return op.hc_post(self.ffn(u, u_rounded, ctx), x, post, comb, mix_fn=head_fn)
@@ -375,16 +407,17 @@ class MTPLayer(nn.Module):
 
     def forward(self, embed: torch.Tensor, input_ids: torch.Tensor | None,
                 inputs_embeds: torch.Tensor | None, h: torch.Tensor, ctx: StepContext,
-                head_mix: bool = False):
+                head_mix: bool = False, out_rows: torch.Tensor | None = None):
         """Token ids [T] (embedded with ``embed`` [V, D]) or ``inputs_embeds`` [T, D], residual
         streams h [T, M, D] -> (x [T, M, D], the head's mix partials or None; ``head_mix``:
-        the logits follow, a backend may compute their mixes alongside)."""
+        the logits follow, a backend may compute their mixes alongside). ``out_rows`` [S]:
+        the rows whose outputs are wanted (-> x [S, M, D]; see :meth:`Block.forward`)."""
         cfg, op, nm = self.cfg, ctx.ops, ctx.numerics
         en, hn = op.embed_norms(input_ids, inputs_embeds, ctx.positions, embed, h,
                                 self.enorm.weight, self.hnorm.weight, cfg.rms_norm_eps,
                                 dtype=h.dtype, zero_pos0=nm.zero_embed_at_pos0)
         x = op.input_proj(en, hn, self.e_proj, self.h_proj, nm.act_quant)  # [T, M, D]
-        return self.mtp_block(x, ctx, self.hc_head_fn if head_mix else None)
+        return self.mtp_block(x, ctx, self.hc_head_fn if head_mix else None, out_rows)
 
     def logits(self, op, x: torch.Tensor, partials=None) -> torch.Tensor:
         """x [T, M, D] -> [T, V] float32: hc_head, this layer's norm, the shared head
@@ -553,8 +586,8 @@ class DeepSeekV4MTP(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 hidden_states: torch.Tensor, intermediate_tensors: object = None,
                 inputs_embeds: torch.Tensor | None = None, spec_step_idx: int = 0, *,
-                kv_cache: KVCache | None = None,
-                seq_slots: torch.Tensor | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None, seq_slots: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
         """One MTP step over T rows.
 
         Row i: ``hidden_states[i]`` is the target's pre-``hc_head`` residual at position
@@ -565,6 +598,30 @@ class DeepSeekV4MTP(nn.Module):
         them, and are written to the cache.
 
         Returns [T, hc_mult*D]: the layer's residual, the next draft step's ``hidden_states``.
+
+        ``last_only=True`` returns [S, hc_mult*D] instead: the output of each sequence's last
+        row (S sequences, in the order of their rows; without ``kv_cache``, [1, hc_mult*D]),
+        equal to the same rows of the full result, and the same cache afterwards. The layer is
+        one block, so a row's key depends on that row alone: the other rows run only up to
+        their key (input norms and projections, the attention's pre-mix and first product) and
+        write it to the cache; the queries, attention, output projections, MoE and mixes run
+        for the S last rows. What a catch-up (a prompt, accepted drafts) needs: the next draft
+        starts from each sequence's last row.
+
+        Example: two sequences catching up 6 and 3 rows (slots 0 and 1), as a drafter does:
+
+            >>> from mtp import MTPConfig
+            >>> from mtp.testing import init_random_
+            >>> cfg = MTPConfig.from_name("tiny")
+            >>> model = init_random_(DeepSeekV4MTP(cfg), seed=0)
+            >>> cache = KVCache(1, 2, cfg.sliding_window + 4, cfg.head_dim)
+            >>> slots = torch.tensor([0] * 6 + [1] * 3)
+            >>> positions = torch.cat((torch.arange(6), torch.arange(10, 13)))
+            >>> x = model(torch.randint(0, cfg.vocab_size, (9,)), positions,
+            ...           torch.randn(9, cfg.hc_dim), kv_cache=cache, seq_slots=slots,
+            ...           last_only=True)
+            >>> x.shape, cfg.hc_dim                  # the rows at positions 5 and 12
+            (torch.Size([2, 1024]), 1024)
         """
         if intermediate_tensors is not None:
             raise ValueError("intermediate_tensors: pipeline parallelism is not supported; pass "
@@ -575,29 +632,46 @@ class DeepSeekV4MTP(nn.Module):
         seq_slots = self._check_slots(kv_cache, seq_slots, positions, t)
         self._check_cache(kv_cache)
         cache_layer = spec_step_idx % cfg.num_nextn_predict_layers
+        dev = hidden_states.device
+        if last_only and kv_cache is None:  # the keys go through a scratch ring of one window
+            kv_cache = KVCache(1, 1, cfg.sliding_window, cfg.head_dim, dtype=self.dtype,
+                               device=dev)
+            seq_slots, cache_layer = torch.zeros(t, dtype=torch.int64, device=dev), 0
         # A long catch-up over a cache runs in chunks of CHUNK_ROWS rows: each chunk writes its
         # keys before the next reads them, so the result equals one call's, and the call's
-        # temporaries are bounded by a chunk's rows instead of growing with T.
+        # temporaries are bounded by a chunk's rows instead of growing with T. With last_only
+        # a chunk's output rows are the rows that end their sequence's run in the whole call:
+        # a run cut by a chunk's end leaves its last C rows in the ring, all its last row's
+        # window still needs (C >= W), and its earlier rows give nothing else.
         step = CHUNK_ROWS if kv_cache is not None else max(t, 1)
+        ends = ends_host = None
+        if last_only:  # each run's last row (one host read: the chunks' shares)
+            ends = torch.nonzero(run_ends(seq_slots) == torch.arange(t, device=dev)).flatten()
+            ends_host = ends.tolist()
         if t <= step:
             return self._rows(layer, input_ids, inputs_embeds, positions, hidden_states,
-                              kv_cache, cache_layer, seq_slots)
-        out = torch.empty(t, cfg.hc_dim, dtype=self.dtype, device=hidden_states.device)
+                              kv_cache, cache_layer, seq_slots, ends)
+        n_out = len(ends_host) if last_only else t
+        out = torch.empty(n_out, cfg.hc_dim, dtype=self.dtype, device=dev)
         for a in range(0, t, step):
-            rows = slice(a, a + step)
-            out[rows] = self._rows(
+            rows, dst, out_rows = slice(a, a + step), slice(a, a + step), None
+            if last_only:
+                i, j = bisect.bisect_left(ends_host, a), bisect.bisect_left(ends_host, a + step)
+                dst, out_rows = slice(i, j), ends[i:j] - a
+            out[dst] = self._rows(
                 layer, None if input_ids is None else input_ids[rows],
                 None if inputs_embeds is None else inputs_embeds[rows], positions[rows],
-                hidden_states[rows], kv_cache, cache_layer, seq_slots[rows])
+                hidden_states[rows], kv_cache, cache_layer, seq_slots[rows], out_rows)
         return out
 
     def _rows(self, layer, input_ids, inputs_embeds, positions, hidden_states, cache,
-              cache_layer: int, seq_slots) -> torch.Tensor:
-        """``forward`` over checked rows, in one piece -> [T, M*D]."""
+              cache_layer: int, seq_slots, out_rows=None) -> torch.Tensor:
+        """``forward`` over checked rows, in one piece -> [T, M*D] (``out_rows`` [S]: only
+        those rows' -> [S, M*D])."""
         window = call_window(positions, seq_slots, self.config.sliding_window, cache,
                              cache_layer)
         x, _ = self._step(layer, input_ids, inputs_embeds, positions, hidden_states, cache,
-                          cache_layer, window, None)
+                          cache_layer, window, seq_slots, out_rows=out_rows)
         return x.flatten(1)  # [T, M, D] -> [T, M*D]
 
     def compute_logits(self, hidden_states: torch.Tensor, spec_step_idx: int = 0, *,
@@ -627,23 +701,27 @@ class DeepSeekV4MTP(nn.Module):
         nothing) and, with the triton backend, no host synchronisation: it can be captured in a
         CUDA graph (``mtp_kernels.DraftStepGraphs``, ``mtp_kernels.ProposeGraphs``).
         ``side_stream``: a CUDA stream the backend may run the shared expert on, beside the
-        routed experts (pays inside a graph). ``logits_rows`` [S]: compute the logits of these
-        rows only (-> [S, V]; e.g. each sequence's last row).
+        routed experts (pays inside a graph).
+
+        ``logits_rows`` [S]: only these rows' outputs are wanted (one per sequence, e.g. each
+        sequence's last row; padding rows may be among them): returns (hidden [S, M*D],
+        logits [S, V]), ``forward(..., last_only=True)``'s way: every row writes its key, only
+        these rows run the rest. Each slot may then bring up to ``min(capacity, W)`` rows (all
+        are written before any is read; a wanted row is its sequence's last).
         """
         cfg = self.config
         layer = self.layer(spec_step_idx)
         cache_layer = spec_step_idx % cfg.num_nextn_predict_layers
         x, parts = self._step(layer, input_ids, None, positions, hidden_states, kv_cache,
                               cache_layer, None, seq_slots, side_stream=side_stream,
-                              head_mix=logits_rows is None)
-        if logits_rows is not None:
-            return x.flatten(1), layer.logits(self.ops, x.index_select(0, logits_rows))
+                              head_mix=True, out_rows=logits_rows)
         return x.flatten(1), layer.logits(self.ops, x, parts)
 
     def _step(self, layer: MTPLayer, input_ids, inputs_embeds, positions, hidden_states, cache,
               cache_layer: int, window: WindowIndex | None, seq_slots, *, side_stream=None,
-              head_mix: bool = False):
-        """The layer over checked rows -> (x [T, M, D], the head's mix partials or None)."""
+              head_mix: bool = False, out_rows: torch.Tensor | None = None):
+        """The layer over checked rows -> (x [T, M, D] (``out_rows`` [S]: those rows' [S, M,
+        D]), the head's mix partials or None)."""
         cfg = self.config
         t = positions.shape[0]
         h = hidden_states.to(self.dtype).view(t, cfg.hc_mult, cfg.hidden_size)  # [T, M*D] -> ..
@@ -653,7 +731,7 @@ class DeepSeekV4MTP(nn.Module):
         ctx = StepContext(self.ops, positions, window, seq_slots, cache, cache_layer,
                           self.numerics, self._rope_inv_freq(positions.device), side_stream)
         return layer(self.model.embed_tokens.weight, input_ids, inputs_embeds, h, ctx,
-                     head_mix=head_mix)
+                     head_mix=head_mix, out_rows=out_rows)
 
     # ---- input checks (all before any state changes) -----------------------------------------
     def _check_ids(self, ids: torch.Tensor, name: str) -> None:

@@ -309,10 +309,25 @@ class ReferenceOps:
             e = s + ATTN_CHUNK
             o[s:e] = sink_attention(q[s:e], pool[idx[s:e]], valid[s:e], sink, dh ** -0.5)
         if cache is not None:
-            rows, slots = index.write_rows, index.write_slots
-            layer_kv.index_copy_(0, slots, kv[rows].to(layer_kv.dtype))
-            cache.pos[cache_layer].view(-1).index_copy_(0, slots, positions[rows])
+            self.write_keys(kv, positions, cache=cache, cache_layer=cache_layer, index=index,
+                            seq_slots=None)
         return apply_rope(o.to(q.dtype), cos, sin, inverse=True)
+
+    def write_keys(self, kv, positions, *, cache, cache_layer: int, index, seq_slots):
+        """Write this call's keys kv [T, Dh] and their positions into the cache, attending
+        nothing (what a row whose output nobody reads needs: the MTP module is one layer, so a
+        row's key depends on that row alone). ``index``: a :class:`~mtp.cache.WindowIndex`,
+        whose ``write_rows`` go to ``write_slots`` (each run's last ``capacity`` rows); None
+        (decode layout): every row with ``seq_slots`` >= 0 to ring entry ``slot * C + p % C``
+        (at most C rows per slot: distinct entries)."""
+        layer_kv = cache.kv[cache_layer].view(-1, kv.shape[-1])  # [S*C, Dh]
+        if index is not None:
+            rows, slots = index.write_rows, index.write_slots
+        else:
+            rows = torch.nonzero(seq_slots >= 0).flatten()
+            slots = seq_slots[rows] * cache.capacity + positions[rows].remainder(cache.capacity)
+        layer_kv.index_copy_(0, slots, kv[rows].to(layer_kv.dtype))
+        cache.pos[cache_layer].view(-1).index_copy_(0, slots, positions[rows].to(torch.int64))
 
     def _attend_decode(self, q, kv, sink, cos, sin, positions, window, cache, cache_layer,
                        seq_slots):

@@ -5,7 +5,14 @@ with the reference ops).
 A program serves a bucket: up to S sequences with up to R new rows each, k drafts. The rows
 sit in static buffers [S * R], sequence i's n_i rows at the *end* of its block of R (so its
 last row is always row i * R + R - 1); the rows before them and the sequences past the call's
-are padding (cache slot -1: they read and write nothing).
+are padding (cache slot -1: they read and write nothing). A sequence may bring more rows than
+R when R is the window W: its last W rows are staged (no later row ever attends the earlier
+ones), and the earlier ones are only checked.
+
+Only each sequence's last row's output is read (the real-row step's draft and hidden), so the
+real-row step runs ``decode_step(..., logits_rows=...)``: every row writes its key to the
+cache, the last rows alone run the attention, the MoE and the head (a catch-up of R rows costs
+the experts of one row per sequence).
 
 Nothing in it synchronises with the host, so the values the host cannot see without waiting
 are checked on the device: token ids in the vocabulary, positions where the drafter expects
@@ -62,8 +69,9 @@ class ProposeProgram:
     Args:
         model: the module (its backend runs the ops).
         cache: the drafter's KV cache (its tensors are read and written in place).
-        seqs, rows, k: the bucket: S sequences, R rows per sequence (R <= capacity - W + 1),
-            k drafts.
+        seqs, rows, k: the bucket: S sequences, R rows per sequence (R <= min(capacity, W):
+            every row's key is written before the last rows read, in distinct ring entries;
+            more rows than W are never attended), k drafts.
         max_abs_hidden: the bound on |hidden_states|.
         side_stream: a CUDA stream for the shared expert (``decode_step``'s), or None.
         mode: one of ``MODES``; sampled programs read ``temperature`` / ``top_p`` [S] and the
@@ -75,9 +83,9 @@ class ProposeProgram:
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         cfg, dev = model.config, cache.kv.device
-        if rows > cache.capacity - cfg.sliding_window + 1:
+        if rows > min(cache.capacity, cfg.sliding_window):
             raise ValueError(f"rows: {rows} per sequence do not fit the ring (capacity "
-                             f"{cache.capacity}, window {cfg.sliding_window})")
+                             f"{cache.capacity}) or exceed the window {cfg.sliding_window}")
         self.model, self.cache = model, cache
         self.seqs, self.rows, self.k, self.mode = seqs, rows, k, mode
         self.max_abs_hidden = max_abs_hidden
@@ -103,6 +111,10 @@ class ProposeProgram:
         self.top_p = torch.ones(seqs, dtype=torch.float32, device=dev)
         self._held: list[float | None] = [1.0, 1.0]  # the scalar each holds in every row
         self.u = torch.zeros(seqs, k, dtype=torch.float32, device=dev)
+        # the checks of the rows a call brings beyond a block (not staged): ERR_* bits, OR-ed
+        # into the program's own before anything is written
+        self.pre_error = torch.zeros((), dtype=torch.int32, device=dev)
+        self._pre_error_set = False
 
     def renew_host(self) -> None:
         """(Re)make the host side of ``staged`` and of the error word (pinned on CUDA: copies
@@ -116,10 +128,11 @@ class ProposeProgram:
         self._host_meta = self.host[:3 * self.seqs]
 
     def dest(self, counts: list[int]) -> list[int]:
-        """Where the caller's rows go in the buffers: sequence i's rows at the end of its
-        block (host arithmetic only)."""
+        """Where the caller's staged rows go in the buffers: sequence i's last min(n_i, R)
+        rows at the end of its block (host arithmetic only)."""
         r, out = self.rows, []
         for i, n in enumerate(counts):
+            n = min(n, r)
             base = i * r + r - n
             out.extend(range(base, base + n))
         return out
@@ -127,7 +140,8 @@ class ProposeProgram:
     def stage(self, slots: list[int], starts: list[int], counts: list[int], ids: torch.Tensor,
               positions: torch.Tensor, hidden: torch.Tensor) -> None:
         """Copy a call in: s <= S sequences' cache slots, next real positions and row counts
-        (each <= R), their T rows (``ids`` / ``positions`` [T], ``hidden`` [T, M*D]).
+        (more than R only when R = W: the last R rows are staged, the earlier ones checked
+        into ``pre_error``), their T rows (``ids`` / ``positions`` [T], ``hidden`` [T, M*D]).
 
         The small inputs go through the pinned host buffer ``host`` in one copy; the caller
         guarantees that the previous call's copies from it are done (``Drafter`` waits for
@@ -138,9 +152,12 @@ class ProposeProgram:
         big, r = self.seqs, self.rows
         s = len(slots)
         pad = big - s
+        if self._pre_error_set:  # the last call's word
+            self.pre_error.zero_()
+            self._pre_error_set = False
         self._host_np[:3 * big] = (slots + [-1] * pad + starts + [0] * pad
                                    + counts + [0] * pad)
-        if pad == 0 and min(counts) == r:  # every row of the bucket, in order
+        if pad == 0 and min(counts) == r == max(counts):  # the bucket's rows, in order
             self._staged_meta.copy_(self._host_meta, non_blocking=True)
             self.hidden.copy_(hidden)
             self.ids.copy_(ids)
@@ -156,6 +173,30 @@ class ProposeProgram:
         for buf, x in ((self.hidden, hidden), (self.ids, ids), (self.pos, positions)):
             torch.index_select(x if x.dtype == buf.dtype else x.to(buf.dtype), 0, self._src,
                                out=buf)
+        if n.max() > r:
+            self._check_unstaged(n, off, starts, ids, positions, hidden)
+
+    def _check_unstaged(self, n, off, starts: list[int], ids, positions, hidden) -> None:
+        """The value checks of the rows before each sequence's last R (not staged: never
+        attended again), on the device, into ``pre_error``: the call is refused as if a staged
+        row were bad."""
+        r, over = self.rows, n > self.rows
+        rows = np.concatenate([np.arange(o, o + c - r) for o, c in zip(off[over], n[over])])
+        want = np.concatenate([np.arange(p, p + c - r)
+                               for p, c in zip(np.asarray(starts)[over], n[over])])
+        pin = self.staged.device.type == "cuda"
+        host = torch.from_numpy(np.stack((rows, want)))  # [2, dropped rows]
+        both = (host.pin_memory() if pin else host).to(self.staged.device, non_blocking=True)
+        idx = both[0]
+        x = hidden.index_select(0, idx)
+        bound = min(self.max_abs_hidden, torch.finfo(x.dtype).max)  # (float16: not inf)
+        i = ids.index_select(0, idx)
+        word = (((i < 0) | (i >= self.model.config.vocab_size)).any().to(torch.int32) * ERR_IDS
+                + (positions.index_select(0, idx).to(torch.int64) != both[1]).any().to(
+                    torch.int32) * ERR_POSITIONS
+                + (~(x.abs() <= bound)).any().to(torch.int32) * ERR_HIDDEN)
+        self.pre_error.copy_(word)
+        self._pre_error_set = True
 
     def stage_sampling(self, sampling, s: int) -> None:
         """A sampled call's settings (scalars or [s] tensors) and fresh uniforms from its
@@ -210,7 +251,7 @@ class ProposeProgram:
         bad_hid = real & ~finite
         error = (bad_ids.any().to(torch.int32) * ERR_IDS
                  + bad_pos.any().to(torch.int32) * ERR_POSITIONS
-                 + bad_hid.any().to(torch.int32) * ERR_HIDDEN)
+                 + bad_hid.any().to(torch.int32) * ERR_HIDDEN) | self.pre_error
         ok = error == 0
         seq_on = (slots >= 0) & ok  # [S] sequences whose cache this call may change
         row_slots = torch.where(real & ok, slots[:, None], -1).flatten()  # [S*R]
@@ -224,11 +265,10 @@ class ProposeProgram:
         limit.scatter_(0, torch.where(seq_on, slots, cache.max_seqs), starts)  # padding: last
         cache.pos.masked_fill_(cache.pos >= limit[:-1].view(1, -1, 1), -1)
 
+        # every row's key into the cache; each sequence's last row alone goes on -> x [S, M*D]
         last_rows = None if r == 1 else self._last
         x, logits = model.decode_step(ids_in, pos_in, x_in, row_slots, cache, 0,
                                       side_stream=self.side_stream, logits_rows=last_rows)
-        if last_rows is not None:
-            x = x.index_select(0, last_rows)  # [S, M*D] each sequence's last row
         nan = torch.isnan(logits).any()
         draft_slots = torch.where(seq_on, slots, -1)
         last_pos = starts + counts - 1
@@ -298,16 +338,21 @@ class ProposeBuckets:
     Args:
         model, cache: as :class:`ProposeProgram`.
         seq_buckets: sequence counts; a call with S sequences uses the smallest bucket >= S.
-        row_buckets: new rows per sequence (each <= capacity - W + 1); a call whose longest
+        row_buckets: new rows per sequence (each <= min(capacity, W)); a call whose longest
             sequence has n rows uses the smallest bucket >= n.
         max_abs_hidden: the bound on |hidden_states| checked on the device.
+        max_rows: the most rows (S * R) of a bucket (its buffers and intermediates grow
+            with them); a call needing a larger one gets None from :meth:`bucket`. None: no
+            bound.
     """
 
     def __init__(self, model: DeepSeekV4MTP, cache: KVCache, seq_buckets: tuple[int, ...],
-                 row_buckets: tuple[int, ...], max_abs_hidden: float, side_stream=None):
+                 row_buckets: tuple[int, ...], max_abs_hidden: float, side_stream=None,
+                 max_rows: int | None = None):
         self.model, self.cache = model, cache
         self.seq_buckets = tuple(sorted(set(seq_buckets)))
         self.row_buckets = tuple(sorted(set(row_buckets)))
+        self.max_rows = max_rows
         self.max_abs_hidden = max_abs_hidden
         self.side_stream = side_stream
         self.made: dict[tuple[int, int, int, str], object] = {}  # (S, R, k, mode) -> runner
@@ -323,7 +368,7 @@ class ProposeBuckets:
         if found is None:
             s = next((b for b in self.seq_buckets if b >= seqs), None)
             r = next((b for b in self.row_buckets if b >= rows), None)
-            if s is None or r is None:
+            if s is None or r is None or (self.max_rows is not None and s * r > self.max_rows):
                 return None
             found = self._sizes[(seqs, rows)] = (s, r)  # only sizes a bucket holds: bounded
         return found

@@ -240,7 +240,7 @@ def host_only(drafter):
     """
     from .drafter import MAX_ABS_HIDDEN
     drafter._proposer = _HostOnlyBuckets(drafter.model, drafter.cache, *drafter._buckets(),
-                                         MAX_ABS_HIDDEN)
+                                         MAX_ABS_HIDDEN, max_rows=drafter._max_bucket_rows())
     return drafter
 
 

@@ -329,3 +329,46 @@ def test_backend_ops_match_the_float64_reference(backend):
     y, parts = op.hc_post(a, x, pc, comb64.float().to(dev), mix_fn=L.hc_head_fn)
     close(op.head(y, *hd, partials=parts), r.head(r.hc_post(a64, x64, pc64, comb64)[0], *hd64),
           "head with hc_post's partials")
+
+
+@pytest.mark.parametrize("layout", ["decode", "window"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_write_keys_puts_each_row_in_its_ring_entry(backend, layout):
+    """``write_keys`` (the keys of rows whose outputs nobody reads): each written row's KV and
+    position land in entry ``slot * C + p % C`` of the layer, bit for bit, and nothing else
+    changes. Decode layout: every row with a slot >= 0 (-1: padding, nothing); window layout:
+    each run's last C rows (``window_index``'s ``write_rows``). The expectation is written
+    out entry by entry here."""
+    from conftest import tiny_config
+
+    from mtp.cache import KVCache, window_index
+
+    dev = "cuda" if backend == "triton" else "cpu"
+    cfg = tiny_config()
+    m = DeepSeekV4MTP(cfg, device=dev, backend=backend) if backend == "triton" else None
+    op = m.ops if m is not None else ops.REFERENCE
+    cap, dh = 5, cfg.head_dim
+    if layout == "decode":  # two sequences of 2 and 1 rows and a padding row
+        slots, pos = torch.tensor([2, 2, 0, -1]), torch.tensor([8, 9, 3, 0])
+        written = [0, 1, 2]
+    else:  # runs of 7 rows (its last 5 are kept) and 2 rows
+        slots = torch.tensor([1] * 7 + [0] * 2)
+        pos = torch.cat((torch.arange(10, 17), torch.arange(30, 32)))
+        written = [2, 3, 4, 5, 6, 7, 8]
+    t = len(pos)
+    kv = torch.randn(t, dh, generator=torch.Generator().manual_seed(1))
+    cache = KVCache(2, 3, cap, dh, device=dev)
+    cache.kv.normal_(generator=torch.Generator(device=dev).manual_seed(2))
+    cache.pos[:, :, 1] = 77  # entries already held: kept unless a row lands there
+    want_kv, want_pos = cache.kv.clone().cpu(), cache.pos.clone().cpu()
+    for row in written:
+        s, p = int(slots[row]), int(pos[row])
+        want_kv[1, s, p % cap] = kv[row]
+        want_pos[1, s, p % cap] = p
+    index = (window_index(pos, slots, cfg.sliding_window, cache.pos[1].cpu(), cap)
+             if layout == "window" else None)
+    if index is not None:
+        index = type(index)(*(v.to(dev) for v in vars(index).values()))
+    op.write_keys(kv.to(dev), pos.to(dev), cache=cache, cache_layer=1, index=index,
+                  seq_slots=slots.to(dev))
+    assert torch.equal(cache.kv.cpu(), want_kv) and torch.equal(cache.pos.cpu(), want_pos)

@@ -47,15 +47,20 @@ def held_kv_close(a: Drafter, b: Drafter) -> bool:
 
 def test_buckets():
     d = drafter(max_seqs=5, max_draft_tokens=4)
-    assert d._buckets() == ((1, 2, 4, 5), (1, 2, 4, 5))  # rows: up to k + 1 = 5
-    small_window = drafter(max_seqs=1, max_draft_tokens=4)
-    assert small_window._buckets()[1][-1] == min(5, W)
+    # rows: powers of two up to the window (a catch-up), k + 1 = 5 (a call between
+    # verifications) and W = 8
+    assert W == 8 and d._buckets() == ((1, 2, 4, 5), (1, 2, 4, 5, 8))
+    assert d._max_bucket_rows() >= 5 * 5  # every call between verifications fits
     b = ProposeBuckets(d.model, d.cache, (1, 2, 4), (1, 2, 5), MAX_ABS_HIDDEN)
     assert b.bucket(3, 3) == (4, 5) and b.bucket(5, 1) is None and b.bucket(1, 6) is None
+    capped = ProposeBuckets(d.model, d.cache, (1, 2, 4), (1, 2, 5), MAX_ABS_HIDDEN, max_rows=8)
+    assert capped.bucket(4, 2) == (4, 2) and capped.bucket(2, 5) is None
     prog = ProposeProgram(d.model, d.cache, 4, 5, 2, MAX_ABS_HIDDEN)
     assert prog.dest([2, 5, 1]) == [3, 4, 5, 6, 7, 8, 9, 14]  # each at the end of its block
-    with pytest.raises(ValueError, match="do not fit the ring"):
-        ProposeProgram(d.model, d.cache, 1, d.cache.capacity - W + 2, 2, MAX_ABS_HIDDEN)
+    prog = ProposeProgram(d.model, d.cache, 2, W, 2, MAX_ABS_HIDDEN)
+    assert prog.dest([W + 3, 1]) == list(range(W)) + [2 * W - 1]  # the last W of 11 rows
+    with pytest.raises(ValueError, match="exceed the window"):  # rows <= min(capacity, W)
+        ProposeProgram(d.model, d.cache, 1, W + 1, 2, MAX_ABS_HIDDEN)
 
 
 @settings(max_examples=4, deadline=None)
@@ -79,15 +84,22 @@ def test_program_equals_eager_over_a_loop_with_partial_acceptance(seed, k):
         pos = torch.cat([torch.arange(eager.next_position(s), eager.next_position(s) + n)
                          for s, n in zip(ids, counts)])
         kr = int(torch.randint(1, k + 1, (1,), generator=gen))  # fewer drafts: stale entries
-        pe = eager.propose(ids, h, nxt, pos, counts, k=kr)
-        pp = prog.propose(ids, h, nxt.to(torch.int32), pos, counts, k=kr)
-        assert torch.equal(pe.drafts, pp.drafts), (r, counts)
-        assert rel_err(pp.hidden, pe.hidden) < TOL
-        assert held_kv_close(eager, prog)
-        assert [eager.next_position(s) for s in range(4)] == \
-            [prog.next_position(s) for s in range(4)]
+        same_call(eager, prog, ids, h, nxt, pos, counts, kr, int32_ids=True)
     assert prog._proposer.made, "no call went through the programs"
     assert any(r > 1 for _, r, *_ in prog._proposer.made), "no multi-row bucket was used"
+
+
+def same_call(eager: Drafter, prog: Drafter, ids, h, nxt, pos, counts, k: int,
+              int32_ids: bool = False) -> None:
+    """The same propose through both drafters: drafts equal, residuals and cache within TOL
+    (positions exactly), every sequence's next position equal."""
+    pe = eager.propose(ids, h, nxt, pos, counts, k=k)
+    pp = prog.propose(ids, h, nxt.to(torch.int32) if int32_ids else nxt, pos, counts, k=k)
+    assert torch.equal(pe.drafts, pp.drafts), counts
+    assert rel_err(pp.hidden, pe.hidden) < TOL
+    assert held_kv_close(eager, prog)
+    assert [eager.next_position(s) for s in eager.seq_ids] == \
+        [prog.next_position(s) for s in prog.seq_ids]
 
 
 DEFERRED = {  # checked on the device: the call returns, the next one raises
