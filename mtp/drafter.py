@@ -677,10 +677,8 @@ class Drafter:
             # the outputs are rewritten by the next replay: the proposal's copy of them
             packed = prog.packed.clone()
         except BaseException as exc:
-            try:
-                prog.renew_host()  # this call's copies may still use the old ones
-            finally:
-                self._failed(plan, exc)
+            prog.after_failure()  # (its copies may be in flight: the buffers wait for them)
+            self._failed(plan, exc)
         for seq, end in zip(plan.seqs, plan.ends):
             seq.next_position = end
         self._pending = _Deferred(self, prog.error_host, captured.done, plan, prog)

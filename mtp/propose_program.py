@@ -96,7 +96,14 @@ class ProposeProgram:
         self.meta[0] = -1
         self._src = self.staged[3 * seqs:]
         self._staged_meta = self.staged[:3 * seqs]
-        self.renew_host()
+        # its host side (pinned on CUDA: copies are queued, the host does not wait), written
+        # through a numpy view; a captured graph's first node copies the meta from it, so it
+        # is never replaced (``after_failure``)
+        self.host = torch.zeros(self.staged.shape, dtype=torch.int64, pin_memory=dev.type == "cuda")
+        self._host_np = self.host.numpy()
+        self._host_meta = self.host[:3 * seqs]
+        self.host_meta = self._host_meta.view(3, seqs)  # the staged call's, as ``meta`` will be
+        self._host_np[:seqs] = -1  # every sequence padding until a call is staged
         # The error word's host copy: written by every call at its end (in a captured graph, by
         # the graph itself) and read only after waiting for that call's event, so it is never
         # replaced (a graph holds its address)
@@ -123,15 +130,16 @@ class ProposeProgram:
                         in zip(parts, sizes, np.cumsum([0] + sizes[:-1]).tolist())]
         self.out = self.unpack(self.packed, seqs)  # drafts, hidden, probs (None): static views
 
-    def renew_host(self) -> None:
-        """(Re)make the host side of ``staged`` (pinned on CUDA: copies are queued, the host
-        does not wait), with a numpy view the host writes through. Made anew after a call that
-        failed between its staging and its end, whose copies may still use the old one
-        (torch's pinned-memory allocator reuses it once those are done)."""
-        pin = self.staged.device.type == "cuda"
-        self.host = torch.zeros(self.staged.shape, dtype=torch.int64, pin_memory=pin)
-        self._host_np = self.host.numpy()
-        self._host_meta = self.host[:3 * self.seqs]
+    def after_failure(self) -> None:
+        """After a call that failed between its staging and its end: its copies from the host
+        buffer (and a replay, whose first node reads it) may still be in flight, so wait for
+        the device before the buffer is written again. The call's own error is what the
+        caller raises; a device too broken to synchronise raises it again at the next call."""
+        if self.host.is_pinned():
+            try:
+                torch.cuda.synchronize(self.staged.device)
+            except Exception:  # noqa: BLE001 - the failed call's error is the one to report
+                pass
 
     def dest(self, counts: list[int]) -> list[int]:
         """Where the caller's rows go in the buffers: sequence i's rows at the end of its
@@ -147,19 +155,20 @@ class ProposeProgram:
         """Copy a call in: s <= S sequences' cache slots, next real positions and row counts
         (each <= R), their T rows (``ids`` / ``positions`` [T], ``hidden`` [T, M*D]).
 
-        The small inputs go through the pinned host buffer ``host`` in one copy; the caller
-        guarantees that the previous call's copies from it are done (``Drafter`` waits for
-        each graphed call's event before the next call). When the call fills the bucket (S
+        The small inputs are written into the pinned host buffer ``host``, whose meta part
+        :meth:`run_call` copies to the device first (in a captured graph: its first node); the
+        caller guarantees that the previous call's copies from it are done (``Drafter`` waits
+        for each graphed call's event before the next call). When the call fills the bucket (S
         sequences of R rows) its rows are copied as they are; otherwise each row of the bucket
-        is gathered from the caller's row ``_src`` names (padding rows repeat a real row: the
-        program ignores their values)."""
+        is gathered from the caller's row ``_src`` names (the row sources copied here, before
+        the gathers read them; padding rows repeat a real row: the program ignores their
+        values)."""
         big, r = self.seqs, self.rows
         s = len(slots)
         pad = big - s
         self._host_np[:3 * big] = (slots + [-1] * pad + starts + [0] * pad
                                    + counts + [0] * pad)
         if pad == 0 and min(counts) == r:  # every row of the bucket, in order
-            self._staged_meta.copy_(self._host_meta, non_blocking=True)
             self.hidden.copy_(hidden)
             self.ids.copy_(ids)
             self.pos.copy_(positions)
@@ -194,6 +203,7 @@ class ProposeProgram:
 
     def clear(self) -> None:
         """Every sequence padding (what capture and warm-up run on: nothing is written)."""
+        self._host_np[:3 * self.seqs] = [-1] * self.seqs + [0] * (2 * self.seqs)
         self.meta.zero_()
         self.meta[0] = -1
 
@@ -271,9 +281,12 @@ class ProposeProgram:
         return out_drafts, out_hidden, out_probs, error
 
     def run_call(self, done=None):
-        """:meth:`run`, then its error word copied to ``error_host`` and ``done`` (an event, or
-        None) recorded: all a call needs on the device, in one unit a graph can capture (the
-        copy and, with an external event, the record become its last nodes)."""
+        """The staged meta copied in from ``host``, :meth:`run`, then its error word copied to
+        ``error_host`` and ``done`` (an event, or None) recorded: all a call does on the
+        device, in one unit a graph can capture (the copies and, with an external event, the
+        record become its first and last nodes: the host launches the graph and nothing
+        else)."""
+        self._staged_meta.copy_(self._host_meta, non_blocking=True)
         out = self.run()
         self.error_host.copy_(out[-1], non_blocking=True)
         if done is not None:
