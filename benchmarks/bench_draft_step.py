@@ -315,6 +315,11 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
                graph_capture_s=capture_s)
     rows.append(mem)
     print(json.dumps(mem), flush=True)
+    from mtp_kernels import head as hd
+    chosen = dict(preset=name, what="head kernel chosen", chosen={
+        f"V={v} D={d} rows<={bt}": k for (_, v, d, bt), k in hd._CHOSEN.items()})
+    rows.append(chosen)
+    print(json.dumps(chosen), flush=True)
     if args.profile:
         profile(graphs, cfg, args.profile, name, out, g)
     return rows
@@ -491,8 +496,8 @@ def main() -> None:
                     "mtp_kernels.graph.PDL_ROWS; 0: none); eager calls never do")
     ap.add_argument("--experts", default="auto", help="routed experts' kernels: auto, cuda "
                     "(mtp_kernels.moe_cuda), triton (mtp_kernels.moe)")
-    ap.add_argument("--head", default="triton", help="LM head for <= 64 rows: triton or cublas "
-                    "(mtp_kernels.head)")
+    ap.add_argument("--head", default="auto", help="LM head for <= 64 rows: auto, triton or "
+                    "cublas (mtp_kernels.head)")
     ap.add_argument("--hc-warps", type=int, default=0, help="hc_finish warps (0: default)")
     ap.add_argument("--profile", default="", help="batch sizes to profile, e.g. 1,64")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -540,7 +545,7 @@ def main() -> None:
           "back-to-back ms | x floor | vs naive |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows[1:]:
-        if r["what"] == "memory" or r["what"].startswith("Drafter"):
+        if r["what"] in ("memory", "head kernel chosen") or r["what"].startswith("Drafter"):
             continue
         print(f"| {r['preset']} | {r['what']} | {r['batch']} | {r['floor_ms']:.3f} | "
               f"{r.get('naive_ms', nan):.2f} | {r.get('eager_ms', nan):.3f} | "
@@ -561,7 +566,7 @@ def main() -> None:
                   f"{r['host_us']:.0f} | {r['host_us_p10']:.0f}-{r['host_us_p90']:.0f} | "
                   f"{r['replay_host_us']:.0f} | {r['capture_s']:.2f} |")
     for r in rows[1:]:
-        if r["what"] == "memory":
+        if r["what"] in ("memory", "head kernel chosen"):
             print(json.dumps(r))
 
 

@@ -37,17 +37,20 @@ from mtp.drafter import Drafter  # noqa: E402
 SLEEP = 20_000_000  # cycles of the sleeping kernel that keeps the GPU busy (~10 ms)
 
 
-def host_us(call, sync, n: int, busy: bool) -> list[float]:
+def host_us(call, sync, n: int, busy: bool, cpu: list | None = None) -> list[float]:
     """Host microseconds of n calls, each after ``sync``; ``busy``: behind a sleeping kernel
-    (enqueue only), else with the GPU idle."""
+    (enqueue only), else with the GPU idle. ``cpu``: gets the thread's CPU time of each (what
+    the call itself computed, without the time the thread was not running)."""
     out = []
     for _ in range(n):
         sync()
         if busy:
             torch.cuda._sleep(SLEEP)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         call()
         out.append((time.perf_counter() - t0) * 1e6)
+        if cpu is not None:
+            cpu.append((time.thread_time() - c0) * 1e6)
     sync()
     return out
 
@@ -106,10 +109,12 @@ def profile_case(model, b: int, n: int, reps: int, out: str, name: str) -> dict:
                                ("busy, gc off", True, False)):
         if not gc_on:
             gc.disable()
-        xs = host_us(call, d.synchronize, reps, busy)
+        cpu: list[float] = []
+        xs = host_us(call, d.synchronize, reps, busy, cpu)
         gc.enable()
         res[label] = statistics.median(xs)
         lines.append(f"host us, GPU {label:13s}: {summary(xs)}")
+        lines.append(f"  (thread CPU us)          : {summary(cpu)}")
     # the parts, timed one by one inside the call (GPU busy)
     runner = next(iter(d._proposer.made.values()))
     prog = runner.program
@@ -138,6 +143,19 @@ def profile_case(model, b: int, n: int, reps: int, out: str, name: str) -> dict:
         ev.record()
     xs = host_us(tail, torch.cuda.synchronize, reps, True)
     lines.append(f"  error copy + event alone   : {summary(xs)}")
+    # the replay's nodes: kernels, copies and memsets of one replay
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        runner.replay()
+        torch.cuda.synchronize()
+    kinds: dict[str, int] = {}
+    for e in p.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kind = "copy" if "Memcpy" in e.name else "memset" if "Memset" in e.name else "kernel"
+            kinds[kind] = kinds.get(kind, 0) + 1
+    res["replay_nodes"] = kinds
+    lines.append(f"  one replay runs            : {kinds}")
     # cProfile of the calls (GPU busy)
     pr = cProfile.Profile(time.perf_counter)
     for _ in range(reps):
@@ -151,7 +169,6 @@ def profile_case(model, b: int, n: int, reps: int, out: str, name: str) -> dict:
     pstats.Stats(pr, stream=sio).sort_stats("tottime").print_stats(30)
     lines.append(f"--- cProfile, {reps} calls, by own time ---\n{sio.getvalue()}")
     # torch.profiler, CPU activities (GPU busy)
-    from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as p:
         for _ in range(reps):
             d.synchronize()

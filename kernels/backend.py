@@ -49,7 +49,7 @@ from . import moe_cuda
 from .fp8_linear import fp8_linear
 
 EXPERTS = ("auto", "cuda", "triton")
-HEADS = ("cublas", "triton")
+HEADS = head_k.KERNELS
 RELEASED = ("fp8", "fp8", "fp4", "e8m0")  # dense, wo_a, experts, expert scales
 
 
@@ -76,8 +76,10 @@ class TritonOps:
             ones run), ``"triton"`` (``moe``), or ``"auto"``: ``"cuda"`` where it can run
             (torch with ``torch.cuda._compile_kernel``, compute capability >= 8.0, bfloat16,
             hidden size and expert width multiples of 128).
-        head: the LM head's product for up to ``head.HEAD_T`` rows: ``"triton"``
-            (``head.head_logits``) or ``"cublas"`` (torch.mm); more rows take cuBLAS either way
+        head: the LM head's product for up to ``head.HEAD_T`` rows: ``"auto"`` (the faster of
+            the two for the shape on this GPU, timed once at its first call outside a graph
+            capture), ``"triton"`` (``head.head_logits``' kernel) or ``"cublas"`` (torch.mm);
+            more rows take cuBLAS either way
             (docs/performance.md has the timings).
     """
 
@@ -103,7 +105,7 @@ class TritonOps:
             return f"the model is on {dev}; the kernels need a CUDA device"
         return None
 
-    def __init__(self, model: DeepSeekV4MTP, *, experts: str = "auto", head: str = "triton"):
+    def __init__(self, model: DeepSeekV4MTP, *, experts: str = "auto", head: str = "auto"):
         why = self.unsupported(model, interpret=bool(os.environ.get("TRITON_INTERPRET")))
         if why:
             raise ValueError(f"TritonOps: {why}; use the reference backend")
@@ -336,9 +338,7 @@ class TritonOps:
         if head_w.dtype == torch.bfloat16 and y.dtype == torch.bfloat16 and head_w.is_cuda:
             # bf16 products are exact in fp32; fp32 accumulation and output, as F.linear on
             # the upcast operands, without materialising a float32 head
-            if self.head_kernel == "triton":
-                return head_k.head_logits(y, head_w)
-            return torch.mm(y, head_w.t(), out_dtype=torch.float32)
+            return head_k.head_logits(y, head_w, kernel=self.head_kernel)
         return torch.mm(ops.wide(y), head_w.t().to(ops.wide(y).dtype))
 
 
@@ -350,7 +350,7 @@ class TritonMTP:
     A view of ``model`` whose calls run with :class:`TritonOps` (``model`` itself keeps its
     backend): ``forward``, ``compute_logits``, ``decode_step`` as the module's."""
 
-    def __init__(self, model: DeepSeekV4MTP, *, experts: str = "auto", head: str = "triton"):
+    def __init__(self, model: DeepSeekV4MTP, *, experts: str = "auto", head: str = "auto"):
         warnings.warn("TritonMTP is deprecated: DeepSeekV4MTP runs the same kernels with "
                       "backend='triton' (the default 'auto' does on CUDA); options: "
                       "model.backend = TritonOps(model, experts=..., head=...)",

@@ -26,18 +26,34 @@ from .graph import PDL_ROWS, capture
 
 class CapturedProposal(StaticProposal):
     """One bucket's program and its graph; ``drafts``, ``hidden``, ``probs`` (None when
-    greedy), ``error``: its static outputs (rewritten by every replay)."""
+    greedy), ``error``: its static outputs (rewritten by every replay). The graph ends with the
+    error word's copy to the host and the record of ``done`` (an external event, so that a
+    replay records it: the host launches one graph per call and nothing else)."""
 
     def __init__(self, program: ProposeProgram, pool, pdl: bool):
         self.program = program
         self.pdl = pdl and bool(_common.PDL_ARCH)
         dev = program.cache.kv.device
         program.clear()  # capture and warm-up on padding only: the cache is not touched
-        self.graph, (self.drafts, self.hidden, self.probs, self.error) = capture(
-            program.run, dev, pool, self.pdl)
+        self.done, self._record_after = external_event()
+        self.graph, out = capture(
+            lambda: program.run_call(None if self._record_after else self.done), dev, pool,
+            self.pdl)
+        self.error = out[-1]
 
     def replay(self) -> None:
         self.graph.replay()
+        if self._record_after:
+            self.done.record()
+
+
+def external_event() -> tuple[torch.cuda.Event, bool]:
+    """An event a graph capture records as a node -> (event, False); where this torch cannot
+    make one, a plain event and True (the caller records it after each replay)."""
+    try:
+        return torch.cuda.Event(external=True), False
+    except TypeError:
+        return torch.cuda.Event(), True
 
 
 class ProposeGraphs(ProposeBuckets):
@@ -69,4 +85,4 @@ class ProposeGraphs(ProposeBuckets):
                                 program.seqs * program.rows <= self.pdl_rows)
 
 
-__all__ = ["CapturedProposal", "ProposeGraphs"]
+__all__ = ["CapturedProposal", "ProposeGraphs", "external_event"]

@@ -131,6 +131,21 @@ class Proposal:
         return self
 
 
+class _PackedProposal(Proposal):
+    """A whole-call graph's proposal: one device buffer holding drafts, hidden and probs (the
+    program's ``packed``, copied once), cut into the three tensors (views) when one is first
+    read: the call itself pays one allocation and one copy."""
+
+    def __init__(self, packed: torch.Tensor, program: Any, s: int, deferred: _Deferred):
+        self._packed, self._program, self._s, self._deferred = packed, program, s, deferred
+
+    def __getattr__(self, name: str):  # only for attributes not set yet
+        if name in ("drafts", "probs", "hidden") and "_packed" in self.__dict__:
+            self.drafts, self.hidden, self.probs = self._program.unpack(self._packed, self._s)
+            return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
 @dataclass
 class _Seq:
     slot: int
@@ -235,7 +250,6 @@ class Drafter:
                              cfg.sliding_window + max_draft_tokens, cfg.head_dim,
                              dtype=model.dtype, device=device)
         self._device = self.cache.kv.device  # (the cache's tensors never move)
-        self._event: Any = None  # recorded after each graphed call (CUDA), made at the first
         self.load_report = None  # set by from_pretrained: what the loader read
         self._seqs: dict[Hashable, _Seq] = {}
         # the last call's seq_ids -> their records and slots (valid until a sequence is added
@@ -669,27 +683,16 @@ class Drafter:
                        plan.hidden)
             if mode != "greedy":
                 prog.stage_sampling(sampling, s)
-            captured.replay()
-            # the graph's buffers are rewritten by the next replay: the proposal's copies
-            drafts, hidden, probs = (None if t is None else t.clone()
-                                     for t in captured.outputs(s))
-            # read back when the call is done (on the CPU: already computed)
-            prog.error_host.copy_(captured.error, non_blocking=True)
-            event = None
-            if self._device.type == "cuda":
-                if self._event is None:
-                    self._event = torch.cuda.Event()
-                event = self._event  # (reused: the previous call's was waited for)
-                event.record()
+            captured.replay()  # (its error word reaches prog.error_host, then its event)
+            # the outputs are rewritten by the next replay: the proposal's copy of them
+            packed = prog.packed.clone()
         except BaseException as exc:
-            try:
-                prog.renew_host()  # this call's copies may still use the old ones
-            finally:
-                self._failed(plan, exc)
+            prog.after_failure()  # (its copies may be in flight: the buffers wait for them)
+            self._failed(plan, exc)
         for seq, end in zip(plan.seqs, plan.ends):
             seq.next_position = end
-        self._pending = _Deferred(self, prog.error_host, event, plan, prog)
-        return Proposal(drafts, probs, hidden, self._pending)
+        self._pending = _Deferred(self, prog.error_host, captured.done, plan, prog)
+        return _PackedProposal(packed, prog, s, self._pending)
 
     def _settle(self, at_call: bool = False) -> None:
         """Read the last call's error word (waiting for that call only); on an error, put the

@@ -28,6 +28,8 @@ hidden_size, V vocabulary.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -102,7 +104,19 @@ class ProposeProgram:
         self.meta[0] = -1
         self._src = self.staged[3 * seqs:]
         self._staged_meta = self.staged[:3 * seqs]
-        self.renew_host()
+        # its host side (pinned on CUDA: copies are queued, the host does not wait), written
+        # through a numpy view; a captured graph's first node copies the meta from it, so it
+        # is never replaced (``after_failure``)
+        self.host = torch.zeros(self.staged.shape, dtype=torch.int64, pin_memory=dev.type == "cuda")
+        self._host_np = self.host.numpy()
+        self._host_meta = self.host[:3 * seqs]
+        self.host_meta = self._host_meta.view(3, seqs)  # the staged call's, as ``meta`` will be
+        self._host_np[:seqs] = -1  # every sequence padding until a call is staged
+        # The error word's host copy: written by every call at its end (in a captured graph, by
+        # the graph itself) and read only after waiting for that call's event, so it is never
+        # replaced (a graph holds its address)
+        pin = dev.type == "cuda"
+        self.error_host = torch.zeros((), dtype=torch.int32, pin_memory=pin)
         self._j = torch.arange(rows, device=dev)
         self._j_host = np.arange(rows)
         self._last = torch.arange(seqs, device=dev) * rows + rows - 1  # [S]
@@ -115,17 +129,29 @@ class ProposeProgram:
         # into the program's own before anything is written
         self.pre_error = torch.zeros((), dtype=torch.int32, device=dev)
         self._pre_error_set = False
+        # The outputs in one byte buffer, drafts | hidden | probs: a proposal copies it whole
+        # (one allocation and one copy per call, not one per tensor) and cuts it into the
+        # three when they are first read (``unpack``)
+        wide = torch.float64 if model.dtype == torch.float64 else torch.float32  # logits'
+        parts = [(torch.int64, (seqs, k)), (model.dtype, (seqs, k, cfg.hc_dim))]
+        if mode != "greedy":
+            parts.append((wide, (seqs, k, cfg.vocab_size)))
+        sizes = [math.prod(shape) * dt.itemsize for dt, shape in parts]
+        self.packed = torch.empty(sum(sizes), dtype=torch.uint8, device=dev)
+        self._layout = [(a, a + n, dt, shape) for (dt, shape), n, a
+                        in zip(parts, sizes, np.cumsum([0] + sizes[:-1]).tolist())]
+        self.out = self.unpack(self.packed, seqs)  # drafts, hidden, probs (None): static views
 
-    def renew_host(self) -> None:
-        """(Re)make the host side of ``staged`` and of the error word (pinned on CUDA: copies
-        are queued, the host does not wait), with a numpy view the host writes through. Made
-        anew after a call that failed between its staging and its end, whose copies may still
-        use the old ones (torch's pinned-memory allocator reuses them once those are done)."""
-        pin = self.staged.device.type == "cuda"
-        self.host = torch.zeros(self.staged.shape, dtype=torch.int64, pin_memory=pin)
-        self.error_host = torch.zeros((), dtype=torch.int32, pin_memory=pin)
-        self._host_np = self.host.numpy()
-        self._host_meta = self.host[:3 * self.seqs]
+    def after_failure(self) -> None:
+        """After a call that failed between its staging and its end: its copies from the host
+        buffer (and a replay, whose first node reads it) may still be in flight, so wait for
+        the device before the buffer is written again. The call's own error is what the
+        caller raises; a device too broken to synchronise raises it again at the next call."""
+        if self.host.is_pinned():
+            try:
+                torch.cuda.synchronize(self.staged.device)
+            except Exception:  # noqa: BLE001 - the failed call's error is the one to report
+                pass
 
     def dest(self, counts: list[int]) -> list[int]:
         """Where the caller's staged rows go in the buffers: sequence i's last min(n_i, R)
@@ -143,12 +169,14 @@ class ProposeProgram:
         (more than R only when R = W: the last R rows are staged, the earlier ones checked
         into ``pre_error``), their T rows (``ids`` / ``positions`` [T], ``hidden`` [T, M*D]).
 
-        The small inputs go through the pinned host buffer ``host`` in one copy; the caller
-        guarantees that the previous call's copies from it are done (``Drafter`` waits for
-        each graphed call's event before the next call). When the call fills the bucket (S
+        The small inputs are written into the pinned host buffer ``host``, whose meta part
+        :meth:`run_call` copies to the device first (in a captured graph: its first node); the
+        caller guarantees that the previous call's copies from it are done (``Drafter`` waits
+        for each graphed call's event before the next call). When the call fills the bucket (S
         sequences of R rows) its rows are copied as they are; otherwise each row of the bucket
-        is gathered from the caller's row ``_src`` names (padding rows repeat a real row: the
-        program ignores their values)."""
+        is gathered from the caller's row ``_src`` names (the row sources copied here, before
+        the gathers read them; padding rows repeat a real row: the program ignores their
+        values)."""
         big, r = self.seqs, self.rows
         s = len(slots)
         pad = big - s
@@ -158,7 +186,6 @@ class ProposeProgram:
         self._host_np[:3 * big] = (slots + [-1] * pad + starts + [0] * pad
                                    + counts + [0] * pad)
         if pad == 0 and min(counts) == r == max(counts):  # the bucket's rows, in order
-            self._staged_meta.copy_(self._host_meta, non_blocking=True)
             self.hidden.copy_(hidden)
             self.ids.copy_(ids)
             self.pos.copy_(positions)
@@ -217,6 +244,7 @@ class ProposeProgram:
 
     def clear(self) -> None:
         """Every sequence padding (what capture and warm-up run on: nothing is written)."""
+        self._host_np[:3 * self.seqs] = [-1] * self.seqs + [0] * (2 * self.seqs)
         self.meta.zero_()
         self.meta[0] = -1
 
@@ -285,35 +313,56 @@ class ProposeProgram:
         drafts.append(token)
         qs.append(q)
         error = error + nan.to(torch.int32) * ERR_LOGITS
-        probs = None if q is None else torch.stack(qs, dim=1)
-        return torch.stack(drafts, dim=1), torch.stack(hidden, dim=1), probs, error
+        out_drafts, out_hidden, out_probs = self.out
+        torch.stack(drafts, dim=1, out=out_drafts)
+        torch.stack(hidden, dim=1, out=out_hidden)
+        if out_probs is not None:
+            torch.stack(qs, dim=1, out=out_probs)
+        return out_drafts, out_hidden, out_probs, error
 
+    def run_call(self, done=None):
+        """The staged meta copied in from ``host``, :meth:`run`, then its error word copied to
+        ``error_host`` and ``done`` (an event, or None) recorded: all a call does on the
+        device, in one unit a graph can capture (the copies and, with an external event, the
+        record become its first and last nodes: the host launches the graph and nothing
+        else)."""
+        self._staged_meta.copy_(self._host_meta, non_blocking=True)
+        out = self.run()
+        self.error_host.copy_(out[-1], non_blocking=True)
+        if done is not None:
+            done.record()
+        return out
 
-class EagerProposal:
-    """A bucket's program run eagerly at each :meth:`replay` (what a captured graph replays);
-    ``drafts``, ``hidden``, ``error``: the last run's outputs."""
-
-    def __init__(self, program: ProposeProgram):
-        self.program = program
-        self.drafts = self.hidden = self.probs = self.error = None
-
-    def replay(self) -> None:
-        self.drafts, self.hidden, self.probs, self.error = self.program.run()
-
-    def outputs(self, s: int) -> tuple:
-        """The first ``s`` sequences' (drafts, hidden, probs or None) of the last replay."""
-        return first_rows((self.drafts, self.hidden, self.probs), s)
+    def unpack(self, packed: torch.Tensor, s: int) -> tuple:
+        """``packed`` (``self.packed`` or a copy of it) -> the first ``s`` sequences' (drafts
+        [s, k] int64, hidden [s, k, M*D], probs [s, k, V] or None): views, no copy."""
+        views = [packed[a:b].view(dt).view(shape)[:s] for a, b, dt, shape in self._layout]
+        return views[0], views[1], (views[2] if len(views) > 2 else None)
 
 
 class StaticProposal:
-    """Base of a runner whose outputs are the same tensors at every replay (a captured
-    graph's static outputs): ``drafts``, ``hidden``, ``probs`` (None when greedy), ``error``,
-    set by the subclass."""
+    """Base of a bucket's runner: :meth:`replay` runs the call (``ProposeProgram.run_call``),
+    leaving its outputs in ``program.packed`` (``drafts``, ``hidden``, ``probs`` (None when
+    greedy): views of it, the same tensors at every replay), its error word in
+    ``program.error_host`` and, on CUDA, the event ``done`` recorded after both (None
+    elsewhere: the copies are done when replay returns). Set by the subclass: ``program``,
+    ``done``, ``error`` (the device's error word)."""
 
-    drafts: torch.Tensor
-    hidden: torch.Tensor
-    probs: torch.Tensor | None
+    program: ProposeProgram
+    done: object = None
     error: torch.Tensor
+
+    @property
+    def drafts(self) -> torch.Tensor:
+        return self.program.out[0]
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.program.out[1]
+
+    @property
+    def probs(self) -> torch.Tensor | None:
+        return self.program.out[2]
 
     def outputs(self, s: int) -> tuple:
         """The first ``s`` sequences' (drafts, hidden, probs or None): views of the static
@@ -323,6 +372,17 @@ class StaticProposal:
         if found is None:
             found = views[s] = first_rows((self.drafts, self.hidden, self.probs), s)
         return found
+
+
+class EagerProposal(StaticProposal):
+    """A bucket's program run eagerly at each :meth:`replay` (what a captured graph replays)."""
+
+    def __init__(self, program: ProposeProgram):
+        self.program = program
+        self.done = torch.cuda.Event() if program.packed.is_cuda else None
+
+    def replay(self) -> None:
+        self.error = self.program.run_call(self.done)[-1]
 
 
 def first_rows(tensors: tuple, s: int) -> tuple:

@@ -210,7 +210,7 @@ class HostOnlyProposal(StaticProposal):
 
     def __init__(self, program):
         self.program = program
-        self.drafts, self.hidden, self.probs, self.error = program.run()
+        self.error = program.run_call()[-1]
 
     def replay(self) -> None:
         if HostOnlyProposal.fail is not None:

@@ -83,13 +83,14 @@ def scenario(model, runner, dtype):
     return out
 
 
-@pytest.mark.parametrize("experts,head", [("auto", "triton"), ("triton", "triton"),
-                                          ("auto", "cublas")])
+@pytest.mark.parametrize("experts,head", [("auto", "auto"), ("auto", "triton"),
+                                          ("triton", "triton"), ("auto", "cublas")])
 @pytest.mark.parametrize("dtype,rounding", [(torch.float32, False), (torch.float32, True),
                                             (torch.bfloat16, False), (torch.bfloat16, True)])
 def test_fast_path_matches_module(dtype, rounding, experts, head):
     """experts="auto": the CUDA expert kernels where they can run (bf16, rounding on, a GPU),
-    else the Triton ones. head="triton" (the default): head.head_logits for the few-row logits."""
+    else the Triton ones. head="auto" (the default): the faster of head.head_logits' kernel and
+    cuBLAS for the few-row logits; "triton" / "cublas" pin one."""
     model = build(dtype, rounding)
     assert model.ops.name == "reference"
     ref = scenario(model, model, dtype)

@@ -279,9 +279,10 @@ def test_embed_norms(dtype, zero_pos0):
     assert not zero_pos0 or torch.equal(en[~keep], torch.zeros_like(en[~keep]))
 
 
+@pytest.mark.parametrize("kernel", ["auto", "triton", "cublas"])
 @pytest.mark.parametrize("d", [256, 4096])
 @pytest.mark.parametrize("t", [1, 2, 5, 16, 17, 33, 64, 65])
-def test_head_logits(t, d):
+def test_head_logits(t, d, kernel):
     """The LM head's product against float64: bf16 x bf16 products are exact in float32, then
     float32 sums on the tensor cores in their own order (the kernel's; 65 rows: cuBLAS's), so
     the general bound |err| <= D * 2^-24 * sum |y_d w_d|. A vocabulary that is not a multiple
@@ -292,7 +293,7 @@ def test_head_logits(t, d):
 
     y = randn(t, d, seed=t + d, dtype=torch.bfloat16)
     w = randn(1003, d, seed=5, dtype=torch.bfloat16, std=d ** -0.5)
-    got = head.head_logits(y, w)
+    got = head.head_logits(y, w, kernel=kernel)
     assert got.dtype == torch.float32 and got.shape == (t, 1003)
     exact = y.double() @ w.double().t()
     bound = d * 2.0 ** -24 * (y.double().abs() @ w.double().abs().t())
@@ -302,6 +303,32 @@ def test_head_logits(t, d):
             <= d * 2.0 ** -24 * (y2.double().abs() @ w.double().abs().t())).all()
     with pytest.raises(ValueError, match="head_logits: y is"):
         head.head_logits(y[:, :128], w)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        head.head_logits(y, w, kernel="cutlass")
+
+
+def test_head_auto_choice_is_kept():
+    """``kernel="auto"`` times the kernel and cuBLAS at a shape's first call and keeps the
+    choice: later calls, and calls inside a graph capture, compute exactly what the chosen one
+    computes (bitwise: the same program on the same operands)."""
+    if DEVICE != "cuda":
+        pytest.skip("times the two on a GPU")
+    from mtp_kernels import head
+
+    y = randn(3, 512, seed=1, dtype=torch.bfloat16)
+    w = randn(5000, 512, seed=2, dtype=torch.bfloat16, std=512 ** -0.5)
+    key = (y.device.index, 5000, 512, 16)
+    head._CHOSEN.pop(key, None)
+    first = head.head_logits(y, w)
+    chosen = head._CHOSEN[key]
+    assert chosen in ("triton", "cublas")
+    assert torch.equal(first, head.head_logits(y, w, kernel=chosen))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = head.head_logits(y, w)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, first) and head._CHOSEN[key] == chosen
 
 
 def test_route_exact_choice():
