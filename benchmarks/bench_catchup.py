@@ -1,8 +1,11 @@
 """Catch-up (many rows per call) on the GPU: each many-row path of the kernels switched off and
 on in one process, against the floor (GPU; run from the repo root).
 
-A catch-up is ``forward`` of 128 rows per sequence over a KV cache whose windows are full, then
-the logits of each sequence's last row (as ``bench_draft_step.py``'s catch-up). Per preset and
+A catch-up is ``forward(..., last_only=True)`` of 128 rows per sequence over a KV cache whose
+windows are full (every row's key, the rest of the layer for each sequence's last row), then
+the logits of each sequence's last row (as ``bench_draft_step.py``'s catch-up). Two floors:
+``floor_ms`` (what the call reads now: the experts of the last rows) and ``floor_full_ms``
+(the full forward's, every row's output: all experts). Per preset and
 sequence count: the call timed alone (CUDA events around it, host included; median of 10,
 configurations interleaved, two passes) with every many-row path off ("before": the decode-tuned
 kernels), all on ("after") and, for Flash, each one off alone; the GPU time of the call (sum of
@@ -29,9 +32,9 @@ from bench_draft_step import (  # noqa: E402
     _import_kernels,
     catchup_call,
     catchup_case,
+    catchup_floors,
     copy_bandwidth,
     fill_cache,
-    floor_bytes,
     init_random_gpu_,
     inputs,
     param_bytes,
@@ -74,10 +77,10 @@ def bench_preset(name, mk, sw, configure, bw, args) -> None:
     g = torch.Generator(device="cuda").manual_seed(1)
     fill_cache(cache, 16, 1000, g)
     for n_seq in [int(x) for x in args.seqs.split(",") if x]:
-        t_rows = 128 * n_seq
-        call = catchup_call(model, cache, catchup_case(cfg, n_seq, 1000, dev, g))
-        floor_ms = floor_bytes(model, pb, t_rows, n_seq, cfg.n_routed_experts, n_seq,
-                               2) / bw * 1e3
+        case = catchup_case(cfg, n_seq, 1000, dev, g)
+        call = catchup_call(model, cache, case)
+        floors = catchup_floors(model, pb, mk, case, cache, bw)
+        floor_ms = floors["floor_ms"]
         configs = [("before", set(sw)), ("after", set())]
         if name == "flash":
             configs += [(f"after without {k}", {k}) for k in sw]
@@ -88,7 +91,7 @@ def bench_preset(name, mk, sw, configure, bw, args) -> None:
         for label, off in configs[:2]:
             configure(off)
             g_ms, top = gpu_ms(call)
-            print(json.dumps(dict(preset=name, seqs=n_seq, config=label, floor_ms=floor_ms,
+            print(json.dumps(dict(preset=name, seqs=n_seq, config=label, **floors,
                                   alone_ms=alone[label], gpu_ms=g_ms,
                                   alone_x_floor=min(alone[label]) / floor_ms,
                                   gpu_x_floor=g_ms / floor_ms, top_us=top)), flush=True)
@@ -104,12 +107,13 @@ def bench_preset(name, mk, sw, configure, bw, args) -> None:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            model.forward(ids, pos, h, kv_cache=cache, seq_slots=slots)
+            model.forward(ids, pos, h, kv_cache=cache, seq_slots=slots, last_only=True)
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base
             args_ = (ids, pos, h)
             ms = statistics.median(time_it(
-                lambda i, a=args_, s=slots: model.forward(*a, kv_cache=cache, seq_slots=s), 3, 1))
+                lambda i, a=args_, s=slots: model.forward(*a, kv_cache=cache, seq_slots=s,
+                                                          last_only=True), 3, 1))
             print(json.dumps(dict(preset=name, long_rows=rows, chunk=model_mod.CHUNK_ROWS,
                                   peak_extra_GB=peak / 1e9, ms=ms)), flush=True)
 

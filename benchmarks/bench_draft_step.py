@@ -31,7 +31,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -122,13 +121,34 @@ def param_bytes(model) -> dict[str, int]:
     return out
 
 
-def floor_bytes(model, pb, t_rows, n_seqs, n_experts_used, logits_rows, cache_dtype_size):
+def floor_bytes(model, pb, t_rows, n_seqs, n_experts_used, logits_rows, cache_dtype_size,
+                out_rows=None):
+    """Bytes a call must move at least: every dense weight and the head once, the experts its
+    rows route to, each sequence's window of KV, the rows' inputs (hidden, embedding), their
+    outputs (``out_rows`` of them, default every row: a keys-only catch-up writes only each
+    sequence's last) and the logits."""
     cfg = model.config
     per_expert = pb["experts"] / cfg.n_routed_experts
     kv = n_seqs * cfg.sliding_window * (cfg.head_dim * cache_dtype_size + 8)  # window + pos
-    io = t_rows * (cfg.hc_dim * 2 * 2 + cfg.hidden_size * 2)  # hidden in/out, embedding rows
+    out_rows = t_rows if out_rows is None else out_rows
+    io = t_rows * (cfg.hc_dim * 2 + cfg.hidden_size * 2) + out_rows * cfg.hc_dim * 2
     return (pb["dense"] + pb["head"] + n_experts_used * per_expert + kv + io
             + logits_rows * cfg.vocab_size * 4)
+
+
+def catchup_floors(model, pb, mk, case, cache, bw) -> dict[str, float]:
+    """A catch-up's two floors in ms: ``floor_ms``, what the call reads now (the keys of every
+    row, the rest for each sequence's last row: the experts those rows route to, counted in
+    one call) and ``floor_full_ms``, the full forward's (every row's output; 128 rows per
+    sequence route to nearly every expert, taken as all of them)."""
+    cfg = model.config
+    slots, _, _, last = case
+    t_rows, n_seq = slots.numel(), last.numel()
+    used = experts_routed_in(mk, lambda: catchup_call(model, cache, case)(0))
+    keys = floor_bytes(model, pb, t_rows, n_seq, used, n_seq, 2, out_rows=n_seq)
+    full = floor_bytes(model, pb, t_rows, n_seq, cfg.n_routed_experts, n_seq, 2)
+    return {"floor_ms": keys / bw * 1e3, "floor_full_ms": full / bw * 1e3,
+            "experts_read": used}
 
 
 # ---- timing ----------------------------------------------------------------------------------
@@ -179,6 +199,11 @@ def copy_bandwidth() -> float:
 
 def routed_experts(fast, mk, *args) -> int:
     """Distinct experts the triton backend routes to in one ``fast.decode_step(*args)``."""
+    return experts_routed_in(mk, lambda: fast.decode_step(*args))
+
+
+def experts_routed_in(mk, fn) -> int:
+    """Distinct experts the triton backend routes to in ``fn()`` (its first MoE)."""
     seen = []
     orig = mk.moe.route
 
@@ -190,7 +215,7 @@ def routed_experts(fast, mk, *args) -> int:
     mk.moe.route = spy
     mk.backend.moe_k.route = spy
     try:
-        fast.decode_step(*args)
+        fn()
     finally:
         mk.moe.route = orig
         mk.backend.moe_k.route = orig
@@ -292,19 +317,21 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
         print(json.dumps(row), flush=True)
     bare = {r["batch"]: r["graph_ms"] for r in rows if r["what"] == "k=3 proposal"}
     rows += bench_drafter(model, fast, mk, name, args.drafter, args.reps, dev, g, pb, bw, bare)
-    # catch-up: 128 rows per sequence through forward, then logits of each sequence's last row
+    # catch-up: 128 rows per sequence through forward(last_only=True) (the drafter's call: the
+    # keys of every row, the rest for each sequence's last row), then those rows' logits
     for n_seq in args.catchup:
         case = catchup_case(cfg, n_seq, pos0, dev, g)
         t_rows = case[0].numel()
         catch_fast = catchup_call(fast, cache, case)
         catch_naive = catchup_call(model, cache, case, reference=True)
-        fb = floor_bytes(model, pb, t_rows, n_seq, cfg.n_routed_experts, n_seq, 2)
+        floors = catchup_floors(fast, pb, mk, case, cache, bw)
         t_f = statistics.median(time_it(catch_fast, max(5, args.reps // 4)))
         t_n = statistics.median(time_it(catch_naive, 3, 1)) if args.naive_reps \
             else float("nan")
         row = dict(preset=name, what="catch-up 128 rows/seq", batch=n_seq, rows=t_rows,
-                   floor_ms=fb / bw * 1e3, naive_ms=t_n, eager_ms=t_f,
-                   x_floor=t_f / (fb / bw * 1e3), speedup_vs_naive=t_n / t_f)
+                   **floors, naive_ms=t_n, eager_ms=t_f,
+                   x_floor=t_f / floors["floor_ms"],
+                   x_full_floor=t_f / floors["floor_full_ms"], speedup_vs_naive=t_n / t_f)
         rows.append(row)
         print(json.dumps(row), flush=True)
     mem = dict(preset=name, what="memory", resident_GB=pb["resident"] / 1e9,
@@ -335,15 +362,20 @@ def catchup_case(cfg, n_seq: int, pos0: int, dev, g):
 
 
 def catchup_call(model, cache, case, reference: bool = False):
-    """call(i): the catch-up ``case`` through ``model.forward`` (its reference ops where
-    ``reference``: the naive baseline), then the logits of each sequence's last row."""
+    """call(i): the catch-up ``case`` through ``model.forward(..., last_only=True)`` (the
+    drafter's call), then the logits of each sequence's last row; with ``reference`` the naive
+    baseline: the reference ops over every row's full forward (as before keys-only rows)."""
     slots, pos, sets, last = case
 
     def call(i):
         ids, h = sets[i % 2]
-        with model.using(ops.REFERENCE) if reference else contextlib.nullcontext():
-            x = model.forward(ids, pos, h, kv_cache=cache, seq_slots=slots)
-            model.compute_logits(x[last])
+        if reference:
+            with model.using(ops.REFERENCE):
+                x = model.forward(ids, pos, h, kv_cache=cache, seq_slots=slots)
+                model.compute_logits(x[last])
+        else:
+            x = model.forward(ids, pos, h, kv_cache=cache, seq_slots=slots, last_only=True)
+            model.compute_logits(x)
     return call
 
 
