@@ -204,7 +204,8 @@ def test_importing_mtp_imports_no_triton():
 def gpu_loop(drafters, dtype, seed=0, k=3, rounds=8):
     """A randomized loop of 4 sequences at different positions through each drafter with the
     same inputs: rounds of 1-4 of them with 1 .. k + 1 new rows each (accepted drafts + the
-    bonus) and 1 .. k drafts, round 3 a catch-up longer than the window (eager everywhere).
+    bonus) and 1 .. k drafts, round 3 a catch-up longer than the window (graphed: the window
+    bucket, its earlier rows checked only; every row's key written by ``write_keys``).
     Returns, per drafter, the list of Proposals."""
     cfg = drafters[0].config
     gen = torch.Generator().manual_seed(seed)
@@ -215,7 +216,7 @@ def gpu_loop(drafters, dtype, seed=0, k=3, rounds=8):
     for r in range(rounds):
         ids = torch.randperm(4, generator=gen)[:int(torch.randint(1, 5, (1,), generator=gen))]
         ids = ids.tolist()
-        top = cfg.sliding_window + 2 if r == 3 else k + 1
+        top = cfg.sliding_window + 3 if r == 3 else k + 1  # round 3 (seed 0): 1, 9, 11 rows
         counts = [int(torch.randint(1, top + 1, (1,), generator=gen)) for _ in ids]
         kr = int(torch.randint(1, k + 1, (1,), generator=gen))
         t = sum(counts)
@@ -241,6 +242,7 @@ def test_graphed_drafter_equals_the_eager_path(dtype):
     pg, pe = gpu_loop([graphed, eager], dtype)
     made = graphed._proposer.made
     assert any(r > 1 for _, r, *_ in made) and any(s > 1 for s, *_ in made), made.keys()
+    assert any(r == model.config.sliding_window for _, r, *_ in made), made.keys()
     agree = torch.cat([(a.drafts == b.drafts).flatten() for a, b in zip(pg, pe)])
     err = max(rel(a.hidden[:, 0], b.hidden[:, 0]) for a, b in zip(pg, pe))
     # the real rows' entries (the last call's draft entries depend on its drafts)

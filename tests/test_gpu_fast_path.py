@@ -229,10 +229,11 @@ def scenario_equal(a, b) -> bool:
     return torch.equal(xa, xb) and torch.equal(a.compute_logits(xa), b.compute_logits(xb))
 
 
-def catchup_scenario(model, dtype, chunk_rows, monkeypatch):
+def catchup_scenario(model, dtype, chunk_rows, monkeypatch, last_only=False):
     """A catch-up over a cache: 129 rows of one sequence and 70 of another behind their cached
     prompts (odd counts, past every row threshold of the kernels), in chunks of ``chunk_rows``,
-    then the logits of each last row; the outputs and the cache."""
+    then the logits of each last row; the outputs (``last_only``: the two last rows', computed
+    keys-only for the others) and the cache."""
     from mtp import model as model_mod
     cfg = model.config
     g = torch.Generator().manual_seed(4)
@@ -247,8 +248,9 @@ def catchup_scenario(model, dtype, chunk_rows, monkeypatch):
     ids = torch.randint(0, cfg.vocab_size, (199,), generator=g).to(DEVICE)
     h = torch.randn(199, cfg.hc_dim, generator=g).to(DEVICE, dtype)
     monkeypatch.setattr(model_mod, "CHUNK_ROWS", chunk_rows)
-    x = model.forward(ids, pos, h, kv_cache=cache, seq_slots=slots)
-    return [x, model.compute_logits(x[[128, 198]]), cache.kv, cache.pos.to(torch.float64)]
+    x = model.forward(ids, pos, h, kv_cache=cache, seq_slots=slots, last_only=last_only)
+    last = x if last_only else x[[128, 198]]
+    return [x, model.compute_logits(last), cache.kv, cache.pos.to(torch.float64)]
 
 
 @pytest.mark.parametrize("many_rows", [False, True])
@@ -272,3 +274,26 @@ def test_catchup_matches_module(dtype, rounding, chunk_rows, many_rows, monkeypa
     for k, (a, b, c) in enumerate(zip(fast, ref, truth)):
         err_fast, err_ref = rel(a, c), rel(b, c)
         assert err_fast <= 1.5 * err_ref + 1e-4, (k, err_fast, err_ref)
+
+
+@pytest.mark.parametrize("chunk_rows", [1024, 100])
+@pytest.mark.parametrize("dtype,rounding", [(torch.float32, False), (torch.bfloat16, True)])
+def test_catchup_last_only_equals_the_full_forward(dtype, rounding, chunk_rows, monkeypatch):
+    """``forward(..., last_only=True)`` on the triton backend (every row's key through
+    ``write_keys`` in the window layout, the last rows through the decode-layout attention over
+    the ring): the cache bit for bit the full forward's (the same kernels over the same rows),
+    the last rows' outputs and logits within the fast path's bounds of the full forward's
+    (float32: 2e-6; with rounding: judged against the float64 reference run, as above)."""
+    full = catchup_scenario(triton(build(dtype, rounding)), dtype, chunk_rows, monkeypatch)
+    last = catchup_scenario(triton(build(dtype, rounding)), dtype, chunk_rows, monkeypatch,
+                            last_only=True)
+    assert torch.equal(last[2], full[2]) and torch.equal(last[3], full[3])
+    got, want = [last[0], last[1]], [full[0][[128, 198]], full[1]]
+    if dtype == torch.float32 and not rounding:
+        for a, b in zip(got, want):
+            assert rel(a, b) < 2e-6
+        return
+    truth = catchup_scenario(build(torch.float64, rounding), torch.float64, chunk_rows,
+                             monkeypatch)
+    for k, (a, b, c) in enumerate(zip(got, want, [truth[0][[128, 198]], truth[1]])):
+        assert rel(a, c) <= 1.5 * rel(b, c) + 1e-4, k
