@@ -58,6 +58,46 @@ def draw(q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return token.clamp_(max=q.shape[-1] - 1)  # (a NaN row: flagged, kept in range)
 
 
+def prepare(meta: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, hidden: torch.Tensor,
+            rows: int, max_abs_hidden: float, vocab_size: int, cache_pos: torch.Tensor):
+    """A call's device-side checks, the forward's inputs and the rollback, from the staged
+    buffers: meta [3, S] (slots, next real positions, row counts), ids / pos [S*R] and hidden
+    [S*R, M*D] (sequence i's rows at the end of its block of R). Rolls back ``cache_pos``
+    ([L, max_seqs, C]) in place: every entry at or after a checked sequence's next real
+    position came from a draft. -> (ids_in, pos_in [S*R] int64, x_in [S*R, M*D], row_slots
+    [S*R], draft_slots [S] (-1: padding, or every one when a check failed), error word []
+    int32). Torch operations (~45 launches on CUDA); ``TritonOps.propose_prepare`` computes
+    the same, bit for bit, in two kernels."""
+    s = meta.shape[1]
+    slots, starts, counts = meta[0], meta[1], meta[2]
+    j = torch.arange(rows, device=meta.device)
+    first = rows - counts  # [S] the block's first real row
+    real = (j[None, :] >= first[:, None]) & (slots[:, None] >= 0)  # [S, R]
+    want = starts[:, None] + j[None, :] - first[:, None]  # [S, R] positions
+    ids = ids.view(s, rows)
+    hid = hidden.view(s, rows, -1)  # [S*R, M*D] -> [S, R, M*D]
+    bad_ids = real & ((ids < 0) | (ids >= vocab_size))
+    bad_pos = real & (pos.view(s, rows) != want)
+    # False for NaN too; the bound within the dtype's range (float16: 1e6 would round to inf)
+    finite = (hid.abs() <= min(max_abs_hidden, torch.finfo(hid.dtype).max)).all(dim=-1)
+    bad_hid = real & ~finite
+    error = (bad_ids.any().to(torch.int32) * ERR_IDS
+             + bad_pos.any().to(torch.int32) * ERR_POSITIONS
+             + bad_hid.any().to(torch.int32) * ERR_HIDDEN)
+    ok = error == 0
+    seq_on = (slots >= 0) & ok  # [S] sequences whose cache this call may change
+    row_slots = torch.where(real & ok, slots[:, None], -1).flatten()  # [S*R]
+    x_in = torch.where((real & finite)[..., None], hid, 0).flatten(0, 1)
+    ids_in = torch.where(real & ~bad_ids, ids, 0).flatten()
+    pos_in = torch.where(real, want, 0).flatten()
+    # the rollback: per slot the first position to drop (padding sequences: the extra last)
+    limit = torch.full((cache_pos.shape[1] + 1,), _NO_LIMIT, dtype=torch.int64,
+                       device=meta.device)
+    limit.scatter_(0, torch.where(seq_on, slots, cache_pos.shape[1]), starts)
+    cache_pos.masked_fill_(cache_pos >= limit[:-1].view(1, -1, 1), -1)
+    return ids_in, pos_in, x_in, row_slots, torch.where(seq_on, slots, -1), error
+
+
 class ProposeProgram:
     """Static buffers for one bucket and :meth:`run`, the call's computation on them.
 
@@ -109,10 +149,8 @@ class ProposeProgram:
         # replaced (a graph holds its address)
         pin = dev.type == "cuda"
         self.error_host = torch.zeros((), dtype=torch.int32, pin_memory=pin)
-        self._j = torch.arange(rows, device=dev)
         self._j_host = np.arange(rows)
         self._last = torch.arange(seqs, device=dev) * rows + rows - 1  # [S]
-        self._limit = torch.empty(cache.max_seqs + 1, dtype=torch.int64, device=dev)
         self.temperature = torch.ones(seqs, dtype=torch.float32, device=dev)
         self.top_p = torch.ones(seqs, dtype=torch.float32, device=dev)
         self._held: list[float | None] = [1.0, 1.0]  # the scalar each holds in every row
@@ -225,32 +263,12 @@ class ProposeProgram:
         [S, k, V] or None (greedy), error word [] int32). No host synchronisation."""
         model, cache = self.model, self.cache
         cfg = model.config
-        s, r = self.seqs, self.rows
-        slots, starts, counts = self.meta[0], self.meta[1], self.meta[2]
-        first = r - counts  # [S] the block's first real row
-        real = (self._j[None, :] >= first[:, None]) & (slots[:, None] >= 0)  # [S, R]
-        want = starts[:, None] + self._j[None, :] - first[:, None]  # [S, R] positions
-        ids = self.ids.view(s, r)
-        hid = self.hidden.view(s, r, -1)  # [S*R, M*D] -> [S, R, M*D]
-        bad_ids = real & ((ids < 0) | (ids >= cfg.vocab_size))
-        bad_pos = real & (self.pos.view(s, r) != want)
-        finite = (hid.abs() <= self.max_abs_hidden).all(dim=-1)  # False for NaN too
-        bad_hid = real & ~finite
-        error = (bad_ids.any().to(torch.int32) * ERR_IDS
-                 + bad_pos.any().to(torch.int32) * ERR_POSITIONS
-                 + bad_hid.any().to(torch.int32) * ERR_HIDDEN)
-        ok = error == 0
-        seq_on = (slots >= 0) & ok  # [S] sequences whose cache this call may change
-        row_slots = torch.where(real & ok, slots[:, None], -1).flatten()  # [S*R]
-        x_in = torch.where((real & finite)[..., None], hid, 0).flatten(0, 1)
-        ids_in = torch.where(real & ~bad_ids, ids, 0).flatten()
-        pos_in = torch.where(real, want, 0).flatten()
-
-        # Rollback: every entry at or after a sequence's next real position came from a draft.
-        limit = self._limit
-        limit.fill_(_NO_LIMIT)
-        limit.scatter_(0, torch.where(seq_on, slots, cache.max_seqs), starts)  # padding: last
-        cache.pos.masked_fill_(cache.pos >= limit[:-1].view(1, -1, 1), -1)
+        r = self.rows
+        starts, counts = self.meta[1], self.meta[2]
+        prepare_call = getattr(model.ops, "propose_prepare", prepare)  # a backend's fused one
+        ids_in, pos_in, x_in, row_slots, draft_slots, error = prepare_call(
+            self.meta, self.ids, self.pos, self.hidden, r, self.max_abs_hidden, cfg.vocab_size,
+            cache.pos)
 
         last_rows = None if r == 1 else self._last
         x, logits = model.decode_step(ids_in, pos_in, x_in, row_slots, cache, 0,
@@ -258,7 +276,6 @@ class ProposeProgram:
         if last_rows is not None:
             x = x.index_select(0, last_rows)  # [S, M*D] each sequence's last row
         nan = torch.isnan(logits).any()
-        draft_slots = torch.where(seq_on, slots, -1)
         last_pos = starts + counts - 1
         hidden, drafts, qs = [x], [], []
         token, q = self._pick(logits, 0)
