@@ -258,6 +258,14 @@ class ProposeProgram:
         p = torch.where(greedy_rows, _one_hot_argmax(x), p)
         return draw(p, self.u[:, step].to(x.dtype)), p
 
+    def _nan_probe(self, logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """[S, 1]: NaN exactly where a row of ``logits`` [S, V] holds one. Greedy: the logit
+        the argmax picked (argmax takes NaN as the largest value); sampled: the row's max
+        (NaN-propagating). One launch over [S] or [S, V], instead of a NaN mask's two."""
+        if self.mode == "greedy":
+            return logits.gather(1, token[:, None])
+        return logits.amax(dim=-1, keepdim=True)
+
     def run(self):
         """The call on the staged buffers -> (drafts [S, k] int64, hidden [S, k, M*D], q
         [S, k, V] or None (greedy), error word [] int32). No host synchronisation."""
@@ -275,20 +283,21 @@ class ProposeProgram:
                                       side_stream=self.side_stream, logits_rows=last_rows)
         if last_rows is not None:
             x = x.index_select(0, last_rows)  # [S, M*D] each sequence's last row
-        nan = torch.isnan(logits).any()
         last_pos = starts + counts - 1
-        hidden, drafts, qs = [x], [], []
+        hidden, drafts, qs, probes = [x], [], [], []
         token, q = self._pick(logits, 0)
+        probes.append(self._nan_probe(logits, token))
         for step in range(1, self.k):
             drafts.append(token)
             qs.append(q)
             x, logits = model.decode_step(token, last_pos + step, x, draft_slots, cache, step,
                                           side_stream=self.side_stream)
             hidden.append(x)
-            nan = nan | torch.isnan(logits).any()
             token, q = self._pick(logits, step)
+            probes.append(self._nan_probe(logits, token))
         drafts.append(token)
         qs.append(q)
+        nan = torch.isnan(torch.cat(probes, dim=1)).any()  # [S, k]: NaN where a row held one
         error = error + nan.to(torch.int32) * ERR_LOGITS
         out_drafts, out_hidden, out_probs = self.out
         torch.stack(drafts, dim=1, out=out_drafts)
