@@ -46,6 +46,7 @@ from . import hc as hc_k
 from . import head as head_k
 from . import moe as moe_k
 from . import moe_cuda
+from . import prepare as prepare_k
 from .fp8_linear import fp8_linear
 
 EXPERTS = ("auto", "cuda", "triton")
@@ -330,6 +331,13 @@ class TritonOps:
         if key not in self._small_tiles:
             self._small_tiles[key] = moe_k.align_tiles(idx, n, bm)[0]
         return self._small_tiles[key], idx.reshape(-1)
+
+    # ---- the whole-call program's first step -----------------------------------------------
+    def propose_prepare(self, meta, ids, pos, hidden, rows: int, max_abs_hidden: float,
+                        vocab_size: int, cache_pos, pre_error=None):
+        # mtp.propose_program.prepare's checks, inputs and rollback: two launches, not ~45
+        return prepare_k.propose_prepare(meta, ids, pos, hidden, rows, max_abs_hidden,
+                                         vocab_size, cache_pos, pre_error=pre_error)
 
     # ---- logits ----------------------------------------------------------------------------
     def head(self, x, fn, scale, base, norm_w, head_w, hc_eps: float, eps: float, *,

@@ -65,6 +65,51 @@ def draw(q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return token.clamp_(max=q.shape[-1] - 1)  # (a NaN row: flagged, kept in range)
 
 
+def prepare(meta: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, hidden: torch.Tensor,
+            rows: int, max_abs_hidden: float, vocab_size: int, cache_pos: torch.Tensor,
+            pre_error: torch.Tensor | None = None):
+    """A call's device-side checks, the forward's inputs and the rollback, from the staged
+    buffers: meta [3, S] (slots, next real positions, row counts), ids / pos [S*R] and hidden
+    [S*R, M*D] (sequence i's rows at the end of its block of R). Rolls back ``cache_pos``
+    ([L, max_seqs, C]) in place: every entry at or after a checked sequence's next real
+    position came from a draft. -> (ids_in, pos_in [S*R] int64, x_in [S*R, M*D], row_slots
+    [S*R], draft_slots [S] (-1: padding, or every one when a check failed), error word []
+    int32). ``pre_error`` [] int32: failed checks found before (the rows of a sequence beyond
+    its block), OR-ed into the word: the call is refused likewise. Torch operations (~45
+    launches on CUDA); ``TritonOps.propose_prepare`` computes the same, bit for bit, in two
+    kernels."""
+    s = meta.shape[1]
+    slots, starts, counts = meta[0], meta[1], meta[2]
+    j = torch.arange(rows, device=meta.device)
+    first = rows - counts  # [S] the block's first real row
+    real = (j[None, :] >= first[:, None]) & (slots[:, None] >= 0)  # [S, R]
+    want = starts[:, None] + j[None, :] - first[:, None]  # [S, R] positions
+    ids = ids.view(s, rows)
+    hid = hidden.view(s, rows, -1)  # [S*R, M*D] -> [S, R, M*D]
+    bad_ids = real & ((ids < 0) | (ids >= vocab_size))
+    bad_pos = real & (pos.view(s, rows) != want)
+    # False for NaN too; the bound within the dtype's range (float16: 1e6 would round to inf)
+    finite = (hid.abs() <= min(max_abs_hidden, torch.finfo(hid.dtype).max)).all(dim=-1)
+    bad_hid = real & ~finite
+    error = (bad_ids.any().to(torch.int32) * ERR_IDS
+             + bad_pos.any().to(torch.int32) * ERR_POSITIONS
+             + bad_hid.any().to(torch.int32) * ERR_HIDDEN)
+    if pre_error is not None:
+        error = error | pre_error
+    ok = error == 0
+    seq_on = (slots >= 0) & ok  # [S] sequences whose cache this call may change
+    row_slots = torch.where(real & ok, slots[:, None], -1).flatten()  # [S*R]
+    x_in = torch.where((real & finite)[..., None], hid, 0).flatten(0, 1)
+    ids_in = torch.where(real & ~bad_ids, ids, 0).flatten()
+    pos_in = torch.where(real, want, 0).flatten()
+    # the rollback: per slot the first position to drop (padding sequences: the extra last)
+    limit = torch.full((cache_pos.shape[1] + 1,), _NO_LIMIT, dtype=torch.int64,
+                       device=meta.device)
+    limit.scatter_(0, torch.where(seq_on, slots, cache_pos.shape[1]), starts)
+    cache_pos.masked_fill_(cache_pos >= limit[:-1].view(1, -1, 1), -1)
+    return ids_in, pos_in, x_in, row_slots, torch.where(seq_on, slots, -1), error
+
+
 class ProposeProgram:
     """Static buffers for one bucket and :meth:`run`, the call's computation on them.
 
@@ -117,10 +162,8 @@ class ProposeProgram:
         # replaced (a graph holds its address)
         pin = dev.type == "cuda"
         self.error_host = torch.zeros((), dtype=torch.int32, pin_memory=pin)
-        self._j = torch.arange(rows, device=dev)
         self._j_host = np.arange(rows)
         self._last = torch.arange(seqs, device=dev) * rows + rows - 1  # [S]
-        self._limit = torch.empty(cache.max_seqs + 1, dtype=torch.int64, device=dev)
         self.temperature = torch.ones(seqs, dtype=torch.float32, device=dev)
         self.top_p = torch.ones(seqs, dtype=torch.float32, device=dev)
         self._held: list[float | None] = [1.0, 1.0]  # the scalar each holds in every row
@@ -261,57 +304,45 @@ class ProposeProgram:
         p = torch.where(greedy_rows, _one_hot_argmax(x), p)
         return draw(p, self.u[:, step].to(x.dtype)), p
 
+    def _nan_probe(self, logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        """[S, 1]: NaN exactly where a row of ``logits`` [S, V] holds one. Greedy: the logit
+        the argmax picked (argmax takes NaN as the largest value); sampled: the row's max
+        (NaN-propagating). One launch over [S] or [S, V], instead of a NaN mask's two."""
+        if self.mode == "greedy":
+            return logits.gather(1, token[:, None])
+        return logits.amax(dim=-1, keepdim=True)
+
     def run(self):
         """The call on the staged buffers -> (drafts [S, k] int64, hidden [S, k, M*D], q
         [S, k, V] or None (greedy), error word [] int32). No host synchronisation."""
         model, cache = self.model, self.cache
         cfg = model.config
-        s, r = self.seqs, self.rows
-        slots, starts, counts = self.meta[0], self.meta[1], self.meta[2]
-        first = r - counts  # [S] the block's first real row
-        real = (self._j[None, :] >= first[:, None]) & (slots[:, None] >= 0)  # [S, R]
-        want = starts[:, None] + self._j[None, :] - first[:, None]  # [S, R] positions
-        ids = self.ids.view(s, r)
-        hid = self.hidden.view(s, r, -1)  # [S*R, M*D] -> [S, R, M*D]
-        bad_ids = real & ((ids < 0) | (ids >= cfg.vocab_size))
-        bad_pos = real & (self.pos.view(s, r) != want)
-        finite = (hid.abs() <= self.max_abs_hidden).all(dim=-1)  # False for NaN too
-        bad_hid = real & ~finite
-        error = (bad_ids.any().to(torch.int32) * ERR_IDS
-                 + bad_pos.any().to(torch.int32) * ERR_POSITIONS
-                 + bad_hid.any().to(torch.int32) * ERR_HIDDEN) | self.pre_error
-        ok = error == 0
-        seq_on = (slots >= 0) & ok  # [S] sequences whose cache this call may change
-        row_slots = torch.where(real & ok, slots[:, None], -1).flatten()  # [S*R]
-        x_in = torch.where((real & finite)[..., None], hid, 0).flatten(0, 1)
-        ids_in = torch.where(real & ~bad_ids, ids, 0).flatten()
-        pos_in = torch.where(real, want, 0).flatten()
-
-        # Rollback: every entry at or after a sequence's next real position came from a draft.
-        limit = self._limit
-        limit.fill_(_NO_LIMIT)
-        limit.scatter_(0, torch.where(seq_on, slots, cache.max_seqs), starts)  # padding: last
-        cache.pos.masked_fill_(cache.pos >= limit[:-1].view(1, -1, 1), -1)
+        r = self.rows
+        starts, counts = self.meta[1], self.meta[2]
+        prepare_call = getattr(model.ops, "propose_prepare", prepare)  # a backend's fused one
+        ids_in, pos_in, x_in, row_slots, draft_slots, error = prepare_call(
+            self.meta, self.ids, self.pos, self.hidden, r, self.max_abs_hidden, cfg.vocab_size,
+            cache.pos, pre_error=self.pre_error)
 
         # every row's key into the cache; each sequence's last row alone goes on -> x [S, M*D]
         last_rows = None if r == 1 else self._last
         x, logits = model.decode_step(ids_in, pos_in, x_in, row_slots, cache, 0,
                                       side_stream=self.side_stream, logits_rows=last_rows)
-        nan = torch.isnan(logits).any()
-        draft_slots = torch.where(seq_on, slots, -1)
         last_pos = starts + counts - 1
-        hidden, drafts, qs = [x], [], []
+        hidden, drafts, qs, probes = [x], [], [], []
         token, q = self._pick(logits, 0)
+        probes.append(self._nan_probe(logits, token))
         for step in range(1, self.k):
             drafts.append(token)
             qs.append(q)
             x, logits = model.decode_step(token, last_pos + step, x, draft_slots, cache, step,
                                           side_stream=self.side_stream)
             hidden.append(x)
-            nan = nan | torch.isnan(logits).any()
             token, q = self._pick(logits, step)
+            probes.append(self._nan_probe(logits, token))
         drafts.append(token)
         qs.append(q)
+        nan = torch.isnan(torch.cat(probes, dim=1)).any()  # [S, k]: NaN where a row held one
         error = error + nan.to(torch.int32) * ERR_LOGITS
         out_drafts, out_hidden, out_probs = self.out
         torch.stack(drafts, dim=1, out=out_drafts)

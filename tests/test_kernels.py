@@ -20,6 +20,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 INTERPRET = bool(os.environ.get("TRITON_INTERPRET"))
 if torch.cuda.is_available():
@@ -765,3 +767,53 @@ def test_sink_attention_many_rows(lengths, dtype, h):
     o = at.sink_attention(q, new_kv, sink, cos, sin, win, cache_kv=cache_kv,
                           keys_index=idx.keys_index, keys_valid=idx.keys_valid)
     assert rel(o, o_ref) < (BF16_TOL if dtype == torch.bfloat16 else F32_TOL)
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), s=st.integers(1, 5), r=st.integers(1, 9),
+       dtype=st.sampled_from([torch.bfloat16, torch.float32]))
+def test_propose_prepare_matches_the_reference(data, s, r, dtype):
+    """``TritonOps.propose_prepare`` (two kernels) against ``mtp.propose_program.prepare``
+    (torch operations, the definition) on random staged calls: sequences padding or not, row
+    counts 0..R + 2 (more than R: a catch-up's last R rows staged), ids / positions / hidden
+    values right or wrong (out-of-vocabulary ids, shifted positions, NaN, inf, values just over
+    and just under the bound), any cache positions, an error word from the unstaged rows'
+    checks or none.
+    Integer logic and copies: every output and the rolled-back position table bit-identical."""
+    from mtp_kernels.prepare import propose_prepare
+
+    from mtp.propose_program import ERR_HIDDEN, ERR_IDS, ERR_POSITIONS, prepare
+
+    vocab, n, max_seqs, cap = 50, data.draw(st.sampled_from([16, 48, 3000])), 6, 7
+    seed = data.draw(st.integers(0, 2**16))
+    g = gen(seed)
+    slots = data.draw(st.permutations(range(max_seqs)))[:s]
+    slots = [x if data.draw(st.booleans()) or i == 0 else -1 for i, x in enumerate(slots)]
+    counts = data.draw(st.lists(st.integers(0, r + 2), min_size=s, max_size=s))
+    starts = data.draw(st.lists(st.integers(0, 40), min_size=s, max_size=s))
+    meta = torch.tensor([slots, starts, counts], device=DEVICE)
+    # ids mostly in range, positions mostly where expected: the checks must see both cases
+    ids = torch.randint(0, vocab, (s * r,), generator=g, device=DEVICE)
+    if data.draw(st.booleans()):
+        ids[data.draw(st.integers(0, s * r - 1))] = data.draw(st.sampled_from([-1, vocab]))
+    j = torch.arange(r, device=DEVICE)
+    cnt = torch.tensor(counts, device=DEVICE)
+    pos = (torch.tensor(starts, device=DEVICE)[:, None] + j[None, :] - (r - cnt)[:, None])
+    pos = pos.flatten()
+    if data.draw(st.booleans()):
+        pos[data.draw(st.integers(0, s * r - 1))] += 1
+    hidden = torch.randn(s * r, n, generator=g, device=DEVICE).to(dtype)
+    for _ in range(data.draw(st.integers(0, 3))):
+        value = data.draw(st.sampled_from([float("nan"), float("inf"), -float("inf"), 2e6,
+                                           999_424.0, -1e6, 1.01e6]))
+        hidden[data.draw(st.integers(0, s * r - 1)), data.draw(st.integers(0, n - 1))] = value
+    cache_pos = torch.randint(-1, 60, (2, max_seqs, cap), generator=g, device=DEVICE)
+    want_pos, got_pos = cache_pos.clone(), cache_pos.clone()
+    pre = data.draw(st.sampled_from([None, 0, ERR_IDS, ERR_POSITIONS | ERR_HIDDEN]))
+    pre = None if pre is None else torch.tensor(pre, dtype=torch.int32, device=DEVICE)
+    want = prepare(meta, ids, pos, hidden, r, 1e6, vocab, want_pos, pre_error=pre)
+    got = propose_prepare(meta, ids, pos, hidden, r, 1e6, vocab, got_pos, pre_error=pre)
+    for name, a, b in zip(("ids_in", "pos_in", "x_in", "row_slots", "draft_slots", "error"),
+                          want, got):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert torch.equal(want_pos, got_pos)

@@ -13,6 +13,7 @@ operations on the same values, so drafts must be equal and residuals within 1e-1
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import pytest
@@ -25,7 +26,7 @@ from test_eager_deferred import deferred
 
 from mtp import DeepSeekV4MTP, Numerics
 from mtp.drafter import MAX_ABS_HIDDEN, Drafter
-from mtp.propose_program import ProposeBuckets, ProposeProgram, draw
+from mtp.propose_program import MODES, ProposeBuckets, ProposeProgram, draw
 from mtp.sampling import Sampling
 from mtp.testing import init_random_
 
@@ -293,3 +294,24 @@ def test_sampled_program_draws_from_the_eager_q(top_p):
         assert any(m == ("top_p" if top_p < 1 else "sample") for *_, m in prog._proposer.made)
         runs.append(pp.drafts)
     assert torch.equal(runs[0], runs[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(s=st.integers(1, 4), v=st.integers(2, 300), mode=st.sampled_from(MODES),
+       data=st.data())
+def test_the_nan_probe_sees_one_nan_anywhere(s, v, mode, data):
+    """The program flags NaN logits from one value per row: the logit the argmax picked
+    (greedy) or the row's max (sampled). NaN must show there whenever the row holds one NaN
+    anywhere, whatever the other values (a single NaN among large finite logits, at the first
+    or the last index), and never otherwise."""
+    logits = torch.randn(s, v, generator=torch.Generator().manual_seed(data.draw(
+        st.integers(0, 999)))) * data.draw(st.sampled_from([1.0, 1e30]))
+    bad = data.draw(st.lists(st.booleans(), min_size=s, max_size=s))
+    for row in range(s):
+        if bad[row]:
+            logits[row, data.draw(st.integers(0, v - 1))] = float("nan")
+    prog = types.SimpleNamespace(mode=mode)
+    token = logits.argmax(dim=-1)
+    probe = ProposeProgram._nan_probe(prog, logits, token)
+    assert probe.shape == (s, 1)
+    assert torch.isnan(probe[:, 0]).tolist() == bad
