@@ -316,7 +316,9 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     bare = {r["batch"]: r["graph_ms"] for r in rows if r["what"] == "k=3 proposal"}
-    rows += bench_drafter(model, fast, mk, name, args.drafter, args.reps, dev, g, pb, bw, bare)
+    shapes = [(b, n) for b in args.drafter for n in args.drafter_rows]
+    shapes += [(b, 128) for b in args.catchup_drafter]
+    rows += bench_drafter(model, fast, mk, name, shapes, args.reps, dev, g, pb, bw, bare)
     # catch-up: 128 rows per sequence through forward(last_only=True) (the drafter's call: the
     # keys of every row, the rest for each sequence's last row), then those rows' logits
     for n_seq in args.catchup:
@@ -393,65 +395,72 @@ def host_enqueue_us(fn, sync, n: int = 40) -> list[float]:
     return out
 
 
-def bench_drafter(model, fast, mk, name, batches, reps, dev, g, pb, bw, bare) -> list[dict]:
+def bench_drafter(model, fast, mk, name, shapes, reps, dev, g, pb, bw, bare) -> list[dict]:
     """``Drafter.propose(k=3)`` as an engine calls it, with whole-call graphs
     (the default on CUDA; ``cuda_graphs=True`` here so that the benchmark cannot time the
-    eager path unawares: greedy, one graph replay per call), with 1 and
-    k + 1 = 4 new real rows per sequence, host work included, each call timed alone (the GPU
-    idles until the call's first copy arrives); the host time of one call (enqueue only:
-    measured with the GPU busy behind a sleeping kernel); the first call's capture time. The
-    window is full (as in the floor). ``bare``: {batch: ms} of the bare graph proposal, same
-    run."""
+    eager path unawares: greedy, one graph replay per call), for each (sequences, new real
+    rows per sequence) of ``shapes`` (1 row: a decode step's; k + 1 = 4: every draft
+    accepted; 128: a catch-up), host work included, each call timed alone (the GPU idles
+    until the call's first copy arrives); the host time of one call (enqueue only: measured
+    with the GPU busy behind a sleeping kernel); the first call's capture time. The window is
+    full (as in the floor). Two floors: ``floor_ms``, what the call must read (every row's
+    key, the rest for each sequence's last row: the experts those route to) and
+    ``floor_full_ms``, the full forward of every row's (the experts all rows route to).
+    ``bare``: {batch: ms} of the bare graph proposal, same run."""
     from mtp.drafter import Drafter
     rows = []
     cfg = model.config
     k, pos0 = 3, 1000
-    for b in batches:
-        for n in (1, k + 1):
-            d = Drafter(model, max_seqs=b, max_draft_tokens=k, cuda_graphs=True)
-            ids = list(range(b))
-            for i in ids:
-                d.add_sequence(i, position=pos0)
-            fill_cache(d.cache, b, pos0, g)
-            t = b * n
-            sets = inputs(cfg, t, ROT, dev, g, torch.bfloat16)
-            total = 4 + reps + 40  # calls: capture, warm-up, timed, host-timed
-            positions = [(torch.arange(n, device=dev) + pos0 + j * n).repeat(b)
-                         for j in range(total)]
-            calls = iter(range(total))
+    for b, n in shapes:
+        d = Drafter(model, max_seqs=b, max_draft_tokens=k, cuda_graphs=True)
+        ids = list(range(b))
+        for i in ids:
+            d.add_sequence(i, position=pos0)
+        fill_cache(d.cache, b, pos0, g)
+        t = b * n
+        sets = inputs(cfg, t, ROT, dev, g, torch.bfloat16)
+        total = 4 + reps + 40  # calls: capture, warm-up, timed, host-timed
+        positions = [(torch.arange(n, device=dev) + pos0 + j * n).repeat(b)
+                     for j in range(total)]
+        calls = iter(range(total))
 
-            def call(_, d=d, ids=ids, sets=sets, counts=[n] * b, positions=positions,
-                     calls=calls):
-                j = next(calls)
-                nxt, h = sets[j % ROT]
-                return d.propose(ids, h, nxt, positions[j], counts, k=k)
+        def call(_, d=d, ids=ids, sets=sets, counts=[n] * b, positions=positions,
+                 calls=calls):
+            j = next(calls)
+            nxt, h = sets[j % ROT]
+            return d.propose(ids, h, nxt, positions[j], counts, k=k)
 
-            t0 = time.perf_counter()
-            call(0).check()
-            capture_s = time.perf_counter() - t0
-            ms = statistics.median(time_it(call, reps, warmup=3))
-            host = sorted(host_enqueue_us(lambda: call(0), d.synchronize))
-            # the bucket's graph replayed alone (the last call's inputs again: the same rows and
-            # drafts rewritten): the part of the host time that is the graph launch itself
-            runner = next(iter(d._proposer.made.values()))
-            replay = host_enqueue_us(runner.replay, torch.cuda.synchronize)
-            # floor: the real rows' step (b * n rows, the experts they route to) + k - 1 steps
-            sl = torch.full((t,), -1, device=dev)
-            used_n = routed_experts(fast, mk, sets[0][0], positions[0], sets[0][1], sl, d.cache)
-            used_1 = routed_experts(fast, mk, sets[0][0][:b], positions[0][:b],
-                                    sets[0][1][:b], sl[:b], d.cache)
-            fb = (floor_bytes(model, pb, t, b, used_n, b, 2)
-                  + (k - 1) * floor_bytes(model, pb, b, b, used_1, b, 2))
-            floor_ms = fb / bw * 1e3
-            row = dict(preset=name, what=f"Drafter.propose k=3, {n} row(s)/seq", batch=b,
-                       floor_ms=floor_ms, graph_ms=ms, x_floor=ms / floor_ms,
-                       x_bare=ms / bare[b] if b in bare else float("nan"),
-                       host_us=statistics.median(host), host_us_p10=host[len(host) // 10],
-                       host_us_p90=host[len(host) * 9 // 10],
-                       replay_host_us=statistics.median(replay), capture_s=capture_s,
-                       buckets=sorted(d._proposer.made))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        t0 = time.perf_counter()
+        call(0).check()
+        capture_s = time.perf_counter() - t0
+        ms = statistics.median(time_it(call, reps, warmup=3))
+        host = sorted(host_enqueue_us(lambda: call(0), d.synchronize))
+        # the bucket's graph replayed alone (the last call's inputs again: the same rows and
+        # drafts rewritten): the part of the host time that is the graph launch itself
+        runner = next(iter(d._proposer.made.values()))
+        replay = host_enqueue_us(runner.replay, torch.cuda.synchronize)
+        # floor: the real rows' step (b * n rows, the experts they route to) + k - 1 steps
+        sl = torch.full((t,), -1, device=dev)
+        used_n = routed_experts(fast, mk, sets[0][0], positions[0], sets[0][1], sl, d.cache)
+        last = torch.arange(b, device=dev) * n + n - 1  # each sequence's last row
+        used_last = routed_experts(fast, mk, sets[0][0][last], positions[0][last],
+                                   sets[0][1][last], sl[:b], d.cache)
+        used_1 = routed_experts(fast, mk, sets[0][0][:b], positions[0][:b],
+                                sets[0][1][:b], sl[:b], d.cache)
+        drafts = (k - 1) * floor_bytes(model, pb, b, b, used_1, b, 2)
+        floor_ms = (floor_bytes(model, pb, t, b, used_last, b, 2, out_rows=b)
+                    + drafts) / bw * 1e3
+        floor_full_ms = (floor_bytes(model, pb, t, b, used_n, b, 2) + drafts) / bw * 1e3
+        row = dict(preset=name, what=f"Drafter.propose k=3, {n} row(s)/seq", batch=b,
+                   floor_ms=floor_ms, floor_full_ms=floor_full_ms, graph_ms=ms,
+                   x_floor=ms / floor_ms, x_full_floor=ms / floor_full_ms,
+                   x_bare=ms / bare[b] if b in bare else float("nan"),
+                   host_us=statistics.median(host), host_us_p10=host[len(host) // 10],
+                   host_us_p90=host[len(host) * 9 // 10],
+                   replay_host_us=statistics.median(replay), capture_s=capture_s,
+                   buckets=sorted(d._proposer.made))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -519,6 +528,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--naive-reps", type=int, default=10, help="0: skip the naive path")
     ap.add_argument("--drafter", default="1,64", help="batches of the Drafter.propose rows")
+    ap.add_argument("--drafter-rows", default="1,4", help="new rows per sequence of those")
+    ap.add_argument("--catchup-drafter", default="1,4", help="sequences of a 128-row catch-up "
+                    "through Drafter.propose (whole-call graphs)")
     ap.add_argument("--fp4-decode", default=None, help="e2m1 decode of the expert kernels "
                     "(mtp_kernels.moe.DECODES; default: its DEFAULT_DECODE)")
     ap.add_argument("--fp8-dot", type=int, default=1, help="fp8_linear on the FP8 tensor cores")
@@ -537,6 +549,8 @@ def main() -> None:
     args.catchup = [int(x) for x in args.catchup.split(",") if x]
     args.profile = [int(x) for x in args.profile.split(",") if x]
     args.drafter = [int(x) for x in args.drafter.split(",") if x]
+    args.drafter_rows = [int(x) for x in args.drafter_rows.split(",") if x]
+    args.catchup_drafter = [int(x) for x in args.catchup_drafter.split(",") if x]
     _import_kernels()
     from mtp_kernels import fp8_linear as fl
     from mtp_kernels import moe
@@ -584,17 +598,18 @@ def main() -> None:
               f"{r.get('graph_ms', nan):.3f} | {r['x_floor']:.2f} | "
               f"{r.get('b2b_ms', nan):.3f} | {r.get('b2b_x_floor', nan):.2f} | "
               f"{r.get('speedup_vs_naive', nan):.0f} |")
-    print("\n| preset | what | batch | floor ms | ms | x floor | x bare graphs | host us/call | "
-          "host p10-p90 | replay alone host us | capture s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| preset | what | batch | floor ms | ms | x floor | x full forward's floor | "
+          "x bare graphs | host us/call | host p10-p90 | replay alone host us | capture s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows[1:]:
         if r["what"] == "k=3 proposal":
             print(f"| {r['preset']} | bare graph proposal (k=3) | {r['batch']} | "
-                  f"{r['floor_ms']:.3f} | {r['graph_ms']:.3f} | {r['x_floor']:.2f} | 1 | | | "
-                  "| |")
+                  f"{r['floor_ms']:.3f} | {r['graph_ms']:.3f} | {r['x_floor']:.2f} | | 1 | | "
+                  "| | |")
         if r["what"].startswith("Drafter"):
             print(f"| {r['preset']} | {r['what']} | {r['batch']} | {r['floor_ms']:.3f} | "
-                  f"{r['graph_ms']:.3f} | {r['x_floor']:.2f} | {r['x_bare']:.2f} | "
+                  f"{r['graph_ms']:.3f} | {r['x_floor']:.2f} | {r['x_full_floor']:.2f} | "
+                  f"{r['x_bare']:.2f} | "
                   f"{r['host_us']:.0f} | {r['host_us_p10']:.0f}-{r['host_us_p90']:.0f} | "
                   f"{r['replay_host_us']:.0f} | {r['capture_s']:.2f} |")
     for r in rows[1:]:
