@@ -445,10 +445,18 @@ class Drafter:
         """Consume real rows without drafting (e.g. a prompt that will not draft this step).
 
         Arguments as in :meth:`propose`. Returns [S, M*D]: each sequence's last row's output.
+        Where :meth:`propose` replays whole-call graphs, a call that fits a bucket replays the
+        bucket's one-step program (its real-row step is this call's work; the one draft it
+        picks is dropped), with the same device-side checks; otherwise the eager path.
         """
         self._settle()
         plan = self._plan(seq_ids, hidden_states, input_ids, next_token_ids, positions,
                           num_rows_per_seq)
+        graphs = self._whole_call_graphs()
+        if graphs is not None and graphs.bucket(len(plan.seq_ids), max(plan.kept_counts)):
+            proposal = self._propose_graphed(plan, 1, graphs, "greedy", GREEDY, call="feed")
+            if proposal is not None:
+                return proposal.hidden[:, 0]  # [S, 1, M*D] -> [S, M*D]
         return self._eager(plan, None, GREEDY)
 
     @_locked_no_grad
@@ -656,11 +664,12 @@ class Drafter:
                     "triton backend (CUDA, the released format)")
         return None
 
-    def _propose_graphed(self, plan: _Plan, k: int, graphs, mode: str,
-                         sampling: Sampling) -> Proposal | None:
+    def _propose_graphed(self, plan: _Plan, k: int, graphs, mode: str, sampling: Sampling,
+                         call: str = "propose") -> Proposal | None:
         """A call as one graph replay, its value checks on the device (read later by
         :meth:`_settle`). No host synchronisation. None (nothing done) if its bucket's capture
-        failed (now or before): the caller runs the eager path."""
+        failed (now or before): the caller runs the eager path. ``call``: the method's name,
+        for the error a failed check raises."""
         s, rows = len(plan.seq_ids), max(plan.kept_counts)
         try:  # first use of a bucket: captures it (nothing of the drafter changes)
             captured = graphs.get(s, rows, k, mode)
@@ -691,7 +700,7 @@ class Drafter:
             self._failed(plan, exc)
         for seq, end in zip(plan.seqs, plan.ends):
             seq.next_position = end
-        self._pending = _Deferred(self, prog.error_host, captured.done, plan, prog)
+        self._pending = _Deferred(self, prog.error_host, captured.done, plan, prog, call)
         return _PackedProposal(packed, prog, s, self._pending)
 
     def _settle(self, at_call: bool = False) -> None:

@@ -315,3 +315,49 @@ def test_the_nan_probe_sees_one_nan_anywhere(s, v, mode, data):
     probe = ProposeProgram._nan_probe(prog, logits, token)
     assert probe.shape == (s, 1)
     assert torch.isnan(probe[:, 0]).tolist() == bad
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_feed_through_the_program_equals_eager(seed):
+    """``feed`` replays the bucket's one-step program where ``propose`` would replay graphs:
+    rounds of feeds (prompts of up to W + 3 rows: the last W staged) and proposals, the same
+    through the eager path: outputs and residuals within TOL, drafts, positions and the cache
+    agree; the one-step buckets were used."""
+    gen = torch.Generator().manual_seed(seed)
+    eager, prog = drafter(), programmed(drafter())
+    for d in (eager, prog):
+        for s in range(3):
+            d.add_sequence(s, position=2 * s)
+    for r in range(5):
+        ids = torch.randperm(3, generator=gen)[:int(torch.randint(1, 4, (1,), generator=gen))]
+        ids = ids.tolist()
+        counts = [int(torch.randint(1, W + 4, (1,), generator=gen)) for _ in ids]
+        h, nxt, _ = rows(sum(counts), seed + r)
+        pos = torch.cat([torch.arange(eager.next_position(s), eager.next_position(s) + n)
+                         for s, n in zip(ids, counts)])
+        if r % 2 == 0:
+            xe, xp = (d.feed(ids, h, nxt, pos, counts) for d in (eager, prog))
+            assert xp.shape == xe.shape == (len(ids), TINY.hc_dim)
+            assert rel_err(xp, xe) < TOL
+            assert held_kv_close(eager, prog)
+        else:
+            same_call(eager, prog, ids, h, nxt, pos, counts, 3)
+    assert any(k == 1 for _, _, k, _ in prog._proposer.made), "no feed went through a program"
+
+
+def test_a_refused_feed_through_the_program_names_feed_and_changes_nothing():
+    """A feed with a token id outside the vocabulary, through the program: the call returns
+    (the check runs on the device), the next call raises naming ``feed`` and the id, and the
+    drafter is bitwise as before the feed."""
+    d = programmed(drafter())
+    d.add_sequence("a")
+    h, ids, pos = rows(4, 1)
+    d.propose(["a"], h, ids, pos, [4], k=2)
+    before = snapshot(d)
+    h, ids, pos = rows(3, 2, start=4)
+    ids[1] = TINY.vocab_size
+    d.feed(["a"], h, ids, pos, [3])
+    with pytest.raises(ValueError, match=r"feed\(\['a'\]\)"):
+        d.synchronize()
+    assert_same_state(snapshot(d), before)
