@@ -555,8 +555,8 @@ def main() -> None:
                     "mtp_kernels.graph.PDL_ROWS; 0: none); eager calls never do")
     ap.add_argument("--experts", default="auto", help="routed experts' kernels: auto, cuda "
                     "(mtp_kernels.moe_cuda), triton (mtp_kernels.moe)")
-    ap.add_argument("--head", default="auto", help="LM head for <= 64 rows: auto, triton or "
-                    "cublas (mtp_kernels.head)")
+    ap.add_argument("--head", default="triton", help="LM head for <= 64 rows: triton (the "
+                    "default), cublas or auto (mtp_kernels.head)")
     ap.add_argument("--hc-warps", type=int, default=0, help="hc_finish warps (0: default)")
     ap.add_argument("--profile", default="", help="batch sizes to profile, e.g. 1,64")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))

@@ -77,10 +77,10 @@ class TritonOps:
             ones run), ``"triton"`` (``moe``), or ``"auto"``: ``"cuda"`` where it can run
             (torch with ``torch.cuda._compile_kernel``, compute capability >= 8.0, bfloat16,
             hidden size and expert width multiples of 128).
-        head: the LM head's product for up to ``head.HEAD_T`` rows: ``"auto"`` (the faster of
-            the two for the shape on this GPU, timed once at its first call outside a graph
-            capture), ``"triton"`` (``head.head_logits``' kernel) or ``"cublas"`` (torch.mm);
-            more rows take cuBLAS either way
+        head: the LM head's product for up to ``head.HEAD_T`` rows: ``"triton"`` (the
+            default: ``head.head_logits``' kernel), ``"cublas"`` (torch.mm) or ``"auto"`` (the
+            faster of the two for the shape on this GPU, timed once at its first call outside a
+            graph capture); more rows take cuBLAS either way
             (docs/performance.md has the timings).
     """
 
@@ -106,7 +106,7 @@ class TritonOps:
             return f"the model is on {dev}; the kernels need a CUDA device"
         return None
 
-    def __init__(self, model: DeepSeekV4MTP, *, experts: str = "auto", head: str = "auto"):
+    def __init__(self, model: DeepSeekV4MTP, *, experts: str = "auto", head: str = "triton"):
         why = self.unsupported(model, interpret=bool(os.environ.get("TRITON_INTERPRET")))
         if why:
             raise ValueError(f"TritonOps: {why}; use the reference backend")
@@ -358,7 +358,7 @@ class TritonMTP:
     A view of ``model`` whose calls run with :class:`TritonOps` (``model`` itself keeps its
     backend): ``forward``, ``compute_logits``, ``decode_step`` as the module's."""
 
-    def __init__(self, model: DeepSeekV4MTP, *, experts: str = "auto", head: str = "auto"):
+    def __init__(self, model: DeepSeekV4MTP, *, experts: str = "auto", head: str = "triton"):
         warnings.warn("TritonMTP is deprecated: DeepSeekV4MTP runs the same kernels with "
                       "backend='triton' (the default 'auto' does on CUDA); options: "
                       "model.backend = TritonOps(model, experts=..., head=...)",

@@ -9,12 +9,15 @@ and the sums are float32, as cuBLAS's. Constraints: y and weight bfloat16, at mo
 rows (more rows take cuBLAS, which is as fast there). Timings against cuBLAS: docs/performance.md
 and kernels/NOTES.md (round 6, and "The head on an H200").
 
-Which of the two is faster depends on the GPU and the shape: on an H100 this kernel beat cuBLAS
-by up to 11% at one row; on an H200 cuBLAS beat it by 15% at V4-Flash's head and lost by 2% at
-V4-Pro's. So by default (``kernel="auto"``) the first call of each shape (device, V, D, padded
-rows) outside a graph capture times both and keeps the faster for the process: a few
-milliseconds once, with a host synchronisation (a graph capture's warm-up calls make that
-choice before capturing).
+Which of the two is faster alone depends on the GPU and the shape: on an H100 this kernel beat
+cuBLAS by up to 11% at one row; on an H200 cuBLAS beat it by 15% at V4-Flash's head and lost by
+2% at V4-Pro's. ``kernel="auto"`` times both at the first call of each shape (device, V, D,
+padded rows) outside a graph capture and keeps the faster for the process: a few milliseconds
+once, with a host synchronisation (a graph capture's warm-up calls make that choice before
+capturing). Inside the draft step's graphs the choice measured neutral on the H200 (the
+kernel's launch overlaps the step before it, cuBLAS's does not), and a near tie can choose
+differently in two processes (the logits' float32 sums in another order), so the default is
+the kernel: the same bits in every run.
 
 Shape legend: T rows (<= HEAD_T), V vocabulary, D hidden.
 """
@@ -55,7 +58,7 @@ def head_kernel(y_ptr, w_ptr, out_ptr, T, V, D: tl.constexpr, BT: tl.constexpr,
     tl.store(out_ptr + tt[None, :] * V + nn[:, None], acc, mask=tmask[None, :] & nmask[:, None])
 
 
-def head_logits(y: torch.Tensor, weight: torch.Tensor, *, kernel: str = "auto",
+def head_logits(y: torch.Tensor, weight: torch.Tensor, *, kernel: str = "triton",
                 tune: dict | None = None) -> torch.Tensor:
     """y [T, D] bf16 @ weight [V, D] bf16 ^T -> [T, V] float32, products exact and float32
     sums (the reference's product of the upcast operands). T <= ``HEAD_T`` rows take this

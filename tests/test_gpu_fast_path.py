@@ -89,8 +89,8 @@ def scenario(model, runner, dtype):
                                             (torch.bfloat16, False), (torch.bfloat16, True)])
 def test_fast_path_matches_module(dtype, rounding, experts, head):
     """experts="auto": the CUDA expert kernels where they can run (bf16, rounding on, a GPU),
-    else the Triton ones. head="auto" (the default): the faster of head.head_logits' kernel and
-    cuBLAS for the few-row logits; "triton" / "cublas" pin one."""
+    else the Triton ones. head="triton" (the default): head.head_logits' kernel for the few-row
+    logits; "cublas" cuBLAS; "auto" the faster of the two for the shape."""
     model = build(dtype, rounding)
     assert model.ops.name == "reference"
     ref = scenario(model, model, dtype)
