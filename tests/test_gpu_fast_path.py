@@ -265,15 +265,21 @@ def test_catchup_matches_module(dtype, rounding, chunk_rows, many_rows, monkeypa
     monkeypatch.setattr(_common, "MANY_ROWS", many_rows)
     ref = catchup_scenario(build(dtype, rounding), dtype, chunk_rows, monkeypatch)
     fast = catchup_scenario(triton(build(dtype, rounding)), dtype, chunk_rows, monkeypatch)
+    assert_within_fast_path_bounds(fast, ref, dtype, rounding, lambda: catchup_scenario(
+        build(torch.float64, rounding), torch.float64, chunk_rows, monkeypatch))
+
+
+def assert_within_fast_path_bounds(got, want, dtype, rounding, truth) -> None:
+    """float32 without rounding: each of ``got`` within 2e-6 of ``want`` (summation order
+    only); otherwise no further from the float64 run ``truth()`` than 1.5x ``want``'s error +
+    1e-4 (the FP8 roundings flip differently in another order)."""
     if dtype == torch.float32 and not rounding:
-        for a, b in zip(fast, ref):
+        for a, b in zip(got, want):
             assert rel(a, b) < 2e-6
         return
-    truth = catchup_scenario(build(torch.float64, rounding), torch.float64, chunk_rows,
-                             monkeypatch)
-    for k, (a, b, c) in enumerate(zip(fast, ref, truth)):
-        err_fast, err_ref = rel(a, c), rel(b, c)
-        assert err_fast <= 1.5 * err_ref + 1e-4, (k, err_fast, err_ref)
+    for k, (a, b, c) in enumerate(zip(got, want, truth())):
+        err_got, err_want = rel(a, c), rel(b, c)
+        assert err_got <= 1.5 * err_want + 1e-4, (k, err_got, err_want)
 
 
 @pytest.mark.parametrize("chunk_rows", [1024, 100])
@@ -289,11 +295,9 @@ def test_catchup_last_only_equals_the_full_forward(dtype, rounding, chunk_rows, 
                             last_only=True)
     assert torch.equal(last[2], full[2]) and torch.equal(last[3], full[3])
     got, want = [last[0], last[1]], [full[0][[128, 198]], full[1]]
-    if dtype == torch.float32 and not rounding:
-        for a, b in zip(got, want):
-            assert rel(a, b) < 2e-6
-        return
-    truth = catchup_scenario(build(torch.float64, rounding), torch.float64, chunk_rows,
-                             monkeypatch)
-    for k, (a, b, c) in enumerate(zip(got, want, [truth[0][[128, 198]], truth[1]])):
-        assert rel(a, c) <= 1.5 * rel(b, c) + 1e-4, k
+
+    def truth():
+        run = catchup_scenario(build(torch.float64, rounding), torch.float64, chunk_rows,
+                               monkeypatch)
+        return [run[0][[128, 198]], run[1]]
+    assert_within_fast_path_bounds(got, want, dtype, rounding, truth)

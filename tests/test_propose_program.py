@@ -68,26 +68,40 @@ def test_buckets():
 @given(seed=st.integers(0, 2**16), k=st.integers(2, 4))
 def test_program_equals_eager_over_a_loop_with_partial_acceptance(seed, k):
     """Four sequences at different positions, rounds of 1-4 of them with 1 .. k + 1 new rows
-    each (accepted drafts + the bonus) and 1 .. k drafts, a catch-up round (too many rows: the
-    eager path); the same loop through the eager path: drafts, residuals, cache (the draft
-    entries dropped by the next call included) and positions agree."""
+    each (accepted drafts + the bonus) and 1 .. k drafts, a catch-up round (longer than the
+    window: the last W rows staged); the same loop through the eager path: drafts, residuals,
+    cache (the draft entries dropped by the next call included) and positions agree."""
     gen = torch.Generator().manual_seed(seed)
-    eager, prog = drafter(), programmed(drafter())
-    for d in (eager, prog):
-        for s in range(4):
-            d.add_sequence(s, position=3 * s)
+    eager, prog = twin_drafters(4, spacing=3)
     for r in range(7):
-        n_seqs = int(torch.randint(1, 5, (1,), generator=gen))
-        ids = torch.randperm(4, generator=gen)[:n_seqs].tolist()
         top = W + 3 if r == 2 else k + 1  # round 2: a catch-up longer than the window
-        counts = [int(torch.randint(1, top + 1, (1,), generator=gen)) for _ in ids]
-        h, nxt, _ = rows(sum(counts), seed + r)
-        pos = torch.cat([torch.arange(eager.next_position(s), eager.next_position(s) + n)
-                         for s, n in zip(ids, counts)])
+        ids, counts, h, nxt, pos = random_round(eager, gen, 4, top, seed + r)
         kr = int(torch.randint(1, k + 1, (1,), generator=gen))  # fewer drafts: stale entries
         same_call(eager, prog, ids, h, nxt, pos, counts, kr, int32_ids=True)
     assert prog._proposer.made, "no call went through the programs"
     assert any(r > 1 for _, r, *_ in prog._proposer.made), "no multi-row bucket was used"
+
+
+def twin_drafters(n: int, spacing: int) -> tuple[Drafter, Drafter]:
+    """An eager drafter and one whose calls go through the programs, each holding sequences
+    0 .. n - 1 at positions 0, spacing, 2 * spacing, ..."""
+    eager, prog = drafter(), programmed(drafter())
+    for d in (eager, prog):
+        for s in range(n):
+            d.add_sequence(s, position=spacing * s)
+    return eager, prog
+
+
+def random_round(d: Drafter, gen: torch.Generator, n: int, top: int, seed: int):
+    """A call's arguments for 1 .. n of the n sequences (in random order), 1 .. top new rows
+    each, continuing where ``d`` holds them -> (ids, counts, hidden, next ids, positions)."""
+    n_seqs = int(torch.randint(1, n + 1, (1,), generator=gen))
+    ids = torch.randperm(n, generator=gen)[:n_seqs].tolist()
+    counts = [int(torch.randint(1, top + 1, (1,), generator=gen)) for _ in ids]
+    h, nxt, _ = rows(sum(counts), seed)
+    pos = torch.cat([torch.arange(d.next_position(s), d.next_position(s) + c)
+                     for s, c in zip(ids, counts)])
+    return ids, counts, h, nxt, pos
 
 
 def same_call(eager: Drafter, prog: Drafter, ids, h, nxt, pos, counts, k: int,
@@ -325,17 +339,9 @@ def test_feed_through_the_program_equals_eager(seed):
     through the eager path: outputs and residuals within TOL, drafts, positions and the cache
     agree; the one-step buckets were used."""
     gen = torch.Generator().manual_seed(seed)
-    eager, prog = drafter(), programmed(drafter())
-    for d in (eager, prog):
-        for s in range(3):
-            d.add_sequence(s, position=2 * s)
+    eager, prog = twin_drafters(3, spacing=2)
     for r in range(5):
-        ids = torch.randperm(3, generator=gen)[:int(torch.randint(1, 4, (1,), generator=gen))]
-        ids = ids.tolist()
-        counts = [int(torch.randint(1, W + 4, (1,), generator=gen)) for _ in ids]
-        h, nxt, _ = rows(sum(counts), seed + r)
-        pos = torch.cat([torch.arange(eager.next_position(s), eager.next_position(s) + n)
-                         for s, n in zip(ids, counts)])
+        ids, counts, h, nxt, pos = random_round(eager, gen, 3, W + 3, seed + r)
         if r % 2 == 0:
             xe, xp = (d.feed(ids, h, nxt, pos, counts) for d in (eager, prog))
             assert xp.shape == xe.shape == (len(ids), TINY.hc_dim)
