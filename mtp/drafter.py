@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from . import model as model_mod
+from . import propose_program as prog_mod
 from .cache import KVCache
 from .config import MTPConfig
 from .model import DeepSeekV4MTP
@@ -82,8 +83,7 @@ def _locked_no_grad(method):
 def hidden_ok(hidden: torch.Tensor) -> torch.Tensor:
     """[T, ...] -> [T, ...] bool: which values ``hidden_states`` may hold (finite, |value| <=
     ``MAX_ABS_HIDDEN``), elementwise on the tensor's device (nothing is read on the host)."""
-    # False for NaN too; the bound within the dtype's range (float16: 1e6 would round to inf)
-    return hidden.abs() <= min(MAX_ABS_HIDDEN, torch.finfo(hidden.dtype).max)
+    return prog_mod.within_bound(hidden, MAX_ABS_HIDDEN)
 
 
 def check_hidden_values(hidden: torch.Tensor, name: str = "hidden_states") -> None:
@@ -801,19 +801,15 @@ class Drafter:
         out of range reaches a memory access or the module's own checks. What the forward then
         writes is put back by the caller when the word is not 0."""
         ids, hidden = plan.next_ids, plan.hidden
-        bad_ids = (ids < 0) | (ids >= self.config.vocab_size)  # [T]
         expected = _on_device(torch.cat([torch.arange(s, s + n)
                                          for s, n in zip(plan.starts, plan.counts)]),
                               self.device)  # [T] int64
-        bad_pos = plan.positions.to(torch.int64) != expected
-        row_ok = hidden_ok(hidden).all(dim=-1)  # [T]
-        error = (bad_ids.any().to(torch.int32) * ERR_IDS
-                 + bad_pos.any().to(torch.int32) * ERR_POSITIONS
-                 + (~row_ok).any().to(torch.int32) * ERR_HIDDEN)
+        bad_ids, bad_pos, bad_hid = prog_mod.bad_values(  # each [T]
+            ids, plan.positions, expected, hidden, self.config.vocab_size, MAX_ABS_HIDDEN)
         run = dataclasses.replace(plan, next_ids=torch.where(bad_ids, 0, ids),
                                   positions=expected,
-                                  hidden=torch.where(row_ok[:, None], hidden, 0))
-        return run, error
+                                  hidden=torch.where(bad_hid[:, None], 0, hidden))
+        return run, prog_mod.error_word(bad_ids, bad_pos, bad_hid)
 
     def _defer(self, plan: _Plan, error: torch.Tensor, call: str) -> _Deferred:
         """Keep an eager call's error word for :meth:`_settle` (on CUDA copied back without

@@ -65,6 +65,29 @@ def draw(q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return token.clamp_(max=q.shape[-1] - 1)  # (a NaN row: flagged, kept in range)
 
 
+def within_bound(hidden: torch.Tensor, max_abs_hidden: float) -> torch.Tensor:
+    """Elementwise: |value| <= ``max_abs_hidden`` (False for NaN and inf), the bound taken
+    within the dtype's range (float16: 1e6 would round to inf). The one definition of a
+    hidden value the drafter accepts (``Drafter``'s checks, ``prepare``, the rows a program
+    does not stage; ``TritonOps.propose_prepare`` rounds the same bound)."""
+    return hidden.abs() <= min(max_abs_hidden, torch.finfo(hidden.dtype).max)
+
+
+def bad_values(ids: torch.Tensor, positions: torch.Tensor, want: torch.Tensor,
+               hidden: torch.Tensor, vocab_size: int, max_abs_hidden: float):
+    """Per row (any leading shape [...], ``hidden`` [..., N]): (the id outside the
+    vocabulary, the position not ``want``, a hidden value outside :func:`within_bound`)."""
+    return ((ids < 0) | (ids >= vocab_size), positions.to(torch.int64) != want,
+            ~within_bound(hidden, max_abs_hidden).all(dim=-1))
+
+
+def error_word(bad_ids: torch.Tensor, bad_pos: torch.Tensor, bad_hid: torch.Tensor
+               ) -> torch.Tensor:
+    """The failed input checks as an error word [] int32 (``ERR_*`` bits)."""
+    return (bad_ids.any().to(torch.int32) * ERR_IDS + bad_pos.any().to(torch.int32)
+            * ERR_POSITIONS + bad_hid.any().to(torch.int32) * ERR_HIDDEN)
+
+
 def prepare(meta: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, hidden: torch.Tensor,
             rows: int, max_abs_hidden: float, vocab_size: int, cache_pos: torch.Tensor,
             pre_error: torch.Tensor | None = None):
@@ -86,20 +109,15 @@ def prepare(meta: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, hidden: to
     want = starts[:, None] + j[None, :] - first[:, None]  # [S, R] positions
     ids = ids.view(s, rows)
     hid = hidden.view(s, rows, -1)  # [S*R, M*D] -> [S, R, M*D]
-    bad_ids = real & ((ids < 0) | (ids >= vocab_size))
-    bad_pos = real & (pos.view(s, rows) != want)
-    # False for NaN too; the bound within the dtype's range (float16: 1e6 would round to inf)
-    finite = (hid.abs() <= min(max_abs_hidden, torch.finfo(hid.dtype).max)).all(dim=-1)
-    bad_hid = real & ~finite
-    error = (bad_ids.any().to(torch.int32) * ERR_IDS
-             + bad_pos.any().to(torch.int32) * ERR_POSITIONS
-             + bad_hid.any().to(torch.int32) * ERR_HIDDEN)
+    bad_ids, bad_pos, bad_hid = (real & bad for bad in bad_values(
+        ids, pos.view(s, rows), want, hid, vocab_size, max_abs_hidden))
+    error = error_word(bad_ids, bad_pos, bad_hid)
     if pre_error is not None:
         error = error | pre_error
     ok = error == 0
     seq_on = (slots >= 0) & ok  # [S] sequences whose cache this call may change
     row_slots = torch.where(real & ok, slots[:, None], -1).flatten()  # [S*R]
-    x_in = torch.where((real & finite)[..., None], hid, 0).flatten(0, 1)
+    x_in = torch.where((real & ~bad_hid)[..., None], hid, 0).flatten(0, 1)
     ids_in = torch.where(real & ~bad_ids, ids, 0).flatten()
     pos_in = torch.where(real, want, 0).flatten()
     # the rollback: per slot the first position to drop (padding sequences: the extra last)
@@ -258,14 +276,9 @@ class ProposeProgram:
         host = torch.from_numpy(np.stack((rows, want)))  # [2, dropped rows]
         both = (host.pin_memory() if pin else host).to(self.staged.device, non_blocking=True)
         idx = both[0]
-        x = hidden.index_select(0, idx)
-        bound = min(self.max_abs_hidden, torch.finfo(x.dtype).max)  # (float16: not inf)
-        i = ids.index_select(0, idx)
-        word = (((i < 0) | (i >= self.model.config.vocab_size)).any().to(torch.int32) * ERR_IDS
-                + (positions.index_select(0, idx).to(torch.int64) != both[1]).any().to(
-                    torch.int32) * ERR_POSITIONS
-                + (~(x.abs() <= bound)).any().to(torch.int32) * ERR_HIDDEN)
-        self.pre_error.copy_(word)
+        self.pre_error.copy_(error_word(*bad_values(
+            ids.index_select(0, idx), positions.index_select(0, idx), both[1],
+            hidden.index_select(0, idx), self.model.config.vocab_size, self.max_abs_hidden)))
         self._pre_error_set = True
 
     def stage_sampling(self, sampling, s: int) -> None:
