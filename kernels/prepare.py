@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mtp.propose_program import ERR_HIDDEN, ERR_IDS, ERR_POSITIONS
+from mtp.propose_program import ERR_HIDDEN, ERR_IDS, ERR_POSITIONS, hidden_bound
 
 from ._common import launch_opts, pdl_enter
 
@@ -94,9 +94,9 @@ def propose_prepare(meta: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor,
                     hidden: torch.Tensor, rows: int, max_abs_hidden: float, vocab_size: int,
                     cache_pos: torch.Tensor, pre_error: torch.Tensor | None = None):
     """``mtp.propose_program.prepare`` (same arguments, same results bit for bit) in two
-    kernels. The bound on |hidden| is the reference's: ``min(max_abs_hidden, the dtype's
-    largest)`` rounded to the hidden dtype (where the reference compares), then compared in
-    float32, which holds every bfloat16 / float32 value exactly.
+    kernels. The bound on |hidden| is the reference's (``mtp.propose_program.hidden_bound``),
+    rounded to the hidden dtype (where the reference compares), then compared in float32,
+    which holds every bfloat16 / float16 / float32 value exactly.
 
     Example:
         >>> ids_in, pos_in, x_in, row_slots, draft_slots, error = propose_prepare(
@@ -107,8 +107,7 @@ def propose_prepare(meta: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor,
     if hidden.dtype not in (torch.bfloat16, torch.float32, torch.float16):
         raise ValueError(f"propose_prepare: bfloat16, float16 or float32 hidden states, got "
                          f"{hidden.dtype}")
-    bound = float(torch.tensor(min(max_abs_hidden, torch.finfo(hidden.dtype).max),
-                               dtype=hidden.dtype))
+    bound = float(torch.tensor(hidden_bound(hidden.dtype, max_abs_hidden), dtype=hidden.dtype))
     dev = hidden.device
     ids_in = torch.empty(t, dtype=torch.int64, device=dev)
     pos_in = torch.empty(t, dtype=torch.int64, device=dev)

@@ -142,14 +142,14 @@ class TensorParallel:
         verifier anyway) and draw with ``sampling.generator``, which must be seeded the same on
         every rank (each rank then draws the same tokens). ``check_nan=False``: as
         :func:`mtp.sampling.sample`'s (the caller checks each rank's slice itself)."""
-        from .sampling import nan_error, sample
+        from .sampling import nan_error, nan_flag, sample
 
         if not self.sharded:
             return sample(logits, sampling, check_nan=check_nan)
         sampling.check(logits.shape[0], logits.device)
         if sampling.greedy:
             if check_nan:  # each rank reads its own slice; a NaN anywhere is a NaN somewhere
-                flag = torch.isnan(logits).any().to(torch.int32).view(1)
+                flag = nan_flag(logits).to(torch.int32).view(1)
                 if int(self.all_reduce_(flag)[0]):  # every rank raises together
                     raise nan_error("logits")
             return self.argmax(logits), None

@@ -65,12 +65,17 @@ def draw(q: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return token.clamp_(max=q.shape[-1] - 1)  # (a NaN row: flagged, kept in range)
 
 
+def hidden_bound(dtype: torch.dtype, max_abs_hidden: float) -> float:
+    """The largest |value| a hidden state of ``dtype`` may hold: ``max_abs_hidden`` within the
+    dtype's range (float16: 1e6 would round to inf)."""
+    return min(max_abs_hidden, torch.finfo(dtype).max)
+
+
 def within_bound(hidden: torch.Tensor, max_abs_hidden: float) -> torch.Tensor:
-    """Elementwise: |value| <= ``max_abs_hidden`` (False for NaN and inf), the bound taken
-    within the dtype's range (float16: 1e6 would round to inf). The one definition of a
-    hidden value the drafter accepts (``Drafter``'s checks, ``prepare``, the rows a program
-    does not stage; ``TritonOps.propose_prepare`` rounds the same bound)."""
-    return hidden.abs() <= min(max_abs_hidden, torch.finfo(hidden.dtype).max)
+    """Elementwise: |value| <= :func:`hidden_bound` (False for NaN and inf). The one definition
+    of a hidden value the drafter accepts (``Drafter``'s checks, ``prepare``, the rows a
+    program does not stage; ``TritonOps.propose_prepare`` compares against the same bound)."""
+    return hidden.abs() <= hidden_bound(hidden.dtype, max_abs_hidden)
 
 
 def bad_values(ids: torch.Tensor, positions: torch.Tensor, want: torch.Tensor,
