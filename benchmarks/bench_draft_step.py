@@ -381,16 +381,25 @@ def catchup_call(model, cache, case, reference: bool = False):
     return call
 
 
-def host_enqueue_us(fn, sync, n: int = 40) -> list[float]:
-    """Host microseconds of each of n calls of ``fn`` with the GPU kept busy behind a sleeping
-    kernel (~10 ms), so that only the enqueueing is timed; ``sync`` before each."""
+SLEEP = 20_000_000  # cycles of the sleeping kernel that keeps the GPU busy (~10 ms)
+
+
+def host_enqueue_us(fn, sync, n: int = 40, busy: bool = True,
+                    cpu: list | None = None) -> list[float]:
+    """Host microseconds of each of n calls of ``fn``, ``sync`` before each: with ``busy``
+    the GPU kept busy behind a sleeping kernel, so that only the enqueueing is timed, else
+    idle. ``cpu``: gets the thread's CPU time of each call (without the time the thread was
+    not running)."""
     out = []
     for _ in range(n):
         sync()
-        torch.cuda._sleep(20_000_000)
-        t0 = time.perf_counter()
+        if busy:
+            torch.cuda._sleep(SLEEP)
+        t0, c0 = time.perf_counter(), time.thread_time()
         fn()
         out.append((time.perf_counter() - t0) * 1e6)
+        if cpu is not None:
+            cpu.append((time.thread_time() - c0) * 1e6)
     sync()
     return out
 

@@ -29,30 +29,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_draft_step import _import_kernels, fill_cache, init_random_gpu_, inputs  # noqa: E402
+from bench_draft_step import (  # noqa: E402
+    SLEEP,
+    _import_kernels,
+    fill_cache,
+    host_enqueue_us,
+    init_random_gpu_,
+    inputs,
+)
 
 from mtp import DeepSeekV4MTP, MTPConfig  # noqa: E402
 from mtp.drafter import Drafter  # noqa: E402
-
-SLEEP = 20_000_000  # cycles of the sleeping kernel that keeps the GPU busy (~10 ms)
-
-
-def host_us(call, sync, n: int, busy: bool, cpu: list | None = None) -> list[float]:
-    """Host microseconds of n calls, each after ``sync``; ``busy``: behind a sleeping kernel
-    (enqueue only), else with the GPU idle. ``cpu``: gets the thread's CPU time of each (what
-    the call itself computed, without the time the thread was not running)."""
-    out = []
-    for _ in range(n):
-        sync()
-        if busy:
-            torch.cuda._sleep(SLEEP)
-        t0, c0 = time.perf_counter(), time.thread_time()
-        call()
-        out.append((time.perf_counter() - t0) * 1e6)
-        if cpu is not None:
-            cpu.append((time.thread_time() - c0) * 1e6)
-    sync()
-    return out
 
 
 def summary(xs: list[float]) -> str:
@@ -110,7 +97,7 @@ def profile_case(model, b: int, n: int, reps: int, out: str, name: str) -> dict:
         if not gc_on:
             gc.disable()
         cpu: list[float] = []
-        xs = host_us(call, d.synchronize, reps, busy, cpu)
+        xs = host_enqueue_us(call, d.synchronize, reps, busy, cpu)
         gc.enable()
         res[label] = statistics.median(xs)
         lines.append(f"host us, GPU {label:13s}: {summary(xs)}")
@@ -123,25 +110,25 @@ def profile_case(model, b: int, n: int, reps: int, out: str, name: str) -> dict:
                  (prog, "stage", parts.wrap(prog, "stage", "staging (stage)")),
                  (runner, "replay", parts.wrap(runner, "replay", "graph replay")),
                  (d, "_settle", parts.wrap(d, "_settle", "_settle (nothing pending)"))]
-    host_us(call, d.synchronize, reps, True)
+    host_enqueue_us(call, d.synchronize, reps, True)
     for obj, attr, _ in originals:  # the wrappers were instance attributes: drop them
         delattr(obj, attr)
     for label, xs in parts.t.items():
         lines.append(f"  part {label:28s}: {summary(xs)}")
     # the replay alone, and the rest of the call's torch operations alone
-    xs = host_us(runner.replay, torch.cuda.synchronize, reps, True)
+    xs = host_enqueue_us(runner.replay, torch.cuda.synchronize, reps, True)
     lines.append(f"  graph replay alone         : {summary(xs)}")
     s = b
     outs = runner.outputs(s)
-    xs = host_us(lambda: [t.clone() for t in outs if t is not None], torch.cuda.synchronize,
-                 reps, True)
+    xs = host_enqueue_us(lambda: [t.clone() for t in outs if t is not None],
+                         torch.cuda.synchronize, reps, True)
     lines.append(f"  the proposal's clones alone: {summary(xs)}")
     ev = torch.cuda.Event()
 
     def tail():
         prog.error_host.copy_(runner.error, non_blocking=True)
         ev.record()
-    xs = host_us(tail, torch.cuda.synchronize, reps, True)
+    xs = host_enqueue_us(tail, torch.cuda.synchronize, reps, True)
     lines.append(f"  error copy + event alone   : {summary(xs)}")
     # the replay's nodes: kernels, copies and memsets of one replay
     from torch.profiler import ProfilerActivity, profile
