@@ -65,18 +65,23 @@ def _locked(method):
     return wrapper
 
 
+_set_grad_enabled = torch._C._set_grad_enabled  # (what torch.set_grad_enabled calls, without
+# making its context object)
+
+
 def _locked_no_grad(method):
     """:func:`_locked` under ``torch.no_grad()``, switched directly (the decorator's context
-    object costs ~2 us more per call)."""
+    object costs ~2 us more per call); nothing switched when grad is off already."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with self._lock:
-            grad = torch.is_grad_enabled()
-            torch.set_grad_enabled(False)
+            if not torch.is_grad_enabled():
+                return method(self, *args, **kwargs)
+            _set_grad_enabled(False)
             try:
                 return method(self, *args, **kwargs)
             finally:
-                torch.set_grad_enabled(grad)
+                _set_grad_enabled(True)
     return wrapper
 
 
@@ -168,7 +173,7 @@ class _Plan:
     positions: torch.Tensor  # [T] int64 or int32 as given
     ids_name: str  # the name next_ids was given under
     seqs: list[_Seq]  # each sequence's record
-    ends: list[int]  # each sequence's next position after the call (start + count)
+    rows: int  # the most rows a sequence brings to the layer: max(kept_counts)
 
 
 @dataclass
@@ -449,11 +454,12 @@ class Drafter:
         bucket's one-step program (its real-row step is this call's work; the one draft it
         picks is dropped), with the same device-side checks; otherwise the eager path.
         """
-        self._settle()
+        if self._pending is not None:
+            self._settle()
         plan = self._plan(seq_ids, hidden_states, input_ids, next_token_ids, positions,
                           num_rows_per_seq)
         graphs = self._whole_call_graphs()
-        if graphs is not None and graphs.bucket(len(plan.seq_ids), max(plan.kept_counts)):
+        if graphs is not None:
             proposal = self._propose_graphed(plan, 1, graphs, "greedy", GREEDY, call="feed")
             if proposal is not None:
                 return proposal.hidden[:, 0]  # [S, 1, M*D] -> [S, M*D]
@@ -492,11 +498,14 @@ class Drafter:
         drafter's next call (or at ``Proposal.check()``, ``synchronize()``) and leaves the
         drafter as it was before this call (docs/drafter.md, "When each check fires").
         """
-        self._settle()
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.max_draft_tokens:
-            raise ValueError(f"k: expected an int in [1, {self.max_draft_tokens}] "
-                             f"(max_draft_tokens sizes the cache), got {k!r}")
-        if not isinstance(sampling, Sampling):
+        if self._pending is not None:
+            self._settle()
+        if type(k) is not int or not 1 <= k <= self.max_draft_tokens:  # (fast path: an int)
+            if not isinstance(k, int) or isinstance(k, bool) \
+                    or not 1 <= k <= self.max_draft_tokens:
+                raise ValueError(f"k: expected an int in [1, {self.max_draft_tokens}] "
+                                 f"(max_draft_tokens sizes the cache), got {k!r}")
+        if sampling is not GREEDY and not isinstance(sampling, Sampling):
             raise TypeError(f"sampling: expected a mtp.sampling.Sampling, got "
                             f"{type(sampling).__name__}")
         plan = self._plan(seq_ids, hidden_states, input_ids, next_token_ids, positions,
@@ -504,10 +513,10 @@ class Drafter:
         if sampling is GREEDY:  # (frozen, its scalars checked when made, no tensor)
             mode = "greedy"
         else:
-            sampling.check(len(plan.seq_ids), self.device)
+            sampling.check(len(plan.seq_ids), self._device)
             mode = _mode(sampling)
         graphs = self._whole_call_graphs() if mode is not None else None
-        if graphs is not None and graphs.bucket(len(plan.seq_ids), max(plan.kept_counts)):
+        if graphs is not None:
             proposal = self._propose_graphed(plan, k, graphs, mode, sampling)
             if proposal is not None:
                 return proposal
@@ -531,13 +540,24 @@ class Drafter:
 
     def _plan(self, seq_ids, hidden_states, input_ids, next_token_ids, positions,
               num_rows_per_seq) -> _Plan:
-        """Check every argument against the drafter's state; change nothing."""
-        cfg, device = self.config, self.device
-        ids_name, ids_arg = _next_token_ids(input_ids, next_token_ids)
-        for name, value in (("positions", positions), ("num_rows_per_seq", num_rows_per_seq)):
-            if value is None:
-                raise TypeError(f"{name}: required (see Drafter.propose)")
-        if isinstance(seq_ids, (str, bytes)) or not isinstance(seq_ids, Sequence):
+        """Check every argument against the drafter's state; change nothing.
+
+        Runs on every call, so each check starts with a fast path for the common case (a list
+        of ids, tensors of exactly the expected type, shape, dtype family and device) and
+        falls back to the full check, which names what is wrong, on any difference."""
+        if input_ids is None and next_token_ids is not None:
+            ids_name, ids_arg = "next_token_ids", next_token_ids
+        elif next_token_ids is None and input_ids is not None:
+            ids_name, ids_arg = "input_ids", input_ids
+        else:
+            ids_name, ids_arg = _next_token_ids(input_ids, next_token_ids)
+        if positions is None or num_rows_per_seq is None:
+            for name, value in (("positions", positions),
+                                ("num_rows_per_seq", num_rows_per_seq)):
+                if value is None:
+                    raise TypeError(f"{name}: required (see Drafter.propose)")
+        if type(seq_ids) is not list and (isinstance(seq_ids, (str, bytes))
+                                          or not isinstance(seq_ids, Sequence)):
             raise TypeError(f"seq_ids: expected a list of sequence ids, got "
                             f"{type(seq_ids).__name__}")
         ids = list(seq_ids)
@@ -546,38 +566,51 @@ class Drafter:
         seqs, slots = self._lookup(ids)
         counts = _row_counts(num_rows_per_seq, len(ids))
         starts = [s.next_position for s in seqs]
-        ends = list(map(operator.add, starts, counts))
-
+        most = max(counts)
         t = sum(counts)
-        if max(ends) - 1 + self.max_draft_tokens > MAX_POSITION:
-            for seq_id, end in zip(ids, ends):
+        # (max(starts) + most >= every start + count: the exact test only when it might fail)
+        if max(starts) + most - 1 + self.max_draft_tokens > MAX_POSITION:
+            for seq_id, end in zip(ids, map(operator.add, starts, counts)):
                 if end - 1 + self.max_draft_tokens > MAX_POSITION:
                     raise ValueError(f"num_rows_per_seq: sequence {seq_id!r} would reach "
                                      f"position {end - 1 + self.max_draft_tokens} with its "
                                      f"drafts, beyond MAX_POSITION = {MAX_POSITION}")
-        hidden_states = _flat_hidden(hidden_states, cfg)
-        if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() >= 1 \
-                and hidden_states.shape[0] != t and hidden_states.shape[1:] == (cfg.hc_dim,):
-            raise ValueError(f"num_rows_per_seq: the counts {_short(counts)} sum to {t}, but "
-                             f"hidden_states has {hidden_states.shape[0]} rows")
-        _check_tensor(hidden_states, "hidden_states", (t, cfg.hc_dim),
-                      lambda: f"[T, hc_mult*hidden_size] = [{t}, {cfg.hc_dim}] (or [T, "
-                      f"hc_mult, hidden_size] = [{t}, {cfg.hc_mult}, {cfg.hidden_size}])",
-                      device, floating=True)
-        _check_tensor(ids_arg, ids_name, (t,),
-                      lambda: f"[T] = [{t}] (the token after each row)", device, floating=False)
-        _check_tensor(positions, "positions", (t,), lambda: f"[T] = [{t}]", device,
-                      floating=False)
+        cfg, device = self.model.config, self._device
+        hc_dim = cfg.hc_dim
+        x = hidden_states
+        if not (type(x) is torch.Tensor and x.shape == (t, hc_dim) and x.layout is _STRIDED
+                and x.is_floating_point() and x.device == device):
+            hidden_states = _flat_hidden(hidden_states, cfg)
+            if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() >= 1 \
+                    and hidden_states.shape[0] != t and hidden_states.shape[1:] == (hc_dim,):
+                raise ValueError(f"num_rows_per_seq: the counts {_short(counts)} sum to {t}, "
+                                 f"but hidden_states has {hidden_states.shape[0]} rows")
+            _check_tensor(hidden_states, "hidden_states", (t, hc_dim),
+                          lambda: f"[T, hc_mult*hidden_size] = [{t}, {hc_dim}] (or [T, "
+                          f"hc_mult, hidden_size] = [{t}, {cfg.hc_mult}, {cfg.hidden_size}])",
+                          device, floating=True)
+        x = ids_arg
+        if not (type(x) is torch.Tensor and x.shape == (t,) and x.layout is _STRIDED
+                and (x.dtype is _INT64 or x.dtype is _INT32) and x.device == device):
+            _check_tensor(ids_arg, ids_name, (t,),
+                          lambda: f"[T] = [{t}] (the token after each row)", device,
+                          floating=False)
+        x = positions
+        if not (type(x) is torch.Tensor and x.shape == (t,) and x.layout is _STRIDED
+                and (x.dtype is _INT64 or x.dtype is _INT32) and x.device == device):
+            _check_tensor(positions, "positions", (t,), lambda: f"[T] = [{t}]", device,
+                          floating=False)
 
         window = cfg.sliding_window
         kept, keep = counts, None
-        if max(counts) > window:  # only the last W rows of a sequence can ever be attended
+        if most > window:  # only the last W rows of a sequence can ever be attended
             kept = [min(n, window) for n in counts]
             offsets = torch.tensor([0] + counts[:-1]).cumsum(0).tolist()
             keep = _on_device(torch.cat([torch.arange(o + n - m, o + n)
                                          for o, n, m in zip(offsets, counts, kept)]), device)
+            most = window
         return _Plan(ids, slots, starts, counts, kept, keep, hidden_states, ids_arg, positions,
-                     ids_name, seqs, ends)
+                     ids_name, seqs, most)
 
     def _lookup(self, ids: list) -> tuple[list[_Seq], list[int]]:
         """Each sequence's record and cache slot; refuses a duplicate, unhashable or unknown
@@ -667,10 +700,10 @@ class Drafter:
     def _propose_graphed(self, plan: _Plan, k: int, graphs, mode: str, sampling: Sampling,
                          call: str = "propose") -> Proposal | None:
         """A call as one graph replay, its value checks on the device (read later by
-        :meth:`_settle`). No host synchronisation. None (nothing done) if its bucket's capture
-        failed (now or before): the caller runs the eager path. ``call``: the method's name,
-        for the error a failed check raises."""
-        s, rows = len(plan.seq_ids), max(plan.kept_counts)
+        :meth:`_settle`). No host synchronisation. None (nothing done) if it fits no bucket or
+        its bucket's capture failed (now or before): the caller runs the eager path. ``call``:
+        the method's name, for the error a failed check raises."""
+        s, rows = len(plan.seq_ids), plan.rows
         try:  # first use of a bucket: captures it (nothing of the drafter changes)
             captured = graphs.get(s, rows, k, mode)
         except Exception as exc:  # noqa: BLE001 - whatever capture raises: that bucket eager
@@ -682,7 +715,7 @@ class Drafter:
                           "run the eager path from now on (Drafter(..., cuda_graphs=False) "
                           "chooses it for all without trying)", RuntimeWarning, stacklevel=3)
             return None
-        if captured is None:  # its capture failed before
+        if captured is None:  # no bucket holds it, or its capture failed before
             return None
         prog = captured.program
         # (self._pending is None: the previous graphed call was waited for, so its copies
@@ -698,8 +731,8 @@ class Drafter:
         except BaseException as exc:
             prog.after_failure()  # (its copies may be in flight: the buffers wait for them)
             self._failed(plan, exc)
-        for seq, end in zip(plan.seqs, plan.ends):
-            seq.next_position = end
+        for seq, start, n in zip(plan.seqs, plan.starts, plan.counts):
+            seq.next_position = start + n
         self._pending = _Deferred(self, prog.error_host, captured.done, plan, prog, call)
         return _PackedProposal(packed, prog, s, self._pending)
 
@@ -715,7 +748,7 @@ class Drafter:
             # bucket's host buffers are not rewritten while its copies may be in flight
             pend.event.synchronize()
         self._pending = None
-        err = int(pend.error)
+        err = pend.error.item()  # (an int: what int() of the tensor gives, faster)
         if not err:
             return
         plan = pend.plan
@@ -1012,6 +1045,7 @@ def _row_counts(num_rows_per_seq, s: int) -> list[int]:
 
 
 _NONE = object()
+_STRIDED, _INT64, _INT32 = torch.strided, torch.int64, torch.int32  # (singletons: `is` tests)
 
 
 def _check_tensor(x, name: str, shape: tuple, expected, device: torch.device,

@@ -336,6 +336,38 @@ def test_int32_positions_and_ids_draft_like_int64_ones():
     assert torch.equal(m(ids.int(), pos.int(), h), m(ids, pos, h))
 
 
+class _Tagged(torch.Tensor):
+    """A tensor subclass (as a framework's wrapper tensors are): accepted like a tensor."""
+
+
+class _K(int):
+    """An int subclass (an IntEnum's kind): accepted as k."""
+
+
+def test_arguments_off_the_checks_fast_paths_are_accepted_alike():
+    """The argument checks take a fast path for plain lists, ints and tensors of exactly the
+    expected type; anything else the full checks accept (tensor subclasses, a tuple of ids,
+    counts as a tuple or tensor, an int subclass for k, [T, M, D] rows, input_ids= or
+    next_token_ids=) drafts exactly as the plain call."""
+    h, ids, _ = rows(6, 12)
+    plain, other = drafter(max_seqs=2), drafter(max_seqs=2)
+    for d in (plain, other):
+        d.add_sequence("a")
+        d.add_sequence("b")
+    positions = torch.tensor([0, 1, 2, 3, 0, 1])  # a at 0..3, b at 0..1
+    pp = plain.propose(["a", "b"], h, ids, positions, [4, 2], k=3)
+    po = other.propose(("a", "b"), h.as_subclass(_Tagged).view(6, TINY.hc_mult, -1),
+                       next_token_ids=ids.as_subclass(_Tagged),
+                       positions=positions.as_subclass(_Tagged),
+                       num_rows_per_seq=torch.tensor([4, 2]), k=_K(3))
+    assert torch.equal(pp.drafts, po.drafts) and torch.equal(pp.hidden, po.hidden)
+    assert other.next_position("a") == 4 and other.next_position("b") == 2
+    po = other.propose(["a"], h[:1], ids[:1], torch.tensor([4]), (1,), k=2)
+    pp = plain.propose(["a"], h[:1], next_token_ids=ids[:1], positions=torch.tensor([4]),
+                       num_rows_per_seq=[1], k=2)
+    assert torch.equal(pp.drafts, po.drafts) and torch.equal(pp.hidden, po.hidden)
+
+
 # ---- checks that keep the forward from failing, and bad values out of the cache ----------
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e38])
 def test_non_finite_or_huge_hidden_states_are_refused_before_the_cache_changes(value):
