@@ -151,13 +151,13 @@ class _PackedProposal(Proposal):
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
-@dataclass
+@dataclass(slots=True)  # (read and set by every call: slots are faster)
 class _Seq:
     slot: int
     next_position: int
 
 
-@dataclass
+@dataclass(slots=True)
 class _Plan:
     """A validated call: per sequence its slot, first position and row count; which rows the
     layer sees (the last W of each sequence)."""
@@ -176,7 +176,7 @@ class _Plan:
     rows: int  # the most rows a sequence brings to the layer: max(kept_counts)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Deferred:
     """A call whose device-side checks are still running: its error word (pinned host memory,
     copied when ``event`` completes), and what restoring the drafter needs."""
@@ -260,6 +260,12 @@ class Drafter:
         # the last call's seq_ids -> their records and slots (valid until a sequence is added
         # or removed): an engine's batch often stays the same from call to call
         self._last_lookup: dict[tuple, tuple[list[_Seq], list[int]]] = {}
+        # the last checked row counts (a list of ints >= 1, never changed: plans share it),
+        # their sum and their largest: an engine sends the same counts call after call
+        self._last_counts: tuple[list[int], int, int] = ([], 0, 0)
+        # the last sampled call's settings when all scalars, as (Sampling, temperature, top_p,
+        # generator, its program's mode): checked then, and nothing of them depends on the rows
+        self._last_sampling: tuple = (None,) * 5
         self._free = list(range(max_seqs - 1, -1, -1))  # pop() hands out slot 0 first
         if cuda_graphs:
             self._whole_call_graphs()  # raises why they cannot run
@@ -513,8 +519,7 @@ class Drafter:
         if sampling is GREEDY:  # (frozen, its scalars checked when made, no tensor)
             mode = "greedy"
         else:
-            sampling.check(len(plan.seq_ids), self._device)
-            mode = _mode(sampling)
+            mode = self._sampling_mode(sampling, len(plan.seq_ids))
         graphs = self._whole_call_graphs() if mode is not None else None
         if graphs is not None:
             proposal = self._propose_graphed(plan, k, graphs, mode, sampling)
@@ -564,10 +569,14 @@ class Drafter:
         if not ids:
             raise ValueError("seq_ids: empty; pass at least one sequence")
         seqs, slots = self._lookup(ids)
-        counts = _row_counts(num_rows_per_seq, len(ids))
+        c, last = num_rows_per_seq, self._last_counts
+        if type(c) is list and len(c) == len(ids) and c == last[0] \
+                and set(map(type, c)) == _INTS:  # (equal ints: [True] == [1] too)
+            counts, t, most = last
+        else:
+            counts = _row_counts(c, len(ids))
+            self._last_counts = counts, t, most = counts, sum(counts), max(counts)
         starts = [s.next_position for s in seqs]
-        most = max(counts)
-        t = sum(counts)
         # (max(starts) + most >= every start + count: the exact test only when it might fail)
         if max(starts) + most - 1 + self.max_draft_tokens > MAX_POSITION:
             for seq_id, end in zip(ids, map(operator.add, starts, counts)):
@@ -611,6 +620,23 @@ class Drafter:
             most = window
         return _Plan(ids, slots, starts, counts, kept, keep, hidden_states, ids_arg, positions,
                      ids_name, seqs, most)
+
+    def _sampling_mode(self, sampling: Sampling, s: int) -> str | None:
+        """``sampling.check`` for a call of ``s`` sequences, then its :func:`_mode`. The very
+        settings the last sampled call checked (the same scalars and generator in the same
+        ``Sampling``): their mode again, unchecked (what check tests of them does not depend
+        on the call). Tensor settings are checked every call (their values may change)."""
+        last = self._last_sampling
+        if sampling is last[0] and sampling.temperature is last[1] \
+                and sampling.top_p is last[2] and sampling.generator is last[3]:
+            return last[4]
+        sampling.check(s, self._device)
+        mode = _mode(sampling)
+        t, p = sampling.temperature, sampling.top_p
+        if type(sampling) is Sampling and not isinstance(t, torch.Tensor) \
+                and not isinstance(p, torch.Tensor):
+            self._last_sampling = (sampling, t, p, sampling.generator, mode)
+        return mode
 
     def _lookup(self, ids: list) -> tuple[list[_Seq], list[int]]:
         """Each sequence's record and cache slot; refuses a duplicate, unhashable or unknown

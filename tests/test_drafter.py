@@ -68,6 +68,28 @@ def test_sampled_drafts_return_q_and_are_reproducible():
     assert bool((a.probs[0].gather(1, a.drafts[0, :, None]) > 0).all())
 
 
+def test_sampling_settings_are_checked_whenever_they_may_differ_from_the_last_call():
+    """A call with the last call's scalar settings skips their re-check (nothing of it depends
+    on the call); a changed setting in the same object, and tensor settings, are checked at
+    every call (a tensor's length against the call's sequences)."""
+    d = drafter(max_seqs=2)
+    d.add_sequence(0)
+    d.add_sequence(1)
+    sampling = Sampling(temperature=0.9, top_p=0.8, generator=torch.Generator())
+    h, ids, _ = rows(2, 3)
+    for i in range(2):
+        d.propose([0], h[:1], ids[:1], torch.tensor([i]), [1], k=2, sampling=sampling)
+    before = snapshot(d)
+    object.__setattr__(sampling, "temperature", -1.0)  # (a frozen Sampling, changed anyway)
+    with pytest.raises(ValueError, match=r"Sampling.temperature: -1.0 is out of range"):
+        d.propose([0], h[:1], ids[:1], torch.tensor([2]), [1], k=2, sampling=sampling)
+    assert_same_state(before, snapshot(d))
+    per_seq = Sampling(temperature=torch.tensor([0.5, 1.0]))
+    d.propose([0, 1], h, ids, torch.tensor([2, 0]), [1, 1], k=2, sampling=per_seq)
+    with pytest.raises(ValueError, match=r"Sampling.temperature: expected .* \[1\]"):
+        d.propose([0], h[:1], ids[:1], torch.tensor([3]), [1], k=2, sampling=per_seq)
+
+
 def test_a_fed_sequence_drafts_like_proposing_from_its_last_row():
     """feed() then propose() of one more row equals proposing all rows at once."""
     h, ids, pos = rows(9, 4)
