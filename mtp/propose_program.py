@@ -8,9 +8,9 @@ row is always row i * R + R - 1); the rows before them and the sequences past th
 padding (cache slot -1: they read and write nothing). Rows are not copied in: the host stages
 each bucket row's source row and where the caller's tensors are (``rows_at``), and the
 program's first step reads them there (``TritonOps.propose_prepare``; elsewhere gathered,
-``gather_rows``). A sequence may bring more rows than
-R when R is the window W: its last W rows are staged (no later row ever attends the earlier
-ones), and the earlier ones are only checked.
+``gather_rows``). A sequence may bring more rows than R when R is the window W: its last W
+rows are staged (no later row ever attends the earlier ones), and the earlier ones are only
+checked.
 
 Only each sequence's last row's output is read (the real-row step's draft and hidden), so the
 real-row step runs ``decode_step(..., logits_rows=...)``: every row writes its key to the
