@@ -333,11 +333,13 @@ class TritonOps:
         return self._small_tiles[key], idx.reshape(-1)
 
     # ---- the whole-call program's first step -----------------------------------------------
-    def propose_prepare(self, meta, ids, pos, hidden, rows: int, max_abs_hidden: float,
-                        vocab_size: int, cache_pos, pre_error=None):
-        # mtp.propose_program.prepare's checks, inputs and rollback: two launches, not ~45
-        return prepare_k.propose_prepare(meta, ids, pos, hidden, rows, max_abs_hidden,
-                                         vocab_size, cache_pos, pre_error=pre_error)
+    def propose_prepare(self, meta, src, rows_at, rows: int, width: int, dtype,
+                        max_abs_hidden: float, vocab_size: int, cache_pos, pre_error=None):
+        # mtp.propose_program.prepare's checks, inputs and rollback: two launches, not ~45,
+        # reading the caller's rows by address (no staging copies)
+        return prepare_k.propose_prepare(meta, src, rows_at, rows, width, dtype,
+                                         max_abs_hidden, vocab_size, cache_pos,
+                                         pre_error=pre_error)
 
     # ---- logits ----------------------------------------------------------------------------
     def head(self, x, fn, scale, base, norm_w, head_w, hc_eps: float, eps: float, *,

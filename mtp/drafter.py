@@ -792,16 +792,9 @@ class Drafter:
                     self.cache.discard_from(slot, start)
             raise ValueError("logits: hold NaN (the model's output went non-finite from finite "
                              "inputs: check the weights)" + after)
-        prog = pend.program
-        if prog is None or plan.keep is not None:  # the caller's tensors (eager; or rows the
-            # program did not stage)
-            ids, pos, hidden = plan.next_ids, plan.positions, plan.hidden
-        else:  # the program's copies, where stage put them
-            dest = torch.tensor(prog.dest(plan.counts), device=self.device)
-            ids, pos, hidden = prog.ids[dest], prog.pos[dest], prog.hidden[dest]
-        try:  # the host checks on the call's inputs name the row
-            _check_values(plan.ids_name, ids, pos, hidden, plan.seq_ids, plan.starts,
-                          plan.counts, self.config.vocab_size)
+        try:  # the host checks on the call's inputs (what the device read) name the row
+            _check_values(plan.ids_name, plan.next_ids, plan.positions, plan.hidden,
+                          plan.seq_ids, plan.starts, plan.counts, self.config.vocab_size)
         except ValueError as exc:
             raise ValueError(f"{exc}{after}") from None
         names = [n for bit, n in ((ERR_IDS, plan.ids_name), (ERR_POSITIONS, "positions"),

@@ -2,12 +2,15 @@
 a CUDA graph captures (``mtp_kernels.ProposeGraphs``); eager elsewhere (the CPU tests run it
 with the reference ops).
 
-A program serves a bucket: up to S sequences with up to R new rows each, k drafts. The rows
-sit in static buffers [S * R], sequence i's n_i rows at the *end* of its block of R (so its
-last row is always row i * R + R - 1); the rows before them and the sequences past the call's
-are padding (cache slot -1: they read and write nothing). A sequence may bring more rows than
-R when R is the window W: its last W rows are staged (no later row ever attends the earlier
-ones), and the earlier ones are only checked.
+A program serves a bucket: up to S sequences with up to R new rows each, k drafts. The
+bucket's rows [S * R] hold sequence i's n_i rows at the *end* of its block of R (so its last
+row is always row i * R + R - 1); the rows before them and the sequences past the call's are
+padding (cache slot -1: they read and write nothing). Rows are not copied in: the host stages
+each bucket row's source row and where the caller's tensors are (``rows_at``), and the
+program's first step reads them there (``TritonOps.propose_prepare``; elsewhere gathered,
+``gather_rows``). A sequence may bring more rows than R when R is the window W: its last W
+rows are staged (no later row ever attends the earlier ones), and the earlier ones are only
+checked.
 
 Only each sequence's last row's output is read (the real-row step's draft and hidden), so the
 real-row step runs ``decode_step(..., logits_rows=...)``: every row writes its key to the
@@ -133,6 +136,32 @@ def prepare(meta: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, hidden: to
     return ids_in, pos_in, x_in, row_slots, torch.where(seq_on, slots, -1), error
 
 
+ROWS_AT = 8
+"""Length of a call's row-source record (:func:`rows_at`), staged after the meta and the
+row sources."""
+
+
+def rows_at(hidden: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor) -> list[int]:
+    """Where a call's rows are, as ints a kernel reads them by: (hidden's address, its row
+    stride, ids' address, stride, 1 if int32 (else int64), positions' the same three), strides
+    in elements. ``hidden`` [T, N] with unit stride along N; ``ids`` / ``positions`` [T]
+    int64 or int32. A graph captures a kernel reading these, not the addresses themselves:
+    each call brings its own tensors, with no copy into the graph's buffers."""
+    return [hidden.data_ptr(), hidden.stride(0),
+            ids.data_ptr(), ids.stride(0), int(ids.dtype == torch.int32),
+            positions.data_ptr(), positions.stride(0), int(positions.dtype == torch.int32)]
+
+
+def gather_rows(src: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
+                hidden: torch.Tensor, dtype: torch.dtype):
+    """The bucket's rows from the caller's: row b is the caller's row ``src[b]`` -> (ids,
+    positions [S*R] int64, hidden [S*R, N] ``dtype``). What ``TritonOps.propose_prepare``
+    reads through :func:`rows_at` (its reference: ``prepare`` of these)."""
+    return (ids.index_select(0, src).to(torch.int64),
+            positions.index_select(0, src).to(torch.int64),
+            hidden.index_select(0, src).to(dtype))
+
+
 class ProposeProgram:
     """Static buffers for one bucket and :meth:`run`, the call's computation on them.
 
@@ -161,25 +190,30 @@ class ProposeProgram:
         self.max_abs_hidden = max_abs_hidden
         self.side_stream = side_stream
         n = seqs * rows
-        self.hidden = torch.zeros(n, cfg.hc_dim, dtype=model.dtype, device=dev)
-        self.ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.pos = torch.zeros(n, dtype=torch.int64, device=dev)
-        # A call's small inputs in one buffer, staged by one copy: meta [3, S] (per sequence:
-        # cache slot (-1: padding), next real position, new rows (0: padding)), then per row of
-        # the bucket the caller's row it is gathered from (a call that fills part of the bucket)
-        self.staged = torch.zeros(3 * seqs + n, dtype=torch.int64, device=dev)
+        # A call's inputs in one buffer, staged by one copy: meta [3, S] (per sequence: cache
+        # slot (-1: padding), next real position, new rows (0: padding)), then per row of the
+        # bucket the caller's row it is read from (``src``), then where the caller's rows are
+        # (``rows_at``): the rows themselves are read where the caller has them, not copied
+        self.staged = torch.zeros(3 * seqs + n + ROWS_AT, dtype=torch.int64, device=dev)
         self.meta = self.staged[:3 * seqs].view(3, seqs)  # [3 * S] -> [3, S]
         self.meta[0] = -1
-        self._src = self.staged[3 * seqs:]
-        self._staged_meta = self.staged[:3 * seqs]
+        self.src = self.staged[3 * seqs:3 * seqs + n]
+        self.rows_at = self.staged[3 * seqs + n:]
         # its host side (pinned on CUDA: copies are queued, the host does not wait), written
-        # through a numpy view; a captured graph's first node copies the meta from it, so it
-        # is never replaced (``after_failure``)
+        # through a numpy view; a captured graph's first node copies it in, so it is never
+        # replaced (``after_failure``)
         self.host = torch.zeros(self.staged.shape, dtype=torch.int64, pin_memory=dev.type == "cuda")
         self._host_np = self.host.numpy()
-        self._host_meta = self.host[:3 * seqs]
-        self.host_meta = self._host_meta.view(3, seqs)  # the staged call's, as ``meta`` will be
+        self.host_meta = self.host[:3 * seqs].view(3, seqs)  # the staged call's meta
+        self.host_src = self.host[3 * seqs:3 * seqs + n]
         self._host_np[:seqs] = -1  # every sequence padding until a call is staged
+        self._iota = np.arange(n)
+        self._src_in_order = False  # host_src holds _iota (a call that filled the bucket)
+        # the staged call's tensors (as the program reads them: the int and hidden dtypes it
+        # takes), held until the next call is staged: a replay reads them by address
+        blank = torch.zeros(1, dtype=torch.int64, device=dev)
+        self._blank = (torch.zeros(1, cfg.hc_dim, dtype=model.dtype, device=dev), blank, blank)
+        self.caller = self._blank
         # The error word's host copy: written by every call at its end (in a captured graph, by
         # the graph itself) and read only after waiting for that call's event, so it is never
         # replaced (a graph holds its address)
@@ -220,7 +254,7 @@ class ProposeProgram:
                 pass
 
     def dest(self, counts: list[int]) -> list[int]:
-        """Where the caller's staged rows go in the buffers: sequence i's last min(n_i, R)
+        """Where the caller's staged rows go in the bucket: sequence i's last min(n_i, R)
         rows at the end of its block (host arithmetic only)."""
         r, out = self.rows, []
         for i, n in enumerate(counts):
@@ -231,43 +265,45 @@ class ProposeProgram:
 
     def stage(self, slots: list[int], starts: list[int], counts: list[int], ids: torch.Tensor,
               positions: torch.Tensor, hidden: torch.Tensor) -> None:
-        """Copy a call in: s <= S sequences' cache slots, next real positions and row counts
+        """Stage a call: s <= S sequences' cache slots, next real positions and row counts
         (more than R only when R = W: the last R rows are staged, the earlier ones checked
         into ``pre_error``), their T rows (``ids`` / ``positions`` [T], ``hidden`` [T, M*D]).
 
-        The small inputs are written into the pinned host buffer ``host``, whose meta part
+        Host work only (but for a hidden dtype other than the module's, or a layout a kernel
+        cannot read, converted here): the meta, each bucket row's source row (sequence i's
+        last rows at the end of its block; padding rows repeat a real row and are never read)
+        and where the caller's tensors are go into the pinned host buffer ``host``, which
         :meth:`run_call` copies to the device first (in a captured graph: its first node); the
-        caller guarantees that the previous call's copies from it are done (``Drafter`` waits
-        for each graphed call's event before the next call). When the call fills the bucket (S
-        sequences of R rows) its rows are copied as they are; otherwise each row of the bucket
-        is gathered from the caller's row ``_src`` names (the row sources copied here, before
-        the gathers read them; padding rows repeat a real row: the program ignores their
-        values)."""
+        program then reads the rows where they are. The caller guarantees that the previous
+        call's copies from ``host`` are done (``Drafter`` waits for each graphed call's event
+        before the next call) and keeps the tensors unchanged until the call has run (the
+        program holds them until the next call is staged)."""
         big, r = self.seqs, self.rows
         s = len(slots)
         pad = big - s
         if self._pre_error_set:  # the last call's word
             self.pre_error.zero_()
             self._pre_error_set = False
-        self._host_np[:3 * big] = (slots + [-1] * pad + starts + [0] * pad
-                                   + counts + [0] * pad)
+        host = self._host_np
+        host[:3 * big] = slots + [-1] * pad + starts + [0] * pad + counts + [0] * pad
+        at = 3 * big
         if pad == 0 and min(counts) == r == max(counts):  # the bucket's rows, in order
-            self.hidden.copy_(hidden)
-            self.ids.copy_(ids)
-            self.pos.copy_(positions)
-            return
-        # bucket row (i, j) <- the caller's row off_i + j - (R - n_i), the first one before it
-        n = np.asarray(counts)
-        off = np.cumsum(n) - n
-        src = np.maximum(self._j_host[None, :] - r + n[:, None], 0) + off[:, None]  # [s, R]
-        self._host_np[3 * big:3 * big + s * r] = src.reshape(-1)
-        self._host_np[3 * big + s * r:] = 0
-        self.staged.copy_(self.host, non_blocking=True)
-        for buf, x in ((self.hidden, hidden), (self.ids, ids), (self.pos, positions)):
-            torch.index_select(x if x.dtype == buf.dtype else x.to(buf.dtype), 0, self._src,
-                               out=buf)
-        if n.max() > r:
-            self._check_unstaged(n, off, starts, ids, positions, hidden)
+            if not self._src_in_order:
+                host[at:at + big * r] = self._iota
+                self._src_in_order = True
+        else:  # bucket row (i, j) <- the caller's row off_i + j - (R - n_i), the first before it
+            n = np.asarray(counts)
+            off = np.cumsum(n) - n
+            src = np.maximum(self._j_host[None, :] - r + n[:, None], 0) + off[:, None]  # [s, R]
+            host[at:at + s * r] = src.reshape(-1)
+            host[at + s * r:at + big * r] = 0
+            self._src_in_order = False
+            if n.max() > r:
+                self._check_unstaged(n, off, starts, ids, positions, hidden)
+        if hidden.dtype != self.model.dtype or hidden.stride(-1) != 1:
+            hidden = hidden.to(self.model.dtype).contiguous()
+        host[at + big * r:] = rows_at(hidden, ids, positions)
+        self.caller = (hidden, ids, positions)
 
     def _check_unstaged(self, n, off, starts: list[int], ids, positions, hidden) -> None:
         """The value checks of the rows before each sequence's last R (not staged: never
@@ -304,10 +340,13 @@ class ProposeProgram:
                    out=self.u)
 
     def clear(self) -> None:
-        """Every sequence padding (what capture and warm-up run on: nothing is written)."""
-        self._host_np[:3 * self.seqs] = [-1] * self.seqs + [0] * (2 * self.seqs)
-        self.meta.zero_()
-        self.meta[0] = -1
+        """Every sequence padding (what capture and warm-up run on: nothing is written, and no
+        caller's row is read)."""
+        self._host_np[:] = 0
+        self._host_np[:self.seqs] = -1
+        self._src_in_order = False
+        self.caller = self._blank
+        self.staged.copy_(self.host)
 
     def _pick(self, logits: torch.Tensor, step: int):
         """Draft tokens [S] and their q [S, V] (None when greedy) from one step's logits."""
@@ -337,10 +376,16 @@ class ProposeProgram:
         cfg = model.config
         r = self.rows
         starts, counts = self.meta[1], self.meta[2]
-        prepare_call = getattr(model.ops, "propose_prepare", prepare)  # a backend's fused one
-        ids_in, pos_in, x_in, row_slots, draft_slots, error = prepare_call(
-            self.meta, self.ids, self.pos, self.hidden, r, self.max_abs_hidden, cfg.vocab_size,
-            cache.pos, pre_error=self.pre_error)
+        fused = getattr(model.ops, "propose_prepare", None)
+        if fused is not None:  # a backend's kernels, reading the caller's rows by address
+            ids_in, pos_in, x_in, row_slots, draft_slots, error = fused(
+                self.meta, self.src, self.rows_at, r, cfg.hc_dim, model.dtype, self.max_abs_hidden,
+                cfg.vocab_size, cache.pos, pre_error=self.pre_error)
+        else:  # the definition, on the rows gathered from the tensors the call staged
+            hidden, ids, pos = self.caller
+            ids_in, pos_in, x_in, row_slots, draft_slots, error = prepare(
+                self.meta, *gather_rows(self.src, ids, pos, hidden, model.dtype), r,
+                self.max_abs_hidden, cfg.vocab_size, cache.pos, pre_error=self.pre_error)
 
         # every row's key into the cache; each sequence's last row alone goes on -> x [S, M*D]
         last_rows = None if r == 1 else self._last
@@ -370,12 +415,12 @@ class ProposeProgram:
         return out_drafts, out_hidden, out_probs, error
 
     def run_call(self, done=None):
-        """The staged meta copied in from ``host``, :meth:`run`, then its error word copied to
+        """The staged call copied in from ``host``, :meth:`run`, then its error word copied to
         ``error_host`` and ``done`` (an event, or None) recorded: all a call does on the
         device, in one unit a graph can capture (the copies and, with an external event, the
         record become its first and last nodes: the host launches the graph and nothing
         else)."""
-        self._staged_meta.copy_(self._host_meta, non_blocking=True)
+        self.staged.copy_(self.host, non_blocking=True)
         out = self.run()
         self.error_host.copy_(out[-1], non_blocking=True)
         if done is not None:
@@ -512,5 +557,5 @@ class ProposeBuckets:
 
 
 __all__ = ["ERR_HIDDEN", "ERR_IDS", "ERR_LOGITS", "ERR_POSITIONS", "INPUT_ERRORS", "MODES",
-           "EagerProposal", "ProposeBuckets", "ProposeProgram", "StaticProposal", "draw",
-           "first_rows"]
+           "ROWS_AT", "EagerProposal", "ProposeBuckets", "ProposeProgram", "StaticProposal",
+           "draw", "first_rows", "gather_rows", "rows_at"]

@@ -771,18 +771,29 @@ def test_sink_attention_many_rows(lengths, dtype, h):
 
 @settings(max_examples=25, deadline=None)
 @given(data=st.data(), s=st.integers(1, 5), r=st.integers(1, 9),
-       dtype=st.sampled_from([torch.bfloat16, torch.float32]))
-def test_propose_prepare_matches_the_reference(data, s, r, dtype):
-    """``TritonOps.propose_prepare`` (two kernels) against ``mtp.propose_program.prepare``
-    (torch operations, the definition) on random staged calls: sequences padding or not, row
-    counts 0..R + 2 (more than R: a catch-up's last R rows staged), ids / positions / hidden
-    values right or wrong (out-of-vocabulary ids, shifted positions, NaN, inf, values just over
-    and just under the bound), any cache positions, an error word from the unstaged rows'
-    checks or none.
+       dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+       int_dtypes=st.sampled_from([(torch.int64, torch.int64), (torch.int32, torch.int64),
+                                   (torch.int64, torch.int32), (torch.int32, torch.int32)]),
+       strided=st.booleans())
+def test_propose_prepare_matches_the_reference(data, s, r, dtype, int_dtypes, strided):
+    """``TritonOps.propose_prepare`` (two kernels reading the caller's rows by address) against
+    ``mtp.propose_program.prepare`` of ``gather_rows`` (torch operations, the definition) on
+    random staged calls: sequences padding or not, row counts 0..R + 2 (more than R: a
+    catch-up's last R rows staged), rows taken from anywhere in the caller's tensors (int64 or
+    int32 ids and positions, strided views or not), ids / positions / hidden values right or
+    wrong (out-of-vocabulary ids, shifted positions, NaN, inf, values just over and just under
+    the bound), any cache positions, an error word from the unstaged rows' checks or none.
     Integer logic and copies: every output and the rolled-back position table bit-identical."""
     from mtp_kernels.prepare import propose_prepare
 
-    from mtp.propose_program import ERR_HIDDEN, ERR_IDS, ERR_POSITIONS, prepare
+    from mtp.propose_program import (
+        ERR_HIDDEN,
+        ERR_IDS,
+        ERR_POSITIONS,
+        gather_rows,
+        prepare,
+        rows_at,
+    )
 
     vocab, n, max_seqs, cap = 50, data.draw(st.sampled_from([16, 48, 3000])), 6, 7
     seed = data.draw(st.integers(0, 2**16))
@@ -792,28 +803,54 @@ def test_propose_prepare_matches_the_reference(data, s, r, dtype):
     counts = data.draw(st.lists(st.integers(0, r + 2), min_size=s, max_size=s))
     starts = data.draw(st.lists(st.integers(0, 40), min_size=s, max_size=s))
     meta = torch.tensor([slots, starts, counts], device=DEVICE)
-    # ids mostly in range, positions mostly where expected: the checks must see both cases
-    ids = torch.randint(0, vocab, (s * r,), generator=g, device=DEVICE)
-    if data.draw(st.booleans()):
-        ids[data.draw(st.integers(0, s * r - 1))] = data.draw(st.sampled_from([-1, vocab]))
+    # the caller's T rows; bucket row b is the caller's row src[b] (distinct rows)
+    t = s * r + data.draw(st.integers(0, 3))
+    src = torch.randperm(t, generator=gen(seed + 1), device=DEVICE)[:s * r]
+    ids_dtype, pos_dtype = int_dtypes
+    wide = 2 if strided else 1  # strided: every other element / a row of a wider tensor
+    ids = torch.randint(0, vocab, (t, wide), generator=g, device=DEVICE).to(ids_dtype)[:, 0]
+    # positions mostly where expected: the checks must see both cases
     j = torch.arange(r, device=DEVICE)
     cnt = torch.tensor(counts, device=DEVICE)
-    pos = (torch.tensor(starts, device=DEVICE)[:, None] + j[None, :] - (r - cnt)[:, None])
-    pos = pos.flatten()
+    want = (torch.tensor(starts, device=DEVICE)[:, None] + j[None, :] - (r - cnt)[:, None])
+    pos = torch.zeros(t, wide, dtype=pos_dtype, device=DEVICE)[:, 0]
+    pos[src] = want.flatten().to(pos_dtype)
     if data.draw(st.booleans()):
-        pos[data.draw(st.integers(0, s * r - 1))] += 1
-    hidden = torch.randn(s * r, n, generator=g, device=DEVICE).to(dtype)
+        ids[data.draw(st.integers(0, t - 1))] = data.draw(st.sampled_from([-1, vocab]))
+    if data.draw(st.booleans()):
+        pos[data.draw(st.integers(0, t - 1))] += 1
+    hidden = torch.randn(t, n + 5 * strided, generator=g, device=DEVICE).to(dtype)[:, :n]
     for _ in range(data.draw(st.integers(0, 3))):
         value = data.draw(st.sampled_from([float("nan"), float("inf"), -float("inf"), 2e6,
                                            999_424.0, -1e6, 1.01e6]))
-        hidden[data.draw(st.integers(0, s * r - 1)), data.draw(st.integers(0, n - 1))] = value
+        hidden[data.draw(st.integers(0, t - 1)), data.draw(st.integers(0, n - 1))] = value
     cache_pos = torch.randint(-1, 60, (2, max_seqs, cap), generator=g, device=DEVICE)
     want_pos, got_pos = cache_pos.clone(), cache_pos.clone()
     pre = data.draw(st.sampled_from([None, 0, ERR_IDS, ERR_POSITIONS | ERR_HIDDEN]))
     pre = None if pre is None else torch.tensor(pre, dtype=torch.int32, device=DEVICE)
-    want = prepare(meta, ids, pos, hidden, r, 1e6, vocab, want_pos, pre_error=pre)
-    got = propose_prepare(meta, ids, pos, hidden, r, 1e6, vocab, got_pos, pre_error=pre)
+    expected = prepare(meta, *gather_rows(src, ids, pos, hidden, dtype), r, 1e6, vocab,
+                       want_pos, pre_error=pre)
+    at = torch.tensor(rows_at(hidden, ids, pos), device=DEVICE)
+    got = propose_prepare(meta, src, at, r, n, dtype, 1e6, vocab, got_pos, pre_error=pre)
     for name, a, b in zip(("ids_in", "pos_in", "x_in", "row_slots", "draft_slots", "error"),
-                          want, got):
+                          expected, got):
         assert a.dtype == b.dtype and torch.equal(a, b), name
     assert torch.equal(want_pos, got_pos)
+
+
+def test_propose_prepare_reads_no_padding_row():
+    """A bucket of padding only (what a graph's capture and warm-up run on) with every
+    address 0: the kernels read no caller's row (a read there would fault), write zeros and
+    slots -1, and leave the cache positions alone."""
+    from mtp_kernels.prepare import propose_prepare
+
+    meta = torch.tensor([[-1, -1], [0, 0], [0, 0]], device=DEVICE)
+    src = torch.zeros(6, dtype=torch.int64, device=DEVICE)
+    at = torch.zeros(8, dtype=torch.int64, device=DEVICE)
+    cache_pos = torch.arange(2 * 3 * 4, device=DEVICE).view(2, 3, 4)
+    before = cache_pos.clone()
+    ids_in, pos_in, x_in, row_slots, draft_slots, error = propose_prepare(
+        meta, src, at, 3, 16, torch.bfloat16, 1e6, 50, cache_pos)
+    assert not ids_in.any() and not pos_in.any() and not x_in.any() and int(error) == 0
+    assert (row_slots == -1).all() and (draft_slots == -1).all()
+    assert torch.equal(cache_pos, before)

@@ -37,11 +37,20 @@ def call(d, seq_ids, counts, ids_dtype=torch.int64):
                 positions=pos, num_rows_per_seq=counts, k=2)
 
 
+def staged_rows(prog):
+    """The bucket's rows as the program's first step reads them (``gather_rows`` of the
+    staged sources from the tensors the call staged) -> (ids, positions, hidden)."""
+    from mtp.propose_program import gather_rows
+    hidden, ids, pos = prog.caller
+    return gather_rows(prog.host_src, ids, pos, hidden, prog.model.dtype)
+
+
 def test_stage_puts_each_row_at_the_end_of_its_block():
-    """A call that fills part of its bucket: its rows land where ``dest`` says (the last n_i
-    rows of block i), converted to the buffers' dtypes; the per-sequence meta holds slots,
-    next positions and counts, padding sequences slot -1 and 0 rows. A call that fills the
-    bucket: plain copies, in order."""
+    """A call that fills part of its bucket: its rows are read where ``dest`` says (the last
+    n_i rows of block i), converted to int64; the per-sequence meta holds slots, next
+    positions and counts, padding sequences slot -1 and 0 rows. A call that fills the bucket:
+    its rows in order. The host buffer says where the caller's tensors are."""
+    from mtp.propose_program import ROWS_AT, rows_at
     d = drafter(max_seqs=5)
     prog = ProposeProgram(d.model, d.cache, 4, 5, 2, MAX_ABS_HIDDEN)
     counts = [2, 5, 1]
@@ -49,48 +58,73 @@ def test_stage_puts_each_row_at_the_end_of_its_block():
     prog.stage([3, 0, 2], [10, 20, 30], counts, ids.to(torch.int32), pos.to(torch.int32), h)
     assert prog.host_meta.tolist() == [[3, 0, 2, -1], [10, 20, 30, 0], [2, 5, 1, 0]]
     dest = torch.tensor(prog.dest(counts))
-    assert torch.equal(prog.ids[dest], ids) and torch.equal(prog.pos[dest], pos)
-    assert torch.equal(prog.hidden[dest], h)
+    got_ids, got_pos, got_h = staged_rows(prog)
+    assert torch.equal(got_ids[dest], ids) and torch.equal(got_pos[dest], pos)
+    assert torch.equal(got_h[dest], h)
     h, ids, pos = rows(20, 1)
     prog.stage([0, 1, 2, 4], [1, 2, 3, 4], [5] * 4, ids, pos, h)
     assert prog.host_meta.tolist() == [[0, 1, 2, 4], [1, 2, 3, 4], [5] * 4]
-    assert torch.equal(prog.ids, ids) and torch.equal(prog.pos, pos)
-    assert torch.equal(prog.hidden, h)
+    assert prog.host_src.tolist() == list(range(20))
+    assert prog.host[-ROWS_AT:].tolist() == rows_at(h, ids, pos)
+    got_ids, got_pos, got_h = staged_rows(prog)
+    assert torch.equal(got_ids, ids) and torch.equal(got_pos, pos) and torch.equal(got_h, h)
+
+
+def test_stage_converts_only_what_a_kernel_cannot_read():
+    """Int32 ids and positions and strided views are read as they are (their own address
+    and stride, no copy); a hidden dtype other than the module's, or a hidden row that is not
+    contiguous, is converted (the program holds the converted tensor until the next call)."""
+    d = drafter(max_seqs=2)
+    prog = ProposeProgram(d.model, d.cache, 2, 2, 2, MAX_ABS_HIDDEN)
+    h, ids, pos = rows(4, 2)
+    wide_ids = torch.stack((ids.to(torch.int32), ids.to(torch.int32)), dim=1)[:, 0]
+    prog.stage([0, 1], [0, 0], [2, 2], wide_ids, pos, h)
+    assert prog.caller[1] is wide_ids and prog.caller[0] is h
+    assert prog.host[-8:-3].tolist()[2:] == [wide_ids.data_ptr(), 2, 1]
+    other = torch.float32 if d.model.dtype != torch.float32 else torch.float64
+    prog.stage([0, 1], [0, 0], [2, 2], ids, pos, h.to(other))
+    assert prog.caller[0].dtype == d.model.dtype
+    assert torch.equal(prog.caller[0], h.to(other).to(d.model.dtype))
+    prog.stage([0, 1], [0, 0], [2, 2], ids, pos, h.t().contiguous().t())
+    assert prog.caller[0].stride(-1) == 1 and torch.equal(prog.caller[0], h)
 
 
 @settings(max_examples=30, deadline=None)
 @given(data=st.data(), seqs=st.integers(1, 4), rows_=st.integers(1, 5),
        ids_dtype=st.sampled_from([torch.int64, torch.int32]))
 def test_staged_rows_are_the_callers_rows_in_any_bucket(data, seqs, rows_, ids_dtype):
-    """Any call that fits a bucket (s <= S sequences, each 1 .. R rows): after ``stage``, the
-    rows at ``dest`` are the caller's, bit for bit, and the meta is the call's, padded."""
+    """Any call that fits a bucket (s <= S sequences, each 1 .. R rows), after any other
+    call: the rows read at ``dest`` are the caller's, bit for bit, and the meta is the
+    call's, padded."""
     d = drafter(max_seqs=4)
     prog = ProposeProgram(d.model, d.cache, seqs, rows_, 2, MAX_ABS_HIDDEN)
-    s = data.draw(st.integers(1, seqs))
-    counts = data.draw(st.lists(st.integers(1, rows_), min_size=s, max_size=s))
-    slots = data.draw(st.permutations(range(4)))[:s]
-    starts = data.draw(st.lists(st.integers(0, 10**6), min_size=s, max_size=s))
-    h, ids, pos = rows(sum(counts), data.draw(st.integers(0, 99)))
-    prog.stage(slots, starts, counts, ids.to(ids_dtype), pos, h)
-    pad = seqs - s
-    assert prog.host_meta.tolist() == [slots + [-1] * pad, starts + [0] * pad, counts + [0] * pad]
-    dest = torch.tensor(prog.dest(counts))
-    assert torch.equal(prog.ids[dest], ids) and torch.equal(prog.pos[dest], pos)
-    assert torch.equal(prog.hidden[dest], h)
+    for _ in range(2):
+        s = data.draw(st.integers(1, seqs))
+        counts = data.draw(st.lists(st.integers(1, rows_), min_size=s, max_size=s))
+        slots = data.draw(st.permutations(range(4)))[:s]
+        starts = data.draw(st.lists(st.integers(0, 10**6), min_size=s, max_size=s))
+        h, ids, pos = rows(sum(counts), data.draw(st.integers(0, 99)))
+        prog.stage(slots, starts, counts, ids.to(ids_dtype), pos, h)
+        pad = seqs - s
+        assert prog.host_meta.tolist() == [slots + [-1] * pad, starts + [0] * pad,
+                                           counts + [0] * pad]
+        dest = torch.tensor(prog.dest(counts))
+        got_ids, got_pos, got_h = staged_rows(prog)
+        assert torch.equal(got_ids[dest], ids) and torch.equal(got_pos[dest], pos)
+        assert torch.equal(got_h[dest], h)
 
 
 @pytest.mark.parametrize("held, seq_ids, counts, expected", [
-    # the bucket filled (1 sequence held, 1 row): copy_ x3 = ids + positions + hidden into the
-    # bucket's buffers; clone x1 = the proposal's copy of the outputs (drafts, hidden: one
-    # buffer, rewritten by the next replay; greedy: no q); _local_scalar_dense: the previous
-    # call's error word, read from host memory once its event is done. The small inputs'
-    # copy in (from the pinned buffer the host wrote), the error word's copy back and the
-    # event's record are the replay's own first and last steps (in a graph: nodes of it)
-    (1, [0], [1], {"copy_": 3, "clone": 1, "_local_scalar_dense": 1}),
-    # a partial bucket (3 of 4 sequences, up to 3 of 4 rows): the row sources copied in
-    # (copy_ x1), then the rows gathered straight into the buffers (index_select x3)
-    (4, [2, 0, 3], [1, 3, 2], {"copy_": 1, "index_select": 3, "clone": 1,
-                            "_local_scalar_dense": 1}),
+    # the bucket filled (1 sequence held, 1 row): clone x1 = the proposal's copy of the
+    # outputs (drafts, hidden: one buffer, rewritten by the next replay; greedy: no q);
+    # _local_scalar_dense: the previous call's error word, read from host memory once its
+    # event is done. The staged call's copy in (from the pinned buffer the host wrote: meta,
+    # row sources, where the caller's rows are), the rows' reads, the error word's copy back
+    # and the event's record are the replay's own (in a graph: nodes of it)
+    (1, [0], [1], {"clone": 1, "_local_scalar_dense": 1}),
+    # a partial bucket (3 of 4 sequences, up to 3 of 4 rows): the same (the row sources are
+    # host arithmetic, staged with the meta)
+    (4, [2, 0, 3], [1, 3, 2], {"clone": 1, "_local_scalar_dense": 1}),
 ])
 def test_a_steady_call_dispatches_few_torch_operations(held, seq_ids, counts, expected):
     """Regression guard on propose's host time: after a bucket's first call, a greedy call
@@ -105,14 +139,22 @@ def test_a_steady_call_dispatches_few_torch_operations(held, seq_ids, counts, ex
     assert dict(c.ops) == expected
 
 
-def test_int32_inputs_add_one_conversion_each():
+def test_int32_ids_and_another_hidden_dtype():
+    """Int32 ids are read as they are (no conversion); hidden states of another dtype than
+    the module's are converted once (one ``_to_copy``)."""
     d = stubbed()
     for _ in range(2):
         d.propose(**call(d, [1, 2], [2, 1], torch.int32))
     args = call(d, [1, 2], [2, 1], torch.int32)
     with CountOps() as c:
         d.propose(**args)
-    assert c.ops["_to_copy"] == 1 and sum(c.ops.values()) == 7  # ids only: positions int64
+    assert dict(c.ops) == {"clone": 1, "_local_scalar_dense": 1}
+    args = call(d, [1, 2], [2, 1])
+    other = torch.float32 if d.model.dtype != torch.float32 else torch.float64
+    args["hidden_states"] = args["hidden_states"].to(other)
+    with CountOps() as c:
+        d.propose(**args)
+    assert dict(c.ops) == {"_to_copy": 1, "clone": 1, "_local_scalar_dense": 1}
 
 
 def test_calls_reuse_the_programs_host_buffers():
@@ -189,8 +231,8 @@ def test_the_last_calls_records_are_forgotten_when_sequences_change():
     d.propose(**call(d, [0, 1], [1, 2]))
     assert d.next_position(1) == 52
     prog = d._proposer.get(2, 2, 2).program
-    assert prog.meta[0, :2].tolist() == [d.slot(0), d.slot(1)]
-    assert prog.meta[1, :2].tolist() == [d.next_position(0) - 1, 50]
+    assert prog.host_meta[0, :2].tolist() == [d.slot(0), d.slot(1)]
+    assert prog.host_meta[1, :2].tolist() == [d.next_position(0) - 1, 50]
 
 
 def test_a_sampled_steady_call_writes_an_unchanged_scalar_setting_once():
