@@ -138,16 +138,20 @@ class Proposal:
 
 class _PackedProposal(Proposal):
     """A whole-call graph's proposal: one device buffer holding drafts, hidden and probs (the
-    program's ``packed``, copied once), cut into the three tensors (views) when one is first
-    read: the call itself pays one allocation and one copy."""
+    program's ``packed``, copied once), each of the three cut from it (a view) when first
+    read: the call itself pays one allocation and one copy, and a caller reading the drafts
+    alone makes their view alone."""
+
+    _PARTS = {"drafts": 0, "hidden": 1, "probs": 2}  # (ProposeProgram.unpack's order)
 
     def __init__(self, packed: torch.Tensor, program: Any, s: int, deferred: _Deferred):
         self._packed, self._program, self._s, self._deferred = packed, program, s, deferred
 
     def __getattr__(self, name: str):  # only for attributes not set yet
-        if name in ("drafts", "probs", "hidden") and "_packed" in self.__dict__:
-            self.drafts, self.hidden, self.probs = self._program.unpack(self._packed, self._s)
-            return self.__dict__[name]
+        part = self._PARTS.get(name)
+        if part is not None and "_packed" in self.__dict__:
+            value = self.__dict__[name] = self._program.unpack_part(self._packed, self._s, part)
+            return value
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 

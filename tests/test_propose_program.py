@@ -261,6 +261,24 @@ def test_a_failed_capture_falls_back_to_the_eager_path():
     assert d.next_position("a") == 7
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_unpack_cuts_the_packed_outputs_as_their_byte_layout_says(mode, dtype):
+    """Each part of a proposal's packed copy (drafts, hidden, probs), made alone, is the
+    first s sequences of its bytes at its offset read as its dtype and shape."""
+    d = drafter(max_seqs=4, dtype=dtype)
+    prog = ProposeProgram(d.model, d.cache, 4, 2, 3, MAX_ABS_HIDDEN, mode=mode)
+    packed = torch.randint(0, 256, prog.packed.shape, dtype=torch.uint8)
+    for s in (1, 3, 4):
+        for i, (a, b, dt, shape) in enumerate(prog._layout):
+            want = packed[a:b].view(dt).view(shape)[:s]  # (the bytes read as the part)
+            got = prog.unpack_part(packed, s, i)
+            assert got.shape == want.shape and got.dtype == dt and got.is_contiguous()
+            assert torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8))
+            assert got.data_ptr() == packed.data_ptr() + a  # a view: no copy
+        assert (prog.unpack(packed, s)[2] is None) == (mode == "greedy")
+
+
 def test_draw_is_the_inverse_cdf():
     """Uniforms on a grid of N points give each token exactly its share of the mass (within
     1/N), never a token of probability 0; a NaN row stays inside the vocabulary."""
