@@ -1,7 +1,9 @@
 """A whole-call program's first step in two kernels: the device-side checks of the staged
 call, the forward's inputs and the rollback of draft entries
 (``mtp.propose_program.prepare``'s function, there ~45 torch launches, here a memset and two
-launches inside the captured graph).
+launches inside the captured graph); and its last, ``copy_out``: the outputs into the call's
+own buffer. Both reach the caller's tensors through addresses the host staged, so that one
+captured graph serves every call with no copy outside it.
 
 ``prepare_rows_kernel``: one program per row of the bucket, reading the caller's row it
 stands for where the caller has it (``mtp.propose_program.rows_at``: no staging copy): is it
@@ -157,4 +159,29 @@ def propose_prepare(meta: torch.Tensor, src: torch.Tensor, rows_at: torch.Tensor
     return ids_in, pos_in, x_in, row_slots, draft_slots, error
 
 
-__all__ = ["propose_prepare"]
+@triton.jit
+def copy_out_kernel(src_ptr, at_ptr, n, BLOCK: tl.constexpr):
+    pdl_enter()
+    addr = tl.load(at_ptr)
+    if addr != 0:  # 0: no buffer staged (a capture's warm-up)
+        dst = addr.to(tl.pointer_type(src_ptr.dtype.element_ty))
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(dst + offs, tl.load(src_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+def copy_out(packed: torch.Tensor, out_at: torch.Tensor) -> None:
+    """Copy ``packed`` (contiguous bytes) to the buffer whose address ``out_at`` [1] int64 holds
+    (read on the device: a captured graph copies to each call's own buffer; 0 copies nothing).
+    The buffer must hold ``packed.numel()`` bytes (``ProposeProgram.new_out``).
+
+    Example:
+        >>> copy_out(prog.packed, prog.out_at)
+    """
+    words = packed.view(torch.int32) if packed.numel() % 4 == 0 else packed  # 4-byte lanes
+    n = words.numel()
+    block = 4096
+    copy_out_kernel[(triton.cdiv(n, block),)](words, out_at, n, BLOCK=block, num_warps=4,
+                                              **launch_opts())
+
+
+__all__ = ["copy_out", "propose_prepare"]
