@@ -10,7 +10,9 @@ call does not wait for anything) and the aten operations one call dispatches (co
 time there, and the same ones run: the code does not branch on the device before them).
 
 Cases: S sequences held, s of them in the call, n new rows each (a call with s = S and n
-the bucket's rows fills its bucket: plain copies; otherwise the rows are gathered).
+the bucket's rows fills its bucket: plain copies; otherwise the rows are gathered), greedy, and
+two sampled (temperature 0.7, top-p 0.9, one generator: the settings and fresh uniforms staged
+too).
 
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/bench_propose_host.py [--preset tiny] [--reps 2000]
@@ -30,10 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mtp import DeepSeekV4MTP, MTPConfig  # noqa: E402
 from mtp.drafter import Drafter  # noqa: E402
+from mtp.sampling import GREEDY, Sampling  # noqa: E402
 from mtp.testing import CountOps, host_only, init_random_  # noqa: E402
 
 
-def case(model, held: int, s: int, n: int, k: int, reps: int) -> dict:
+def case(model, held: int, s: int, n: int, k: int, reps: int, sampled: bool = False) -> dict:
     cfg = model.config
     d = host_only(Drafter(model, max_seqs=held, max_draft_tokens=k))
     ids = list(range(s))
@@ -43,19 +46,21 @@ def case(model, held: int, s: int, n: int, k: int, reps: int) -> dict:
     h = torch.randn(t, cfg.hc_dim).to(model.dtype)
     nxt = torch.randint(0, cfg.vocab_size, (t,))
     counts = [n] * s
+    sampling = Sampling(temperature=0.7, top_p=0.9, generator=torch.Generator()) if sampled \
+        else GREEDY
     # positions made ahead: each call's rows start where the previous call's ended
     pos = [(torch.arange(n) + 1000 + j * n).repeat(s) for j in range(reps + 3)]
     for j in range(2):  # the first makes the bucket's program
-        d.propose(ids, h, nxt, pos[j], counts, k=k)
+        d.propose(ids, h, nxt, pos[j], counts, k=k, sampling=sampling)
     times = []
     for j in range(2, reps + 2):
         t0 = time.perf_counter()
-        d.propose(ids, h, nxt, pos[j], counts, k=k)
+        d.propose(ids, h, nxt, pos[j], counts, k=k, sampling=sampling)
         times.append((time.perf_counter() - t0) * 1e6)
     with CountOps() as c:
-        d.propose(ids, h, nxt, pos[reps + 2], counts, k=k)
+        d.propose(ids, h, nxt, pos[reps + 2], counts, k=k, sampling=sampling)
     times.sort()
-    return dict(held=held, seqs=s, rows=n, k=k, us_min=round(times[0], 1),
+    return dict(held=held, seqs=s, rows=n, k=k, sampled=sampled, us_min=round(times[0], 1),
                 us_p25=round(times[len(times) // 4], 1),
                 us_median=round(times[len(times) // 2], 1),
                 ops=sum(c.ops.values()), by_op=dict(c.ops))
@@ -73,6 +78,8 @@ def main() -> None:
     for held, s, n in ((1, 1, 1), (1, 1, 4), (64, 64, 1), (64, 64, 4), (4, 3, 2),
                        (64, 48, 3)):
         print(json.dumps(case(model, held, s, n, 3, args.reps)), flush=True)
+    for held, s, n in ((1, 1, 1), (64, 64, 1)):
+        print(json.dumps(case(model, held, s, n, 3, args.reps, sampled=True)), flush=True)
 
 
 if __name__ == "__main__":

@@ -65,18 +65,23 @@ def _locked(method):
     return wrapper
 
 
+_set_grad_enabled = torch._C._set_grad_enabled  # (what torch.set_grad_enabled calls, without
+# making its context object)
+
+
 def _locked_no_grad(method):
     """:func:`_locked` under ``torch.no_grad()``, switched directly (the decorator's context
-    object costs ~2 us more per call)."""
+    object costs ~2 us more per call); nothing switched when grad is off already."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with self._lock:
-            grad = torch.is_grad_enabled()
-            torch.set_grad_enabled(False)
+            if not torch.is_grad_enabled():
+                return method(self, *args, **kwargs)
+            _set_grad_enabled(False)
             try:
                 return method(self, *args, **kwargs)
             finally:
-                torch.set_grad_enabled(grad)
+                _set_grad_enabled(True)
     return wrapper
 
 
@@ -146,13 +151,13 @@ class _PackedProposal(Proposal):
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
-@dataclass
+@dataclass(slots=True)  # (read and set by every call: slots are faster)
 class _Seq:
     slot: int
     next_position: int
 
 
-@dataclass
+@dataclass(slots=True)
 class _Plan:
     """A validated call: per sequence its slot, first position and row count; which rows the
     layer sees (the last W of each sequence)."""
@@ -168,10 +173,10 @@ class _Plan:
     positions: torch.Tensor  # [T] int64 or int32 as given
     ids_name: str  # the name next_ids was given under
     seqs: list[_Seq]  # each sequence's record
-    ends: list[int]  # each sequence's next position after the call (start + count)
+    rows: int  # the most rows a sequence brings to the layer: max(kept_counts)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Deferred:
     """A call whose device-side checks are still running: its error word (pinned host memory,
     copied when ``event`` completes), and what restoring the drafter needs."""
@@ -255,6 +260,12 @@ class Drafter:
         # the last call's seq_ids -> their records and slots (valid until a sequence is added
         # or removed): an engine's batch often stays the same from call to call
         self._last_lookup: dict[tuple, tuple[list[_Seq], list[int]]] = {}
+        # the last checked row counts (a list of ints >= 1, never changed: plans share it),
+        # their sum and their largest: an engine sends the same counts call after call
+        self._last_counts: tuple[list[int], int, int] = ([], 0, 0)
+        # the last sampled call's settings when all scalars, as (Sampling, temperature, top_p,
+        # generator, its program's mode): checked then, and nothing of them depends on the rows
+        self._last_sampling: tuple = (None,) * 5
         self._free = list(range(max_seqs - 1, -1, -1))  # pop() hands out slot 0 first
         if cuda_graphs:
             self._whole_call_graphs()  # raises why they cannot run
@@ -449,11 +460,12 @@ class Drafter:
         bucket's one-step program (its real-row step is this call's work; the one draft it
         picks is dropped), with the same device-side checks; otherwise the eager path.
         """
-        self._settle()
+        if self._pending is not None:
+            self._settle()
         plan = self._plan(seq_ids, hidden_states, input_ids, next_token_ids, positions,
                           num_rows_per_seq)
         graphs = self._whole_call_graphs()
-        if graphs is not None and graphs.bucket(len(plan.seq_ids), max(plan.kept_counts)):
+        if graphs is not None:
             proposal = self._propose_graphed(plan, 1, graphs, "greedy", GREEDY, call="feed")
             if proposal is not None:
                 return proposal.hidden[:, 0]  # [S, 1, M*D] -> [S, M*D]
@@ -492,11 +504,14 @@ class Drafter:
         drafter's next call (or at ``Proposal.check()``, ``synchronize()``) and leaves the
         drafter as it was before this call (docs/drafter.md, "When each check fires").
         """
-        self._settle()
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.max_draft_tokens:
-            raise ValueError(f"k: expected an int in [1, {self.max_draft_tokens}] "
-                             f"(max_draft_tokens sizes the cache), got {k!r}")
-        if not isinstance(sampling, Sampling):
+        if self._pending is not None:
+            self._settle()
+        if type(k) is not int or not 1 <= k <= self.max_draft_tokens:  # (fast path: an int)
+            if not isinstance(k, int) or isinstance(k, bool) \
+                    or not 1 <= k <= self.max_draft_tokens:
+                raise ValueError(f"k: expected an int in [1, {self.max_draft_tokens}] "
+                                 f"(max_draft_tokens sizes the cache), got {k!r}")
+        if sampling is not GREEDY and not isinstance(sampling, Sampling):
             raise TypeError(f"sampling: expected a mtp.sampling.Sampling, got "
                             f"{type(sampling).__name__}")
         plan = self._plan(seq_ids, hidden_states, input_ids, next_token_ids, positions,
@@ -504,10 +519,9 @@ class Drafter:
         if sampling is GREEDY:  # (frozen, its scalars checked when made, no tensor)
             mode = "greedy"
         else:
-            sampling.check(len(plan.seq_ids), self.device)
-            mode = _mode(sampling)
+            mode = self._sampling_mode(sampling, len(plan.seq_ids))
         graphs = self._whole_call_graphs() if mode is not None else None
-        if graphs is not None and graphs.bucket(len(plan.seq_ids), max(plan.kept_counts)):
+        if graphs is not None:
             proposal = self._propose_graphed(plan, k, graphs, mode, sampling)
             if proposal is not None:
                 return proposal
@@ -531,53 +545,98 @@ class Drafter:
 
     def _plan(self, seq_ids, hidden_states, input_ids, next_token_ids, positions,
               num_rows_per_seq) -> _Plan:
-        """Check every argument against the drafter's state; change nothing."""
-        cfg, device = self.config, self.device
-        ids_name, ids_arg = _next_token_ids(input_ids, next_token_ids)
-        for name, value in (("positions", positions), ("num_rows_per_seq", num_rows_per_seq)):
-            if value is None:
-                raise TypeError(f"{name}: required (see Drafter.propose)")
-        if isinstance(seq_ids, (str, bytes)) or not isinstance(seq_ids, Sequence):
+        """Check every argument against the drafter's state; change nothing.
+
+        Runs on every call, so each check starts with a fast path for the common case (a list
+        of ids, tensors of exactly the expected type, shape, dtype family and device) and
+        falls back to the full check, which names what is wrong, on any difference."""
+        if input_ids is None and next_token_ids is not None:
+            ids_name, ids_arg = "next_token_ids", next_token_ids
+        elif next_token_ids is None and input_ids is not None:
+            ids_name, ids_arg = "input_ids", input_ids
+        else:
+            ids_name, ids_arg = _next_token_ids(input_ids, next_token_ids)
+        if positions is None or num_rows_per_seq is None:
+            for name, value in (("positions", positions),
+                                ("num_rows_per_seq", num_rows_per_seq)):
+                if value is None:
+                    raise TypeError(f"{name}: required (see Drafter.propose)")
+        if type(seq_ids) is not list and (isinstance(seq_ids, (str, bytes))
+                                          or not isinstance(seq_ids, Sequence)):
             raise TypeError(f"seq_ids: expected a list of sequence ids, got "
                             f"{type(seq_ids).__name__}")
         ids = list(seq_ids)
         if not ids:
             raise ValueError("seq_ids: empty; pass at least one sequence")
         seqs, slots = self._lookup(ids)
-        counts = _row_counts(num_rows_per_seq, len(ids))
+        c, last = num_rows_per_seq, self._last_counts
+        if type(c) is list and len(c) == len(ids) and c == last[0] \
+                and set(map(type, c)) == _INTS:  # (equal ints: [True] == [1] too)
+            counts, t, most = last
+        else:
+            counts = _row_counts(c, len(ids))
+            self._last_counts = counts, t, most = counts, sum(counts), max(counts)
         starts = [s.next_position for s in seqs]
-        ends = list(map(operator.add, starts, counts))
-
-        t = sum(counts)
-        if max(ends) - 1 + self.max_draft_tokens > MAX_POSITION:
-            for seq_id, end in zip(ids, ends):
+        # (max(starts) + most >= every start + count: the exact test only when it might fail)
+        if max(starts) + most - 1 + self.max_draft_tokens > MAX_POSITION:
+            for seq_id, end in zip(ids, map(operator.add, starts, counts)):
                 if end - 1 + self.max_draft_tokens > MAX_POSITION:
                     raise ValueError(f"num_rows_per_seq: sequence {seq_id!r} would reach "
                                      f"position {end - 1 + self.max_draft_tokens} with its "
                                      f"drafts, beyond MAX_POSITION = {MAX_POSITION}")
-        hidden_states = _flat_hidden(hidden_states, cfg)
-        if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() >= 1 \
-                and hidden_states.shape[0] != t and hidden_states.shape[1:] == (cfg.hc_dim,):
-            raise ValueError(f"num_rows_per_seq: the counts {_short(counts)} sum to {t}, but "
-                             f"hidden_states has {hidden_states.shape[0]} rows")
-        _check_tensor(hidden_states, "hidden_states", (t, cfg.hc_dim),
-                      lambda: f"[T, hc_mult*hidden_size] = [{t}, {cfg.hc_dim}] (or [T, "
-                      f"hc_mult, hidden_size] = [{t}, {cfg.hc_mult}, {cfg.hidden_size}])",
-                      device, floating=True)
-        _check_tensor(ids_arg, ids_name, (t,),
-                      lambda: f"[T] = [{t}] (the token after each row)", device, floating=False)
-        _check_tensor(positions, "positions", (t,), lambda: f"[T] = [{t}]", device,
-                      floating=False)
+        cfg, device = self.model.config, self._device
+        hc_dim = cfg.hc_dim
+        x = hidden_states
+        if not (type(x) is torch.Tensor and x.shape == (t, hc_dim) and x.layout is _STRIDED
+                and x.is_floating_point() and x.device == device):
+            hidden_states = _flat_hidden(hidden_states, cfg)
+            if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() >= 1 \
+                    and hidden_states.shape[0] != t and hidden_states.shape[1:] == (hc_dim,):
+                raise ValueError(f"num_rows_per_seq: the counts {_short(counts)} sum to {t}, "
+                                 f"but hidden_states has {hidden_states.shape[0]} rows")
+            _check_tensor(hidden_states, "hidden_states", (t, hc_dim),
+                          lambda: f"[T, hc_mult*hidden_size] = [{t}, {hc_dim}] (or [T, "
+                          f"hc_mult, hidden_size] = [{t}, {cfg.hc_mult}, {cfg.hidden_size}])",
+                          device, floating=True)
+        x = ids_arg
+        if not (type(x) is torch.Tensor and x.shape == (t,) and x.layout is _STRIDED
+                and (x.dtype is _INT64 or x.dtype is _INT32) and x.device == device):
+            _check_tensor(ids_arg, ids_name, (t,),
+                          lambda: f"[T] = [{t}] (the token after each row)", device,
+                          floating=False)
+        x = positions
+        if not (type(x) is torch.Tensor and x.shape == (t,) and x.layout is _STRIDED
+                and (x.dtype is _INT64 or x.dtype is _INT32) and x.device == device):
+            _check_tensor(positions, "positions", (t,), lambda: f"[T] = [{t}]", device,
+                          floating=False)
 
         window = cfg.sliding_window
         kept, keep = counts, None
-        if max(counts) > window:  # only the last W rows of a sequence can ever be attended
+        if most > window:  # only the last W rows of a sequence can ever be attended
             kept = [min(n, window) for n in counts]
             offsets = torch.tensor([0] + counts[:-1]).cumsum(0).tolist()
             keep = _on_device(torch.cat([torch.arange(o + n - m, o + n)
                                          for o, n, m in zip(offsets, counts, kept)]), device)
+            most = window
         return _Plan(ids, slots, starts, counts, kept, keep, hidden_states, ids_arg, positions,
-                     ids_name, seqs, ends)
+                     ids_name, seqs, most)
+
+    def _sampling_mode(self, sampling: Sampling, s: int) -> str | None:
+        """``sampling.check`` for a call of ``s`` sequences, then its :func:`_mode`. The very
+        settings the last sampled call checked (the same scalars and generator in the same
+        ``Sampling``): their mode again, unchecked (what check tests of them does not depend
+        on the call). Tensor settings are checked every call (their values may change)."""
+        last = self._last_sampling
+        if sampling is last[0] and sampling.temperature is last[1] \
+                and sampling.top_p is last[2] and sampling.generator is last[3]:
+            return last[4]
+        sampling.check(s, self._device)
+        mode = _mode(sampling)
+        t, p = sampling.temperature, sampling.top_p
+        if type(sampling) is Sampling and not isinstance(t, torch.Tensor) \
+                and not isinstance(p, torch.Tensor):
+            self._last_sampling = (sampling, t, p, sampling.generator, mode)
+        return mode
 
     def _lookup(self, ids: list) -> tuple[list[_Seq], list[int]]:
         """Each sequence's record and cache slot; refuses a duplicate, unhashable or unknown
@@ -667,10 +726,10 @@ class Drafter:
     def _propose_graphed(self, plan: _Plan, k: int, graphs, mode: str, sampling: Sampling,
                          call: str = "propose") -> Proposal | None:
         """A call as one graph replay, its value checks on the device (read later by
-        :meth:`_settle`). No host synchronisation. None (nothing done) if its bucket's capture
-        failed (now or before): the caller runs the eager path. ``call``: the method's name,
-        for the error a failed check raises."""
-        s, rows = len(plan.seq_ids), max(plan.kept_counts)
+        :meth:`_settle`). No host synchronisation. None (nothing done) if it fits no bucket or
+        its bucket's capture failed (now or before): the caller runs the eager path. ``call``:
+        the method's name, for the error a failed check raises."""
+        s, rows = len(plan.seq_ids), plan.rows
         try:  # first use of a bucket: captures it (nothing of the drafter changes)
             captured = graphs.get(s, rows, k, mode)
         except Exception as exc:  # noqa: BLE001 - whatever capture raises: that bucket eager
@@ -682,7 +741,7 @@ class Drafter:
                           "run the eager path from now on (Drafter(..., cuda_graphs=False) "
                           "chooses it for all without trying)", RuntimeWarning, stacklevel=3)
             return None
-        if captured is None:  # its capture failed before
+        if captured is None:  # no bucket holds it, or its capture failed before
             return None
         prog = captured.program
         # (self._pending is None: the previous graphed call was waited for, so its copies
@@ -699,8 +758,8 @@ class Drafter:
         except BaseException as exc:
             prog.after_failure()  # (its copies may be in flight: the buffers wait for them)
             self._failed(plan, exc)
-        for seq, end in zip(plan.seqs, plan.ends):
-            seq.next_position = end
+        for seq, start, n in zip(plan.seqs, plan.starts, plan.counts):
+            seq.next_position = start + n
         self._pending = _Deferred(self, prog.error_host, captured.done, plan, prog, call)
         return _PackedProposal(packed, prog, s, self._pending)
 
@@ -716,7 +775,7 @@ class Drafter:
             # bucket's host buffers are not rewritten while its copies may be in flight
             pend.event.synchronize()
         self._pending = None
-        err = int(pend.error)
+        err = pend.error.item()  # (an int: what int() of the tensor gives, faster)
         if not err:
             return
         plan = pend.plan
@@ -1006,6 +1065,7 @@ def _row_counts(num_rows_per_seq, s: int) -> list[int]:
 
 
 _NONE = object()
+_STRIDED, _INT64, _INT32 = torch.strided, torch.int64, torch.int32  # (singletons: `is` tests)
 
 
 def _check_tensor(x, name: str, shape: tuple, expected, device: torch.device,

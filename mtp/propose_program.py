@@ -551,11 +551,15 @@ class ProposeBuckets:
 
     def get(self, seqs: int, rows: int, k: int, mode: str = "greedy"):
         """The bucket's runner for a call (made now if it is the bucket's first call); None if
-        making it failed before (the error was raised then)."""
+        no bucket holds the call (:meth:`bucket`) or making its runner failed before (the
+        error was raised then)."""
         runner = self._calls.get((seqs, rows, k, mode))  # a call of this size ran before
         if runner is not None:
             return runner
-        s, r = self.bucket(seqs, rows)
+        found = self.bucket(seqs, rows)
+        if found is None:
+            return None
+        s, r = found
         key = (s, r, k, mode)
         runner = self.made.get(key)
         if runner is None and key not in self.failed:

@@ -68,6 +68,28 @@ def test_sampled_drafts_return_q_and_are_reproducible():
     assert bool((a.probs[0].gather(1, a.drafts[0, :, None]) > 0).all())
 
 
+def test_sampling_settings_are_checked_whenever_they_may_differ_from_the_last_call():
+    """A call with the last call's scalar settings skips their re-check (nothing of it depends
+    on the call); a changed setting in the same object, and tensor settings, are checked at
+    every call (a tensor's length against the call's sequences)."""
+    d = drafter(max_seqs=2)
+    d.add_sequence(0)
+    d.add_sequence(1)
+    sampling = Sampling(temperature=0.9, top_p=0.8, generator=torch.Generator())
+    h, ids, _ = rows(2, 3)
+    for i in range(2):
+        d.propose([0], h[:1], ids[:1], torch.tensor([i]), [1], k=2, sampling=sampling)
+    before = snapshot(d)
+    object.__setattr__(sampling, "temperature", -1.0)  # (a frozen Sampling, changed anyway)
+    with pytest.raises(ValueError, match=r"Sampling.temperature: -1.0 is out of range"):
+        d.propose([0], h[:1], ids[:1], torch.tensor([2]), [1], k=2, sampling=sampling)
+    assert_same_state(before, snapshot(d))
+    per_seq = Sampling(temperature=torch.tensor([0.5, 1.0]))
+    d.propose([0, 1], h, ids, torch.tensor([2, 0]), [1, 1], k=2, sampling=per_seq)
+    with pytest.raises(ValueError, match=r"Sampling.temperature: expected .* \[1\]"):
+        d.propose([0], h[:1], ids[:1], torch.tensor([3]), [1], k=2, sampling=per_seq)
+
+
 def test_a_fed_sequence_drafts_like_proposing_from_its_last_row():
     """feed() then propose() of one more row equals proposing all rows at once."""
     h, ids, pos = rows(9, 4)
@@ -334,6 +356,38 @@ def test_int32_positions_and_ids_draft_like_int64_ones():
     # the module itself, without the drafter, with a cache (the path that failed)
     m = model()
     assert torch.equal(m(ids.int(), pos.int(), h), m(ids, pos, h))
+
+
+class _Tagged(torch.Tensor):
+    """A tensor subclass (as a framework's wrapper tensors are): accepted like a tensor."""
+
+
+class _K(int):
+    """An int subclass (an IntEnum's kind): accepted as k."""
+
+
+def test_arguments_off_the_checks_fast_paths_are_accepted_alike():
+    """The argument checks take a fast path for plain lists, ints and tensors of exactly the
+    expected type; anything else the full checks accept (tensor subclasses, a tuple of ids,
+    counts as a tuple or tensor, an int subclass for k, [T, M, D] rows, input_ids= or
+    next_token_ids=) drafts exactly as the plain call."""
+    h, ids, _ = rows(6, 12)
+    plain, other = drafter(max_seqs=2), drafter(max_seqs=2)
+    for d in (plain, other):
+        d.add_sequence("a")
+        d.add_sequence("b")
+    positions = torch.tensor([0, 1, 2, 3, 0, 1])  # a at 0..3, b at 0..1
+    pp = plain.propose(["a", "b"], h, ids, positions, [4, 2], k=3)
+    po = other.propose(("a", "b"), h.as_subclass(_Tagged).view(6, TINY.hc_mult, -1),
+                       next_token_ids=ids.as_subclass(_Tagged),
+                       positions=positions.as_subclass(_Tagged),
+                       num_rows_per_seq=torch.tensor([4, 2]), k=_K(3))
+    assert torch.equal(pp.drafts, po.drafts) and torch.equal(pp.hidden, po.hidden)
+    assert other.next_position("a") == 4 and other.next_position("b") == 2
+    po = other.propose(["a"], h[:1], ids[:1], torch.tensor([4]), (1,), k=2)
+    pp = plain.propose(["a"], h[:1], next_token_ids=ids[:1], positions=torch.tensor([4]),
+                       num_rows_per_seq=[1], k=2)
+    assert torch.equal(pp.drafts, po.drafts) and torch.equal(pp.hidden, po.hidden)
 
 
 # ---- checks that keep the forward from failing, and bad values out of the cache ----------

@@ -264,6 +264,18 @@ BAD = {
         lambda c: {**c, "hidden_states": c["hidden_states"].view(
             3, TINY.hc_mult, TINY.hidden_size).to_sparse()},
         ValueError, "a torch.sparse_coo tensor; pass a dense one"),
+    # each differs from the good call in one fact the checks' fast paths test
+    "sparse [T, M*D] rows": (lambda c: {**c, "hidden_states": c["hidden_states"].to_sparse()},
+                             ValueError, "hidden_states: a torch.sparse_coo tensor"),
+    "sparse positions": (lambda c: {**c, "positions": c["positions"].to_sparse()}, ValueError,
+                         "positions: a torch.sparse_coo tensor"),
+    "ids device": (lambda c: {**c, "input_ids": c["input_ids"].to("meta")}, ValueError,
+                   "input_ids: on meta, but the drafter is on cpu"),
+    "positions device": (lambda c: {**c, "positions": c["positions"].to("meta")}, ValueError,
+                         "positions: on meta, but the drafter is on cpu"),
+    "k a bool": (_with(k=True), ValueError, "k: expected an int in"),
+    "row counts of bools": (_with(num_rows_per_seq=[2, True]), ValueError,
+                            r"num_rows_per_seq\[1\]: expected an int >= 1"),
 }
 
 

@@ -56,6 +56,8 @@ def test_buckets():
     assert b.bucket(3, 3) == (4, 5) and b.bucket(5, 1) is None and b.bucket(1, 6) is None
     capped = ProposeBuckets(d.model, d.cache, (1, 2, 4), (1, 2, 5), MAX_ABS_HIDDEN, max_rows=8)
     assert capped.bucket(4, 2) == (4, 2) and capped.bucket(2, 5) is None
+    # a call no bucket holds gets no runner (the drafter runs it eagerly); nothing is made
+    assert b.get(5, 1, 2) is None and capped.get(2, 5, 2) is None and not b.made
     prog = ProposeProgram(d.model, d.cache, 4, 5, 2, MAX_ABS_HIDDEN)
     assert prog.dest([2, 5, 1]) == [3, 4, 5, 6, 7, 8, 9, 14]  # each at the end of its block
     prog = ProposeProgram(d.model, d.cache, 2, W, 2, MAX_ABS_HIDDEN)
