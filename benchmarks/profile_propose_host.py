@@ -118,11 +118,10 @@ def profile_case(model, b: int, n: int, reps: int, out: str, name: str) -> dict:
     # the replay alone, and the rest of the call's torch operations alone
     xs = host_enqueue_us(runner.replay, torch.cuda.synchronize, reps, True)
     lines.append(f"  graph replay alone         : {summary(xs)}")
-    s = b
-    outs = runner.outputs(s)
-    xs = host_enqueue_us(lambda: [t.clone() for t in outs if t is not None],
-                         torch.cuda.synchronize, reps, True)
-    lines.append(f"  the proposal's clones alone: {summary(xs)}")
+    xs = host_enqueue_us(prog.new_out, torch.cuda.synchronize, reps, True)
+    lines.append(f"  output buffer (allocation) : {summary(xs)}")
+    xs = host_enqueue_us(prog.packed.clone, torch.cuda.synchronize, reps, True)
+    lines.append(f"  a clone of the outputs     : {summary(xs)}")
     ev = torch.cuda.Event()
 
     def tail():

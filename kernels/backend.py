@@ -341,6 +341,10 @@ class TritonOps:
                                          max_abs_hidden, vocab_size, cache_pos,
                                          pre_error=pre_error)
 
+    def copy_out(self, packed, out_at):
+        # the whole-call program's outputs into the call's own buffer, by the staged address
+        prepare_k.copy_out(packed, out_at)
+
     # ---- logits ----------------------------------------------------------------------------
     def head(self, x, fn, scale, base, norm_w, head_w, hc_eps: float, eps: float, *,
              partials=None):

@@ -1,7 +1,9 @@
 """A whole-call program's first step in two kernels: the device-side checks of the staged
 call, the forward's inputs and the rollback of draft entries
 (``mtp.propose_program.prepare``'s function, there ~45 torch launches, here a memset and two
-launches inside the captured graph).
+launches inside the captured graph); and its last, ``copy_out``: the outputs into the call's
+own buffer. Both reach the caller's tensors through addresses the host staged, so that one
+captured graph serves every call with no copy outside it.
 
 ``prepare_rows_kernel``: one program per row of the bucket, reading the caller's row it
 stands for where the caller has it (``mtp.propose_program.rows_at``: no staging copy): is it
@@ -67,10 +69,13 @@ def prepare_rows_kernel(meta_ptr, src_ptr, at_ptr, ids_out, pos_out, x_out, err_
     bad_pos = real & (_row_int(at_ptr, 5, srow, real) != want)
     src = (tl.load(at_ptr).to(tl.pointer_type(x_out.dtype.element_ty))
            + srow * tl.load(at_ptr + 1))
+    # masks as a comparison with a scalar bound (N where the row is read, else 0): a tensor
+    # AND-ed with a scalar bool is a mask Triton 3.9's interpreter refuses
+    n_read = tl.where(real, N, 0)
     good = tl.full([], 1, tl.int32)
     for k0 in tl.range(0, N, BH):
         offs = k0 + tl.arange(0, BH)
-        v = tl.load(src + offs, mask=(offs < N) & real, other=0.0).to(tl.float32)
+        v = tl.load(src + offs, mask=offs < n_read, other=0.0).to(tl.float32)
         good = good & tl.min((tl.abs(v) <= MAX_ABS).to(tl.int32), axis=0)  # NaN: 0
     finite = good == 1
     flags = (bad_id.to(tl.int32) * E_IDS + bad_pos.to(tl.int32) * E_POS
@@ -78,10 +83,11 @@ def prepare_rows_kernel(meta_ptr, src_ptr, at_ptr, ids_out, pos_out, x_out, err_
     if flags != 0:
         tl.atomic_or(err_ptr, flags)
     keep = real & finite
+    n_keep = tl.where(keep, N, 0)
     dst = x_out + row.to(tl.int64) * N
     for k0 in tl.range(0, N, BH):
         offs = k0 + tl.arange(0, BH)
-        v = tl.load(src + offs, mask=(offs < N) & keep, other=0.0)
+        v = tl.load(src + offs, mask=offs < n_keep, other=0.0)
         tl.store(dst + offs, v, mask=offs < N)
     tl.store(ids_out + row, tl.where(real & ~bad_id, tok, 0))
     tl.store(pos_out + row, tl.where(real, want, 0))
@@ -102,7 +108,7 @@ def prepare_seqs_kernel(meta_ptr, err_ptr, row_slots_ptr, draft_slots_ptr, cache
     on = (slot >= 0) & ok
     tl.store(draft_slots_ptr + i, tl.where(on, slot, -1))
     cc = tl.arange(0, BC)
-    mine = (cc < C) & on  # (a padding sequence, or a failed check: nothing is dropped)
+    mine = cc < tl.where(on, C, 0)  # (a padding sequence, or a failed check: none dropped)
     for layer in tl.static_range(L):
         at = cache_pos_ptr + (layer * MAX_SEQS + tl.maximum(slot, 0)) * C + cc
         p = tl.load(at, mask=mine, other=-1)
@@ -153,4 +159,29 @@ def propose_prepare(meta: torch.Tensor, src: torch.Tensor, rows_at: torch.Tensor
     return ids_in, pos_in, x_in, row_slots, draft_slots, error
 
 
-__all__ = ["propose_prepare"]
+@triton.jit
+def copy_out_kernel(src_ptr, at_ptr, n, BLOCK: tl.constexpr):
+    pdl_enter()
+    addr = tl.load(at_ptr)
+    if addr != 0:  # 0: no buffer staged (a capture's warm-up)
+        dst = addr.to(tl.pointer_type(src_ptr.dtype.element_ty))
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(dst + offs, tl.load(src_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+def copy_out(packed: torch.Tensor, out_at: torch.Tensor) -> None:
+    """Copy ``packed`` (contiguous bytes) to the buffer whose address ``out_at`` [1] int64 holds
+    (read on the device: a captured graph copies to each call's own buffer; 0 copies nothing).
+    The buffer must hold ``packed.numel()`` bytes (``ProposeProgram.new_out``).
+
+    Example:
+        >>> copy_out(prog.packed, prog.out_at)
+    """
+    words = packed.view(torch.int32) if packed.numel() % 4 == 0 else packed  # 4-byte lanes
+    n = words.numel()
+    block = 4096
+    copy_out_kernel[(triton.cdiv(n, block),)](words, out_at, n, BLOCK=block, num_warps=4,
+                                              **launch_opts())
+
+
+__all__ = ["copy_out", "propose_prepare"]

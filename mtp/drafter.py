@@ -138,9 +138,9 @@ class Proposal:
 
 class _PackedProposal(Proposal):
     """A whole-call graph's proposal: one device buffer holding drafts, hidden and probs (the
-    program's ``packed``, copied once), each of the three cut from it (a view) when first
-    read: the call itself pays one allocation and one copy, and a caller reading the drafts
-    alone makes their view alone."""
+    graph's last step copies its outputs into it), each of the three cut from it (a view) when
+    first read: the call itself pays one allocation, and a caller reading the drafts alone
+    makes their view alone."""
 
     _PARTS = {"drafts": 0, "hidden": 1, "probs": 2}  # (ProposeProgram.unpack's order)
 
@@ -751,13 +751,14 @@ class Drafter:
         # (self._pending is None: the previous graphed call was waited for, so its copies
         # from and to the program's host buffers are done and they can be rewritten)
         try:  # (as _dropping_on_failure, without a context manager's host time)
+            # the proposal's own buffer, which the replay fills (the program's outputs are
+            # rewritten by the next replay)
+            packed = prog.new_out()
             prog.stage(plan.slots, plan.starts, plan.counts, plan.next_ids, plan.positions,
-                       plan.hidden)
+                       plan.hidden, packed)
             if mode != "greedy":
                 prog.stage_sampling(sampling, s)
             captured.replay()  # (its error word reaches prog.error_host, then its event)
-            # the outputs are rewritten by the next replay: the proposal's copy of them
-            packed = prog.packed.clone()
         except BaseException as exc:
             prog.after_failure()  # (its copies may be in flight: the buffers wait for them)
             self._failed(plan, exc)

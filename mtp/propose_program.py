@@ -195,11 +195,14 @@ class ProposeProgram:
         # slot (-1: padding), next real position, new rows (0: padding)), then per row of the
         # bucket the caller's row it is read from (``src``), then where the caller's rows are
         # (``rows_at``): the rows themselves are read where the caller has them, not copied
-        self.staged = torch.zeros(3 * seqs + n + ROWS_AT, dtype=torch.int64, device=dev)
+        self.staged = torch.zeros(3 * seqs + n + ROWS_AT + 1, dtype=torch.int64, device=dev)
         self.meta = self.staged[:3 * seqs].view(3, seqs)  # [3 * S] -> [3, S]
         self.meta[0] = -1
         self.src = self.staged[3 * seqs:3 * seqs + n]
-        self.rows_at = self.staged[3 * seqs + n:]
+        self.rows_at = self.staged[3 * seqs + n:-1]
+        # last: the address of the call's own output buffer (0: none, capture and warm-up),
+        # which the program's last step fills from ``packed``
+        self.out_at = self.staged[-1:]
         # its host side (pinned on CUDA: copies are queued, the host does not wait), written
         # through a numpy view; a captured graph's first node copies it in, so it is never
         # replaced (``after_failure``)
@@ -215,6 +218,7 @@ class ProposeProgram:
         blank = torch.zeros(1, dtype=torch.int64, device=dev)
         self._blank = (torch.zeros(1, cfg.hc_dim, dtype=model.dtype, device=dev), blank, blank)
         self.caller = self._blank
+        self.result: torch.Tensor | None = None  # the staged call's output buffer
         # The error word's host copy: written by every call at its end (in a captured graph, by
         # the graph itself) and read only after waiting for that call's event, so it is never
         # replaced (a graph holds its address)
@@ -265,10 +269,13 @@ class ProposeProgram:
         return out
 
     def stage(self, slots: list[int], starts: list[int], counts: list[int], ids: torch.Tensor,
-              positions: torch.Tensor, hidden: torch.Tensor) -> None:
+              positions: torch.Tensor, hidden: torch.Tensor, out: torch.Tensor) -> None:
         """Stage a call: s <= S sequences' cache slots, next real positions and row counts
         (more than R only when R = W: the last R rows are staged, the earlier ones checked
-        into ``pre_error``), their T rows (``ids`` / ``positions`` [T], ``hidden`` [T, M*D]).
+        into ``pre_error``), their T rows (``ids`` / ``positions`` [T], ``hidden`` [T, M*D]),
+        and ``out``, a byte buffer of ``packed``'s size the call's outputs go to (``unpack``
+        cuts it; :meth:`new_out` makes one): the program fills it at its end, so the outputs
+        need no copy after the call.
 
         Host work only (but for a hidden dtype other than the module's, or a layout a kernel
         cannot read, converted here): the meta, each bucket row's source row (sequence i's
@@ -303,8 +310,14 @@ class ProposeProgram:
                 self._check_unstaged(n, off, starts, ids, positions, hidden)
         if hidden.dtype != self.model.dtype or hidden.stride(-1) != 1:
             hidden = hidden.to(self.model.dtype).contiguous()
-        host[at + big * r:] = rows_at(hidden, ids, positions)
+        host[at + big * r:-1] = rows_at(hidden, ids, positions)
+        host[-1] = out.data_ptr()
         self.caller = (hidden, ids, positions)
+        self.result = out
+
+    def new_out(self) -> torch.Tensor:
+        """An output buffer for one call (``stage``'s ``out``): an allocation, no launch."""
+        return torch.empty(self.packed.shape, dtype=torch.uint8, device=self.packed.device)
 
     def _check_unstaged(self, n, off, starts: list[int], ids, positions, hidden) -> None:
         """The value checks of the rows before each sequence's last R (not staged: never
@@ -347,6 +360,7 @@ class ProposeProgram:
         self._host_np[:self.seqs] = -1
         self._src_in_order = False
         self.caller = self._blank
+        self.result = None
         self.staged.copy_(self.host)
 
     def _pick(self, logits: torch.Tensor, step: int):
@@ -416,21 +430,29 @@ class ProposeProgram:
         return out_drafts, out_hidden, out_probs, error
 
     def run_call(self, done=None):
-        """The staged call copied in from ``host``, :meth:`run`, then its error word copied to
+        """The staged call copied in from ``host``, :meth:`run`, its outputs copied into the
+        call's output buffer (``stage``'s ``out``, by the address staged: a backend's
+        ``copy_out``; elsewhere a copy into the buffer held), then its error word copied to
         ``error_host`` and ``done`` (an event, or None) recorded: all a call does on the
         device, in one unit a graph can capture (the copies and, with an external event, the
         record become its first and last nodes: the host launches the graph and nothing
         else)."""
         self.staged.copy_(self.host, non_blocking=True)
         out = self.run()
+        copy_out = getattr(self.model.ops, "copy_out", None)
+        if copy_out is not None:
+            copy_out(self.packed, self.out_at)
+        elif self.result is not None:
+            self.result.copy_(self.packed)
         self.error_host.copy_(out[-1], non_blocking=True)
         if done is not None:
             done.record()
         return out
 
     def unpack(self, packed: torch.Tensor, s: int) -> tuple:
-        """``packed`` (``self.packed`` or a copy of it) -> the first ``s`` sequences' (drafts
-        [s, k] int64, hidden [s, k, M*D], probs [s, k, V] or None): views, no copy."""
+        """``packed`` (``self.packed`` or a call's output buffer) -> the first ``s``
+        sequences' (drafts [s, k] int64, hidden [s, k, M*D], probs [s, k, V] or None): views,
+        no copy."""
         return tuple(self.unpack_part(packed, s, i) for i in range(3))
 
     def unpack_part(self, packed: torch.Tensor, s: int, i: int) -> torch.Tensor | None:

@@ -854,3 +854,20 @@ def test_propose_prepare_reads_no_padding_row():
     assert not ids_in.any() and not pos_in.any() and not x_in.any() and int(error) == 0
     assert (row_slots == -1).all() and (draft_slots == -1).all()
     assert torch.equal(cache_pos, before)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 20_000), seed=st.integers(0, 2**16))
+def test_copy_out_copies_to_the_staged_address(n, seed):
+    """``copy_out``: the bytes of ``packed`` land, bit for bit, in the buffer whose address is
+    staged (4-byte lanes when the size allows, else bytes), nothing past its end is written;
+    address 0 (a capture's warm-up) writes nothing."""
+    from mtp_kernels.prepare import copy_out
+
+    packed = torch.randint(0, 256, (n,), generator=gen(seed), device=DEVICE).to(torch.uint8)
+    dest = torch.full((n + 64,), 7, dtype=torch.uint8, device=DEVICE)
+    copy_out(packed, torch.tensor([dest.data_ptr()], device=DEVICE))
+    assert torch.equal(dest[:n], packed) and (dest[n:] == 7).all()
+    before = packed.clone()
+    copy_out(packed, torch.zeros(1, dtype=torch.int64, device=DEVICE))
+    assert torch.equal(packed, before)

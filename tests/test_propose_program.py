@@ -84,6 +84,21 @@ def test_program_equals_eager_over_a_loop_with_partial_acceptance(seed, k):
     assert any(r > 1 for _, r, *_ in prog._proposer.made), "no multi-row bucket was used"
 
 
+def test_each_proposal_owns_its_outputs():
+    """A proposal's drafts and hidden live in its own buffer (the program writes them there at
+    its end): the calls after it, in the same bucket, leave them as they were."""
+    _, prog = twin_drafters(2, spacing=5)
+    kept = []
+    for r in range(3):  # one bucket: 2 sequences, 1 row each
+        h, nxt, _ = rows(2, 40 + r)
+        pos = torch.tensor([prog.next_position(0), prog.next_position(1)])
+        p = prog.propose([0, 1], h, nxt, pos, [1, 1], k=2)
+        kept.append((p, p.drafts.clone(), p.hidden.clone()))
+    assert len(prog._proposer.made) == 1
+    for p, drafts, hidden in kept:
+        assert torch.equal(p.drafts, drafts) and torch.equal(p.hidden, hidden)
+
+
 def twin_drafters(n: int, spacing: int) -> tuple[Drafter, Drafter]:
     """An eager drafter and one whose calls go through the programs, each holding sequences
     0 .. n - 1 at positions 0, spacing, 2 * spacing, ..."""
