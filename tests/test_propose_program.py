@@ -28,7 +28,7 @@ from mtp import DeepSeekV4MTP, Numerics
 from mtp.drafter import MAX_ABS_HIDDEN, Drafter
 from mtp.propose_program import MODES, ProposeBuckets, ProposeProgram, draw
 from mtp.sampling import Sampling
-from mtp.testing import init_random_
+from mtp.testing import CountOps, host_only, init_random_
 
 TOL = 1e-12
 
@@ -292,6 +292,22 @@ def test_unpack_cuts_the_packed_outputs_as_their_byte_layout_says(mode, dtype):
             assert torch.equal(got.view(torch.uint8), want.contiguous().view(torch.uint8))
             assert got.data_ptr() == packed.data_ptr() + a  # a view: no copy
         assert (prog.unpack(packed, s)[2] is None) == (mode == "greedy")
+
+
+def test_a_graphed_proposal_makes_only_the_tensors_read():
+    """Reading a graphed proposal's drafts makes their view alone (two torch calls: each is
+    host time in a decode loop), once; hidden and probs are made when read."""
+    d = host_only(drafter(max_seqs=2))
+    d.add_sequence(0)
+    h, ids, pos = rows(1, 0)
+    p = d.propose([0], h, ids, pos, [1], k=2, sampling=Sampling(temperature=1.0))
+    with CountOps() as c:
+        drafts = p.drafts
+    # (a dtype view dispatches a detach too, under a dispatch mode)
+    assert c.ops["as_strided"] == c.ops["view"] == 1 and "slice" not in c.ops
+    assert p.drafts is drafts
+    assert "hidden" not in vars(p) and "probs" not in vars(p)
+    assert p.hidden.shape == (1, 2, TINY.hc_dim) and p.probs.shape == (1, 2, TINY.vocab_size)
 
 
 def test_draw_is_the_inverse_cdf():
