@@ -25,8 +25,8 @@ from .graph import PDL_ROWS, capture
 
 
 class CapturedProposal(StaticProposal):
-    """One bucket's program and its graph; ``drafts``, ``hidden``, ``probs`` (None when
-    greedy), ``error``: its static outputs (rewritten by every replay). The graph ends with the
+    """One bucket's program and its graph; ``error``: the device's error word (rewritten by
+    every replay). The graph ends with the outputs' copy into the staged call's buffer, the
     error word's copy to the host and the record of ``done`` (an external event, so that a
     replay records it: the host launches one graph per call and nothing else)."""
 

@@ -706,7 +706,7 @@ class Drafter:
         brings (max_draft_tokens + 1). A catch-up of more than W rows takes the W bucket (its
         earlier rows are never attended: only checked)."""
         w = self.config.sliding_window
-        top = min(self.max_draft_tokens + 1, w)
+        top = self._rows_between_verifications()
         rows = sorted({1 << i for i in range(w.bit_length()) if 1 << i < w} | {top, w})
         seqs = sorted({b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < self.max_seqs}
                       | {self.max_seqs})
@@ -716,8 +716,13 @@ class Drafter:
         """The most rows (sequences x rows per sequence) a whole-call bucket may have: every
         call between verifications fits; a larger catch-up runs the eager path, chunked by
         the module's CHUNK_ROWS (the same bound on a call's temporaries)."""
-        top = min(self.max_draft_tokens + 1, self.config.sliding_window)
-        return max(model_mod.CHUNK_ROWS, self._buckets()[0][-1] * top)
+        return max(model_mod.CHUNK_ROWS,
+                   self._buckets()[0][-1] * self._rows_between_verifications())
+
+    def _rows_between_verifications(self) -> int:
+        """The most new rows per sequence a call between verifications brings: the accepted
+        drafts and the bonus token (within the window)."""
+        return min(self.max_draft_tokens + 1, self.config.sliding_window)
 
     def _graphs_unavailable(self) -> str | None:
         if self._cuda_graphs is False:

@@ -234,9 +234,9 @@ class ProposeProgram:
         # into the program's own before anything is written
         self.pre_error = torch.zeros((), dtype=torch.int32, device=dev)
         self._pre_error_set = False
-        # The outputs in one byte buffer, drafts | hidden | probs: a proposal copies it whole
-        # (one allocation and one copy per call, not one per tensor) and cuts it into the
-        # three when they are first read (``unpack``)
+        # The outputs in one byte buffer, drafts | hidden | probs: the program's last step
+        # copies it whole into the call's own buffer (``stage``'s ``out``: one allocation per
+        # call, not one per tensor), which a proposal cuts into the three when read (``unpack``)
         wide = torch.float64 if model.dtype == torch.float64 else torch.float32  # logits'
         parts = [(torch.int64, (seqs, k)), (model.dtype, (seqs, k, cfg.hc_dim))]
         if mode != "greedy":
@@ -480,9 +480,8 @@ class ProposeProgram:
 
 
 class StaticProposal:
-    """Base of a bucket's runner: :meth:`replay` runs the call (``ProposeProgram.run_call``),
-    leaving its outputs in ``program.packed`` (``drafts``, ``hidden``, ``probs`` (None when
-    greedy): views of it, the same tensors at every replay), its error word in
+    """Base of a bucket's runner: :meth:`replay` runs the call (``ProposeProgram.run_call``):
+    its outputs into the staged call's own buffer, its error word into
     ``program.error_host`` and, on CUDA, the event ``done`` recorded after both (None
     elsewhere: the copies are done when replay returns). Set by the subclass: ``program``,
     ``done``, ``error`` (the device's error word)."""
@@ -490,27 +489,6 @@ class StaticProposal:
     program: ProposeProgram
     done: object = None
     error: torch.Tensor
-
-    @property
-    def drafts(self) -> torch.Tensor:
-        return self.program.out[0]
-
-    @property
-    def hidden(self) -> torch.Tensor:
-        return self.program.out[1]
-
-    @property
-    def probs(self) -> torch.Tensor | None:
-        return self.program.out[2]
-
-    def outputs(self, s: int) -> tuple:
-        """The first ``s`` sequences' (drafts, hidden, probs or None): views of the static
-        outputs, made once per ``s``."""
-        views = self.__dict__.setdefault("_views", {})
-        found = views.get(s)
-        if found is None:
-            found = views[s] = first_rows((self.drafts, self.hidden, self.probs), s)
-        return found
 
 
 class EagerProposal(StaticProposal):
@@ -522,11 +500,6 @@ class EagerProposal(StaticProposal):
 
     def replay(self) -> None:
         self.error = self.program.run_call(self.done)[-1]
-
-
-def first_rows(tensors: tuple, s: int) -> tuple:
-    """Each tensor's first ``s`` rows (itself when it has exactly ``s``; None stays None)."""
-    return tuple(t if t is None or t.shape[0] == s else t[:s] for t in tensors)
 
 
 class ProposeBuckets:
@@ -603,4 +576,4 @@ class ProposeBuckets:
 
 __all__ = ["ERR_HIDDEN", "ERR_IDS", "ERR_LOGITS", "ERR_POSITIONS", "INPUT_ERRORS", "MODES",
            "ROWS_AT", "EagerProposal", "ProposeBuckets", "ProposeProgram", "StaticProposal",
-           "draw", "first_rows", "gather_rows", "rows_at"]
+           "draw", "gather_rows", "rows_at"]
