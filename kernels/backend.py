@@ -52,6 +52,9 @@ from .fp8_linear import fp8_linear
 EXPERTS = ("auto", "cuda", "triton")
 HEADS = head_k.KERNELS
 RELEASED = ("fp8", "fp8", "fp4", "e8m0")  # dense, wo_a, experts, expert scales
+# input_proj hands hc_pre the mixes from h_proj's split-K pass for few rows (False: hc_mix;
+# benchmarks' A/B)
+INPUT_MIX = True
 
 
 @dataclass
@@ -157,13 +160,18 @@ class TritonOps:
                                     device=x.device)
         return fp8_linear(x, lin.weight, lin.weight_scale_inv, act_quant=act_quant, **kw)
 
-    def input_proj(self, en, hn, e_proj, h_proj, act_quant: bool):
+    def input_proj(self, en, hn, e_proj, h_proj, act_quant: bool, *, mix_fn=None):
         # e_proj beside h_proj on a side stream was measured slower (kernels/NOTES.md round
-        # 6): both stream their weights, so they share the bandwidth, and the add is a launch
+        # 6): both stream their weights, so they share the bandwidth, and the add is a launch.
+        # For few rows h_proj's split-K pass also computes the attention hc_pre's mixes (as
+        # hc_post does for the later ones): no hc_mix launch
         t, m, d = hn.shape
         ep = self.linear(en, e_proj, act_quant)
-        x = self.linear(hn.view(t * m, d), h_proj, act_quant, add=ep, add_row_div=m)
-        return x.view(t, m, d)  # [T*M, D] -> [T, M, D]
+        mix = mix_fn if INPUT_MIX and t <= hc_k.POST_MIX_T else None
+        x = self.linear(hn.view(t * m, d), h_proj, act_quant, add=ep, add_row_div=m,
+                        mix_fn=mix)
+        x, parts = x if mix is not None else (x, None)
+        return x.view(t, m, d), parts  # [T*M, D] -> [T, M, D]
 
     # ---- hyper-connections -----------------------------------------------------------------
     def hc_pre_norm(self, x, fn, scale, base, norm_w, iters: int, hc_eps: float, eps: float, *,

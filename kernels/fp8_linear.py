@@ -54,6 +54,7 @@ def _epilogue(acc, rows, cols, M, N, out_ptr, stride_om, add_ptr, stride_am,
                     mask=mask, other=0.0)
         y = (y.to(tl.float32) + a.to(tl.float32)).to(odt)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y, mask=mask)
+    return y
 
 
 @triton.jit
@@ -130,19 +131,34 @@ def fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, add_ptr,
 
 
 @triton.jit
-def splitk_reduce_kernel(part_ptr, out_ptr, add_ptr, M, N, stride_om, stride_am,
-                         SPLIT: tl.constexpr, ADD_ROW_DIV: tl.constexpr, BN: tl.constexpr):
-    """Sum the split-K partials in a fixed order (deterministic), then the epilogue."""
+def splitk_reduce_kernel(part_ptr, out_ptr, add_ptr, fn_ptr, mix_ptr, sq_ptr, M, N, F,
+                         stride_om, stride_am, SPLIT: tl.constexpr, ADD_ROW_DIV: tl.constexpr,
+                         BN: tl.constexpr, MIX: tl.constexpr, FP: tl.constexpr):
+    """Sum the split-K partials in a fixed order (deterministic), then the epilogue. With MIX
+    (output rows t * ADD_ROW_DIV + k: stream k of hyper-connection row t) also the next
+    hc_pre's mix partials of the stored values over this block's columns, as ``hc_post``'s:
+    z = flatten(out[t]) holds them at columns k * N + cols."""
     pdl_enter()
     m = tl.program_id(0)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cb = tl.program_id(1)
+    cols = cb * BN + tl.arange(0, BN)
     cmask = cols < N
     acc = tl.zeros([BN], dtype=tl.float32)
     for s in range(SPLIT):
         acc += tl.load(part_ptr + (s * M + m) * N + cols, mask=cmask, other=0.0)
     rows = m + tl.arange(0, 1)
-    _epilogue(acc[None, :], rows, cols, M, N, out_ptr, stride_om, add_ptr, stride_am,
-              ADD_ROW_DIV)
+    y = _epilogue(acc[None, :], rows, cols, M, N, out_ptr, stride_om, add_ptr, stride_am,
+                  ADD_ROW_DIV)
+    if MIX:
+        t, k = m // ADD_ROW_DIV, m % ADD_ROW_DIV
+        z = tl.where(cmask, tl.reshape(y, (BN,)).to(tl.float32), 0.0)
+        fr = tl.arange(0, FP)
+        f = tl.load(fn_ptr + fr[:, None] * (ADD_ROW_DIV * N) + k * N + cols[None, :],
+                    mask=(fr < F)[:, None] & cmask[None, :], other=0.0)
+        s = k * tl.num_programs(1) + cb  # partial s of row t (hc.hc_finish's layout)
+        n_t = M // ADD_ROW_DIV
+        tl.store(mix_ptr + (s * n_t + t) * FP + fr, tl.sum(f * z[None, :], axis=1))
+        tl.store(sq_ptr + s * n_t + t, tl.sum(z * z, axis=0))
 
 
 @triton.jit
@@ -199,7 +215,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
                group_n: int | None = None, swiglu_limit: float | None = None,
                add: torch.Tensor | None = None, add_row_div: int = 1,
                out: torch.Tensor | None = None, rounded: bool = False,
-               tune: dict | None = None) -> torch.Tensor:
+               tune: dict | None = None, mix_fn: torch.Tensor | None = None):
     """``mtp.ops.matmul(x, dequant_fp8_block(weight, scale), act_quant)``.
 
     x [M, Kx] (bf16 or fp32, last dim contiguous; Kx = K, or G*K grouped, or 2K with
@@ -212,6 +228,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
     ``tune``: launch settings for benchmarks (``preq_rows``: rows from which the input is
     rounded ahead by :func:`quant_fp8`, ``bn`` 64 or 128, ``warps``, ``stages``,
     ``per_sm``: split-K programs per multiprocessor).
+    ``mix_fn`` [F, add_row_div * N] float32 (with ``add``: the output rows are the
+    ``add_row_div`` hyper-connection streams of each row of ``add``): returns (out, partials),
+    partials the next ``hc.hc_pre_norm``'s mixes of out computed by the split-K pass (no
+    hc_mix launch), or None where the product takes no split-K pass (then hc_pre_norm
+    computes them itself).
 
     Example:
         >>> y = fp8_linear(u, attn.wq_b.weight, attn.wq_b.weight_scale_inv, act_quant=True)
@@ -265,12 +286,25 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
         ADD_ROW_DIV=add_row_div if add is not None else 0,
         FP8_DOT=fp8_dot and act_quant, PREQ=preq, BM=bm, BN=bn, BK=BK,
         num_warps=warps, num_stages=tune.get("stages", stages), **launch_opts())
+    want_mix, parts = mix_fn is not None, None
     if split > 1:
         rbn = 256
-        splitk_reduce_kernel[(m, triton.cdiv(n, rbn))](
-            part, out, add_t, m, n, out.stride(0), add_t.stride(0), SPLIT=split,
-            ADD_ROW_DIV=add_row_div if add is not None else 0, BN=rbn, num_warps=4, **launch_opts())
-    return out
+        n_cb = triton.cdiv(n, rbn)
+        mix = want_mix and add is not None and m % add_row_div == 0
+        if mix:
+            f, n_split = mix_fn.shape[0], add_row_div * n_cb
+            fp = max(16, triton.next_power_of_2(f))
+            mixp = torch.empty(n_split, m // add_row_div, fp, dtype=torch.float32,
+                               device=x.device)
+            sq = torch.empty(n_split, m // add_row_div, dtype=torch.float32, device=x.device)
+            parts = (mixp, sq, n_split, fp)
+        else:
+            f, fp, mix_fn, mixp, sq = 1, 1, part, part, part  # not read
+        splitk_reduce_kernel[(m, n_cb)](
+            part, out, add_t, mix_fn, mixp, sq, m, n, f, out.stride(0), add_t.stride(0),
+            SPLIT=split, ADD_ROW_DIV=add_row_div if add is not None else 0, BN=rbn, MIX=mix,
+            FP=fp, num_warps=4, **launch_opts())
+    return (out, parts) if want_mix else out
 
 
 def fp8_linear_reference(x, weight, scale, *, act_quant, group_n=None, swiglu_limit=None,

@@ -359,13 +359,14 @@ class Block(nn.Module):
                               cfg.hc_eps, cfg.rms_norm_eps, **hints)
 
     def forward(self, x: torch.Tensor, ctx: StepContext, head_fn: torch.Tensor | None = None,
-                out_rows: torch.Tensor | None = None):
+                out_rows: torch.Tensor | None = None, partials=None):
         """x [T, M, D] -> (x [T, M, D], partials): ``head_fn`` (the layer's ``hc_head_fn``,
-        when its logits follow) lets a backend compute the head's mixes alongside.
+        when its logits follow) lets a backend compute the head's mixes alongside;
+        ``partials``: a backend's precomputed mixes of x (from its ``input_proj``).
         ``out_rows`` [S]: only these rows' outputs are wanted (-> [S, M, D]); the others give
         their keys to the cache and stop after the attention's first product."""
         op = ctx.ops
-        u, post, comb, _ = self._hc_pre_norm(op, x, "attn")
+        u, post, comb, _ = self._hc_pre_norm(op, x, "attn", partials=partials)
         a = self.attn(u, ctx, out_rows)
         if out_rows is not None:
             if a is None:  # no row's output wanted
@@ -416,8 +417,10 @@ class MTPLayer(nn.Module):
         en, hn = op.embed_norms(input_ids, inputs_embeds, ctx.positions, embed, h,
                                 self.enorm.weight, self.hnorm.weight, cfg.rms_norm_eps,
                                 dtype=h.dtype, zero_pos0=nm.zero_embed_at_pos0)
-        x = op.input_proj(en, hn, self.e_proj, self.h_proj, nm.act_quant)  # [T, M, D]
-        return self.mtp_block(x, ctx, self.hc_head_fn if head_mix else None, out_rows)
+        x, parts = op.input_proj(en, hn, self.e_proj, self.h_proj, nm.act_quant,
+                                 mix_fn=self.mtp_block.hc_attn_fn)  # [T, M, D]
+        return self.mtp_block(x, ctx, self.hc_head_fn if head_mix else None, out_rows,
+                              partials=parts)
 
     def logits(self, op, x: torch.Tensor, partials=None) -> torch.Tensor:
         """x [T, M, D] -> [T, V] float32: hc_head, this layer's norm, the shared head

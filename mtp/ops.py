@@ -248,9 +248,12 @@ class ReferenceOps:
         w = dequantize(lin.weight, lin.weight_scale_inv, lin.storage)
         return matmul(x, w, rounds_input(lin.storage, act_quant), wide_out)
 
-    def input_proj(self, en, hn, e_proj, h_proj, act_quant: bool):
-        """x = h_proj(hn) + e_proj(en) broadcast over the M streams -> [T, M, D]."""
-        return self.linear(hn, h_proj, act_quant) + self.linear(en, e_proj, act_quant).unsqueeze(1)
+    def input_proj(self, en, hn, e_proj, h_proj, act_quant: bool, *, mix_fn=None):
+        """(x, partials): x = h_proj(hn) + e_proj(en) broadcast over the M streams [T, M, D];
+        ``mix_fn`` asks a backend for the attention hc_pre's mixes of x alongside, as
+        :meth:`hc_post` (here: None)."""
+        x = self.linear(hn, h_proj, act_quant) + self.linear(en, e_proj, act_quant).unsqueeze(1)
+        return x, None
 
     def hc_pre_norm(self, x, fn, scale, base, norm_w, iters: int, hc_eps: float, eps: float, *,
                     partials=None, act_quant: bool = False):

@@ -165,6 +165,41 @@ def test_fp8_linear_column_range_in_place(m):
         fp8_linear(x, w.t(), s.t(), act_quant=True)
 
 
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_linear_split_pass_mixes(t, dtype):
+    """h_proj's product with the attention hc_pre's mixes from its split-K pass (input_proj,
+    few rows): the output bit for bit as without them, and hc_pre_norm from those partials
+    against the reference on that output (the tolerances of test_rmsnorm_and_hc: the mixes
+    are float32 sums in another order). K = 1024 (8 blocks) takes a split-K pass at these
+    rows; N = 640 leaves a partial column block."""
+    from mtp_kernels import hc
+    from mtp_kernels.fp8_linear import fp8_linear
+
+    from mtp import ops
+    m, n, k = 4, 640, 1024
+    w, s = fp8_weight(n, k, seed=70)
+    hn = randn(t * m, k, seed=71, dtype=dtype)
+    ep = randn(t, n, seed=72, dtype=dtype)
+    fn = randn((2 + m) * m, m * n, seed=73, std=(m * n) ** -0.5)
+    scale, base = 0.5 + torch.rand(3, device=DEVICE), randn((2 + m) * m, seed=74, std=0.5)
+    nw = 1 + randn(n, seed=75, std=0.1)
+    y, parts = fp8_linear(hn, w, s, act_quant=True, add=ep, add_row_div=m, mix_fn=fn)
+    assert parts is not None and parts[2] == m * 3  # 3 column blocks of 256 per stream
+    assert torch.equal(y, fp8_linear(hn, w, s, act_quant=True, add=ep, add_row_div=m))
+    x = y.view(t, m, n)  # [T*M, N] -> [T, M, N]
+    u, post, comb = hc.hc_pre_norm(x, fn, scale, base, nw, 20, 1e-6, 1e-6, partials=parts)
+    y_r, post_r, comb_r = ops.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
+    tol = BF16_TOL if dtype == torch.bfloat16 else F32_TOL
+    assert rel(post, post_r) < 1e-5 and rel(comb, comb_r) < 1e-5
+    assert rel(u, ops.rms_norm(y_r, nw, 1e-6)) < tol
+    # one K block: no split-K pass, so no partials (hc_pre_norm computes the mixes itself)
+    w1, s1 = fp8_weight(n, 128, seed=76)
+    y1, none = fp8_linear(hn[:, :128].contiguous(), w1, s1, act_quant=True, add=ep,
+                          add_row_div=m, mix_fn=fn)
+    assert none is None
+
+
 def test_act_quant_bit_exact():
     """The fused FP8 activation rounding equals ``fp8_simulate`` bit for bit: an identity weight
     block (scale 1) returns the rounded activations themselves."""

@@ -255,10 +255,16 @@ def test_backend_ops_match_the_float64_reference(backend):
           r.embed_norms(ids, None, pos, m64.model.embed_tokens.weight, h64, L64.enorm.weight,
                         L64.hnorm.weight, eps, **{**emb, "dtype": F64}), "embed_norms")
     (en, en64), (hn, hn64) = pair(t, d), pair(t, mm, d)
-    close(op.input_proj(en, hn, L.e_proj, L.h_proj, False),
-          r.input_proj(en64, hn64, L64.e_proj, L64.h_proj, False), "input_proj")
-    x, x64 = pair(t, mm, d)
+    x_in, parts_in = op.input_proj(en, hn, L.e_proj, L.h_proj, False, mix_fn=B.hc_attn_fn)
+    x_in64, none = r.input_proj(en64, hn64, L64.e_proj, L64.h_proj, False)
+    assert none is None
+    close(x_in, x_in64, "input_proj")
     hc = (cfg.hc_sinkhorn_iters, cfg.hc_eps, eps)
+    close(op.hc_pre_norm(x_in, B.hc_attn_fn, B.hc_attn_scale, B.hc_attn_base,
+                         B.attn_norm.weight, *hc, partials=parts_in)[:3],
+          r.hc_pre_norm(x_in.cpu().to(F64), B64.hc_attn_fn, B64.hc_attn_scale, B64.hc_attn_base,
+                        B64.attn_norm.weight, *hc)[:3], "hc_pre_norm with input_proj's partials")
+    x, x64 = pair(t, mm, d)
     u, post, comb, _ = op.hc_pre_norm(x, B.hc_attn_fn, B.hc_attn_scale, B.hc_attn_base,
                                       B.attn_norm.weight, *hc)
     u64, post64, comb64, _ = r.hc_pre_norm(x64, B64.hc_attn_fn, B64.hc_attn_scale,
