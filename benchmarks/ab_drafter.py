@@ -4,9 +4,9 @@ module settings, calls interleaved (the host's and the GPU clock's drift between
 moves every variant alike). Each call's GPU time: the GPU is kept busy
 (``torch.cuda._sleep``) while the host enqueues, so the events time the replay, not the host.
 
-Variants (``--variants``, the first is the baseline):
-    input_mix / hc_mix: h_proj's split-K pass hands hc_pre its mixes, or hc_mix computes
-    them (``mtp_kernels.backend.INPUT_MIX``).
+Variants (``--variants``, the first is the baseline): the input projections
+(``mtp_kernels.backend.INPUT_PAIR`` / ``INPUT_MIX``): e_proj and h_proj in two launches or
+one ("pair"), the attention hc_pre's mixes by hc_mix or from their split-K pass ("mix").
 
 Usage (GPU):
     python benchmarks/ab_drafter.py --preset flash,pro --batches 1,64 --rows 1,4 --reps 60
@@ -37,9 +37,12 @@ from mtp import DeepSeekV4MTP, MTPConfig  # noqa: E402
 from mtp.drafter import Drafter  # noqa: E402
 
 # name -> {"module.ATTR": value} set before the variant's drafter captures its graphs
+_IN = "mtp_kernels.backend.INPUT_"
 VARIANTS = {
-    "hc_mix": {"mtp_kernels.backend.INPUT_MIX": False},
-    "input_mix": {"mtp_kernels.backend.INPUT_MIX": True},
+    "two": {_IN + "PAIR": False, _IN + "MIX": False},
+    "mix": {_IN + "PAIR": False, _IN + "MIX": True},
+    "pair": {_IN + "PAIR": True, _IN + "MIX": False},
+    "pair+mix": {_IN + "PAIR": True, _IN + "MIX": True},
 }
 
 

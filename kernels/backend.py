@@ -52,8 +52,9 @@ from .fp8_linear import fp8_linear
 EXPERTS = ("auto", "cuda", "triton")
 HEADS = head_k.KERNELS
 RELEASED = ("fp8", "fp8", "fp4", "e8m0")  # dense, wo_a, experts, expert scales
-# input_proj hands hc_pre the mixes from h_proj's split-K pass for few rows (False: hc_mix;
-# benchmarks' A/B)
+# input_proj: e_proj and h_proj in one launch (False: two), and the attention hc_pre's mixes
+# from their split-K pass for few rows (False: hc_mix). Benchmarks' A/B (ab_drafter.py)
+INPUT_PAIR = True
 INPUT_MIX = True
 
 
@@ -161,15 +162,17 @@ class TritonOps:
         return fp8_linear(x, lin.weight, lin.weight_scale_inv, act_quant=act_quant, **kw)
 
     def input_proj(self, en, hn, e_proj, h_proj, act_quant: bool, *, mix_fn=None):
-        # e_proj beside h_proj on a side stream was measured slower (kernels/NOTES.md round
-        # 6): both stream their weights, so they share the bandwidth, and the add is a launch.
-        # For few rows h_proj's split-K pass also computes the attention hc_pre's mixes (as
-        # hc_post does for the later ones): no hc_mix launch
+        # e_proj and h_proj in one launch (and one split-K pass that adds them), where the
+        # product takes a split-K pass; for few rows that pass also computes the attention
+        # hc_pre's mixes (as hc_post does for the later ones): no hc_mix launch. (e_proj
+        # beside h_proj on a side stream was measured slower: kernels/NOTES.md v28)
         t, m, d = hn.shape
-        ep = self.linear(en, e_proj, act_quant)
         mix = mix_fn if INPUT_MIX and t <= hc_k.POST_MIX_T else None
-        x = self.linear(hn.view(t * m, d), h_proj, act_quant, add=ep, add_row_div=m,
-                        mix_fn=mix)
+        if INPUT_PAIR:
+            kw = {"add_linear": (en, e_proj.weight, e_proj.weight_scale_inv)}
+        else:
+            kw = {"add": self.linear(en, e_proj, act_quant)}
+        x = self.linear(hn.view(t * m, d), h_proj, act_quant, add_row_div=m, mix_fn=mix, **kw)
         x, parts = x if mix is not None else (x, None)
         return x.view(t, m, d), parts  # [T*M, D] -> [T, M, D]
 

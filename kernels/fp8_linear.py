@@ -73,16 +73,44 @@ def _swiglu_block(x, x_ptr, xoff, K, rmask, swiglu_limit):
 def fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, add_ptr,
                       M, N, K, stride_xm, stride_om, stride_am, stride_wn, stride_wsn,
                       kb_per_split, swiglu_limit,
+                      x2_ptr, w2_ptr, ws2_ptr, part2_ptr, M2, stride_x2m, stride_w2n,
+                      stride_ws2n, NB1,
                       GROUP_N: tl.constexpr, ACT_QUANT: tl.constexpr, SWIGLU: tl.constexpr,
                       SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, SPLIT: tl.constexpr,
                       ADD_ROW_DIV: tl.constexpr, FP8_DOT: tl.constexpr, PREQ: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                      PAIR: tl.constexpr):
     """PREQ: x is already e4m3 codes [M, K] with their scales xs [M, K/128] (``quant_fp8``,
-    written once for all output blocks instead of rounded again in each)."""
+    written once for all output blocks instead of rounded again in each). PAIR: programs
+    from column block NB1 on compute a second product of the same N and K, x2 [M2, K] @ w2^T,
+    into its own split-K partials part2 (the add of the first, summed by the reduce)."""
     pdl_enter()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
+    if PAIR and pid_n >= NB1:
+        if pid_m * BM < M2:
+            _product(x2_ptr, x2_ptr, w2_ptr, ws2_ptr, out_ptr, part2_ptr, add_ptr, M2, N, K,
+                     stride_x2m, stride_om, stride_am, stride_w2n, stride_ws2n, kb_per_split,
+                     swiglu_limit, pid_n - NB1, pid_m, pid_k, GROUP_N, ACT_QUANT, SWIGLU,
+                     SCALE_E8M0, DOT_F32, SPLIT, 0, FP8_DOT, PREQ, BM, BN, BK)
+    else:
+        _product(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, add_ptr, M, N, K, stride_xm,
+                 stride_om, stride_am, stride_wn, stride_wsn, kb_per_split, swiglu_limit,
+                 pid_n, pid_m, pid_k, GROUP_N, ACT_QUANT, SWIGLU, SCALE_E8M0, DOT_F32, SPLIT,
+                 ADD_ROW_DIV, FP8_DOT, PREQ, BM, BN, BK)
+
+
+@triton.jit
+def _product(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, add_ptr,
+             M, N, K, stride_xm, stride_om, stride_am, stride_wn, stride_wsn,
+             kb_per_split, swiglu_limit, pid_n, pid_m, pid_k,
+             GROUP_N: tl.constexpr, ACT_QUANT: tl.constexpr, SWIGLU: tl.constexpr,
+             SCALE_E8M0: tl.constexpr, DOT_F32: tl.constexpr, SPLIT: tl.constexpr,
+             ADD_ROW_DIV: tl.constexpr, FP8_DOT: tl.constexpr, PREQ: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """One program's [BM, BN] output block over its K range: the epilogue, or (SPLIT > 1) its
+    split-K partial."""
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     rmask = rows < M
@@ -131,10 +159,13 @@ def fp8_linear_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, part_ptr, add_ptr,
 
 
 @triton.jit
-def splitk_reduce_kernel(part_ptr, out_ptr, add_ptr, fn_ptr, mix_ptr, sq_ptr, M, N, F,
-                         stride_om, stride_am, SPLIT: tl.constexpr, ADD_ROW_DIV: tl.constexpr,
-                         BN: tl.constexpr, MIX: tl.constexpr, FP: tl.constexpr):
-    """Sum the split-K partials in a fixed order (deterministic), then the epilogue. With MIX
+def splitk_reduce_kernel(part_ptr, out_ptr, add_ptr, part2_ptr, fn_ptr, mix_ptr, sq_ptr, M, N,
+                         F, M2, stride_om, stride_am, SPLIT: tl.constexpr,
+                         ADD_ROW_DIV: tl.constexpr, BN: tl.constexpr, PAIR: tl.constexpr,
+                         MIX: tl.constexpr, FP: tl.constexpr):
+    """Sum the split-K partials in a fixed order (deterministic), then the epilogue. With PAIR
+    the add of row m is the second product's row m // ADD_ROW_DIV, summed from part2 the same
+    way and rounded to the output dtype (as its own reduce would have written it). With MIX
     (output rows t * ADD_ROW_DIV + k: stream k of hyper-connection row t) also the next
     hc_pre's mix partials of the stored values over this block's columns, as ``hc_post``'s:
     z = flatten(out[t]) holds them at columns k * N + cols."""
@@ -147,8 +178,18 @@ def splitk_reduce_kernel(part_ptr, out_ptr, add_ptr, fn_ptr, mix_ptr, sq_ptr, M,
     for s in range(SPLIT):
         acc += tl.load(part_ptr + (s * M + m) * N + cols, mask=cmask, other=0.0)
     rows = m + tl.arange(0, 1)
-    y = _epilogue(acc[None, :], rows, cols, M, N, out_ptr, stride_om, add_ptr, stride_am,
-                  ADD_ROW_DIV)
+    if PAIR:
+        odt = out_ptr.dtype.element_ty
+        acc2 = tl.zeros([BN], dtype=tl.float32)
+        for s in range(SPLIT):
+            acc2 += tl.load(part2_ptr + (s * M2 + m // ADD_ROW_DIV) * N + cols, mask=cmask,
+                            other=0.0)
+        y = (acc.to(odt).to(tl.float32) + acc2.to(odt).to(tl.float32)).to(odt)[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y,
+                 mask=cmask[None, :])
+    else:
+        y = _epilogue(acc[None, :], rows, cols, M, N, out_ptr, stride_om, add_ptr, stride_am,
+                      ADD_ROW_DIV)
     if MIX:
         t, k = m // ADD_ROW_DIV, m % ADD_ROW_DIV
         z = tl.where(cmask, tl.reshape(y, (BN,)).to(tl.float32), 0.0)
@@ -215,7 +256,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
                group_n: int | None = None, swiglu_limit: float | None = None,
                add: torch.Tensor | None = None, add_row_div: int = 1,
                out: torch.Tensor | None = None, rounded: bool = False,
-               tune: dict | None = None, mix_fn: torch.Tensor | None = None):
+               tune: dict | None = None, mix_fn: torch.Tensor | None = None,
+               add_linear: tuple | None = None):
     """``mtp.ops.matmul(x, dequant_fp8_block(weight, scale), act_quant)``.
 
     x [M, Kx] (bf16 or fp32, last dim contiguous; Kx = K, or G*K grouped, or 2K with
@@ -233,6 +275,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
     partials the next ``hc.hc_pre_norm``'s mixes of out computed by the split-K pass (no
     hc_mix launch), or None where the product takes no split-K pass (then hc_pre_norm
     computes them itself).
+    ``add_linear`` = (x2, weight2, scale2), in place of ``add``: the add is
+    ``fp8_linear(x2, weight2, scale2, act_quant=act_quant)`` (weight2 of weight's shape and
+    format), computed in the same launch where the product takes a split-K pass (the same
+    values as two calls: the input projections' e_proj and h_proj), else by a call first.
 
     Example:
         >>> y = fp8_linear(u, attn.wq_b.weight, attn.wq_b.weight_scale_inv, act_quant=True)
@@ -250,6 +296,17 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
         raise ValueError(f"fp8_linear: group_n={group} must be a multiple of 128")
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    x2 = None
+    if add_linear is not None:
+        x2, w2, s2 = add_linear
+        if add is not None:
+            raise ValueError("fp8_linear: pass add or add_linear, not both")
+        if (w2.shape != weight.shape or s2.shape != scale.shape or s2.dtype != scale.dtype
+                or x2.dtype != x.dtype or x2.stride(-1) != 1 or w2.stride(1) != 1
+                or x2.shape[0] * add_row_div != m or rounded or swiglu_limit is not None
+                or group_n not in (None, n) or out.dtype != x.dtype):
+            raise ValueError("fp8_linear: add_linear takes a weight of weight's shape and "
+                             "format, x2 [M / add_row_div, K] of x's dtype, and no other option")
     dot_f32 = x.dtype == torch.float32 and not act_quant and not rounded
     bm, bn, warps, per_sm = _blocks(m)
     stages = 3
@@ -273,24 +330,35 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
     preq_rows = tune.get("preq_rows", PREQ_ROWS if _common.MANY_ROWS else None)
     preq = (fp8_dot and (act_quant or rounded) and group == n
             and preq_rows is not None and m >= preq_rows)
+    pair = x2 is not None and split > 1 and not preq
+    if x2 is not None and not pair:  # no split-K pass to sum it in: a call of its own first
+        add = add_t = fp8_linear(x2, w2, s2, act_quant=act_quant, tune=tune)
+        x2 = None
     xs = x
     if preq:  # many rows: round each input block once, not once per output block
         x, xs = quant_fp8(x, k, swiglu_limit)
-    fp8_linear_kernel[(nb, mb, split)](
+    if pair:
+        s2_u8 = s2.view(torch.uint8) if s2.dtype == torch.float8_e8m0fnu else s2
+        part2 = torch.empty(split, x2.shape[0], n, dtype=torch.float32, device=x.device)
+        second = (x2, w2, s2_u8, part2, x2.shape[0], x2.stride(0), w2.stride(0),
+                  s2_u8.stride(0), nb)
+    else:
+        second = (x, weight, scale_u8, part, 0, 0, 0, 0, nb)  # not read
+    fp8_linear_kernel[(nb * (2 if pair else 1), mb, split)](
         x, xs, weight, scale_u8, out, part, add_t, m, n, k, x.stride(0), out.stride(0),
         add_t.stride(0), weight.stride(0), scale_u8.stride(0), per,
-        float(swiglu_limit or 0.0),
+        float(swiglu_limit or 0.0), *second,
         GROUP_N=group, ACT_QUANT=act_quant and not preq, SWIGLU=swiglu_limit is not None,
         SCALE_E8M0=scale.dtype == torch.float8_e8m0fnu,
         DOT_F32=dot_f32, SPLIT=split,
         ADD_ROW_DIV=add_row_div if add is not None else 0,
-        FP8_DOT=fp8_dot and act_quant, PREQ=preq, BM=bm, BN=bn, BK=BK,
+        FP8_DOT=fp8_dot and act_quant, PREQ=preq, BM=bm, BN=bn, BK=BK, PAIR=pair,
         num_warps=warps, num_stages=tune.get("stages", stages), **launch_opts())
     want_mix, parts = mix_fn is not None, None
     if split > 1:
         rbn = 256
         n_cb = triton.cdiv(n, rbn)
-        mix = want_mix and add is not None and m % add_row_div == 0
+        mix = want_mix and (add is not None or pair) and m % add_row_div == 0
         if mix:
             f, n_split = mix_fn.shape[0], add_row_div * n_cb
             fp = max(16, triton.next_power_of_2(f))
@@ -301,9 +369,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
         else:
             f, fp, mix_fn, mixp, sq = 1, 1, part, part, part  # not read
         splitk_reduce_kernel[(m, n_cb)](
-            part, out, add_t, mix_fn, mixp, sq, m, n, f, out.stride(0), add_t.stride(0),
-            SPLIT=split, ADD_ROW_DIV=add_row_div if add is not None else 0, BN=rbn, MIX=mix,
-            FP=fp, num_warps=4, **launch_opts())
+            part, out, add_t, second[3], mix_fn, mixp, sq, m, n, f, second[4], out.stride(0),
+            add_t.stride(0), SPLIT=split,
+            ADD_ROW_DIV=add_row_div if add is not None or pair else 0, BN=rbn, PAIR=pair,
+            MIX=mix, FP=fp, num_warps=4, **launch_opts())
     return (out, parts) if want_mix else out
 
 

@@ -200,6 +200,38 @@ def test_fp8_linear_split_pass_mixes(t, dtype):
     assert none is None
 
 
+@pytest.mark.parametrize("k", [128, 1024])
+@pytest.mark.parametrize("t", [1, 3, 40])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_linear_add_linear_in_one_launch(t, k, dtype):
+    """e_proj and h_proj in one launch (``add_linear``): bit for bit the two calls
+    (``fp8_linear(en, e_proj)`` as the add of ``fp8_linear(hn, h_proj)``), with the mixes too;
+    at K = 128 (no split-K pass) and 40 rows per stream set (other tiles) the fallback, a call
+    first, the same bits."""
+    from mtp_kernels.fp8_linear import fp8_linear
+    m, n = 4, 640
+    w, s = fp8_weight(n, k, seed=80)
+    w2, s2 = fp8_weight(n, k, seed=81)
+    hn = randn(t * m, k, seed=82, dtype=dtype)
+    en = randn(t, k, seed=83, dtype=dtype)
+    fn = randn((2 + m) * m, m * n, seed=84, std=(m * n) ** -0.5)
+    for aq in (True, False):
+        ep = fp8_linear(en, w2, s2, act_quant=aq)
+        two = fp8_linear(hn, w, s, act_quant=aq, add=ep, add_row_div=m)
+        one = fp8_linear(hn, w, s, act_quant=aq, add_linear=(en, w2, s2), add_row_div=m)
+        assert torch.equal(one, two)
+        y, parts = fp8_linear(hn, w, s, act_quant=aq, add_linear=(en, w2, s2),
+                              add_row_div=m, mix_fn=fn)
+        y2, parts2 = fp8_linear(hn, w, s, act_quant=aq, add=ep, add_row_div=m, mix_fn=fn)
+        assert torch.equal(y, two) and (parts is None) == (parts2 is None)
+        if parts is not None:  # the same stored values, the same mixes
+            assert all(torch.equal(a, b) for a, b in zip(parts[:2], parts2[:2]))
+    with pytest.raises(ValueError, match="add or add_linear"):
+        fp8_linear(hn, w, s, act_quant=True, add=ep, add_linear=(en, w2, s2), add_row_div=m)
+    with pytest.raises(ValueError, match="add_linear takes"):
+        fp8_linear(hn, w, s, act_quant=True, add_linear=(en, w2[:128], s2[:1]), add_row_div=m)
+
+
 def test_act_quant_bit_exact():
     """The fused FP8 activation rounding equals ``fp8_simulate`` bit for bit: an identity weight
     block (scale 1) returns the rounded activations themselves."""
