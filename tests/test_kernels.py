@@ -165,14 +165,16 @@ def test_fp8_linear_column_range_in_place(m):
         fp8_linear(x, w.t(), s.t(), act_quant=True)
 
 
+@pytest.mark.parametrize("pair", [False, True])
 @pytest.mark.parametrize("t", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fp8_linear_split_pass_mixes(t, dtype):
+def test_fp8_linear_split_pass_mixes(t, dtype, pair):
     """h_proj's product with the attention hc_pre's mixes from its split-K pass (input_proj,
-    few rows): the output bit for bit as without them, and hc_pre_norm from those partials
-    against the reference on that output (the tolerances of test_rmsnorm_and_hc: the mixes
-    are float32 sums in another order). K = 1024 (8 blocks) takes a split-K pass at these
-    rows; N = 640 leaves a partial column block."""
+    few rows; with ``pair`` e_proj computed in the same launch): the output bit for bit as
+    without them, and hc_pre_norm from those partials against the reference on that output
+    (the tolerances of test_rmsnorm_and_hc: the mixes are float32 sums in another order).
+    K = 1024 (8 blocks) takes a split-K pass at these rows; N = 640 leaves a partial column
+    block."""
     from mtp_kernels import hc
     from mtp_kernels.fp8_linear import fp8_linear
 
@@ -180,11 +182,14 @@ def test_fp8_linear_split_pass_mixes(t, dtype):
     m, n, k = 4, 640, 1024
     w, s = fp8_weight(n, k, seed=70)
     hn = randn(t * m, k, seed=71, dtype=dtype)
-    ep = randn(t, n, seed=72, dtype=dtype)
+    en = randn(t, k, seed=72, dtype=dtype)
+    w2, s2 = fp8_weight(n, k, seed=77)
+    ep = fp8_linear(en, w2, s2, act_quant=True)
     fn = randn((2 + m) * m, m * n, seed=73, std=(m * n) ** -0.5)
     scale, base = 0.5 + torch.rand(3, device=DEVICE), randn((2 + m) * m, seed=74, std=0.5)
     nw = 1 + randn(n, seed=75, std=0.1)
-    y, parts = fp8_linear(hn, w, s, act_quant=True, add=ep, add_row_div=m, mix_fn=fn)
+    add = {"add_linear": (en, w2, s2)} if pair else {"add": ep}
+    y, parts = fp8_linear(hn, w, s, act_quant=True, add_row_div=m, mix_fn=fn, **add)
     assert parts is not None and parts[2] == m * 3  # 3 column blocks of 256 per stream
     assert torch.equal(y, fp8_linear(hn, w, s, act_quant=True, add=ep, add_row_div=m))
     x = y.view(t, m, n)  # [T*M, N] -> [T, M, N]
@@ -224,8 +229,10 @@ def test_fp8_linear_add_linear_in_one_launch(t, k, dtype):
                               add_row_div=m, mix_fn=fn)
         y2, parts2 = fp8_linear(hn, w, s, act_quant=aq, add=ep, add_row_div=m, mix_fn=fn)
         assert torch.equal(y, two) and (parts is None) == (parts2 is None)
-        if parts is not None:  # the same stored values, the same mixes
-            assert all(torch.equal(a, b) for a, b in zip(parts[:2], parts2[:2]))
+        if parts is not None:  # the same stored values; their mixes are float32 sums over
+            # 256 columns whose tree follows the register layout, which differs between the
+            # two passes (measured: not bit-equal on an H200): float32 summation order only
+            assert rel(parts[0], parts2[0]) < F32_TOL and rel(parts[1], parts2[1]) < F32_TOL
     with pytest.raises(ValueError, match="add or add_linear"):
         fp8_linear(hn, w, s, act_quant=True, add=ep, add_linear=(en, w2, s2), add_row_div=m)
     with pytest.raises(ValueError, match="add_linear takes"):
