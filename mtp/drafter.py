@@ -384,8 +384,7 @@ class Drafter:
         """Run the draft steps s >= 1 of the calls that do not replay a whole-call graph as
         CUDA-graph replays (``mtp_kernels.DraftStepGraphs``): with ``cuda_graphs=False`` every
         call; with the whole-call graphs (the default on CUDA) the calls their buckets do not
-        cover (catch-up-sized calls, a per-sequence temperature tensor) and a tensor-parallel
-        module's.
+        cover (catch-up-sized calls) and a tensor-parallel module's.
 
         CUDA only, needs the ``mtp_kernels`` package (the repo's ``kernels/``, with
         Triton) and the model's triton backend (``backend="auto"``, the default, on CUDA in the
@@ -535,7 +534,7 @@ class Drafter:
             mode = "greedy"
         else:
             mode = self._sampling_mode(sampling, len(plan.seq_ids))
-        graphs = self._whole_call_graphs() if mode is not None else None
+        graphs = self._whole_call_graphs()
         if graphs is not None:
             proposal = self._propose_graphed(plan, k, graphs, mode, sampling)
             if proposal is not None:
@@ -636,7 +635,7 @@ class Drafter:
         return _Plan(ids, slots, starts, counts, kept, keep, hidden_states, ids_arg, positions,
                      ids_name, seqs, most)
 
-    def _sampling_mode(self, sampling: Sampling, s: int) -> str | None:
+    def _sampling_mode(self, sampling: Sampling, s: int) -> str:
         """``sampling.check`` for a call of ``s`` sequences, then its :func:`_mode`. The very
         settings the last sampled call checked (the same scalars and generator in the same
         ``Sampling``): their mode again, unchecked (what check tests of them does not depend
@@ -645,8 +644,7 @@ class Drafter:
         if sampling is last[0] and sampling.temperature is last[1] \
                 and sampling.top_p is last[2] and sampling.generator is last[3]:
             return last[4]
-        sampling.check(s, self._device)
-        mode = _mode(sampling)
+        mode = _mode(sampling, sampling.check(s, self._device))
         t, p = sampling.temperature, sampling.top_p
         if type(sampling) is Sampling and not isinstance(t, torch.Tensor) \
                 and not isinstance(p, torch.Tensor):
@@ -1031,15 +1029,15 @@ def _flat_hidden(hidden_states, cfg: MTPConfig):
     return hidden_states
 
 
-def _mode(sampling: Sampling) -> str | None:
-    """The whole-call program that runs ``sampling`` (``mtp.propose_program.MODES``), known
-    without reading a tensor; None for a per-sequence temperature tensor (whether every row is
-    greedy, and so whether q is returned, needs its values: the eager path)."""
-    t, p = sampling.temperature, sampling.top_p
-    if isinstance(t, torch.Tensor):
-        return None
-    if t == 0:
+def _mode(sampling: Sampling, greedy: bool) -> str:
+    """The whole-call program that runs ``sampling`` (``mtp.propose_program.MODES``), given
+    whether every row is greedy (``Sampling.check``'s answer: for a per-sequence temperature
+    tensor read from its values, which also decide whether q is returned). A temperature
+    tensor with greedy and sampled rows takes a sampled program, whose rows at temperature 0
+    pick the argmax (q one-hot), as ``mtp.sampling.probs``."""
+    if greedy:
         return "greedy"
+    p = sampling.top_p
     return "top_p" if isinstance(p, torch.Tensor) or p < 1 else "sample"
 
 

@@ -146,8 +146,7 @@ class TensorParallel:
 
         if not self.sharded:
             return sample(logits, sampling, check_nan=check_nan)
-        sampling.check(logits.shape[0], logits.device)
-        if sampling.greedy:
+        if sampling.check(logits.shape[0], logits.device):  # every row greedy
             if check_nan:  # each rank reads its own slice; a NaN anywhere is a NaN somewhere
                 flag = nan_flag(logits).to(torch.int32).view(1)
                 if int(self.all_reduce_(flag)[0]):  # every rank raises together

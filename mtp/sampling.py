@@ -61,8 +61,12 @@ class Sampling:
         t = self.temperature
         return bool((t == 0).all()) if isinstance(t, torch.Tensor) else t == 0
 
-    def check(self, rows: int, device: torch.device) -> None:
-        """Raise a clear error if these settings cannot apply to ``rows`` rows on ``device``."""
+    def check(self, rows: int, device: torch.device) -> bool:
+        """Raise a clear error if these settings cannot apply to ``rows`` rows on ``device``;
+        else return :attr:`greedy`. Tensor settings' range checks and, for a temperature
+        tensor, whether every row is greedy are read together: one host synchronisation on
+        CUDA (none for scalar settings)."""
+        bads = {}
         for name, value, lo_ok in (("temperature", self.temperature, True),
                                    ("top_p", self.top_p, False)):
             if isinstance(value, torch.Tensor):
@@ -75,9 +79,7 @@ class Sampling:
                 bad = ~torch.isfinite(value) | (value < 0 if lo_ok else value <= 0)
                 if name == "top_p":
                     bad |= value > 1
-                if bool(bad.any()):
-                    raise ValueError(f"Sampling.{name}: value {value[bad][0].item()} is out of "
-                                     f"range ({_RANGES[name]})")
+                bads[name] = bad
             else:
                 _check_scalar(name, value)
         gen = self.generator
@@ -88,6 +90,19 @@ class Sampling:
             if gen.device.type != device.type:
                 raise ValueError(f"Sampling.generator: on {gen.device}, but the logits are on "
                                  f"{device}; create it with torch.Generator(device=...)")
+        t = self.temperature
+        if not bads:
+            return t == 0
+        flags = [bad.any() for bad in bads.values()]
+        if isinstance(t, torch.Tensor):
+            flags.append((t == 0).all())
+        read = torch.stack(flags).tolist()  # the one read
+        for (name, bad), failed in zip(bads.items(), read):
+            if failed:
+                value = getattr(self, name)
+                raise ValueError(f"Sampling.{name}: value {value[bad][0].item()} is out of "
+                                 f"range ({_RANGES[name]})")
+        return read[-1] if isinstance(t, torch.Tensor) else t == 0
 
 
 def _check_scalar(name: str, value) -> None:
@@ -223,10 +238,10 @@ def sample(logits: torch.Tensor, sampling: Sampling = GREEDY, *, check_nan: bool
     """
     if logits.dim() != 2:
         raise ValueError(f"logits: expected [S, V], got shape {list(logits.shape)}")
-    sampling.check(logits.shape[0], logits.device)
+    greedy = sampling.check(logits.shape[0], logits.device)
     if check_nan:
         refuse_nan(logits, "logits")
-    if sampling.greedy:
+    if greedy:
         return logits.argmax(dim=-1), None  # a NaN row: argmax stays inside the vocabulary
     q = probs(logits, sampling, check_nan=False)
     drawn = q

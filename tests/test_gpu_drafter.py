@@ -486,3 +486,36 @@ def test_sampled_calls_replay_graphs_too():
         assert any(m == "top_p" for *_, m in graphed._proposer.made)
         out.append(pg.drafts)
     assert torch.equal(out[0], out[1])
+
+
+@needs_cuda
+def test_per_sequence_temperature_replays_graphs_too():
+    """A per-sequence temperature tensor (one row greedy, one sampled; float32) through the
+    whole-call graph: d_1's q equals the eager path's within 1e-5 (as above), the greedy row's
+    q is one-hot and its drafts are the eager path's, and an all-zero tensor takes the greedy
+    program with no q, as the eager path."""
+    model = build(torch.float32, n_mtp=1)
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(5, TINY.hc_dim, generator=g).cuda()
+    ids = torch.randint(0, TINY.vocab_size, (5,), generator=g).cuda()
+    pos = torch.tensor([2, 3, 4, 0, 1], device="cuda")
+    for temps in ([0.0, 0.7], [0.0, 0.0]):
+        graphed = Drafter(model, max_seqs=4, max_draft_tokens=3, cuda_graphs=True)
+        eager = Drafter(model, max_seqs=4, max_draft_tokens=3, cuda_graphs=False)
+        props = []
+        for d in (graphed, eager):
+            d.add_sequence("a", position=2)
+            d.add_sequence("b")
+            s = Sampling(temperature=torch.tensor(temps, device="cuda"),
+                         generator=torch.Generator("cuda").manual_seed(3))
+            props.append(d.propose(["a", "b"], h, ids, pos, [3, 2], k=3, sampling=s).check())
+        pg, pe = props
+        assert torch.equal(pg.drafts[0], pe.drafts[0])  # temperature 0: the argmax
+        if any(temps):
+            assert (pg.probs[:, 0] - pe.probs[:, 0]).abs().max() < 1e-5
+            assert bool((pg.probs[0].max(dim=-1).values == 1).all())
+            assert any(m == "sample" for *_, m in graphed._proposer.made)
+        else:
+            assert pg.probs is None and pe.probs is None
+            assert all(m == "greedy" for *_, m in graphed._proposer.made)
+        assert torch.equal(graphed.cache.pos, eager.cache.pos)

@@ -361,6 +361,60 @@ def test_sampled_program_draws_from_the_eager_q(top_p):
     assert torch.equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("temperature, top_p", [
+    ([0.0, 0.7], 1.0), ([0.5, 1.3], [0.6, 1.0]), ([0.0, 0.0], 1.0), ([0.0, 0.9], [1.0, 0.5])])
+def test_per_sequence_temperature_through_the_program(temperature, top_p):
+    """A per-sequence temperature tensor goes through the program (graphed on the GPU): the
+    same q as the eager path's at d_1 (one-hot where the temperature is 0), a temperature-0
+    row's drafts are the eager path's greedy drafts, every draft has q > 0, and q is None
+    exactly when every row is greedy (the program then the greedy one), as on the eager
+    path. Its values are read once, with the range checks (``Sampling.check``)."""
+    prog, eager = programmed(drafter()), drafter()
+    for d in (prog, eager):
+        d.add_sequence("a", position=2)
+        d.add_sequence("b")
+    h, ids, _ = rows(5, 9)
+    pos = torch.tensor([2, 3, 4, 0, 1])
+    t = torch.tensor(temperature, dtype=torch.float64)
+    tp = torch.tensor(top_p, dtype=torch.float64) if isinstance(top_p, list) else top_p
+    pp, pe = (d.propose(["a", "b"], h, ids, pos, [3, 2], k=3,
+                        sampling=Sampling(temperature=t, top_p=tp,
+                                          generator=torch.Generator().manual_seed(5)))
+              for d in (prog, eager))
+    greedy = not any(temperature)
+    assert (pp.probs is None) == (pe.probs is None) == greedy
+    made = {m for *_, m in prog._proposer.made}
+    assert made == {"greedy" if greedy else "top_p" if isinstance(top_p, list) else "sample"}
+    assert rel_err(pp.hidden[:, 0], pe.hidden[:, 0]) < TOL
+    zero = [i for i, x in enumerate(temperature) if x == 0]
+    assert torch.equal(pp.drafts[zero], pe.drafts[zero])  # argmax at every step
+    if not greedy:
+        assert (pp.probs[:, 0] - pe.probs[:, 0]).abs().max() < 1e-8  # as the test above
+        assert bool((pp.probs.gather(2, pp.drafts[:, :, None]) > 0).all())
+        assert bool((pp.probs[zero].max(dim=-1).values == 1).all())  # one-hot rows
+    assert torch.equal(prog.cache.pos, eager.cache.pos)
+
+
+def test_sampling_check_reads_tensor_settings_once():
+    """``Sampling.check`` answers whether every row is greedy; with tensor settings their
+    range checks and that answer come from one read (one synchronisation on CUDA): the flags
+    stacked into one tensor read by ``tolist`` (no aten op on the CPU), no scalar read
+    (``_local_scalar_dense``: what ``bool()`` / ``.item()`` of each flag would dispatch)."""
+    with CountOps() as c:
+        assert Sampling(temperature=torch.tensor([0.0, 0.0]),
+                        top_p=torch.tensor([0.5, 1.0])).check(2, torch.device("cpu"))
+    assert c.ops["stack"] == 1 and c.ops["_local_scalar_dense"] == 0
+    assert not Sampling(temperature=torch.tensor([0.0, 0.3])).check(2, torch.device("cpu"))
+    assert Sampling().check(3, torch.device("cpu"))
+    assert not Sampling(temperature=0.5, top_p=torch.tensor([0.5])).check(1,
+                                                                           torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"Sampling.top_p: value 1.5 is out of range"):
+        Sampling(temperature=torch.tensor([0.0, 0.3]),
+                 top_p=torch.tensor([0.5, 1.5])).check(2, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"Sampling.temperature: value -1.0 is out of range"):
+        Sampling(temperature=torch.tensor([-1.0, 0.3])).check(2, torch.device("cpu"))
+
+
 @settings(max_examples=40, deadline=None)
 @given(s=st.integers(1, 4), v=st.integers(2, 300), mode=st.sampled_from(MODES),
        data=st.data())
