@@ -37,7 +37,8 @@ from mtp.sampling import GREEDY, Sampling  # noqa: E402
 from mtp.testing import CountOps, host_only, init_random_  # noqa: E402
 
 
-def case(model, held: int, s: int, n: int, k: int, reps: int, sampled: bool = False) -> dict:
+def case(model, held: int, s: int, n: int, k: int, reps: int, sampled: bool = False,
+         streams: bool = False) -> dict:
     cfg = model.config
     d = host_only(Drafter(model, max_seqs=held, max_draft_tokens=k))
     ids = list(range(s))
@@ -45,6 +46,8 @@ def case(model, held: int, s: int, n: int, k: int, reps: int, sampled: bool = Fa
         d.add_sequence(i, position=1000)
     t = s * n
     h = torch.randn(t, cfg.hc_dim).to(model.dtype)
+    if streams:  # [T, M, D]: transformers' residual layout
+        h = h.view(t, cfg.hc_mult, cfg.hidden_size)
     nxt = torch.randint(0, cfg.vocab_size, (t,))
     counts = [n] * s
     sampling = Sampling(temperature=0.7, top_p=0.9, generator=torch.Generator()) if sampled \
@@ -65,7 +68,8 @@ def case(model, held: int, s: int, n: int, k: int, reps: int, sampled: bool = Fa
         d.propose(ids, h, nxt, pos[reps + 2], counts, k=k, sampling=sampling)
     times.sort()
     reads.sort()
-    return dict(held=held, seqs=s, rows=n, k=k, sampled=sampled, us_min=round(times[0], 1),
+    return dict(held=held, seqs=s, rows=n, k=k, sampled=sampled, hidden=list(h.shape[1:]),
+                us_min=round(times[0], 1),
                 us_p25=round(times[len(times) // 4], 1),
                 us_median=round(times[len(times) // 2], 1),
                 read_drafts_us_median=round(reads[len(reads) // 2], 1),
@@ -86,6 +90,7 @@ def main() -> None:
         print(json.dumps(case(model, held, s, n, 3, args.reps)), flush=True)
     for held, s, n in ((1, 1, 1), (64, 64, 1)):
         print(json.dumps(case(model, held, s, n, 3, args.reps, sampled=True)), flush=True)
+    print(json.dumps(case(model, 1, 1, 1, 3, args.reps, streams=True)), flush=True)
 
 
 if __name__ == "__main__":

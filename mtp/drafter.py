@@ -601,6 +601,9 @@ class Drafter:
         cfg, device = self.model.config, self._device
         hc_dim = cfg.hc_dim
         x = hidden_states
+        if type(x) is torch.Tensor and x.shape == (t, cfg.hc_mult, cfg.hidden_size) \
+                and x.layout is _STRIDED:  # [T, M, D], transformers' layout: a view
+            x = hidden_states = x.flatten(1)  # [T, M, D] -> [T, M*D]
         if not (type(x) is torch.Tensor and x.shape == (t, hc_dim) and x.layout is _STRIDED
                 and x.is_floating_point() and x.device == device):
             hidden_states = _flat_hidden(hidden_states, cfg)

@@ -159,6 +159,20 @@ def test_int32_ids_and_another_hidden_dtype():
     assert dict(c.ops) == {"_to_copy": 1, "empty": 1, "_local_scalar_dense": 1}
 
 
+def test_hidden_states_in_the_streams_layout_add_only_a_view():
+    """Hidden states as [T, M, D] (transformers' residual layout) take the same steady path
+    as [T, M*D]: one ``view`` more (their flatten), no copy."""
+    d = stubbed()
+    cfg = d.model.config
+    for _ in range(2):
+        d.propose(**call(d, [1, 2], [2, 1]))
+    args = call(d, [1, 2], [2, 1])
+    args["hidden_states"] = args["hidden_states"].view(3, cfg.hc_mult, cfg.hidden_size)
+    with CountOps() as c:
+        d.propose(**args)
+    assert dict(c.ops) == {"view": 1, "empty": 1, "_local_scalar_dense": 1}
+
+
 def test_calls_reuse_the_programs_host_buffers():
     """No per-call host allocation: the packed inputs and the error word go through the same
     (on CUDA pinned) buffers every call."""
