@@ -36,6 +36,8 @@ from bench_draft_step import (  # noqa: E402
 from mtp import DeepSeekV4MTP, MTPConfig  # noqa: E402
 from mtp.drafter import Drafter  # noqa: E402
 
+__all__ = ["interleaved_ms", "propose_call"]
+
 # name -> {"module.ATTR": value} set before the variant's drafter captures its graphs
 _IN = "mtp_kernels.backend.INPUT_"
 VARIANTS = {
@@ -52,6 +54,50 @@ def apply(settings: dict) -> None:
         setattr(importlib.import_module(module), attr, value)
 
 
+def propose_call(model, b: int, r: int, k: int, sets, g, pos0: int = 1000):
+    """A drafter on ``model`` (whole-call graphs) holding b sequences at ``pos0`` with full
+    windows, and its call: ``Drafter.propose(k)`` of r new rows per sequence from ``sets``
+    (rotated), each call's rows after the last's. Four calls made (capture, warm-up)."""
+    dev = next(model.parameters()).device
+    d = Drafter(model, max_seqs=b, max_draft_tokens=k, cuda_graphs=True)
+    for i in range(b):
+        d.add_sequence(i, position=pos0)
+    fill_cache(d.cache, b, pos0, g)
+    state = {"pos": pos0, "j": 0}
+
+    def call():
+        nxt, h = sets[state["j"] % ROT]
+        state["j"] += 1
+        p = (state["pos"] + torch.arange(r, device=dev)).repeat(b)
+        state["pos"] += r
+        return d.propose(list(range(b)), h, nxt, p, [r] * b, k=k)
+
+    for _ in range(4):
+        call().check()
+    return call
+
+
+def interleaved_ms(calls: dict, reps: int, gpu_only: bool) -> dict[str, list[float]]:
+    """Each call timed alone by CUDA events, the calls alternating, ``reps`` rounds: with
+    ``gpu_only`` the GPU is kept busy (``torch.cuda._sleep``) while the host enqueues, so the
+    events time the replay; else the host's enqueue counts too (the GPU idles until the
+    call's first work arrives)."""
+    ms = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, call in calls.items():
+            torch.cuda.synchronize()
+            if gpu_only:
+                torch.cuda._sleep(400_000)  # ~0.2 ms: the host enqueues meanwhile
+            a = torch.cuda.Event(enable_timing=True)
+            e = torch.cuda.Event(enable_timing=True)
+            a.record()
+            call()
+            e.record()
+            e.synchronize()
+            ms[name].append(a.elapsed_time(e))
+    return ms
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="flash")
@@ -63,7 +109,7 @@ def main() -> None:
     mk = _import_kernels()
     dev = torch.device("cuda")
     g = torch.Generator(device="cuda").manual_seed(1)
-    k, pos0 = 3, 1000
+    k = 3
     names = args.variants.split(",")
     defaults = {key: getattr(importlib.import_module(key.rsplit(".", 1)[0]), key.rsplit(".", 1)[1])
                 for n in names for key in VARIANTS[n]}
@@ -75,37 +121,11 @@ def main() -> None:
             for r in map(int, args.rows.split(",")):
                 sets = inputs(cfg, b * r, ROT, dev, g, torch.bfloat16)
                 calls = {}
-                for name in names:
+                for name in names:  # each drafter's graphs captured under its settings
                     apply(VARIANTS[name])
-                    d = Drafter(model, max_seqs=b, max_draft_tokens=k, cuda_graphs=True)
-                    for i in range(b):
-                        d.add_sequence(i, position=pos0)
-                    fill_cache(d.cache, b, pos0, g)
-                    state = {"pos": pos0, "j": 0}
-
-                    def call(d=d, state=state, sets=sets, b=b, r=r):
-                        nxt, h = sets[state["j"] % ROT]
-                        state["j"] += 1
-                        p = (state["pos"] + torch.arange(r, device=dev)).repeat(b)
-                        state["pos"] += r
-                        return d.propose(list(range(b)), h, nxt, p, [r] * b, k=k)
-
-                    for _ in range(4):  # capture, warm-up
-                        call().check()
-                    calls[name] = call
+                    calls[name] = propose_call(model, b, r, k, sets, g)
                     apply(defaults)
-                ms = {name: [] for name in names}
-                for _ in range(args.reps):
-                    for name in names:
-                        torch.cuda.synchronize()
-                        torch.cuda._sleep(400_000)  # ~0.2 ms: the host enqueues meanwhile
-                        a = torch.cuda.Event(enable_timing=True)
-                        e = torch.cuda.Event(enable_timing=True)
-                        a.record()
-                        calls[name]()
-                        e.record()
-                        e.synchronize()
-                        ms[name].append(a.elapsed_time(e))
+                ms = interleaved_ms(calls, args.reps, gpu_only=True)
                 base = statistics.median(ms[names[0]])
                 row = dict(preset=preset, batch=b, rows=r, card=torch.cuda.get_device_name(),
                            **{f"{n}_ms": round(statistics.median(t), 4) for n, t in ms.items()},

@@ -20,16 +20,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_draft_step import (  # noqa: E402
-    ROT,
-    _import_kernels,
-    fill_cache,
-    init_random_gpu_,
-    inputs,
-)
+from ab_drafter import interleaved_ms, propose_call  # noqa: E402
+from bench_draft_step import ROT, _import_kernels, init_random_gpu_, inputs  # noqa: E402
 
 from mtp import DeepSeekV4MTP, MTPConfig  # noqa: E402
-from mtp.drafter import Drafter  # noqa: E402
 
 HEADS = ("triton", "cublas")
 
@@ -43,7 +37,6 @@ def main() -> None:
     mk = _import_kernels()
     dev = torch.device("cuda")
     g = torch.Generator(device="cuda").manual_seed(1)
-    k, pos0 = 3, 1000
     for name in args.preset.split(","):
         cfg = MTPConfig.from_name(name)
         model = init_random_gpu_(DeepSeekV4MTP(cfg, dtype=torch.bfloat16, device=dev), seed=0)
@@ -52,33 +45,8 @@ def main() -> None:
             calls = {}
             for head in HEADS:  # each drafter's graphs captured with its own head
                 model.backend = mk.TritonOps(model, head=head)
-                d = Drafter(model, max_seqs=b, max_draft_tokens=k, cuda_graphs=True)
-                for i in range(b):
-                    d.add_sequence(i, position=pos0)
-                fill_cache(d.cache, b, pos0, g)
-                state = {"pos": pos0, "j": 0}
-
-                def call(d=d, state=state, sets=sets, b=b):
-                    nxt, h = sets[state["j"] % ROT]
-                    state["j"] += 1
-                    p = torch.full((b,), state["pos"], device=dev)
-                    state["pos"] += 1
-                    return d.propose(list(range(b)), h, nxt, p, [1] * b, k=k)
-
-                for _ in range(4):  # capture, warm-up
-                    call().check()
-                calls[head] = call
-            times = {head: [] for head in HEADS}
-            for _ in range(args.reps):
-                for head in HEADS:
-                    torch.cuda.synchronize()
-                    a = torch.cuda.Event(enable_timing=True)
-                    e = torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    calls[head]()
-                    e.record()
-                    e.synchronize()
-                    times[head].append(a.elapsed_time(e))
+                calls[head] = propose_call(model, b, 1, 3, sets, g)
+            times = interleaved_ms(calls, args.reps, gpu_only=False)
             row = dict(preset=name, batch=b, card=torch.cuda.get_device_name(),
                        **{f"{h}_ms": statistics.median(t) for h, t in times.items()},
                        **{f"{h}_p10_p90": sorted(t)[len(t) // 10:: len(t) * 8 // 10][:2]

@@ -601,12 +601,11 @@ class Drafter:
         cfg, device = self.model.config, self._device
         hc_dim = cfg.hc_dim
         x = hidden_states
-        if type(x) is torch.Tensor and x.shape == (t, cfg.hc_mult, cfg.hidden_size) \
-                and x.layout is _STRIDED:  # [T, M, D], transformers' layout: a view
-            x = hidden_states = x.flatten(1)  # [T, M, D] -> [T, M*D]
+        if type(x) is torch.Tensor and x.dim() == 3:  # [T, M, D], transformers' layout
+            x = hidden_states = _flat_hidden(x, cfg)  # (a view)
         if not (type(x) is torch.Tensor and x.shape == (t, hc_dim) and x.layout is _STRIDED
                 and x.is_floating_point() and x.device == device):
-            hidden_states = _flat_hidden(hidden_states, cfg)
+            hidden_states = _flat_hidden(hidden_states, cfg)  # (a subclass's, flattened here)
             if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() >= 1 \
                     and hidden_states.shape[0] != t and hidden_states.shape[1:] == (hc_dim,):
                 raise ValueError(f"num_rows_per_seq: the counts {_short(counts)} sum to {t}, "

@@ -176,6 +176,11 @@ def probs(logits: torch.Tensor, sampling: Sampling = GREEDY, *,
     sampling.check(logits.shape[0] if logits.dim() > 1 else 1, logits.device)
     if check_nan:
         refuse_nan(logits, "logits")
+    return _probs(logits, sampling)
+
+
+def _probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """:func:`probs` on checked arguments."""
     x = logits if logits.dtype == torch.float64 else logits.float()
     lead = x.shape[:-1]
 
@@ -243,7 +248,7 @@ def sample(logits: torch.Tensor, sampling: Sampling = GREEDY, *, check_nan: bool
         refuse_nan(logits, "logits")
     if greedy:
         return logits.argmax(dim=-1), None  # a NaN row: argmax stays inside the vocabulary
-    q = probs(logits, sampling, check_nan=False)
+    q = _probs(logits, sampling)  # (checked above: not again)
     drawn = q
     if not check_nan:  # torch.multinomial refuses a NaN row: draw token 0 there instead
         nan_rows = torch.isnan(q).any(dim=-1, keepdim=True)  # [S, 1]

@@ -328,6 +328,22 @@ def test_draw_is_the_inverse_cdf():
     assert 0 <= int(nan) < 5
 
 
+def sampled_pair(seed: int, sampling):
+    """(program drafter, eager drafter, their proposals): both hold "a" (from position 2) and
+    "b", and propose the same 3 + 2 rows (``rows(5, seed)``) with k = 3 and
+    ``sampling(generator)``, each generator seeded 3."""
+    prog, eager = programmed(drafter()), drafter()
+    for d in (prog, eager):
+        d.add_sequence("a", position=2)
+        d.add_sequence("b")
+    h, ids, _ = rows(5, seed)
+    pos = torch.tensor([2, 3, 4, 0, 1])
+    pp, pe = (d.propose(["a", "b"], h, ids, pos, [3, 2], k=3,
+                        sampling=sampling(torch.Generator().manual_seed(3)))
+              for d in (prog, eager))
+    return prog, eager, pp, pe
+
+
 @pytest.mark.parametrize("top_p", [1.0, 0.6])
 def test_sampled_program_draws_from_the_eager_q(top_p):
     """A sampled call through the program: d_1's q equals the eager path's (the same
@@ -336,16 +352,8 @@ def test_sampled_program_draws_from_the_eager_q(top_p):
     the cache's positions and each sequence's next position agree with the eager path's."""
     runs = []
     for _ in range(2):
-        prog, eager = programmed(drafter()), drafter()
-        for d in (prog, eager):
-            d.add_sequence("a", position=2)
-            d.add_sequence("b")
-        h, ids, _ = rows(5, 8)
-        pos = torch.tensor([2, 3, 4, 0, 1])
-        gens = [torch.Generator().manual_seed(3) for _ in range(2)]
-        pp, pe = (d.propose(["a", "b"], h, ids, pos, [3, 2], k=3,
-                            sampling=Sampling(temperature=0.7, top_p=top_p, generator=g))
-                  for d, g in zip((prog, eager), gens))
+        prog, eager, pp, pe = sampled_pair(8, lambda g: Sampling(temperature=0.7, top_p=top_p,
+                                                                 generator=g))
         assert pp.probs.shape == pe.probs.shape == (2, 3, TINY.vocab_size)
         # q moves by exp(logit difference): logits of magnitude ~1e2-1e3 within 1e-12 relative
         assert (pp.probs[:, 0] - pe.probs[:, 0]).abs().max() < 1e-8
@@ -369,18 +377,10 @@ def test_per_sequence_temperature_through_the_program(temperature, top_p):
     row's drafts are the eager path's greedy drafts, every draft has q > 0, and q is None
     exactly when every row is greedy (the program then the greedy one), as on the eager
     path. Its values are read once, with the range checks (``Sampling.check``)."""
-    prog, eager = programmed(drafter()), drafter()
-    for d in (prog, eager):
-        d.add_sequence("a", position=2)
-        d.add_sequence("b")
-    h, ids, _ = rows(5, 9)
-    pos = torch.tensor([2, 3, 4, 0, 1])
     t = torch.tensor(temperature, dtype=torch.float64)
     tp = torch.tensor(top_p, dtype=torch.float64) if isinstance(top_p, list) else top_p
-    pp, pe = (d.propose(["a", "b"], h, ids, pos, [3, 2], k=3,
-                        sampling=Sampling(temperature=t, top_p=tp,
-                                          generator=torch.Generator().manual_seed(5)))
-              for d in (prog, eager))
+    prog, eager, pp, pe = sampled_pair(9, lambda g: Sampling(temperature=t, top_p=tp,
+                                                             generator=g))
     greedy = not any(temperature)
     assert (pp.probs is None) == (pe.probs is None) == greedy
     made = {m for *_, m in prog._proposer.made}
