@@ -43,7 +43,14 @@ from . import propose_program as prog_mod
 from .cache import KVCache
 from .config import MTPConfig
 from .model import DeepSeekV4MTP
-from .propose_program import ERR_HIDDEN, ERR_IDS, ERR_LOGITS, ERR_POSITIONS, INPUT_ERRORS
+from .propose_program import (
+    ERR_HIDDEN,
+    ERR_IDS,
+    ERR_LOGITS,
+    ERR_POSITIONS,
+    ERR_SAMPLING,
+    INPUT_ERRORS,
+)
 from .sampling import GREEDY, Sampling, nan_flag
 
 MAX_POSITION = 2**31 - 1
@@ -113,7 +120,8 @@ class Proposal:
 
     ``drafts`` [S, k] int64: the draft tokens, d_1 .. d_k (d_1 goes at position n + 1).
     ``probs`` [S, k, V]: the distributions q the drafts were drawn from (for
-    ``mtp.verify.rejection_sample``); None when drafting greedily.
+    ``mtp.verify.rejection_sample``); None when ``sampling.greedy`` (temperature the number
+    0; a temperature tensor's rows at 0 have a one-hot q).
     ``hidden`` [S, k, M*D]: the MTP residual each draft came from (``hidden[:, 0]``: the last
     real row's output; ``hidden[:, s]``: draft step s's).
 
@@ -202,6 +210,7 @@ class _Deferred:
     plan: _Plan
     program: Any  # the ProposeProgram whose buffers hold the call's inputs; None: eager
     call: str = "propose"  # the method the call was
+    sampling: Sampling = GREEDY  # its settings (an ERR_SAMPLING error names their value)
 
 
 class Drafter:
@@ -480,7 +489,7 @@ class Drafter:
                           num_rows_per_seq)
         graphs = self._whole_call_graphs()
         if graphs is not None:
-            proposal = self._propose_graphed(plan, 1, graphs, "greedy", GREEDY, call="feed")
+            proposal = self._propose_graphed(plan, 1, graphs, "greedy", GREEDY, None, "feed")
             if proposal is not None:
                 return proposal.hidden[:, 0]  # [S, 1, M*D] -> [S, M*D]
         return self._eager(plan, None, GREEDY)
@@ -531,15 +540,15 @@ class Drafter:
         plan = self._plan(seq_ids, hidden_states, input_ids, next_token_ids, positions,
                           num_rows_per_seq)
         if sampling is GREEDY:  # (frozen, its scalars checked when made, no tensor)
-            mode = "greedy"
+            mode, bad = "greedy", None
         else:
-            mode = self._sampling_mode(sampling, len(plan.seq_ids))
+            mode, bad = self._sampling_mode(sampling, len(plan.seq_ids))
         graphs = self._whole_call_graphs()
         if graphs is not None:
-            proposal = self._propose_graphed(plan, k, graphs, mode, sampling)
+            proposal = self._propose_graphed(plan, k, graphs, mode, sampling, bad)
             if proposal is not None:
                 return proposal
-        return self._eager(plan, k, sampling)
+        return self._eager(plan, k, sampling, bad)
 
     @_locked
     def synchronize(self) -> None:
@@ -637,21 +646,28 @@ class Drafter:
         return _Plan(ids, slots, starts, counts, kept, keep, hidden_states, ids_arg, positions,
                      ids_name, seqs, most)
 
-    def _sampling_mode(self, sampling: Sampling, s: int) -> str:
-        """``sampling.check`` for a call of ``s`` sequences, then its :func:`_mode`. The very
+    def _sampling_mode(self, sampling: Sampling, s: int) -> tuple[str, torch.Tensor | None]:
+        """Check ``sampling`` for a call of ``s`` sequences -> (its :func:`_mode`, whether a
+        tensor setting's value is out of range: bool [] on the device, for the call's error
+        word, with ``_defer_checks``; else None, the values read and refused here). The very
         settings the last sampled call checked (the same scalars and generator in the same
         ``Sampling``): their mode again, unchecked (what check tests of them does not depend
         on the call). Tensor settings are checked every call (their values may change)."""
         last = self._last_sampling
         if sampling is last[0] and sampling.temperature is last[1] \
                 and sampling.top_p is last[2] and sampling.generator is last[3]:
-            return last[4]
-        mode = _mode(sampling, sampling.check(s, self._device))
+            return last[4], None
+        bad = None
+        if self._defer_checks:
+            bad = sampling.check_on_device(s, self._device)
+        else:
+            sampling.check(s, self._device)
+        mode = _mode(sampling)
         t, p = sampling.temperature, sampling.top_p
         if type(sampling) is Sampling and not isinstance(t, torch.Tensor) \
                 and not isinstance(p, torch.Tensor):
             self._last_sampling = (sampling, t, p, sampling.generator, mode)
-        return mode
+        return mode, bad
 
     def _lookup(self, ids: list) -> tuple[list[_Seq], list[int]]:
         """Each sequence's record and cache slot; refuses a duplicate, unhashable or unknown
@@ -744,11 +760,13 @@ class Drafter:
         return None
 
     def _propose_graphed(self, plan: _Plan, k: int, graphs, mode: str, sampling: Sampling,
-                         call: str = "propose") -> Proposal | None:
+                         bad: torch.Tensor | None = None, call: str = "propose"
+                         ) -> Proposal | None:
         """A call as one graph replay, its value checks on the device (read later by
         :meth:`_settle`). No host synchronisation. None (nothing done) if it fits no bucket or
-        its bucket's capture failed (now or before): the caller runs the eager path. ``call``:
-        the method's name, for the error a failed check raises."""
+        its bucket's capture failed (now or before): the caller runs the eager path. ``bad``:
+        the sampling settings' range flag (``_sampling_mode``); ``call``: the method's name,
+        for the error a failed check raises."""
         s, rows = len(plan.seq_ids), plan.rows
         try:  # first use of a bucket: captures it (nothing of the drafter changes)
             captured = graphs.get(s, rows, k, mode)
@@ -774,13 +792,16 @@ class Drafter:
                        plan.hidden, packed)
             if mode != "greedy":
                 prog.stage_sampling(sampling, s)
+            if bad is not None:
+                prog.refuse_if(bad, ERR_SAMPLING)
             captured.replay()  # (its error word reaches prog.error_host, then its event)
         except BaseException as exc:
             prog.after_failure()  # (its copies may be in flight: the buffers wait for them)
             self._failed(plan, exc)
         for seq, start, n in zip(plan.seqs, plan.starts, plan.counts):
             seq.next_position = start + n
-        self._pending = _Deferred(self, prog.error_host, captured.done, plan, prog, call)
+        self._pending = _Deferred(self, prog.error_host, captured.done, plan, prog, call,
+                                  sampling)
         return _PackedProposal(packed, prog, s, self._pending)
 
     def _settle(self, at_call: bool = False) -> None:
@@ -816,10 +837,13 @@ class Drafter:
         try:  # the host checks on the call's inputs (what the device read) name the row
             _check_values(plan.ids_name, plan.next_ids, plan.positions, plan.hidden,
                           plan.seq_ids, plan.starts, plan.counts, self.config.vocab_size)
+            if err & ERR_SAMPLING and (exc := pend.sampling.value_error()) is not None:
+                raise exc
         except ValueError as exc:
             raise ValueError(f"{exc}{after}") from None
         names = [n for bit, n in ((ERR_IDS, plan.ids_name), (ERR_POSITIONS, "positions"),
-                                  (ERR_HIDDEN, "hidden_states"), (ERR_LOGITS, "logits"))
+                                  (ERR_HIDDEN, "hidden_states"), (ERR_SAMPLING, "sampling"),
+                                  (ERR_LOGITS, "logits"))
                  if err & bit]
         raise ValueError(f"{', '.join(names)}: refused by the device-side checks{after}")
 
@@ -828,7 +852,8 @@ class Drafter:
             if self._pending is pend:
                 self._settle()
 
-    def _eager(self, plan: _Plan, k: int | None, sampling: Sampling):
+    def _eager(self, plan: _Plan, k: int | None, sampling: Sampling,
+               bad: torch.Tensor | None = None):
         """A call through the module's forward (and k draft steps; None: ``feed``).
 
         Its value checks run on the host first, or with ``_defer_checks`` (CUDA) on the device:
@@ -836,11 +861,14 @@ class Drafter:
         :meth:`_device_checks`). Either way the call's error word (``ERR_*``; NaN draft logits
         included) is computed on the device, and a failed call puts its sequences' cache slots
         back bit for bit, on the device, from a copy taken before it; the word is read at once
-        (host checks) or at the next synchronisation (:meth:`_settle`)."""
+        (host checks) or at the next synchronisation (:meth:`_settle`). ``bad``: the sampling
+        settings' range flag (``_sampling_mode``, with ``_defer_checks``)."""
         error = None
         run = plan
         if self._defer_checks:
             run, error = self._device_checks(plan)
+            if bad is not None:
+                error = error + bad.to(torch.int32) * ERR_SAMPLING
         else:
             self._check_values(plan)
         saved = None
@@ -861,7 +889,7 @@ class Drafter:
         ok = error == 0
         for table, before in zip((self.cache.kv, self.cache.pos), saved):
             table.index_copy_(1, slots, torch.where(ok, table.index_select(1, slots), before))
-        pend = self._defer(plan, error, "feed" if k is None else "propose")
+        pend = self._defer(plan, error, "feed" if k is None else "propose", sampling)
         if k is not None:
             out._deferred = pend
         return out
@@ -884,7 +912,8 @@ class Drafter:
                                   hidden=torch.where(bad_hid[:, None], 0, hidden))
         return run, prog_mod.error_word(bad_ids, bad_pos, bad_hid)
 
-    def _defer(self, plan: _Plan, error: torch.Tensor, call: str) -> _Deferred:
+    def _defer(self, plan: _Plan, error: torch.Tensor, call: str, sampling: Sampling
+               ) -> _Deferred:
         """Keep an eager call's error word for :meth:`_settle` (on CUDA copied back without
         waiting), or with host checks read it now (raising at the call)."""
         if self.device.type == "cuda":
@@ -894,7 +923,7 @@ class Drafter:
             event.record()
         else:
             host, event = error.view(1).cpu(), None
-        self._pending = pend = _Deferred(self, host, event, plan, None, call)
+        self._pending = pend = _Deferred(self, host, event, plan, None, call, sampling)
         if not self._defer_checks:
             self._settle(at_call=True)
         return pend
@@ -951,7 +980,7 @@ class Drafter:
                 sharded = {"gather": False} if self.model.tp.sharded else {}
                 logits = self.accelerator.compute_logits(x, spec_step_idx=step, **sharded)
             nan = nan | nan_flag(logits)  # NaN rows still draw in-vocabulary tokens
-            token, q = self.model.tp.sample(logits, sampling, check_nan=False)
+            token, q = self.model.tp.sample(logits, sampling, checked=True)  # (at the call)
             drafts.append(token)
             probs.append(q)
         return Proposal(torch.stack(drafts, dim=1),
@@ -1031,13 +1060,11 @@ def _flat_hidden(hidden_states, cfg: MTPConfig):
     return hidden_states
 
 
-def _mode(sampling: Sampling, greedy: bool) -> str:
-    """The whole-call program that runs ``sampling`` (``mtp.propose_program.MODES``), given
-    whether every row is greedy (``Sampling.check``'s answer: for a per-sequence temperature
-    tensor read from its values, which also decide whether q is returned). A temperature
-    tensor with greedy and sampled rows takes a sampled program, whose rows at temperature 0
-    pick the argmax (q one-hot), as ``mtp.sampling.probs``."""
-    if greedy:
+def _mode(sampling: Sampling) -> str:
+    """The whole-call program that runs ``sampling`` (``mtp.propose_program.MODES``): from
+    the settings' types, never their values. A temperature tensor takes a sampled program,
+    whose rows at temperature 0 pick the argmax (q one-hot), as ``mtp.sampling.sample``."""
+    if sampling.greedy:
         return "greedy"
     p = sampling.top_p
     return "top_p" if isinstance(p, torch.Tensor) or p < 1 else "sample"

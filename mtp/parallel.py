@@ -136,17 +136,25 @@ class TensorParallel:
         mine = torch.stack((value.double(), (index + self.rank * logits.shape[-1]).double()), -1)
         return combine_argmax(self.all_gather(mine.unsqueeze(0), dim=0))
 
-    def sample(self, logits: torch.Tensor, sampling, *, check_nan: bool = True):
+    def sample(self, logits: torch.Tensor, sampling, *, check_nan: bool = True,
+               checked: bool = False):
         """:func:`mtp.sampling.sample` on this rank's vocabulary slice [S, V/w]: greedy without
         gathering the logits; sampled drafts gather them (their q [S, V] is needed whole by the
         verifier anyway) and draw with ``sampling.generator``, which must be seeded the same on
         every rank (each rank then draws the same tokens). ``check_nan=False``: as
-        :func:`mtp.sampling.sample`'s (the caller checks each rank's slice itself)."""
-        from .sampling import nan_error, nan_flag, sample
+        :func:`mtp.sampling.sample`'s (the caller checks each rank's slice itself).
+        ``checked=True``: the caller checked ``sampling`` (on the device) and NaN itself, so
+        nothing is read (:func:`mtp.sampling.sample_checked`)."""
+        from .sampling import nan_error, nan_flag, sample, sample_checked
 
+        if checked:
+            if sampling.greedy and self.sharded:
+                return self.argmax(logits), None
+            return sample_checked(self.all_gather(logits), sampling)
         if not self.sharded:
             return sample(logits, sampling, check_nan=check_nan)
-        if sampling.check(logits.shape[0], logits.device):  # every row greedy
+        sampling.check(logits.shape[0], logits.device)
+        if sampling.greedy:
             if check_nan:  # each rank reads its own slice; a NaN anywhere is a NaN somewhere
                 flag = nan_flag(logits).to(torch.int32).view(1)
                 if int(self.all_reduce_(flag)[0]):  # every rank raises together

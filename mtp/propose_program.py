@@ -19,7 +19,8 @@ the experts of one row per sequence).
 
 Nothing in it synchronises with the host, so the values the host cannot see without waiting
 are checked on the device: token ids in the vocabulary, positions where the drafter expects
-them, |hidden| finite and <= ``MAX_ABS_HIDDEN``, NaN logits. Each failed check sets a bit of
+them, |hidden| finite and <= ``MAX_ABS_HIDDEN``, NaN logits (and, made by the drafter before
+the call, per-sequence sampling settings in range). Each failed check sets a bit of
 the int32 error word (``ERR_*``), and an input error turns every cache write of the call off
 (every slot -1: the cache stays bit for bit as it was); the drafter reads the word at the next
 synchronisation and raises there. Bad values never reach a memory access: ids are clamped,
@@ -49,7 +50,9 @@ ERR_HIDDEN = 4
 """A ``hidden_states`` value non-finite or above ``MAX_ABS_HIDDEN`` in magnitude."""
 ERR_LOGITS = 8
 """NaN in a draft step's logits (finite inputs, non-finite output: the weights)."""
-INPUT_ERRORS = ERR_IDS | ERR_POSITIONS | ERR_HIDDEN
+ERR_SAMPLING = 16
+"""A per-sequence ``temperature`` / ``top_p`` value out of range (``Sampling.check_on_device``)."""
+INPUT_ERRORS = ERR_IDS | ERR_POSITIONS | ERR_HIDDEN | ERR_SAMPLING
 
 _NO_LIMIT = 2**62  # "drop no entry" in the rollback's per-slot position limit
 
@@ -336,6 +339,13 @@ class ProposeProgram:
             hidden.index_select(0, idx), self.model.config.vocab_size, self.max_abs_hidden)))
         self._pre_error_set = True
 
+    def refuse_if(self, flag: torch.Tensor, bit: int) -> None:
+        """Refuse the staged call where ``flag`` (bool [] on the device: a check the caller
+        made there, the sampling settings' ranges) is set: ``bit`` OR-ed into ``pre_error``,
+        as :meth:`_check_unstaged` does. After :meth:`stage`, which clears the last call's."""
+        self.pre_error.bitwise_or_(flag.to(torch.int32) * bit)
+        self._pre_error_set = True
+
     def stage_sampling(self, sampling, s: int) -> None:
         """A sampled call's settings (scalars or [s] tensors) and fresh uniforms from its
         generator (every row of the bucket: the generator advances by S * k draws). A scalar
@@ -574,6 +584,6 @@ class ProposeBuckets:
         return EagerProposal(program)
 
 
-__all__ = ["ERR_HIDDEN", "ERR_IDS", "ERR_LOGITS", "ERR_POSITIONS", "INPUT_ERRORS", "MODES",
-           "ROWS_AT", "EagerProposal", "ProposeBuckets", "ProposeProgram", "StaticProposal",
-           "draw", "gather_rows", "rows_at"]
+__all__ = ["ERR_HIDDEN", "ERR_IDS", "ERR_LOGITS", "ERR_POSITIONS", "ERR_SAMPLING", "INPUT_ERRORS",
+           "MODES", "ROWS_AT", "EagerProposal", "ProposeBuckets", "ProposeProgram",
+           "StaticProposal", "draw", "gather_rows", "rows_at"]

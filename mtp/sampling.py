@@ -57,18 +57,30 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        """True when every row is greedy (no randomness, no q)."""
+        """True when ``temperature`` is the number 0: argmax, no randomness, no q. A
+        temperature tensor samples even when every row is 0 (those rows take their argmax, q
+        one-hot): whether q is returned follows from the settings' types, never from a
+        tensor's values, so nothing has to wait for the device to read them."""
         t = self.temperature
-        return bool((t == 0).all()) if isinstance(t, torch.Tensor) else t == 0
+        return not isinstance(t, torch.Tensor) and t == 0
 
-    def check(self, rows: int, device: torch.device) -> bool:
-        """Raise a clear error if these settings cannot apply to ``rows`` rows on ``device``;
-        else return :attr:`greedy`. Tensor settings' range checks and, for a temperature
-        tensor, whether every row is greedy are read together: one host synchronisation on
-        CUDA (none for scalar settings)."""
-        bads = {}
-        for name, value, lo_ok in (("temperature", self.temperature, True),
-                                   ("top_p", self.top_p, False)):
+    def check(self, rows: int, device: torch.device) -> None:
+        """Raise a clear error if these settings cannot apply to ``rows`` rows on ``device``.
+        Tensor settings' values are read (on CUDA one host synchronisation; none for scalar
+        settings): :meth:`check_on_device` checks the same without reading them."""
+        bad = self.check_on_device(rows, device)
+        if bad is not None and bool(bad):
+            raise self.value_error()
+
+    def check_on_device(self, rows: int, device: torch.device) -> torch.Tensor | None:
+        """:meth:`check` without reading a tensor's values: raises for what the host knows
+        (types, shapes, devices, scalars' ranges, the generator) and returns whether a tensor
+        setting holds a value out of range, as a bool tensor [] on ``device`` (None for scalar
+        settings); :meth:`value_error` names the value. A value out of range does no harm
+        downstream: a row it makes NaN draws a token inside the vocabulary (``sample`` with
+        ``check_nan=False``), so the flag can be read whenever the result is."""
+        ok = None
+        for name, value in (("temperature", self.temperature), ("top_p", self.top_p)):
             if isinstance(value, torch.Tensor):
                 if value.dim() != 1 or value.shape[0] != rows or not value.is_floating_point():
                     raise ValueError(f"Sampling.{name}: expected a float or a floating tensor "
@@ -76,10 +88,8 @@ class Sampling:
                                      f"{list(value.shape)} ({value.dtype})")
                 if value.device != device:
                     raise ValueError(f"Sampling.{name}: on {value.device}, expected {device}")
-                bad = ~torch.isfinite(value) | (value < 0 if lo_ok else value <= 0)
-                if name == "top_p":
-                    bad |= value > 1
-                bads[name] = bad
+                in_range = _in_range(name, value).all()
+                ok = in_range if ok is None else ok & in_range
             else:
                 _check_scalar(name, value)
         gen = self.generator
@@ -90,19 +100,27 @@ class Sampling:
             if gen.device.type != device.type:
                 raise ValueError(f"Sampling.generator: on {gen.device}, but the logits are on "
                                  f"{device}; create it with torch.Generator(device=...)")
-        t = self.temperature
-        if not bads:
-            return t == 0
-        flags = [bad.any() for bad in bads.values()]
-        if isinstance(t, torch.Tensor):
-            flags.append((t == 0).all())
-        read = torch.stack(flags).tolist()  # the one read
-        for (name, bad), failed in zip(bads.items(), read):
-            if failed:
-                value = getattr(self, name)
-                raise ValueError(f"Sampling.{name}: value {value[bad][0].item()} is out of "
-                                 f"range ({_RANGES[name]})")
-        return read[-1] if isinstance(t, torch.Tensor) else t == 0
+        return None if ok is None else ~ok
+
+    def value_error(self) -> ValueError | None:
+        """The error naming the first tensor setting's value out of range (reads the
+        tensors), or None when every value is in range."""
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                bad = ~_in_range(name, value)
+                if bool(bad.any()):
+                    return ValueError(f"Sampling.{name}: value {value[bad][0].item()} is out "
+                                      f"of range ({_RANGES[name]})")
+        return None
+
+
+def _in_range(name: str, value: torch.Tensor) -> torch.Tensor:
+    """Elementwise: ``value`` is a valid ``name`` (False for NaN): what :func:`_check_scalar`
+    asks of a number. (A comparison with NaN is False, so each test refuses it.)"""
+    if name == "temperature":
+        return (value >= 0) & (value <= torch.finfo(value.dtype).max)
+    return (value > 0) & (value <= 1)
 
 
 def _check_scalar(name: str, value) -> None:
@@ -223,14 +241,16 @@ def sample(logits: torch.Tensor, sampling: Sampling = GREEDY, *, check_nan: bool
            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pick one token per row: [S, V] logits -> (tokens [S] int64, q [S, V] or None).
 
-    q is the distribution the tokens were drawn from (None when every row is greedy).
+    q is the distribution the tokens were drawn from: None when ``sampling.greedy``
+    (temperature the number 0); a temperature tensor's rows at 0 get their argmax, q one-hot.
 
     NaN in ``logits`` raises ``ValueError`` naming ``logits``, on every device (on CUDA the
     check reads one flag: a host synchronisation). A decode loop that must not wait passes
     ``check_nan=False`` and keeps ``nan_flag(logits)`` to read with its next result: a row
     holding NaN then still gets a token inside the vocabulary (meaningless; its q row is NaN)
     instead of failing inside ``torch.multinomial`` (greedy rows need no draw; a sampled draw
-    may still read its input on the host inside torch).
+    may still read its input on the host inside torch). Tensor settings' ranges are read too
+    (``Sampling.check``; ``Sampling.check_on_device`` is the flag without the read).
 
     Example:
         >>> sample(torch.tensor([[1.0, 3.0], [5.0, 0.0]]))[0]
@@ -243,16 +263,23 @@ def sample(logits: torch.Tensor, sampling: Sampling = GREEDY, *, check_nan: bool
     """
     if logits.dim() != 2:
         raise ValueError(f"logits: expected [S, V], got shape {list(logits.shape)}")
-    greedy = sampling.check(logits.shape[0], logits.device)
+    sampling.check(logits.shape[0], logits.device)
     if check_nan:
         refuse_nan(logits, "logits")
-    if greedy:
+    return sample_checked(logits, sampling)
+
+
+def sample_checked(logits: torch.Tensor, sampling: Sampling
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`sample` with ``check_nan=False`` on settings checked by the caller (the
+    Drafter's, on the device: ``Sampling.check_on_device``); reads no value. A row made NaN by
+    NaN logits or by a setting out of range draws token 0."""
+    if sampling.greedy:
         return logits.argmax(dim=-1), None  # a NaN row: argmax stays inside the vocabulary
-    q = _probs(logits, sampling)  # (checked above: not again)
-    drawn = q
-    if not check_nan:  # torch.multinomial refuses a NaN row: draw token 0 there instead
-        nan_rows = torch.isnan(q).any(dim=-1, keepdim=True)  # [S, 1]
-        drawn = torch.where(nan_rows, _one_hot_argmax(torch.zeros_like(q)), q)
+    q = _probs(logits, sampling)
+    # torch.multinomial refuses a NaN row (it may read its input to say so): token 0 there
+    nan_rows = torch.isnan(q).any(dim=-1, keepdim=True)  # [S, 1]
+    drawn = torch.where(nan_rows, _one_hot_argmax(torch.zeros_like(q)), q)
     tokens = torch.multinomial(drawn, 1, generator=sampling.generator).squeeze(1)
     return tokens, q
 

@@ -317,7 +317,7 @@ def _bad_cases():
 
 DEFERRED_ON_GPU = {"position going backwards", "gap", "not consecutive",
                    "id outside the vocabulary", "hidden nan", "hidden inf", "hidden huge",
-                   "float16 row that rounds to inf"}
+                   "float16 row that rounds to inf", "bad temperature", "bad top_p"}
 
 
 @needs_cuda
@@ -490,10 +490,11 @@ def test_sampled_calls_replay_graphs_too():
 
 @needs_cuda
 def test_per_sequence_temperature_replays_graphs_too():
-    """A per-sequence temperature tensor (one row greedy, one sampled; float32) through the
-    whole-call graph: d_1's q equals the eager path's within 1e-5 (as above), the greedy row's
-    q is one-hot and its drafts are the eager path's, and an all-zero tensor takes the greedy
-    program with no q, as the eager path."""
+    """A per-sequence temperature tensor (one row greedy, one sampled; then both 0; float32)
+    through the whole-call graph of the sampled program: d_1's q equals the eager path's
+    within 1e-5 (as above), the greedy row's q is one-hot and its drafts are the eager
+    path's; then a bad value is refused at the next call, the drafter as before."""
+    from drafter_helpers import assert_same_state, snapshot
     model = build(torch.float32, n_mtp=1)
     g = torch.Generator().manual_seed(6)
     h = torch.randn(5, TINY.hc_dim, generator=g).cuda()
@@ -511,11 +512,17 @@ def test_per_sequence_temperature_replays_graphs_too():
             props.append(d.propose(["a", "b"], h, ids, pos, [3, 2], k=3, sampling=s).check())
         pg, pe = props
         assert torch.equal(pg.drafts[0], pe.drafts[0])  # temperature 0: the argmax
-        if any(temps):
-            assert (pg.probs[:, 0] - pe.probs[:, 0]).abs().max() < 1e-5
-            assert bool((pg.probs[0].max(dim=-1).values == 1).all())
-            assert any(m == "sample" for *_, m in graphed._proposer.made)
-        else:
-            assert pg.probs is None and pe.probs is None
-            assert all(m == "greedy" for *_, m in graphed._proposer.made)
+        assert (pg.probs[:, 0] - pe.probs[:, 0]).abs().max() < 1e-5
+        assert bool((pg.probs[0].max(dim=-1).values == 1).all())
+        assert {m for *_, m in graphed._proposer.made} == {"sample"}
         assert torch.equal(graphed.cache.pos, eager.cache.pos)
+    for d in (graphed, eager):  # a NaN temperature: refused on the device, at the next call
+        before = snapshot(d)
+        h2 = torch.randn(2, TINY.hc_dim, generator=g).cuda()
+        args = (["a", "b"], h2, ids[:2], torch.tensor([5, 2], device="cuda"), [1, 1])
+        bad = Sampling(temperature=torch.tensor([0.5, float("nan")], device="cuda"))
+        d.propose(*args, k=3, sampling=bad)
+        with pytest.raises(ValueError, match=r"Sampling.temperature: value nan is out of "
+                                             r"range.*found on the GPU after propose"):
+            d.synchronize()
+        assert_same_state(before, snapshot(d))

@@ -13,6 +13,10 @@ operations on the same values, so drafts must be equal and residuals within 1e-1
 
 from __future__ import annotations
 
+import math
+import os
+import re
+import sys
 import types
 import warnings
 
@@ -34,9 +38,11 @@ TOL = 1e-12
 
 
 def programmed(d: Drafter) -> Drafter:
-    """``d`` with greedy calls through the whole-call programs, run eagerly (what the GPU
-    replays as graphs)."""
+    """``d`` with its calls through the whole-call programs, run eagerly (what the GPU
+    replays as graphs), and its value checks on the device as on CUDA (a call too large for
+    a bucket takes the eager path with its checks deferred)."""
     d._proposer = ProposeBuckets(d.model, d.cache, *d._buckets(), MAX_ABS_HIDDEN)
+    d._defer_checks = True
     return d
 
 
@@ -136,7 +142,7 @@ def same_call(eager: Drafter, prog: Drafter, ids, h, nxt, pos, counts, k: int,
 
 DEFERRED = {  # checked on the device: the call returns, the next one raises
     "position going backwards", "gap", "not consecutive", "id outside the vocabulary",
-    "float16 row that rounds to inf"}
+    "float16 row that rounds to inf", "bad temperature", "bad top_p"}
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -162,6 +168,36 @@ def test_refusals_through_the_program_change_nothing(case):
             d.propose(**call)
     assert_same_state(before, snapshot(d))
     assert d.propose(**_good()).drafts.shape == (2, 2)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", -0.5),
+    ("top_p", float("nan")), ("top_p", 0.0), ("top_p", 1.5)])
+@pytest.mark.parametrize("path", ["program", "eager"])
+def test_sampling_values_out_of_range_are_refused_at_the_next_synchronisation(name, value,
+                                                                             path):
+    """A per-sequence setting out of range, with the checks on the device (CUDA's way):
+    the call returns (a NaN row draws inside the vocabulary, no ``torch.multinomial``
+    error), the next synchronisation names the value, and the drafter is bitwise as before
+    the call; the next good call runs."""
+    d = programmed(drafter()) if path == "program" else deferred(drafter())
+    for seq, start, n in (("a", 0, 5), ("b", 1, 2)):
+        d.add_sequence(seq, position=start)
+        h, ids, pos = rows(n, 3, start)
+        d.propose([seq], h, ids, pos, [n], k=3)
+    before = snapshot(d)
+    settings = {"temperature": torch.tensor([0.7, 0.7]), "top_p": torch.tensor([0.9, 0.9])}
+    settings[name][1] = value
+    call = {**_good(), "sampling": Sampling(**settings,
+                                            generator=torch.Generator().manual_seed(0))}
+    p = d.propose(**call)
+    assert p.drafts.shape == (2, 2) and 0 <= int(p.drafts.min()) <= int(p.drafts.max()) \
+        < TINY.vocab_size
+    with pytest.raises(ValueError, match=rf"Sampling\.{name}: value {value} is out of range"
+                                         r".*found on the GPU after propose\(\['a', 'b'\]\)"):
+        p.check()
+    assert_same_state(before, snapshot(d))
+    assert d.propose(**_good()).check().drafts.shape == (2, 2)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e7])
@@ -372,47 +408,124 @@ def test_sampled_program_draws_from_the_eager_q(top_p):
 @pytest.mark.parametrize("temperature, top_p", [
     ([0.0, 0.7], 1.0), ([0.5, 1.3], [0.6, 1.0]), ([0.0, 0.0], 1.0), ([0.0, 0.9], [1.0, 0.5])])
 def test_per_sequence_temperature_through_the_program(temperature, top_p):
-    """A per-sequence temperature tensor goes through the program (graphed on the GPU): the
-    same q as the eager path's at d_1 (one-hot where the temperature is 0), a temperature-0
-    row's drafts are the eager path's greedy drafts, every draft has q > 0, and q is None
-    exactly when every row is greedy (the program then the greedy one), as on the eager
-    path. Its values are read once, with the range checks (``Sampling.check``)."""
+    """A per-sequence temperature tensor goes through a sampled program (graphed on the GPU),
+    whatever its values, all 0 included: the same q as the eager path's at d_1 (one-hot where
+    the temperature is 0), a temperature-0 row's drafts are the greedy drafts, every draft
+    has q > 0. Nothing of its values decides the program or whether q is returned, so
+    nothing reads them at the call (``test_sampling_check_on_device_reads_nothing``)."""
     t = torch.tensor(temperature, dtype=torch.float64)
     tp = torch.tensor(top_p, dtype=torch.float64) if isinstance(top_p, list) else top_p
     prog, eager, pp, pe = sampled_pair(9, lambda g: Sampling(temperature=t, top_p=tp,
                                                              generator=g))
-    greedy = not any(temperature)
-    assert (pp.probs is None) == (pe.probs is None) == greedy
-    made = {m for *_, m in prog._proposer.made}
-    assert made == {"greedy" if greedy else "top_p" if isinstance(top_p, list) else "sample"}
+    assert {m for *_, m in prog._proposer.made} == {"top_p" if isinstance(top_p, list)
+                                                    else "sample"}
+    assert pp.probs.shape == pe.probs.shape == (2, 3, TINY.vocab_size)
     assert rel_err(pp.hidden[:, 0], pe.hidden[:, 0]) < TOL
     zero = [i for i, x in enumerate(temperature) if x == 0]
     assert torch.equal(pp.drafts[zero], pe.drafts[zero])  # argmax at every step
-    if not greedy:
-        assert (pp.probs[:, 0] - pe.probs[:, 0]).abs().max() < 1e-8  # as the test above
-        assert bool((pp.probs.gather(2, pp.drafts[:, :, None]) > 0).all())
-        assert bool((pp.probs[zero].max(dim=-1).values == 1).all())  # one-hot rows
+    if zero:  # the greedy path's drafts (the residuals within TOL: the same argmax here)
+        greedy = drafter()
+        greedy.add_sequence("a", position=2)
+        greedy.add_sequence("b")
+        h, ids, _ = rows(5, 9)
+        pg = greedy.propose(["a", "b"], h, ids, torch.tensor([2, 3, 4, 0, 1]), [3, 2], k=3)
+        assert torch.equal(pp.drafts[zero], pg.drafts[zero])
+    assert (pp.probs[:, 0] - pe.probs[:, 0]).abs().max() < 1e-8  # as the test above
+    assert bool((pp.probs.gather(2, pp.drafts[:, :, None]) > 0).all())
+    assert bool((pp.probs[zero].max(dim=-1).values == 1).all())  # one-hot rows
     assert torch.equal(prog.cache.pos, eager.cache.pos)
 
 
-def test_sampling_check_reads_tensor_settings_once():
-    """``Sampling.check`` answers whether every row is greedy; with tensor settings their
-    range checks and that answer come from one read (one synchronisation on CUDA): the flags
-    stacked into one tensor read by ``tolist`` (no aten op on the CPU), no scalar read
-    (``_local_scalar_dense``: what ``bool()`` / ``.item()`` of each flag would dispatch)."""
-    with CountOps() as c:
-        assert Sampling(temperature=torch.tensor([0.0, 0.0]),
-                        top_p=torch.tensor([0.5, 1.0])).check(2, torch.device("cpu"))
-    assert c.ops["stack"] == 1 and c.ops["_local_scalar_dense"] == 0
-    assert not Sampling(temperature=torch.tensor([0.0, 0.3])).check(2, torch.device("cpu"))
-    assert Sampling().check(3, torch.device("cpu"))
-    assert not Sampling(temperature=0.5, top_p=torch.tensor([0.5])).check(1,
-                                                                           torch.device("cpu"))
-    with pytest.raises(ValueError, match=r"Sampling.top_p: value 1.5 is out of range"):
-        Sampling(temperature=torch.tensor([0.0, 0.3]),
-                 top_p=torch.tensor([0.5, 1.5])).check(2, torch.device("cpu"))
-    with pytest.raises(ValueError, match=r"Sampling.temperature: value -1.0 is out of range"):
-        Sampling(temperature=torch.tensor([-1.0, 0.3])).check(2, torch.device("cpu"))
+def _valid(name: str, v: float) -> bool:
+    """The range of a setting, written out: temperature finite and >= 0; 0 < top_p <= 1."""
+    if name == "temperature":
+        return math.isfinite(v) and v >= 0
+    return 0 < v <= 1  # (False for NaN)
+
+
+_SETTING = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
+                     st.sampled_from([0.0, -0.0, 1.0, 1e-30, 3.4e38]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(t=st.lists(_SETTING, min_size=1, max_size=4), data=st.data())
+def test_sampling_tensor_settings_are_flagged_exactly_when_out_of_range(t, data):
+    """``Sampling.check_on_device``'s flag is set exactly when a tensor value is outside the
+    range written out in ``_valid``; ``check`` then raises naming the first such value of the
+    first setting holding one; a scalar setting is checked the same (when the Sampling is
+    made)."""
+    p = data.draw(st.lists(_SETTING, min_size=len(t), max_size=len(t)))
+    s = Sampling(temperature=torch.tensor(t), top_p=torch.tensor(p))
+    t, p = s.temperature.tolist(), s.top_p.tolist()  # the values as float32 holds them
+    flag = s.check_on_device(len(t), torch.device("cpu"))
+    bad_t = [v for v in t if not _valid("temperature", v)]
+    bad_p = [v for v in p if not _valid("top_p", v)]
+    assert flag.shape == () and bool(flag) == bool(bad_t or bad_p)
+    if bad_t or bad_p:
+        name, first = ("temperature", bad_t[0]) if bad_t else ("top_p", bad_p[0])
+        with pytest.raises(ValueError, match=rf"Sampling\.{name}: value (\S+) is out of range"
+                           ) as info:
+            s.check(len(t), torch.device("cpu"))
+        shown = float(str(info.value).split("value ")[1].split(" ")[0])
+        assert shown == first or (shown != shown and first != first)
+    else:
+        s.check(len(t), torch.device("cpu"))
+    for name, v in (("temperature", t[0]), ("top_p", p[0])):
+        if _valid(name, v):
+            Sampling(**{name: v})
+        else:
+            with pytest.raises(ValueError, match=re.escape(f"Sampling.{name}: {v} is out of "
+                                                           "range")):
+                Sampling(**{name: v})
+
+
+def test_sampling_check_on_device_reads_nothing():
+    """Tensor settings on the meta device, which holds no values (any read raises): the
+    check runs, raises what the host knows (shapes, dtypes, devices) and returns its flag on
+    the device. ``greedy`` follows the type: a temperature tensor of zeros samples."""
+    meta = torch.device("meta")
+    s = Sampling(temperature=torch.zeros(2, device=meta), top_p=torch.ones(2, device=meta))
+    flag = s.check_on_device(2, meta)
+    assert flag.device == meta and flag.dtype == torch.bool and flag.shape == ()
+    assert not s.greedy and Sampling().greedy and Sampling(top_p=torch.ones(2)).greedy
+    with pytest.raises(ValueError, match=r"Sampling.temperature: expected a float or a "
+                                         r"floating tensor \[3\]"):
+        s.check_on_device(3, meta)
+    with pytest.raises(ValueError, match="Sampling.top_p: on meta, expected cpu"):
+        Sampling(temperature=0.5, top_p=torch.ones(2, device=meta)).check_on_device(
+            2, torch.device("cpu"))
+    assert Sampling(temperature=0.5).check_on_device(2, meta) is None  # scalars: no flag
+    with pytest.raises(RuntimeError, match="meta"):  # (what a read of a meta tensor does)
+        bool(flag)
+
+
+def test_a_drafter_call_with_tensor_settings_reads_none_of_their_values(monkeypatch):
+    """With its checks on the device (CUDA's way), a sampled call with tensor settings reads
+    only the previous call's error word (one ``item``) on the drafter's side (the drafter,
+    the sampling, the program): no ``tolist`` / ``item`` of the settings or their flag,
+    program or eager path alike. (The module's own reads are not counted: its eager forward
+    checks its arguments, docs/drafter.md says so, and the reference ops' MoE reads its
+    expert ids where the GPU runs kernels.)"""
+    for d in (programmed(drafter()), deferred(drafter())):
+        d.add_sequence("a")
+        h, ids, pos = rows(2, 4)
+        s = Sampling(temperature=torch.tensor([0.8]), top_p=torch.tensor([0.9]),
+                     generator=torch.Generator().manual_seed(0))
+        d.propose(["a"], h, ids, pos, [2], k=2, sampling=s)
+        reads = []
+        for name in ("tolist", "item"):
+            real = getattr(torch.Tensor, name)
+
+            def read(self, real=real, name=name, reads=reads):
+                caller = os.path.basename(sys._getframe(1).f_code.co_filename)
+                if caller in ("drafter.py", "sampling.py", "propose_program.py", "parallel.py"):
+                    reads.append((name, caller))
+                return real(self)
+            monkeypatch.setattr(torch.Tensor, name, read)
+        h, ids, _ = rows(1, 5)
+        d.propose(["a"], h, ids, torch.tensor([2]), [1], k=2, sampling=s)
+        monkeypatch.undo()
+        assert reads == [("item", "drafter.py")], reads
 
 
 @settings(max_examples=40, deadline=None)
