@@ -41,6 +41,20 @@ import torch
 from . import model as model_mod
 from . import propose_program as prog_mod
 from .cache import KVCache
+from .call_checks import (
+    INTS,
+    MAX_ABS_HIDDEN,
+    MAX_POSITION,
+    check_hidden_values,
+    check_seq_id,
+    check_tensor,
+    check_values,
+    flat_hidden,
+    hidden_ok,
+    next_token_ids_arg,
+    row_counts,
+    short,
+)
 from .config import MTPConfig
 from .model import DeepSeekV4MTP
 from .propose_program import (
@@ -52,15 +66,6 @@ from .propose_program import (
     INPUT_ERRORS,
 )
 from .sampling import GREEDY, Sampling, nan_flag
-
-MAX_POSITION = 2**31 - 1
-"""The largest position a row or draft may reach: int32-safe for kernels, and far from where
-int64 sums (position + rows + drafts) or RoPE angles could overflow."""
-
-MAX_ABS_HIDDEN = 1e6
-"""The largest |value| accepted in ``hidden_states``. Real pre-``hc_head`` residuals stay orders
-of magnitude below it; far above it the layer's float32 sums of squares (RMS norms) and bf16
-products overflow, and such a row would leave non-finite KV in the cache."""
 
 
 def _locked(method):
@@ -90,28 +95,6 @@ def _locked_no_grad(method):
             finally:
                 _set_grad_enabled(True)
     return wrapper
-
-
-def hidden_ok(hidden: torch.Tensor) -> torch.Tensor:
-    """[T, ...] -> [T, ...] bool: which values ``hidden_states`` may hold (finite, |value| <=
-    ``MAX_ABS_HIDDEN``), elementwise on the tensor's device (nothing is read on the host)."""
-    return prog_mod.within_bound(hidden, MAX_ABS_HIDDEN)
-
-
-def check_hidden_values(hidden: torch.Tensor, name: str = "hidden_states") -> None:
-    """Refuse non-finite rows and rows with |value| > ``MAX_ABS_HIDDEN``, before any state
-    changes: such a row would put non-finite KV in the cache, poisoning later calls.
-
-    Reads the values on the host (on CUDA a synchronisation). The Drafter calls it on the CPU;
-    on CUDA it tests :func:`hidden_ok` on the device instead and calls this only to name the
-    row once the device has found one (docs/drafter.md, "When each check fires")."""
-    ok = hidden_ok(hidden)
-    if not bool(ok.all()):
-        row = int((~ok).any(dim=-1).nonzero()[0])
-        value = hidden[row][~ok[row]][0].item()
-        raise ValueError(f"{name}: row {row} holds {value}; values must be finite with "
-                         f"|value| <= {MAX_ABS_HIDDEN:g} (the target's residuals went "
-                         "non-finite or were not residuals)")
 
 
 @dataclass
@@ -442,7 +425,7 @@ class Drafter:
         sequence depend only on the W rows before them.
         """
         self._settle()
-        _check_hashable(seq_id)
+        check_seq_id(seq_id)
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} is already in the drafter; remove_sequence "
                              "it first to start it again")
@@ -559,11 +542,11 @@ class Drafter:
 
     # ---- internals -------------------------------------------------------------------------
     def _get(self, seq_id: Hashable) -> _Seq:
-        _check_hashable(seq_id)
+        check_seq_id(seq_id)
         seq = self._seqs.get(seq_id)
         if seq is None:
             raise ValueError(f"unknown sequence {seq_id!r}: add it with add_sequence first "
-                             f"(held: {_short(self.seq_ids)})")
+                             f"(held: {short(self.seq_ids)})")
         return seq
 
     def _plan(self, seq_ids, hidden_states, input_ids, next_token_ids, positions,
@@ -578,7 +561,7 @@ class Drafter:
         elif next_token_ids is None and input_ids is not None:
             ids_name, ids_arg = "input_ids", input_ids
         else:
-            ids_name, ids_arg = _next_token_ids(input_ids, next_token_ids)
+            ids_name, ids_arg = next_token_ids_arg(input_ids, next_token_ids)
         if positions is None or num_rows_per_seq is None:
             for name, value in (("positions", positions),
                                 ("num_rows_per_seq", num_rows_per_seq)):
@@ -594,10 +577,10 @@ class Drafter:
         seqs, slots = self._lookup(ids)
         c, last = num_rows_per_seq, self._last_counts
         if type(c) is list and len(c) == len(ids) and c == last[0] \
-                and set(map(type, c)) == _INTS:  # (equal ints: [True] == [1] too)
+                and set(map(type, c)) == INTS:  # (equal ints: [True] == [1] too)
             counts, t, most = last
         else:
-            counts = _row_counts(c, len(ids))
+            counts = row_counts(c, len(ids))
             self._last_counts = counts, t, most = counts, sum(counts), max(counts)
         starts = [s.next_position for s in seqs]
         # (max(starts) + most >= every start + count: the exact test only when it might fail)
@@ -611,28 +594,28 @@ class Drafter:
         hc_dim = cfg.hc_dim
         x = hidden_states
         if type(x) is torch.Tensor and x.dim() == 3:  # [T, M, D], transformers' layout
-            x = hidden_states = _flat_hidden(x, cfg)  # (a view)
+            x = hidden_states = flat_hidden(x, cfg)  # (a view)
         if not (type(x) is torch.Tensor and x.shape == (t, hc_dim) and x.layout is _STRIDED
                 and x.is_floating_point() and x.device == device):
-            hidden_states = _flat_hidden(hidden_states, cfg)  # (a subclass's, flattened here)
+            hidden_states = flat_hidden(hidden_states, cfg)  # (a subclass's, flattened here)
             if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() >= 1 \
                     and hidden_states.shape[0] != t and hidden_states.shape[1:] == (hc_dim,):
-                raise ValueError(f"num_rows_per_seq: the counts {_short(counts)} sum to {t}, "
+                raise ValueError(f"num_rows_per_seq: the counts {short(counts)} sum to {t}, "
                                  f"but hidden_states has {hidden_states.shape[0]} rows")
-            _check_tensor(hidden_states, "hidden_states", (t, hc_dim),
+            check_tensor(hidden_states, "hidden_states", (t, hc_dim),
                           lambda: f"[T, hc_mult*hidden_size] = [{t}, {hc_dim}] (or [T, "
                           f"hc_mult, hidden_size] = [{t}, {cfg.hc_mult}, {cfg.hidden_size}])",
                           device, floating=True)
         x = ids_arg
         if not (type(x) is torch.Tensor and x.shape == (t,) and x.layout is _STRIDED
                 and (x.dtype is _INT64 or x.dtype is _INT32) and x.device == device):
-            _check_tensor(ids_arg, ids_name, (t,),
+            check_tensor(ids_arg, ids_name, (t,),
                           lambda: f"[T] = [{t}] (the token after each row)", device,
                           floating=False)
         x = positions
         if not (type(x) is torch.Tensor and x.shape == (t,) and x.layout is _STRIDED
                 and (x.dtype is _INT64 or x.dtype is _INT32) and x.device == device):
-            _check_tensor(positions, "positions", (t,), lambda: f"[T] = [{t}]", device,
+            check_tensor(positions, "positions", (t,), lambda: f"[T] = [{t}]", device,
                           floating=False)
 
         window = cfg.sliding_window
@@ -694,10 +677,10 @@ class Drafter:
         seqs = [self._get(s) for s in ids]
         return seqs, [s.slot for s in seqs]
 
-    def _check_values(self, plan: _Plan) -> None:
+    def check_values(self, plan: _Plan) -> None:
         """The checks that read the tensors' values (each a host synchronisation on CUDA):
         finite bounded hidden states, token ids in the vocabulary, positions where expected."""
-        _check_values(plan.ids_name, plan.next_ids, plan.positions, plan.hidden, plan.seq_ids,
+        check_values(plan.ids_name, plan.next_ids, plan.positions, plan.hidden, plan.seq_ids,
                       plan.starts, plan.counts, self.config.vocab_size)
 
     def _whole_call_graphs(self):
@@ -823,7 +806,7 @@ class Drafter:
         for seq_id, start in zip(plan.seq_ids, plan.starts):
             if seq_id in self._seqs:
                 self._seqs[seq_id].next_position = start
-        what = f"{pend.call}({_short(plan.seq_ids)})"
+        what = f"{pend.call}({short(plan.seq_ids)})"
         void = "drafts are" if pend.call == "propose" else "output is"
         after = (f" ({what} changed nothing: the drafter is as before it)" if at_call else
                  f" (found on the GPU after {what} returned; that call's {void} void and it "
@@ -835,7 +818,7 @@ class Drafter:
             raise ValueError("logits: hold NaN (the model's output went non-finite from finite "
                              "inputs: check the weights)" + after)
         try:  # the host checks on the call's inputs (what the device read) name the row
-            _check_values(plan.ids_name, plan.next_ids, plan.positions, plan.hidden,
+            check_values(plan.ids_name, plan.next_ids, plan.positions, plan.hidden,
                           plan.seq_ids, plan.starts, plan.counts, self.config.vocab_size)
             if err & ERR_SAMPLING and (exc := pend.sampling.value_error()) is not None:
                 raise exc
@@ -870,7 +853,7 @@ class Drafter:
             if bad is not None:
                 error = error + bad.to(torch.int32) * ERR_SAMPLING
         else:
-            self._check_values(plan)
+            self.check_values(plan)
         saved = None
         if error is not None or k is not None:  # the call may still be refused
             slots = _on_device(plan.slots, self.device)
@@ -895,7 +878,7 @@ class Drafter:
         return out
 
     def _device_checks(self, plan: _Plan) -> tuple[_Plan, torch.Tensor]:
-        """:meth:`_check_values` without reading a value: the same tests on the device, as an
+        """:meth:`check_values` without reading a value: the same tests on the device, as an
         error word [] int32 (``ERR_IDS``, ``ERR_POSITIONS``, ``ERR_HIDDEN``), and the call with
         every bad value replaced by a harmless one for the forward to run on (an id by 0, a
         row by zeros, the positions by where the drafter expects the rows), so that nothing
@@ -1015,7 +998,7 @@ class Drafter:
             raise exc
         raise RuntimeError(
             f"drafter: the forward failed ({type(exc).__name__}: {exc}); sequences "
-            f"{_short(plan.seq_ids)} were removed because their cache may be half-written: "
+            f"{short(plan.seq_ids)} were removed because their cache may be half-written: "
             "add them again and re-feed their last W rows") from exc
 
 
@@ -1028,38 +1011,6 @@ def _on_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.
     return t.to(device, non_blocking=True)
 
 
-def _check_hashable(seq_id: object) -> None:
-    try:
-        hash(seq_id)
-    except TypeError:
-        raise TypeError(f"sequence id: expected a hashable id (int or str), got "
-                        f"{type(seq_id).__name__}") from None
-    if seq_id != seq_id:  # NaN: a dict finds it only through the very same object
-        raise ValueError(f"sequence id: {seq_id!r} is not equal to itself, so a later call "
-                         f"could not name it; use an int or str")
-
-
-def _next_token_ids(input_ids, next_token_ids) -> tuple[str, torch.Tensor]:
-    """The [T] tokens at positions + 1, given under exactly one of its two names: (the name the
-    caller used, the tensor)."""
-    if (input_ids is None) == (next_token_ids is None):
-        both = "both were given" if input_ids is not None else "neither was given"
-        raise TypeError(f"next_token_ids: pass the token at positions[i] + 1 for each row as "
-                        f"next_token_ids= (or input_ids=, vLLM's name for it), exactly one of "
-                        f"the two; {both}")
-    return ("next_token_ids", next_token_ids) if input_ids is None else ("input_ids", input_ids)
-
-
-def _flat_hidden(hidden_states, cfg: MTPConfig):
-    """[T, M, D] (transformers' residual layout) -> [T, M*D]; anything else unchanged (the
-    shape check that follows names what was expected)."""
-    if isinstance(hidden_states, torch.Tensor) and hidden_states.layout == torch.strided \
-            and hidden_states.dim() == 3 \
-            and tuple(hidden_states.shape[1:]) == (cfg.hc_mult, cfg.hidden_size):
-        return hidden_states.flatten(1)  # [T, M, D] -> [T, M*D]
-    return hidden_states
-
-
 def _mode(sampling: Sampling) -> str:
     """The whole-call program that runs ``sampling`` (``mtp.propose_program.MODES``): from
     the settings' types, never their values. A temperature tensor takes a sampled program,
@@ -1070,92 +1021,8 @@ def _mode(sampling: Sampling) -> str:
     return "top_p" if isinstance(p, torch.Tensor) or p < 1 else "sample"
 
 
-def _check_values(ids_name: str, ids: torch.Tensor, positions: torch.Tensor,
-                  hidden: torch.Tensor, seq_ids: list, starts: list[int], counts: list[int],
-                  vocab_size: int) -> None:
-    """Refuse a call by the values of its tensors (reads them: on CUDA, synchronisations)."""
-    check_hidden_values(hidden)
-    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
-        bad = ids[(ids < 0) | (ids >= vocab_size)][0].item()
-        raise ValueError(f"{ids_name}: token id {bad} is outside the vocabulary "
-                         f"[0, {vocab_size})")
-    pos = positions.detach().to("cpu", torch.int64)
-    expected = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)])
-    if not torch.equal(pos, expected):
-        _explain_positions(seq_ids, starts, counts, pos)
-
-
-_INTS = {int}
-
-
-def _row_counts(num_rows_per_seq, s: int) -> list[int]:
-    if type(num_rows_per_seq) is list and len(num_rows_per_seq) == s \
-            and set(map(type, num_rows_per_seq)) == _INTS and min(num_rows_per_seq) >= 1:
-        return list(num_rows_per_seq)  # the common case: a list of ints (a copy: kept)
-    if isinstance(num_rows_per_seq, torch.Tensor):
-        if num_rows_per_seq.dim() != 1 or num_rows_per_seq.is_floating_point():
-            raise ValueError(f"num_rows_per_seq: expected a 1-D integer tensor, got shape "
-                             f"{list(num_rows_per_seq.shape)} ({num_rows_per_seq.dtype})")
-        counts = num_rows_per_seq.tolist()
-    elif isinstance(num_rows_per_seq, Sequence):
-        counts = list(num_rows_per_seq)
-    else:
-        raise TypeError(f"num_rows_per_seq: expected a list of ints, got "
-                        f"{type(num_rows_per_seq).__name__}")
-    if len(counts) != s:
-        raise ValueError(f"num_rows_per_seq: {len(counts)} counts for {s} sequences in seq_ids")
-    for i, n in enumerate(counts):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"num_rows_per_seq[{i}]: expected an int >= 1 (a call gives every "
-                             f"sequence at least its newest row), got {n!r}")
-    return counts
-
-
 _NONE = object()
 _STRIDED, _INT64, _INT32 = torch.strided, torch.int64, torch.int32  # (singletons: `is` tests)
-
-
-def _check_tensor(x, name: str, shape: tuple, expected, device: torch.device,
-                  floating: bool) -> None:
-    """``expected``: what the message says was expected (a function making it: most calls
-    pass, and never format it)."""
-    if isinstance(x, torch.Tensor) and x.layout != torch.strided:
-        raise ValueError(f"{name}: a {x.layout} tensor; pass a dense one (x.to_dense())")
-    if not isinstance(x, torch.Tensor) or x.shape != shape:
-        got = f"shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name}: expected {expected()}, got {got}")
-    if floating and not x.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
-    if not floating and x.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{name}: expected int64 or int32, got {x.dtype}")
-    if x.device != device:
-        raise ValueError(f"{name}: on {x.device}, but the drafter is on {device}")
-
-
-def _explain_positions(ids, starts, counts, pos: torch.Tensor):
-    offset = 0
-    for seq_id, start, n in zip(ids, starts, counts):
-        got = pos[offset:offset + n]
-        offset += n
-        first = int(got[0])
-        if first < start:
-            raise ValueError(
-                f"positions: sequence {seq_id!r} starts at position {first}, going backwards: "
-                f"the drafter has consumed it up to {start - 1} and expects {start} next "
-                "(rows with real residuals are fed once; drafts are rolled back automatically)")
-        if first > start:
-            raise ValueError(
-                f"positions: sequence {seq_id!r} starts at position {first}, leaving a gap: the "
-                f"drafter expects {start} next; feed the rows from {start} (or remove and re-add "
-                "the sequence at a later position)")
-        if not torch.equal(got, torch.arange(start, start + n)):
-            raise ValueError(f"positions: the rows of sequence {seq_id!r} are not consecutive "
-                             f"({_short(got.tolist())}); expected {start}..{start + n - 1}")
-    raise AssertionError("unreachable: positions differ but no sequence disagrees")
-
-
-def _short(items: list, n: int = 8) -> str:
-    return repr(items) if len(items) <= n else repr(items[:n])[:-1] + ", ...]"
 
 
 __all__ = ["MAX_ABS_HIDDEN", "MAX_POSITION", "Drafter", "Proposal", "check_hidden_values",

@@ -249,7 +249,7 @@ def test_device_checks_read_no_value_on_the_host(monkeypatch):
         raise AssertionError("a value check read the tensors on the host")
 
     d = deferred(with_history(drafter()))
-    monkeypatch.setattr(drafter_module, "_check_values", host_read)
+    monkeypatch.setattr(drafter_module, "check_values", host_read)
     monkeypatch.setattr(drafter_module, "check_hidden_values", host_read)
     call = _good()
     d.propose(**call).check()
