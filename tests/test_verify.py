@@ -226,6 +226,25 @@ def test_greedy_sampling_is_the_argmax_without_q():
     assert q is None and torch.equal(tokens, logits.argmax(-1))
 
 
+def test_a_temperature_tensor_samples_with_one_hot_rows_where_it_is_zero():
+    """What is returned follows from the settings' types: a temperature tensor gives q even
+    when every row is 0 (one-hot of the argmax: the same tokens, and q verifies as greedy),
+    so whether q exists never waits for the tensor's values; the number 0 gives None."""
+    logits = torch.randn(3, 7, generator=torch.Generator().manual_seed(2))
+    one_hot = torch.nn.functional.one_hot(logits.argmax(-1), 7).float()
+    for t in (torch.zeros(3), torch.tensor([0.0, 0.0, 0.0], dtype=torch.float64)):
+        s = Sampling(temperature=t, generator=torch.Generator().manual_seed(0))
+        assert not s.greedy
+        tokens, q = sample(logits, s)
+        assert torch.equal(tokens, logits.argmax(-1)) and torch.equal(q, one_hot)
+    assert Sampling(temperature=0.0).greedy and sample(logits, Sampling())[1] is None
+    tokens, q = sample(logits, Sampling(temperature=torch.tensor([0.0, 1.0, 0.0]),
+                                        generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(q[[0, 2]], one_hot[[0, 2]]) and tokens[[0, 2]].tolist() == \
+        logits.argmax(-1)[[0, 2]].tolist()
+    assert torch.allclose(q[1], torch.softmax(logits[1], -1))
+
+
 def test_sampled_tokens_follow_q_and_use_only_the_generator():
     logits = torch.tensor([[0.5, 1.0, -1.0, 2.0, 0.0]]).expand(50_000, -1)
     state = torch.get_rng_state()
