@@ -272,8 +272,9 @@ def sample(logits: torch.Tensor, sampling: Sampling = GREEDY, *, check_nan: bool
 def sample_checked(logits: torch.Tensor, sampling: Sampling
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`sample` with ``check_nan=False`` on settings checked by the caller (the
-    Drafter's, on the device: ``Sampling.check_on_device``); reads no value. A row made NaN by
-    NaN logits or by a setting out of range draws token 0."""
+    Drafter's, on the device: ``Sampling.check_on_device``): nothing here reads a value (a
+    sampled draw's ``torch.multinomial`` may, inside torch). A row made NaN by NaN logits or
+    by a setting out of range draws token 0."""
     if sampling.greedy:
         return logits.argmax(dim=-1), None  # a NaN row: argmax stays inside the vocabulary
     q = _probs(logits, sampling)
@@ -284,4 +285,4 @@ def sample_checked(logits: torch.Tensor, sampling: Sampling
     return tokens, q
 
 
-__all__ = ["GREEDY", "Sampling", "nan_flag", "probs", "refuse_nan", "sample"]
+__all__ = ["GREEDY", "Sampling", "nan_flag", "probs", "refuse_nan", "sample", "sample_checked"]
