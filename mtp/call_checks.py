@@ -85,8 +85,8 @@ def flat_hidden(hidden_states, cfg: MTPConfig):
 
 
 def check_values(ids_name: str, ids: torch.Tensor, positions: torch.Tensor,
-                  hidden: torch.Tensor, seq_ids: list, starts: list[int], counts: list[int],
-                  vocab_size: int) -> None:
+                 hidden: torch.Tensor, seq_ids: list, starts: list[int], counts: list[int],
+                 vocab_size: int) -> None:
     """Refuse a call by the values of its tensors (reads them: on CUDA, synchronisations)."""
     check_hidden_values(hidden)
     if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:

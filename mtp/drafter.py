@@ -603,20 +603,20 @@ class Drafter:
                 raise ValueError(f"num_rows_per_seq: the counts {short(counts)} sum to {t}, "
                                  f"but hidden_states has {hidden_states.shape[0]} rows")
             check_tensor(hidden_states, "hidden_states", (t, hc_dim),
-                          lambda: f"[T, hc_mult*hidden_size] = [{t}, {hc_dim}] (or [T, "
-                          f"hc_mult, hidden_size] = [{t}, {cfg.hc_mult}, {cfg.hidden_size}])",
-                          device, floating=True)
+                         lambda: f"[T, hc_mult*hidden_size] = [{t}, {hc_dim}] (or [T, "
+                         f"hc_mult, hidden_size] = [{t}, {cfg.hc_mult}, {cfg.hidden_size}])",
+                         device, floating=True)
         x = ids_arg
         if not (type(x) is torch.Tensor and x.shape == (t,) and x.layout is _STRIDED
                 and (x.dtype is _INT64 or x.dtype is _INT32) and x.device == device):
             check_tensor(ids_arg, ids_name, (t,),
-                          lambda: f"[T] = [{t}] (the token after each row)", device,
-                          floating=False)
+                         lambda: f"[T] = [{t}] (the token after each row)", device,
+                         floating=False)
         x = positions
         if not (type(x) is torch.Tensor and x.shape == (t,) and x.layout is _STRIDED
                 and (x.dtype is _INT64 or x.dtype is _INT32) and x.device == device):
             check_tensor(positions, "positions", (t,), lambda: f"[T] = [{t}]", device,
-                          floating=False)
+                         floating=False)
 
         window = cfg.sliding_window
         kept, keep = counts, None
@@ -677,11 +677,11 @@ class Drafter:
         seqs = [self._get(s) for s in ids]
         return seqs, [s.slot for s in seqs]
 
-    def check_values(self, plan: _Plan) -> None:
+    def _check_values(self, plan: _Plan) -> None:
         """The checks that read the tensors' values (each a host synchronisation on CUDA):
         finite bounded hidden states, token ids in the vocabulary, positions where expected."""
         check_values(plan.ids_name, plan.next_ids, plan.positions, plan.hidden, plan.seq_ids,
-                      plan.starts, plan.counts, self.config.vocab_size)
+                     plan.starts, plan.counts, self.config.vocab_size)
 
     def _whole_call_graphs(self):
         """The :class:`mtp_kernels.ProposeGraphs` calls replay, or None where they
@@ -819,7 +819,7 @@ class Drafter:
                              "inputs: check the weights)" + after)
         try:  # the host checks on the call's inputs (what the device read) name the row
             check_values(plan.ids_name, plan.next_ids, plan.positions, plan.hidden,
-                          plan.seq_ids, plan.starts, plan.counts, self.config.vocab_size)
+                         plan.seq_ids, plan.starts, plan.counts, self.config.vocab_size)
             if err & ERR_SAMPLING and (exc := pend.sampling.value_error()) is not None:
                 raise exc
         except ValueError as exc:
@@ -853,7 +853,7 @@ class Drafter:
             if bad is not None:
                 error = error + bad.to(torch.int32) * ERR_SAMPLING
         else:
-            self.check_values(plan)
+            self._check_values(plan)
         saved = None
         if error is not None or k is not None:  # the call may still be refused
             slots = _on_device(plan.slots, self.device)
@@ -878,7 +878,7 @@ class Drafter:
         return out
 
     def _device_checks(self, plan: _Plan) -> tuple[_Plan, torch.Tensor]:
-        """:meth:`check_values` without reading a value: the same tests on the device, as an
+        """:meth:`_check_values` without reading a value: the same tests on the device, as an
         error word [] int32 (``ERR_IDS``, ``ERR_POSITIONS``, ``ERR_HIDDEN``), and the call with
         every bad value replaced by a harmless one for the forward to run on (an id by 0, a
         row by zeros, the positions by where the drafter expects the rows), so that nothing
