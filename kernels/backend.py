@@ -174,8 +174,8 @@ class TritonOps:
             kw = {"add_linear": (en, e_proj.weight, e_proj.weight_scale_inv)}
         else:
             kw = {"add": self.linear(en, e_proj, act_quant)}
-        x = self.linear(hn.view(t * m, d), h_proj, act_quant, add_row_div=m, mix_fn=mix, **kw)
-        x, parts = x if mix is not None else (x, None)
+        out = self.linear(hn.view(t * m, d), h_proj, act_quant, add_row_div=m, mix_fn=mix, **kw)
+        x, parts = out if mix is not None else (out, None)  # (with mix_fn: (x, partials))
         return x.view(t, m, d), parts  # [T*M, D] -> [T, M, D]
 
     # ---- hyper-connections -----------------------------------------------------------------

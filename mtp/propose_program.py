@@ -261,16 +261,6 @@ class ProposeProgram:
             except Exception:  # noqa: BLE001 - the failed call's error is the one to report
                 pass
 
-    def dest(self, counts: list[int]) -> list[int]:
-        """Where the caller's staged rows go in the bucket: sequence i's last min(n_i, R)
-        rows at the end of its block (host arithmetic only)."""
-        r, out = self.rows, []
-        for i, n in enumerate(counts):
-            n = min(n, r)
-            base = i * r + r - n
-            out.extend(range(base, base + n))
-        return out
-
     def stage(self, slots: list[int], starts: list[int], counts: list[int], ids: torch.Tensor,
               positions: torch.Tensor, hidden: torch.Tensor, out: torch.Tensor) -> None:
         """Stage a call: s <= S sequences' cache slots, next real positions and row counts

@@ -15,6 +15,7 @@ Shape legend: S rows (one per sequence), V vocabulary.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -115,20 +116,23 @@ class Sampling:
         return None
 
 
-def _in_range(name: str, value: torch.Tensor) -> torch.Tensor:
-    """Elementwise: ``value`` is a valid ``name`` (False for NaN): what :func:`_check_scalar`
-    asks of a number. (A comparison with NaN is False, so each test refuses it.)"""
+def _in_range(name: str, value):
+    """Whether ``value`` (a float, or elementwise a tensor) is a valid ``name``: temperature
+    finite and >= 0, 0 < top_p <= 1. A comparison with NaN is False, so each test refuses it;
+    the one rule for scalars (:func:`_check_scalar`) and tensors."""
     if name == "temperature":
-        return (value >= 0) & (value <= torch.finfo(value.dtype).max)
+        big = torch.finfo(value.dtype).max if isinstance(value, torch.Tensor) else _FLOAT_MAX
+        return (value >= 0) & (value <= big)
     return (value > 0) & (value <= 1)
+
+
+_FLOAT_MAX = sys.float_info.max
 
 
 def _check_scalar(name: str, value) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"Sampling.{name}: expected a float, got {type(value).__name__}")
-    v = float(value)
-    ok = v == v and v != float("inf") and (v >= 0 if name == "temperature" else 0 < v <= 1)
-    if not ok:
+    if not _in_range(name, float(value)):
         raise ValueError(f"Sampling.{name}: {value} is out of range ({_RANGES[name]})")
 
 

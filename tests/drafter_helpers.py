@@ -41,6 +41,17 @@ def rows(n: int, seed: int, start: int = 0, dtype=torch.float64):
     return h, ids, torch.arange(start, start + n)
 
 
+def bucket_rows(rows: int, counts: list[int]) -> list[int]:
+    """Where a whole-call program's bucket of ``rows`` rows per sequence holds the caller's
+    staged rows: sequence i's last min(n_i, R) rows at the end of its block of R."""
+    out = []
+    for i, n in enumerate(counts):
+        n = min(n, rows)
+        base = i * rows + rows - n
+        out.extend(range(base, base + n))
+    return out
+
+
 def snapshot(d: Drafter):
     """Everything a call may change: the cache tensors and each sequence's slot and position."""
     seqs = {s: (d.slot(s), d.next_position(s)) for s in d.seq_ids}

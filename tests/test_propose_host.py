@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from drafter_helpers import drafter, rows
+from drafter_helpers import bucket_rows, drafter, rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -58,7 +58,7 @@ def test_stage_puts_each_row_at_the_end_of_its_block():
     prog.stage([3, 0, 2], [10, 20, 30], counts, ids.to(torch.int32), pos.to(torch.int32), h,
                prog.new_out())
     assert prog.host_meta.tolist() == [[3, 0, 2, -1], [10, 20, 30, 0], [2, 5, 1, 0]]
-    dest = torch.tensor(prog.dest(counts))
+    dest = torch.tensor(bucket_rows(prog.rows, counts))
     got_ids, got_pos, got_h = staged_rows(prog)
     assert torch.equal(got_ids[dest], ids) and torch.equal(got_pos[dest], pos)
     assert torch.equal(got_h[dest], h)
@@ -109,7 +109,7 @@ def test_staged_rows_are_the_callers_rows_in_any_bucket(data, seqs, rows_, ids_d
         pad = seqs - s
         assert prog.host_meta.tolist() == [slots + [-1] * pad, starts + [0] * pad,
                                            counts + [0] * pad]
-        dest = torch.tensor(prog.dest(counts))
+        dest = torch.tensor(bucket_rows(prog.rows, counts))
         got_ids, got_pos, got_h = staged_rows(prog)
         assert torch.equal(got_ids[dest], ids) and torch.equal(got_pos[dest], pos)
         assert torch.equal(got_h[dest], h)

@@ -22,7 +22,16 @@ import warnings
 
 import pytest
 import torch
-from drafter_helpers import TINY, W, assert_same_state, drafter, rel_err, rows, snapshot
+from drafter_helpers import (
+    TINY,
+    W,
+    assert_same_state,
+    bucket_rows,
+    drafter,
+    rel_err,
+    rows,
+    snapshot,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_drafter_properties import BAD, _good
@@ -65,9 +74,10 @@ def test_buckets():
     # a call no bucket holds gets no runner (the drafter runs it eagerly); nothing is made
     assert b.get(5, 1, 2) is None and capped.get(2, 5, 2) is None and not b.made
     prog = ProposeProgram(d.model, d.cache, 4, 5, 2, MAX_ABS_HIDDEN)
-    assert prog.dest([2, 5, 1]) == [3, 4, 5, 6, 7, 8, 9, 14]  # each at the end of its block
+    # each sequence's rows at the end of its block
+    assert bucket_rows(prog.rows, [2, 5, 1]) == [3, 4, 5, 6, 7, 8, 9, 14]
     prog = ProposeProgram(d.model, d.cache, 2, W, 2, MAX_ABS_HIDDEN)
-    assert prog.dest([W + 3, 1]) == list(range(W)) + [2 * W - 1]  # the last W of 11 rows
+    assert bucket_rows(prog.rows, [W + 3, 1]) == list(range(W)) + [2 * W - 1]  # last W of 11
     with pytest.raises(ValueError, match="exceed the window"):  # rows <= min(capacity, W)
         ProposeProgram(d.model, d.cache, 1, W + 1, 2, MAX_ABS_HIDDEN)
 
