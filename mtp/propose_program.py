@@ -229,6 +229,7 @@ class ProposeProgram:
         self.error_host = torch.zeros((), dtype=torch.int32, pin_memory=pin)
         self._j_host = np.arange(rows)
         self._last = torch.arange(seqs, device=dev) * rows + rows - 1  # [S]
+        self._ahead = torch.arange(max(k - 1, 0), device=dev)[:, None]  # [k-1, 1]
         self.temperature = torch.ones(seqs, dtype=torch.float32, device=dev)
         self.top_p = torch.ones(seqs, dtype=torch.float32, device=dev)
         self._held: list[float | None] = [1.0, 1.0]  # the scalar each holds in every row
@@ -364,9 +365,13 @@ class ProposeProgram:
         self.staged.copy_(self.host)
 
     def _pick(self, logits: torch.Tensor, step: int):
-        """Draft tokens [S] and their q [S, V] (None when greedy) from one step's logits."""
+        """Draft tokens [S], their q [S, V] (None when greedy) and the step's NaN probe [S, 1]
+        (:meth:`_nan_probe`) from one step's logits."""
         if self.mode == "greedy":
-            return logits.argmax(dim=-1), None
+            # one reduction for both: the max propagates NaN, and its index is argmax's (the
+            # first maximum, NaN counting as the largest)
+            top, token = logits.max(dim=-1)
+            return token, None, top[:, None]
         x = logits if logits.dtype == torch.float64 else logits.float()
         t = self.temperature.to(x.dtype)[:, None]  # [S, 1]
         greedy_rows = t == 0
@@ -374,12 +379,14 @@ class ProposeProgram:
         if self.mode == "top_p":
             p = _top_p(p, self.top_p.to(x.dtype)[:, None])
         p = torch.where(greedy_rows, _one_hot_argmax(x), p)
-        return draw(p, self.u[:, step].to(x.dtype)), p
+        token = draw(p, self.u[:, step].to(x.dtype))
+        return token, p, self._nan_probe(logits, token)
 
     def _nan_probe(self, logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
         """[S, 1]: NaN exactly where a row of ``logits`` [S, V] holds one. Greedy: the logit
-        the argmax picked (argmax takes NaN as the largest value); sampled: the row's max
-        (NaN-propagating). One launch over [S] or [S, V], instead of a NaN mask's two."""
+        the argmax picked (argmax takes NaN as the largest value; :meth:`_pick` has it from the
+        same reduction as the token); sampled: the row's max (NaN-propagating). One launch
+        over [S] or [S, V], instead of a NaN mask's two."""
         if self.mode == "greedy":
             return logits.gather(1, token[:, None])
         return logits.amax(dim=-1, keepdim=True)
@@ -406,22 +413,23 @@ class ProposeProgram:
         last_rows = None if r == 1 else self._last
         x, logits = model.decode_step(ids_in, pos_in, x_in, row_slots, cache, 0,
                                       side_stream=self.side_stream, logits_rows=last_rows)
-        last_pos = starts + counts - 1
+        # the draft steps' positions, all at once: step s at the last row's position + s
+        draft_pos = (starts + counts) + self._ahead  # [k-1, S]
         hidden, drafts, qs, probes = [x], [], [], []
-        token, q = self._pick(logits, 0)
-        probes.append(self._nan_probe(logits, token))
+        token, q, probe = self._pick(logits, 0)
+        probes.append(probe)
         for step in range(1, self.k):
             drafts.append(token)
             qs.append(q)
-            x, logits = model.decode_step(token, last_pos + step, x, draft_slots, cache, step,
-                                          side_stream=self.side_stream)
+            x, logits = model.decode_step(token, draft_pos[step - 1], x, draft_slots, cache,
+                                          step, side_stream=self.side_stream)
             hidden.append(x)
-            token, q = self._pick(logits, step)
-            probes.append(self._nan_probe(logits, token))
+            token, q, probe = self._pick(logits, step)
+            probes.append(probe)
         drafts.append(token)
         qs.append(q)
         nan = torch.isnan(torch.cat(probes, dim=1)).any()  # [S, k]: NaN where a row held one
-        error = error + nan.to(torch.int32) * ERR_LOGITS
+        error = torch.add(error, nan, alpha=ERR_LOGITS)  # (one launch: int32 + bool * bit)
         out_drafts, out_hidden, out_probs = self.out
         torch.stack(drafts, dim=1, out=out_drafts)
         torch.stack(hidden, dim=1, out=out_hidden)

@@ -543,9 +543,10 @@ def test_a_drafter_call_with_tensor_settings_reads_none_of_their_values(monkeypa
        data=st.data())
 def test_the_nan_probe_sees_one_nan_anywhere(s, v, mode, data):
     """The program flags NaN logits from one value per row: the logit the argmax picked
-    (greedy) or the row's max (sampled). NaN must show there whenever the row holds one NaN
-    anywhere, whatever the other values (a single NaN among large finite logits, at the first
-    or the last index), and never otherwise."""
+    (greedy: the max of the token's own reduction) or the row's max (sampled). NaN must show
+    there whenever the row holds one NaN anywhere, whatever the other values (a single NaN
+    among large finite logits, at the first or the last index), and never otherwise. Greedy
+    tokens are argmax's (the first maximum), NaN rows included."""
     logits = torch.randn(s, v, generator=torch.Generator().manual_seed(data.draw(
         st.integers(0, 999)))) * data.draw(st.sampled_from([1.0, 1e30]))
     bad = data.draw(st.lists(st.booleans(), min_size=s, max_size=s))
@@ -554,7 +555,11 @@ def test_the_nan_probe_sees_one_nan_anywhere(s, v, mode, data):
             logits[row, data.draw(st.integers(0, v - 1))] = float("nan")
     prog = types.SimpleNamespace(mode=mode)
     token = logits.argmax(dim=-1)
-    probe = ProposeProgram._nan_probe(prog, logits, token)
+    if mode == "greedy":
+        picked, q, probe = ProposeProgram._pick(prog, logits, 0)
+        assert q is None and torch.equal(picked, token)
+    else:
+        probe = ProposeProgram._nan_probe(prog, logits, token)
     assert probe.shape == (s, 1)
     assert torch.isnan(probe[:, 0]).tolist() == bad
 
