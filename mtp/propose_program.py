@@ -366,7 +366,7 @@ class ProposeProgram:
 
     def _pick(self, logits: torch.Tensor, step: int):
         """Draft tokens [S], their q [S, V] (None when greedy) and the step's NaN probe [S, 1]
-        (:meth:`_nan_probe`) from one step's logits."""
+        (NaN exactly where a row of ``logits`` holds one) from one step's logits."""
         if self.mode == "greedy":
             # one reduction for both: the max propagates NaN, and its index is argmax's (the
             # first maximum, NaN counting as the largest)
@@ -379,16 +379,13 @@ class ProposeProgram:
         if self.mode == "top_p":
             p = _top_p(p, self.top_p.to(x.dtype)[:, None])
         p = torch.where(greedy_rows, _one_hot_argmax(x), p)
-        token = draw(p, self.u[:, step].to(x.dtype))
-        return token, p, self._nan_probe(logits, token)
+        return draw(p, self.u[:, step].to(x.dtype)), p, self._nan_probe(logits)
 
-    def _nan_probe(self, logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-        """[S, 1]: NaN exactly where a row of ``logits`` [S, V] holds one. Greedy: the logit
-        the argmax picked (argmax takes NaN as the largest value; :meth:`_pick` has it from the
-        same reduction as the token); sampled: the row's max (NaN-propagating). One launch
-        over [S] or [S, V], instead of a NaN mask's two."""
-        if self.mode == "greedy":
-            return logits.gather(1, token[:, None])
+    @staticmethod
+    def _nan_probe(logits: torch.Tensor) -> torch.Tensor:
+        """[S, 1]: NaN exactly where a row of ``logits`` [S, V] holds one: the row's max
+        (NaN-propagating), one launch instead of a NaN mask's two. (A greedy step has it from
+        its token's own reduction: :meth:`_pick`.)"""
         return logits.amax(dim=-1, keepdim=True)
 
     def run(self):

@@ -553,13 +553,11 @@ def test_the_nan_probe_sees_one_nan_anywhere(s, v, mode, data):
     for row in range(s):
         if bad[row]:
             logits[row, data.draw(st.integers(0, v - 1))] = float("nan")
-    prog = types.SimpleNamespace(mode=mode)
-    token = logits.argmax(dim=-1)
     if mode == "greedy":
-        picked, q, probe = ProposeProgram._pick(prog, logits, 0)
-        assert q is None and torch.equal(picked, token)
+        picked, q, probe = ProposeProgram._pick(types.SimpleNamespace(mode=mode), logits, 0)
+        assert q is None and torch.equal(picked, logits.argmax(dim=-1))
     else:
-        probe = ProposeProgram._nan_probe(prog, logits, token)
+        probe = ProposeProgram._nan_probe(logits)
     assert probe.shape == (s, 1)
     assert torch.isnan(probe[:, 0]).tolist() == bad
 
