@@ -850,8 +850,8 @@ class Drafter:
         run = plan
         if self._defer_checks:
             run, error = self._device_checks(plan)
-            if bad is not None:
-                error = error + bad.to(torch.int32) * ERR_SAMPLING
+            if bad is not None:  # (a bit the word cannot hold yet: one add)
+                error = torch.add(error, bad, alpha=ERR_SAMPLING)
         else:
             self._check_values(plan)
         saved = None

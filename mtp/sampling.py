@@ -270,7 +270,7 @@ def sample(logits: torch.Tensor, sampling: Sampling = GREEDY, *, check_nan: bool
     sampling.check(logits.shape[0], logits.device)
     if check_nan:
         refuse_nan(logits, "logits")
-    return sample_checked(logits, sampling)
+    return _sample(logits, sampling, nan_rows=not check_nan)
 
 
 def sample_checked(logits: torch.Tensor, sampling: Sampling
@@ -279,12 +279,20 @@ def sample_checked(logits: torch.Tensor, sampling: Sampling
     Drafter's, on the device: ``Sampling.check_on_device``): nothing here reads a value (a
     sampled draw's ``torch.multinomial`` may, inside torch). A row made NaN by NaN logits or
     by a setting out of range draws token 0."""
+    return _sample(logits, sampling, nan_rows=True)
+
+
+def _sample(logits: torch.Tensor, sampling: Sampling, *, nan_rows: bool
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The draw on checked settings; ``nan_rows``: q may hold NaN rows (unchecked logits or
+    settings), which draw token 0 instead of failing in ``torch.multinomial``."""
     if sampling.greedy:
         return logits.argmax(dim=-1), None  # a NaN row: argmax stays inside the vocabulary
     q = _probs(logits, sampling)
-    # torch.multinomial refuses a NaN row (it may read its input to say so): token 0 there
-    nan_rows = torch.isnan(q).any(dim=-1, keepdim=True)  # [S, 1]
-    drawn = torch.where(nan_rows, _one_hot_argmax(torch.zeros_like(q)), q)
+    drawn = q
+    if nan_rows:  # torch.multinomial refuses a NaN row (it may read its input to say so)
+        nan = torch.isnan(q).any(dim=-1, keepdim=True)  # [S, 1]
+        drawn = torch.where(nan, _one_hot_argmax(torch.zeros_like(q)), q)
     tokens = torch.multinomial(drawn, 1, generator=sampling.generator).squeeze(1)
     return tokens, q
 
