@@ -6,7 +6,12 @@ moves every variant alike). Each call's GPU time: the GPU is kept busy
 
 Variants (``--variants``, the first is the baseline): the input projections
 (``mtp_kernels.backend.INPUT_PAIR`` / ``INPUT_MIX``): e_proj and h_proj in two launches or
-one ("pair"), the attention hc_pre's mixes by hc_mix or from their split-K pass ("mix").
+one ("pair"), the attention hc_pre's mixes by hc_mix or from their split-K pass ("mix");
+two launch settings of the hc kernels ("finish-8w", "post-mix-256"); the FP8 products'
+settings for up to 4 rows ("gemv-*", each changing ``fp8_linear.BLOCKS``' first entry) and the
+CUDA expert kernels' ("experts-*"); "same", a second drafter with the defaults: the spread of
+a null A/B in the same run. Each printed row also gives the call's floor (the bytes it must
+read over the copy bandwidth of the same process) and each variant's ratio to it.
 
 Usage (GPU):
     python benchmarks/ab_drafter.py --preset flash,pro --batches 1,64 --rows 1,4 --reps 60
@@ -28,9 +33,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_draft_step import (  # noqa: E402
     ROT,
     _import_kernels,
+    copy_bandwidth,
     fill_cache,
     init_random_gpu_,
     inputs,
+    param_bytes,
+    propose_floors,
 )
 
 from mtp import DeepSeekV4MTP, MTPConfig  # noqa: E402
@@ -40,18 +48,49 @@ __all__ = ["interleaved_ms", "propose_call"]
 
 # name -> {"module.ATTR": value} set before the variant's drafter captures its graphs
 _IN = "mtp_kernels.backend.INPUT_"
+_FP8 = "mtp_kernels.fp8_linear."
+_MOE = "mtp_kernels.moe_cuda."
 VARIANTS = {
     "two": {_IN + "PAIR": False, _IN + "MIX": False},
     "mix": {_IN + "PAIR": False, _IN + "MIX": True},
     "pair": {_IN + "PAIR": True, _IN + "MIX": False},
     "pair+mix": {_IN + "PAIR": True, _IN + "MIX": True},
+    # launch settings: hc_finish's warps per row (4), hc_post's column block when it computes
+    # the next mixes (128: D/128 programs per row)
+    "finish-8w": {"mtp_kernels.hc.FINISH_WARPS": 8},
+    "post-mix-256": {"mtp_kernels.hc._POST_MIX_BD": 256},
+    # the FP8 products' launch settings for <= 4 rows (every product of a batch-1 step):
+    # fp8_linear.BLOCKS' first entry (BM, BN, warps, per_sm, stages), (16, 128, 4, 4, 3) now:
+    # more stages in flight, more split-K programs, the 64-wide tiles it had before, more warps
+    "gemv-4stages": {_FP8 + "BLOCKS": lambda b: _first(b, stages=4)},
+    "gemv-8persm": {_FP8 + "BLOCKS": lambda b: _first(b, per_sm=8)},
+    "gemv-bn64": {_FP8 + "BLOCKS": lambda b: _first(b, bn=64)},
+    "gemv-8w": {_FP8 + "BLOCKS": lambda b: _first(b, warps=8)},
+    # the CUDA expert kernels' launch settings (moe_cuda.DEFAULT_TUNE, wn 4 stages 2 steps 2
+    # now; at batch 1 six tiles of 64 blocks, under one wave): more bytes in flight per warp,
+    # longer runs per row, smaller / larger blocks
+    "experts-4stages": {_MOE + "DEFAULT_TUNE": {"wn": 4, "stages": 4, "steps": 2}},
+    "experts-steps4": {_MOE + "DEFAULT_TUNE": {"wn": 4, "stages": 2, "steps": 4}},
+    "experts-2w": {_MOE + "DEFAULT_TUNE": {"wn": 2, "stages": 2, "steps": 2}},
+    "experts-8w": {_MOE + "DEFAULT_TUNE": {"wn": 8, "stages": 2, "steps": 2}},
+    # a second drafter with the defaults: the spread of a null A/B in the same run
+    "same": {},
 }
 
 
+def _first(blocks: tuple, **change) -> tuple:
+    """``fp8_linear.BLOCKS`` with its first entry's settings changed (by name)."""
+    (rows, first), rest = blocks[0], blocks[1:]
+    names = ("bm", "bn", "warps", "per_sm", "stages")
+    return ((rows, tuple(change.get(n, v) for n, v in zip(names, first))),) + rest
+
+
 def apply(settings: dict) -> None:
+    """Set each ``module.ATTR``; a callable value maps the attribute's current value."""
     for key, value in settings.items():
         module, attr = key.rsplit(".", 1)
-        setattr(importlib.import_module(module), attr, value)
+        mod = importlib.import_module(module)
+        setattr(mod, attr, value(getattr(mod, attr)) if callable(value) else value)
 
 
 def propose_call(model, b: int, r: int, k: int, sets, g, pos0: int = 1000):
@@ -74,6 +113,7 @@ def propose_call(model, b: int, r: int, k: int, sets, g, pos0: int = 1000):
 
     for _ in range(4):
         call().check()
+    call.drafter = d
     return call
 
 
@@ -113,10 +153,12 @@ def main() -> None:
     names = args.variants.split(",")
     defaults = {key: getattr(importlib.import_module(key.rsplit(".", 1)[0]), key.rsplit(".", 1)[1])
                 for n in names for key in VARIANTS[n]}
+    bw = copy_bandwidth()  # the floor's bandwidth, this process's
     for preset in args.preset.split(","):
         cfg = MTPConfig.from_name(preset)
         model = init_random_gpu_(DeepSeekV4MTP(cfg, dtype=torch.bfloat16, device=dev), seed=0)
         model.backend = mk.TritonOps(model)
+        pb = param_bytes(model)
         for b in map(int, args.batches.split(",")):
             for r in map(int, args.rows.split(",")):
                 sets = inputs(cfg, b * r, ROT, dev, g, torch.bfloat16)
@@ -127,7 +169,13 @@ def main() -> None:
                     apply(defaults)
                 ms = interleaved_ms(calls, args.reps, gpu_only=True)
                 base = statistics.median(ms[names[0]])
+                p = (1000 + torch.arange(r, device=dev)).repeat(b)
+                floor_ms, _ = propose_floors(model, mk, pb, b, r, k, *sets[0], p,
+                                             calls[names[0]].drafter.cache, bw)
                 row = dict(preset=preset, batch=b, rows=r, card=torch.cuda.get_device_name(),
+                           copy_TBps=round(bw / 1e12, 3), floor_ms=round(floor_ms, 4),
+                           **{f"{n}_x_floor": round(statistics.median(t) / floor_ms, 4)
+                              for n, t in ms.items()},
                            **{f"{n}_ms": round(statistics.median(t), 4) for n, t in ms.items()},
                            **{f"{n}_vs_{names[0]}": round(statistics.median(t) / base, 4)
                               for n, t in ms.items()})

@@ -404,6 +404,29 @@ def host_enqueue_us(fn, sync, n: int = 40, busy: bool = True,
     return out
 
 
+def propose_floors(model, mk, pb, b: int, n: int, k: int, ids, hidden, positions, cache,
+                   bw: float) -> tuple[float, float]:
+    """The two floors (ms) of ``propose(k)`` with n new rows for each of b sequences (ids,
+    hidden, positions: the call's b * n rows, sequence by sequence): ``floor_ms``, what the
+    call must read (every row's key, the rest of the layer for each sequence's last row: the
+    experts those route to, then k - 1 draft steps of b rows) and ``floor_full_ms``, with the
+    real rows' step a full forward of every row (the experts all rows route to)."""
+    dev = ids.device
+    t = b * n
+    sl = torch.full((t,), -1, device=dev)  # no sequence: routing only, nothing written
+    last = torch.arange(b, device=dev) * n + n - 1  # each sequence's last row
+
+    def used(rows):
+        return routed_experts(model, mk, ids[rows], positions[rows], hidden[rows],
+                              sl[:rows.numel()], cache)
+
+    every = torch.arange(t, device=dev)
+    drafts = (k - 1) * floor_bytes(model, pb, b, b, used(every[:b]), b, 2)
+    floor = floor_bytes(model, pb, t, b, used(last), b, 2, out_rows=b) + drafts
+    full = floor_bytes(model, pb, t, b, used(every), b, 2) + drafts
+    return floor / bw * 1e3, full / bw * 1e3
+
+
 def bench_drafter(model, fast, mk, name, shapes, reps, dev, g, pb, bw, bare) -> list[dict]:
     """``Drafter.propose(k=3)`` as an engine calls it, with whole-call graphs
     (the default on CUDA; ``cuda_graphs=True`` here so that the benchmark cannot time the
@@ -463,18 +486,8 @@ def bench_drafter(model, fast, mk, name, shapes, reps, dev, g, pb, bw, bare) -> 
             feed(0)  # captures its bucket
             d.synchronize()
             feed_ms = statistics.median(time_it(feed, reps, warmup=3))
-        # floor: the real rows' step (b * n rows, the experts they route to) + k - 1 steps
-        sl = torch.full((t,), -1, device=dev)
-        used_n = routed_experts(fast, mk, sets[0][0], positions[0], sets[0][1], sl, d.cache)
-        last = torch.arange(b, device=dev) * n + n - 1  # each sequence's last row
-        used_last = routed_experts(fast, mk, sets[0][0][last], positions[0][last],
-                                   sets[0][1][last], sl[:b], d.cache)
-        used_1 = routed_experts(fast, mk, sets[0][0][:b], positions[0][:b],
-                                sets[0][1][:b], sl[:b], d.cache)
-        drafts = (k - 1) * floor_bytes(model, pb, b, b, used_1, b, 2)
-        floor_ms = (floor_bytes(model, pb, t, b, used_last, b, 2, out_rows=b)
-                    + drafts) / bw * 1e3
-        floor_full_ms = (floor_bytes(model, pb, t, b, used_n, b, 2) + drafts) / bw * 1e3
+        floor_ms, floor_full_ms = propose_floors(model, mk, pb, b, n, k, sets[0][0],
+                                                 sets[0][1], positions[0], d.cache, bw)
         row = dict(preset=name, what=f"Drafter.propose k=3, {n} row(s)/seq", batch=b,
                    floor_ms=floor_ms, floor_full_ms=floor_full_ms, graph_ms=ms,
                    x_floor=ms / floor_ms, x_full_floor=ms / floor_full_ms,

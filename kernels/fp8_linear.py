@@ -239,17 +239,25 @@ def quant_fp8(x: torch.Tensor, k: int, swiglu_limit: float | None = None):
     return q, s
 
 
-def _blocks(m: int) -> tuple[int, int, int, int]:
-    """(BM, BN, warps, split-K programs per multiprocessor) by row count: wide tiles and fewer
-    programs for many rows, narrow tiles and more split-K for few (the sweep behind the table:
-    benchmarks/sweep_kernels.py, kernels/NOTES.md)."""
-    if m <= 16:
-        return 16, 64, 4, 4
-    if m <= 32:
-        return 32, 128, 4, 2
-    if m <= 128:
-        return 64, 128, 4, 2
-    return 64, 128, 8, 2
+# Launch settings by row count: (rows up to, (BM, BN, warps, split-K programs per
+# multiprocessor, pipeline stages)); the last entry takes any more rows. Wide tiles and fewer
+# programs for many rows, narrow tiles and more split-K for few (the sweep behind it:
+# benchmarks/sweep_kernels.py, kernels/NOTES.md v13, on an H100, each product alone). Data,
+# so that an A/B (benchmarks/ab_drafter.py) can try another entry inside the real draft step:
+# there, on an H200, 128-wide tiles took 2.5% off Flash's batch-1 propose(k=3) and 5.7% off
+# Pro's, and lost 0.4-0.7% at 16 rows (kernels/NOTES.md, "Launch settings inside the step").
+BLOCKS = (
+    (4, (16, 128, 4, 4, 3)),
+    (16, (16, 64, 4, 4, 3)),
+    (32, (32, 128, 4, 2, 3)),
+    (128, (64, 128, 4, 2, 3)),
+    (None, (64, 128, 8, 2, 3)),
+)
+
+
+def _blocks(m: int) -> tuple[int, int, int, int, int]:
+    """``BLOCKS``' settings for m rows: (BM, BN, warps, per_sm, stages)."""
+    return next(b for rows, b in BLOCKS if rows is None or m <= rows)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, act_quant: bool,
@@ -308,8 +316,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
             raise ValueError("fp8_linear: add_linear takes a weight of weight's shape and "
                              "format, x2 [M / add_row_div, K] of x's dtype, and no other option")
     dot_f32 = x.dtype == torch.float32 and not act_quant and not rounded
-    bm, bn, warps, per_sm = _blocks(m)
-    stages = 3
+    bm, bn, warps, per_sm, stages = _blocks(m)
     if dot_f32 and bm >= 64:
         # float32 operands take twice bf16's shared memory: (64, 128) tiles over 3 stages ask
         # for 256 KiB, more than an H100/H200 multiprocessor's 227 KiB
