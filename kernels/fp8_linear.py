@@ -260,6 +260,18 @@ def _blocks(m: int) -> tuple[int, int, int, int, int]:
     return next(b for rows, b in BLOCKS if rows is None or m <= rows)
 
 
+def launch_settings(m: int, dot_f32: bool, tune: dict) -> tuple[int, int, int, int, int]:
+    """(BM, BN, warps, per_sm, stages) of a product of m rows: ``BLOCKS``' entry, then
+    ``tune``'s settings over it."""
+    bm, bn, warps, per_sm, stages = _blocks(m)
+    if dot_f32 and bm >= 64:
+        # float32 operands take twice bf16's shared memory: (64, 128) tiles over 3 stages ask
+        # for 256 KiB, more than an H100/H200 multiprocessor's 227 KiB
+        bn, stages = 64, 2
+    return (bm, tune.get("bn", bn), tune.get("warps", warps), tune.get("per_sm", per_sm),
+            tune.get("stages", stages))
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, act_quant: bool,
                group_n: int | None = None, swiglu_limit: float | None = None,
                add: torch.Tensor | None = None, add_row_div: int = 1,
@@ -285,8 +297,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
     computes them itself).
     ``add_linear`` = (x2, weight2, scale2), in place of ``add``: the add is
     ``fp8_linear(x2, weight2, scale2, act_quant=act_quant)`` (weight2 of weight's shape and
-    format), computed in the same launch where the product takes a split-K pass (the same
-    values as two calls: the input projections' e_proj and h_proj), else by a call first.
+    format), with this product's launch settings (``tune``: so its split-K, and the float32
+    summation order, are the product's): in the same launch where the product takes a
+    split-K pass, else by a call first (the input projections' e_proj and h_proj).
 
     Example:
         >>> y = fp8_linear(u, attn.wq_b.weight, attn.wq_b.weight_scale_inv, act_quant=True)
@@ -316,13 +329,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
             raise ValueError("fp8_linear: add_linear takes a weight of weight's shape and "
                              "format, x2 [M / add_row_div, K] of x's dtype, and no other option")
     dot_f32 = x.dtype == torch.float32 and not act_quant and not rounded
-    bm, bn, warps, per_sm, stages = _blocks(m)
-    if dot_f32 and bm >= 64:
-        # float32 operands take twice bf16's shared memory: (64, 128) tiles over 3 stages ask
-        # for 256 KiB, more than an H100/H200 multiprocessor's 227 KiB
-        bn, stages = 64, 2
     tune = tune or {}
-    bn, warps, per_sm = tune.get("bn", bn), tune.get("warps", warps), tune.get("per_sm", per_sm)
+    bm, bn, warps, per_sm, stages = launch_settings(m, dot_f32, tune)
     nb, mb, kbs = triton.cdiv(n, bn), triton.cdiv(m, bm), k // BK
     split = 1
     while nb * mb * split * 2 <= per_sm * _SMS and kbs // (split * 2) >= 2:
@@ -338,8 +346,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
     preq = (fp8_dot and (act_quant or rounded) and group == n
             and preq_rows is not None and m >= preq_rows)
     pair = x2 is not None and split > 1 and not preq
-    if x2 is not None and not pair:  # no split-K pass to sum it in: a call of its own first
-        add = add_t = fp8_linear(x2, w2, s2, act_quant=act_quant, tune=tune)
+    if x2 is not None and not pair:  # no split-K pass to sum it in: a call of its own first,
+        # with this product's settings, as in the launch (x2's rows are fewer: its BM no wider)
+        same = {"bn": bn, "warps": warps, "per_sm": per_sm, "stages": stages}
+        add = add_t = fp8_linear(x2, w2, s2, act_quant=act_quant, tune=same)
         x2 = None
     xs = x
     if preq:  # many rows: round each input block once, not once per output block
@@ -360,7 +370,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
         DOT_F32=dot_f32, SPLIT=split,
         ADD_ROW_DIV=add_row_div if add is not None else 0,
         FP8_DOT=fp8_dot and act_quant, PREQ=preq, BM=bm, BN=bn, BK=BK, PAIR=pair,
-        num_warps=warps, num_stages=tune.get("stages", stages), **launch_opts())
+        num_warps=warps, num_stages=stages, **launch_opts())
     want_mix, parts = mix_fn is not None, None
     if split > 1:
         rbn = 256

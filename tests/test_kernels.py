@@ -168,6 +168,16 @@ def test_fp8_linear_column_range_in_place(m):
         fp8_linear(x, w.t(), s.t(), act_quant=True)
 
 
+def launch_of(rows: int, dtype, act_quant: bool) -> dict:
+    """The launch settings (``fp8_linear``'s ``tune``) a product of ``rows`` rows of dtype
+    takes: the pair's add is computed with them (its split-K count, and so its float32
+    summation order, are the product's; e_proj's own rows may take another entry)."""
+    from mtp_kernels.fp8_linear import launch_settings
+    dot_f32 = dtype == torch.float32 and not act_quant
+    _, bn, warps, per_sm, stages = launch_settings(rows, dot_f32, {})
+    return {"bn": bn, "warps": warps, "per_sm": per_sm, "stages": stages}
+
+
 @pytest.mark.parametrize("pair", [False, True])
 @pytest.mark.parametrize("t", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -187,7 +197,7 @@ def test_fp8_linear_split_pass_mixes(t, dtype, pair):
     hn = randn(t * m, k, seed=71, dtype=dtype)
     en = randn(t, k, seed=72, dtype=dtype)
     w2, s2 = fp8_weight(n, k, seed=77)
-    ep = fp8_linear(en, w2, s2, act_quant=True)
+    ep = fp8_linear(en, w2, s2, act_quant=True, tune=launch_of(t * m, dtype, True))
     fn = randn((2 + m) * m, m * n, seed=73, std=(m * n) ** -0.5)
     scale, base = 0.5 + torch.rand(3, device=DEVICE), randn((2 + m) * m, seed=74, std=0.5)
     nw = 1 + randn(n, seed=75, std=0.1)
@@ -213,7 +223,8 @@ def test_fp8_linear_split_pass_mixes(t, dtype, pair):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fp8_linear_add_linear_in_one_launch(t, k, dtype):
     """e_proj and h_proj in one launch (``add_linear``): bit for bit the two calls
-    (``fp8_linear(en, e_proj)`` as the add of ``fp8_linear(hn, h_proj)``), with the mixes too;
+    (``fp8_linear(en, e_proj)`` with h_proj's launch settings, as the add of
+    ``fp8_linear(hn, h_proj)``), with the mixes too;
     at K = 128 (no split-K pass) and 40 rows per stream set (other tiles) the fallback, a call
     first, the same bits."""
     from mtp_kernels.fp8_linear import fp8_linear
@@ -224,7 +235,7 @@ def test_fp8_linear_add_linear_in_one_launch(t, k, dtype):
     en = randn(t, k, seed=83, dtype=dtype)
     fn = randn((2 + m) * m, m * n, seed=84, std=(m * n) ** -0.5)
     for aq in (True, False):
-        ep = fp8_linear(en, w2, s2, act_quant=aq)
+        ep = fp8_linear(en, w2, s2, act_quant=aq, tune=launch_of(t * m, dtype, aq))
         two = fp8_linear(hn, w, s, act_quant=aq, add=ep, add_row_div=m)
         one = fp8_linear(hn, w, s, act_quant=aq, add_linear=(en, w2, s2), add_row_div=m)
         assert torch.equal(one, two)
