@@ -245,7 +245,8 @@ def quant_fp8(x: torch.Tensor, k: int, swiglu_limit: float | None = None):
 # benchmarks/sweep_kernels.py, kernels/NOTES.md v13, on an H100, each product alone). Data,
 # so that an A/B (benchmarks/ab_drafter.py) can try another entry inside the real draft step:
 # there, on an H200, 128-wide tiles took 2.5% off Flash's batch-1 propose(k=3) and 5.7% off
-# Pro's, and lost 0.4-0.7% at 16 rows (kernels/NOTES.md, "Launch settings inside the step").
+# Pro's, and lost 0.5-0.7% at 16 rows (kernels/NOTES.md, "The FP8 products' and the experts'
+# launch settings").
 BLOCKS = (
     (4, (16, 128, 4, 4, 3)),
     (16, (16, 64, 4, 4, 3)),
