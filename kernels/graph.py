@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+import gc
+
 import torch
 import triton
 import triton.language as tl
@@ -69,8 +71,18 @@ def capture(run, device: torch.device, pool, pdl: bool):
                 run()
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            out = run()
+        # No garbage collection inside the capture: one there finalises whatever dead cycles
+        # hold (an earlier drafter's graphs, kernels, streams) while the stream captures, and
+        # the GPU tests' process aborted in such a collection (test_cli's bench, after earlier
+        # tests dropped their drafters). torch no longer collects before a capture by default.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, pool=pool):
+                out = run()
+        finally:
+            if collecting:
+                gc.enable()
     finally:
         _common.PDL = was
     return graph, out

@@ -23,6 +23,7 @@ Tolerances, with their reasons:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 
 import pytest
@@ -150,6 +151,41 @@ def test_graph_replay_equals_eager(dtype, pdl_rows):
         assert torch.equal(x_e, x_g) and torch.equal(l_e, l_g)
         assert torch.equal(caches[0].kv, caches[1].kv)
         assert torch.equal(caches[0].pos, caches[1].pos)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs")
+@pytest.mark.parametrize("collecting", [True, False])
+def test_capture_without_garbage_collection(collecting):
+    """Python's garbage collector is off inside a capture (a collection there finalises dead
+    cycles' CUDA objects mid-capture: the GPU tests' process aborted in one) and on in the
+    warm-ups; the caller's setting comes back, also when the captured call raises."""
+    from mtp_kernels.graph import capture
+    seen = []
+
+    def run():
+        seen.append(gc.isenabled())
+        return torch.ones(1, device="cuda") + 1
+
+    def failing():
+        seen.append(gc.isenabled())
+        if len(seen) == 3:  # the captured call
+            raise RuntimeError("captured call failed")
+        return torch.ones(1, device="cuda")
+
+    (gc.enable if collecting else gc.disable)()
+    try:
+        graph, out = capture(run, torch.device("cuda"), None, pdl=False)
+        assert seen == [collecting, collecting, False]  # two warm-ups, then the capture
+        assert gc.isenabled() == collecting
+        out.zero_()
+        graph.replay()
+        assert out.item() == 2
+        seen.clear()
+        with pytest.raises(RuntimeError, match="captured call failed"):
+            capture(failing, torch.device("cuda"), None, pdl=False)
+        assert seen == [collecting, collecting, False] and gc.isenabled() == collecting
+    finally:
+        gc.enable()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs")
