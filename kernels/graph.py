@@ -71,9 +71,9 @@ def capture(run, device: torch.device, pool, pdl: bool):
                 run()
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        # No garbage collection inside the capture: one there finalises whatever dead cycles
-        # hold (an earlier drafter's graphs, kernels, streams) while the stream captures, and
-        # the GPU tests' process aborted in such a collection (test_cli's bench, after earlier
+        # No garbage collection inside the capture: one there can finalise dead cycles' CUDA
+        # objects (a dropped drafter's graphs, kernels, streams) while the stream captures; the
+        # GPU tests' process aborted inside such a collection (test_cli's bench, after earlier
         # tests dropped their drafters). torch no longer collects before a capture by default.
         collecting = gc.isenabled()
         gc.disable()

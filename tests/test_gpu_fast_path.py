@@ -156,9 +156,10 @@ def test_graph_replay_equals_eager(dtype, pdl_rows):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs")
 @pytest.mark.parametrize("collecting", [True, False])
 def test_capture_without_garbage_collection(collecting):
-    """Python's garbage collector is off inside a capture (a collection there finalises dead
-    cycles' CUDA objects mid-capture: the GPU tests' process aborted in one) and on in the
-    warm-ups; the caller's setting comes back, also when the captured call raises."""
+    """Python's garbage collector is off inside a capture (a collection there can finalise
+    dead cycles' CUDA objects mid-capture: the GPU tests' process aborted in one) and as the
+    caller set it in the warm-ups; the caller's setting comes back, also when the captured
+    call raises."""
     from mtp_kernels.graph import capture
     seen = []
 
