@@ -147,7 +147,8 @@ def test_use_cuda_graphs_rejects_bad_arguments():
             return model.compute_logits(*a, **k)
 
     other = Other()
-    d.accelerator = other
+    with pytest.warns(DeprecationWarning, match="Drafter.accelerator is deprecated"):
+        d.accelerator = other
     with pytest.raises(ValueError, match="TritonMTP"):
         d.use_cuda_graphs()
     assert d.accelerator is other and d._graphs is None  # unchanged
