@@ -8,10 +8,11 @@ Variants (``--variants``, the first is the baseline): the input projections
 (``mtp_kernels.backend.INPUT_PAIR`` / ``INPUT_MIX``): e_proj and h_proj in two launches or
 one ("pair"), the attention hc_pre's mixes by hc_mix or from their split-K pass ("mix");
 two launch settings of the hc kernels ("finish-8w", "post-mix-256"); the FP8 products'
-settings for up to 4 rows ("gemv-*", each changing ``fp8_linear.BLOCKS``' first entry) and the
-CUDA expert kernels' ("experts-*"); "same", a second drafter with the defaults: the spread of
-a null A/B in the same run. Each printed row also gives the call's floor (the bytes it must
-read over the copy bandwidth of the same process) and each variant's ratio to it.
+settings for up to 4 rows ("gemv-*", each changing ``fp8_linear.BLOCKS``' first entry) and
+for more than 128 rows ("many-*", its last entry), the CUDA expert kernels' ("experts-*");
+"same", a second drafter with the defaults: the spread of a null A/B in the same run. Each
+printed row also gives the call's floor (the bytes it must read over the copy bandwidth of the
+same process) and each variant's ratio to it.
 
 Usage (GPU):
     python benchmarks/ab_drafter.py --preset flash,pro --batches 1,64 --rows 1,4 --reps 60
@@ -66,6 +67,14 @@ VARIANTS = {
     "gemv-8persm": {_FP8 + "BLOCKS": lambda b: _first(b, per_sm=8)},
     "gemv-bn64": {_FP8 + "BLOCKS": lambda b: _first(b, bn=64)},
     "gemv-8w": {_FP8 + "BLOCKS": lambda b: _first(b, warps=8)},
+    # the same for more than 128 rows (the catch-ups' products, h_proj from batch 33 on):
+    # BLOCKS' last entry, (64, 128, 8, 2, 3) now: 128-row tiles (half the programs, each
+    # weight tile read by twice the rows), with 4 stages or 4 warps; 4 stages or 4 warps alone
+    "many-bm128": {_FP8 + "BLOCKS": lambda b: _last(b, bm=128)},
+    "many-bm128-s4": {_FP8 + "BLOCKS": lambda b: _last(b, bm=128, stages=4)},
+    "many-bm128-w4": {_FP8 + "BLOCKS": lambda b: _last(b, bm=128, warps=4)},
+    "many-s4": {_FP8 + "BLOCKS": lambda b: _last(b, stages=4)},
+    "many-w4": {_FP8 + "BLOCKS": lambda b: _last(b, warps=4)},
     # the CUDA expert kernels' launch settings (moe_cuda.DEFAULT_TUNE, wn 4 stages 2 steps 2
     # now; at batch 1 six tiles of 64 blocks, under one wave): more bytes in flight per warp,
     # longer runs per row, smaller / larger blocks
@@ -78,11 +87,21 @@ VARIANTS = {
 }
 
 
+def _changed(entry: tuple, change: dict) -> tuple:
+    """One ``fp8_linear.BLOCKS`` entry (rows, settings) with settings changed by name."""
+    rows, settings = entry
+    names = ("bm", "bn", "warps", "per_sm", "stages")
+    return rows, tuple(change.get(n, v) for n, v in zip(names, settings))
+
+
 def _first(blocks: tuple, **change) -> tuple:
     """``fp8_linear.BLOCKS`` with its first entry's settings changed (by name)."""
-    (rows, first), rest = blocks[0], blocks[1:]
-    names = ("bm", "bn", "warps", "per_sm", "stages")
-    return ((rows, tuple(change.get(n, v) for n, v in zip(names, first))),) + rest
+    return (_changed(blocks[0], change),) + blocks[1:]
+
+
+def _last(blocks: tuple, **change) -> tuple:
+    """``fp8_linear.BLOCKS`` with its last entry's (the most rows') settings changed."""
+    return blocks[:-1] + (_changed(blocks[-1], change),)
 
 
 def apply(settings: dict) -> None:

@@ -265,6 +265,7 @@ def launch_settings(m: int, dot_f32: bool, tune: dict) -> tuple[int, int, int, i
     """(BM, BN, warps, per_sm, stages) of a product of m rows: ``BLOCKS``' entry, then
     ``tune``'s settings over it."""
     bm, bn, warps, per_sm, stages = _blocks(m)
+    bm = tune.get("bm", bm)
     if dot_f32 and bm >= 64:
         # float32 operands take twice bf16's shared memory: (64, 128) tiles over 3 stages ask
         # for 256 KiB, more than an H100/H200 multiprocessor's 227 KiB
@@ -289,8 +290,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
     ``rounded``: x is already FP8-rounded (``fp8_simulate``; pass ``act_quant=False``): its
     values are exact in bf16, so float32 x still takes the tensor-core dot.
     ``tune``: launch settings for benchmarks (``preq_rows``: rows from which the input is
-    rounded ahead by :func:`quant_fp8`, ``bn`` 64 or 128, ``warps``, ``stages``,
-    ``per_sm``: split-K programs per multiprocessor).
+    rounded ahead by :func:`quant_fp8`, ``bm`` 16 to 128 rows per program, ``bn`` 64 or 128,
+    ``warps``, ``stages``, ``per_sm``: split-K programs per multiprocessor).
     ``mix_fn`` [F, add_row_div * N] float32 (with ``add``: the output rows are the
     ``add_row_div`` hyper-connection streams of each row of ``add``): returns (out, partials),
     partials the next ``hc.hc_pre_norm``'s mixes of out computed by the split-K pass (no

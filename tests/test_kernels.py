@@ -771,6 +771,27 @@ def test_fp8_linear_many_rows(m, monkeypatch):
     assert len(calls) == (4 if m >= fl.PREQ_ROWS else 0)
 
 
+@pytest.mark.usefixtures("many_rows")
+@pytest.mark.parametrize("tune", [{"bm": 128}, {"bm": 128, "stages": 4}, {"bm": 128, "warps": 4},
+                                  {"stages": 4}, {"warps": 4}])
+def test_fp8_linear_many_rows_tiles(tune):
+    """The many-row entry's launch settings (``ab_drafter``'s "many-*" variants): 128-row
+    tiles, more stages, fewer warps compute the same function. Bit for bit the default's here:
+    each output's 128-blocks are summed in the same order by any tile (at this shape both
+    tilings take two split-K parts: 3 x 8 or 3 x 4 programs, far under the SMs' count), and
+    within BF16_TOL of the reference (exact products, the output's bf16 rounding)."""
+    from mtp_kernels import fp8_linear as fl
+    if INTERPRET:
+        pytest.skip("FP8 tensor-core dots: the interpreter has no float8 dot")
+    w, s = fp8_weight(384, 512, seed=73)
+    x = randn(512, 512, seed=74, dtype=torch.bfloat16, std=4.0)
+    add = randn(128, 384, seed=75, dtype=torch.bfloat16)
+    for kw in (dict(act_quant=True), dict(act_quant=True, add=add, add_row_div=4)):
+        y = fl.fp8_linear(x, w, s, tune=tune, **kw)
+        assert torch.equal(y, fl.fp8_linear(x, w, s, **kw)), kw
+        assert rel(y, fl.fp8_linear_reference(x, w, s, **kw)) < BF16_TOL, kw
+
+
 @pytest.mark.parametrize("m", [1, 33, 129])
 def test_quant_fp8_exact(m):
     """codes x scales equal ``fp8_simulate`` bit for bit (of x, and of the clamped SwiGLU of
