@@ -14,6 +14,8 @@ for more than 128 rows ("many-*", its last entry), the CUDA expert kernels' ("ex
 printed row also gives the call's floor (the bytes it must read over the copy bandwidth of the
 same process) and each variant's ratio to it.
 
+``--profile N`` then prints torch.profiler's table of the baseline's kernels over N calls.
+
 Usage (GPU):
     python benchmarks/ab_drafter.py --preset flash,pro --batches 1,64 --rows 1,4 --reps 60
 """
@@ -157,6 +159,19 @@ def interleaved_ms(calls: dict, reps: int, gpu_only: bool) -> dict[str, list[flo
     return ms
 
 
+def profile_call(call, n: int = 10, rows: int = 30) -> str:
+    """torch.profiler's table of the GPU kernels of n calls of ``call`` (sorted by their
+    total GPU time; divide by n for one call): where a call's GPU time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(n):
+            call()
+        torch.cuda.synchronize()
+    return p.key_averages().table(sort_by="cuda_time_total", row_limit=rows,
+                                  max_name_column_width=90)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="flash")
@@ -164,6 +179,8 @@ def main() -> None:
     ap.add_argument("--rows", default="1", help="new rows per sequence")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--reps", type=int, default=60)
+    ap.add_argument("--profile", type=int, default=0,
+                    help="then profile this many calls of the baseline (kernels by GPU time)")
     args = ap.parse_args()
     mk = _import_kernels()
     dev = torch.device("cuda")
@@ -199,6 +216,9 @@ def main() -> None:
                            **{f"{n}_vs_{names[0]}": round(statistics.median(t) / base, 4)
                               for n, t in ms.items()})
                 print(json.dumps(row), flush=True)
+                if args.profile:
+                    print(f"--- {preset} {b} x {r} rows, {names[0]}: {args.profile} calls ---\n"
+                          + profile_call(calls[names[0]], args.profile), flush=True)
         del model
         torch.cuda.empty_cache()
 
