@@ -43,6 +43,7 @@ from mtp import ops
 from mtp.config import FP8_BLOCK, KV_FP8_BLOCK
 from mtp.model import DeepSeekV4MTP
 
+from . import argmax as argmax_k
 from . import attention as attn_k
 from . import hc as hc_k
 from . import head as head_k
@@ -58,6 +59,10 @@ RELEASED = ("fp8", "fp8", "fp4", "e8m0")  # dense, wo_a, experts, expert scales
 # from their split-K pass for few rows (False: hc_mix). Benchmarks' A/B (ab_drafter.py)
 INPUT_PAIR = True
 INPUT_MIX = True
+# argmax_rows: the greedy pick by kernels/argmax.py (True) or torch.max (False: ~37 us a draft
+# step on an H100 at 4 rows). Off until measured inside the graphs (ab_drafter.py's
+# "argmax-kernel"; kernels/NOTES.md, "The greedy pick")
+ARGMAX_KERNEL = False
 
 
 @dataclass
@@ -367,6 +372,12 @@ class TritonOps:
             # the upcast operands, without materialising a float32 head
             return head_k.head_logits(y, head_w, kernel=self.head_kernel)
         return torch.mm(ops.wide(y), head_w.t().to(ops.wide(y).dtype))
+
+    def argmax_rows(self, logits):
+        if (ARGMAX_KERNEL and logits.is_cuda and logits.dtype == torch.float32
+                and logits.dim() == 2 and logits.stride(-1) == 1 and logits.shape[0] > 0):
+            return argmax_k.argmax_rows(logits)
+        return logits.max(dim=-1)
 
 
 class TritonMTP:

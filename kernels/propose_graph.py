@@ -23,6 +23,12 @@ from . import _common
 from .backend import TritonOps
 from .graph import PDL_ROWS, capture
 
+# Which rows decide a bucket's programmatic dependent launch: all of them, S * R (True: the
+# sequences S alone, the rows past a catch-up's keys-only prefix: every draft step and the
+# last rows' layer run on S rows). Off until measured (ab_drafter.py's "pdl-seqs";
+# kernels/NOTES.md, "The greedy pick")
+PDL_BY_SEQS = False
+
 
 class CapturedProposal(StaticProposal):
     """One bucket's program and its graph; ``error``: the device's error word (rewritten by
@@ -81,8 +87,8 @@ class ProposeGraphs(ProposeBuckets):
         self.pool = torch.cuda.graph_pool_handle()
 
     def _make(self, program: ProposeProgram) -> CapturedProposal:
-        return CapturedProposal(program, self.pool,
-                                program.seqs * program.rows <= self.pdl_rows)
+        rows = program.seqs if PDL_BY_SEQS else program.seqs * program.rows
+        return CapturedProposal(program, self.pool, rows <= self.pdl_rows)
 
 
 __all__ = ["CapturedProposal", "ProposeGraphs", "external_event"]

@@ -391,5 +391,10 @@ class ReferenceOps:
         yf = wide(y)
         return F.linear(yf, head_w.to(yf.dtype))
 
+    def argmax_rows(self, logits):
+        """The greedy pick: (values [T], indices [T]) of each row's maximum of logits [T, V],
+        the first one, a NaN counting as the largest: ``torch.max(logits, dim=-1)``."""
+        return logits.max(dim=-1)
+
 
 REFERENCE = ReferenceOps()

@@ -40,6 +40,7 @@ import torch
 
 from .cache import KVCache
 from .model import DeepSeekV4MTP
+from .ops import REFERENCE
 from .sampling import _one_hot_argmax, _top_p
 
 ERR_IDS = 1
@@ -370,7 +371,7 @@ class ProposeProgram:
         if self.mode == "greedy":
             # one reduction for both: the max propagates NaN, and its index is argmax's (the
             # first maximum, NaN counting as the largest)
-            top, token = logits.max(dim=-1)
+            top, token = getattr(self.model.ops, "argmax_rows", REFERENCE.argmax_rows)(logits)
             return token, None, top[:, None]
         x = logits if logits.dtype == torch.float64 else logits.float()
         t = self.temperature.to(x.dtype)[:, None]  # [S, 1]

@@ -527,3 +527,38 @@ def test_per_sequence_temperature_replays_graphs_too():
                                              r"range.*found on the GPU after propose"):
             d.synchronize()
         assert_same_state(before, snapshot(d))
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows", [1, 6])
+def test_argmax_kernel_and_pdl_by_sequences_change_no_bit(rows, monkeypatch):
+    """Two switches, off by default until measured inside the graphs: the greedy pick by
+    ``kernels/argmax.py`` (``backend.ARGMAX_KERNEL``) and a bucket's programmatic dependent
+    launch chosen by its sequences (``propose_graph.PDL_BY_SEQS``: a catch-up of 3 x 6 rows
+    then takes PDL). A drafter captured with both on gives the drafts, residuals, cache and
+    positions of one with both off, bit for bit (the pick is torch.max's, PDL only moves
+    launches), and the kernel did run."""
+    import mtp_kernels.backend as be
+    import mtp_kernels.propose_graph as pg
+    model = build(torch.bfloat16, n_mtp=1)
+    g = torch.Generator().manual_seed(11)
+    s = 3
+    h = torch.randn(s * rows, TINY.hc_dim, generator=g).to(torch.bfloat16).cuda()
+    nxt = torch.randint(0, TINY.vocab_size, (s * rows,), generator=g).cuda()
+    pos = torch.cat([torch.arange(rows) + 5 * i for i in range(s)]).cuda()
+    picks = []
+    kernel = be.argmax_k.argmax_rows
+    monkeypatch.setattr(be.argmax_k, "argmax_rows", lambda x: picks.append(1) or kernel(x))
+    out = []
+    for on in (False, True):
+        monkeypatch.setattr(be, "ARGMAX_KERNEL", on)
+        monkeypatch.setattr(pg, "PDL_BY_SEQS", on)
+        d = Drafter(model, max_seqs=4, max_draft_tokens=3, cuda_graphs=True)
+        for i in range(s):
+            d.add_sequence(i, position=5 * i)
+        p = d.propose(list(range(s)), h, nxt, pos, [rows] * s, k=3).check()
+        assert len(d._proposer.made) == 1  # one graphed bucket
+        out.append((p.drafts.clone(), p.hidden.clone(), d.cache.kv.clone(), d.cache.pos.clone()))
+        assert bool(picks) == on
+    for a, b in zip(*out):
+        assert torch.equal(a, b)

@@ -19,6 +19,7 @@ fp32 outputs. A kernel off by one block, nibble or head is off by O(1).
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -980,3 +981,65 @@ def test_copy_out_copies_to_the_staged_address(n, seed):
     before = packed.clone()
     copy_out(packed, torch.zeros(1, dtype=torch.int64, device=DEVICE))
     assert torch.equal(packed, before)
+
+
+# ---- the greedy pick: each row's first maximum ------------------------------------------------
+def first_max_reference(row: list[float]) -> int:
+    """The index torch.max(dim) picks, from its definition: the first NaN if the row holds
+    one, else the first occurrence of the largest value (-0.0 and 0.0 are equal)."""
+    for i, x in enumerate(row):
+        if math.isnan(x):
+            return i
+    best = 0
+    for i, x in enumerate(row):
+        if x > row[best]:
+            best = i
+    return best
+
+
+# values from a small set, so ties, signed zeros, infinities and NaNs are common
+_PICK_VALUES = [0.0, -0.0, 1.0, -1.0, 2.5, float("inf"), float("-inf"), float("nan")]
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), s=st.integers(1, 4), v=st.integers(1, 200),
+       block=st.sampled_from([16, 32]), programs=st.sampled_from([1, 3, 8]))
+def test_argmax_rows_is_torch_max(data, s, v, block, programs):
+    """``argmax_rows`` picks each row's first maximum, NaN first (the reference above), and
+    returns that element's bits as the value: what ``torch.max(dim=-1)`` returns, over rows
+    split into several programs' chunks (small blocks: many chunks, a short last one)."""
+    from mtp_kernels.argmax import argmax_rows
+    rows = data.draw(st.lists(st.lists(st.sampled_from(_PICK_VALUES), min_size=v, max_size=v),
+                              min_size=s, max_size=s))
+    x = torch.tensor(rows, dtype=torch.float32, device=DEVICE)
+    top, token = argmax_rows(x, block=block, programs=programs)
+    assert token.dtype == torch.int64 and top.dtype == torch.float32
+    for r, row in enumerate(rows):
+        i = first_max_reference(row)
+        assert int(token[r]) == i, (row, int(token[r]), i)
+        assert torch.equal(top[r].view(torch.int32), x[r, i].view(torch.int32))  # NaN, -0.0
+
+
+def test_argmax_rows_vocabulary_sized():
+    """At V-4-Flash's vocabulary (129,280 columns, 127 programs a row with the default
+    launch), random logits and a few planted duplicates of the row's maximum: torch.max's
+    values and indices, for a row slice of a wider tensor too."""
+    from mtp_kernels.argmax import argmax_rows
+    x = randn(3, 129_280 + 64, seed=90)
+    x[1, [500, 70_000]] = 9.0  # the first of two equal maxima
+    x[2, 129_279] = 9.5  # the last column
+    x = x[:, :129_280]  # rows of contiguous columns, row stride 129,344
+    top, token = argmax_rows(x)
+    want_top, want_token = x.max(dim=-1)
+    assert torch.equal(token, want_token) and torch.equal(top, want_top)
+    assert token.tolist()[1:] == [500, 129_279]
+
+
+def test_argmax_rows_refuses_other_layouts():
+    from mtp_kernels.argmax import argmax_rows
+    with pytest.raises(ValueError, match="float32"):
+        argmax_rows(randn(2, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="contiguous rows"):
+        argmax_rows(randn(8, 2).t())
+    with pytest.raises(ValueError, match="at least one row"):
+        argmax_rows(randn(0, 8))

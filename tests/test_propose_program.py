@@ -39,6 +39,7 @@ from test_eager_deferred import deferred
 
 from mtp import DeepSeekV4MTP, Numerics
 from mtp.drafter import MAX_ABS_HIDDEN, Drafter
+from mtp.ops import REFERENCE
 from mtp.propose_program import MODES, ProposeBuckets, ProposeProgram, draw
 from mtp.sampling import Sampling
 from mtp.testing import CountOps, host_only, init_random_
@@ -554,7 +555,8 @@ def test_the_nan_probe_sees_one_nan_anywhere(s, v, mode, data):
         if bad[row]:
             logits[row, data.draw(st.integers(0, v - 1))] = float("nan")
     if mode == "greedy":
-        picked, q, probe = ProposeProgram._pick(types.SimpleNamespace(mode=mode), logits, 0)
+        fake = types.SimpleNamespace(mode=mode, model=types.SimpleNamespace(ops=REFERENCE))
+        picked, q, probe = ProposeProgram._pick(fake, logits, 0)
         assert q is None and torch.equal(picked, logits.argmax(dim=-1))
     else:
         probe = ProposeProgram._nan_probe(logits)
