@@ -370,7 +370,8 @@ class ProposeProgram:
         (NaN exactly where a row of ``logits`` holds one) from one step's logits."""
         if self.mode == "greedy":
             # one reduction for both: the max propagates NaN, and its index is argmax's (the
-            # first maximum, NaN counting as the largest)
+            # first maximum, NaN counting as the largest); the backend's, torch.max's pick
+            # (a foreign backend without it: torch.max)
             top, token = getattr(self.model.ops, "argmax_rows", REFERENCE.argmax_rows)(logits)
             return token, None, top[:, None]
         x = logits if logits.dtype == torch.float64 else logits.float()
