@@ -10,7 +10,8 @@ one ("pair"), the attention hc_pre's mixes by hc_mix or from their split-K pass 
 two launch settings of the hc kernels ("finish-8w", "post-mix-256"); the FP8 products'
 settings for up to 4 rows ("gemv-*", each changing ``fp8_linear.BLOCKS``' first entry) and
 for more than 128 rows ("many-*", its last entry), the CUDA expert kernels' ("experts-*"),
-the greedy pick's kernel and PDL for a catch-up's buckets ("argmax-kernel", "pdl-seqs");
+the greedy pick's kernel or torch.max ("argmax-kernel", "argmax-torch") and PDL for a
+catch-up's buckets by its sequences or all its rows ("pdl-seqs", "pdl-rows");
 "same", a second drafter with the defaults: the spread of a null A/B in the same run. Each
 printed row also gives the call's floor (the bytes it must read over the copy bandwidth of the
 same process) and each variant's ratio to it.
@@ -85,12 +86,15 @@ VARIANTS = {
     "experts-steps4": {_MOE + "DEFAULT_TUNE": {"wn": 4, "stages": 2, "steps": 4}},
     "experts-2w": {_MOE + "DEFAULT_TUNE": {"wn": 2, "stages": 2, "steps": 2}},
     "experts-8w": {_MOE + "DEFAULT_TUNE": {"wn": 8, "stages": 2, "steps": 2}},
-    # the greedy pick by kernels/argmax.py instead of torch.max (one block per row); buckets
-    # with PDL by their sequences (a catch-up's S rows past its prefix), not S * R rows
+    # the greedy pick by kernels/argmax.py (on by default) or torch.max; buckets with PDL by
+    # their sequences (a catch-up's S rows past its prefix; on by default) or by S * R rows;
+    # both off: the defaults before they were measured
     "argmax-kernel": {"mtp_kernels.backend.ARGMAX_KERNEL": True},
+    "argmax-torch": {"mtp_kernels.backend.ARGMAX_KERNEL": False},
     "pdl-seqs": {"mtp_kernels.propose_graph.PDL_BY_SEQS": True},
-    "argmax-kernel+pdl-seqs": {"mtp_kernels.backend.ARGMAX_KERNEL": True,
-                               "mtp_kernels.propose_graph.PDL_BY_SEQS": True},
+    "pdl-rows": {"mtp_kernels.propose_graph.PDL_BY_SEQS": False},
+    "argmax-torch+pdl-rows": {"mtp_kernels.backend.ARGMAX_KERNEL": False,
+                              "mtp_kernels.propose_graph.PDL_BY_SEQS": False},
     # a second drafter with the defaults: the spread of a null A/B in the same run
     "same": {},
 }

@@ -59,10 +59,10 @@ RELEASED = ("fp8", "fp8", "fp4", "e8m0")  # dense, wo_a, experts, expert scales
 # from their split-K pass for few rows (False: hc_mix). Benchmarks' A/B (ab_drafter.py)
 INPUT_PAIR = True
 INPUT_MIX = True
-# argmax_rows: the greedy pick by kernels/argmax.py (True) or torch.max (False: ~37 us a draft
-# step on an H100 at 4 rows). Off until measured inside the graphs (ab_drafter.py's
-# "argmax-kernel"; kernels/NOTES.md, "The greedy pick")
-ARGMAX_KERNEL = False
+# argmax_rows: the greedy pick by kernels/argmax.py (True) or torch.max (False: its reduction
+# took ~37 us a draft step on an H100). Kept for the calls' 2-6% less GPU time inside the
+# graphs (ab_drafter.py's "argmax-kernel" / "argmax-torch"; kernels/NOTES.md, "The greedy pick")
+ARGMAX_KERNEL = True
 
 
 @dataclass

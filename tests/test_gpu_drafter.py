@@ -532,12 +532,12 @@ def test_per_sequence_temperature_replays_graphs_too():
 @needs_cuda
 @pytest.mark.parametrize("rows", [1, 6])
 def test_argmax_kernel_and_pdl_by_sequences_change_no_bit(rows, monkeypatch):
-    """Two switches, off by default until measured inside the graphs: the greedy pick by
+    """Two switches, on by default since measured inside the graphs: the greedy pick by
     ``kernels/argmax.py`` (``backend.ARGMAX_KERNEL``) and a bucket's programmatic dependent
     launch chosen by its sequences (``propose_graph.PDL_BY_SEQS``: a catch-up of 3 x 6 rows
     then takes PDL). A drafter captured with both on gives the drafts, residuals, cache and
-    positions of one with both off, bit for bit (the pick is torch.max's, PDL only moves
-    launches), and the kernel did run."""
+    positions of one with both off (torch.max's pick, PDL by all rows), bit for bit (the pick
+    is torch.max's, PDL only moves launches), and the kernel ran only where on."""
     import mtp_kernels.backend as be
     import mtp_kernels.propose_graph as pg
     model = build(torch.bfloat16, n_mtp=1)
