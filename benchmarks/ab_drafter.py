@@ -16,7 +16,10 @@ catch-up's buckets by its sequences or all its rows ("pdl-seqs", "pdl-rows");
 printed row also gives the call's floor (the bytes it must read over the copy bandwidth of the
 same process) and each variant's ratio to it.
 
-``--profile N`` then prints torch.profiler's table of the baseline's kernels over N calls.
+``--profile N`` then prints torch.profiler's table of the baseline's kernels over N calls;
+``--timeline N`` its timeline over N calls (``timeline.py``: each call's span, the time some
+kernel runs, the kernels' summed time and the largest idle gaps), the trace saved with
+``--trace-dir``.
 
 Usage (GPU):
     python benchmarks/ab_drafter.py --preset flash,pro --batches 1,64 --rows 1,4 --reps 60
@@ -30,6 +33,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 
 import torch
 
@@ -45,6 +49,7 @@ from bench_draft_step import (  # noqa: E402
     param_bytes,
     propose_floors,
 )
+from timeline import load, summarize  # noqa: E402
 
 from mtp import DeepSeekV4MTP, MTPConfig  # noqa: E402
 from mtp.drafter import Drafter  # noqa: E402
@@ -183,6 +188,21 @@ def profile_call(call, n: int = 10, rows: int = 30) -> str:
                                   max_name_column_width=90)
 
 
+def timeline_call(call, n: int, path: str) -> str:
+    """n calls of ``call`` under torch.profiler, each after ``torch.cuda._sleep`` (the GPU busy
+    while the host enqueues, its kernel the call's marker), the trace written to ``path``:
+    ``timeline.summarize``'s lines for them."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(n):
+            torch.cuda._sleep(400_000)
+            call()
+        torch.cuda.synchronize()
+    p.export_chrome_trace(path)
+    return summarize(load(path))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="flash")
@@ -192,6 +212,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--profile", type=int, default=0,
                     help="then profile this many calls of the baseline (kernels by GPU time)")
+    ap.add_argument("--timeline", type=int, default=0,
+                    help="then trace this many calls of the baseline: span, busy, gaps")
+    ap.add_argument("--trace-dir", default=None,
+                    help="where --timeline writes its traces (default: a temporary folder)")
     args = ap.parse_args()
     mk = _import_kernels()
     dev = torch.device("cuda")
@@ -230,6 +254,12 @@ def main() -> None:
                 if args.profile:
                     print(f"--- {preset} {b} x {r} rows, {names[0]}: {args.profile} calls ---\n"
                           + profile_call(calls[names[0]], args.profile), flush=True)
+                if args.timeline:
+                    path = os.path.join(args.trace_dir or tempfile.mkdtemp(),
+                                        f"timeline_{preset}_{b}x{r}.json")
+                    print(f"--- {preset} {b} x {r} rows, {names[0]}: timeline of "
+                          f"{args.timeline} calls ({path}) ---\n"
+                          + timeline_call(calls[names[0]], args.timeline, path), flush=True)
         del model
         torch.cuda.empty_cache()
 

@@ -1,0 +1,92 @@
+"""A call's GPU timeline from torch.profiler's Chrome trace: where its wall time goes between
+the kernels, which a table of kernel sums cannot show (an overlapped kernel is counted once per
+stream there, a gap not at all).
+
+Each timed call is preceded by ``torch.cuda._sleep`` (its ``spin_kernel`` marks where a call
+starts and keeps the GPU busy while the host enqueues it), so the kernels between two markers
+are one call's. Per call: its span (first kernel's start to last kernel's end), the time some
+kernel runs (the union of their intervals), the kernels' summed time (more than the union
+where two streams overlap) and the largest idle gaps with the kernels either side.
+
+Usage: ``ab_drafter.py --timeline N`` (GPU); ``summarize(load(path))`` on a saved trace.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+
+__all__ = ["Kernel", "calls", "load", "summarize", "timeline"]
+
+MARKER = "spin_kernel"  # torch.cuda._sleep's kernel
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    start: float  # us
+    end: float
+    stream: int
+
+
+def load(path: str) -> list[Kernel]:
+    """The GPU work of a Chrome trace (``profile.export_chrome_trace``), by start time."""
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    return sorted((Kernel(e["name"], float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)),
+                          int(e.get("args", {}).get("stream", -1)))
+                   for e in events if e.get("ph") == "X" and e.get("cat") in GPU_CATS),
+                  key=lambda k: k.start)
+
+
+def calls(kernels: list[Kernel]) -> list[list[Kernel]]:
+    """The kernels after each marker, up to the next marker (the last call: to the end)."""
+    out: list[list[Kernel]] = []
+    for k in kernels:
+        if k.name == MARKER:
+            out.append([])
+        elif out:
+            out[-1].append(k)
+    return [c for c in out if c]
+
+
+def timeline(call: list[Kernel], gaps: int = 6) -> dict:
+    """One call's span, busy time (the union of its kernels' intervals), summed kernel time,
+    idle time (span - busy) and its ``gaps`` largest idle intervals (us, before, after)."""
+    ordered = sorted(call, key=lambda k: k.start)
+    busy, holes = 0.0, []
+    cur_s, cur_e, last = ordered[0].start, ordered[0].end, ordered[0]
+    for k in ordered[1:]:
+        if k.start > cur_e:  # a hole: nothing runs from cur_e to k.start
+            busy += cur_e - cur_s
+            holes.append((k.start - cur_e, last.name, k.name))
+            cur_s = k.start
+        if k.end >= cur_e:
+            cur_e, last = k.end, k
+    busy += cur_e - cur_s
+    span = max(k.end for k in ordered) - ordered[0].start
+    streams: dict[int, float] = {}
+    for k in ordered:
+        streams[k.stream] = streams.get(k.stream, 0.0) + k.end - k.start
+    holes.sort(reverse=True)
+    return dict(kernels=len(ordered), span_us=span, busy_us=busy, idle_us=span - busy,
+                summed_us=sum(streams.values()), streams_us=streams, holes=len(holes),
+                largest_gaps=holes[:gaps])
+
+
+def summarize(kernels: list[Kernel], gaps: int = 6) -> str:
+    """The median call's figures over the traced calls, and the gaps of the median-span call."""
+    per = [timeline(c, gaps) for c in calls(kernels)]
+    if not per:
+        return "no calls (no marker kernel in the trace)"
+    med = {key: statistics.median(t[key] for t in per)
+           for key in ("kernels", "span_us", "busy_us", "idle_us", "summed_us", "holes")}
+    mid = sorted(per, key=lambda t: t["span_us"])[len(per) // 2]
+    lines = [f"{len(per)} calls, median: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()),
+             "streams (median call): " + ", ".join(f"{s}: {v:.1f} us"
+                                                    for s, v in mid["streams_us"].items())]
+    lines += [f"  gap {g:7.1f} us  after {a[:70]}  before {b[:70]}"
+              for g, a, b in mid["largest_gaps"]]
+    return "\n".join(lines)
