@@ -11,7 +11,8 @@ two launch settings of the hc kernels ("finish-8w", "post-mix-256"); the FP8 pro
 settings for up to 4 rows ("gemv-*", each changing ``fp8_linear.BLOCKS``' first entry) and
 for more than 128 rows ("many-*", its last entry), the CUDA expert kernels' ("experts-*"),
 the greedy pick's kernel or torch.max ("argmax-kernel", "argmax-torch") and PDL for a
-catch-up's buckets by its sequences or all its rows ("pdl-seqs", "pdl-rows");
+catch-up's buckets by its sequences or all its rows ("pdl-seqs", "pdl-rows"), a catch-up's
+hc mixes by their kernel or cuBLAS ("mix-many-kernel", "mix-many-cublas");
 "same", a second drafter with the defaults: the spread of a null A/B in the same run. Each
 printed row also gives the call's floor (the bytes it must read over the copy bandwidth of the
 same process) and each variant's ratio to it.
@@ -100,6 +101,10 @@ VARIANTS = {
     "pdl-rows": {"mtp_kernels.propose_graph.PDL_BY_SEQS": False},
     "argmax-torch+pdl-rows": {"mtp_kernels.backend.ARGMAX_KERNEL": False,
                               "mtp_kernels.propose_graph.PDL_BY_SEQS": False},
+    # the hc mixes of more than MIX_MANY_T bfloat16 rows (a catch-up's prefix) by
+    # hc_mix_many_kernel or by the cuBLAS float32 product
+    "mix-many-kernel": {"mtp_kernels.hc.MIX_MANY_KERNEL": True},
+    "mix-many-cublas": {"mtp_kernels.hc.MIX_MANY_KERNEL": False},
     # a second drafter with the defaults: the spread of a null A/B in the same run
     "same": {},
 }

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 __all__ = ["Kernel", "calls", "load", "summarize", "timeline"]
 
-MARKER = "spin_kernel"  # torch.cuda._sleep's kernel
+MARKER = "spin_kernel"  # in the name of torch.cuda._sleep's kernel (at::cuda::...::spin_kernel)
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
@@ -45,7 +45,7 @@ def calls(kernels: list[Kernel]) -> list[list[Kernel]]:
     """The kernels after each marker, up to the next marker (the last call: to the end)."""
     out: list[list[Kernel]] = []
     for k in kernels:
-        if k.name == MARKER:
+        if MARKER in k.name:
             out.append([])
         elif out:
             out[-1].append(k)

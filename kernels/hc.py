@@ -39,6 +39,13 @@ MIX_PROGRAMS = 128  # hc_mix: split-K programs per block of rows (hc_finish sums
 # hc_mix (~150 us per call at 512 rows, with 128 or 512 programs alike; kernels/NOTES.md,
 # catch-up), handed to hc_finish as a single partial.
 MIX_MANY_T = 64
+# ... and above it, for bfloat16 streams: hc_mix_many_kernel (one pass over the rows on the
+# tensor cores, fn split into three bfloat16 parts: the products exact, the sums in float32)
+# instead of the cuBLAS product and the three torch operations around it (~0.1 ms at Flash's
+# 512 rows on an H100, for ~6 us of bytes: kernels/NOTES.md, "The catch-up's timeline").
+# Off until measured inside the graphs (ab_drafter.py's "mix-many-kernel").
+MIX_MANY_KERNEL = False
+_MANY_BT, _MANY_BK = 64, 128  # its rows per program and columns per step
 POST_MIX_T = 4  # hc_post computes the next mixes itself for up to this many rows (no hc_mix)
 _POST_MIX_BD = 128  # ... with column blocks this wide (D/128 programs per row)
 FINISH_WARPS = 4  # hc_finish: warps per row's program (8 for rows over 4096)
@@ -134,6 +141,66 @@ def hc_mix_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, T, KT, F, chunk,
 
 
 @triton.jit
+def hc_mix_many_kernel(z_ptr, fn_ptr, part_ptr, sq_ptr, T, KT, F, chunk,
+                       FP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """Partial (z @ fn^T, sum z^2) over one chunk of columns for a block of BT rows, z bfloat16
+    [T, KT], fn float32 [F, KT]: fn = f1 + f2 + f3 with each f_i bfloat16 (the leading 8
+    mantissa bits, then the next 8 of what is left, then the rest: 24 bits, exact for fn's
+    normal values), so each z * f_i is exact in float32 and the three tensor-core dots sum
+    them in float32, as an IEEE float32 product does in another order."""
+    pdl_enter()
+    rb = tl.program_id(0)
+    s = tl.program_id(1)
+    rows = rb * BT + tl.arange(0, BT)
+    rmask = rows < T
+    fr = tl.arange(0, FP)
+    kk = tl.arange(0, BK)
+    acc = tl.zeros([BT, FP], dtype=tl.float32)
+    sq = tl.zeros([BT], dtype=tl.float32)
+    k_end = tl.minimum(s * chunk + chunk, KT)
+    for k0 in range(s * chunk, k_end, BK):
+        z = tl.load(z_ptr + rows[:, None].to(tl.int64) * KT + k0 + kk[None, :],
+                    mask=rmask[:, None], other=0.0)
+        f = tl.load(fn_ptr + fr[None, :] * KT + k0 + kk[:, None], mask=fr[None, :] < F,
+                    other=0.0)  # [BK, FP] float32
+        f1 = f.to(tl.bfloat16)
+        r1 = f - f1.to(tl.float32)  # exact: f1 is f rounded to 8 bits
+        f2 = r1.to(tl.bfloat16)
+        f3 = (r1 - f2.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(z, f1, acc)
+        acc = tl.dot(z, f2, acc)
+        acc = tl.dot(z, f3, acc)
+        zf = z.to(tl.float32)
+        sq += tl.sum(zf * zf, axis=1)
+    tl.store(part_ptr + (s * T + rows[:, None]) * FP + fr[None, :], acc, mask=rmask[:, None])
+    tl.store(sq_ptr + s * T + rows, sq, mask=rmask)
+
+
+def hc_mix_many(z: torch.Tensor, fn: torch.Tensor, fp: int, *, split: int | None = None):
+    """The mixes of many bfloat16 rows as split-K partials: z [T, KT] bfloat16 contiguous, fn
+    [F, KT] float32 -> (part [S, T, FP] float32, sq [S, T] float32, S): summed over S they
+    are (z @ fn^T padded to FP columns, sum z^2). ``split``: S (default: two programs per
+    multiprocessor, at most 64 partials for hc_finish to sum)."""
+    t, kt = z.shape
+    f = fn.shape[0]
+    if z.dtype != torch.bfloat16 or not z.is_contiguous() or kt % _MANY_BK or fp < max(16, f):
+        raise ValueError(f"hc_mix_many: contiguous bfloat16 [T, KT] rows with KT a multiple of "
+                         f"{_MANY_BK} and FP >= max(16, F) expected, got {z.dtype} "
+                         f"{list(z.shape)} FP={fp} F={f}")
+    tb = triton.cdiv(t, _MANY_BT)
+    n_k = kt // _MANY_BK
+    if split is None:
+        split = max(1, min(n_k, 64, triton.cdiv(2 * _common.sm_count(z.device), tb)))
+    per = triton.cdiv(n_k, split)
+    split = triton.cdiv(n_k, per)  # no empty chunk
+    part = torch.empty(split, t, fp, dtype=torch.float32, device=z.device)
+    sq = torch.empty(split, t, dtype=torch.float32, device=z.device)
+    hc_mix_many_kernel[(tb, split)](z, fn, part, sq, t, kt, f, per * _MANY_BK, FP=fp,
+                                    BT=_MANY_BT, BK=_MANY_BK, num_warps=4, **launch_opts())
+    return part, sq, split
+
+
+@triton.jit
 def _mix(part_ptr, T, t, offs, n_split, FP: tl.constexpr, SP: tl.constexpr):
     """Sum over the split partials (all loads in flight at once, fixed order of the tree)."""
     s = tl.arange(0, SP)
@@ -209,6 +276,9 @@ def _mix_partials(x: torch.Tensor, fn: torch.Tensor):
     tb = triton.cdiv(t, _MIX_BT)
     n_k = kt // _MIX_BK
     if _common.MANY_ROWS and t > MIX_MANY_T and x.is_cuda:
+        if MIX_MANY_KERNEL and x.dtype == torch.bfloat16:
+            part, sq, n_split = hc_mix_many(x.view(t, kt), fn, fp)  # [T, M, D] -> [T, M*D]
+            return part, sq, n_split, fp
         # IEEE float32 like hc_mix (cuBLAS, unless the user allowed TF32 for float32 matmuls)
         z = x.view(t, kt).float()  # [T, M, D] -> [T, M*D]
         part = F.pad(torch.mm(z, fn.t()), (0, fp - f)).unsqueeze(0)  # [1, T, FP]

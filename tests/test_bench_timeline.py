@@ -23,8 +23,9 @@ def test_two_calls_from_a_trace_file(tmp_path):
     # span 35, busy 25 (10-30 and 40-45), summed 30, one gap of 10 after b before c.
     # call 2: d [100, 101), a memcpy [103, 104). CPU events and the markers are not work.
     trace = {"traceEvents": [
-        event(MARKER, 0, 9), event("a", 10, 10), event("b", 15, 15, stream=9),
-        event("c", 40, 5), {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 12, "dur": 50},
+        event("at::cuda::(anonymous namespace)::spin_kernel(long)", 0, 9), event("a", 10, 10),
+        event("b", 15, 15, stream=9), event("c", 40, 5),
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 12, "dur": 50},
         event(MARKER, 60, 39), event("d", 100, 1), event("copy", 103, 1, cat="gpu_memcpy"),
     ]}
     path = tmp_path / "trace.json"

@@ -840,6 +840,90 @@ def test_hc_pre_norm_many_rows(t, dtype):
     assert rel(yh, ops.rms_norm(ops.hc_head(x, fh, sh, bh, 1e-6, 1e-6), w, 1e-6)) < tol
 
 
+def _mix_error(got, z, fn):
+    """Each mix's error against the float64 product, over its terms' magnitude sum (the
+    scale of an accumulation-order error): [T, F]."""
+    want = z.double() @ fn.double().t()
+    return (got.double() - want).abs() / (z.double().abs() @ fn.double().abs().t())
+
+
+@settings(max_examples=12, deadline=None)
+@given(t=st.integers(1, 140), kb=st.integers(1, 6), f=st.sampled_from([4, 24]),
+       split=st.sampled_from([None, 1, 3]), seed=st.integers(0, 2**16))
+def test_hc_mix_many_is_as_accurate_as_a_float32_product(t, kb, f, split, seed):
+    """The many-row mixes (``hc_mix_many``: three bfloat16 tensor-core dots over fn's three
+    parts) against float64: each mix within 4x the error of torch's float32 product of the
+    same operands plus 2^-24 of its terms' scale (the products exact, only the sums' order
+    and rounding differ; without fn's third part the error is ~2^-17 of it, caught here),
+    and the sums of squares within 2^-20 (fp32 sums of exact squares). Over the split-K
+    partials, rows that fill part of a block, F of 4 (the head) and 24 (hc_pre)."""
+    from mtp_kernels import hc
+    if INTERPRET:
+        pytest.skip("the interpreter's bfloat16 dot is wrong (Triton 3.9 on the CPU: a dot of "
+                    "two loaded bfloat16 tiles off by ~1e10): a GPU test")
+    kt = 128 * kb
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    # z: bfloat16 across six orders of magnitude; fn: float32 using all 24 mantissa bits
+    z = (torch.randn(t, kt, generator=g, device=DEVICE)
+         * 10.0 ** torch.randint(-3, 3, (t, 1), generator=g, device=DEVICE)).to(torch.bfloat16)
+    fn = torch.randn(f, kt, generator=g, device=DEVICE) * kt ** -0.5
+    fp = max(16, 1 << (f - 1).bit_length())
+    part, sq, n = hc.hc_mix_many(z, fn, fp, split=split)
+    assert part.shape == (n, t, fp) and sq.shape == (n, t)
+    if split is not None:
+        assert n == -(-kb // -(-kb // split))  # the chunks that are not empty
+    mix = part.sum(0)
+    assert torch.equal(mix[:, f:], torch.zeros_like(mix[:, f:]))  # the padding columns
+    err = _mix_error(mix[:, :f], z, fn)
+    torch_err = _mix_error(z.float() @ fn.t(), z, fn)
+    assert (err <= 4 * torch_err + 2.0 ** -24).all(), (err.max().item(), torch_err.max().item())
+    sq_want = z.double().square().sum(1)
+    assert ((sq.sum(0).double() - sq_want).abs() <= 2.0 ** -20 * sq_want).all()
+
+
+def test_hc_mix_many_refuses_what_it_cannot_read():
+    from mtp_kernels import hc
+    fn = torch.zeros(24, 256, device=DEVICE)
+    for z, fp, what in [(torch.zeros(4, 256, device=DEVICE), 32, "torch.float32"),
+                        (torch.zeros(4, 200, device=DEVICE, dtype=torch.bfloat16), 32, "200"),
+                        (torch.zeros(256, 4, device=DEVICE, dtype=torch.bfloat16).t(), 32,
+                         "contiguous"),
+                        (torch.zeros(4, 256, device=DEVICE, dtype=torch.bfloat16), 16, "FP=16")]:
+        with pytest.raises(ValueError, match=f"hc_mix_many: .*{what}"):
+            hc.hc_mix_many(z, fn if z.shape[1] == 256 else fn[:, :200], fp)
+
+
+@pytest.mark.usefixtures("many_rows")
+@pytest.mark.parametrize("t", [65, 300])
+def test_hc_pre_norm_many_rows_by_the_mix_kernel(t, monkeypatch):
+    """``hc.MIX_MANY_KERNEL`` on: hc_pre and hc_head of many bfloat16 rows take their mixes
+    from ``hc_mix_many`` (on the GPU) with the bounds of test_hc_pre_norm_many_rows."""
+    from mtp_kernels import hc
+
+    from mtp import ops
+    if not torch.cuda.is_available():
+        pytest.skip("the many-row mixes are chosen for CUDA tensors only (the interpreter's "
+                    "are on the CPU)")
+    monkeypatch.setattr(hc, "MIX_MANY_KERNEL", True)
+    calls = []
+    kernel = hc.hc_mix_many
+    monkeypatch.setattr(hc, "hc_mix_many", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    m, d = 4, 256
+    x = randn(t, m, d, seed=84, dtype=torch.bfloat16)
+    w = 1 + randn(d, seed=85, std=0.1)
+    fn = randn((2 + m) * m, m * d, seed=86, std=(m * d) ** -0.5)
+    scale, base = 0.5 + torch.rand(3, device=DEVICE), randn((2 + m) * m, seed=87, std=0.5)
+    u, post, comb = hc.hc_pre_norm(x, fn, scale, base, w, 20, 1e-6, 1e-6)
+    y_r, post_r, comb_r = ops.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
+    assert rel(post, post_r) < 1e-5 and rel(comb, comb_r) < 1e-5
+    assert rel(u, ops.rms_norm(y_r, w, 1e-6)) < BF16_TOL
+    fh = randn(m, m * d, seed=88, std=(m * d) ** -0.5)
+    sh, bh = 0.5 + torch.rand(1, device=DEVICE), randn(m, seed=89, std=0.5)
+    yh = hc.hc_head_norm(x, fh, sh, bh, w, 1e-6, 1e-6)
+    assert rel(yh, ops.rms_norm(ops.hc_head(x, fh, sh, bh, 1e-6, 1e-6), w, 1e-6)) < BF16_TOL
+    assert len(calls) == 2
+
+
 @pytest.mark.usefixtures("many_rows")
 @pytest.mark.parametrize("h", [20, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
