@@ -12,7 +12,8 @@ settings for up to 4 rows ("gemv-*", each changing ``fp8_linear.BLOCKS``' first 
 for more than 128 rows ("many-*", its last entry), the CUDA expert kernels' ("experts-*"),
 the greedy pick's kernel or torch.max ("argmax-kernel", "argmax-torch") and PDL for a
 catch-up's buckets by its sequences or all its rows ("pdl-seqs", "pdl-rows"), a catch-up's
-hc mixes by their kernel or cuBLAS ("mix-many-kernel", "mix-many-cublas");
+hc mixes by their kernel or cuBLAS ("mix-many-kernel", "mix-many-cublas"), quant_fp8's
+launch ("quant-*");
 "same", a second drafter with the defaults: the spread of a null A/B in the same run. Each
 printed row also gives the call's floor (the bytes it must read over the copy bandwidth of the
 same process) and each variant's ratio to it.
@@ -105,6 +106,10 @@ VARIANTS = {
     # hc_mix_many_kernel or by the cuBLAS float32 product
     "mix-many-kernel": {"mtp_kernels.hc.MIX_MANY_KERNEL": True},
     "mix-many-cublas": {"mtp_kernels.hc.MIX_MANY_KERNEL": False},
+    # quant_fp8's launch (rows per program, warps), (32, 4) now: the catch-ups' input rounding
+    "quant-bm64": {_FP8 + "QUANT_LAUNCH": (64, 4)},
+    "quant-bm16": {_FP8 + "QUANT_LAUNCH": (16, 4)},
+    "quant-bm64-8w": {_FP8 + "QUANT_LAUNCH": (64, 8)},
     # a second drafter with the defaults: the spread of a null A/B in the same run
     "same": {},
 }

@@ -40,6 +40,10 @@ FP8_DOT = True
 # instead of in every output block's program: at 512 rows the rounding inside the product's
 # loop cost as much as the dot (kernels/NOTES.md, catch-up).
 PREQ_ROWS = 128
+# quant_fp8's launch: (rows per program, warps) over blocks of 128 columns. Data for
+# ab_drafter.py's "quant-*" variants: at a catch-up's 2,048 stream rows it ran at ~0.5 TB/s
+# on an H100 (kernels/NOTES.md, "The catch-up's timeline").
+QUANT_LAUNCH = (32, 4)
 _SMS = 132  # H100 SXM; only used to size split-K (a different count just changes the split)
 
 
@@ -232,10 +236,10 @@ def quant_fp8(x: torch.Tensor, k: int, swiglu_limit: float | None = None):
     q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(m, k // BK, dtype=torch.float32, device=x.device)
     if m:
-        bm = 32
+        bm, warps = QUANT_LAUNCH
         quant_fp8_kernel[(triton.cdiv(m, bm), k // BK)](
             x, q, s, m, k, x.stride(0), float(swiglu_limit or 0.0),
-            SWIGLU=swiglu_limit is not None, BM=bm, BK=BK, num_warps=4, **launch_opts())
+            SWIGLU=swiglu_limit is not None, BM=bm, BK=BK, num_warps=warps, **launch_opts())
     return q, s
 
 

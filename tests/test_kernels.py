@@ -793,11 +793,15 @@ def test_fp8_linear_many_rows_tiles(tune):
         assert rel(y, fl.fp8_linear_reference(x, w, s, **kw)) < BF16_TOL, kw
 
 
+@pytest.mark.parametrize("launch", [(32, 4), (64, 4), (16, 4), (64, 8)])
 @pytest.mark.parametrize("m", [1, 33, 129])
-def test_quant_fp8_exact(m):
+def test_quant_fp8_exact(m, launch, monkeypatch):
     """codes x scales equal ``fp8_simulate`` bit for bit (of x, and of the clamped SwiGLU of
-    its halves rounded to bf16), rows spanning 16 orders of magnitude."""
+    its halves rounded to bf16), rows spanning 16 orders of magnitude; with the default
+    launch and ab_drafter's "quant-*" ones (``QUANT_LAUNCH``: rows per program, warps)."""
+    from mtp_kernels import fp8_linear
     from mtp_kernels.fp8_linear import quant_fp8
+    monkeypatch.setattr(fp8_linear, "QUANT_LAUNCH", launch)
 
     from mtp import ops
     from mtp.quant import fp8_simulate
