@@ -43,7 +43,8 @@ MIX_MANY_T = 64
 # tensor cores, fn split into three bfloat16 parts: the products exact, the sums in float32)
 # instead of the cuBLAS product and the three torch operations around it (~0.1 ms at Flash's
 # 512 rows on an H100, for ~6 us of bytes: kernels/NOTES.md, "The catch-up's timeline").
-# Off until measured inside the graphs (ab_drafter.py's "mix-many-kernel").
+# Measured inside the graphs (ab_drafter.py's "mix-many-kernel": 1.4-4.1% off the catch-ups,
+# H100); off until its accuracy tests pass on a GPU with their final bounds.
 MIX_MANY_KERNEL = False
 _MANY_BT, _MANY_BK = 64, 128  # its rows per program and columns per step
 POST_MIX_T = 4  # hc_post computes the next mixes itself for up to this many rows (no hc_mix)
@@ -147,7 +148,8 @@ def hc_mix_many_kernel(z_ptr, fn_ptr, part_ptr, sq_ptr, T, KT, F, chunk,
     [T, KT], fn float32 [F, KT]: fn = f1 + f2 + f3 with each f_i bfloat16 (the leading 8
     mantissa bits, then the next 8 of what is left, then the rest: 24 bits, exact for fn's
     normal values), so each z * f_i is exact in float32 and the three tensor-core dots sum
-    them in float32, as an IEEE float32 product does in another order."""
+    them in float32 (an IEEE float32 product's sums in another order, each step within one
+    ulp: the tensor cores' accumulation truncates)."""
     pdl_enter()
     rb = tl.program_id(0)
     s = tl.program_id(1)
