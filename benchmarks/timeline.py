@@ -6,7 +6,9 @@ Each timed call is preceded by ``torch.cuda._sleep`` (its ``spin_kernel`` marks 
 starts and keeps the GPU busy while the host enqueues it), so the kernels between two markers
 are one call's. Per call: its span (first kernel's start to last kernel's end), the time some
 kernel runs (the union of their intervals), the kernels' summed time (more than the union
-where two streams overlap) and the largest idle gaps with the kernels either side.
+where two streams overlap, or where programmatic dependent launch starts a kernel early: it
+is timed from then, its wait for the kernel before included) and the largest idle gaps with
+the kernels either side.
 
 Usage: ``ab_drafter.py --timeline N`` (GPU); ``summarize(load(path))`` on a saved trace.
 """
