@@ -103,7 +103,7 @@ VARIANTS = {
     "argmax-torch+pdl-rows": {"mtp_kernels.backend.ARGMAX_KERNEL": False,
                               "mtp_kernels.propose_graph.PDL_BY_SEQS": False},
     # the hc mixes of more than MIX_MANY_T bfloat16 rows (a catch-up's prefix) by
-    # hc_mix_many_kernel or by the cuBLAS float32 product
+    # hc_mix_many (hc_mix_kernel with SPLIT3) or by the cuBLAS float32 product
     "mix-many-kernel": {"mtp_kernels.hc.MIX_MANY_KERNEL": True},
     "mix-many-cublas": {"mtp_kernels.hc.MIX_MANY_KERNEL": False},
     # quant_fp8's launch (rows per program, warps), (32, 4) now: the catch-ups' input rounding

@@ -39,10 +39,11 @@ MIX_PROGRAMS = 128  # hc_mix: split-K programs per block of rows (hc_finish sums
 # hc_mix (~150 us per call at 512 rows, with 128 or 512 programs alike; kernels/NOTES.md,
 # catch-up), handed to hc_finish as a single partial.
 MIX_MANY_T = 64
-# ... and above it, for bfloat16 streams: hc_mix_many_kernel (one pass over the rows on the
-# tensor cores, fn split into three bfloat16 parts: the products exact, the sums in float32)
-# instead of the cuBLAS product and the three torch operations around it (~0.1 ms at Flash's
-# 512 rows on an H100, for ~6 us of bytes: kernels/NOTES.md, "The catch-up's timeline").
+# ... and above it, for bfloat16 streams: hc_mix_many (hc_mix_kernel's SPLIT3: one pass over
+# the rows on the tensor cores, fn split into three bfloat16 parts: the products exact, the
+# sums in float32) instead of the cuBLAS product and the three torch operations around it
+# (~0.1 ms at Flash's 512 rows on an H100, for ~6 us of bytes: kernels/NOTES.md, "The
+# catch-up's timeline").
 # Measured inside the graphs (ab_drafter.py's "mix-many-kernel": 1.4-4.1% off the catch-ups,
 # H100); off until its accuracy tests pass on a GPU with their final bounds.
 MIX_MANY_KERNEL = False
@@ -118,8 +119,14 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 @triton.jit
 def hc_mix_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, T, KT, F, chunk,
-                  FP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    """Partial (z @ fn^T, sum z^2) over one chunk of z = flatten(x[t]) for a block of rows."""
+                  FP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                  SPLIT3: tl.constexpr = False):
+    """Partial (z @ fn^T, sum z^2) over one chunk of z = flatten(x[t]) for a block of rows.
+    With SPLIT3 (bfloat16 z, for many rows: ``hc_mix_many``) on the tensor cores: fn = f1 +
+    f2 + f3 with each f_i bfloat16 (the leading 8 mantissa bits, then the next 8 of what is
+    left, then the rest: 24 bits, exact for fn's normal values), so each z * f_i is exact in
+    float32 and three bfloat16 dots sum them in float32 (an IEEE float32 product's sums in
+    another order, each step within one ulp: the tensor cores' accumulation truncates)."""
     pdl_enter()
     tb = tl.program_id(0)
     s = tl.program_id(1)
@@ -130,50 +137,28 @@ def hc_mix_kernel(x_ptr, fn_ptr, part_ptr, sq_ptr, T, KT, F, chunk,
     acc = tl.zeros([BT, FP], dtype=tl.float32)
     sq = tl.zeros([BT], dtype=tl.float32)
     k_end = tl.minimum(s * chunk + chunk, KT)
+    if SPLIT3:  # any number of rows: T * KT may pass 2^31
+        zrow = rows[:, None].to(tl.int64) * KT
+    else:
+        zrow = rows[:, None] * KT
     for k0 in range(s * chunk, k_end, BK):
-        z = tl.load(x_ptr + rows[:, None] * KT + k0 + kk[None, :], mask=rmask[:, None],
-                    other=0.0).to(tl.float32)
-        f = tl.load(fn_ptr + fr[None, :] * KT + k0 + kk[:, None], mask=fr[None, :] < F,
-                    other=0.0)
-        acc += tl.dot(z, f, input_precision="ieee")
-        sq += tl.sum(z * z, axis=1)
-    tl.store(part_ptr + (s * T + rows[:, None]) * FP + fr[None, :], acc, mask=rmask[:, None])
-    tl.store(sq_ptr + s * T + rows, sq, mask=rmask)
-
-
-@triton.jit
-def hc_mix_many_kernel(z_ptr, fn_ptr, part_ptr, sq_ptr, T, KT, F, chunk,
-                       FP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    """Partial (z @ fn^T, sum z^2) over one chunk of columns for a block of BT rows, z bfloat16
-    [T, KT], fn float32 [F, KT]: fn = f1 + f2 + f3 with each f_i bfloat16 (the leading 8
-    mantissa bits, then the next 8 of what is left, then the rest: 24 bits, exact for fn's
-    normal values), so each z * f_i is exact in float32 and the three tensor-core dots sum
-    them in float32 (an IEEE float32 product's sums in another order, each step within one
-    ulp: the tensor cores' accumulation truncates)."""
-    pdl_enter()
-    rb = tl.program_id(0)
-    s = tl.program_id(1)
-    rows = rb * BT + tl.arange(0, BT)
-    rmask = rows < T
-    fr = tl.arange(0, FP)
-    kk = tl.arange(0, BK)
-    acc = tl.zeros([BT, FP], dtype=tl.float32)
-    sq = tl.zeros([BT], dtype=tl.float32)
-    k_end = tl.minimum(s * chunk + chunk, KT)
-    for k0 in range(s * chunk, k_end, BK):
-        z = tl.load(z_ptr + rows[:, None].to(tl.int64) * KT + k0 + kk[None, :],
-                    mask=rmask[:, None], other=0.0)
+        z = tl.load(x_ptr + zrow + k0 + kk[None, :], mask=rmask[:, None], other=0.0)
+        if not SPLIT3:
+            z = z.to(tl.float32)
         f = tl.load(fn_ptr + fr[None, :] * KT + k0 + kk[:, None], mask=fr[None, :] < F,
                     other=0.0)  # [BK, FP] float32
-        f1 = f.to(tl.bfloat16)
-        r1 = f - f1.to(tl.float32)  # exact: f1 is f rounded to 8 bits
-        f2 = r1.to(tl.bfloat16)
-        f3 = (r1 - f2.to(tl.float32)).to(tl.bfloat16)
-        acc = tl.dot(z, f1, acc)
-        acc = tl.dot(z, f2, acc)
-        acc = tl.dot(z, f3, acc)
-        zf = z.to(tl.float32)
-        sq += tl.sum(zf * zf, axis=1)
+        if SPLIT3:
+            f1 = f.to(tl.bfloat16)
+            r1 = f - f1.to(tl.float32)  # exact: f1 is f rounded to 8 bits
+            f2 = r1.to(tl.bfloat16)
+            f3 = (r1 - f2.to(tl.float32)).to(tl.bfloat16)
+            acc = tl.dot(z, f1, acc)
+            acc = tl.dot(z, f2, acc)
+            acc = tl.dot(z, f3, acc)
+            z = z.to(tl.float32)
+        else:
+            acc += tl.dot(z, f, input_precision="ieee")
+        sq += tl.sum(z * z, axis=1)
     tl.store(part_ptr + (s * T + rows[:, None]) * FP + fr[None, :], acc, mask=rmask[:, None])
     tl.store(sq_ptr + s * T + rows, sq, mask=rmask)
 
@@ -197,8 +182,8 @@ def hc_mix_many(z: torch.Tensor, fn: torch.Tensor, fp: int, *, split: int | None
     split = triton.cdiv(n_k, per)  # no empty chunk
     part = torch.empty(split, t, fp, dtype=torch.float32, device=z.device)
     sq = torch.empty(split, t, dtype=torch.float32, device=z.device)
-    hc_mix_many_kernel[(tb, split)](z, fn, part, sq, t, kt, f, per * _MANY_BK, FP=fp,
-                                    BT=_MANY_BT, BK=_MANY_BK, num_warps=4, **launch_opts())
+    hc_mix_kernel[(tb, split)](z, fn, part, sq, t, kt, f, per * _MANY_BK, FP=fp, BT=_MANY_BT,
+                               BK=_MANY_BK, SPLIT3=True, num_warps=4, **launch_opts())
     return part, sq, split
 
 

@@ -820,14 +820,23 @@ def test_quant_fp8_exact(m, launch, monkeypatch):
 
 
 @pytest.mark.usefixtures("many_rows")
+@pytest.mark.parametrize("mix_kernel", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("t", [64, 65, 129, 300])
-def test_hc_pre_norm_many_rows(t, dtype):
-    """Above ``MIX_MANY_T`` rows hc_mix splits the inputs over more programs: the mixes sum in
-    another order (fp32), so the same bounds as for few rows (test_rmsnorm_and_hc)."""
+def test_hc_pre_norm_many_rows(t, dtype, mix_kernel, monkeypatch):
+    """Above ``MIX_MANY_T`` rows the mixes come from one cuBLAS product, or with
+    ``hc.MIX_MANY_KERNEL`` for bfloat16 rows from ``hc_mix_many``: they sum in another order
+    (fp32), so the same bounds as for few rows (test_rmsnorm_and_hc)."""
     from mtp_kernels import hc
 
     from mtp import ops
+    if mix_kernel and not torch.cuda.is_available():
+        pytest.skip("the many-row mixes are chosen for CUDA tensors only (the interpreter's "
+                    "are on the CPU)")
+    monkeypatch.setattr(hc, "MIX_MANY_KERNEL", mix_kernel)
+    calls = []
+    kernel = hc.hc_mix_many
+    monkeypatch.setattr(hc, "hc_mix_many", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     m, d = 4, 256
     x = randn(t, m, d, seed=74, dtype=dtype)
     w = 1 + randn(d, seed=75, std=0.1)
@@ -842,6 +851,8 @@ def test_hc_pre_norm_many_rows(t, dtype):
     sh, bh = 0.5 + torch.rand(1, device=DEVICE), randn(m, seed=79, std=0.5)
     yh = hc.hc_head_norm(x, fh, sh, bh, w, 1e-6, 1e-6)
     assert rel(yh, ops.rms_norm(ops.hc_head(x, fh, sh, bh, 1e-6, 1e-6), w, 1e-6)) < tol
+    # hc_pre and hc_head each took their mixes from the kernel where it applies
+    assert len(calls) == (2 if mix_kernel and dtype == torch.bfloat16 and t > 64 else 0)
 
 
 def _mix_error(got, z, fn):
@@ -916,37 +927,6 @@ def test_hc_mix_many_refuses_what_it_cannot_read():
                         (torch.zeros(4, 256, device=DEVICE, dtype=torch.bfloat16), 16, "FP=16")]:
         with pytest.raises(ValueError, match=f"hc_mix_many: .*{what}"):
             hc.hc_mix_many(z, fn if z.shape[1] == 256 else fn[:, :200], fp)
-
-
-@pytest.mark.usefixtures("many_rows")
-@pytest.mark.parametrize("t", [65, 300])
-def test_hc_pre_norm_many_rows_by_the_mix_kernel(t, monkeypatch):
-    """``hc.MIX_MANY_KERNEL`` on: hc_pre and hc_head of many bfloat16 rows take their mixes
-    from ``hc_mix_many`` (on the GPU) with the bounds of test_hc_pre_norm_many_rows."""
-    from mtp_kernels import hc
-
-    from mtp import ops
-    if not torch.cuda.is_available():
-        pytest.skip("the many-row mixes are chosen for CUDA tensors only (the interpreter's "
-                    "are on the CPU)")
-    monkeypatch.setattr(hc, "MIX_MANY_KERNEL", True)
-    calls = []
-    kernel = hc.hc_mix_many
-    monkeypatch.setattr(hc, "hc_mix_many", lambda *a, **k: calls.append(1) or kernel(*a, **k))
-    m, d = 4, 256
-    x = randn(t, m, d, seed=84, dtype=torch.bfloat16)
-    w = 1 + randn(d, seed=85, std=0.1)
-    fn = randn((2 + m) * m, m * d, seed=86, std=(m * d) ** -0.5)
-    scale, base = 0.5 + torch.rand(3, device=DEVICE), randn((2 + m) * m, seed=87, std=0.5)
-    u, post, comb = hc.hc_pre_norm(x, fn, scale, base, w, 20, 1e-6, 1e-6)
-    y_r, post_r, comb_r = ops.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
-    assert rel(post, post_r) < 1e-5 and rel(comb, comb_r) < 1e-5
-    assert rel(u, ops.rms_norm(y_r, w, 1e-6)) < BF16_TOL
-    fh = randn(m, m * d, seed=88, std=(m * d) ** -0.5)
-    sh, bh = 0.5 + torch.rand(1, device=DEVICE), randn(m, seed=89, std=0.5)
-    yh = hc.hc_head_norm(x, fh, sh, bh, w, 1e-6, 1e-6)
-    assert rel(yh, ops.rms_norm(ops.hc_head(x, fh, sh, bh, 1e-6, 1e-6), w, 1e-6)) < BF16_TOL
-    assert len(calls) == 2
 
 
 @pytest.mark.usefixtures("many_rows")
