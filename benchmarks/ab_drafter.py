@@ -185,31 +185,34 @@ def interleaved_ms(calls: dict, reps: int, gpu_only: bool) -> dict[str, list[flo
     return ms
 
 
-def profile_call(call, n: int = 10, rows: int = 30) -> str:
-    """torch.profiler's table of the GPU kernels of n calls of ``call`` (sorted by their
-    total GPU time; divide by n for one call): where a call's GPU time goes."""
+def _profiled(call, n: int, sleep: bool):
+    """torch.profiler's record of the GPU work of n calls of ``call``; with ``sleep`` each
+    after ``torch.cuda._sleep`` (the GPU busy while the host enqueues, its kernel the call's
+    marker for ``timeline``)."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as p:
         for _ in range(n):
+            if sleep:
+                torch.cuda._sleep(400_000)
             call()
         torch.cuda.synchronize()
-    return p.key_averages().table(sort_by="cuda_time_total", row_limit=rows,
-                                  max_name_column_width=90)
+    return p
+
+
+def profile_call(call, n: int = 10, rows: int = 30) -> str:
+    """torch.profiler's table of the GPU kernels of n calls of ``call`` (sorted by their
+    total GPU time; divide by n for one call). A kernel launched early by programmatic
+    dependent launch is timed with its wait for the one before: compare sums only between
+    graphs captured alike (``--timeline`` shows the time some kernel runs)."""
+    return _profiled(call, n, sleep=False).key_averages().table(
+        sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90)
 
 
 def timeline_call(call, n: int, path: str) -> str:
-    """n calls of ``call`` under torch.profiler, each after ``torch.cuda._sleep`` (the GPU busy
-    while the host enqueues, its kernel the call's marker), the trace written to ``path``:
-    ``timeline.summarize``'s lines for them."""
-    from torch.profiler import ProfilerActivity, profile
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(n):
-            torch.cuda._sleep(400_000)
-            call()
-        torch.cuda.synchronize()
-    p.export_chrome_trace(path)
+    """n calls of ``call`` traced (``_profiled`` with the sleep markers), the trace written
+    to ``path``: ``timeline.summarize``'s lines for them."""
+    _profiled(call, n, sleep=True).export_chrome_trace(path)
     return summarize(load(path))
 
 
