@@ -44,9 +44,9 @@ MIX_MANY_T = 64
 # sums in float32) instead of the cuBLAS product and the three torch operations around it
 # (~0.1 ms at Flash's 512 rows on an H100, for ~6 us of bytes: kernels/NOTES.md, "The
 # catch-up's timeline").
-# Measured inside the graphs (ab_drafter.py's "mix-many-kernel": 1.4-4.1% off the catch-ups,
-# H100); off until its accuracy tests pass on a GPU with their final bounds.
-MIX_MANY_KERNEL = False
+# Measured inside the graphs (ab_drafter.py's "mix-many-kernel": 1.4-4.1% off the catch-ups on
+# an H100, 1.7-4.3% on an H200; docs/performance.md). False: the cuBLAS product.
+MIX_MANY_KERNEL = True
 _MANY_BT, _MANY_BK = 64, 128  # its rows per program and columns per step
 POST_MIX_T = 4  # hc_post computes the next mixes itself for up to this many rows (no hc_mix)
 _POST_MIX_BD = 128  # ... with column blocks this wide (D/128 programs per row)
