@@ -13,7 +13,8 @@ for more than 128 rows ("many-*", its last entry), the CUDA expert kernels' ("ex
 the greedy pick's kernel or torch.max ("argmax-kernel", "argmax-torch") and PDL for a
 catch-up's buckets by its sequences or all its rows ("pdl-seqs", "pdl-rows"), a catch-up's
 hc mixes by their kernel or cuBLAS ("mix-many-kernel", "mix-many-cublas"), quant_fp8's
-launch ("quant-*");
+launch ("quant-*"), a catch-up's last rows by one gather kernel or an index_select per tensor
+("take-kernel", "take-torch");
 "same", a second drafter with the defaults: the spread of a null A/B in the same run. Each
 printed row also gives the call's floor (the bytes it must read over the copy bandwidth of the
 same process) and each variant's ratio to it.
@@ -110,6 +111,10 @@ VARIANTS = {
     "quant-bm64": {_FP8 + "QUANT_LAUNCH": (64, 4)},
     "quant-bm16": {_FP8 + "QUANT_LAUNCH": (16, 4)},
     "quant-bm64-8w": {_FP8 + "QUANT_LAUNCH": (64, 8)},
+    # a catch-up's last rows of its per-row tensors by one launch of kernels/rows.py or an
+    # index_select each (eleven launches)
+    "take-kernel": {"mtp_kernels.backend.TAKE_ROWS_KERNEL": True},
+    "take-torch": {"mtp_kernels.backend.TAKE_ROWS_KERNEL": False},
     # a second drafter with the defaults: the spread of a null A/B in the same run
     "same": {},
 }

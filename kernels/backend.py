@@ -50,6 +50,7 @@ from . import head as head_k
 from . import moe as moe_k
 from . import moe_cuda
 from . import prepare as prepare_k
+from . import rows as rows_k
 from .fp8_linear import fp8_linear
 
 EXPERTS = ("auto", "cuda", "triton")
@@ -63,6 +64,11 @@ INPUT_MIX = True
 # took ~37 us a draft step on an H100). Kept for the calls' 2-6% less GPU time inside the
 # graphs (ab_drafter.py's "argmax-kernel" / "argmax-torch"; kernels/NOTES.md, "The greedy pick")
 ARGMAX_KERNEL = True
+# take_rows: a catch-up's last rows of its per-row tensors in one launch of kernels/rows.py
+# (True) or an index_select each (False: eleven launches, ~34 us of a Flash 4 x 128 catch-up
+# on an H100; kernels/NOTES.md, "The catch-up's timeline"). Off until measured inside the
+# graphs (ab_drafter.py's "take-kernel" / "take-torch").
+TAKE_ROWS_KERNEL = False
 
 
 @dataclass
@@ -234,6 +240,12 @@ class TritonOps:
         self.write_keys(kv, positions, **keys)
         return attn_k.sink_attention(q, kv, sink, cos, sin, window, cache_kv=layer_kv,
                                      positions=positions, seq_slots=seq_slots, cache_pos=cpos)
+
+    def take_rows(self, rows, tensors):
+        # the forward's per-row tensors are contiguous; any other layout takes index_select
+        if TAKE_ROWS_KERNEL and all(t.is_contiguous() for t in tensors):
+            return rows_k.take_rows(rows, tensors)
+        return ops.REFERENCE.take_rows(rows, tensors)
 
     def write_keys(self, kv, positions, *, cache, cache_layer: int, index, seq_slots):
         layer_kv = cache.kv[cache_layer].view(-1, kv.shape[-1])  # [S*C, Dh]

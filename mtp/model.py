@@ -118,13 +118,16 @@ class StepContext:
         inv_freq = ops.rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta, positions.device)
         return cls(ops_, positions, window, None, None, 0, numerics, inv_freq)
 
-    def rows(self, out_rows: torch.Tensor) -> StepContext:
+    def rows(self, out_rows: torch.Tensor, *tensors: torch.Tensor) -> tuple:
         """The context of the rows ``out_rows`` [S] alone (of distinct sequences, e.g. each
         one's last row), in decode layout: each reads its window's earlier keys from the cache,
-        where the caller wrote every row's key first (``write_keys``)."""
-        return dataclasses.replace(self, positions=self.positions.index_select(0, out_rows),
-                                   window=None,
-                                   seq_slots=self.seq_slots.index_select(0, out_rows))
+        where the caller wrote every row's key first (``write_keys``); then those rows of each
+        of ``tensors`` [T, ...] (one ``take_rows`` for all: a backend may gather in one launch).
+        """
+        positions, seq_slots, *taken = self.ops.take_rows(
+            out_rows, (self.positions, self.seq_slots, *tensors))
+        ctx = dataclasses.replace(self, positions=positions, window=None, seq_slots=seq_slots)
+        return (ctx, *taken)
 
 
 class RMSNorm(nn.Module):
@@ -221,8 +224,8 @@ class Attention(nn.Module):
                           index=ctx.window, seq_slots=ctx.seq_slots)
             if not out_rows.numel():
                 return None
-            q_lat, kv, cos, sin = (x.index_select(0, out_rows) for x in (q_lat, kv, cos, sin))
-            ctx = ctx.rows(out_rows)  # they read the others' keys from the cache
+            # they read the others' keys from the cache
+            ctx, q_lat, kv, cos, sin = ctx.rows(out_rows, q_lat, kv, cos, sin)
         t = q_lat.shape[0]
         q = op.linear(q_lat, self.wq_b, aq).view(t, h, dh)  # [T, H*Dh] -> [T, H, Dh]
         q = op.q_prep(q, cos, sin, eps)
@@ -371,8 +374,7 @@ class Block(nn.Module):
         if out_rows is not None:
             if a is None:  # no row's output wanted
                 return x[:0], None
-            x, post, comb = (t.index_select(0, out_rows) for t in (x, post, comb))
-            ctx = ctx.rows(out_rows)
+            ctx, x, post, comb = ctx.rows(out_rows, x, post, comb)
         x, parts = op.hc_post(a, x, post, comb, mix_fn=self.hc_ffn_fn)
         u, post, comb, u_rounded = self._hc_pre_norm(op, x, "ffn", partials=parts,
                                                      act_quant=ctx.numerics.act_quant)

@@ -316,6 +316,11 @@ class ReferenceOps:
                             seq_slots=None)
         return apply_rope(o.to(q.dtype), cos, sin, inverse=True)
 
+    def take_rows(self, rows, tensors):
+        """Rows ``rows`` [S] of each tensor [T, ...] -> a tuple of [S, ...]: a call's rows
+        that go on past the keys (each sequence's last row) of every per-row tensor."""
+        return tuple(t.index_select(0, rows) for t in tensors)
+
     def write_keys(self, kv, positions, *, cache, cache_layer: int, index, seq_slots):
         """Write this call's keys kv [T, Dh] and their positions into the cache, attending
         nothing (what a row whose output nobody reads needs: the MTP module is one layer, so a

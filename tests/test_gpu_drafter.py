@@ -562,3 +562,35 @@ def test_argmax_kernel_and_pdl_by_sequences_change_no_bit(rows, monkeypatch):
         assert bool(picks) == on
     for a, b in zip(*out):
         assert torch.equal(a, b)
+
+
+@needs_cuda
+@pytest.mark.parametrize("graphs", [False, True])
+def test_take_rows_kernel_changes_no_bit(graphs, monkeypatch):
+    """``backend.TAKE_ROWS_KERNEL`` (each sequence's last rows of a catch-up's per-row tensors
+    in one launch of ``kernels/rows.py``, not an ``index_select`` each) gives the drafts,
+    residuals, cache and positions of the index_selects, bit for bit (both copy bytes), in a
+    catch-up of 3 x 6 rows, eager and graphed; the kernel ran only where on, twice a call
+    (the attention's rows, the block's)."""
+    import mtp_kernels.backend as be
+    model = build(torch.bfloat16, n_mtp=1)
+    g = torch.Generator().manual_seed(12)
+    s, rows = 3, 6
+    h = torch.randn(s * rows, TINY.hc_dim, generator=g).to(torch.bfloat16).cuda()
+    nxt = torch.randint(0, TINY.vocab_size, (s * rows,), generator=g).cuda()
+    pos = torch.cat([torch.arange(rows) + 5 * i for i in range(s)]).cuda()
+    takes = []
+    kernel = be.rows_k.take_rows
+    monkeypatch.setattr(be.rows_k, "take_rows", lambda *a: takes.append(1) or kernel(*a))
+    out = []
+    for on in (False, True):
+        monkeypatch.setattr(be, "TAKE_ROWS_KERNEL", on)
+        takes.clear()
+        d = Drafter(model, max_seqs=4, max_draft_tokens=3, cuda_graphs=graphs)
+        for i in range(s):
+            d.add_sequence(i, position=5 * i)
+        p = d.propose(list(range(s)), h, nxt, pos, [rows] * s, k=3).check()
+        out.append((p.drafts.clone(), p.hidden.clone(), d.cache.kv.clone(), d.cache.pos.clone()))
+        assert len(takes) >= 2 if on else not takes
+    for a, b in zip(*out):
+        assert torch.equal(a, b)

@@ -1124,6 +1124,59 @@ def test_argmax_rows_vocabulary_sized():
     assert token.tolist()[1:] == [500, 129_279]
 
 
+# dtypes of a catch-up's per-row tensors (and odd ones): any element size, bytes copied as is
+_TAKE_DTYPES = [torch.bfloat16, torch.float32, torch.int64, torch.int32, torch.float8_e4m3fn,
+                torch.uint8, torch.float64]
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), t=st.integers(1, 9), n=st.integers(1, 6),
+       bw=st.sampled_from([16, 64, 2048]), wide=st.booleans())
+def test_take_rows_copies_the_rows(data, t, n, bw, wide):
+    """``take_rows`` (``kernels/rows.py``) gives each tensor's rows ``rows`` [S] (repeats,
+    any order, none), bit for bit (random bytes: NaN payloads, signed zeros), over tensors of
+    any element size and row width, 1-D ones included, and rows int32 or int64. The expected
+    rows are copied one by one in Python. Small ``bw``: a row in many chunks, a short last."""
+    from mtp_kernels.rows import take_rows
+    s = data.draw(st.integers(0, 6))
+    rows = data.draw(st.lists(st.integers(0, t - 1), min_size=s, max_size=s))
+    tensors = []
+    for j in range(n):
+        dtype = data.draw(st.sampled_from(_TAKE_DTYPES))
+        tail = data.draw(st.lists(st.integers(1, 40 if wide else 3), max_size=2))
+        shape = (t, *tail)
+        size = torch.empty(shape, dtype=dtype).element_size()
+        bytes_ = torch.randint(0, 256, (math.prod(shape) * size,), dtype=torch.uint8,
+                               generator=gen(j), device=DEVICE)
+        tensors.append(bytes_.view(dtype).view(shape))
+    idx = torch.tensor(rows, dtype=data.draw(st.sampled_from([torch.int32, torch.int64])),
+                       device=DEVICE)
+    outs = take_rows(idx, tensors, bw=bw)
+    assert len(outs) == n
+    for src, out in zip(tensors, outs):
+        assert out.dtype == src.dtype and out.shape == (s, *src.shape[1:])
+        want = [src[r].reshape(-1).view(torch.uint8) for r in rows]
+        for i in range(s):
+            assert torch.equal(out[i].reshape(-1).view(torch.uint8), want[i]), (i, src.dtype)
+
+
+def test_take_rows_refuses_other_layouts():
+    """A tensor that is not contiguous [T, ...] with the others' T, or rows not int32 / int64
+    [S], is refused with the argument named, before anything is allocated or launched."""
+    from mtp_kernels.rows import take_rows
+    x, rows = randn(4, 8), torch.tensor([1, 2], device=DEVICE)
+    with pytest.raises(ValueError, match="contiguous"):
+        take_rows(rows, (x, randn(8, 4).t()))
+    with pytest.raises(ValueError, match="one T"):
+        take_rows(rows, (x, randn(5, 8)))
+    with pytest.raises(ValueError, match="one T"):
+        take_rows(rows, (x, randn(())))
+    with pytest.raises(ValueError, match="rows must be int32 or int64"):
+        take_rows(rows.float(), (x,))
+    with pytest.raises(ValueError, match="rows must be int32 or int64"):
+        take_rows(rows[None], (x,))
+
+
 def test_argmax_rows_refuses_other_layouts():
     from mtp_kernels.argmax import argmax_rows
     with pytest.raises(ValueError, match="float32"):
