@@ -124,8 +124,9 @@ class StepContext:
         where the caller wrote every row's key first (``write_keys``); then those rows of each
         of ``tensors`` [T, ...] (one ``take_rows`` for all: a backend may gather in one launch).
         """
-        positions, seq_slots, *taken = self.ops.take_rows(
-            out_rows, (self.positions, self.seq_slots, *tensors))
+        # optional on an ops object (one written before it may lack it), as argmax_rows is
+        take = getattr(self.ops, "take_rows", ops.REFERENCE.take_rows)
+        positions, seq_slots, *taken = take(out_rows, (self.positions, self.seq_slots, *tensors))
         ctx = dataclasses.replace(self, positions=positions, window=None, seq_slots=seq_slots)
         return (ctx, *taken)
 

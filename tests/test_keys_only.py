@@ -157,6 +157,31 @@ def test_only_the_last_rows_run_past_their_keys():
     assert counting.seen == {"keys": [17], "queries": [3], "moe": [3], "head": [3]}
 
 
+class WithoutTakeRows:
+    """An ops object of the reference's methods but ``take_rows`` (written before it existed)."""
+
+    def __getattr__(self, name):
+        if name == "take_rows":
+            raise AttributeError(name)
+        return getattr(ops.REFERENCE, name)
+
+
+def test_an_ops_object_without_take_rows_still_runs_a_catch_up():
+    """``take_rows`` is optional on an ops object (as ``argmax_rows``): without it the module
+    picks each sequence's last rows with the reference's, so the outputs and the cache are the
+    reference's bit for bit."""
+    m = model()
+    ids, pos, h, seq = _tensors([2, 0, 1], [0, 5, 9], [10, 1, 6], seed=5)
+    out = []
+    for ops_ in (ops.REFERENCE, WithoutTakeRows()):
+        cache = KVCache(1, 4, W + 3, TINY.head_dim, dtype=torch.float64)
+        with m.using(ops_):
+            out.append((m(ids, pos, h, kv_cache=cache, seq_slots=seq, last_only=True),
+                        cache.kv, cache.pos))
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("n", [1, 4, W])
 def test_decode_step_logits_rows_equals_the_full_forward(n):
     """``decode_step(..., logits_rows=)`` as the whole-call program lays rows out (blocks of R
