@@ -14,7 +14,8 @@ the greedy pick's kernel or torch.max ("argmax-kernel", "argmax-torch") and PDL 
 catch-up's buckets by its sequences or all its rows ("pdl-seqs", "pdl-rows"), a catch-up's
 hc mixes by their kernel or cuBLAS ("mix-many-kernel", "mix-many-cublas"), quant_fp8's
 launch ("quant-*"), a catch-up's last rows by one gather kernel or an index_select per tensor
-("take-kernel", "take-torch");
+("take-kernel", "take-torch"), the FP8 products of many rows by cuBLAS ("cublas-128",
+"cublas-512", "cublas-off");
 "same", a second drafter with the defaults: the spread of a null A/B in the same run. Each
 printed row also gives the call's floor (the bytes it must read over the copy bandwidth of the
 same process) and each variant's ratio to it.
@@ -115,6 +116,11 @@ VARIANTS = {
     # index_select each (eleven launches)
     "take-kernel": {"mtp_kernels.backend.TAKE_ROWS_KERNEL": True},
     "take-torch": {"mtp_kernels.backend.TAKE_ROWS_KERNEL": False},
+    # the FP8 products of at least 128 / 512 rows by cuBLAS's block-scaled FP8 GEMM
+    # (kernels/scaled_mm.py), or all by the Triton kernel
+    "cublas-128": {_FP8 + "CUBLAS_ROWS": 128},
+    "cublas-512": {_FP8 + "CUBLAS_ROWS": 512},
+    "cublas-off": {_FP8 + "CUBLAS_ROWS": None},
     # a second drafter with the defaults: the spread of a null A/B in the same run
     "same": {},
 }

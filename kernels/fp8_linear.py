@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
+from . import _common, scaled_mm
 from ._common import e8m0_to_f32, fp8_round, launch_opts, mma, pdl_enter, pow2_scale_bits
 
 BK = 128
@@ -44,6 +44,10 @@ PREQ_ROWS = 128
 # ab_drafter.py's "quant-*" variants: at a catch-up's 2,048 stream rows it ran at ~0.5 TB/s
 # on an H100 (kernels/NOTES.md, "The catch-up's timeline").
 QUANT_LAUNCH = (32, 4)
+# From this many rows a product of FP8-rounded bf16 activations goes to cuBLAS's block-scaled
+# FP8 GEMM (``scaled_mm``; sm_90, where torch's ``_scaled_mm`` takes DeepSeek's scales)
+# instead of the kernel above. None: never (off until measured: kernels/NOTES.md v39).
+CUBLAS_ROWS: int | None = None
 _SMS = 132  # H100 SXM; only used to size split-K (a different count just changes the split)
 
 
@@ -207,10 +211,11 @@ def splitk_reduce_kernel(part_ptr, out_ptr, add_ptr, part2_ptr, fn_ptr, mix_ptr,
 
 
 @triton.jit
-def quant_fp8_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, swiglu_limit,
-                     SWIGLU: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+def quant_fp8_kernel(x_ptr, q_ptr, s_ptr, M, M_OUT, K, stride_xm, stride_sm, stride_sk,
+                     swiglu_limit, SWIGLU: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     """One [BM, 128] block: ``fp8_simulate`` as e4m3 codes and power-of-two scales (the
-    rounding fp8_linear_kernel's ACT_QUANT does per block), of x or of swiglu(x)."""
+    rounding fp8_linear_kernel's ACT_QUANT does per block), of x or of swiglu(x); rows from M
+    to M_OUT (padding) get zero codes."""
     pdl_enter()
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     kb = tl.program_id(1)
@@ -223,23 +228,33 @@ def quant_fp8_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, swiglu_limit,
     xf = x.to(tl.float32)
     e = pow2_scale_bits(tl.max(tl.abs(xf), axis=1))
     q = fp8_round(xf, e)
-    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.float8e4nv), mask=rmask[:, None])
-    tl.store(s_ptr + rows * (K // BK) + kb, ((e + 127) << 23).to(tl.float32, bitcast=True),
-             mask=rmask)
+    omask = rows < M_OUT
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.float8e4nv), mask=omask[:, None])
+    tl.store(s_ptr + rows * stride_sm + kb * stride_sk,
+             ((e + 127) << 23).to(tl.float32, bitcast=True), mask=omask)
 
 
-def quant_fp8(x: torch.Tensor, k: int, swiglu_limit: float | None = None):
+def quant_fp8(x: torch.Tensor, k: int, swiglu_limit: float | None = None, *,
+              rows: int | None = None, scales_outer_major: bool = False):
     """``fp8_simulate(x, 128)`` (of ``swiglu(x[:, :k], x[:, k:])`` with ``swiglu_limit``) as
     what the FP8 tensor cores read: x [M, k] (or [M, 2k]) bf16 -> (codes [M, k] float8_e4m3fn,
-    scales [M, k/128] float32 powers of two): codes * scales = the rounded values, exactly."""
+    scales [M, k/128] float32 powers of two): codes * scales = the rounded values, exactly.
+    ``rows`` (>= M): the results have that many rows, those past M zero codes (padding);
+    ``scales_outer_major``: the scales' rows are adjacent ([k/128, rows] memory, transposed:
+    cuBLAS's layout for 1 x 128 scales)."""
     m = x.shape[0]
-    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty(m, k // BK, dtype=torch.float32, device=x.device)
-    if m:
+    rows = m if rows is None else rows
+    q = torch.empty(rows, k, dtype=torch.float8_e4m3fn, device=x.device)
+    if scales_outer_major:
+        s = torch.empty(k // BK, rows, dtype=torch.float32, device=x.device).t()
+    else:
+        s = torch.empty(rows, k // BK, dtype=torch.float32, device=x.device)
+    if rows:
         bm, warps = QUANT_LAUNCH
-        quant_fp8_kernel[(triton.cdiv(m, bm), k // BK)](
-            x, q, s, m, k, x.stride(0), float(swiglu_limit or 0.0),
-            SWIGLU=swiglu_limit is not None, BM=bm, BK=BK, num_warps=warps, **launch_opts())
+        quant_fp8_kernel[(triton.cdiv(rows, bm), k // BK)](
+            x, q, s, m, rows, k, x.stride(0), s.stride(0), s.stride(1),
+            float(swiglu_limit or 0.0), SWIGLU=swiglu_limit is not None, BM=bm, BK=BK,
+            num_warps=warps, **launch_opts())
     return q, s
 
 
@@ -321,8 +336,6 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
     group = group_n or n
     if group % 128 and group != n:
         raise ValueError(f"fp8_linear: group_n={group} must be a multiple of 128")
-    if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     x2 = None
     if add_linear is not None:
         x2, w2, s2 = add_linear
@@ -331,9 +344,18 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
         if (w2.shape != weight.shape or s2.shape != scale.shape or s2.dtype != scale.dtype
                 or x2.dtype != x.dtype or x2.stride(-1) != 1 or w2.stride(1) != 1
                 or x2.shape[0] * add_row_div != m or rounded or swiglu_limit is not None
-                or group_n not in (None, n) or out.dtype != x.dtype):
+                or group_n not in (None, n) or (out is not None and out.dtype != x.dtype)):
             raise ValueError("fp8_linear: add_linear takes a weight of weight's shape and "
                              "format, x2 [M / add_row_div, K] of x's dtype, and no other option")
+    if (CUBLAS_ROWS is not None and m >= CUBLAS_ROWS and FP8_DOT and x.dtype == torch.bfloat16
+            and (act_quant or rounded) and group == n and out is None and k % (4 * BK) == 0
+            and m % add_row_div == 0 and not tune and scaled_mm.ready(x.device)):
+        if x2 is not None:  # e_proj's rows are h_proj's over add_row_div: maybe the kernel's
+            add = fp8_linear(x2, w2, s2, act_quant=act_quant)
+        y = scaled_mm.scaled_mm_product(x, weight, scale, swiglu_limit, add, add_row_div)
+        return (y, None) if mix_fn is not None else y  # (None: hc_pre_norm mixes y itself)
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     dot_f32 = x.dtype == torch.float32 and not act_quant and not rounded
     tune = tune or {}
     bm, bn, warps, per_sm, stages = launch_settings(m, dot_f32, tune)

@@ -819,6 +819,80 @@ def test_quant_fp8_exact(m, launch, monkeypatch):
     assert torch.equal(got.to(torch.bfloat16), want)
 
 
+@pytest.mark.parametrize("m", [1, 33, 129])
+def test_quant_fp8_padded_rows_and_outer_major_scales(m):
+    """``quant_fp8(..., rows=R, scales_outer_major=True)`` (cuBLAS's layout, ``scaled_mm``):
+    the first M rows' codes and scales equal the default call's bit for bit, the padding rows
+    have zero codes, and the scales' rows are adjacent in memory (stride (1, R)). (Runs in
+    Triton 3.9's interpreter too, which stores float8.)"""
+    from mtp_kernels.fp8_linear import quant_fp8
+    x = (randn(m, 1024, seed=74) * torch.logspace(-6, 6, m, device=DEVICE)[:, None]).to(
+        torch.bfloat16)
+    for k, limit in ((512, None), (512, 10.0)):
+        xi = x if limit else x[:, :k]  # a strided view: row stride 1024
+        q0, s0 = quant_fp8(xi, k, limit)
+        rows = m + 3
+        q, s = quant_fp8(xi, k, limit, rows=rows, scales_outer_major=True)
+        assert q.shape == (rows, k) and s.shape == (rows, k // 128) and s.stride() == (1, rows)
+        assert torch.equal(q[:m].view(torch.uint8), q0.view(torch.uint8))
+        assert torch.equal(s[:m], s0)
+        assert not q[m:].view(torch.uint8).any()
+
+
+@pytest.mark.usefixtures("many_rows")
+@pytest.mark.parametrize("m", [128, 301, 512])
+def test_fp8_linear_by_cublas(m, monkeypatch):
+    """With ``fp8_linear.CUBLAS_ROWS`` the products of many rows go to cuBLAS's block-scaled
+    FP8 GEMM (``scaled_mm``): the same codes and scales (``quant_fp8``), each 128-block's
+    products summed on the FP8 tensor cores, then float32 across blocks, in cuBLAS's order; so
+    against the reference BF16_TOL (exact products, the output's bf16 rounding) for a strided
+    input, the fused SwiGLU, the broadcast add (rows not a multiple of 4: padded), a
+    pre-rounded input and ``add_linear`` (e_proj beside h_proj), and each by cuBLAS."""
+    from mtp_kernels import fp8_linear as fl
+    from mtp_kernels import scaled_mm
+
+    from mtp.quant import fp8_simulate
+    if INTERPRET:
+        pytest.skip("cuBLAS: the interpreter runs no cuBLAS")
+    why = scaled_mm.unavailable(torch.device(DEVICE))
+    if why:
+        pytest.skip(f"cuBLAS's block-scaled FP8 GEMM: {why}")
+    calls = []
+    orig = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    monkeypatch.setattr(fl, "CUBLAS_ROWS", 128)
+    w, s = fp8_weight(384, 512, seed=75)
+    w2, s2 = fp8_weight(384, 512, seed=76)
+    x = randn(m, 1024, seed=77, dtype=torch.bfloat16, std=4.0)
+    add = randn((m + 3) // 4, 384, seed=78, dtype=torch.bfloat16)
+    xr = fp8_simulate(x[:, :512], 128)
+    cases = [
+        (x[:, :512], dict(act_quant=True)),  # a strided view: row stride 1024
+        (x, dict(act_quant=True, swiglu_limit=10.0)),
+        (xr, dict(act_quant=False, rounded=True)),
+    ]
+    if m % 4 == 0:
+        cases.append((x[:, 512:].contiguous(), dict(act_quant=True, add=add, add_row_div=4)))
+    for xi, kw in cases:
+        y = fl.fp8_linear(xi, w, s, **kw)
+        assert y.shape == (m, 384) and y.dtype == torch.bfloat16
+        ref_kw = dict(kw, act_quant=True)
+        ref_kw.pop("rounded", None)
+        assert rel(y, fl.fp8_linear_reference(xi, w, s, **ref_kw)) < BF16_TOL, kw
+    assert len(calls) == len(cases)
+    if m % 4 == 0:  # e_proj's m/4 rows: by cuBLAS from 128 of them, else the kernel
+        x2 = randn(m // 4, 512, seed=79, dtype=torch.bfloat16)
+        y = fl.fp8_linear(x[:, :512], w, s, act_quant=True, add_row_div=4,
+                          add_linear=(x2, w2, s2))
+        e = fl.fp8_linear_reference(x2, w2, s2, act_quant=True)
+        want = fl.fp8_linear_reference(x[:, :512], w, s, act_quant=True, add=e, add_row_div=4)
+        assert rel(y, want) < BF16_TOL
+        assert len(calls) == len(cases) + (2 if m // 4 >= 128 else 1)
+    y0 = fl.fp8_linear(x[:, :512], w, s, act_quant=True)
+    s.copy_(s.float().mul(2).to(s.dtype))  # in place, as a reload: the float32 copy follows
+    assert torch.equal(fl.fp8_linear(x[:, :512], w, s, act_quant=True), y0 * 2)
+
+
 @pytest.mark.usefixtures("many_rows")
 @pytest.mark.parametrize("mix_kernel", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

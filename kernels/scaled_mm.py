@@ -1,0 +1,98 @@
+"""The FP8 products of many rows by cuBLAS's block-scaled FP8 GEMM (``torch._scaled_mm`` with
+DeepSeek-style scales: 1 x 128 for the activations, 128 x 128 for the weight; sm_90 with
+CUDA >= 12.9), in place of ``fp8_linear``'s Triton kernel where ``fp8_linear.CUBLAS_ROWS``
+allows.
+
+The same function as the kernel's PREQ path: ``quant_fp8`` rounds the input once into e4m3
+codes and power-of-two scales, the GEMM sums each 128-column block's code products on the
+FP8 tensor cores and adds it, times both blocks' scales, into a float32 accumulator (the
+reference's own FP8 GEMM does the same), and the bf16 result takes the broadcast add
+(``add``/``add_row_div``) as the kernel's epilogue does: ``bf16(bf16(acc) + add)``.
+Why: Triton 3.9 waits for each block's tensor-core dot before its rescale, so its product
+runs at a third of the FP8 rate (kernels/NOTES.md, v39).
+
+cuBLASLt's layouts: the activations' scales outer-dim-major (``quant_fp8(...,
+scales_outer_major=True)``, their leading dimension a multiple of 4, so the rows are padded
+to one), the weight's [N/128, K/128] float32 and row-major (a copy of the checkpoint's E8M0
+scales, made once per weight and kept while its version is unchanged).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+_F32_SCALES: dict[int, tuple] = {}
+
+
+def _f32_scales(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` [N/128, K/128] (E8M0 or float32) as a contiguous float32 copy, made once per
+    tensor (and again after an in-place change: its version counter)."""
+    key = id(scale)
+    hit = _F32_SCALES.get(key)
+    if hit is not None and hit[0]() is scale and hit[1] == scale._version:
+        return hit[2]
+    f32 = scale.float().contiguous()
+    _F32_SCALES[key] = (weakref.ref(scale, lambda _r, k=key: _F32_SCALES.pop(k, None)),
+                        scale._version, f32)
+    return f32
+
+
+_WHY_NOT: dict[torch.device, str | None] = {}
+
+
+def ready(device: torch.device) -> bool:
+    """Whether the block-scaled GEMM runs on ``device`` (:func:`unavailable`'s answer, found
+    once; during graph capture, where no probe may run, False until then)."""
+    if device not in _WHY_NOT:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+        _WHY_NOT[device] = unavailable(device)
+    return _WHY_NOT[device] is None
+
+
+def unavailable(device: torch.device) -> str | None:
+    """Why the block-scaled GEMM cannot run on ``device`` (None: it can): an sm_90 GPU and a
+    torch whose ``_scaled_mm`` takes the DeepSeek recipe there, found by one small product
+    (checked against its exact value). Not during graph capture."""
+    if device.type != "cuda":
+        return f"{device} is not a CUDA device"
+    cap = torch.cuda.get_device_capability(device)
+    if cap != (9, 0):
+        return f"sm_{cap[0]}{cap[1]}: torch's cuBLAS block-scaled FP8 GEMM is for sm_90"
+    k = 4 * 128  # (K / 128 a multiple of 4, as CUBLAS_ROWS' products have)
+    a = torch.ones(16, k, device=device).to(torch.float8_e4m3fn)
+    w = torch.ones(128, k, device=device).to(torch.float8_e4m3fn)
+    sa = torch.full((k // 128, 16), 2.0, device=device).t()  # [16, K/128], outer-dim-major
+    sw = torch.full((1, k // 128), 0.5, device=device)
+    try:
+        y = torch._scaled_mm(a, w.t(), sa, sw.t(), out_dtype=torch.bfloat16)
+    except (RuntimeError, TypeError) as err:
+        return f"torch {torch.__version__}'s _scaled_mm refused the block-scaled recipe: {err}"
+    if not torch.equal(y.float(), torch.full((16, 128), float(k), device=device)):
+        return "torch._scaled_mm's block-scaled product gave a wrong value"
+    return None
+
+
+def scaled_mm_product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                      swiglu_limit: float | None = None, add: torch.Tensor | None = None,
+                      add_row_div: int = 1) -> torch.Tensor:
+    """``fp8_linear(x, weight, scale, act_quant=True, ...)`` for bf16 x [M, K] (or [M, 2K]
+    with ``swiglu_limit``) by cuBLAS -> [M, N] bf16 (M divisible by ``add_row_div`` where
+    ``add`` [M / add_row_div, N] is given).
+
+    Example:
+        >>> y = scaled_mm_product(hn, h_proj.weight, h_proj.weight_scale_inv, add=e,
+        ...                       add_row_div=4)
+    """
+    from .fp8_linear import quant_fp8  # (fp8_linear imports this module)
+    m = x.shape[0]
+    n, k = weight.shape
+    rows = -(-m // 4) * 4  # cuBLASLt: the scales' leading dimension a multiple of 4
+    q, xs = quant_fp8(x, k, swiglu_limit, rows=rows, scales_outer_major=True)
+    y = torch._scaled_mm(q, weight.t(), xs, _f32_scales(scale).t(), out_dtype=x.dtype)[:m]
+    if add is None:
+        return y
+    d = add_row_div
+    return (y.view(m // d, d, n) + add[:, None, :]).view(m, n)  # [M, N] -> [M/d, d, N]
