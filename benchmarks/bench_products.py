@@ -4,11 +4,12 @@ block-scaled FP8 GEMM (``fp8_linear.CUBLAS_ROWS``). (GPU; repo root)
 For Flash and Pro, a catch-up of 128 rows per sequence at 1 and 4 sequences runs e_proj
 (S*128 rows), h_proj (its 4 streams: S*512 rows, e_proj's output added) and the attention's
 wq_a and wkv in one product (S*128 rows). Each is timed both ways, its input rounding
-(``quant_fp8``) included, as the median of CUDA-graph replays that cycle through enough copies
-of the weight (>= 256 MB) that none is found in L2. Printed per product: rows, both times in
-us, both rates in TFLOPS, the floors (the weight's and activations' bytes over the copy
-bandwidth measured here; the FLOPs at the card's dense FP8 rate, where the card is known) and
-the two results' relative difference and share of bit-equal outputs.
+(``quant_fp8``) included, and that rounding alone, as the median of CUDA-graph replays that
+cycle through enough copies of the weight (>= 256 MB) that none is found in L2. Printed per
+product: rows, both times in us, both rates in TFLOPS, the floors (the weight's and
+activations' bytes over the copy bandwidth measured here; the FLOPs at the card's dense FP8
+rate, where the card is known), the rounding's time and floor, and the two results'
+relative difference and share of bit-equal outputs.
 
 Usage:
     PYTHONPATH=. python benchmarks/bench_products.py --preset flash,pro --seqs 1,4
@@ -78,6 +79,9 @@ def main() -> None:
                     calls = [functools.partial(fl.fp8_linear, x, wi, si, **kw) for wi, si in ws]
                     out[way] = (bench_cycle(args.reps, calls) * 1e3, fl.fp8_linear(x, w, s, **kw))
                 fl.CUBLAS_ROWS = None
+                xs = [x.clone() for _ in range(copies(x.numel() * 2))]
+                quant_us = bench_cycle(args.reps, [functools.partial(fl.quant_fp8, xi, k)
+                                                   for xi in xs]) * 1e3
                 flops = 2.0 * m * n * k
                 nbytes = n * k + m * k * 2 + m * n * 2 * (2 if add is not None else 1)
                 a, b = out["triton"][1].double(), out["cublas"][1].double()
@@ -88,6 +92,8 @@ def main() -> None:
                     "triton_TFLOPS": round(flops / t_us / 1e6), "cublas_TFLOPS":
                     round(flops / c_us / 1e6),
                     "bytes_floor_us": round(nbytes / bw * 1e6, 1),
+                    "quant_us": round(quant_us, 1),  # quant_fp8 alone (in both times above)
+                    "quant_floor_us": round(m * k * 3 / bw * 1e6, 1),
                     "flops_floor_us": round(flops / (peak * 1e6), 1) if peak else None,
                     "rel_diff": float((a - b).norm() / a.norm()),
                     "bit_equal": round(float((a == b).double().mean()), 4)}), flush=True)
