@@ -29,6 +29,8 @@ _F32_SCALES: dict[int, tuple] = {}
 def _f32_scales(scale: torch.Tensor) -> torch.Tensor:
     """``scale`` [N/128, K/128] (E8M0 or float32) as a contiguous float32 copy, made once per
     tensor (and again after an in-place change: its version counter)."""
+    if scale.dtype == torch.float32 and scale.is_contiguous():
+        return scale
     key = id(scale)
     hit = _F32_SCALES.get(key)
     if hit is not None and hit[0]() is scale and hit[1] == scale._version:
@@ -45,6 +47,8 @@ _WHY_NOT: dict[torch.device, str | None] = {}
 def ready(device: torch.device) -> bool:
     """Whether the block-scaled GEMM runs on ``device`` (:func:`unavailable`'s answer, found
     once; during graph capture, where no probe may run, False until then)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if device not in _WHY_NOT:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return False

@@ -854,16 +854,15 @@ def test_fp8_linear_by_cublas(m, monkeypatch):
     from mtp.quant import fp8_simulate
     if INTERPRET:
         pytest.skip("cuBLAS: the interpreter runs no cuBLAS")
-    why = scaled_mm.unavailable(torch.device(DEVICE))
-    if why:
-        pytest.skip(f"cuBLAS's block-scaled FP8 GEMM: {why}")
+    w, s = fp8_weight(384, 512, seed=75)
+    w2, s2 = fp8_weight(384, 512, seed=76)
+    x = randn(m, 1024, seed=77, dtype=torch.bfloat16, std=4.0)
+    if not scaled_mm.ready(x.device):  # (its probe before the count below)
+        pytest.skip(f"cuBLAS's block-scaled FP8 GEMM: {scaled_mm.unavailable(x.device)}")
     calls = []
     orig = torch._scaled_mm
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or orig(*a, **k))
     monkeypatch.setattr(fl, "CUBLAS_ROWS", 128)
-    w, s = fp8_weight(384, 512, seed=75)
-    w2, s2 = fp8_weight(384, 512, seed=76)
-    x = randn(m, 1024, seed=77, dtype=torch.bfloat16, std=4.0)
     add = randn((m + 3) // 4, 384, seed=78, dtype=torch.bfloat16)
     xr = fp8_simulate(x[:, :512], 128)
     cases = [
