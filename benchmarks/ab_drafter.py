@@ -121,6 +121,7 @@ VARIANTS = {
     "cublas-128": {_FP8 + "CUBLAS_ROWS": 128},
     "cublas-512": {_FP8 + "CUBLAS_ROWS": 512},
     "cublas-off": {_FP8 + "CUBLAS_ROWS": None},
+    "take+cublas-512": {"mtp_kernels.backend.TAKE_ROWS_KERNEL": True, _FP8 + "CUBLAS_ROWS": 512},
     # a second drafter with the defaults: the spread of a null A/B in the same run
     "same": {},
 }

@@ -66,9 +66,9 @@ INPUT_MIX = True
 ARGMAX_KERNEL = True
 # take_rows: a catch-up's last rows of its per-row tensors in one launch of kernels/rows.py
 # (True) or an index_select each (False: eleven launches, ~34 us of a Flash 4 x 128 catch-up
-# on an H100; kernels/NOTES.md, "The catch-up's timeline"). Off until measured inside the
-# graphs (ab_drafter.py's "take-kernel" / "take-torch").
-TAKE_ROWS_KERNEL = False
+# on an H100; kernels/NOTES.md, "The catch-up's timeline"). Kept for 0.8-1.4% less GPU time
+# per catch-up inside the graphs (ab_drafter.py's "take-kernel" / "take-torch"; NOTES v38).
+TAKE_ROWS_KERNEL = True
 
 
 @dataclass

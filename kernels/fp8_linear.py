@@ -48,8 +48,9 @@ PREQ_ROWS = 128
 QUANT_LAUNCH = (32, 4)
 # From this many rows a product of FP8-rounded bf16 activations goes to cuBLAS's block-scaled
 # FP8 GEMM (``scaled_mm``; sm_90, where torch's ``_scaled_mm`` takes DeepSeek's scales)
-# instead of the kernel above. None: never (off until measured: kernels/NOTES.md v39).
-CUBLAS_ROWS: int | None = None
+# instead of the kernel above (the same bits at a catch-up's shapes, faster from 512 rows,
+# slower at 128: kernels/NOTES.md v39, benchmarks/bench_products.py). None: never.
+CUBLAS_ROWS: int | None = 512
 _SMS = 132  # H100 SXM; only used to size split-K (a different count just changes the split)
 
 
