@@ -122,6 +122,8 @@ VARIANTS = {
     "cublas-512": {_FP8 + "CUBLAS_ROWS": 512},
     "cublas-off": {_FP8 + "CUBLAS_ROWS": None},
     "take+cublas-512": {"mtp_kernels.backend.TAKE_ROWS_KERNEL": True, _FP8 + "CUBLAS_ROWS": 512},
+    "take-torch+cublas-off": {"mtp_kernels.backend.TAKE_ROWS_KERNEL": False,
+                              _FP8 + "CUBLAS_ROWS": None},
     # a second drafter with the defaults: the spread of a null A/B in the same run
     "same": {},
 }
