@@ -17,7 +17,7 @@ activations that are not quantised the dot runs in IEEE float32 instead. Options
   (h_proj + e_proj broadcast over the hc streams).
 - split-K with a deterministic second pass when rows are few (decode): enough programs to keep
   every SM streaming weights.
-- from ``CUBLAS_ROWS`` rows (off by default: None), cuBLAS's block-scaled FP8 GEMM of the same
+- from ``CUBLAS_ROWS`` rows (512; None: never), cuBLAS's block-scaled FP8 GEMM of the same
   function instead (``scaled_mm``), where the device runs it.
 
 Shape legend: M rows, N outputs, K inputs (a multiple of 128).
