@@ -43,8 +43,8 @@ FP8_DOT = True
 # loop cost as much as the dot (kernels/NOTES.md, catch-up).
 PREQ_ROWS = 128
 # quant_fp8's launch: (rows per program, warps) over blocks of 128 columns. Data for
-# ab_drafter.py's "quant-*" variants: at a catch-up's 2,048 stream rows it ran at ~0.5 TB/s
-# on an H100 (kernels/NOTES.md, "The catch-up's timeline").
+# ab_drafter.py's "quant-*" variants (none gained). Alone it runs near the copy bandwidth
+# (9.4 us for a catch-up's 2,048 x 4,096 on an H100, its floor 8.4: bench_products.py).
 QUANT_LAUNCH = (32, 4)
 # From this many rows a product of FP8-rounded bf16 activations goes to cuBLAS's block-scaled
 # FP8 GEMM (``scaled_mm``; sm_90, where torch's ``_scaled_mm`` takes DeepSeek's scales)

@@ -82,7 +82,7 @@ def unavailable(device: torch.device) -> str | None:
     sw = torch.full((1, k // 128), 0.5, device=device)
     try:
         y = torch._scaled_mm(a, w.t(), sa, sw.t(), out_dtype=torch.bfloat16)
-    except (RuntimeError, TypeError) as err:
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
         return f"torch {torch.__version__}'s _scaled_mm refused the block-scaled recipe: {err}"
     if not torch.equal(y.float(), torch.full((16, 128), float(k), device=device)):
         return "torch._scaled_mm's block-scaled product gave a wrong value"
