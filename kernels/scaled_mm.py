@@ -14,12 +14,10 @@ runs at a third of the FP8 rate (kernels/NOTES.md, v39).
 cuBLASLt's layouts: the activations' scales outer-dim-major (``quant_fp8(...,
 scales_outer_major=True)``, their leading dimension a multiple of 4, so the rows are padded
 to one), the weight's [N/128, K/128] float32 and row-major (a copy of the checkpoint's E8M0
-scales, made once per weight and kept while its version is unchanged).
+scales, made once per weight and kept while its bytes are unchanged).
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 import triton
@@ -33,21 +31,18 @@ from ._common import launch_opts, pdl_enter
 ADD_KERNEL = False
 ADD_BM, ADD_BN = 4, 256
 
-_F32_SCALES: dict[int, tuple] = {}
-
-
 def _f32_scales(scale: torch.Tensor) -> torch.Tensor:
-    """``scale`` [N/128, K/128] (E8M0 or float32) as a contiguous float32 copy, made once per
-    tensor (and again after an in-place change: its version counter)."""
+    """``scale`` [N/128, K/128] (E8M0 or float32) as a contiguous float32 copy, kept on the
+    tensor and made again when its bytes may have changed: an in-place write (its version
+    counter) or new storage (``.data`` replaced, as ``module.to()`` does: its address)."""
     if scale.dtype == torch.float32 and scale.is_contiguous():
         return scale
-    key = id(scale)
-    hit = _F32_SCALES.get(key)
-    if hit is not None and hit[0]() is scale and hit[1] == scale._version:
-        return hit[2]
+    key = (scale._version, scale.data_ptr())
+    hit = getattr(scale, "_mtp_f32_scales", None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
     f32 = scale.float().contiguous()
-    _F32_SCALES[key] = (weakref.ref(scale, lambda _r, k=key: _F32_SCALES.pop(k, None)),
-                        scale._version, f32)
+    scale._mtp_f32_scales = (key, f32)
     return f32
 
 

@@ -857,6 +857,25 @@ def test_add_rows_in_place(dtype, m, n, d, seed):
     assert got.data_ptr() == y.data_ptr() and torch.equal(got, want)
 
 
+def test_cublas_weight_scales_follow_the_tensor():
+    """cuBLAS's float32 copy of a weight's E8M0 scales (``scaled_mm._f32_scales``) is made
+    once and made again after an in-place write and after ``.data`` is replaced (what
+    ``module.to()`` does: the version counter stays, the storage changes); float32
+    contiguous scales are taken as they are."""
+    from mtp_kernels.scaled_mm import _f32_scales
+    e8m0 = torch.float8_e8m0fnu
+    s = torch.nn.Parameter(torch.full((3, 4), 2.0, device=DEVICE).to(e8m0), requires_grad=False)
+    a = _f32_scales(s)
+    assert a.dtype == torch.float32 and torch.equal(a, torch.full((3, 4), 2.0, device=DEVICE))
+    assert _f32_scales(s) is a
+    s.copy_(torch.full((3, 4), 4.0, device=DEVICE).to(e8m0))
+    assert torch.equal(_f32_scales(s), torch.full((3, 4), 4.0, device=DEVICE))
+    s.data = torch.full((3, 4), 8.0, device=DEVICE).to(e8m0)
+    assert torch.equal(_f32_scales(s), torch.full((3, 4), 8.0, device=DEVICE))
+    f = torch.rand(3, 4, device=DEVICE)
+    assert _f32_scales(f) is f
+
+
 @pytest.mark.usefixtures("many_rows")
 @pytest.mark.parametrize("m", [128, 301, 512])
 @pytest.mark.parametrize("add_kernel", [False, True])
