@@ -15,8 +15,7 @@ catch-up's buckets by its sequences or all its rows ("pdl-seqs", "pdl-rows"), a 
 hc mixes by their kernel or cuBLAS ("mix-many-kernel", "mix-many-cublas"), quant_fp8's
 launch ("quant-*"), a catch-up's last rows by one gather kernel or an index_select per tensor
 ("take-kernel", "take-torch"), the FP8 products of many rows by cuBLAS ("cublas-128",
-"cublas-512", "cublas-off"), its broadcast add by a kernel or torch ("add-kernel",
-"add-torch");
+"cublas-512", "cublas-off");
 "same", a second drafter with the defaults: the spread of a null A/B in the same run. Each
 printed row also gives the call's floor (the bytes it must read over the copy bandwidth of the
 same process) and each variant's ratio to it.
@@ -123,9 +122,6 @@ VARIANTS = {
     "cublas-512": {_FP8 + "CUBLAS_ROWS": 512},
     "cublas-off": {_FP8 + "CUBLAS_ROWS": None},
     "take+cublas-512": {"mtp_kernels.backend.TAKE_ROWS_KERNEL": True, _FP8 + "CUBLAS_ROWS": 512},
-    # the broadcast add after cuBLAS's h_proj by kernels/scaled_mm.py's add_rows_ or torch
-    "add-kernel": {"mtp_kernels.scaled_mm.ADD_KERNEL": True},
-    "add-torch": {"mtp_kernels.scaled_mm.ADD_KERNEL": False},
     "take-torch+cublas-off": {"mtp_kernels.backend.TAKE_ROWS_KERNEL": False,
                               _FP8 + "CUBLAS_ROWS": None},
     # a second drafter with the defaults: the spread of a null A/B in the same run

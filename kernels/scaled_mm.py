@@ -20,16 +20,7 @@ scales, made once per weight and kept while its bytes are unchanged).
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from ._common import launch_opts, pdl_enter
-
-# The broadcast add (h_proj + e_proj) by add_rows_ (True) or torch's add (False: 27 us at a
-# Flash 4 x 128 catch-up's 2,048 rows on an H100, 1.4 TB/s: kernels/NOTES.md v40). Tiles of
-# ADD_BM x ADD_BN elements, 8 bf16 (16 bytes) per thread and load.
-ADD_KERNEL = False
-ADD_BM, ADD_BN = 4, 256
 
 def _f32_scales(scale: torch.Tensor) -> torch.Tensor:
     """``scale`` [N/128, K/128] (E8M0 or float32) as a contiguous float32 copy, kept on the
@@ -103,38 +94,7 @@ def scaled_mm_product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     y = torch._scaled_mm(q, weight.t(), xs, _f32_scales(scale).t(), out_dtype=x.dtype)[:m]
     if add is None:
         return y
+    # torch's broadcast add (a kernel of our own for it, kernels/NOTES.md v40, took 0.2-0.8%
+    # off a catch-up: below the 1% a launch of its own must earn, so not kept)
     d = add_row_div
-    if ADD_KERNEL:
-        return add_rows_(y, add, d)
     return (y.view(m // d, d, n) + add[:, None, :]).view(m, n)  # [M, N] -> [M/d, d, N]
-
-
-@triton.jit
-def add_rows_kernel(y_ptr, a_ptr, M, N, stride_am, D: tl.constexpr, BM: tl.constexpr,
-                    BN: tl.constexpr):
-    """Block (i, j) of y [M, N] (contiguous) += a[row // D] in place, each sum rounded to y's
-    dtype once (as torch's add of two bf16 tensors)."""
-    pdl_enter()
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
-    at = y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
-    y = tl.load(at, mask=mask).to(tl.float32)
-    a = tl.load(a_ptr + (rows // D).to(tl.int64)[:, None] * stride_am + cols[None, :],
-                mask=mask).to(tl.float32)
-    tl.store(at, (y + a).to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def add_rows_(y: torch.Tensor, add: torch.Tensor, d: int) -> torch.Tensor:
-    """``y += add.repeat_interleave(d, 0)`` in place, one launch: y [M, N] contiguous, add
-    [M / d, N] (last dim contiguous) of y's dtype -> y.
-
-    Example:
-        >>> x = add_rows_(h_proj_out, e_proj_out, 4)  # each token's e_proj on its 4 streams
-    """
-    m, n = y.shape
-    if m:
-        add_rows_kernel[(triton.cdiv(m, ADD_BM), triton.cdiv(n, ADD_BN))](
-            y, add, m, n, add.stride(0), D=d, BM=ADD_BM, BN=ADD_BN, num_warps=4,
-            **launch_opts())
-    return y

@@ -839,24 +839,6 @@ def test_quant_fp8_padded_rows_and_outer_major_scales(m):
         assert not q[m:].view(torch.uint8).any()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@given(m=st.integers(1, 70), n=st.integers(1, 700), d=st.sampled_from([1, 2, 4]),
-       seed=st.integers(0, 2 ** 16))
-@settings(max_examples=25, deadline=None)
-def test_add_rows_in_place(dtype, m, n, d, seed):
-    """``scaled_mm.add_rows_`` (the broadcast add after cuBLAS's product) equals torch's add
-    of the repeated rows bit for bit (one rounding of each float32 sum), in y's own memory;
-    the add's rows strided (a column range of a wider tensor)."""
-    from mtp_kernels.scaled_mm import add_rows_
-    if INTERPRET and dtype == torch.bfloat16:
-        pytest.skip("bfloat16 rounding: the interpreter truncates")
-    y = randn(m, n, seed=seed, dtype=dtype)
-    a = randn(-(-m // d), n + 3, seed=seed + 1, dtype=dtype)[:, 3:]
-    want = y + a.repeat_interleave(d, dim=0)[:m]
-    got = add_rows_(y, a, d)
-    assert got.data_ptr() == y.data_ptr() and torch.equal(got, want)
-
-
 def test_cublas_weight_scales_follow_the_tensor():
     """cuBLAS's float32 copy of a weight's E8M0 scales (``scaled_mm._f32_scales``) is made
     once and made again after an in-place write and after ``.data`` is replaced (what
@@ -878,15 +860,13 @@ def test_cublas_weight_scales_follow_the_tensor():
 
 @pytest.mark.usefixtures("many_rows")
 @pytest.mark.parametrize("m", [128, 301, 512])
-@pytest.mark.parametrize("add_kernel", [False, True])
-def test_fp8_linear_by_cublas(m, add_kernel, monkeypatch):
+def test_fp8_linear_by_cublas(m, monkeypatch):
     """With ``fp8_linear.CUBLAS_ROWS`` the products of many rows go to cuBLAS's block-scaled
     FP8 GEMM (``scaled_mm``): the same codes and scales (``quant_fp8``), each 128-block's
     products summed on the FP8 tensor cores, then float32 across blocks, in cuBLAS's order; so
     against the reference BF16_TOL (exact products, the output's bf16 rounding) for a strided
     input, the fused SwiGLU, the broadcast add (rows not a multiple of 4: padded), a
-    pre-rounded input and ``add_linear`` (e_proj beside h_proj), and each by cuBLAS; the
-    broadcast add by torch or by ``add_rows_``."""
+    pre-rounded input and ``add_linear`` (e_proj beside h_proj), and each by cuBLAS."""
     from mtp_kernels import fp8_linear as fl
     from mtp_kernels import scaled_mm
 
@@ -902,7 +882,6 @@ def test_fp8_linear_by_cublas(m, add_kernel, monkeypatch):
     orig = torch._scaled_mm
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or orig(*a, **k))
     monkeypatch.setattr(fl, "CUBLAS_ROWS", 128)
-    monkeypatch.setattr(scaled_mm, "ADD_KERNEL", add_kernel)
     add = randn((m + 3) // 4, 384, seed=78, dtype=torch.bfloat16)
     xr = fp8_simulate(x[:, :512], 128)
     cases = [
