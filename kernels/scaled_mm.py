@@ -14,7 +14,7 @@ runs at a third of the FP8 rate (kernels/NOTES.md, v39).
 cuBLASLt's layouts: the activations' scales outer-dim-major (``quant_fp8(...,
 scales_outer_major=True)``, their leading dimension a multiple of 4, so the rows are padded
 to one), the weight's [N/128, K/128] float32 and row-major (a copy of the checkpoint's E8M0
-scales, made once per weight and kept while its bytes are unchanged).
+scales, made by every call from the scales as they are then).
 """
 
 from __future__ import annotations
@@ -23,18 +23,15 @@ import torch
 
 
 def _f32_scales(scale: torch.Tensor) -> torch.Tensor:
-    """``scale`` [N/128, K/128] (E8M0 or float32) as a contiguous float32 copy, kept on the
-    tensor and made again when its bytes may have changed: an in-place write (its version
-    counter) or new storage (``.data`` replaced, as ``module.to()`` does: its address)."""
+    """``scale`` [N/128, K/128] (E8M0 or float32) as contiguous float32: the tensor itself
+    where it is one, else a copy made on every call (~1,000 elements, one small launch). Not
+    kept between calls: a kept copy misses writes that bump no version counter
+    (``param.data.copy_(...)``, as engines' weight loaders write), and inside a captured
+    graph it would be the copy made before capture, where the rest of the layer reads its
+    weights in place at every replay (so does this copy, as a node of the graph)."""
     if scale.dtype == torch.float32 and scale.is_contiguous():
         return scale
-    key = (scale._version, scale.data_ptr())
-    hit = getattr(scale, "_mtp_f32_scales", None)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    f32 = scale.float().contiguous()
-    scale._mtp_f32_scales = (key, f32)
-    return f32
+    return scale.float().contiguous()
 
 
 _WHY_NOT: dict[torch.device, str | None] = {}

@@ -839,21 +839,27 @@ def test_quant_fp8_padded_rows_and_outer_major_scales(m):
         assert not q[m:].view(torch.uint8).any()
 
 
-def test_cublas_weight_scales_follow_the_tensor():
-    """cuBLAS's float32 copy of a weight's E8M0 scales (``scaled_mm._f32_scales``) is made
-    once and made again after an in-place write and after ``.data`` is replaced (what
-    ``module.to()`` does: the version counter stays, the storage changes); float32
-    contiguous scales are taken as they are."""
+def test_cublas_weight_scales_follow_every_write():
+    """cuBLAS's float32 weight scales (``scaled_mm._f32_scales``) are the E8M0 scales as they
+    are at the call, whatever wrote them: ``copy_`` (bumps the version counter),
+    ``.data.copy_`` (bumps none: the write an engine's weight loader makes), a replaced
+    ``.data`` (``module.to()``); float32 contiguous scales are taken as they are."""
     from mtp_kernels.scaled_mm import _f32_scales
     e8m0 = torch.float8_e8m0fnu
-    s = torch.nn.Parameter(torch.full((3, 4), 2.0, device=DEVICE).to(e8m0), requires_grad=False)
-    a = _f32_scales(s)
-    assert a.dtype == torch.float32 and torch.equal(a, torch.full((3, 4), 2.0, device=DEVICE))
-    assert _f32_scales(s) is a
-    s.copy_(torch.full((3, 4), 4.0, device=DEVICE).to(e8m0))
-    assert torch.equal(_f32_scales(s), torch.full((3, 4), 4.0, device=DEVICE))
-    s.data = torch.full((3, 4), 8.0, device=DEVICE).to(e8m0)
-    assert torch.equal(_f32_scales(s), torch.full((3, 4), 8.0, device=DEVICE))
+
+    def full(v):
+        return torch.full((3, 4), v, device=DEVICE)
+
+    s = torch.nn.Parameter(full(2.0).to(e8m0), requires_grad=False)
+    assert torch.equal(_f32_scales(s), full(2.0))
+    s.copy_(full(4.0).to(e8m0))
+    assert torch.equal(_f32_scales(s), full(4.0))
+    version = s._version
+    s.data.copy_(full(0.5).to(e8m0))
+    assert s._version == version  # (the premise: this write is invisible to the counter)
+    assert torch.equal(_f32_scales(s), full(0.5))
+    s.data = full(8.0).to(e8m0)
+    assert torch.equal(_f32_scales(s), full(8.0))
     f = torch.rand(3, 4, device=DEVICE)
     assert _f32_scales(f) is f
 
@@ -909,6 +915,22 @@ def test_fp8_linear_by_cublas(m, monkeypatch):
     y0 = fl.fp8_linear(x[:, :512], w, s, act_quant=True)
     s.copy_(s.float().mul(2).to(s.dtype))  # in place, as a reload: the float32 copy follows
     assert torch.equal(fl.fp8_linear(x[:, :512], w, s, act_quant=True), y0 * 2)
+    # captured in a graph, the product reads the scales at every replay (as the Triton
+    # kernel reads every weight): written after capture by a write that bumps no version
+    # counter, the replay sees them (doubling every scale doubles the bf16 output exactly)
+    xs = x[:, :512].contiguous()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fl.fp8_linear(xs, w, s, act_quant=True)  # (Triton's compile, outside the capture)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = fl.fp8_linear(xs, w, s, act_quant=True)
+    y1 = fl.fp8_linear(xs, w, s, act_quant=True)
+    s.data.copy_(s.float().mul(2).to(s.dtype))
+    graph.replay()
+    assert torch.equal(y_graph, y1 * 2)
 
 
 @pytest.mark.usefixtures("many_rows")
