@@ -839,6 +839,18 @@ def test_quant_fp8_padded_rows_and_outer_major_scales(m):
         assert not q[m:].view(torch.uint8).any()
 
 
+@given(st.lists(st.integers(1, 254), min_size=1, max_size=64))
+@settings(max_examples=30, deadline=None)
+def test_cublas_weight_scales_are_the_e8m0_values(codes):
+    """The float32 scales cuBLAS takes are exactly 2^(b - 127) for every E8M0 byte b of a
+    real scale (1..254), the value the Triton kernels decode from the same byte."""
+    from mtp_kernels.scaled_mm import _f32_scales
+    b = torch.tensor(codes, dtype=torch.uint8, device=DEVICE)
+    got = _f32_scales(b.view(torch.float8_e8m0fnu).view(1, -1))
+    want = torch.tensor([2.0 ** (c - 127) for c in codes], dtype=torch.float64)
+    assert got.dtype == torch.float32 and torch.equal(got.double().cpu().view(-1), want)
+
+
 def test_cublas_weight_scales_follow_every_write():
     """cuBLAS's float32 weight scales (``scaled_mm._f32_scales``) are the E8M0 scales as they
     are at the call, whatever wrote them: ``copy_`` (bumps the version counter),
