@@ -925,7 +925,7 @@ def test_fp8_linear_by_cublas(m, monkeypatch):
         assert rel(y, want) < BF16_TOL
         assert len(calls) == len(cases) + (2 if m // 4 >= 128 else 1)
     y0 = fl.fp8_linear(x[:, :512], w, s, act_quant=True)
-    s.copy_(s.float().mul(2).to(s.dtype))  # in place, as a reload: the float32 copy follows
+    s.copy_(s.float().mul(2).to(s.dtype))  # in place, as a reload: the next call reads it
     assert torch.equal(fl.fp8_linear(x[:, :512], w, s, act_quant=True), y0 * 2)
     # captured in a graph, the product reads the scales at every replay (as the Triton
     # kernel reads every weight): written after capture by a write that bumps no version
