@@ -18,10 +18,12 @@ experts), bfloat16 compute, and a KV cache whose window is full, times per batch
 
 against the floor: the bytes that must be read (every dense weight, the experts actually routed
 to in that very call, the embedding rows, the KV window) and written, over the device-to-device
-copy bandwidth measured in the same run. CUDA events, warm-up, median of repeats, inputs rotated
-among 4 sets. Also: resident weight bytes against the checkpoint's stored bytes, peak memory, and
-(``--profile``) a per-kernel breakdown of the graph replay from torch.profiler and the
-timeline of one replay (each kernel's start, duration and idle time on its stream).
+copy bandwidth measured in the same run (for the Drafter's calls a third floor adds what their
+real rows' FP8 products take at the FP8 rate measured in the same run, where that outlasts
+their bytes: the roofline of a many-row call). CUDA events, warm-up, median of repeats, inputs
+rotated among 4 sets. Also: resident weight bytes against the checkpoint's stored bytes, peak
+memory, and (``--profile``) a per-kernel breakdown of the graph replay from torch.profiler and
+the timeline of one replay (each kernel's start, duration and idle time on its stream).
 
 Usage:
     PYTHONPATH=.:benchmarks python benchmarks/bench_draft_step.py --preset flash \
@@ -136,6 +138,22 @@ def floor_bytes(model, pb, t_rows, n_seqs, n_experts_used, logits_rows, cache_dt
             + logits_rows * cfg.vocab_size * 4)
 
 
+def rows_compute_ms(model, t_rows: int, bw: float, rate: float) -> float:
+    """What the FP8 products every row of a call needs for its key (e_proj, h_proj over the M
+    streams, wkv; wq_a is for the last rows only) take at ``rate`` (FLOP/s) beyond what their
+    weights and rows take at the copy bandwidth, in ms (0 for few rows: there the bytes bound
+    them). Added to a bytes-only floor it gives the call's roofline floor: the
+    rows' products are one phase that must end before the last rows' attention, so its
+    compute cannot hide behind the later steps' reads."""
+    cfg, layer = model.config, model.layer(0)
+    d, m = cfg.hidden_size, cfg.hc_mult
+    prods = (layer.e_proj, layer.h_proj, layer.mtp_block.attn.fused_wqa_wkv)
+    flops = 2 * t_rows * d * (d + m * d + cfg.head_dim)
+    moved = sum(p.weight.numel() * p.weight.element_size() for p in prods)
+    moved += t_rows * (cfg.hc_dim * 2 + cfg.hidden_size * 2)  # the rows' inputs, bf16
+    return max(0.0, flops / rate - moved / bw) * 1e3
+
+
 def catchup_floors(model, pb, mk, case, cache, bw) -> dict[str, float]:
     """A catch-up's two floors in ms: ``floor_ms``, what the call reads now (the keys of every
     row, the rest for each sequence's last row: the experts those rows route to, counted in
@@ -195,6 +213,22 @@ def copy_bandwidth() -> float:
 
     ms = statistics.median(time_it(run, 20, 3))
     return 2 * n / (ms * 1e-3)
+
+
+def fp8_rate() -> float:
+    """FLOP/s of a large FP8 product on the tensor cores: 8192^3, e4m3 by
+    ``torch._scaled_mm`` with one scale per tensor, bfloat16 out (median of 20): the compute
+    counterpart of :func:`copy_bandwidth`, what the card's fastest FP8 GEMM reaches here."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()  # column-major, as cuBLAS
+    one = torch.ones((), device="cuda")
+
+    def run(i):
+        torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16)
+
+    ms = statistics.median(time_it(run, 20, 3))
+    return 2 * n ** 3 / (ms * 1e-3)
 
 
 def routed_experts(fast, mk, *args) -> int:
@@ -318,7 +352,8 @@ def bench_preset(name: str, batches, args, bw, out) -> list[dict]:
     bare = {r["batch"]: r["graph_ms"] for r in rows if r["what"] == "k=3 proposal"}
     shapes = [(b, n) for b in args.drafter for n in args.drafter_rows]
     shapes += [(b, 128) for b in args.catchup_drafter]
-    rows += bench_drafter(model, fast, mk, name, shapes, args.reps, dev, g, pb, bw, bare)
+    rows += bench_drafter(model, fast, mk, name, shapes, args.reps, dev, g, pb, bw, bare,
+                          args.fp8_rate)
     # catch-up: 128 rows per sequence through forward(last_only=True) (the drafter's call: the
     # keys of every row, the rest for each sequence's last row), then those rows' logits
     for n_seq in args.catchup:
@@ -427,7 +462,8 @@ def propose_floors(model, mk, pb, b: int, n: int, k: int, ids, hidden, positions
     return floor / bw * 1e3, full / bw * 1e3
 
 
-def bench_drafter(model, fast, mk, name, shapes, reps, dev, g, pb, bw, bare) -> list[dict]:
+def bench_drafter(model, fast, mk, name, shapes, reps, dev, g, pb, bw, bare,
+                  rate: float) -> list[dict]:
     """``Drafter.propose(k=3)`` as an engine calls it, with whole-call graphs
     (the default on CUDA; ``cuda_graphs=True`` here so that the benchmark cannot time the
     eager path unawares: greedy, one graph replay per call), for each (sequences, new real
@@ -437,7 +473,9 @@ def bench_drafter(model, fast, mk, name, shapes, reps, dev, g, pb, bw, bare) -> 
     with the GPU busy behind a sleeping kernel); the first call's capture time. The window is
     full (as in the floor). Two floors: ``floor_ms``, what the call must read (every row's
     key, the rest for each sequence's last row: the experts those route to) and
-    ``floor_full_ms``, the full forward of every row's (the experts all rows route to).
+    ``floor_full_ms``, the full forward of every row's (the experts all rows route to); and
+    ``floor_fp8_ms``, ``floor_ms`` with the real rows' FP8 products at ``rate`` (the measured
+    FP8 FLOP/s) where their compute outlasts their bytes (the roofline: many rows only).
     ``bare``: {batch: ms} of the bare graph proposal, same run."""
     from mtp.drafter import Drafter
     rows = []
@@ -488,9 +526,11 @@ def bench_drafter(model, fast, mk, name, shapes, reps, dev, g, pb, bw, bare) -> 
             feed_ms = statistics.median(time_it(feed, reps, warmup=3))
         floor_ms, floor_full_ms = propose_floors(model, mk, pb, b, n, k, sets[0][0],
                                                  sets[0][1], positions[0], d.cache, bw)
+        floor_fp8_ms = floor_ms + rows_compute_ms(model, t, bw, rate)
         row = dict(preset=name, what=f"Drafter.propose k=3, {n} row(s)/seq", batch=b,
-                   floor_ms=floor_ms, floor_full_ms=floor_full_ms, graph_ms=ms,
-                   x_floor=ms / floor_ms, x_full_floor=ms / floor_full_ms,
+                   floor_ms=floor_ms, floor_full_ms=floor_full_ms, floor_fp8_ms=floor_fp8_ms,
+                   graph_ms=ms, x_floor=ms / floor_ms, x_full_floor=ms / floor_full_ms,
+                   x_fp8_floor=ms / floor_fp8_ms,
                    x_bare=ms / bare[b] if b in bare else float("nan"),
                    host_us=statistics.median(host), host_us_p10=host[len(host) // 10],
                    host_us_p90=host[len(host) * 9 // 10],
@@ -608,8 +648,10 @@ def main() -> None:
         except OSError:
             commit = "?"
     bw = copy_bandwidth()
+    args.fp8_rate = fp8_rate()
     head = dict(card=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                 commit=commit, date=time.strftime("%Y-%m-%d"), copy_TBps=bw / 1e12,
+                fp8_TFLOPS=args.fp8_rate / 1e12,
                 experts=args.experts, head=args.head, pdl_rows=args.pdl_rows,
                 fp4_decode=moe.DEFAULT_DECODE,
                 fp8_dot=args.fp8_dot,
@@ -636,17 +678,18 @@ def main() -> None:
               f"{r.get('b2b_ms', nan):.3f} | {r.get('b2b_x_floor', nan):.2f} | "
               f"{r.get('speedup_vs_naive', nan):.0f} |")
     print("\n| preset | what | batch | floor ms | ms | x floor | x full forward's floor | "
-          "x bare graphs | host us/call | host p10-p90 | replay alone host us | capture s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "x bytes + FP8 FLOPs floor | x bare graphs | host us/call | host p10-p90 | "
+          "replay alone host us | capture s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows[1:]:
         if r["what"] == "k=3 proposal":
             print(f"| {r['preset']} | bare graph proposal (k=3) | {r['batch']} | "
-                  f"{r['floor_ms']:.3f} | {r['graph_ms']:.3f} | {r['x_floor']:.2f} | | 1 | | "
-                  "| | |")
+                  f"{r['floor_ms']:.3f} | {r['graph_ms']:.3f} | {r['x_floor']:.2f} | | | 1 | "
+                  "| | | |")
         if r["what"].startswith("Drafter"):
             print(f"| {r['preset']} | {r['what']} | {r['batch']} | {r['floor_ms']:.3f} | "
                   f"{r['graph_ms']:.3f} | {r['x_floor']:.2f} | {r['x_full_floor']:.2f} | "
-                  f"{r['x_bare']:.2f} | "
+                  f"{r['x_fp8_floor']:.2f} | {r['x_bare']:.2f} | "
                   f"{r['host_us']:.0f} | {r['host_us_p10']:.0f}-{r['host_us_p90']:.0f} | "
                   f"{r['replay_host_us']:.0f} | {r['capture_s']:.2f} |")
     for r in rows[1:]:
