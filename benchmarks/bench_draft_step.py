@@ -145,6 +145,8 @@ def rows_compute_ms(model, t_rows: int, bw: float, rate: float) -> float:
     them). Added to a bytes-only floor it gives the call's roofline floor: the
     rows' products are one phase that must end before the last rows' attention, so its
     compute cannot hide behind the later steps' reads."""
+    if not rate > 0:  # not measured (fp8_rate's product refused)
+        return math.nan
     cfg, layer = model.config, model.layer(0)
     d, m = cfg.hidden_size, cfg.hc_mult
     prods = (layer.e_proj, layer.h_proj, layer.mtp_block.attn.fused_wqa_wkv)
@@ -227,7 +229,12 @@ def fp8_rate() -> float:
     def run(i):
         torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16)
 
-    ms = statistics.median(time_it(run, 20, 3))
+    try:
+        ms = statistics.median(time_it(run, 20, 3))
+    except RuntimeError as err:  # a torch or card without it: no roofline floor, say why
+        print(f"fp8_rate: torch._scaled_mm refused ({err}); the FP8 floor is not computed",
+              flush=True)
+        return math.nan
     return 2 * n ** 3 / (ms * 1e-3)
 
 
