@@ -124,6 +124,10 @@ VARIANTS = {
     "take+cublas-512": {"mtp_kernels.backend.TAKE_ROWS_KERNEL": True, _FP8 + "CUBLAS_ROWS": 512},
     "take-torch+cublas-off": {"mtp_kernels.backend.TAKE_ROWS_KERNEL": False,
                               _FP8 + "CUBLAS_ROWS": None},
+    # the cuBLAS products' weight scales as float32 by quant_fp8's launch or by a torch
+    # conversion of their own (kernels/NOTES.md v41)
+    "scales-in-quant": {"mtp_kernels.scaled_mm.SCALES_IN_QUANT": True},
+    "scales-by-torch": {"mtp_kernels.scaled_mm.SCALES_IN_QUANT": False},
     # a second drafter with the defaults: the spread of a null A/B in the same run
     "same": {},
 }

@@ -14,7 +14,8 @@ runs at a third of the FP8 rate (kernels/NOTES.md, v39).
 cuBLASLt's layouts: the activations' scales outer-dim-major (``quant_fp8(...,
 scales_outer_major=True)``, their leading dimension a multiple of 4, so the rows are padded
 to one), the weight's [N/128, K/128] float32 and row-major (a copy of the checkpoint's E8M0
-scales, made by every call from the scales as they are then).
+scales, made by every call from the scales as they are then: by ``quant_fp8``'s launch with
+``SCALES_IN_QUANT``, else by a torch conversion).
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ def _f32_scales(scale: torch.Tensor) -> torch.Tensor:
         return scale
     return scale.float().contiguous()
 
+
+# The weight's float32 scales converted by quant_fp8's launch (its last row of programs)
+# instead of a torch conversion of their own: one launch fewer per product (a catch-up's
+# profile showed each conversion at 3-4 us of kernel plus its gap; kernels/NOTES.md v41).
+SCALES_IN_QUANT = False
 
 _WHY_NOT: dict[torch.device, str | None] = {}
 
@@ -87,8 +93,13 @@ def scaled_mm_product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     m = x.shape[0]
     n, k = weight.shape
     rows = -(-m // 4) * 4  # cuBLASLt: the scales' leading dimension a multiple of 4
-    q, xs = quant_fp8(x, k, swiglu_limit, rows=rows, scales_outer_major=True)
-    y = torch._scaled_mm(q, weight.t(), xs, _f32_scales(scale).t(), out_dtype=x.dtype)[:m]
+    if SCALES_IN_QUANT and scale.dtype == torch.float8_e8m0fnu and scale.is_contiguous():
+        q, xs, sw = quant_fp8(x, k, swiglu_limit, rows=rows, scales_outer_major=True,
+                              weight_scale=scale)
+    else:
+        q, xs = quant_fp8(x, k, swiglu_limit, rows=rows, scales_outer_major=True)
+        sw = _f32_scales(scale)
+    y = torch._scaled_mm(q, weight.t(), xs, sw.t(), out_dtype=x.dtype)[:m]
     if add is None:
         return y
     # torch's broadcast add (a kernel of our own for it, kernels/NOTES.md v40, took 0.2-0.8%
