@@ -1,6 +1,7 @@
 """The repository and its wheel: the built wheel ships every file the packages need at run time
-(a non-editable install must work, not only ``pip install -e``), and nothing tracked names a path
-outside the repository (a fresh clone anywhere must pass its tests)."""
+(a non-editable install must work, not only ``pip install -e``), every module it imports is one
+it declares, and nothing tracked names a path outside the repository (a fresh clone anywhere must
+pass its tests)."""
 
 from __future__ import annotations
 
@@ -122,3 +123,49 @@ def test_machine_path_pattern_catches_what_it_must():  # the grep above cannot p
     for fine in ("https://github.com/a/b", "python benchmarks/bench_load.py --dir /tmp/bench",
                  "tests/data/tensors-flash.json.gz", "~/.cache/huggingface/hub"):
         assert not MACHINE_PATH.search(fine), fine
+
+
+# third-party modules mtp imports without declaring them, each with why that is right: only
+# inside ``try`` / ``except ImportError`` or behind an extra
+OPTIONAL_IMPORTS = {
+    "tqdm": "the loading bar; imported under try/except ImportError (huggingface_hub brings it)",
+    "transformers": "mtp.integrations.transformers: the [transformers] extra",
+    "mtp_kernels": "this repository's kernels/, in the same wheel; imported where asked for",
+}
+
+
+def _imported_modules(source: str) -> set[str]:
+    """Top-level names of the absolute imports in ``source``."""
+    import ast
+    out = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def _declared_dependencies() -> set[str]:
+    """The import names of pyproject.toml's runtime dependencies (each is its own import
+    name: torch, safetensors, numpy, huggingface_hub, einops)."""
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.10 has no tomllib (3.11+)")
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return {re.split(r"[\[<>=!~ ;]", d, maxsplit=1)[0].replace("-", "_") for d in deps}
+
+
+def test_every_module_mtp_imports_is_declared():
+    """A third-party module ``mtp`` imports is a runtime dependency of its own, not one that
+    happens to come with another (numpy came with safetensors[torch] until it was named), or
+    is listed in OPTIONAL_IMPORTS with the reason its absence is handled."""
+    declared = _declared_dependencies()
+    found: dict[str, list[str]] = {}
+    for p in sorted((ROOT / "mtp").rglob("*.py")):
+        for mod in _imported_modules(p.read_text()):
+            if mod not in sys.stdlib_module_names and mod != "mtp":
+                found.setdefault(mod, []).append(p.relative_to(ROOT).as_posix())
+    undeclared = {m: files for m, files in found.items()
+                  if m not in declared and m not in OPTIONAL_IMPORTS}
+    assert not undeclared, f"imported by mtp, not in pyproject.toml's dependencies: {undeclared}"
+    assert {"torch", "safetensors", "numpy"} <= set(found)  # (the scan sees real imports)
+    assert not set(OPTIONAL_IMPORTS) - set(found), "OPTIONAL_IMPORTS lists a module not imported"
