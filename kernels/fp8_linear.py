@@ -267,6 +267,7 @@ def quant_fp8(x: torch.Tensor, k: int, swiglu_limit: float | None = None, *,
     else:
         s = torch.empty(rows, k // BK, dtype=torch.float32, device=x.device)
     ws = wf = None
+    nw = 0
     if weight_scale is not None:
         nw = weight_scale.shape[0]
         if (weight_scale.dtype != torch.float8_e8m0fnu or weight_scale.shape[1] != k // BK
@@ -279,11 +280,10 @@ def quant_fp8(x: torch.Tensor, k: int, swiglu_limit: float | None = None, *,
         bm, warps = QUANT_LAUNCH
         n_rows = triton.cdiv(rows, bm) + (ws is not None)  # (+ the weight scales' programs)
         quant_fp8_kernel[(n_rows, k // BK)](
-            x, q, s, ws if ws is not None else q, wf if wf is not None else s, m, rows, k,
-            0 if ws is None else nw, x.stride(0), s.stride(0), s.stride(1),
-            float(swiglu_limit or 0.0), SWIGLU=swiglu_limit is not None, BM=bm, BK=BK,
-            WSCALE=ws is not None, BW=triton.next_power_of_2(max(1, 0 if ws is None else nw)),
-            num_warps=warps, **launch_opts())
+            x, q, s, q if ws is None else ws, s if wf is None else wf, m, rows, k, nw,
+            x.stride(0), s.stride(0), s.stride(1), float(swiglu_limit or 0.0),
+            SWIGLU=swiglu_limit is not None, BM=bm, BK=BK, WSCALE=ws is not None,
+            BW=triton.next_power_of_2(max(1, nw)), num_warps=warps, **launch_opts())
     return (q, s) if wf is None else (q, s, wf)
 
 
