@@ -131,6 +131,30 @@ def e8m0_to_f32(b):
 
 
 @triton.jit
+def e8m0_as_torch(b):
+    """E8M0 byte(s) b (int32) -> float32 as torch converts them (``.float()``): 2^(b - 127),
+    byte 0 the subnormal 2^-127, byte 255 NaN (E8M0's own values): cuBLAS's float32 weight
+    scales, converted by the launch that rounds the product's input."""
+    bits = tl.where(b == 0, 0x400000, tl.where(b == 255, 0x7FC00000, b << 23))
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def store_fp8_row(q_ptr, s_ptr, row, rows_out, xf, D, BD: tl.constexpr):
+    """One row's ``fp8_simulate`` (blocks of 128) as cuBLAS reads it (``quant_fp8(...,
+    rows=rows_out, scales_outer_major=True)``'s layout, bit for bit): x float32 [BD] (masked
+    lanes 0) -> e4m3 codes into q[row] ([rows_out, D]) and the blocks' scales 2^e into s[kb,
+    row] ([D/128, rows_out] memory)."""
+    xb = tl.reshape(xf, (BD // 128, 128))  # [BD] -> [blocks, 128]
+    e = pow2_scale_bits(tl.max(tl.abs(xb), axis=1))
+    qv = tl.reshape(fp8_round(xb, e), (BD,))  # [blocks, 128] -> [BD]
+    dd = tl.arange(0, BD)
+    tl.store(q_ptr + row * D + dd, qv.to(tl.float8e4nv), mask=dd < D)
+    b = tl.arange(0, BD // 128)
+    tl.store(s_ptr + b * rows_out + row, exp2_int(e), mask=b < D // 128)
+
+
+@triton.jit
 def e2m1_times_2pow126(b, shift: tl.constexpr):
     """The e2m1 code in bits [shift, shift+4) of b (int32) as float32 value * 2^-126, exact:
     the sign goes to bit 31 and the 3 magnitude bits to bits 22-24 (exponent's low 2 bits and

@@ -45,10 +45,11 @@ from mtp.model import DeepSeekV4MTP
 
 from . import argmax as argmax_k
 from . import attention as attn_k
+from . import fp8_linear as fp8_linear_k
 from . import hc as hc_k
 from . import head as head_k
 from . import moe as moe_k
-from . import moe_cuda
+from . import moe_cuda, scaled_mm
 from . import prepare as prepare_k
 from . import rows as rows_k
 from .fp8_linear import fp8_linear
@@ -69,6 +70,10 @@ ARGMAX_KERNEL = True
 # on an H100; kernels/NOTES.md, "The catch-up's timeline"). Kept for 0.8-1.4% less GPU time
 # per catch-up inside the graphs (ab_drafter.py's "take-kernel" / "take-torch"; NOTES v38).
 TAKE_ROWS_KERNEL = True
+# embed_norms writes e_proj's and h_proj's inputs in cuBLAS's form (codes, outer-dim-major
+# scales, the weights' float32 scales) where those products go to cuBLAS (a catch-up's
+# prefix): two quant_fp8 launches and two scale conversions fewer (kernels/NOTES.md v42).
+ROUND_IN_NORMS = False
 
 
 @dataclass
@@ -153,12 +158,16 @@ class TritonOps:
 
     # ---- the layer's start -----------------------------------------------------------------
     def embed_norms(self, input_ids, inputs_embeds, positions, embed, h, enorm_w, hnorm_w,
-                    eps: float, *, dtype: torch.dtype, zero_pos0: bool):
+                    eps: float, *, dtype: torch.dtype, zero_pos0: bool, proj=None):
         t, m, d = h.shape
         rows = h.reshape(t * m, d).contiguous()  # [T, M, D] -> [T*M, D]
         if inputs_embeds is None and embed.dtype == dtype:  # lookup + both norms, one launch
+            fp8 = (self._cublas_scales(proj, t, m, dtype, h.device) if ROUND_IN_NORMS and proj
+                   else (None, None))
             en, hn = hc_k.embed_norms(input_ids, positions, embed, rows, enorm_w, hnorm_w, eps,
-                                      zero_pos0=zero_pos0)
+                                      zero_pos0=zero_pos0, fp8=fp8)
+            if isinstance(hn, scaled_mm.FP8Rows):  # (for input_proj alone)
+                return en, hn
         else:
             e = F.embedding(input_ids, embed) if inputs_embeds is None else inputs_embeds
             e = e.to(dtype)
@@ -167,6 +176,26 @@ class TritonOps:
             en = hc_k.rmsnorm(e.contiguous(), enorm_w, eps)
             hn = hc_k.rmsnorm(rows, hnorm_w, eps)
         return en, hn.view(t, m, d)
+
+    @staticmethod
+    def _cublas_scales(proj, t: int, m: int, dtype, device) -> tuple:
+        """The E8M0 scales of e_proj and h_proj (``proj``: (e_proj, h_proj, act_quant)) where
+        that product of t or t * m rows goes to cuBLAS (``fp8_linear.by_cublas``), else None:
+        what ``hc.embed_norms(..., fp8=)`` rounds its outputs for. e_proj only together with
+        h_proj (the FP8Rows path of input_proj is h_proj's)."""
+        e_proj, h_proj, act_quant = proj
+
+        def scale(lin, rows: int):
+            s = lin.weight_scale_inv
+            k = lin.weight.shape[1]
+            return (s if act_quant and s.dtype == torch.float8_e8m0fnu and s.is_contiguous()
+                    and fp8_linear_k.by_cublas(rows, k, dtype, device, True) else None)
+
+        hs = scale(h_proj, t * m)
+        es = scale(e_proj, t) if hs is not None else None
+        if es is not None and es.shape != hs.shape:
+            es = None
+        return es, hs
 
     def linear(self, x, lin, act_quant: bool, wide_out: bool = False, **kw):
         if wide_out:  # a tensor-parallel partial sum, left in float32 for the all-reduce
@@ -179,6 +208,14 @@ class TritonOps:
         # product takes a split-K pass; for few rows that pass also computes the attention
         # hc_pre's mixes (as hc_post does for the later ones): no hc_mix launch. (e_proj
         # beside h_proj on a side stream was measured slower: kernels/NOTES.md v28)
+        if isinstance(hn, scaled_mm.FP8Rows):  # rounded by embed_norms for cuBLAS
+            t = en.m if isinstance(en, scaled_mm.FP8Rows) else en.shape[0]
+            m = hn.m // t
+            e = (scaled_mm.scaled_mm_product(en, e_proj.weight, e_proj.weight_scale_inv)
+                 if isinstance(en, scaled_mm.FP8Rows) else self.linear(en, e_proj, act_quant))
+            x = scaled_mm.scaled_mm_product(hn, h_proj.weight, h_proj.weight_scale_inv, add=e,
+                                            add_row_div=m)
+            return x.view(t, m, -1), None  # [T*M, D] -> [T, M, D]
         t, m, d = hn.shape
         mix = mix_fn if INPUT_MIX and t <= hc_k.POST_MIX_T else None
         if INPUT_PAIR:

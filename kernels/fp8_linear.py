@@ -30,7 +30,15 @@ import triton
 import triton.language as tl
 
 from . import _common, scaled_mm
-from ._common import e8m0_to_f32, fp8_round, launch_opts, mma, pdl_enter, pow2_scale_bits
+from ._common import (
+    e8m0_as_torch,
+    e8m0_to_f32,
+    fp8_round,
+    launch_opts,
+    mma,
+    pdl_enter,
+    pow2_scale_bits,
+)
 
 BK = 128
 # bf16 activations with act_quant: the e4m3 activation codes and the e4m3 weights go to the FP8
@@ -228,8 +236,7 @@ def quant_fp8_kernel(x_ptr, q_ptr, s_ptr, ws_ptr, wf_ptr, M, M_OUT, K, NW, strid
         nb = tl.arange(0, BW)
         woff = nb * (K // BK) + kb
         b = tl.load(ws_ptr + woff, mask=nb < NW, other=127).to(tl.int32)
-        bits = tl.where(b == 0, 0x400000, tl.where(b == 255, 0x7FC00000, b << 23))
-        tl.store(wf_ptr + woff, bits.to(tl.float32, bitcast=True), mask=nb < NW)
+        tl.store(wf_ptr + woff, e8m0_as_torch(b), mask=nb < NW)
     else:
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = kb * BK + tl.arange(0, BK)
@@ -322,6 +329,14 @@ def launch_settings(m: int, dot_f32: bool, tune: dict) -> tuple[int, int, int, i
             tune.get("stages", stages))
 
 
+def by_cublas(m: int, k: int, dtype: torch.dtype, device: torch.device, rounds: bool) -> bool:
+    """Whether :func:`fp8_linear` gives an ungrouped product of m rows of ``dtype`` (K = k,
+    input rounded to FP8 where ``rounds``) into a new output to cuBLAS (``scaled_mm``): so a
+    kernel before it may write the input in cuBLAS's form (``scaled_mm.FP8Rows``)."""
+    return (CUBLAS_ROWS is not None and m >= CUBLAS_ROWS and FP8_DOT and rounds
+            and dtype == torch.bfloat16 and k % (4 * BK) == 0 and scaled_mm.ready(device))
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, act_quant: bool,
                group_n: int | None = None, swiglu_limit: float | None = None,
                add: torch.Tensor | None = None, add_row_div: int = 1,
@@ -376,9 +391,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, ac
                 or group_n not in (None, n) or (out is not None and out.dtype != x.dtype)):
             raise ValueError("fp8_linear: add_linear takes a weight of weight's shape and "
                              "format, x2 [M / add_row_div, K] of x's dtype, and no other option")
-    if (CUBLAS_ROWS is not None and m >= CUBLAS_ROWS and FP8_DOT and x.dtype == torch.bfloat16
-            and (act_quant or rounded) and group == n and out is None and k % (4 * BK) == 0
-            and m % add_row_div == 0 and not tune and scaled_mm.ready(x.device)):
+    if (group == n and out is None and m % add_row_div == 0 and not tune
+            and by_cublas(m, k, x.dtype, x.device, act_quant or rounded)):
         if x2 is not None:  # e_proj's rows are h_proj's over add_row_div: maybe the kernel's
             add = fp8_linear(x2, w2, s2, act_quant=act_quant)
         y = scaled_mm.scaled_mm_product(x, weight, scale, swiglu_limit, add, add_row_div)

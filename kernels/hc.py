@@ -21,8 +21,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import _common
+from . import _common, scaled_mm
 from ._common import (
+    e8m0_as_torch,
     even_odd8,
     exp2_int,
     fp8_round,
@@ -30,6 +31,7 @@ from ._common import (
     pdl_enter,
     pow2_scale_bits,
     rms_row,
+    store_fp8_row,
 )
 
 _MIX_BK = 128
@@ -66,43 +68,106 @@ def rmsnorm_kernel(x_ptr, w_ptr, out_ptr, D, stride_x, stride_o, eps, BD: tl.con
 
 
 @triton.jit
-def embed_norms_kernel(ids_ptr, pos_ptr, emb_ptr, h_ptr, ew_ptr, hw_ptr, en_ptr, hn_ptr, T, D,
-                       eps, ZERO_POS0: tl.constexpr, BD: tl.constexpr):
-    """Program r < T: the embedding row of ids[r] (zero at position 0 with ZERO_POS0), its
-    RMSNorm (enorm) into en[r]; program T + j: hidden row j's RMSNorm (hnorm) into hn[j]."""
+def embed_norms_kernel(ids_ptr, pos_ptr, emb_ptr, h_ptr, ew_ptr, hw_ptr, en_ptr, hn_ptr, es_ptr,
+                       hs_ptr, ws0_ptr, ws1_ptr, wf_ptr, T, T_OUT, R, R_OUT, D, NW, eps,
+                       ZERO_POS0: tl.constexpr, BD: tl.constexpr, EN_FP8: tl.constexpr,
+                       HN_FP8: tl.constexpr, WSCALES: tl.constexpr, BW: tl.constexpr):
+    """Program r < T_OUT: the embedding row of ids[r] (zero at position 0 with ZERO_POS0), its
+    RMSNorm (enorm) into en[r]; program T_OUT + j < T_OUT + R_OUT: hidden row j's RMSNorm
+    (hnorm) into hn[j]. With EN_FP8 / HN_FP8 that output is written as cuBLAS reads it
+    (``store_fp8_row``: the bf16 result's FP8 rounding; rows past T / R, up to the padded
+    T_OUT / R_OUT, zero codes); with WSCALES the last WSCALES (1 or 2) programs each convert
+    one of the products' E8M0 weight scales (ws0, ws1: NW bytes each) to float32 (wf[i])."""
     pdl_enter()
     r = tl.program_id(0)
-    offs = tl.arange(0, BD)
-    mask = offs < D
-    if r < T:
-        row = tl.load(ids_ptr + r).to(tl.int64)
-        x = tl.load(emb_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
-        if ZERO_POS0:
-            x = tl.where(tl.load(pos_ptr + r) == 0, 0.0, x)
-        w = tl.load(ew_ptr + offs, mask=mask, other=0.0)
-        out = en_ptr + r * D
+    if WSCALES and r >= T_OUT + R_OUT:
+        i = r - T_OUT - R_OUT
+        nb = tl.arange(0, BW)
+        if i == 0:
+            b = tl.load(ws0_ptr + nb, mask=nb < NW, other=127)
+        else:
+            b = tl.load(ws1_ptr + nb, mask=nb < NW, other=127)
+        tl.store(wf_ptr + i * NW + nb, e8m0_as_torch(b.to(tl.int32)), mask=nb < NW)
     else:
-        x = tl.load(h_ptr + (r - T) * D + offs, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(hw_ptr + offs, mask=mask, other=0.0)
-        out = hn_ptr + (r - T) * D
-    tl.store(out + offs, rms_row(x, w, D, eps).to(en_ptr.dtype.element_ty), mask=mask)
+        offs = tl.arange(0, BD)
+        mask = offs < D
+        # a padding row (past T or R, below T_OUT or R_OUT) reads the last row and drops it
+        if r < T_OUT:
+            rr = tl.minimum(r, T - 1)
+            row = tl.load(ids_ptr + rr).to(tl.int64)
+            x = tl.load(emb_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
+            if ZERO_POS0:
+                x = tl.where(tl.load(pos_ptr + rr) == 0, 0.0, x)
+            x = tl.where(r < T, x, 0.0)
+            w = tl.load(ew_ptr + offs, mask=mask, other=0.0)
+            y = rms_row(x, w, D, eps).to(emb_ptr.dtype.element_ty)
+            if EN_FP8:
+                store_fp8_row(en_ptr, es_ptr, r, T_OUT, y.to(tl.float32), D, BD)
+            else:
+                tl.store(en_ptr + r * D + offs, y, mask=mask)
+        else:
+            j = r - T_OUT
+            x = tl.load(h_ptr + tl.minimum(j, R - 1) * D + offs, mask=mask, other=0.0)
+            x = tl.where(j < R, x.to(tl.float32), 0.0)
+            w = tl.load(hw_ptr + offs, mask=mask, other=0.0)
+            y = rms_row(x, w, D, eps).to(emb_ptr.dtype.element_ty)
+            if HN_FP8:
+                store_fp8_row(hn_ptr, hs_ptr, j, R_OUT, y.to(tl.float32), D, BD)
+            else:
+                tl.store(hn_ptr + j * D + offs, y, mask=mask)
 
 
 def embed_norms(ids: torch.Tensor, positions: torch.Tensor, embed: torch.Tensor,
                 h: torch.Tensor, enorm_w: torch.Tensor, hnorm_w: torch.Tensor, eps: float, *,
-                zero_pos0: bool):
+                zero_pos0: bool, fp8: tuple = (None, None)):
     """The MTP layer's two input norms in one launch: (rms_norm(embed[ids] (zero where
     positions == 0 if ``zero_pos0``), enorm_w), rms_norm(h, hnorm_w)): ids, positions [T],
-    embed [V, D], h [R, D] contiguous in embed's dtype -> ([T, D], [R, D])."""
+    embed [V, D], h [R, D] contiguous in embed's dtype (bfloat16 where ``fp8`` asks) -> ([T,
+    D], [R, D]).
+
+    ``fp8`` (for en, for hn): None, or the E8M0 scales [N/128, D/128] (contiguous) of the
+    weight the output is the input of: then that output is a ``scaled_mm.FP8Rows`` instead,
+    the rounding its cuBLAS product takes (``quant_fp8`` of the bf16 result, bit for bit)
+    with the weight's scales as float32, all from the same launch.
+
+    Example:
+        >>> en, hn = embed_norms(ids, pos, embed, h, enorm_w, hnorm_w, 1e-6, zero_pos0=True,
+        ...                      fp8=(e_proj.weight_scale_inv, h_proj.weight_scale_inv))
+    """
     t, (r, d) = ids.shape[0], h.shape
-    en = torch.empty(t, d, dtype=embed.dtype, device=h.device)
-    hn = torch.empty(r, d, dtype=embed.dtype, device=h.device)
-    if t + r:
+    dev = h.device
+    ws = [s for s in fp8 if s is not None]  # the weights' scales, in (en, hn) order
+    if ws and (embed.dtype != torch.bfloat16 or d % 128
+               or any(s.dtype != torch.float8_e8m0fnu or not s.is_contiguous()
+                      or s.shape != ws[0].shape or s.shape[1] * 128 != d for s in ws)):
+        raise ValueError(f"embed_norms: fp8 outputs take bfloat16 rows and contiguous E8M0 "
+                         f"weight scales of one shape [N/128, {d // 128}], got {embed.dtype} "
+                         f"and {[(s.dtype, list(s.shape)) for s in ws]}")
+
+    def output(n, scale):  # (values or codes [n_out, D], scales [D/128, n_out] or None, n_out)
+        if scale is None:
+            return torch.empty(n, d, dtype=embed.dtype, device=dev), None, n
+        n_out = scaled_mm.padded_rows(n)
+        return (torch.empty(n_out, d, dtype=torch.float8_e4m3fn, device=dev),
+                torch.empty(d // 128, n_out, dtype=torch.float32, device=dev), n_out)
+
+    (en, es, t_out), (hn, hs, r_out) = output(t, fp8[0]), output(r, fp8[1])
+    nw = ws[0].numel() if ws else 0
+    wf = torch.empty(len(ws), nw, dtype=torch.float32, device=dev) if ws else en  # (unread)
+    # the scales as bytes (one weight's twice where one converts; none: unread)
+    w0, w1 = ([s.view(torch.uint8) for s in ws] * 2)[:2] if ws else (en, en)
+    programs = t_out + r_out + len(ws)
+    if programs:
         bd = triton.next_power_of_2(d)
-        embed_norms_kernel[(t + r,)](ids, positions, embed, h, enorm_w, hnorm_w, en, hn, t, d,
-                                     eps, ZERO_POS0=zero_pos0, BD=bd,
-                                     num_warps=4 if bd <= 4096 else 8, **launch_opts())
-    return en, hn
+        embed_norms_kernel[(programs,)](
+            ids, positions, embed, h, enorm_w, hnorm_w, en, hn, en if es is None else es,
+            hn if hs is None else hs, w0, w1, wf, t, t_out, r, r_out, d, nw, eps,
+            ZERO_POS0=zero_pos0, BD=bd, EN_FP8=es is not None, HN_FP8=hs is not None,
+            WSCALES=len(ws), BW=triton.next_power_of_2(max(1, nw)),
+            num_warps=4 if bd <= 4096 else 8, **launch_opts())
+    wf_of = iter(wf.view(len(ws), *ws[0].shape) if ws else ())
+    return tuple(out if s is None else scaled_mm.FP8Rows(out, s.t(), n, next(wf_of))
+                 for out, s, n in ((en, es, t), (hn, hs, r)))
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,

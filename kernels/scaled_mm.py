@@ -20,7 +20,32 @@ scales, made by every call from the scales as they are then: by ``quant_fp8``'s 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import triton
+import triton.language as tl
+
+from ._common import launch_opts, pdl_enter
+
+
+class FP8Rows(NamedTuple):
+    """A product's input rounded ahead by the kernel that made it, in cuBLAS's form (what
+    ``quant_fp8(x, K, rows=R, scales_outer_major=True)`` returns, bit for bit): ``codes`` [R,
+    K] float8_e4m3fn (R: m rounded up to a multiple of 4), ``scales`` [R, K/128] float32
+    outer-dim-major, ``m`` the real rows; ``weight_scale``: the float32 scales of the weight
+    it is for, converted by the same launch (None: the product converts them)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    m: int
+    weight_scale: torch.Tensor | None = None
+
+
+def padded_rows(m: int) -> int:
+    """Rows of a cuBLAS input of m rows: cuBLASLt takes the scales' leading dimension a
+    multiple of 4."""
+    return -(-m // 4) * 4
 
 
 def _f32_scales(scale: torch.Tensor) -> torch.Tensor:
@@ -34,6 +59,13 @@ def _f32_scales(scale: torch.Tensor) -> torch.Tensor:
         return scale
     return scale.float().contiguous()
 
+
+# The broadcast add (h_proj + e_proj) by add_rows_ (True) or torch's add (False: 27 us at a
+# Flash 4 x 128 catch-up's 2,048 rows on an H100, 1.4 TB/s; the kernel took 17.5 us of it,
+# -0.8%: kernels/NOTES.md v40). Tiles of ADD_BM x ADD_BN elements, 8 bf16 (16 bytes) per
+# thread and load.
+ADD_KERNEL = False
+ADD_BM, ADD_BN = 4, 256
 
 # The weight's float32 scales converted by quant_fp8's launch (its last row of programs)
 # instead of a torch conversion of their own: one launch fewer per product (a catch-up's
@@ -78,31 +110,71 @@ def unavailable(device: torch.device) -> str | None:
     return None
 
 
-def scaled_mm_product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+def scaled_mm_product(x: torch.Tensor | FP8Rows, weight: torch.Tensor, scale: torch.Tensor,
                       swiglu_limit: float | None = None, add: torch.Tensor | None = None,
                       add_row_div: int = 1) -> torch.Tensor:
     """``fp8_linear(x, weight, scale, act_quant=True, ...)`` for bf16 x [M, K] (or [M, 2K]
-    with ``swiglu_limit``) by cuBLAS -> [M, N] bf16 (M divisible by ``add_row_div`` where
-    ``add`` [M / add_row_div, N] is given).
+    with ``swiglu_limit``), or x rounded ahead (:class:`FP8Rows`: then bf16 out), by cuBLAS
+    -> [M, N] bf16 (M divisible by ``add_row_div`` where ``add`` [M / add_row_div, N] is
+    given).
 
     Example:
         >>> y = scaled_mm_product(hn, h_proj.weight, h_proj.weight_scale_inv, add=e,
         ...                       add_row_div=4)
     """
     from .fp8_linear import quant_fp8  # (fp8_linear imports this module)
-    m = x.shape[0]
     n, k = weight.shape
-    rows = -(-m // 4) * 4  # cuBLASLt: the scales' leading dimension a multiple of 4
+    if isinstance(x, FP8Rows):
+        q, xs, m, dtype = x.codes, x.scales, x.m, torch.bfloat16
+        sw = x.weight_scale if x.weight_scale is not None else _f32_scales(scale)
+        return _product(q, xs, sw, weight, m, dtype, add, add_row_div)
+    m, dtype = x.shape[0], x.dtype
+    rows = padded_rows(m)
     if SCALES_IN_QUANT and scale.dtype == torch.float8_e8m0fnu and scale.is_contiguous():
         q, xs, sw = quant_fp8(x, k, swiglu_limit, rows=rows, scales_outer_major=True,
                               weight_scale=scale)
     else:
         q, xs = quant_fp8(x, k, swiglu_limit, rows=rows, scales_outer_major=True)
         sw = _f32_scales(scale)
-    y = torch._scaled_mm(q, weight.t(), xs, sw.t(), out_dtype=x.dtype)[:m]
+    return _product(q, xs, sw, weight, m, dtype, add, add_row_div)
+
+
+def _product(q, xs, sw, weight, m: int, dtype, add, d: int) -> torch.Tensor:
+    y = torch._scaled_mm(q, weight.t(), xs, sw.t(), out_dtype=dtype)[:m]
     if add is None:
         return y
-    # torch's broadcast add (a kernel of our own for it, kernels/NOTES.md v40, took 0.2-0.8%
-    # off a catch-up: below the 1% a launch of its own must earn, so not kept)
-    d = add_row_div
+    if ADD_KERNEL:
+        return add_rows_(y, add, d)
+    n = weight.shape[0]
     return (y.view(m // d, d, n) + add[:, None, :]).view(m, n)  # [M, N] -> [M/d, d, N]
+
+
+@triton.jit
+def add_rows_kernel(y_ptr, a_ptr, M, N, stride_am, D: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr):
+    """Block (i, j) of y [M, N] (contiguous) += a[row // D] in place, each sum rounded to y's
+    dtype once (as torch's add of two bf16 tensors)."""
+    pdl_enter()
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    at = y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+    y = tl.load(at, mask=mask).to(tl.float32)
+    a = tl.load(a_ptr + (rows // D).to(tl.int64)[:, None] * stride_am + cols[None, :],
+                mask=mask).to(tl.float32)
+    tl.store(at, (y + a).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rows_(y: torch.Tensor, add: torch.Tensor, d: int) -> torch.Tensor:
+    """``y += add.repeat_interleave(d, 0)`` in place, one launch: y [M, N] contiguous, add
+    [M / d, N] (last dim contiguous) of y's dtype -> y.
+
+    Example:
+        >>> x = add_rows_(h_proj_out, e_proj_out, 4)  # each token's e_proj on its 4 streams
+    """
+    m, n = y.shape
+    if m:
+        add_rows_kernel[(triton.cdiv(m, ADD_BM), triton.cdiv(n, ADD_BN))](
+            y, add, m, n, add.stride(0), D=d, BM=ADD_BM, BN=ADD_BN, num_warps=4,
+            **launch_opts())
+    return y

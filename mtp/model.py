@@ -419,7 +419,8 @@ class MTPLayer(nn.Module):
         cfg, op, nm = self.cfg, ctx.ops, ctx.numerics
         en, hn = op.embed_norms(input_ids, inputs_embeds, ctx.positions, embed, h,
                                 self.enorm.weight, self.hnorm.weight, cfg.rms_norm_eps,
-                                dtype=h.dtype, zero_pos0=nm.zero_embed_at_pos0)
+                                dtype=h.dtype, zero_pos0=nm.zero_embed_at_pos0,
+                                proj=(self.e_proj, self.h_proj, nm.act_quant))
         x, parts = op.input_proj(en, hn, self.e_proj, self.h_proj, nm.act_quant,
                                  mix_fn=self.mtp_block.hc_attn_fn)  # [T, M, D]
         return self.mtp_block(x, ctx, self.hc_head_fn if head_mix else None, out_rows,

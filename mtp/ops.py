@@ -233,9 +233,12 @@ class ReferenceOps:
     name = "reference"
 
     def embed_norms(self, input_ids, inputs_embeds, positions, embed, h, enorm_w, hnorm_w,
-                    eps: float, *, dtype: torch.dtype, zero_pos0: bool):
+                    eps: float, *, dtype: torch.dtype, zero_pos0: bool, proj=None):
         """The layer's two input norms: (enorm(e) [T, D], hnorm(h) [T, M, D]), e = embed[ids]
-        (or ``inputs_embeds``) in ``dtype``, zero where positions == 0 with ``zero_pos0``."""
+        (or ``inputs_embeds``) in ``dtype``, zero where positions == 0 with ``zero_pos0``.
+        ``proj``: (e_proj, h_proj, act_quant), the products that read them next: a backend
+        may return them in those products' input form, for its own ``input_proj`` (here
+        ignored)."""
         e = F.embedding(input_ids, embed) if inputs_embeds is None else inputs_embeds
         e = e.to(dtype)
         if zero_pos0:

@@ -311,6 +311,59 @@ def test_catchup_matches_module(dtype, rounding, chunk_rows, many_rows, monkeypa
         build(torch.float64, rounding), torch.float64, chunk_rows, monkeypatch))
 
 
+@pytest.mark.parametrize("rows", [(160, 90), (40, 30)])
+def test_input_rounding_in_norms_and_add_kernel_change_no_bit(rows, monkeypatch):
+    """A catch-up whose e_proj / h_proj go to cuBLAS (hidden 512, ``CUBLAS_ROWS`` = 128: both
+    at 250 rows, h_proj alone at 70) with ``backend.ROUND_IN_NORMS`` (embed_norms writes their
+    inputs in cuBLAS's form, the weights' float32 scales too) and ``scaled_mm.ADD_KERNEL``
+    (the broadcast add by a kernel) gives the default path's outputs, logits and cache bit
+    for bit (the same codes, scales and cuBLAS products; the add's one rounding); and with
+    the rounding in the norms no ``quant_fp8`` launch rounds those products' inputs."""
+    import mtp_kernels.backend as be
+    from mtp_kernels import fp8_linear as fl
+    from mtp_kernels import scaled_mm
+    if INTERPRET:
+        pytest.skip("cuBLAS: the interpreter runs no cuBLAS")
+    if not scaled_mm.ready(torch.device(DEVICE)):
+        pytest.skip(f"cuBLAS's block-scaled FP8 GEMM: {scaled_mm.unavailable(DEVICE)}")
+    cfg = dataclasses.replace(MTPConfig.from_name("tiny"), hidden_size=512)
+    num = Numerics(act_quant=True, kv_fp8=True)
+    src = init_random_(DeepSeekV4MTP(cfg, numerics=num), seed=6)
+    model = DeepSeekV4MTP(cfg, dtype=torch.bfloat16, numerics=num, device=DEVICE)
+    model.load_state_dict(src.state_dict())
+    triton(model)
+    monkeypatch.setattr(fl, "CUBLAS_ROWS", 128)
+    g = torch.Generator().manual_seed(7)
+    a, b = rows
+    slots = torch.tensor([0] * a + [1] * b, device=DEVICE)
+    pos = torch.cat([torch.arange(a), torch.arange(4, 4 + b)]).to(DEVICE)
+    ids = torch.randint(0, cfg.vocab_size, (a + b,), generator=g).to(DEVICE)
+    h = torch.randn(a + b, cfg.hc_dim, generator=g).to(DEVICE, torch.bfloat16)
+    quants, products = [], []
+    quant, mm = fl.quant_fp8, torch._scaled_mm
+    monkeypatch.setattr(fl, "quant_fp8", lambda *x, **k: quants.append(x[0].shape[0]) or quant(
+        *x, **k))
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *x, **k: products.append(1) or mm(*x, **k))
+    out, launches = {}, {}
+    by_cublas = [r for r in ((a + b) * cfg.hc_mult, a + b) if r >= 128]  # h_proj's, e_proj's
+    for on in (False, True):
+        monkeypatch.setattr(be, "ROUND_IN_NORMS", on)
+        monkeypatch.setattr(scaled_mm, "ADD_KERNEL", on)
+        quants.clear()
+        products.clear()
+        cache = KVCache(1, 2, cfg.sliding_window + 3, cfg.head_dim, dtype=torch.bfloat16,
+                        device=DEVICE)
+        x = model.forward(ids, pos, h, kv_cache=cache, seq_slots=slots, last_only=True)
+        out[on] = (x, model.compute_logits(x), cache.kv, cache.pos)
+        assert len(products) >= len(by_cublas)  # (and wq_a / wkv's at 250 rows)
+        launches[on] = list(quants)
+    # the rounding of h_proj's and e_proj's inputs went from quant_fp8 to embed_norms
+    assert len(launches[False]) - len(launches[True]) == len(by_cublas)
+    assert by_cublas[0] in launches[False] and by_cublas[0] not in launches[True]
+    for u, v in zip(out[False], out[True]):
+        assert torch.equal(u, v)
+
+
 def assert_within_fast_path_bounds(got, want, dtype, rounding, truth) -> None:
     """float32 without rounding: each of ``got`` within 2e-6 of ``want`` (summation order
     only); otherwise no further from the float64 run ``truth()`` than 1.5x ``want``'s error +

@@ -370,6 +370,65 @@ def test_embed_norms(dtype, zero_pos0):
     assert not zero_pos0 or torch.equal(en[~keep], torch.zeros_like(en[~keep]))
 
 
+@given(t=st.integers(0, 13), m=st.sampled_from([1, 4]), kb=st.sampled_from([1, 3, 4]),
+       which=st.sampled_from(["en", "hn", "both"]), zero_pos0=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+@settings(max_examples=20, deadline=None)
+def test_embed_norms_rounded_for_cublas(t, m, kb, which, zero_pos0, seed):
+    """``embed_norms(..., fp8=...)``: an output asked for in cuBLAS's form is exactly
+    ``quant_fp8`` of the bf16 output (codes and outer-dim-major scales bit for bit, padded
+    rows zero codes), the other output unchanged, and each weight's float32 scales torch's
+    conversion of its E8M0 bytes, bit for bit (255: NaN both ways). (Runs in Triton 3.9's
+    interpreter too: both sides see its bf16 rounding.)"""
+    from mtp_kernels import hc
+    from mtp_kernels.fp8_linear import quant_fp8
+    from mtp_kernels.scaled_mm import FP8Rows, padded_rows
+    d, v = 128 * kb, 40
+    g = torch.Generator().manual_seed(seed)
+    emb = (torch.randn(v, d, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+    ids = torch.randint(0, v, (t,), generator=g).to(DEVICE)
+    pos = torch.randint(0, 3, (t,), generator=g).to(DEVICE)
+    h = (torch.randn(t * m, d, generator=g) * torch.logspace(-4, 4, d)).to(torch.bfloat16)
+    h = h.to(DEVICE)
+    ew, hw = 1 + randn(d, seed=seed, std=0.1), 1 + randn(d, seed=seed + 1, std=0.1)
+    b = torch.randint(0, 256, (2, 3, kb), generator=g, dtype=torch.uint8)
+    b[0, 0, 0], b[1, 0, 0] = 255, 0
+    ws = [x.to(DEVICE).view(torch.float8_e8m0fnu) for x in b]
+    fp8 = (ws[0] if which != "hn" else None, ws[1] if which != "en" else None)
+    args = (ids, pos, emb, h, ew, hw, 1e-6)
+    want = hc.embed_norms(*args, zero_pos0=zero_pos0)
+    got = hc.embed_norms(*args, zero_pos0=zero_pos0, fp8=fp8)
+    for out, ref, scale in zip(got, want, fp8):
+        if scale is None:
+            assert torch.equal(out, ref)
+            continue
+        n = ref.shape[0]
+        q, s = quant_fp8(ref, d, rows=padded_rows(n), scales_outer_major=True)
+        assert isinstance(out, FP8Rows) and out.m == n
+        assert torch.equal(out.codes.view(torch.uint8), q.view(torch.uint8))
+        assert out.scales.stride() == s.stride() and torch.equal(out.scales, s)
+        wf = out.weight_scale
+        assert wf.dtype == torch.float32 and wf.shape == scale.shape
+        nan = scale.view(torch.uint8) == 255
+        assert torch.equal(wf.isnan(), nan)
+        assert torch.equal(wf.view(torch.int32)[~nan], scale.float().view(torch.int32)[~nan])
+
+
+def test_embed_norms_refuses_what_it_cannot_round():
+    """float32 rows, float32 or mis-shaped weight scales: the error names them."""
+    from mtp_kernels import hc
+    d = 256
+    ids = pos = torch.zeros(2, dtype=torch.long, device=DEVICE)
+    emb, h = randn(4, d, dtype=torch.bfloat16), randn(8, d, dtype=torch.bfloat16)
+    w = torch.ones(d, device=DEVICE)
+    e8 = torch.ones(2, 2, device=DEVICE).to(torch.float8_e8m0fnu)
+    for bad_emb, fp8 in ((emb.float(), (e8, e8)), (emb, (e8.float(), None)),
+                         (emb, (None, e8[:, :1])), (emb, (e8, e8[:1]))):
+        with pytest.raises(ValueError, match="embed_norms: fp8 outputs"):
+            hc.embed_norms(ids, pos, bad_emb, h.to(bad_emb.dtype), w, w, 1e-6,
+                           zero_pos0=False, fp8=fp8)
+
+
 @pytest.mark.parametrize("kernel", ["auto", "triton", "cublas"])
 @pytest.mark.parametrize("d", [256, 4096])
 @pytest.mark.parametrize("t", [1, 2, 5, 16, 17, 33, 64, 65])
@@ -837,6 +896,24 @@ def test_quant_fp8_padded_rows_and_outer_major_scales(m):
         assert torch.equal(q[:m].view(torch.uint8), q0.view(torch.uint8))
         assert torch.equal(s[:m], s0)
         assert not q[m:].view(torch.uint8).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@given(m=st.integers(1, 70), n=st.integers(1, 700), d=st.sampled_from([1, 2, 4]),
+       seed=st.integers(0, 2 ** 16))
+@settings(max_examples=25, deadline=None)
+def test_add_rows_in_place(dtype, m, n, d, seed):
+    """``scaled_mm.add_rows_`` (the broadcast add after cuBLAS's product) equals torch's add
+    of the repeated rows bit for bit (one rounding of each float32 sum), in y's own memory;
+    the add's rows strided (a column range of a wider tensor)."""
+    from mtp_kernels.scaled_mm import add_rows_
+    if INTERPRET and dtype == torch.bfloat16:
+        pytest.skip("bfloat16 rounding: the interpreter truncates")
+    y = randn(m, n, seed=seed, dtype=dtype)
+    a = randn(-(-m // d), n + 3, seed=seed + 1, dtype=dtype)[:, 3:]
+    want = y + a.repeat_interleave(d, dim=0)[:m]
+    got = add_rows_(y, a, d)
+    assert got.data_ptr() == y.data_ptr() and torch.equal(got, want)
 
 
 @given(n_blocks=st.integers(1, 70), kb=st.integers(1, 8), m=st.integers(0, 40),
