@@ -70,9 +70,10 @@ ARGMAX_KERNEL = True
 # on an H100; kernels/NOTES.md, "The catch-up's timeline"). Kept for 0.8-1.4% less GPU time
 # per catch-up inside the graphs (ab_drafter.py's "take-kernel" / "take-torch"; NOTES v38).
 TAKE_ROWS_KERNEL = True
-# embed_norms writes e_proj's and h_proj's inputs in cuBLAS's form (codes, outer-dim-major
-# scales, the weights' float32 scales) where those products go to cuBLAS (a catch-up's
-# prefix): two quant_fp8 launches and two scale conversions fewer (kernels/NOTES.md v42).
+# The kernels that end in the norm before a product cuBLAS takes write its input in cuBLAS's
+# form (codes, outer-dim-major scales, the weight's float32 scales): embed_norms for e_proj
+# and h_proj, hc_pre_norm's finish for the attention's wq_a / wkv (a catch-up's prefix):
+# three quant_fp8 launches and three scale conversions fewer (kernels/NOTES.md v42).
 ROUND_IN_NORMS = False
 
 
@@ -162,8 +163,7 @@ class TritonOps:
         t, m, d = h.shape
         rows = h.reshape(t * m, d).contiguous()  # [T, M, D] -> [T*M, D]
         if inputs_embeds is None and embed.dtype == dtype:  # lookup + both norms, one launch
-            fp8 = (self._cublas_scales(proj, t, m, dtype, h.device) if ROUND_IN_NORMS and proj
-                   else (None, None))
+            fp8 = self._cublas_scales(proj, t, m, dtype, h.device) if proj else (None, None)
             en, hn = hc_k.embed_norms(input_ids, positions, embed, rows, enorm_w, hnorm_w, eps,
                                       zero_pos0=zero_pos0, fp8=fp8)
             if isinstance(hn, scaled_mm.FP8Rows):  # (for input_proj alone)
@@ -178,26 +178,28 @@ class TritonOps:
         return en, hn.view(t, m, d)
 
     @staticmethod
-    def _cublas_scales(proj, t: int, m: int, dtype, device) -> tuple:
-        """The E8M0 scales of e_proj and h_proj (``proj``: (e_proj, h_proj, act_quant)) where
-        that product of t or t * m rows goes to cuBLAS (``fp8_linear.by_cublas``), else None:
-        what ``hc.embed_norms(..., fp8=)`` rounds its outputs for. e_proj only together with
-        h_proj (the FP8Rows path of input_proj is h_proj's)."""
+    def _cublas_scale(lin, rows: int, act_quant: bool, dtype, device):
+        """lin's E8M0 scales where its product of ``rows`` rows goes to cuBLAS
+        (``fp8_linear.by_cublas``), so that the kernel before it may round its input for it
+        (``ROUND_IN_NORMS``); else None."""
+        s = lin.weight_scale_inv
+        return (s if ROUND_IN_NORMS and act_quant and s.dtype == torch.float8_e8m0fnu
+                and s.is_contiguous()
+                and fp8_linear_k.by_cublas(rows, lin.weight.shape[1], dtype, device, True)
+                else None)
+
+    def _cublas_scales(self, proj, t: int, m: int, dtype, device) -> tuple:
+        """(e_proj's, h_proj's) ``_cublas_scale`` (``proj``: (e_proj, h_proj, act_quant)):
+        what ``hc.embed_norms(..., fp8=)`` rounds its outputs for; e_proj's only with h_proj's
+        (input_proj's FP8Rows path is h_proj's) and of the same shape (one launch's blocks)."""
         e_proj, h_proj, act_quant = proj
+        hs = self._cublas_scale(h_proj, t * m, act_quant, dtype, device)
+        es = self._cublas_scale(e_proj, t, act_quant, dtype, device) if hs is not None else None
+        return (es if es is not None and es.shape == hs.shape else None), hs
 
-        def scale(lin, rows: int):
-            s = lin.weight_scale_inv
-            k = lin.weight.shape[1]
-            return (s if act_quant and s.dtype == torch.float8_e8m0fnu and s.is_contiguous()
-                    and fp8_linear_k.by_cublas(rows, k, dtype, device, True) else None)
-
-        hs = scale(h_proj, t * m)
-        es = scale(e_proj, t) if hs is not None else None
-        if es is not None and es.shape != hs.shape:
-            es = None
-        return es, hs
-
-    def linear(self, x, lin, act_quant: bool, wide_out: bool = False, **kw):
+    def linear(self, x, lin, act_quant: bool, wide_out: bool = False, rounded=None, **kw):
+        if isinstance(rounded, scaled_mm.FP8Rows):  # rounded for cuBLAS by the op before
+            return scaled_mm.scaled_mm_product(rounded, lin.weight, lin.weight_scale_inv)
         if wide_out:  # a tensor-parallel partial sum, left in float32 for the all-reduce
             kw["out"] = torch.empty(x.shape[0], lin.weight.shape[0], dtype=torch.float32,
                                     device=x.device)
@@ -228,7 +230,14 @@ class TritonOps:
 
     # ---- hyper-connections -----------------------------------------------------------------
     def hc_pre_norm(self, x, fn, scale, base, norm_w, iters: int, hc_eps: float, eps: float, *,
-                    partials=None, act_quant: bool = False):
+                    partials=None, act_quant: bool = False, proj=None):
+        # u rounded for the next product where cuBLAS takes it (the attention's wq_a / wkv of
+        # a catch-up's rows): the product reads it in place of rounding u itself
+        fp8 = (self._cublas_scale(proj[0], x.shape[0], proj[1], x.dtype, x.device)
+               if proj is not None and not act_quant and x.dtype == torch.bfloat16 else None)
+        if fp8 is not None:
+            return hc_k.hc_pre_norm(x, fn, scale, base, norm_w, iters, hc_eps, eps,
+                                    partials=partials, fp8=fp8)
         # with the CUDA experts the same kernel also writes their input (quant_rows of u)
         u, post, comb, *q = hc_k.hc_pre_norm(x, fn, scale, base, norm_w, iters, hc_eps, eps,
                                              act_quant=act_quant,

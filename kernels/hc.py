@@ -267,14 +267,27 @@ def _mix(part_ptr, T, t, offs, n_split, FP: tl.constexpr, SP: tl.constexpr):
 
 @triton.jit
 def hc_finish_kernel(part_ptr, sq_ptr, x_ptr, scale_ptr, base_ptr, normw_ptr, post_ptr, comb_ptr,
-                     u_ptr, q_ptr, xh_ptr, xs_ptr, T, D, n_split, iters, eps, hc_eps, norm_eps,
+                     u_ptr, q_ptr, xh_ptr, xs_ptr, cq_ptr, cs_ptr, ws_ptr, wf_ptr, T, T_OUT, NW,
+                     D, n_split, iters, eps, hc_eps, norm_eps,
                      M: tl.constexpr, FP: tl.constexpr, SP: tl.constexpr, BD: tl.constexpr,
-                     HEAD: tl.constexpr, QUANT: tl.constexpr, QROWS: tl.constexpr):
+                     HEAD: tl.constexpr, QUANT: tl.constexpr, QROWS: tl.constexpr,
+                     CUBLAS: tl.constexpr = False, BW: tl.constexpr = 1):
     """One row: mixes -> pre (and post, Sinkhorn comb) -> collapse -> RMSNorm; with QUANT also
     the FP8 activation rounding of the result (``fp8_simulate``, blocks of 128) into q, and
-    with QROWS the same rounding in ``moe.quant_rows``' layout into xh, xs."""
+    with QROWS the same rounding in ``moe.quant_rows``' layout into xh, xs. With CUBLAS the
+    rounding as cuBLAS reads it (``store_fp8_row``) into cq, cs, programs T..T_OUT (padding)
+    writing zero codes there, and the last program converting the next product's E8M0 weight
+    scales (ws, NW bytes) to float32 (wf)."""
     pdl_enter()
     t = tl.program_id(0)
+    if CUBLAS and t >= T:
+        if t < T_OUT:
+            store_fp8_row(cq_ptr, cs_ptr, t, T_OUT, tl.zeros([BD], dtype=tl.float32), D, BD)
+        else:
+            nb = tl.arange(0, BW)
+            b = tl.load(ws_ptr + nb, mask=nb < NW, other=127).to(tl.int32)
+            tl.store(wf_ptr + nb, e8m0_as_torch(b), mask=nb < NW)
+        return
     mm = tl.arange(0, M)
     # the row and the norm weight first: their loads overlap the partials' and the Sinkhorn
     dd = tl.arange(0, BD)
@@ -308,6 +321,8 @@ def hc_finish_kernel(part_ptr, sq_ptr, x_ptr, scale_ptr, base_ptr, normw_ptr, po
     r = tl.rsqrt(tl.sum(y * y, axis=0) / D + norm_eps)
     u = (w * (y * r)).to(u_ptr.dtype.element_ty)
     tl.store(u_ptr + t * D + dd, u, mask=dmask)
+    if CUBLAS:
+        store_fp8_row(cq_ptr, cs_ptr, t, T_OUT, u.to(tl.float32), D, BD)
     if QUANT:  # the consumers that round u read this instead (e4m3 x 2^e: exact in u's dtype)
         ub = tl.reshape(u.to(tl.float32), (BD // 128, 128))  # [BD] -> [blocks, 128]
         e = pow2_scale_bits(tl.max(tl.abs(ub), axis=1))
@@ -351,18 +366,29 @@ def _warps(bd: int) -> int:
 
 def hc_pre_norm(x: torch.Tensor, fn, scale, base, norm_weight, iters: int, hc_eps: float,
                 eps: float, *, act_quant: bool = False, quant_rows: bool = False,
-                partials: tuple | None = None):
+                partials: tuple | None = None, fp8: torch.Tensor | None = None):
     """``RMSNorm(hc_pre(x)[0])`` and hc_pre's post, comb: x [T, M, D] ->
     (u [T, D] x's dtype, post [T, M] fp32, comb [T, M, M] fp32); with ``act_quant`` a fourth
     result, ``fp8_simulate(u, 128)`` (what every FP8 product of u rounds it to), and with
     ``quant_rows`` too a fifth and sixth: ``moe.quant_rows`` of it (xh, xs: the CUDA expert
     kernels' input), written by the same kernel. ``partials``: x's mix partials from
-    ``hc_post(..., mix_fn=fn)`` (else computed here by hc_mix)."""
+    ``hc_post(..., mix_fn=fn)`` (else computed here by hc_mix). ``fp8`` (bfloat16 x, not with
+    ``act_quant``): the E8M0 scales [N/128, D/128] (contiguous) of the weight u is the input
+    of; the fourth result is then u rounded for that product's cuBLAS call
+    (``scaled_mm.FP8Rows``, ``quant_fp8`` of u bit for bit, the weight's float32 scales
+    included), from the same launch."""
     t, m, d = x.shape
     if d % _MIX_BK:
         raise ValueError(f"hc_pre_norm: hidden size {d} is not a multiple of {_MIX_BK}")
     if quant_rows and not act_quant:
         raise ValueError("hc_pre_norm: quant_rows=True needs act_quant=True (it is the rounding)")
+    if fp8 is not None and (act_quant or x.dtype != torch.bfloat16
+                            or fp8.dtype != torch.float8_e8m0fnu or not fp8.is_contiguous()
+                            or fp8.shape[1] * 128 != d):
+        raise ValueError(f"hc_pre_norm: fp8 takes bfloat16 rows, no act_quant, and the "
+                         f"contiguous E8M0 scales [N/128, {d // 128}] of the next weight; got "
+                         f"{x.dtype} rows, act_quant={act_quant}, scales {fp8.dtype} "
+                         f"{list(fp8.shape)}")
     x = x.contiguous()
     part, sq, n_split, fp = partials or _mix_partials(x, fn)
     u = torch.empty(t, d, dtype=x.dtype, device=x.device)
@@ -374,12 +400,23 @@ def hc_pre_norm(x: torch.Tensor, fn, scale, base, norm_weight, iters: int, hc_ep
         xs = torch.empty(t, d // 128, dtype=torch.float32, device=x.device)
     else:
         xh, xs = u, post  # not written
+    t_out, nw = t, 0
+    cq = cs = ws = wf = u  # (not written or read without fp8)
+    if fp8 is not None:
+        t_out, nw = scaled_mm.padded_rows(t), fp8.numel()
+        cq = torch.empty(t_out, d, dtype=torch.float8_e4m3fn, device=x.device)
+        cs = torch.empty(d // 128, t_out, dtype=torch.float32, device=x.device)
+        ws, wf = fp8.view(torch.uint8), torch.empty(fp8.shape, dtype=torch.float32,
+                                                    device=x.device)
     bd = triton.next_power_of_2(d)
-    hc_finish_kernel[(t,)](part, sq, x, scale, base, norm_weight, post, comb, u, q, xh, xs, t,
-                           d, n_split, iters, eps, hc_eps, eps, M=m, FP=fp,
-                           SP=triton.next_power_of_2(n_split), BD=bd, HEAD=False,
-                           QUANT=act_quant, QROWS=quant_rows, num_warps=_warps(bd),
-                           **launch_opts())
+    hc_finish_kernel[(t_out + (fp8 is not None),)](
+        part, sq, x, scale, base, norm_weight, post, comb, u, q, xh, xs, cq, cs, ws, wf, t,
+        t_out, nw, d, n_split, iters, eps, hc_eps, eps, M=m, FP=fp,
+        SP=triton.next_power_of_2(n_split), BD=bd, HEAD=False, QUANT=act_quant,
+        QROWS=quant_rows, CUBLAS=fp8 is not None, BW=triton.next_power_of_2(max(1, nw)),
+        num_warps=_warps(bd), **launch_opts())
+    if fp8 is not None:
+        return u, post, comb, scaled_mm.FP8Rows(cq, cs.t(), t, wf)
     if quant_rows:
         return u, post, comb, q, xh, xs
     return (u, post, comb, q) if act_quant else (u, post, comb)
@@ -394,8 +431,8 @@ def hc_head_norm(x: torch.Tensor, fn, scale, base, norm_weight, hc_eps: float, e
     part, sq, n_split, fp = partials or _mix_partials(x, fn)
     u = torch.empty(t, d, dtype=x.dtype, device=x.device)
     bd = triton.next_power_of_2(d)
-    hc_finish_kernel[(t,)](part, sq, x, scale, base, norm_weight, u, u, u, u, u, u, t, d,
-                           n_split, 1, eps, hc_eps, eps, M=m, FP=fp,
+    hc_finish_kernel[(t,)](part, sq, x, scale, base, norm_weight, u, u, u, u, u, u, u, u, u, u,
+                           t, t, 0, d, n_split, 1, eps, hc_eps, eps, M=m, FP=fp,
                            SP=triton.next_power_of_2(n_split), BD=bd, HEAD=True, QUANT=False,
                            QROWS=False, num_warps=_warps(bd), **launch_opts())
     return u

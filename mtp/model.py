@@ -207,15 +207,16 @@ class Attention(nn.Module):
                            device)
         declare(self, "attn_sink", (h,), torch.float32, device, ParamFacts(tp=TPSplit(0)))
 
-    def forward(self, u: torch.Tensor, ctx: StepContext,
-                out_rows: torch.Tensor | None = None) -> torch.Tensor | None:
-        """u [T, D] (the normed block input) -> [T, D]; with ``out_rows`` [S] (rows of distinct
-        sequences; needs a cache) every row's key goes into the cache and only those rows
-        attend -> [S, D] (None when S = 0: the call's keys were all it had to give)."""
+    def forward(self, u: torch.Tensor, ctx: StepContext, out_rows: torch.Tensor | None = None,
+                u_rounded: Any = None) -> torch.Tensor | None:
+        """u [T, D] (the normed block input; ``u_rounded``: the backend's form of it for the
+        first product, from ``hc_pre_norm``) -> [T, D]; with ``out_rows`` [S] (rows of
+        distinct sequences; needs a cache) every row's key goes into the cache and only those
+        rows attend -> [S, D] (None when S = 0: the call's keys were all it had to give)."""
         cfg, op, nm = self.cfg, ctx.ops, ctx.numerics
         aq, eps = nm.act_quant, cfg.rms_norm_eps
         h, dh = self.heads, cfg.head_dim
-        fused = op.linear(u, self.fused_wqa_wkv, aq)  # [T, Q + Dh]: wq_a rows, wkv rows
+        fused = op.linear(u, self.fused_wqa_wkv, aq, rounded=u_rounded)  # [T, Q + Dh]
         kv_dtype = ctx.cache.kv.dtype if ctx.cache is not None else u.dtype
         q_lat, kv, cos, sin = op.attn_prep(fused, self.q_norm.weight, self.kv_norm.weight,
                                            ctx.positions, ctx.inv_freq, eps, kv_fp8=nm.kv_fp8,
@@ -369,16 +370,16 @@ class Block(nn.Module):
         ``partials``: a backend's precomputed mixes of x (from its ``input_proj``).
         ``out_rows`` [S]: only these rows' outputs are wanted (-> [S, M, D]); the others give
         their keys to the cache and stop after the attention's first product."""
-        op = ctx.ops
-        u, post, comb, _ = self._hc_pre_norm(op, x, "attn", partials=partials)
-        a = self.attn(u, ctx, out_rows)
+        op, aq = ctx.ops, ctx.numerics.act_quant
+        u, post, comb, u_rounded = self._hc_pre_norm(op, x, "attn", partials=partials,
+                                                     proj=(self.attn.fused_wqa_wkv, aq))
+        a = self.attn(u, ctx, out_rows, u_rounded)
         if out_rows is not None:
             if a is None:  # no row's output wanted
                 return x[:0], None
             ctx, x, post, comb = ctx.rows(out_rows, x, post, comb)
         x, parts = op.hc_post(a, x, post, comb, mix_fn=self.hc_ffn_fn)
-        u, post, comb, u_rounded = self._hc_pre_norm(op, x, "ffn", partials=parts,
-                                                     act_quant=ctx.numerics.act_quant)
+        u, post, comb, u_rounded = self._hc_pre_norm(op, x, "ffn", partials=parts, act_quant=aq)
         return op.hc_post(self.ffn(u, u_rounded, ctx), x, post, comb, mix_fn=head_fn)
 
 

@@ -245,9 +245,10 @@ class ReferenceOps:
             e = e.masked_fill((positions == 0)[:, None], 0)
         return rms_norm(e, enorm_w, eps), rms_norm(h, hnorm_w, eps)
 
-    def linear(self, x, lin, act_quant: bool, wide_out: bool = False):
+    def linear(self, x, lin, act_quant: bool, wide_out: bool = False, rounded=None):
         """x [..., in] @ lin^T -> [..., out] in x's dtype (``wide_out``: float32, a
-        tensor-parallel partial sum)."""
+        tensor-parallel partial sum; ``rounded``: a backend's form of x for this product,
+        from the op that made x, here ignored)."""
         w = dequantize(lin.weight, lin.weight_scale_inv, lin.storage)
         return matmul(x, w, rounds_input(lin.storage, act_quant), wide_out)
 
@@ -259,11 +260,12 @@ class ReferenceOps:
         return x, None
 
     def hc_pre_norm(self, x, fn, scale, base, norm_w, iters: int, hc_eps: float, eps: float, *,
-                    partials=None, act_quant: bool = False):
+                    partials=None, act_quant: bool = False, proj=None):
         """RMSNorm(hc_pre(x)) and hc_pre's post, comb: x [T, M, D] -> (u [T, D], post [T, M],
         comb [T, M, M], u_rounded). ``partials``: a backend's precomputed mixes of x (from its
         ``hc_post``); ``u_rounded``: u as the FP8 products will read it, in the backend's own
-        form (here None: each product rounds its input itself)."""
+        form (here None: each product rounds its input itself); ``proj`` = (lin, act_quant):
+        the one product that reads u next, which a backend may round u for."""
         y, post, comb = hc_pre(x, fn, scale, base, iters, hc_eps, eps)
         return rms_norm(y, norm_w, eps), post, comb, None
 

@@ -1066,6 +1066,43 @@ def test_fp8_linear_by_cublas(m, scales_in_quant, monkeypatch):
     assert torch.equal(y_graph, y1 * 2)
 
 
+@given(t=st.integers(1, 11), kb=st.sampled_from([1, 2, 4]), n_blocks=st.integers(1, 9),
+       seed=st.integers(0, 2 ** 16))
+@settings(max_examples=15, deadline=None)
+def test_hc_pre_norm_rounded_for_cublas(t, kb, n_blocks, seed):
+    """``hc_pre_norm(..., fp8=scales)``: u, post and comb as without it, bit for bit, and the
+    fourth result u rounded as cuBLAS reads it, ``quant_fp8(u, rows=padded,
+    scales_outer_major=True)`` bit for bit (padded rows zero codes), with the weight's E8M0
+    scales as float32 (torch's conversion; 255: NaN). (Runs in Triton 3.9's interpreter too:
+    both sides read the same stored u.)"""
+    from mtp_kernels import hc
+    from mtp_kernels.fp8_linear import quant_fp8
+    from mtp_kernels.scaled_mm import FP8Rows, padded_rows
+    m, d = 4, 128 * kb
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(t, m, d, generator=g) * 4).to(torch.bfloat16).to(DEVICE)
+    w = 1 + randn(d, seed=seed, std=0.1)
+    fn = randn((2 + m) * m, m * d, seed=seed + 1, std=(m * d) ** -0.5)
+    scale, base = 0.5 + torch.rand(3, device=DEVICE), randn((2 + m) * m, seed=seed + 2, std=0.5)
+    b = torch.randint(0, 256, (n_blocks, kb), generator=g, dtype=torch.uint8)
+    b[0, 0] = 255
+    ws = b.to(DEVICE).view(torch.float8_e8m0fnu)
+    args = (x, fn, scale, base, w, 20, 1e-6, 1e-6)
+    u0, post0, comb0 = hc.hc_pre_norm(*args)
+    u, post, comb, r = hc.hc_pre_norm(*args, fp8=ws)
+    assert torch.equal(u, u0) and torch.equal(post, post0) and torch.equal(comb, comb0)
+    q, s = quant_fp8(u, d, rows=padded_rows(t), scales_outer_major=True)
+    assert isinstance(r, FP8Rows) and r.m == t
+    assert torch.equal(r.codes.view(torch.uint8), q.view(torch.uint8))
+    assert r.scales.stride() == s.stride() and torch.equal(r.scales, s)
+    nan = b.to(DEVICE) == 255
+    assert torch.equal(r.weight_scale.isnan(), nan)
+    assert torch.equal(r.weight_scale.view(torch.int32)[~nan],
+                       ws.float().view(torch.int32)[~nan])
+    with pytest.raises(ValueError, match="hc_pre_norm: fp8 takes"):
+        hc.hc_pre_norm(*args, act_quant=True, fp8=ws)
+
+
 @pytest.mark.usefixtures("many_rows")
 @pytest.mark.parametrize("mix_kernel", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
