@@ -91,30 +91,49 @@ def embed_norms_kernel(ids_ptr, pos_ptr, emb_ptr, h_ptr, ew_ptr, hw_ptr, en_ptr,
     else:
         offs = tl.arange(0, BD)
         mask = offs < D
-        # a padding row (past T or R, below T_OUT or R_OUT) reads the last row and drops it
+        # a padding row (past T or R, below a rounded output's T_OUT or R_OUT) reads the last
+        # row and drops it
         if r < T_OUT:
-            rr = tl.minimum(r, T - 1)
+            rr = r
+            if EN_FP8:
+                rr = tl.minimum(r, T - 1)
             row = tl.load(ids_ptr + rr).to(tl.int64)
             x = tl.load(emb_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
             if ZERO_POS0:
                 x = tl.where(tl.load(pos_ptr + rr) == 0, 0.0, x)
-            x = tl.where(r < T, x, 0.0)
+            if EN_FP8:
+                x = tl.where(r < T, x, 0.0)
             w = tl.load(ew_ptr + offs, mask=mask, other=0.0)
-            y = rms_row(x, w, D, eps).to(emb_ptr.dtype.element_ty)
+            if EN_FP8 or HN_FP8:
+                out = emb_ptr  # (not written through)
+            else:
+                out = en_ptr + r * D
+        else:
+            j = r - T_OUT
+            jj = j
+            if HN_FP8:
+                jj = tl.minimum(j, R - 1)
+            x = tl.load(h_ptr + jj * D + offs, mask=mask, other=0.0).to(tl.float32)
+            if HN_FP8:
+                x = tl.where(j < R, x, 0.0)
+            w = tl.load(hw_ptr + offs, mask=mask, other=0.0)
+            if EN_FP8 or HN_FP8:
+                out = emb_ptr
+            else:
+                out = hn_ptr + j * D
+        y = rms_row(x, w, D, eps).to(emb_ptr.dtype.element_ty)
+        if not (EN_FP8 or HN_FP8):  # (then the launch as before the rounded outputs)
+            tl.store(out + offs, y, mask=mask)
+        elif r < T_OUT:
             if EN_FP8:
                 store_fp8_row(en_ptr, es_ptr, r, T_OUT, y.to(tl.float32), D, BD)
             else:
                 tl.store(en_ptr + r * D + offs, y, mask=mask)
         else:
-            j = r - T_OUT
-            x = tl.load(h_ptr + tl.minimum(j, R - 1) * D + offs, mask=mask, other=0.0)
-            x = tl.where(j < R, x.to(tl.float32), 0.0)
-            w = tl.load(hw_ptr + offs, mask=mask, other=0.0)
-            y = rms_row(x, w, D, eps).to(emb_ptr.dtype.element_ty)
             if HN_FP8:
-                store_fp8_row(hn_ptr, hs_ptr, j, R_OUT, y.to(tl.float32), D, BD)
+                store_fp8_row(hn_ptr, hs_ptr, r - T_OUT, R_OUT, y.to(tl.float32), D, BD)
             else:
-                tl.store(hn_ptr + j * D + offs, y, mask=mask)
+                tl.store(hn_ptr + (r - T_OUT) * D + offs, y, mask=mask)
 
 
 def embed_norms(ids: torch.Tensor, positions: torch.Tensor, embed: torch.Tensor,
