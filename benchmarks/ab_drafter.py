@@ -16,7 +16,8 @@ hc mixes by their kernel or cuBLAS ("mix-many-kernel", "mix-many-cublas"), quant
 launch ("quant-*"), a catch-up's last rows by one gather kernel or an index_select per tensor
 ("take-kernel", "take-torch"), the FP8 products of many rows by cuBLAS ("cublas-128",
 "cublas-512", "cublas-off"), their weight scales' conversion ("scales-*"), their broadcast
-add ("add-*"), their inputs' rounding ("round-*"), the three ("prefix-glue");
+add ("add-*"), their inputs' rounding ("round-*"), the three ("prefix-glue", and the add
+and the rounding off: "prefix-glue-off");
 "same", a second drafter with the defaults: the spread of a null A/B in the same run. Each
 printed row also gives the call's floor (the bytes it must read over the copy bandwidth of the
 same process) and each variant's ratio to it.
@@ -139,6 +140,8 @@ VARIANTS = {
     "prefix-glue": {"mtp_kernels.scaled_mm.ADD_KERNEL": True,
                     "mtp_kernels.backend.ROUND_IN_NORMS": True,
                     "mtp_kernels.scaled_mm.SCALES_IN_QUANT": True},
+    "prefix-glue-off": {"mtp_kernels.scaled_mm.ADD_KERNEL": False,
+                        "mtp_kernels.backend.ROUND_IN_NORMS": False},
     # a second drafter with the defaults: the spread of a null A/B in the same run
     "same": {},
 }

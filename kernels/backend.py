@@ -73,8 +73,11 @@ TAKE_ROWS_KERNEL = True
 # The kernels that end in the norm before a product cuBLAS takes write its input in cuBLAS's
 # form (codes, outer-dim-major scales, the weight's float32 scales): embed_norms for e_proj
 # and h_proj, hc_pre_norm's finish for the attention's wq_a / wkv (a catch-up's prefix):
-# three quant_fp8 launches and three scale conversions fewer (kernels/NOTES.md v42).
-ROUND_IN_NORMS = False
+# three quant_fp8 launches and three scale conversions fewer (kernels/NOTES.md v42). On with
+# scaled_mm.ADD_KERNEL: together 0.4-0.8% off one-sequence catch-ups and 1.0-1.5% off
+# four-sequence ones inside the graphs on an H100 (ab_drafter.py's "prefix-glue"; False,
+# with ADD_KERNEL False: "prefix-glue-off"; docs/performance.md, "a catch-up's prefix glue").
+ROUND_IN_NORMS = True
 
 
 @dataclass

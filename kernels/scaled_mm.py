@@ -62,9 +62,9 @@ def _f32_scales(scale: torch.Tensor) -> torch.Tensor:
 
 # The broadcast add (h_proj + e_proj) by add_rows_ (True) or torch's add (False: 27 us at a
 # Flash 4 x 128 catch-up's 2,048 rows on an H100, 1.4 TB/s; the kernel took 17.5 us of it,
-# -0.8%: kernels/NOTES.md v40). Tiles of ADD_BM x ADD_BN elements, 8 bf16 (16 bytes) per
-# thread and load.
-ADD_KERNEL = False
+# -0.8%: kernels/NOTES.md v40; on since v42, with backend.ROUND_IN_NORMS). Tiles of ADD_BM x
+# ADD_BN elements, 8 bf16 (16 bytes) per thread and load.
+ADD_KERNEL = True
 ADD_BM, ADD_BN = 4, 256
 
 # The weight's float32 scales converted by quant_fp8's launch (its last row of programs)

@@ -993,9 +993,10 @@ def test_cublas_weight_scales_follow_every_write():
 
 
 @pytest.mark.usefixtures("many_rows")
+@pytest.mark.parametrize("add_kernel", [False, True])
 @pytest.mark.parametrize("scales_in_quant", [False, True])
 @pytest.mark.parametrize("m", [128, 301, 512])
-def test_fp8_linear_by_cublas(m, scales_in_quant, monkeypatch):
+def test_fp8_linear_by_cublas(m, scales_in_quant, add_kernel, monkeypatch):
     """With ``fp8_linear.CUBLAS_ROWS`` the products of many rows go to cuBLAS's block-scaled
     FP8 GEMM (``scaled_mm``): the same codes and scales (``quant_fp8``), each 128-block's
     products summed on the FP8 tensor cores, then float32 across blocks, in cuBLAS's order; so
@@ -1003,10 +1004,12 @@ def test_fp8_linear_by_cublas(m, scales_in_quant, monkeypatch):
     input, the fused SwiGLU, the broadcast add (rows not a multiple of 4: padded), a
     pre-rounded input and ``add_linear`` (e_proj beside h_proj), and each by cuBLAS; with the
     weight's float32 scales converted by torch or by ``quant_fp8``'s launch
-    (``scaled_mm.SCALES_IN_QUANT``), each way following every write of the scales."""
+    (``scaled_mm.SCALES_IN_QUANT``), each way following every write of the scales; the
+    broadcast add by torch or by ``add_rows_`` (``scaled_mm.ADD_KERNEL``)."""
     from mtp_kernels import fp8_linear as fl
     from mtp_kernels import scaled_mm
     monkeypatch.setattr(scaled_mm, "SCALES_IN_QUANT", scales_in_quant)
+    monkeypatch.setattr(scaled_mm, "ADD_KERNEL", add_kernel)
 
     from mtp.quant import fp8_simulate
     if INTERPRET:
