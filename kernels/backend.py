@@ -6,14 +6,17 @@ format); its forward, written once in ``mtp/model.py``, then launches the kernel
 weights are read as stored: FP8 weights, FP4 experts and their E8M0 scales (E8M0 reinterpreted
 as bytes, a view); nothing is copied or dequantised ahead.
 
-Four fusions cross the module's op boundaries, each through an argument the reference ignores:
+Five fusions cross the module's op boundaries, each through an argument the reference ignores:
 ``hc_post(..., mix_fn=fn)`` also computes the next hc_pre's (or the head's) mix partials for a
 few rows (``hc.POST_MIX_T``), handed on as ``partials``, and ``input_proj(..., mix_fn=fn)``
 the attention's (from the split-K pass of e_proj and h_proj, one launch);
 ``hc_pre_norm(..., act_quant=True)`` also writes its output FP8-rounded (and in the CUDA
 expert kernels' layout), handed to ``moe`` as ``u_rounded``; ``moe`` returns the routed
 experts' per-pair outputs unreduced (:class:`MoEPairs`), which ``hc_post`` sums in its own
-launch.
+launch; where the next product goes to cuBLAS (``proj``: a catch-up's prefix),
+``embed_norms`` and ``hc_pre_norm`` write its input rounded in cuBLAS's form
+(``scaled_mm.FP8Rows``), read by ``input_proj`` and by ``linear(..., rounded=)``
+(``ROUND_IN_NORMS``).
 
 Tensor-parallel (a module built with ``process_group=``): the same kernels on the rank's
 shapes (its heads, its ``wo_b`` columns, its range of experts, its vocabulary slice) and the

@@ -12,8 +12,10 @@ Two levels:
   the grouped ``wo_a``, the MoE, the head. A backend (``mtp_kernels.TritonOps``) supplies faster
   versions of the same methods with the same signatures; the op tests run against every
   backend. Where a backend fuses across two ops it passes its own intermediate between them
-  (the ``partials`` / ``u_rounded`` arguments, a MoE result only its ``hc_post`` reads): the
-  reference ignores those hints and returns None for them.
+  (the ``partials`` / ``u_rounded`` / ``rounded`` arguments, an ``embed_norms`` result only
+  its ``input_proj`` reads, a MoE result only its ``hc_post`` reads), told by a ``proj``
+  argument which product an op's output feeds: the reference ignores those hints and
+  returns None for them.
 
 Shape legend: T rows (tokens), M residual streams (hc_mult), D hidden, H heads, Dh head dim,
 R RoPE dims (the LAST R of each head), W window, E experts, K experts per token, Q q_lora_rank,
