@@ -294,19 +294,12 @@ def hc_finish_kernel(part_ptr, sq_ptr, x_ptr, scale_ptr, base_ptr, normw_ptr, po
     """One row: mixes -> pre (and post, Sinkhorn comb) -> collapse -> RMSNorm; with QUANT also
     the FP8 activation rounding of the result (``fp8_simulate``, blocks of 128) into q, and
     with QROWS the same rounding in ``moe.quant_rows``' layout into xh, xs. With CUBLAS the
-    rounding as cuBLAS reads it (``store_fp8_row``) into cq, cs, programs T..T_OUT (padding)
-    writing zero codes there, and the last program converting the next product's E8M0 weight
-    scales (ws, NW bytes) to float32 (wf)."""
+    rounding as cuBLAS reads it (``store_fp8_row``) into cq, cs, program 0 also writing the
+    padding rows T..T_OUT (zero codes) and the next product's E8M0 weight scales (ws, NW
+    bytes) as float32 (wf). (Not extra programs that return early: on an H200 the padding
+    rows' stores of such a branch did not reach memory, where the interpreter's did.)"""
     pdl_enter()
     t = tl.program_id(0)
-    if CUBLAS and t >= T:
-        if t < T_OUT:
-            store_fp8_row(cq_ptr, cs_ptr, t, T_OUT, tl.zeros([BD], dtype=tl.float32), D, BD)
-        else:
-            nb = tl.arange(0, BW)
-            b = tl.load(ws_ptr + nb, mask=nb < NW, other=127).to(tl.int32)
-            tl.store(wf_ptr + nb, e8m0_as_torch(b), mask=nb < NW)
-        return
     mm = tl.arange(0, M)
     # the row and the norm weight first: their loads overlap the partials' and the Sinkhorn
     dd = tl.arange(0, BD)
@@ -342,6 +335,12 @@ def hc_finish_kernel(part_ptr, sq_ptr, x_ptr, scale_ptr, base_ptr, normw_ptr, po
     tl.store(u_ptr + t * D + dd, u, mask=dmask)
     if CUBLAS:
         store_fp8_row(cq_ptr, cs_ptr, t, T_OUT, u.to(tl.float32), D, BD)
+        if t == 0:
+            for p in range(T, T_OUT):
+                store_fp8_row(cq_ptr, cs_ptr, p, T_OUT, tl.zeros([BD], dtype=tl.float32), D, BD)
+            nb = tl.arange(0, BW)
+            b = tl.load(ws_ptr + nb, mask=nb < NW, other=127).to(tl.int32)
+            tl.store(wf_ptr + nb, e8m0_as_torch(b), mask=nb < NW)
     if QUANT:  # the consumers that round u read this instead (e4m3 x 2^e: exact in u's dtype)
         ub = tl.reshape(u.to(tl.float32), (BD // 128, 128))  # [BD] -> [blocks, 128]
         e = pow2_scale_bits(tl.max(tl.abs(ub), axis=1))
@@ -428,13 +427,16 @@ def hc_pre_norm(x: torch.Tensor, fn, scale, base, norm_weight, iters: int, hc_ep
         ws, wf = fp8.view(torch.uint8), torch.empty(fp8.shape, dtype=torch.float32,
                                                     device=x.device)
     bd = triton.next_power_of_2(d)
-    hc_finish_kernel[(t_out + (fp8 is not None),)](
-        part, sq, x, scale, base, norm_weight, post, comb, u, q, xh, xs, cq, cs, ws, wf, t,
-        t_out, nw, d, n_split, iters, eps, hc_eps, eps, M=m, FP=fp,
-        SP=triton.next_power_of_2(n_split), BD=bd, HEAD=False, QUANT=act_quant,
-        QROWS=quant_rows, CUBLAS=fp8 is not None, BW=triton.next_power_of_2(max(1, nw)),
-        num_warps=_warps(bd), **launch_opts())
+    if t:
+        hc_finish_kernel[(t,)](
+            part, sq, x, scale, base, norm_weight, post, comb, u, q, xh, xs, cq, cs, ws, wf, t,
+            t_out, nw, d, n_split, iters, eps, hc_eps, eps, M=m, FP=fp,
+            SP=triton.next_power_of_2(n_split), BD=bd, HEAD=False, QUANT=act_quant,
+            QROWS=quant_rows, CUBLAS=fp8 is not None, BW=triton.next_power_of_2(max(1, nw)),
+            num_warps=_warps(bd), **launch_opts())
     if fp8 is not None:
+        if not t:  # (no program to convert them)
+            wf = fp8.float()
         return u, post, comb, scaled_mm.FP8Rows(cq, cs.t(), t, wf)
     if quant_rows:
         return u, post, comb, q, xh, xs
