@@ -10,7 +10,12 @@ where two streams overlap, or where programmatic dependent launch starts a kerne
 is timed from then, its wait for the kernel before included) and the largest idle gaps with
 the kernels either side.
 
-Usage: ``ab_drafter.py --timeline N`` (GPU); ``summarize(load(path))`` on a saved trace.
+:func:`per_name` and :func:`compare` put two calls side by side kernel by kernel (say a
+catch-up against the one-row call of the same sequences), to find where one spends more.
+
+Usage: ``ab_drafter.py --timeline N --trace-dir DIR`` (GPU); then, on any machine,
+``python benchmarks/timeline.py DIR/a.json`` (the summary) or ``python benchmarks/timeline.py
+DIR/a.json DIR/b.json`` (the comparison of b against a).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import json
 import statistics
 from dataclasses import dataclass
 
-__all__ = ["Kernel", "calls", "load", "summarize", "timeline"]
+__all__ = ["Kernel", "calls", "compare", "load", "per_name", "summarize", "timeline"]
 
 MARKER = "spin_kernel"  # in the name of torch.cuda._sleep's kernel (at::cuda::...::spin_kernel)
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -92,3 +97,35 @@ def summarize(kernels: list[Kernel], gaps: int = 6) -> str:
     lines += [f"  gap {g:7.1f} us  after {a[:70]}  before {b[:70]}"
               for g, a, b in mid["largest_gaps"]]
     return "\n".join(lines)
+
+
+def per_name(kernels: list[Kernel]) -> dict[str, float]:
+    """Each kernel name's GPU time per call: the median over the traced calls of the summed
+    durations of its launches in the call (0 in a call without it), us."""
+    cs = calls(kernels)
+    names = {k.name for c in cs for k in c}
+    return {n: statistics.median(sum(k.end - k.start for k in c if k.name == n) for c in cs)
+            for n in names}
+
+
+def compare(a: list[Kernel], b: list[Kernel], top: int = 25, width: int = 80) -> str:
+    """Call b against call a, kernel name by kernel name (:func:`per_name`): the ``top`` names
+    whose time differs most, then the totals; each name cut to ``width`` characters."""
+    pa, pb = per_name(a), per_name(b)
+    names = sorted(set(pa) | set(pb), key=lambda n: (-abs(pb.get(n, 0.0) - pa.get(n, 0.0)), n))
+    lines = [f"{'a us':>9} {'b us':>9} {'b - a':>9}  kernel"]
+    for n in names[:top]:
+        x, y = pa.get(n, 0.0), pb.get(n, 0.0)
+        lines.append(f"{x:9.1f} {y:9.1f} {y - x:+9.1f}  {n[:width]}")
+    x, y = sum(pa.values()), sum(pb.values())
+    lines.append(f"{x:9.1f} {y:9.1f} {y - x:+9.1f}  (all {len(names)} names, medians summed)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: timeline.py TRACE.json [OTHER.json]")
+    first = load(sys.argv[1])
+    print(summarize(first) if len(sys.argv) == 2 else compare(first, load(sys.argv[2])))

@@ -11,7 +11,16 @@ from hypothesis import strategies as st
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
 
-from timeline import MARKER, Kernel, calls, load, summarize, timeline  # noqa: E402
+from timeline import (  # noqa: E402
+    MARKER,
+    Kernel,
+    calls,
+    compare,
+    load,
+    per_name,
+    summarize,
+    timeline,
+)
 
 
 def event(name, ts, dur, stream=7, cat="kernel"):
@@ -68,3 +77,39 @@ def test_busy_time_is_the_union_of_the_intervals(spec):
 def test_kernels_that_abut_leave_no_gap():
     t = timeline([Kernel("a", 0.0, 5.0, 7), Kernel("b", 5.0, 8.0, 7)])
     assert (t["busy_us"], t["idle_us"], t["holes"], t["largest_gaps"]) == (8.0, 0.0, 0, [])
+
+
+def _calls(*spec):
+    """Kernels of consecutive calls: each call a list of (name, duration), one after another."""
+    out, t = [], 0.0
+    for call in spec:
+        out.append(Kernel(MARKER, t, t + 1, 7))
+        t += 1
+        for name, dur in call:
+            out.append(Kernel(name, t, t + dur, 7))
+            t += dur
+    return out
+
+
+def test_per_name_is_the_median_call_of_each_name():
+    # three calls: "a" twice (1 + 2) then 5 then 4 (median 4); "b" 10, absent, 30 (median 10)
+    ks = _calls([("a", 1), ("a", 2), ("b", 10)], [("a", 5)], [("a", 4), ("b", 30)])
+    assert per_name(ks) == {"a": 4.0, "b": 10.0}
+
+
+def test_compare_orders_by_difference_and_totals():
+    a = _calls([("gemm", 50), ("norm", 5), ("add", 27)])
+    b = _calls([("gemm", 52), ("norm", 5), ("add_rows", 10)])
+    lines = compare(a, b).splitlines()
+    assert [ln.split()[-1] for ln in lines[1:5]] == ["add", "add_rows", "gemm", "norm"]
+    assert lines[1].split()[:3] == ["27.0", "0.0", "-27.0"]
+    assert lines[-1].split()[:3] == ["82.0", "67.0", "-15.0"]
+    assert "(all 4 names" in lines[-1]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 9)), min_size=1, max_size=10))
+def test_one_call_per_name_sums_to_its_summed_time(spec):
+    ks = _calls(spec)
+    (call,) = calls(ks)
+    assert sum(per_name(ks).values()) == timeline(call)["summed_us"]
