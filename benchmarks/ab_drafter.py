@@ -25,7 +25,8 @@ same process) and each variant's ratio to it.
 ``--profile N`` then prints torch.profiler's table of the baseline's kernels over N calls;
 ``--timeline N`` its timeline over N calls (``timeline.py``: each call's span, the time some
 kernel runs, the kernels' summed time and the largest idle gaps), the trace saved with
-``--trace-dir``.
+``--trace-dir``; with several calls traced, each against the first, kernel by kernel
+(``timeline.compare``).
 
 Usage (GPU):
     python benchmarks/ab_drafter.py --preset flash,pro --batches 1,64 --rows 1,4 --reps 60
@@ -55,7 +56,7 @@ from bench_draft_step import (  # noqa: E402
     param_bytes,
     propose_floors,
 )
-from timeline import load, summarize  # noqa: E402
+from timeline import compare, load, summarize  # noqa: E402
 
 from mtp import DeepSeekV4MTP, MTPConfig  # noqa: E402
 from mtp.drafter import Drafter  # noqa: E402
@@ -275,6 +276,7 @@ def main() -> None:
         model = init_random_gpu_(DeepSeekV4MTP(cfg, dtype=torch.bfloat16, device=dev), seed=0)
         model.backend = mk.TritonOps(model)
         pb = param_bytes(model)
+        traced = {}  # (b, r) -> the baseline's traced kernels, for compare()
         for b in map(int, args.batches.split(",")):
             for r in map(int, args.rows.split(",")):
                 sets = inputs(cfg, b * r, ROT, dev, g, torch.bfloat16)
@@ -305,6 +307,12 @@ def main() -> None:
                     print(f"--- {preset} {b} x {r} rows, {names[0]}: timeline of "
                           f"{args.timeline} calls ({path}) ---\n"
                           + timeline_call(calls[names[0]], args.timeline, path), flush=True)
+                    traced[(b, r)] = load(path)
+        keys = list(traced)
+        for key in keys[1:]:  # each traced call against the first, kernel by kernel
+            (b0, r0), (b1, r1) = keys[0], key
+            print(f"--- {preset}: {b1} x {r1} (b) against {b0} x {r0} (a), {names[0]}, per "
+                  f"call ---\n" + compare(traced[keys[0]], traced[key]), flush=True)
         del model
         torch.cuda.empty_cache()
 
