@@ -15,9 +15,8 @@ catch-up's buckets by its sequences or all its rows ("pdl-seqs", "pdl-rows"), a 
 hc mixes by their kernel or cuBLAS ("mix-many-kernel", "mix-many-cublas"), quant_fp8's
 launch ("quant-*"), a catch-up's last rows by one gather kernel or an index_select per tensor
 ("take-kernel", "take-torch"), the FP8 products of many rows by cuBLAS ("cublas-128",
-"cublas-512", "cublas-off"), their weight scales' conversion ("scales-*"), their broadcast
-add ("add-*"), their inputs' rounding ("round-*"), the three ("prefix-glue", and the add
-and the rounding off: "prefix-glue-off");
+"cublas-512", "cublas-off"), their broadcast add ("add-*"), their inputs' rounding
+("round-*"), both ("prefix-glue", "prefix-glue-off");
 "same", a second drafter with the defaults: the spread of a null A/B in the same run. Each
 printed row also gives the call's floor (the bytes it must read over the copy bandwidth of the
 same process) and each variant's ratio to it.
@@ -127,20 +126,15 @@ VARIANTS = {
     "take+cublas-512": {"mtp_kernels.backend.TAKE_ROWS_KERNEL": True, _FP8 + "CUBLAS_ROWS": 512},
     "take-torch+cublas-off": {"mtp_kernels.backend.TAKE_ROWS_KERNEL": False,
                               _FP8 + "CUBLAS_ROWS": None},
-    # the cuBLAS products' weight scales as float32 by quant_fp8's launch or by a torch
-    # conversion of their own (kernels/NOTES.md v41)
-    "scales-in-quant": {"mtp_kernels.scaled_mm.SCALES_IN_QUANT": True},
-    "scales-by-torch": {"mtp_kernels.scaled_mm.SCALES_IN_QUANT": False},
-    # the broadcast add after cuBLAS's h_proj by a kernel or torch (NOTES v40); e_proj's and
-    # h_proj's inputs rounded for cuBLAS by embed_norms or by quant_fp8 (v42); the three
+    # the broadcast add after cuBLAS's h_proj by a kernel or torch (NOTES v40); the prefix
+    # products' inputs rounded for cuBLAS by the norms' kernels or by quant_fp8 (v42); both
     # together, the glue of a catch-up's prefix
     "add-kernel": {"mtp_kernels.scaled_mm.ADD_KERNEL": True},
     "add-torch": {"mtp_kernels.scaled_mm.ADD_KERNEL": False},
     "round-in-norms": {"mtp_kernels.backend.ROUND_IN_NORMS": True},
     "round-by-quant": {"mtp_kernels.backend.ROUND_IN_NORMS": False},
     "prefix-glue": {"mtp_kernels.scaled_mm.ADD_KERNEL": True,
-                    "mtp_kernels.backend.ROUND_IN_NORMS": True,
-                    "mtp_kernels.scaled_mm.SCALES_IN_QUANT": True},
+                    "mtp_kernels.backend.ROUND_IN_NORMS": True},
     "prefix-glue-off": {"mtp_kernels.scaled_mm.ADD_KERNEL": False,
                         "mtp_kernels.backend.ROUND_IN_NORMS": False},
     # a second drafter with the defaults: the spread of a null A/B in the same run

@@ -30,15 +30,7 @@ import triton
 import triton.language as tl
 
 from . import _common, scaled_mm
-from ._common import (
-    e8m0_as_torch,
-    e8m0_to_f32,
-    fp8_round,
-    launch_opts,
-    mma,
-    pdl_enter,
-    pow2_scale_bits,
-)
+from ._common import e8m0_to_f32, fp8_round, launch_opts, mma, pdl_enter, pow2_scale_bits
 
 BK = 128
 # bf16 activations with act_quant: the e4m3 activation codes and the e4m3 weights go to the FP8
@@ -222,50 +214,37 @@ def splitk_reduce_kernel(part_ptr, out_ptr, add_ptr, part2_ptr, fn_ptr, mix_ptr,
 
 
 @triton.jit
-def quant_fp8_kernel(x_ptr, q_ptr, s_ptr, ws_ptr, wf_ptr, M, M_OUT, K, NW, stride_xm, stride_sm,
-                     stride_sk, swiglu_limit, SWIGLU: tl.constexpr, BM: tl.constexpr,
-                     BK: tl.constexpr, WSCALE: tl.constexpr, BW: tl.constexpr):
+def quant_fp8_kernel(x_ptr, q_ptr, s_ptr, M, M_OUT, K, stride_xm, stride_sm, stride_sk,
+                     swiglu_limit, SWIGLU: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     """One [BM, 128] block: ``fp8_simulate`` as e4m3 codes and power-of-two scales (the
     rounding fp8_linear_kernel's ACT_QUANT does per block), of x or of swiglu(x); rows from M
-    to M_OUT (padding) get zero codes. With WSCALE the last row of programs instead writes
-    column kb of the weight's E8M0 scales ws [NW, K/128] (bytes) as float32 into wf: 2^(b -
-    127) exactly, 2^-127 for byte 0, NaN for 255 (E8M0's own values)."""
+    to M_OUT (padding) get zero codes."""
     pdl_enter()
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
     kb = tl.program_id(1)
-    if WSCALE and tl.program_id(0) == tl.num_programs(0) - 1:
-        nb = tl.arange(0, BW)
-        woff = nb * (K // BK) + kb
-        b = tl.load(ws_ptr + woff, mask=nb < NW, other=127).to(tl.int32)
-        tl.store(wf_ptr + woff, e8m0_as_torch(b), mask=nb < NW)
-    else:
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        cols = kb * BK + tl.arange(0, BK)
-        rmask = rows < M
-        xoff = rows[:, None] * stride_xm + cols[None, :]
-        x = tl.load(x_ptr + xoff, mask=rmask[:, None], other=0.0)
-        if SWIGLU:
-            x = _swiglu_block(x, x_ptr, xoff, K, rmask, swiglu_limit)
-        xf = x.to(tl.float32)
-        e = pow2_scale_bits(tl.max(tl.abs(xf), axis=1))
-        q = fp8_round(xf, e)
-        omask = rows < M_OUT
-        tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.float8e4nv),
-                 mask=omask[:, None])
-        tl.store(s_ptr + rows * stride_sm + kb * stride_sk,
-                 ((e + 127) << 23).to(tl.float32, bitcast=True), mask=omask)
+    cols = kb * BK + tl.arange(0, BK)
+    rmask = rows < M
+    xoff = rows[:, None] * stride_xm + cols[None, :]
+    x = tl.load(x_ptr + xoff, mask=rmask[:, None], other=0.0)
+    if SWIGLU:
+        x = _swiglu_block(x, x_ptr, xoff, K, rmask, swiglu_limit)
+    xf = x.to(tl.float32)
+    e = pow2_scale_bits(tl.max(tl.abs(xf), axis=1))
+    q = fp8_round(xf, e)
+    omask = rows < M_OUT
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.float8e4nv), mask=omask[:, None])
+    tl.store(s_ptr + rows * stride_sm + kb * stride_sk,
+             ((e + 127) << 23).to(tl.float32, bitcast=True), mask=omask)
 
 
 def quant_fp8(x: torch.Tensor, k: int, swiglu_limit: float | None = None, *,
-              rows: int | None = None, scales_outer_major: bool = False,
-              weight_scale: torch.Tensor | None = None):
+              rows: int | None = None, scales_outer_major: bool = False):
     """``fp8_simulate(x, 128)`` (of ``swiglu(x[:, :k], x[:, k:])`` with ``swiglu_limit``) as
     what the FP8 tensor cores read: x [M, k] (or [M, 2k]) bf16 -> (codes [M, k] float8_e4m3fn,
     scales [M, k/128] float32 powers of two): codes * scales = the rounded values, exactly.
     ``rows`` (>= M): the results have that many rows, those past M zero codes (padding);
     ``scales_outer_major``: the scales' rows are adjacent ([k/128, rows] memory, transposed:
-    cuBLAS's layout for 1 x 128 scales). ``weight_scale``: a weight's E8M0 scales [N/128,
-    k/128], returned third as float32 (their values, converted by the same launch: what
-    cuBLAS takes, read from the scales as they are at this call)."""
+    cuBLAS's layout for 1 x 128 scales)."""
     m = x.shape[0]
     rows = m if rows is None else rows
     q = torch.empty(rows, k, dtype=torch.float8_e4m3fn, device=x.device)
@@ -273,25 +252,13 @@ def quant_fp8(x: torch.Tensor, k: int, swiglu_limit: float | None = None, *,
         s = torch.empty(k // BK, rows, dtype=torch.float32, device=x.device).t()
     else:
         s = torch.empty(rows, k // BK, dtype=torch.float32, device=x.device)
-    ws = wf = None
-    nw = 0
-    if weight_scale is not None:
-        nw = weight_scale.shape[0]
-        if (weight_scale.dtype != torch.float8_e8m0fnu or weight_scale.shape[1] != k // BK
-                or not weight_scale.is_contiguous()):
-            raise ValueError(f"quant_fp8: weight_scale must be contiguous E8M0 [N/128, "
-                             f"{k // BK}], got {weight_scale.dtype} {list(weight_scale.shape)}")
-        ws = weight_scale.view(torch.uint8)
-        wf = torch.empty(nw, k // BK, dtype=torch.float32, device=x.device)
-    if rows or ws is not None:
+    if rows:
         bm, warps = QUANT_LAUNCH
-        n_rows = triton.cdiv(rows, bm) + (ws is not None)  # (+ the weight scales' programs)
-        quant_fp8_kernel[(n_rows, k // BK)](
-            x, q, s, q if ws is None else ws, s if wf is None else wf, m, rows, k, nw,
-            x.stride(0), s.stride(0), s.stride(1), float(swiglu_limit or 0.0),
-            SWIGLU=swiglu_limit is not None, BM=bm, BK=BK, WSCALE=ws is not None,
-            BW=triton.next_power_of_2(max(1, nw)), num_warps=warps, **launch_opts())
-    return (q, s) if wf is None else (q, s, wf)
+        quant_fp8_kernel[(triton.cdiv(rows, bm), k // BK)](
+            x, q, s, m, rows, k, x.stride(0), s.stride(0), s.stride(1),
+            float(swiglu_limit or 0.0), SWIGLU=swiglu_limit is not None, BM=bm, BK=BK,
+            num_warps=warps, **launch_opts())
+    return q, s
 
 
 # Launch settings by row count: (rows up to, (BM, BN, warps, split-K programs per

@@ -14,8 +14,8 @@ runs at a third of the FP8 rate (kernels/NOTES.md, v39).
 cuBLASLt's layouts: the activations' scales outer-dim-major (``quant_fp8(...,
 scales_outer_major=True)``, their leading dimension a multiple of 4, so the rows are padded
 to one), the weight's [N/128, K/128] float32 and row-major (a copy of the checkpoint's E8M0
-scales, made by every call from the scales as they are then: by ``quant_fp8``'s launch with
-``SCALES_IN_QUANT``, else by a torch conversion).
+scales, made by every call from the scales as they are then: by the launch that rounded an
+:class:`FP8Rows` input, else by a torch conversion).
 """
 
 from __future__ import annotations
@@ -66,11 +66,6 @@ def _f32_scales(scale: torch.Tensor) -> torch.Tensor:
 # ADD_BN elements, 8 bf16 (16 bytes) per thread and load.
 ADD_KERNEL = True
 ADD_BM, ADD_BN = 4, 256
-
-# The weight's float32 scales converted by quant_fp8's launch (its last row of programs)
-# instead of a torch conversion of their own: one launch fewer per product (a catch-up's
-# profile showed each conversion at 3-4 us of kernel plus its gap; kernels/NOTES.md v41).
-SCALES_IN_QUANT = False
 
 _WHY_NOT: dict[torch.device, str | None] = {}
 
@@ -129,14 +124,8 @@ def scaled_mm_product(x: torch.Tensor | FP8Rows, weight: torch.Tensor, scale: to
         sw = x.weight_scale if x.weight_scale is not None else _f32_scales(scale)
         return _product(q, xs, sw, weight, m, dtype, add, add_row_div)
     m, dtype = x.shape[0], x.dtype
-    rows = padded_rows(m)
-    if SCALES_IN_QUANT and scale.dtype == torch.float8_e8m0fnu and scale.is_contiguous():
-        q, xs, sw = quant_fp8(x, k, swiglu_limit, rows=rows, scales_outer_major=True,
-                              weight_scale=scale)
-    else:
-        q, xs = quant_fp8(x, k, swiglu_limit, rows=rows, scales_outer_major=True)
-        sw = _f32_scales(scale)
-    return _product(q, xs, sw, weight, m, dtype, add, add_row_div)
+    q, xs = quant_fp8(x, k, swiglu_limit, rows=padded_rows(m), scales_outer_major=True)
+    return _product(q, xs, _f32_scales(scale), weight, m, dtype, add, add_row_div)
 
 
 def _product(q, xs, sw, weight, m: int, dtype, add, d: int) -> torch.Tensor:

@@ -916,45 +916,6 @@ def test_add_rows_in_place(dtype, m, n, d, seed):
     assert got.data_ptr() == y.data_ptr() and torch.equal(got, want)
 
 
-@given(n_blocks=st.integers(1, 70), kb=st.integers(1, 8), m=st.integers(0, 40),
-       seed=st.integers(0, 2 ** 16))
-@settings(max_examples=25, deadline=None)
-def test_quant_fp8_converts_the_weight_scales(n_blocks, kb, m, seed):
-    """``quant_fp8(..., weight_scale=s)``: the input's codes and scales are the call's without
-    it, bit for bit (padded rows and cuBLAS's layout too), and the third result is the E8M0
-    scales as float32, torch's conversion bit for bit for every byte but 255 (NaN both ways:
-    E8M0's NaN), byte 0's 2^-127 (a float32 subnormal) included; any row count, none too.
-    (Runs in Triton 3.9's interpreter too.)"""
-    from mtp_kernels.fp8_linear import quant_fp8
-    k = 128 * kb
-    g = torch.Generator().manual_seed(seed)
-    b = torch.randint(0, 256, (n_blocks, kb), generator=g, dtype=torch.uint8)
-    b.view(-1)[: min(3, b.numel())] = torch.tensor([0, 255, 127], dtype=torch.uint8)[
-        : min(3, b.numel())]
-    ws = b.to(DEVICE).view(torch.float8_e8m0fnu)
-    x = (torch.randn(m, k, generator=g) * 8).to(torch.bfloat16).to(DEVICE)
-    rows = -(-m // 4) * 4
-    q0, s0 = quant_fp8(x, k, rows=rows, scales_outer_major=True)
-    q, xs, wf = quant_fp8(x, k, rows=rows, scales_outer_major=True, weight_scale=ws)
-    assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(xs, s0)
-    want = ws.float()
-    assert wf.dtype == torch.float32 and wf.shape == (n_blocks, kb) and wf.is_contiguous()
-    nan = b.to(DEVICE) == 255
-    assert torch.equal(wf.isnan(), nan)
-    assert torch.equal(wf.view(torch.int32)[~nan], want.view(torch.int32)[~nan])
-
-
-def test_quant_fp8_refuses_a_weight_scale_it_cannot_convert():
-    """A float32, mis-shaped or strided ``weight_scale`` is named in the error (the cuBLAS
-    path converts those itself)."""
-    from mtp_kernels.fp8_linear import quant_fp8
-    x = torch.zeros(4, 256, dtype=torch.bfloat16, device=DEVICE)
-    e8 = torch.ones(3, 4, device=DEVICE).to(torch.float8_e8m0fnu)
-    for bad in (e8.float()[:, :2], e8[:, :3], e8.t().contiguous().t()[:, :2]):
-        with pytest.raises(ValueError, match="weight_scale"):
-            quant_fp8(x, 256, weight_scale=bad)
-
-
 @given(st.lists(st.integers(1, 254), min_size=1, max_size=64))
 @settings(max_examples=30, deadline=None)
 def test_cublas_weight_scales_are_the_e8m0_values(codes):
@@ -994,21 +955,18 @@ def test_cublas_weight_scales_follow_every_write():
 
 @pytest.mark.usefixtures("many_rows")
 @pytest.mark.parametrize("add_kernel", [False, True])
-@pytest.mark.parametrize("scales_in_quant", [False, True])
 @pytest.mark.parametrize("m", [128, 301, 512])
-def test_fp8_linear_by_cublas(m, scales_in_quant, add_kernel, monkeypatch):
+def test_fp8_linear_by_cublas(m, add_kernel, monkeypatch):
     """With ``fp8_linear.CUBLAS_ROWS`` the products of many rows go to cuBLAS's block-scaled
     FP8 GEMM (``scaled_mm``): the same codes and scales (``quant_fp8``), each 128-block's
     products summed on the FP8 tensor cores, then float32 across blocks, in cuBLAS's order; so
     against the reference BF16_TOL (exact products, the output's bf16 rounding) for a strided
     input, the fused SwiGLU, the broadcast add (rows not a multiple of 4: padded), a
-    pre-rounded input and ``add_linear`` (e_proj beside h_proj), and each by cuBLAS; with the
-    weight's float32 scales converted by torch or by ``quant_fp8``'s launch
-    (``scaled_mm.SCALES_IN_QUANT``), each way following every write of the scales; the
-    broadcast add by torch or by ``add_rows_`` (``scaled_mm.ADD_KERNEL``)."""
+    pre-rounded input and ``add_linear`` (e_proj beside h_proj), and each by cuBLAS; the
+    weight's float32 scales following every write of the scales; the broadcast add by torch
+    or by ``add_rows_`` (``scaled_mm.ADD_KERNEL``)."""
     from mtp_kernels import fp8_linear as fl
     from mtp_kernels import scaled_mm
-    monkeypatch.setattr(scaled_mm, "SCALES_IN_QUANT", scales_in_quant)
     monkeypatch.setattr(scaled_mm, "ADD_KERNEL", add_kernel)
 
     from mtp.quant import fp8_simulate
