@@ -159,6 +159,18 @@ def _last(blocks: tuple, **change) -> tuple:
     return blocks[:-1] + (_changed(blocks[-1], change),)
 
 
+def _from_json(variants: dict) -> dict:
+    """Variants read from JSON: lists back to tuples and dictionary keys that are integers
+    back to integers (a launch table keyed by rows)."""
+    def value(v):
+        if isinstance(v, list):
+            return tuple(value(x) for x in v)
+        if isinstance(v, dict):
+            return {int(k) if k.lstrip("-").isdigit() else k: value(x) for k, x in v.items()}
+        return v
+    return {name: {key: value(v) for key, v in s.items()} for name, s in variants.items()}
+
+
 def apply(settings: dict) -> None:
     """Set each ``module.ATTR``; a callable value maps the attribute's current value."""
     for key, value in settings.items():
@@ -249,6 +261,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1")
     ap.add_argument("--rows", default="1", help="new rows per sequence")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--extra", default=None,
+                    help="more variants: a JSON file of {name: {module.ATTR: value}} (say "
+                         "sweep_gate.py --best-out's)")
     ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--profile", type=int, default=0,
                     help="then profile this many calls of the baseline (kernels by GPU time)")
@@ -257,6 +272,9 @@ def main() -> None:
     ap.add_argument("--trace-dir", default=None,
                     help="where --timeline writes its traces (default: a temporary folder)")
     args = ap.parse_args()
+    if args.extra:
+        with open(args.extra) as f:
+            VARIANTS.update(_from_json(json.load(f)))
     mk = _import_kernels()
     dev = torch.device("cuda")
     g = torch.Generator(device="cuda").manual_seed(1)

@@ -86,23 +86,29 @@ def gate_kernel(u_ptr, w_ptr, out_ptr, T, E, stride_u, D: tl.constexpr, BT: tl.c
 
 
 GATE_T = 8  # gate_logits: up to this many rows in one kernel; more: float32 copy + cuBLAS
+# gate_logits' launch by rows (their power of two): experts per program, inputs per unrolled
+# chunk (the accumulator [rows, experts, inputs] and a chunk's loads stay in registers: ptxas
+# reports no spills for 1-8 rows at D 4096 and 7168), warps
+GATE_LAUNCH = {1: (2, 512, 4), 2: (2, 256, 4), 4: (2, 128, 4), 8: (2, 128, 4)}
 
 
-def gate_logits(u: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def gate_logits(u: torch.Tensor, weight: torch.Tensor, *, tune: tuple | None = None
+                ) -> torch.Tensor:
     """The gate's product in float32 as ``ops.route``: u [T, D] (bf16 or fp32) @ weight [E, D]
     (fp32)^T -> [T, E] fp32. For a few rows one kernel reads u as it is (no float32 copy of u,
-    no second launch); the float32 sums run in another order than cuBLAS (same bound)."""
+    no second launch); the float32 sums run in another order than cuBLAS (same bound).
+    ``tune`` (experts per program, inputs per chunk, warps) overrides :data:`GATE_LAUNCH`
+    (benchmarks)."""
     t, d = u.shape
     e = weight.shape[0]
     if not 0 < t <= GATE_T or weight.dtype != torch.float32 or not weight.is_contiguous() \
             or u.stride(-1) != 1:
         return torch.mm(u.float(), weight.t())
-    out = torch.empty(t, e, dtype=torch.float32, device=u.device)
     bt = triton.next_power_of_2(t)
-    # chunks of 512 inputs for one row, narrower for more rows (the accumulator and the
-    # unrolled loads stay in registers: ptxas reports no spills for BT 1-8, D 4096 and 7168)
-    gate_kernel[(triton.cdiv(e, 2),)](u, weight, out, t, e, u.stride(0), D=d, BT=bt, BE=2,
-                                      BK=max(128, 512 // bt), num_warps=4, **launch_opts())
+    be, bk, warps = tune or GATE_LAUNCH[bt]
+    out = torch.empty(t, e, dtype=torch.float32, device=u.device)
+    gate_kernel[(triton.cdiv(e, be),)](u, weight, out, t, e, u.stride(0), D=d, BT=bt, BE=be,
+                                       BK=bk, num_warps=warps, **launch_opts())
     return out
 
 
