@@ -16,7 +16,8 @@ hc mixes by their kernel or cuBLAS ("mix-many-kernel", "mix-many-cublas"), quant
 launch ("quant-*"), a catch-up's last rows by one gather kernel or an index_select per tensor
 ("take-kernel", "take-torch"), the FP8 products of many rows by cuBLAS ("cublas-128",
 "cublas-512", "cublas-off"), their broadcast add ("add-*"), their inputs' rounding
-("round-*"), both ("prefix-glue", "prefix-glue-off");
+("round-*"), both ("prefix-glue", "prefix-glue-off"); the gate kernel's launch table before
+v43 ("gate-v42"); more from a JSON file (``--extra``);
 "same", a second drafter with the defaults: the spread of a null A/B in the same run. Each
 printed row also gives the call's floor (the bytes it must read over the copy bandwidth of the
 same process) and each variant's ratio to it.
@@ -137,6 +138,10 @@ VARIANTS = {
                     "mtp_kernels.backend.ROUND_IN_NORMS": True},
     "prefix-glue-off": {"mtp_kernels.scaled_mm.ADD_KERNEL": False,
                         "mtp_kernels.backend.ROUND_IN_NORMS": False},
+    # the gate kernel's launch table before v43 (two experts per program, chunks of 512 / rows
+    # inputs, 4 warps) against the current one
+    "gate-v42": {"mtp_kernels.moe.GATE_LAUNCH": {1: (2, 512, 4), 2: (2, 256, 4),
+                                                 4: (2, 128, 4), 8: (2, 128, 4)}},
     # a second drafter with the defaults: the spread of a null A/B in the same run
     "same": {},
 }

@@ -30,7 +30,9 @@ from mtp.propose_program import ERR_HIDDEN, ERR_IDS, ERR_POSITIONS, hidden_bound
 
 from ._common import launch_opts, pdl_enter
 
-_BH = 2048  # hidden values per loop step of a row
+# warps of prepare_rows_kernel's program: one thread per 64 hidden values (a whole row in
+# registers), 4 to 16
+_VALUES_PER_THREAD = 64
 
 
 @triton.jit
@@ -72,23 +74,19 @@ def prepare_rows_kernel(meta_ptr, src_ptr, at_ptr, ids_out, pos_out, x_out, err_
     # masks as a comparison with a scalar bound (N where the row is read, else 0): a tensor
     # AND-ed with a scalar bool is a mask Triton 3.9's interpreter refuses
     n_read = tl.where(real, N, 0)
-    good = tl.full([], 1, tl.int32)
-    for k0 in tl.range(0, N, BH):
-        offs = k0 + tl.arange(0, BH)
-        v = tl.load(src + offs, mask=offs < n_read, other=0.0).to(tl.float32)
-        good = good & tl.min((tl.abs(v) <= MAX_ABS).to(tl.int32), axis=0)  # NaN: 0
+    # the whole row in one load (BH >= N): one memory round trip, not one per chunk, and its
+    # copy stored from the registers that were checked
+    offs = tl.arange(0, BH)
+    v = tl.load(src + offs, mask=offs < n_read, other=0.0)
+    good = tl.min((tl.abs(v.to(tl.float32)) <= MAX_ABS).to(tl.int32), axis=0)  # NaN: 0
     finite = good == 1
     flags = (bad_id.to(tl.int32) * E_IDS + bad_pos.to(tl.int32) * E_POS
              + (real & ~finite).to(tl.int32) * E_HID)
     if flags != 0:
         tl.atomic_or(err_ptr, flags)
     keep = real & finite
-    n_keep = tl.where(keep, N, 0)
-    dst = x_out + row.to(tl.int64) * N
-    for k0 in tl.range(0, N, BH):
-        offs = k0 + tl.arange(0, BH)
-        v = tl.load(src + offs, mask=offs < n_keep, other=0.0)
-        tl.store(dst + offs, v, mask=offs < N)
+    tl.store(x_out + row.to(tl.int64) * N + offs, tl.where(keep, v, tl.zeros_like(v)),
+             mask=offs < N)
     tl.store(ids_out + row, tl.where(real & ~bad_id, tok, 0))
     tl.store(pos_out + row, tl.where(real, want, 0))
 
@@ -147,10 +145,11 @@ def propose_prepare(meta: torch.Tensor, src: torch.Tensor, rows_at: torch.Tensor
     # the word starts from the checks made before (rows beyond their sequence's block)
     error = (torch.zeros((), dtype=torch.int32, device=dev) if pre_error is None
              else pre_error.clone())
+    bh = triton.next_power_of_2(width)
+    warps = min(16, max(4, bh // (32 * _VALUES_PER_THREAD)))
     prepare_rows_kernel[(t,)](meta, src, rows_at, ids_in, pos_in, x_in, error, s, rows,
-                              vocab_size, bound, N=width,
-                              BH=min(_BH, triton.next_power_of_2(width)), E_IDS=ERR_IDS,
-                              E_POS=ERR_POSITIONS, E_HID=ERR_HIDDEN, num_warps=4,
+                              vocab_size, bound, N=width, BH=bh, E_IDS=ERR_IDS,
+                              E_POS=ERR_POSITIONS, E_HID=ERR_HIDDEN, num_warps=warps,
                               **launch_opts())
     n_layers, max_seqs, cap = cache_pos.shape
     prepare_seqs_kernel[(s,)](meta, error, row_slots, draft_slots, cache_pos, s, rows,
