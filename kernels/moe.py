@@ -87,9 +87,10 @@ def gate_kernel(u_ptr, w_ptr, out_ptr, T, E, stride_u, D: tl.constexpr, BT: tl.c
 
 GATE_T = 8  # gate_logits: up to this many rows in one kernel; more: float32 copy + cuBLAS
 # gate_logits' launch by rows (their power of two): experts per program, inputs per unrolled
-# chunk (the accumulator [rows, experts, inputs] and a chunk's loads stay in registers), warps.
-# One expert per program, chunks of 256, 8 warps: the fastest at 1 and 4 rows of Flash and Pro
-# alike (benchmarks/sweep_gate.py; kernels/NOTES.md, v43)
+# chunk (the accumulator [rows, experts, inputs] and a chunk's loads stay in registers: ptxas
+# reports no spills for sm_90 at 1-8 rows, D 4096 and 7168), warps. One expert per program,
+# chunks of 256, 8 warps: the fastest at 1 and 4 rows of Flash and Pro alike
+# (benchmarks/sweep_gate.py; kernels/NOTES.md, v43)
 GATE_LAUNCH = {1: (1, 256, 8), 2: (1, 256, 8), 4: (1, 256, 8), 8: (1, 256, 8)}
 
 
