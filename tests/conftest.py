@@ -12,10 +12,18 @@ import torch
 from hypothesis import settings
 
 sys.path.insert(0, os.path.dirname(__file__))  # `import reference` from any working directory
-# `python -m pytest` puts the repo root on sys.path, where kernels/ (installed as mtp_kernels)
-# would shadow the PyPI package `kernels` that transformers imports: keep the root off it.
+# `python -m pytest` puts the repo root on sys.path, and so do the benchmarks some tests import
+# (to run from a checkout), where kernels/ (installed as mtp_kernels) would shadow the PyPI
+# package `kernels` that transformers imports: keep the root off it, now and before each test
+# module is imported (pytest_collectstart).
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+
+
+def _root_off_path() -> None:
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+
+
+_root_off_path()
 
 from mtp import DeepSeekV4MTP, MTPConfig  # noqa: E402
 
@@ -157,3 +165,7 @@ def pristine(tmp_path_factory) -> str:
 def folder(tmp_path, pristine) -> str:
     """A fresh copy of ``pristine``, free to damage."""
     return shutil.copytree(pristine, tmp_path / "ckpt")
+
+
+def pytest_collectstart(collector):
+    _root_off_path()
