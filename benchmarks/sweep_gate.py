@@ -40,8 +40,8 @@ def main() -> None:
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--best-out", default=None,
-                    help="write the best launches as ab_drafter variants (JSON): "
-                         "gate-best (this run's best per rows), gate-best-<preset>")
+                    help="write each preset's best launches (by rows) as an ab_drafter "
+                         "variant, gate-best-<preset> (JSON, for ab_drafter.py --extra)")
     args = ap.parse_args()
     _import_kernels()
     from mtp_kernels import moe
