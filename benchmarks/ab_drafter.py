@@ -17,7 +17,11 @@ launch ("quant-*"), a catch-up's last rows by one gather kernel or an index_sele
 ("take-kernel", "take-torch"), the FP8 products of many rows by cuBLAS ("cublas-128",
 "cublas-512", "cublas-off"), their broadcast add ("add-*"), their inputs' rounding
 ("round-*"), both ("prefix-glue", "prefix-glue-off"); the gate kernel's launch table before
-v43 ("gate-v42"); more from a JSON file (``--extra``);
+v43 ("gate-v42"); the LM head by cuBLAS or other tiles ("head-*"); the call's NaN-logits bit
+in its last launch or by torch ("finish-fused", "finish-torch"); its host buffers reached by
+kernels where mapped, or by copy nodes ("mapped", "copies"); hc_pre's post and comb on the
+side stream or in hc_finish ("comb-apart", "comb-inline"); more from a JSON file
+(``--extra``);
 "same", a second drafter with the defaults: the spread of a null A/B in the same run. Each
 printed row also gives the call's floor (the bytes it must read over the copy bandwidth of the
 same process) and each variant's ratio to it.
@@ -142,6 +146,24 @@ VARIANTS = {
     # inputs, 4 warps) against the current one
     "gate-v42": {"mtp_kernels.moe.GATE_LAUNCH": {1: (2, 512, 4), 2: (2, 256, 4),
                                                  4: (2, 128, 4), 8: (2, 128, 4)}},
+    # the LM head by cuBLAS at every row count, or the kernel with the tiles an H200's sweep
+    # found best for Flash at one row (kernels/NOTES.md, "The head on an H200")
+    "head-cublas": {"mtp_kernels.head.HEAD_T": 0},
+    "head-bn128-8w": {"mtp_kernels.head.TILES": {16: (128, 256, 8), 32: (128, 128, 8),
+                                                 64: (128, 128, 8)}},
+    "head-4stages": {"mtp_kernels.head.STAGES": 4},
+    # the call's NaN-logits bit in its last launch, or by torch after a cat of the probes
+    "finish-fused": {"mtp_kernels.backend.FINISH_IN_COPY": True},
+    "finish-torch": {"mtp_kernels.backend.FINISH_IN_COPY": False},
+    # the call's staged record read from the mapped host buffer by a kernel and its error word
+    # stored to the host's copy by its last kernel, or a copy node each
+    "mapped": {"mtp_kernels.backend.MAPPED_HOST": True},
+    "copies": {"mtp_kernels.backend.MAPPED_HOST": False},
+    "copies+finish-torch": {"mtp_kernels.backend.MAPPED_HOST": False,
+                            "mtp_kernels.backend.FINISH_IN_COPY": False},
+    # hc_pre's post and comb (the Sinkhorn) on the step's side stream, or in hc_finish
+    "comb-apart": {"mtp_kernels.backend.COMB_APART": True},
+    "comb-inline": {"mtp_kernels.backend.COMB_APART": False},
     # a second drafter with the defaults: the spread of a null A/B in the same run
     "same": {},
 }

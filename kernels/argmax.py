@@ -70,11 +70,13 @@ def argmax_finish_kernel(val_ptr, idx_ptr, top_ptr, token_ptr, P, BP: tl.constex
     tl.store(token_ptr + s, i.to(tl.int64))
 
 
-def argmax_rows(logits: torch.Tensor, *, block: int = BLOCK, programs: int = PROGRAMS
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def argmax_rows(logits: torch.Tensor, *, top: torch.Tensor | None = None, block: int = BLOCK,
+                programs: int = PROGRAMS) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [S, V] float32 (rows of contiguous columns) -> (values [S] float32, indices [S]
-    int64): ``torch.max(logits, dim=-1)``'s, bit for bit. ``block``, ``programs``: the
-    launch's elements per load and most programs per row (smaller ones for tests).
+    int64): ``torch.max(logits, dim=-1)``'s, bit for bit. ``top``: a contiguous float32 [S]
+    the values are written to (and returned), e.g. a row of a buffer that collects several
+    picks' values. ``block``, ``programs``: the launch's elements per load and most programs
+    per row (smaller ones for tests).
 
     Example:
         >>> top, token = argmax_rows(logits)   # as logits.max(dim=-1)
@@ -86,6 +88,10 @@ def argmax_rows(logits: torch.Tensor, *, block: int = BLOCK, programs: int = PRO
     if s == 0 or v == 0 or v >= NONE.value:
         raise ValueError(f"argmax_rows: 1 <= V < 2^31 columns and at least one row, got "
                          f"{list(logits.shape)}")
+    if top is not None and (top.shape != (s,) or top.dtype != torch.float32
+                            or not top.is_contiguous() or top.device != logits.device):
+        raise ValueError(f"argmax_rows: top must be a contiguous float32 [{s}] on "
+                         f"{logits.device}, got {top.dtype} {list(top.shape)} on {top.device}")
     chunk = block * triton.cdiv(triton.cdiv(v, block), programs)  # a whole number of loads
     p = triton.cdiv(v, chunk)
     dev = logits.device
@@ -93,7 +99,8 @@ def argmax_rows(logits: torch.Tensor, *, block: int = BLOCK, programs: int = PRO
     idxs = torch.empty(s, p, dtype=torch.int32, device=dev)
     argmax_partial_kernel[(s, p)](logits, vals, idxs, v, logits.stride(0), p, CHUNK=chunk,
                                   BLOCK=block, num_warps=4, **launch_opts())
-    top = torch.empty(s, dtype=torch.float32, device=dev)
+    if top is None:
+        top = torch.empty(s, dtype=torch.float32, device=dev)
     token = torch.empty(s, dtype=torch.int64, device=dev)
     argmax_finish_kernel[(s,)](vals, idxs, top, token, p, BP=max(16, triton.next_power_of_2(p)),
                                num_warps=4, **launch_opts())

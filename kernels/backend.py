@@ -81,6 +81,20 @@ TAKE_ROWS_KERNEL = True
 # four-sequence ones inside the graphs on an H100 (ab_drafter.py's "prefix-glue"; False,
 # with ADD_KERNEL False: "prefix-glue-off"; docs/performance.md, "a catch-up's prefix glue").
 ROUND_IN_NORMS = True
+# A whole-call program's NaN-logits bit folded into its last launch (copy_out; True) or by
+# torch's isnan, any and add after a cat of the steps' probes (False: four launches more,
+# ~10 us of every call's tail on an H100). ab_drafter.py's "finish-fused" / "finish-torch"
+FINISH_IN_COPY = True
+# hc_pre_norm's post and comb (the Sinkhorn's 20 serial iterations, ~5 us of a one-row
+# hc_finish on an H100) made on the step's side stream where it has one, beside the norm and
+# what follows it, joined where they are read (True); or by hc_finish itself (False).
+# ab_drafter.py's "comb-apart" / "comb-inline"
+COMB_APART = True
+# A whole-call program reads its staged record from the page-locked host buffer where the
+# driver maps it, in a kernel (stage_in), and copy_out stores the error word to the host's
+# copy the same way (True); or a copy node each (False: an idle gap of ~5 us after each on an
+# H100). ab_drafter.py's "mapped" / "copies"
+MAPPED_HOST = True
 
 
 @dataclass
@@ -158,6 +172,9 @@ class TritonOps:
         self.n_experts = (model.tp.local(cfg.n_routed_experts) + 1 if model.tp.sharded
                           else cfg.n_routed_experts)
         self._small_tiles: dict[tuple[int, int], torch.Tensor] = {}
+        # post and comb being made on a side stream (hc_pre_norm's side_stream): that stream
+        # and the two tensors; their first reader makes its stream wait for it (_join_comb)
+        self._comb_apart: tuple | None = None
 
     @property
     def _cuda(self) -> bool:
@@ -236,22 +253,41 @@ class TritonOps:
 
     # ---- hyper-connections -----------------------------------------------------------------
     def hc_pre_norm(self, x, fn, scale, base, norm_w, iters: int, hc_eps: float, eps: float, *,
-                    partials=None, act_quant: bool = False, proj=None):
+                    partials=None, act_quant: bool = False, proj=None, side_stream=None,
+                    comb_rows=None):
+        # post and comb on the side stream where there is one (COMB_APART): the Sinkhorn off
+        # the path from x to the next product; their readers wait for it (_join_comb)
+        side = side_stream if COMB_APART else None
         # u rounded for the next product where cuBLAS takes it (the attention's wq_a / wkv of
         # a catch-up's rows): the product reads it in place of rounding u itself
         fp8 = (self._cublas_scale(proj[0], x.shape[0], proj[1], x.dtype, x.device)
                if proj is not None and not act_quant and x.dtype == torch.bfloat16 else None)
         if fp8 is not None:
-            return hc_k.hc_pre_norm(x, fn, scale, base, norm_w, iters, hc_eps, eps,
-                                    partials=partials, fp8=fp8)
-        # with the CUDA experts the same kernel also writes their input (quant_rows of u)
-        u, post, comb, *q = hc_k.hc_pre_norm(x, fn, scale, base, norm_w, iters, hc_eps, eps,
-                                             act_quant=act_quant,
-                                             quant_rows=act_quant and self._cuda,
-                                             partials=partials)
-        return u, post, comb, (tuple(q) or None)
+            u, post, comb, q = hc_k.hc_pre_norm(x, fn, scale, base, norm_w, iters, hc_eps, eps,
+                                                partials=partials, fp8=fp8, side_stream=side,
+                                                comb_rows=comb_rows)
+        else:
+            # with the CUDA experts the same kernel also writes their input (quant_rows of u)
+            u, post, comb, *q = hc_k.hc_pre_norm(x, fn, scale, base, norm_w, iters, hc_eps,
+                                                 eps, act_quant=act_quant,
+                                                 quant_rows=act_quant and self._cuda,
+                                                 partials=partials, side_stream=side,
+                                                 comb_rows=comb_rows)
+            q = tuple(q) or None
+        if side is not None:
+            self._comb_apart = (side, post, comb)
+        return u, post, comb, q
+
+    def _join_comb(self, *tensors) -> None:
+        """Before reading ``tensors``: if post or comb made on a side stream is among them, the
+        current stream waits for that stream (once)."""
+        apart = self._comb_apart
+        if apart is not None and any(t is apart[1] or t is apart[2] for t in tensors):
+            torch.cuda.current_stream().wait_stream(apart[0])
+            self._comb_apart = None
 
     def hc_post(self, a, residual, post, comb, *, mix_fn=None):
+        self._join_comb(post, comb)
         if residual.shape[0] > hc_k.POST_MIX_T:  # the mixes' partials pay for few rows only
             mix_fn = None
         if isinstance(a, MoEPairs):
@@ -294,6 +330,7 @@ class TritonOps:
                                      positions=positions, seq_slots=seq_slots, cache_pos=cpos)
 
     def take_rows(self, rows, tensors):
+        self._join_comb(*tensors)
         # the forward's per-row tensors are contiguous; any other layout takes index_select
         if TAKE_ROWS_KERNEL and all(t.is_contiguous() for t in tensors):
             return rows_k.take_rows(rows, tensors)
@@ -360,6 +397,8 @@ class TritonOps:
         if main is not None:  # join
             main.wait_stream(side_stream)
             shared.record_stream(main)
+            if self._comb_apart is not None and self._comb_apart[0] is side_stream:
+                self._comb_apart = None  # (joined too: queued there before the fork)
         else:
             shared = self._shared(sh, x, rounded, act_quant, tp)
         if mine is None:
@@ -416,16 +455,31 @@ class TritonOps:
 
     # ---- the whole-call program's first step -----------------------------------------------
     def propose_prepare(self, meta, src, rows_at, rows: int, width: int, dtype,
-                        max_abs_hidden: float, vocab_size: int, cache_pos, pre_error=None):
+                        max_abs_hidden: float, vocab_size: int, cache_pos, error=None):
         # mtp.propose_program.prepare's checks, inputs and rollback: two launches, not ~45,
-        # reading the caller's rows by address (no staging copies)
+        # reading the caller's rows by address (no staging copies); the checks' bits OR-ed
+        # into ``error`` in place (the call's word, begun with prepare's pre_error)
         return prepare_k.propose_prepare(meta, src, rows_at, rows, width, dtype,
-                                         max_abs_hidden, vocab_size, cache_pos,
-                                         pre_error=pre_error)
+                                         max_abs_hidden, vocab_size, cache_pos, error=error)
 
-    def copy_out(self, packed, out_at):
-        # the whole-call program's outputs into the call's own buffer, by the staged address
-        prepare_k.copy_out(packed, out_at)
+    def mapped_address(self, t):
+        # where a kernel reaches a page-locked host tensor (None: copies instead)
+        return prepare_k.mapped_address(t) if MAPPED_HOST else None
+
+    def stage_in(self, staged, host_at, pre_error, error):
+        # the whole-call program's first launch: its staged record in from the host buffer
+        prepare_k.stage_in(staged, host_at, pre_error, error)
+
+    def finish_call(self, packed, out_at, error, probes, bit: int, word_at=None):
+        # its last launch: the outputs into the call's own buffer, by the staged address, the
+        # NaN probes' bit into the error word, the word to the host's copy (at word_at)
+        if FINISH_IN_COPY:
+            return prepare_k.copy_out(packed, out_at, error=error, probes=probes, bit=bit,
+                                      word_at=word_at)
+        probes = torch.cat(list(probes))  # (the launch the probes' buffer saved, too)
+        error = torch.add(error, torch.isnan(probes).any(), alpha=bit)
+        prepare_k.copy_out(packed, out_at, error=error, word_at=word_at)
+        return error
 
     # ---- logits ----------------------------------------------------------------------------
     def head(self, x, fn, scale, base, norm_w, head_w, hc_eps: float, eps: float, *,
@@ -437,10 +491,10 @@ class TritonOps:
             return head_k.head_logits(y, head_w, kernel=self.head_kernel)
         return torch.mm(ops.wide(y), head_w.t().to(ops.wide(y).dtype))
 
-    def argmax_rows(self, logits):
+    def argmax_rows(self, logits, top=None):
         if ARGMAX_KERNEL:  # (the head's float32 [T, V] rows: what the kernel takes)
-            return argmax_k.argmax_rows(logits)
-        return ops.REFERENCE.argmax_rows(logits)
+            return argmax_k.argmax_rows(logits, top=top)
+        return ops.REFERENCE.argmax_rows(logits, top)
 
 
 class TritonMTP:

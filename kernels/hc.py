@@ -285,13 +285,43 @@ def _mix(part_ptr, T, t, offs, n_split, FP: tl.constexpr, SP: tl.constexpr):
 
 
 @triton.jit
+def _row_rs(sq_ptr, T, t, n_split, D, eps, M: tl.constexpr, SP: tl.constexpr):
+    """hc's 1 / rms of row t of x from the n_split partial sums of squares."""
+    sp = tl.arange(0, SP)
+    sq = tl.sum(tl.load(sq_ptr + sp * T + t, mask=sp < n_split, other=0.0), axis=0)
+    return tl.rsqrt(sq / (M * D) + eps)
+
+
+@triton.jit
+def _post_comb(part_ptr, rs, scale_ptr, base_ptr, post_ptr, comb_ptr, T, t, n_split, iters,
+               hc_eps, M: tl.constexpr, FP: tl.constexpr, SP: tl.constexpr):
+    """hc_pre's post [M] and comb [M, M] (the Sinkhorn's serial iterations) of row t, stored."""
+    mm = tl.arange(0, M)
+    post_mix = _mix(part_ptr, T, t, M + mm, n_split, FP, SP) * rs
+    post = 2.0 * tl.sigmoid(post_mix * tl.load(scale_ptr + 1) + tl.load(base_ptr + M + mm))
+    tl.store(post_ptr + t * M + mm, post)
+    cidx = mm[:, None] * M + mm[None, :]
+    c = _mix(part_ptr, T, t, 2 * M + cidx, n_split, FP, SP) * rs
+    c = c * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * M + cidx)
+    c = tl.exp(c - tl.max(c, axis=1)[:, None])
+    c = c / tl.sum(c, axis=1)[:, None] + hc_eps
+    c = c / (tl.sum(c, axis=0)[None, :] + hc_eps)
+    for _ in range(iters - 1):
+        c = c / (tl.sum(c, axis=1)[:, None] + hc_eps)
+        c = c / (tl.sum(c, axis=0)[None, :] + hc_eps)
+    tl.store(comb_ptr + t * M * M + cidx, c)
+
+
+@triton.jit
 def hc_finish_kernel(part_ptr, sq_ptr, x_ptr, scale_ptr, base_ptr, normw_ptr, post_ptr, comb_ptr,
                      u_ptr, q_ptr, xh_ptr, xs_ptr, cq_ptr, cs_ptr, ws_ptr, wf_ptr, T, T_OUT, NW,
                      D, n_split, iters, eps, hc_eps, norm_eps,
                      M: tl.constexpr, FP: tl.constexpr, SP: tl.constexpr, BD: tl.constexpr,
                      HEAD: tl.constexpr, QUANT: tl.constexpr, QROWS: tl.constexpr,
-                     CUBLAS: tl.constexpr = False, BW: tl.constexpr = 1):
-    """One row: mixes -> pre (and post, Sinkhorn comb) -> collapse -> RMSNorm; with QUANT also
+                     CUBLAS: tl.constexpr = False, BW: tl.constexpr = 1,
+                     COMB: tl.constexpr = True):
+    """One row: mixes -> pre (and, with COMB, post and the Sinkhorn comb: else
+    ``hc_comb_kernel`` makes them) -> collapse -> RMSNorm; with QUANT also
     the FP8 activation rounding of the result (``fp8_simulate``, blocks of 128) into q, and
     with QROWS the same rounding in ``moe.quant_rows``' layout into xh, xs. With CUBLAS the
     rounding as cuBLAS reads it (``store_fp8_row``) into cq, cs, program 0 also writing the
@@ -307,27 +337,13 @@ def hc_finish_kernel(part_ptr, sq_ptr, x_ptr, scale_ptr, base_ptr, normw_ptr, po
     x = tl.load(x_ptr + (t * M + mm[:, None]) * D + dd[None, :], mask=dmask[None, :],
                 other=0.0).to(tl.float32)
     w = tl.load(normw_ptr + dd, mask=dmask, other=0.0)
-    sp = tl.arange(0, SP)
-    sq = tl.sum(tl.load(sq_ptr + sp * T + t, mask=sp < n_split, other=0.0), axis=0)
-    rs = tl.rsqrt(sq / (M * D) + eps)
+    rs = _row_rs(sq_ptr, T, t, n_split, D, eps, M, SP)
     pre_mix = _mix(part_ptr, T, t, mm, n_split, FP, SP) * rs
-    if HEAD:
-        pre = tl.sigmoid(pre_mix * tl.load(scale_ptr) + tl.load(base_ptr + mm)) + hc_eps
-    else:
-        pre = tl.sigmoid(pre_mix * tl.load(scale_ptr) + tl.load(base_ptr + mm)) + hc_eps
-        post_mix = _mix(part_ptr, T, t, M + mm, n_split, FP, SP) * rs
-        post = 2.0 * tl.sigmoid(post_mix * tl.load(scale_ptr + 1) + tl.load(base_ptr + M + mm))
-        tl.store(post_ptr + t * M + mm, post)
-        cidx = mm[:, None] * M + mm[None, :]
-        c = _mix(part_ptr, T, t, 2 * M + cidx, n_split, FP, SP) * rs
-        c = c * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * M + cidx)
-        c = tl.exp(c - tl.max(c, axis=1)[:, None])
-        c = c / tl.sum(c, axis=1)[:, None] + hc_eps
-        c = c / (tl.sum(c, axis=0)[None, :] + hc_eps)
-        for _ in range(iters - 1):
-            c = c / (tl.sum(c, axis=1)[:, None] + hc_eps)
-            c = c / (tl.sum(c, axis=0)[None, :] + hc_eps)
-        tl.store(comb_ptr + t * M * M + cidx, c)
+    pre = tl.sigmoid(pre_mix * tl.load(scale_ptr) + tl.load(base_ptr + mm)) + hc_eps
+    if not HEAD:
+        if COMB:
+            _post_comb(part_ptr, rs, scale_ptr, base_ptr, post_ptr, comb_ptr, T, t, n_split,
+                       iters, hc_eps, M, FP, SP)
     y = tl.sum(pre[:, None] * x, axis=0)
     y = y.to(u_ptr.dtype.element_ty).to(tl.float32)
     r = tl.rsqrt(tl.sum(y * y, axis=0) / D + norm_eps)
@@ -351,6 +367,20 @@ def hc_finish_kernel(part_ptr, sq_ptr, x_ptr, scale_ptr, base_ptr, normw_ptr, po
             tl.store(xh_ptr + t * D + dd, even_odd8(qv, BD).to(tl.float16), mask=dmask)
             b = tl.arange(0, BD // 128)
             tl.store(xs_ptr + t * (D // 128) + b, exp2_int(e), mask=b < D // 128)
+
+
+@triton.jit
+def hc_comb_kernel(part_ptr, sq_ptr, scale_ptr, base_ptr, post_ptr, comb_ptr, rows_ptr, T, D,
+                   n_split, iters, eps, hc_eps, M: tl.constexpr, FP: tl.constexpr,
+                   SP: tl.constexpr, ROWS: tl.constexpr):
+    """One row's post and comb alone (``hc_finish_kernel``'s, the same code): launched on a
+    side stream while the row's norm and what reads it go on. With ROWS program i makes row
+    ``rows[i]``'s, else row i's."""
+    pdl_enter()
+    t = tl.load(rows_ptr + tl.program_id(0)) if ROWS else tl.program_id(0)
+    rs = _row_rs(sq_ptr, T, t, n_split, D, eps, M, SP)
+    _post_comb(part_ptr, rs, scale_ptr, base_ptr, post_ptr, comb_ptr, T, t, n_split, iters,
+               hc_eps, M, FP, SP)
 
 
 def _mix_partials(x: torch.Tensor, fn: torch.Tensor):
@@ -384,7 +414,9 @@ def _warps(bd: int) -> int:
 
 def hc_pre_norm(x: torch.Tensor, fn, scale, base, norm_weight, iters: int, hc_eps: float,
                 eps: float, *, act_quant: bool = False, quant_rows: bool = False,
-                partials: tuple | None = None, fp8: torch.Tensor | None = None):
+                partials: tuple | None = None, fp8: torch.Tensor | None = None,
+                side_stream: torch.cuda.Stream | None = None,
+                comb_rows: torch.Tensor | None = None):
     """``RMSNorm(hc_pre(x)[0])`` and hc_pre's post, comb: x [T, M, D] ->
     (u [T, D] x's dtype, post [T, M] fp32, comb [T, M, M] fp32); with ``act_quant`` a fourth
     result, ``fp8_simulate(u, 128)`` (what every FP8 product of u rounds it to), and with
@@ -394,7 +426,12 @@ def hc_pre_norm(x: torch.Tensor, fn, scale, base, norm_weight, iters: int, hc_ep
     ``act_quant``): the E8M0 scales [N/128, D/128] (contiguous) of the weight u is the input
     of; the fourth result is then u rounded for that product's cuBLAS call
     (``scaled_mm.FP8Rows``, ``quant_fp8`` of u bit for bit, the weight's float32 scales
-    included), from the same launch."""
+    included), from the same launch. ``side_stream`` (CUDA): post and comb are made there
+    (the Sinkhorn's serial iterations off the norm's path: only hc_post reads them, later),
+    after the work queued so far on the current stream; the caller makes the current stream
+    wait for ``side_stream`` before reading them. ``comb_rows`` [S] int64 (with
+    ``side_stream``): the rows whose post and comb are read (a catch-up's last rows); the
+    others' are not made (left unwritten)."""
     t, m, d = x.shape
     if d % _MIX_BK:
         raise ValueError(f"hc_pre_norm: hidden size {d} is not a multiple of {_MIX_BK}")
@@ -427,13 +464,31 @@ def hc_pre_norm(x: torch.Tensor, fn, scale, base, norm_weight, iters: int, hc_ep
         ws, wf = fp8.view(torch.uint8), torch.empty(fp8.shape, dtype=torch.float32,
                                                     device=x.device)
     bd = triton.next_power_of_2(d)
+    sp = triton.next_power_of_2(n_split)
+    apart = side_stream is not None and t > 0
+    if apart:  # fork: the side stream waits for the partials, then makes post and comb
+        some = comb_rows is not None
+        if some:  # (the forward's out_rows are already: no launch)
+            comb_rows = comb_rows.to(torch.int64).contiguous().view(-1)
+        side_stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side_stream):
+            n = comb_rows.numel() if some else t
+            if n:
+                hc_comb_kernel[(n,)](part, sq, scale, base, post, comb,
+                                     comb_rows if some else post, t, d, n_split, iters, eps,
+                                     hc_eps, M=m, FP=fp, SP=sp, ROWS=some,
+                                     num_warps=_warps(bd), **launch_opts())
+        if some:
+            comb_rows.record_stream(side_stream)
+        for a in (part, sq, post, comb):  # (the allocator's: not reused before it is done)
+            a.record_stream(side_stream)
     if t:
         hc_finish_kernel[(t,)](
             part, sq, x, scale, base, norm_weight, post, comb, u, q, xh, xs, cq, cs, ws, wf, t,
             t_out, nw, d, n_split, iters, eps, hc_eps, eps, M=m, FP=fp,
-            SP=triton.next_power_of_2(n_split), BD=bd, HEAD=False, QUANT=act_quant,
+            SP=sp, BD=bd, HEAD=False, QUANT=act_quant,
             QROWS=quant_rows, CUBLAS=fp8 is not None, BW=triton.next_power_of_2(max(1, nw)),
-            num_warps=_warps(bd), **launch_opts())
+            COMB=not apart, num_warps=_warps(bd), **launch_opts())
     if fp8 is not None:
         if not t:  # (no program to convert them)
             wf = fp8.float()

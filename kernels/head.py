@@ -38,6 +38,7 @@ MARGIN = 0.03
 _CHOSEN: dict[tuple, str] = {}  # (device, V, D, padded rows) -> "triton" or "cublas"
 # padded rows BT -> (BN, BK, warps): the sweep's best on an H100 (kernels/NOTES.md round 6)
 TILES = {16: (64, 256, 4), 32: (128, 128, 8), 64: (128, 128, 8)}
+STAGES = 3  # the weight's chunks in flight per program (tl.range's pipelining)
 
 
 @triton.jit
@@ -124,6 +125,6 @@ def _launch(y: torch.Tensor, weight: torch.Tensor, bt: int, tune: dict) -> torch
     bn, bk = tune.get("bn", bn), tune.get("bk", bk)
     out = torch.empty(t, v, dtype=torch.float32, device=y.device)
     head_kernel[(triton.cdiv(v, bn),)](y, weight, out, t, v, D=d, BT=bt, BN=bn, BK=bk,
-                                       STAGES=tune.get("stages", 3),
+                                       STAGES=tune.get("stages", STAGES),
                                        num_warps=tune.get("warps", warps), **launch_opts())
     return out

@@ -2,8 +2,9 @@
 call, the forward's inputs and the rollback of draft entries
 (``mtp.propose_program.prepare``'s function, there ~45 torch launches, here a memset and two
 launches inside the captured graph); and its last, ``copy_out``: the outputs into the call's
-own buffer. Both reach the caller's tensors through addresses the host staged, so that one
-captured graph serves every call with no copy outside it.
+own buffer, and the NaN-logits bit into the error word. Both reach the caller's tensors
+through addresses the host staged, so that one captured graph serves every call with no copy
+outside it.
 
 ``prepare_rows_kernel``: one program per row of the bucket, reading the caller's row it
 stands for where the caller has it (``mtp.propose_program.rows_at``: no staging copy): is it
@@ -115,7 +116,7 @@ def prepare_seqs_kernel(meta_ptr, err_ptr, row_slots_ptr, draft_slots_ptr, cache
 
 def propose_prepare(meta: torch.Tensor, src: torch.Tensor, rows_at: torch.Tensor, rows: int,
                     width: int, dtype: torch.dtype, max_abs_hidden: float, vocab_size: int,
-                    cache_pos: torch.Tensor, pre_error: torch.Tensor | None = None):
+                    cache_pos: torch.Tensor, error: torch.Tensor | None = None):
     """``mtp.propose_program.prepare`` of the rows ``gather_rows`` would take from the
     caller's tensors (``src`` [S*R] each bucket row's source row; ``rows_at`` [ROWS_AT] where
     those tensors are, ``mtp.propose_program.rows_at``: hidden ``width`` wide, of ``dtype``),
@@ -123,7 +124,9 @@ def propose_prepare(meta: torch.Tensor, src: torch.Tensor, rows_at: torch.Tensor
     graph reads each call's tensors with no copy into its buffers. Only real rows are read.
     The bound on |hidden| is the reference's (``mtp.propose_program.hidden_bound``), rounded
     to ``dtype`` (where the reference compares), then compared in float32, which holds every
-    bfloat16 / float16 / float32 value exactly.
+    bfloat16 / float16 / float32 value exactly. ``error``: the call's int32 [] word so far
+    (the reference's ``pre_error``: checks made before), the checks' bits OR-ed into it in
+    place; None: a fresh word.
 
     Example:
         >>> ids_in, pos_in, x_in, row_slots, draft_slots, error = propose_prepare(
@@ -142,9 +145,11 @@ def propose_prepare(meta: torch.Tensor, src: torch.Tensor, rows_at: torch.Tensor
     x_in = torch.empty(t, width, dtype=dtype, device=dev)
     row_slots = torch.empty(t, dtype=torch.int64, device=dev)
     draft_slots = torch.empty(s, dtype=torch.int64, device=dev)
-    # the word starts from the checks made before (rows beyond their sequence's block)
-    error = (torch.zeros((), dtype=torch.int32, device=dev) if pre_error is None
-             else pre_error.clone())
+    if error is None:
+        error = torch.zeros((), dtype=torch.int32, device=dev)
+    elif error.dtype != torch.int32 or error.numel() != 1 or error.device != dev:
+        raise ValueError(f"propose_prepare: error must be an int32 [] word on {dev}, got "
+                         f"{error.dtype} {list(error.shape)} on {error.device}")
     bh = triton.next_power_of_2(width)
     warps = min(16, max(4, bh // (32 * _VALUES_PER_THREAD)))
     prepare_rows_kernel[(t,)](meta, src, rows_at, ids_in, pos_in, x_in, error, s, rows,
@@ -159,19 +164,75 @@ def propose_prepare(meta: torch.Tensor, src: torch.Tensor, rows_at: torch.Tensor
 
 
 @triton.jit
-def copy_out_kernel(src_ptr, at_ptr, n, BLOCK: tl.constexpr):
+def stage_in_kernel(host_at, staged_ptr, n, pre_ptr, err_ptr, BLOCK: tl.constexpr):
+    """Block b of the staged call's int64 record from the host buffer at address ``host_at``
+    (page-locked, mapped: read over the bus); program 0 also begins the call's error word
+    with the checks made before (``pre_ptr``)."""
+    pdl_enter()
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    src = host_at.to(tl.pointer_type(tl.int64))
+    tl.store(staged_ptr + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
+    if tl.program_id(0) == 0:
+        tl.store(err_ptr, tl.load(pre_ptr))
+
+
+def stage_in(staged: torch.Tensor, host_at: int, pre_error: torch.Tensor,
+             error: torch.Tensor) -> None:
+    """``staged.copy_(host)`` and ``error.copy_(pre_error)`` in one launch, reading the host
+    buffer where it is mapped (``host_at``, :func:`mapped_address`): inside a captured graph
+    a kernel node instead of a copy node and the idle gap after it (~5 us on an H100).
+    ``staged`` contiguous int64 [n], the host buffer as many int64; the words int32 [].
+
+    Example:
+        >>> stage_in(prog.staged, mapped_address(prog.host), prog.pre_error, prog.error)
+    """
+    n = staged.numel()
+    if staged.dtype != torch.int64 or not staged.is_contiguous() or not host_at or any(
+            w.dtype != torch.int32 or w.numel() != 1 for w in (pre_error, error)):
+        raise ValueError(f"stage_in: a contiguous int64 record, a mapped host address and "
+                         f"int32 [] words, got {staged.dtype} contiguous="
+                         f"{staged.is_contiguous()}, address {host_at}, "
+                         f"{pre_error.dtype} {error.dtype}")
+    block = 1024
+    stage_in_kernel[(triton.cdiv(n, block),)](host_at, staged, n, pre_error, error,
+                                              BLOCK=block, num_warps=4, **launch_opts())
+
+
+@triton.jit
+def copy_out_kernel(src_ptr, at_ptr, n, error_ptr, probes_ptr, n_probes, bit, word_at,
+                    BLOCK: tl.constexpr, PB: tl.constexpr, HAS_PROBES: tl.constexpr,
+                    TO_HOST: tl.constexpr):
     pdl_enter()
     addr = tl.load(at_ptr)
     if addr != 0:  # 0: no buffer staged (a capture's warm-up)
         dst = addr.to(tl.pointer_type(src_ptr.dtype.element_ty))
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(dst + offs, tl.load(src_ptr + offs, mask=offs < n), mask=offs < n)
+    if tl.program_id(0) == 0:  # the error word
+        word = tl.load(error_ptr) if HAS_PROBES or TO_HOST else 0
+        if HAS_PROBES:  # its bit where a probe is NaN
+            nan = tl.zeros([PB], dtype=tl.int32)
+            for p0 in range(0, n_probes, PB):
+                p = p0 + tl.arange(0, PB)
+                v = tl.load(probes_ptr + p, mask=p < n_probes, other=0.0)
+                nan |= (v != v).to(tl.int32)
+            word = tl.where(tl.max(nan, axis=0) > 0, word | bit, word)
+            tl.store(error_ptr, word)
+        if TO_HOST:  # over the bus, to the host's copy of the word
+            tl.store(word_at.to(tl.pointer_type(tl.int32)), word)
 
 
-def copy_out(packed: torch.Tensor, out_at: torch.Tensor) -> None:
+def copy_out(packed: torch.Tensor, out_at: torch.Tensor, *, error: torch.Tensor | None = None,
+             probes: torch.Tensor | None = None, bit: int = 0, word_at: int | None = None
+             ) -> torch.Tensor | None:
     """Copy ``packed`` (contiguous bytes) to the buffer whose address ``out_at`` [1] int64 holds
     (read on the device: a captured graph copies to each call's own buffer; 0 copies nothing).
-    The buffer must hold ``packed.numel()`` bytes (``ProposeProgram.new_out``).
+    The buffer must hold ``packed.numel()`` bytes (``ProposeProgram.new_out``). With ``error``
+    (an int32 [] word), the same launch finishes the word: with ``probes`` (contiguous floats,
+    one per row and step of the call: NaN where a step's logits row held one) ORs ``bit`` into
+    it where any probe is NaN, in place; with ``word_at`` (a page-locked host int32's mapped
+    address, :func:`mapped_address`) stores it there, instead of a copy node after the kernel
+    -> ``error`` (None without).
 
     Example:
         >>> copy_out(prog.packed, prog.out_at)
@@ -179,8 +240,46 @@ def copy_out(packed: torch.Tensor, out_at: torch.Tensor) -> None:
     words = packed.view(torch.int32) if packed.numel() % 4 == 0 else packed  # 4-byte lanes
     n = words.numel()
     block = 4096
-    copy_out_kernel[(triton.cdiv(n, block),)](words, out_at, n, BLOCK=block, num_warps=4,
-                                              **launch_opts())
+    has = error is not None
+    if (has and (error.dtype != torch.int32 or error.numel() != 1)) or (
+            probes is not None and (not has or not probes.is_contiguous()
+                                    or not probes.is_floating_point())) or (
+            word_at is not None and (not has or not word_at)):
+        raise ValueError(f"copy_out: probes (contiguous floats) and word_at (an address) need "
+                         f"an int32 [] error word; got error "
+                         f"{None if error is None else (error.dtype, list(error.shape))}, probes "
+                         f"{None if probes is None else (probes.dtype, probes.is_contiguous())}, "
+                         f"word_at {word_at}")
+    n_probes = probes.numel() if probes is not None else 0
+    copy_out_kernel[(max(triton.cdiv(n, block), 1),)](
+        words, out_at, n, error if has else out_at, probes if probes is not None else out_at,
+        n_probes, bit, word_at or 0, BLOCK=block, PB=128, HAS_PROBES=probes is not None,
+        TO_HOST=word_at is not None, num_warps=4, **launch_opts())
+    return error
 
 
-__all__ = ["copy_out", "propose_prepare"]
+def mapped_address(t: torch.Tensor) -> int | None:
+    """The address at which a kernel reads and writes the page-locked host tensor ``t``
+    (mapped into the device's address space: with unified addressing, the host address
+    itself), from the CUDA driver; None where ``t`` is not page-locked or the driver maps it
+    nowhere (then the caller copies instead).
+
+    Example:
+        >>> at = mapped_address(torch.zeros(4, dtype=torch.int64, pin_memory=True))
+    """
+    if t.device.type != "cpu" or torch.version.hip or not torch.cuda.is_available() \
+            or not t.is_pinned():
+        return None
+    import ctypes
+
+    from torch.cuda._utils import _get_gpu_runtime_library
+    ptr = ctypes.c_uint64()
+    try:
+        err = _get_gpu_runtime_library().cuMemHostGetDevicePointer_v2(
+            ctypes.byref(ptr), ctypes.c_void_p(t.data_ptr()), ctypes.c_uint(0))
+    except (OSError, AttributeError):  # no driver library, or one without the call
+        return None
+    return ptr.value if err == 0 and ptr.value else None
+
+
+__all__ = ["copy_out", "mapped_address", "propose_prepare", "stage_in"]

@@ -97,7 +97,7 @@ class StepContext:
     consecutive positions, usually one; keys read from the cache by position); ``seq_slots``:
     each row's cache slot (-1: padding, decode layout only), or None without a cache;
     ``inv_freq``: the RoPE frequencies [R/2] float64; ``side_stream``: a CUDA stream a backend
-    may run the shared expert on."""
+    may run work off the step's critical path on (the shared expert, hc_pre's post and comb)."""
 
     ops: Any
     positions: torch.Tensor  # [T]
@@ -356,12 +356,16 @@ class Block(nn.Module):
             declare(self, f"hc_{site}_base", (cfg.hc_mix_dim,), torch.float32, device, HC_BASE)
             declare(self, f"hc_{site}_scale", (3,), torch.float32, device, HC_SCALE)
 
-    def _hc_pre_norm(self, op, x: torch.Tensor, site: str, **hints):
+    def _hc_pre_norm(self, op, x: torch.Tensor, site: str, ctx: StepContext, read: bool = True,
+                     **hints):
+        """``op.hc_pre_norm`` at ``site``; ``read``: post and comb will be read (a backend may
+        make them on the side stream only then: their reader joins it)."""
         cfg = self.cfg
         return op.hc_pre_norm(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
                               getattr(self, f"hc_{site}_base"),
                               getattr(self, f"{site}_norm").weight, cfg.hc_sinkhorn_iters,
-                              cfg.hc_eps, cfg.rms_norm_eps, **hints)
+                              cfg.hc_eps, cfg.rms_norm_eps,
+                              side_stream=ctx.side_stream if read else None, **hints)
 
     def forward(self, x: torch.Tensor, ctx: StepContext, head_fn: torch.Tensor | None = None,
                 out_rows: torch.Tensor | None = None, partials=None):
@@ -371,15 +375,18 @@ class Block(nn.Module):
         ``out_rows`` [S]: only these rows' outputs are wanted (-> [S, M, D]); the others give
         their keys to the cache and stop after the attention's first product."""
         op, aq = ctx.ops, ctx.numerics.act_quant
-        u, post, comb, u_rounded = self._hc_pre_norm(op, x, "attn", partials=partials,
-                                                     proj=(self.attn.fused_wqa_wkv, aq))
+        read = out_rows is None or out_rows.numel() > 0  # (none: keys only, post unread)
+        u, post, comb, u_rounded = self._hc_pre_norm(op, x, "attn", ctx, read, partials=partials,
+                                                     proj=(self.attn.fused_wqa_wkv, aq),
+                                                     comb_rows=out_rows)
         a = self.attn(u, ctx, out_rows, u_rounded)
         if out_rows is not None:
             if a is None:  # no row's output wanted
                 return x[:0], None
             ctx, x, post, comb = ctx.rows(out_rows, x, post, comb)
         x, parts = op.hc_post(a, x, post, comb, mix_fn=self.hc_ffn_fn)
-        u, post, comb, u_rounded = self._hc_pre_norm(op, x, "ffn", partials=parts, act_quant=aq)
+        u, post, comb, u_rounded = self._hc_pre_norm(op, x, "ffn", ctx, partials=parts,
+                                                     act_quant=aq)
         return op.hc_post(self.ffn(u, u_rounded, ctx), x, post, comb, mix_fn=head_fn)
 
 

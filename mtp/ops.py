@@ -262,12 +262,16 @@ class ReferenceOps:
         return x, None
 
     def hc_pre_norm(self, x, fn, scale, base, norm_w, iters: int, hc_eps: float, eps: float, *,
-                    partials=None, act_quant: bool = False, proj=None):
+                    partials=None, act_quant: bool = False, proj=None, side_stream=None,
+                    comb_rows=None):
         """RMSNorm(hc_pre(x)) and hc_pre's post, comb: x [T, M, D] -> (u [T, D], post [T, M],
         comb [T, M, M], u_rounded). ``partials``: a backend's precomputed mixes of x (from its
         ``hc_post``); ``u_rounded``: u as the FP8 products will read it, in the backend's own
         form (here None: each product rounds its input itself); ``proj`` = (lin, act_quant):
-        the one product that reads u next, which a backend may round u for."""
+        the one product that reads u next, which a backend may round u for; ``side_stream``:
+        a stream a backend may make post and comb on (their readers then wait for it) and
+        ``comb_rows`` [S]: the rows whose post and comb will be read (a backend may leave the
+        others' unwritten); both unused here."""
         y, post, comb = hc_pre(x, fn, scale, base, iters, hc_eps, eps)
         return rms_norm(y, norm_w, eps), post, comb, None
 
@@ -403,10 +407,14 @@ class ReferenceOps:
         yf = wide(y)
         return F.linear(yf, head_w.to(yf.dtype))
 
-    def argmax_rows(self, logits):
+    def argmax_rows(self, logits, top=None):
         """The greedy pick: (values [T], indices [T]) of each row's maximum of logits [T, V],
-        the first one, a NaN counting as the largest: ``torch.max(logits, dim=-1)``."""
-        return logits.max(dim=-1)
+        the first one, a NaN counting as the largest: ``torch.max(logits, dim=-1)``. ``top``
+        [T]: where the values go (written in place and returned)."""
+        values, indices = logits.max(dim=-1)
+        if top is None:
+            return values, indices
+        return top.copy_(values), indices
 
 
 REFERENCE = ReferenceOps()

@@ -239,6 +239,13 @@ class ProposeProgram:
         # into the program's own before anything is written
         self.pre_error = torch.zeros((), dtype=torch.int32, device=dev)
         self._pre_error_set = False
+        # the call's error word on the device: ``pre_error``'s bits, then the program's checks'
+        self.error = torch.zeros((), dtype=torch.int32, device=dev)
+        # where a backend's kernels reach the host buffer and the host's error word (page-
+        # locked memory mapped into the device's address space), or None: copies instead
+        mapped = getattr(model.ops, "mapped_address", None)
+        self._host_at = mapped(self.host) if mapped is not None else None
+        self._error_host_at = mapped(self.error_host) if mapped is not None else None
         # The outputs in one byte buffer, drafts | hidden | probs: the program's last step
         # copies it whole into the call's own buffer (``stage``'s ``out``: one allocation per
         # call, not one per tensor), which a proposal cuts into the three when read (``unpack``)
@@ -251,10 +258,12 @@ class ProposeProgram:
         self._layout = [(a, a + n, dt, shape) for (dt, shape), n, a
                         in zip(parts, sizes, np.cumsum([0] + sizes[:-1]).tolist())]
         self.out = self.unpack(self.packed, seqs)  # drafts, hidden, probs (None): static views
+        # each step's NaN probe per sequence [k, S] (``_pick``), read by the call's last launch
+        self.probes = torch.empty(k, seqs, dtype=wide, device=dev)
 
     def after_failure(self) -> None:
-        """After a call that failed between its staging and its end: its copies from the host
-        buffer (and a replay, whose first node reads it) may still be in flight, so wait for
+        """After a call that failed between its staging and its end: its reads of the host
+        buffer (a copy, or the first kernel of a replay) may still be in flight, so wait for
         the device before the buffer is written again. The call's own error is what the
         caller raises; a device too broken to synchronise raises it again at the next call."""
         if self.host.is_pinned():
@@ -366,14 +375,17 @@ class ProposeProgram:
         self.staged.copy_(self.host)
 
     def _pick(self, logits: torch.Tensor, step: int):
-        """Draft tokens [S], their q [S, V] (None when greedy) and the step's NaN probe [S, 1]
-        (NaN exactly where a row of ``logits`` holds one) from one step's logits."""
+        """Draft tokens [S] and their q [S, V] (None when greedy) from one step's logits; the
+        step's NaN probe into ``probes[step]`` [S]: NaN exactly where a row of ``logits`` holds
+        one (greedy: the value its own reduction picked, the max propagating NaN; sampled: the
+        row's max, one launch instead of a NaN mask's two)."""
+        probe = self.probes[step]
         if self.mode == "greedy":
-            # one reduction for both: the max propagates NaN, and its index is argmax's (the
-            # first maximum, NaN counting as the largest); the backend's, torch.max's pick
-            # (a foreign backend without it: torch.max)
-            top, token = getattr(self.model.ops, "argmax_rows", REFERENCE.argmax_rows)(logits)
-            return token, None, top[:, None]
+            # the index of the first maximum, NaN counting as the largest: the backend's,
+            # torch.max's pick (a foreign backend without it: torch.max)
+            pick = getattr(self.model.ops, "argmax_rows", REFERENCE.argmax_rows)
+            return pick(logits, top=probe)[1], None
+        torch.amax(logits, dim=-1, out=probe)
         x = logits if logits.dtype == torch.float64 else logits.float()
         t = self.temperature.to(x.dtype)[:, None]  # [S, 1]
         greedy_rows = t == 0
@@ -381,18 +393,12 @@ class ProposeProgram:
         if self.mode == "top_p":
             p = _top_p(p, self.top_p.to(x.dtype)[:, None])
         p = torch.where(greedy_rows, _one_hot_argmax(x), p)
-        return draw(p, self.u[:, step].to(x.dtype)), p, self._nan_probe(logits)
-
-    @staticmethod
-    def _nan_probe(logits: torch.Tensor) -> torch.Tensor:
-        """[S, 1]: NaN exactly where a row of ``logits`` [S, V] holds one: the row's max
-        (NaN-propagating), one launch instead of a NaN mask's two. (A greedy step has it from
-        its token's own reduction: :meth:`_pick`.)"""
-        return logits.amax(dim=-1, keepdim=True)
+        return draw(p, self.u[:, step].to(x.dtype)), p
 
     def run(self):
         """The call on the staged buffers -> (drafts [S, k] int64, hidden [S, k, M*D], q
-        [S, k, V] or None (greedy), error word [] int32). No host synchronisation."""
+        [S, k, V] or None (greedy), error word [] int32), the three outputs also copied into
+        the staged call's buffer and the word to ``error_host``. No host synchronisation."""
         model, cache = self.model, self.cache
         cfg = model.config
         r = self.rows
@@ -401,12 +407,12 @@ class ProposeProgram:
         if fused is not None:  # a backend's kernels, reading the caller's rows by address
             ids_in, pos_in, x_in, row_slots, draft_slots, error = fused(
                 self.meta, self.src, self.rows_at, r, cfg.hc_dim, model.dtype, self.max_abs_hidden,
-                cfg.vocab_size, cache.pos, pre_error=self.pre_error)
+                cfg.vocab_size, cache.pos, error=self.error)
         else:  # the definition, on the rows gathered from the tensors the call staged
             hidden, ids, pos = self.caller
             ids_in, pos_in, x_in, row_slots, draft_slots, error = prepare(
                 self.meta, *gather_rows(self.src, ids, pos, hidden, model.dtype), r,
-                self.max_abs_hidden, cfg.vocab_size, cache.pos, pre_error=self.pre_error)
+                self.max_abs_hidden, cfg.vocab_size, cache.pos, pre_error=self.error)
 
         # every row's key into the cache; each sequence's last row alone goes on -> x [S, M*D]
         last_rows = None if r == 1 else self._last
@@ -414,44 +420,64 @@ class ProposeProgram:
                                       side_stream=self.side_stream, logits_rows=last_rows)
         # the draft steps' positions, all at once: step s at the last row's position + s
         draft_pos = (starts + counts) + self._ahead  # [k-1, S]
-        hidden, drafts, qs, probes = [x], [], [], []
-        token, q, probe = self._pick(logits, 0)
-        probes.append(probe)
+        hidden, drafts, qs = [x], [], []
+        token, q = self._pick(logits, 0)
         for step in range(1, self.k):
             drafts.append(token)
             qs.append(q)
             x, logits = model.decode_step(token, draft_pos[step - 1], x, draft_slots, cache,
                                           step, side_stream=self.side_stream)
             hidden.append(x)
-            token, q, probe = self._pick(logits, step)
-            probes.append(probe)
+            token, q = self._pick(logits, step)
         drafts.append(token)
         qs.append(q)
-        nan = torch.isnan(torch.cat(probes, dim=1)).any()  # [S, k]: NaN where a row held one
-        error = torch.add(error, nan, alpha=ERR_LOGITS)  # (one launch: int32 + bool * bit)
         out_drafts, out_hidden, out_probs = self.out
         torch.stack(drafts, dim=1, out=out_drafts)
         torch.stack(hidden, dim=1, out=out_hidden)
         if out_probs is not None:
             torch.stack(qs, dim=1, out=out_probs)
-        return out_drafts, out_hidden, out_probs, error
+        return out_drafts, out_hidden, out_probs, self._finish(error)
+
+    def _finish(self, error: torch.Tensor) -> torch.Tensor:
+        """The NaN probes' bit (``ERR_LOGITS``) into the error word, the outputs copied into
+        the staged call's own buffer (``stage``'s ``out``), the word copied to
+        ``error_host`` -> the call's error word. A backend's ``finish_call`` does it in one
+        launch, reading the buffer's address where the host staged it (a graph replay copies
+        to each call's own) and storing the word where ``error_host`` is mapped; elsewhere
+        torch operations, into the buffer held, and a copy."""
+        finish = getattr(self.model.ops, "finish_call", None)
+        if finish is not None:
+            error = finish(self.packed, self.out_at, error, self.probes, ERR_LOGITS,
+                           self._error_host_at)
+            if self._error_host_at is not None:  # (stored there by the same launch)
+                return error
+        else:
+            nan = torch.isnan(self.probes).any()  # NaN where a step's row held one
+            error = torch.add(error, nan, alpha=ERR_LOGITS)  # (one launch: int32 + bool * bit)
+            if self.result is not None:
+                self.result.copy_(self.packed)
+        self.error_host.copy_(error, non_blocking=True)
+        return error
+
+    def _stage_in(self) -> None:
+        """The staged call copied in from ``host``, and its error word begun with
+        ``pre_error``'s bits: a backend's ``stage_in``, one launch that reads ``host`` where it
+        is mapped; elsewhere two copies."""
+        stage = getattr(self.model.ops, "stage_in", None)
+        if stage is not None and self._host_at is not None:
+            stage(self.staged, self._host_at, self.pre_error, self.error)
+        else:
+            self.staged.copy_(self.host, non_blocking=True)
+            self.error.copy_(self.pre_error)
 
     def run_call(self, done=None):
-        """The staged call copied in from ``host``, :meth:`run`, its outputs copied into the
-        call's output buffer (``stage``'s ``out``, by the address staged: a backend's
-        ``copy_out``; elsewhere a copy into the buffer held), then its error word copied to
-        ``error_host`` and ``done`` (an event, or None) recorded: all a call does on the
-        device, in one unit a graph can capture (the copies and, with an external event, the
-        record become its first and last nodes: the host launches the graph and nothing
-        else)."""
-        self.staged.copy_(self.host, non_blocking=True)
+        """The staged call copied in from ``host`` (``_stage_in``), :meth:`run` (which ends
+        with the outputs' copy into the call's output buffer and the error word's to
+        ``error_host``: ``_finish``), then ``done`` (an event, or None) recorded: all a call
+        does on the device, in one unit a graph can capture (with an external event, the
+        record becomes its last node: the host launches the graph and nothing else)."""
+        self._stage_in()
         out = self.run()
-        copy_out = getattr(self.model.ops, "copy_out", None)
-        if copy_out is not None:
-            copy_out(self.packed, self.out_at)
-        elif self.result is not None:
-            self.result.copy_(self.packed)
-        self.error_host.copy_(out[-1], non_blocking=True)
         if done is not None:
             done.record()
         return out

@@ -358,15 +358,20 @@ def test_gpu_refusals_change_nothing(case, graphs):
 
 
 @needs_cuda
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("sampled", [False, True])
 @pytest.mark.parametrize("graphs", [False, True])
-def test_gpu_nan_logits_are_refused_at_the_next_synchronisation(graphs, sampled):
+def test_gpu_nan_logits_are_refused_at_the_next_synchronisation(graphs, sampled, fused,
+                                                                monkeypatch):
     """Finite inputs, NaN logits (a NaN in the head norm), eager and graphed, greedy and
     sampled: the call returns without waiting, the next synchronisation raises "logits: hold
     NaN" with the next position put back, and the drafter then drafts exactly as a twin that
     never saw the call. The eager path puts its cache slots back bit for bit; the graphed path
-    drops the call's entries (positions equal to the twin's where they can still be read)."""
+    drops the call's entries (positions equal to the twin's where they can still be read).
+    The NaN bit set in the call's last launch (``fused``, the default) or by torch's ops."""
+    import mtp_kernels.backend as be
     from drafter_helpers import assert_same_state, snapshot
+    monkeypatch.setattr(be, "FINISH_IN_COPY", fused)
     model = build(torch.float32, n_mtp=1)
     norm = model.model.layers[str(TINY.num_hidden_layers)].shared_head.norm.weight
     keep = norm.clone()
@@ -548,7 +553,8 @@ def test_argmax_kernel_and_pdl_by_sequences_change_no_bit(rows, monkeypatch):
     pos = torch.cat([torch.arange(rows) + 5 * i for i in range(s)]).cuda()
     picks = []
     kernel = be.argmax_k.argmax_rows
-    monkeypatch.setattr(be.argmax_k, "argmax_rows", lambda x: picks.append(1) or kernel(x))
+    monkeypatch.setattr(be.argmax_k, "argmax_rows",
+                        lambda x, **kw: picks.append(1) or kernel(x, **kw))
     out = []
     for on in (False, True):
         monkeypatch.setattr(be, "ARGMAX_KERNEL", on)
@@ -560,6 +566,57 @@ def test_argmax_kernel_and_pdl_by_sequences_change_no_bit(rows, monkeypatch):
         assert len(d._proposer.made) == 1  # one graphed bucket
         out.append((p.drafts.clone(), p.hidden.clone(), d.cache.kv.clone(), d.cache.pos.clone()))
         assert bool(picks) == on
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows", [1, 6])
+def test_the_calls_first_and_last_launches_and_comb_apart_change_no_bit(rows, monkeypatch):
+    """Three switches, on by default: hc_pre's post and comb made on the side stream
+    (``backend.COMB_APART``), the staged record read and the error word written by kernels
+    where the host buffers are mapped (``MAPPED_HOST``) and the NaN bit in the call's last
+    launch (``FINISH_IN_COPY``). A graphed drafter with all on gives the drafts, residuals,
+    cache and positions of one with all off, bit for bit, over two calls (the second after a
+    partial acceptance, a catch-up after 6 rows); with them on the host buffers were mapped
+    and the comb kernel ran, off neither."""
+    import mtp_kernels.backend as be
+    import mtp_kernels.hc as hc_k
+    model = build(torch.bfloat16, n_mtp=1)
+    g = torch.Generator().manual_seed(12)
+    s = 3
+    n = max(s * rows, 6)
+    h = torch.randn(n, TINY.hc_dim, generator=g).to(torch.bfloat16).cuda()
+    nxt = torch.randint(0, TINY.vocab_size, (n,), generator=g).cuda()
+    pos = torch.cat([torch.arange(rows) + 5 * i for i in range(s)]).cuda()
+    combs = []
+    kernel = hc_k.hc_comb_kernel
+
+    class Counted:  # hc_comb_kernel[grid](...) counted
+        def __getitem__(self, grid):
+            combs.append(grid)
+            return kernel[grid]
+    monkeypatch.setattr(hc_k, "hc_comb_kernel", Counted())
+    out = []
+    for on in (False, True):
+        for name in ("COMB_APART", "MAPPED_HOST", "FINISH_IN_COPY"):
+            monkeypatch.setattr(be, name, on)
+        combs.clear()
+        d = Drafter(model, max_seqs=4, max_draft_tokens=3, cuda_graphs=True)
+        for i in range(s):
+            d.add_sequence(i, position=5 * i)
+        ids = list(range(s))
+        p = d.propose(ids, h[:s * rows], nxt[:s * rows], pos, [rows] * s, k=3).check()
+        first = (p.drafts.clone(), p.hidden.clone())
+        counts = [2, 1, 3]  # 1, 0 and 2 drafts accepted, and the bonus row: a partial rollback
+        nxt_pos = torch.cat([torch.arange(c) + d.next_position(i)
+                             for i, c in zip(ids, counts)]).cuda()
+        p = d.propose(ids, h[:6], nxt[:6], nxt_pos, counts, k=3).check()
+        out.append((*first, p.drafts.clone(), p.hidden.clone(), d.cache.kv.clone(),
+                    d.cache.pos.clone()))
+        progs = list(d._proposer.made.values())
+        assert progs and all((c.program._host_at is not None) == on for c in progs)
+        assert bool(combs) == on
     for a, b in zip(*out):
         assert torch.equal(a, b)
 

@@ -267,6 +267,45 @@ def test_act_quant_bit_exact():
     assert torch.equal(y, fp8_simulate(x, 128))
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="a side stream: CUDA only (the interpreter "
+                    "runs every launch in order on the CPU)")
+@pytest.mark.parametrize("t", [1, 5, 300])
+def test_hc_pre_norm_post_and_comb_on_a_side_stream(t):
+    """``hc_pre_norm(..., side_stream=)`` (post and comb by ``hc_comb_kernel`` on that
+    stream, the rest by hc_finish without them): every output bit for bit as one
+    hc_finish makes them, once the current stream waits for the side stream, with the mixes
+    computed here or given, with the FP8 roundings; the side stream's work ran after the
+    partials (it reads them)."""
+    from mtp_kernels import hc
+    m, d = 4, 256
+    x = randn(t, m, d, seed=30, dtype=torch.bfloat16)
+    w = 1 + randn(d, seed=31, std=0.1)
+    fn = randn((2 + m) * m, m * d, seed=32, std=(m * d) ** -0.5)
+    scale, base = 0.5 + torch.rand(3, device=DEVICE), randn((2 + m) * m, seed=33, std=0.5)
+    side = torch.cuda.Stream()
+    for kw in ({}, {"act_quant": True}, {"act_quant": True, "quant_rows": True}):
+        want = hc.hc_pre_norm(x, fn, scale, base, w, 20, 1e-6, 1e-6, **kw)
+        torch.cuda.synchronize()
+        got = hc.hc_pre_norm(x, fn, scale, base, w, 20, 1e-6, 1e-6, side_stream=side, **kw)
+        torch.cuda.current_stream().wait_stream(side)
+        assert len(got) == len(want)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), kw
+    y, parts = hc.hc_post(randn(t, d, seed=34, dtype=torch.bfloat16), x, want[1], want[2],
+                          mix_fn=fn)
+    want = hc.hc_pre_norm(y, fn, scale, base, w, 20, 1e-6, 1e-6, partials=parts)
+    got = hc.hc_pre_norm(y, fn, scale, base, w, 20, 1e-6, 1e-6, partials=parts,
+                         side_stream=side)
+    torch.cuda.current_stream().wait_stream(side)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    # only some rows' post and comb (a catch-up's last rows): theirs the same, the rest as is
+    rows = torch.tensor(sorted({0, t // 2, t - 1}), device=DEVICE)
+    u, post, comb = hc.hc_pre_norm(y, fn, scale, base, w, 20, 1e-6, 1e-6, partials=parts,
+                                   side_stream=side, comb_rows=rows.int())
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(u, want[0])
+    assert torch.equal(post[rows], want[1][rows]) and torch.equal(comb[rows], want[2][rows])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rmsnorm_and_hc(dtype):
     from mtp_kernels import hc
@@ -1277,7 +1316,9 @@ def test_propose_prepare_matches_the_reference(data, s, r, dtype, int_dtypes, st
     expected = prepare(meta, *gather_rows(src, ids, pos, hidden, dtype), r, 1e6, vocab,
                        want_pos, pre_error=pre)
     at = torch.tensor(rows_at(hidden, ids, pos), device=DEVICE)
-    got = propose_prepare(meta, src, at, r, n, dtype, 1e6, vocab, got_pos, pre_error=pre)
+    word = None if pre is None else pre.clone()  # the call's word so far, OR-ed in place
+    got = propose_prepare(meta, src, at, r, n, dtype, 1e6, vocab, got_pos, error=word)
+    assert word is None or got[-1] is word
     for name, a, b in zip(("ids_in", "pos_in", "x_in", "row_slots", "draft_slots", "error"),
                           expected, got):
         assert a.dtype == b.dtype and torch.equal(a, b), name
@@ -1319,6 +1360,115 @@ def test_copy_out_copies_to_the_staged_address(n, seed):
     assert torch.equal(packed, before)
 
 
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), k=st.integers(1, 5), s=st.integers(1, 70),
+       dtype=st.sampled_from([torch.float32, torch.float64]), word=st.integers(0, 31),
+       bit=st.sampled_from([8, 64]))
+def test_copy_out_sets_the_bit_where_a_probe_is_nan(data, k, s, dtype, word, bit):
+    """``copy_out`` with an error word and the call's probes [k, S] (more than one block of
+    them at S * k > 128): the word gains ``bit`` exactly when some probe is NaN (inf, -inf,
+    -0.0 and huge values are not), its other bits as they were; the bytes are copied as
+    without; to address 0 too (the word is the call's, whatever the buffer)."""
+    from mtp_kernels.prepare import copy_out
+
+    probes = torch.tensor(data.draw(st.lists(st.sampled_from(
+        [0.0, -0.0, 1.5, 3e38, float("inf"), float("-inf")]), min_size=k * s,
+        max_size=k * s)), dtype=dtype)
+    nan_at = data.draw(st.lists(st.integers(0, k * s - 1), max_size=3))
+    probes[nan_at] = float("nan")
+    probes = probes.view(k, s).to(DEVICE)
+    packed = torch.randint(0, 256, (4 * s + 4,), generator=gen(word), device=DEVICE).to(torch.uint8)
+    dest = torch.zeros(4 * s + 4, dtype=torch.uint8, device=DEVICE)
+    for at in (dest.data_ptr(), 0):
+        error = torch.tensor(word, dtype=torch.int32, device=DEVICE)
+        got = copy_out(packed, torch.tensor([at], device=DEVICE), error=error, probes=probes,
+                       bit=bit)
+        assert got is error and int(error) == (word | bit if nan_at else word)
+    assert torch.equal(dest, packed)
+
+
+def host_tensor(*shape, dtype):
+    """A host tensor a kernel reaches by address, and that address: page-locked and mapped on
+    a GPU (``mapped_address``), any CPU tensor under the interpreter (one address space)."""
+    from mtp_kernels.prepare import mapped_address
+
+    t = torch.zeros(*shape, dtype=dtype, pin_memory=DEVICE == "cuda")
+    at = mapped_address(t) if DEVICE == "cuda" else t.data_ptr()
+    assert at, "a page-locked tensor the driver did not map"
+    return t, at
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 3000), seed=st.integers(0, 2**16), pre=st.integers(0, 31))
+def test_stage_in_copies_the_host_record_and_begins_the_word(n, seed, pre):
+    """``stage_in``: the int64 record (several blocks at n > 1024) lands bit for bit, from
+    the host buffer where it is mapped, nothing past its end is written; the word takes
+    ``pre_error``'s bits, ``pre_error`` is unchanged."""
+    from mtp_kernels.prepare import stage_in
+
+    host, at = host_tensor(n, dtype=torch.int64)
+    host.copy_(torch.randint(-2**62, 2**62, (n,), generator=torch.Generator().manual_seed(seed)))
+    staged = torch.full((n + 3,), 7, dtype=torch.int64, device=DEVICE)
+    pre_error = torch.tensor(pre, dtype=torch.int32, device=DEVICE)
+    error = torch.tensor(-1, dtype=torch.int32, device=DEVICE)
+    stage_in(staged[:n], at, pre_error, error)
+    assert torch.equal(staged[:n].cpu(), host) and (staged[n:] == 7).all()
+    assert int(error) == pre and int(pre_error) == pre
+    with pytest.raises(ValueError, match="mapped host address"):
+        stage_in(staged[:n], 0, pre_error, error)
+
+
+@pytest.mark.parametrize("nan", [False, True])
+def test_copy_out_stores_the_word_at_the_host_address(nan):
+    """``copy_out(..., word_at=)``: the finished word (the NaN bit OR-ed in where a probe is
+    NaN) reaches the host's copy, without probes too (the word as it is)."""
+    from mtp_kernels.prepare import copy_out
+
+    host, at = host_tensor((), dtype=torch.int32)
+    packed = torch.arange(12, dtype=torch.uint8, device=DEVICE)
+    out_at = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    probes = torch.tensor([[0.0, float("nan") if nan else 1.0]], device=DEVICE)
+    error = torch.tensor(2, dtype=torch.int32, device=DEVICE)
+    copy_out(packed, out_at, error=error, probes=probes, bit=8, word_at=at)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    assert int(host) == int(error) == (10 if nan else 2)
+    error.fill_(5)
+    copy_out(packed, out_at, error=error, word_at=at)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    assert int(host) == int(error) == 5
+
+
+def test_mapped_address_only_for_page_locked_host_tensors():
+    """None for a device tensor and a pageable one; on a GPU a page-locked tensor's address
+    (with unified addressing, the host address itself)."""
+    from mtp_kernels.prepare import mapped_address
+
+    assert mapped_address(torch.zeros(2, device=DEVICE)) is None
+    assert mapped_address(torch.zeros(2)) is None
+    if DEVICE == "cuda":
+        t = torch.zeros(2, pin_memory=True)
+        assert mapped_address(t) == t.data_ptr()
+
+
+def test_copy_out_refuses_probes_or_a_host_address_without_a_word():
+    from mtp_kernels.prepare import copy_out
+
+    packed = torch.zeros(8, dtype=torch.uint8, device=DEVICE)
+    at = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    word = torch.zeros((), dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="need an int32"):
+        copy_out(packed, at, probes=torch.zeros(2, device=DEVICE))
+    with pytest.raises(ValueError, match="need an int32"):
+        copy_out(packed, at, word_at=1234)
+    with pytest.raises(ValueError, match="need an int32"):
+        copy_out(packed, at, error=word.long(), probes=torch.zeros(2, device=DEVICE))
+    with pytest.raises(ValueError, match="need an int32"):
+        copy_out(packed, at, error=word, probes=torch.zeros(2, 2, device=DEVICE).t())
+    assert int(word) == 0
+
+
 # ---- the greedy pick: each row's first maximum ------------------------------------------------
 def first_max_reference(row: list[float]) -> int:
     """The index torch.max(dim) picks, from its definition: the first NaN if the row holds
@@ -1348,8 +1498,11 @@ def test_argmax_rows_is_torch_max(data, s, v, block, programs):
     rows = data.draw(st.lists(st.lists(st.sampled_from(_PICK_VALUES), min_size=v, max_size=v),
                               min_size=s, max_size=s))
     x = torch.tensor(rows, dtype=torch.float32, device=DEVICE)
-    top, token = argmax_rows(x, block=block, programs=programs)
+    into = data.draw(st.booleans())  # the values into a row of a [2, S] buffer, or fresh
+    buf = torch.full((2, s), 5.0, device=DEVICE)
+    top, token = argmax_rows(x, block=block, programs=programs, top=buf[1] if into else None)
     assert token.dtype == torch.int64 and top.dtype == torch.float32
+    assert (top.data_ptr() == buf[1].data_ptr()) == into and (buf[0] == 5.0).all()
     for r, row in enumerate(rows):
         i = first_max_reference(row)
         assert int(token[r]) == i, (row, int(token[r]), i)
@@ -1432,3 +1585,7 @@ def test_argmax_rows_refuses_other_layouts():
         argmax_rows(randn(8, 2).t())
     with pytest.raises(ValueError, match="at least one row"):
         argmax_rows(randn(0, 8))
+    with pytest.raises(ValueError, match="top must be a contiguous float32"):
+        argmax_rows(randn(2, 8), top=torch.zeros(4, 2, device=DEVICE)[:, 0])
+    with pytest.raises(ValueError, match="top must be a contiguous float32"):
+        argmax_rows(randn(2, 8), top=torch.zeros(2, dtype=torch.float64, device=DEVICE))

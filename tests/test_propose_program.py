@@ -554,14 +554,14 @@ def test_the_nan_probe_sees_one_nan_anywhere(s, v, mode, data):
     for row in range(s):
         if bad[row]:
             logits[row, data.draw(st.integers(0, v - 1))] = float("nan")
+    fake = types.SimpleNamespace(mode=mode, model=types.SimpleNamespace(ops=REFERENCE),
+                                 probes=torch.zeros(3, s), temperature=torch.ones(s),
+                                 top_p=torch.full((s,), 0.9), u=torch.rand(s, 3))
+    picked, q = ProposeProgram._pick(fake, logits, 1)
     if mode == "greedy":
-        fake = types.SimpleNamespace(mode=mode, model=types.SimpleNamespace(ops=REFERENCE))
-        picked, q, probe = ProposeProgram._pick(fake, logits, 0)
         assert q is None and torch.equal(picked, logits.argmax(dim=-1))
-    else:
-        probe = ProposeProgram._nan_probe(logits)
-    assert probe.shape == (s, 1)
-    assert torch.isnan(probe[:, 0]).tolist() == bad
+    assert torch.isnan(fake.probes[1]).tolist() == bad
+    assert not fake.probes[[0, 2]].any()  # the step's row of the buffer alone
 
 
 @settings(max_examples=4, deadline=None)
