@@ -32,9 +32,10 @@ PDL_BY_SEQS = True
 
 class CapturedProposal(StaticProposal):
     """One bucket's program and its graph; ``error``: the device's error word (rewritten by
-    every replay). The graph ends with the outputs' copy into the staged call's buffer, the
-    error word's copy to the host and the record of ``done`` (an external event, so that a
-    replay records it: the host launches one graph per call and nothing else)."""
+    every replay). The graph ends with the outputs' copy into the staged call's buffer and
+    the error word's to the host (one kernel where the host's word is mapped) and the record of
+    ``done`` (an external event, so that a replay records it: the host launches one graph per
+    call and nothing else)."""
 
     def __init__(self, program: ProposeProgram, pool, pdl: bool):
         self.program = program

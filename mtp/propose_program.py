@@ -208,8 +208,8 @@ class ProposeProgram:
         # which the program's last step fills from ``packed``
         self.out_at = self.staged[-1:]
         # its host side (pinned on CUDA: copies are queued, the host does not wait), written
-        # through a numpy view; a captured graph's first node copies it in, so it is never
-        # replaced (``after_failure``)
+        # through a numpy view; a captured graph's first node reads it in (a kernel where it is
+        # mapped, else a copy), so it is never replaced (``after_failure``)
         self.host = torch.zeros(self.staged.shape, dtype=torch.int64, pin_memory=dev.type == "cuda")
         self._host_np = self.host.numpy()
         self.host_meta = self.host[:3 * seqs].view(3, seqs)  # the staged call's meta
@@ -285,9 +285,9 @@ class ProposeProgram:
         cannot read, converted here): the meta, each bucket row's source row (sequence i's
         last rows at the end of its block; padding rows repeat a real row and are never read)
         and where the caller's tensors are go into the pinned host buffer ``host``, which
-        :meth:`run_call` copies to the device first (in a captured graph: its first node); the
-        program then reads the rows where they are. The caller guarantees that the previous
-        call's copies from ``host`` are done (``Drafter`` waits for each graphed call's event
+        :meth:`run_call` reads in first (``_stage_in``; in a captured graph: its first node);
+        the program then reads the rows where they are. The caller guarantees that the
+        previous call's reads of ``host`` are done (``Drafter`` waits for each graphed call's event
         before the next call) and keeps the tensors unchanged until the call has run (the
         program holds them until the next call is staged)."""
         big, r = self.seqs, self.rows
