@@ -1,10 +1,10 @@
-"""A whole-call program's first step in two kernels: the device-side checks of the staged
-call, the forward's inputs and the rollback of draft entries
-(``mtp.propose_program.prepare``'s function, there ~45 torch launches, here a memset and two
-launches inside the captured graph); and its last, ``copy_out``: the outputs into the call's
-own buffer, and the NaN-logits bit into the error word. Both reach the caller's tensors
-through addresses the host staged, so that one captured graph serves every call with no copy
-outside it.
+"""A whole-call program's first and last launches. First ``stage_in``: the staged record read
+from the pinned host buffer where the driver maps it (``mapped_address``), the error word
+begun. Then the device-side checks of the staged call, the forward's inputs and the rollback
+of draft entries in two kernels (``mtp.propose_program.prepare``'s function, there ~45 torch
+launches). Last ``copy_out``: the outputs into the call's own buffer, the NaN-logits bit into
+the error word and the word to the host. They reach the caller's tensors through addresses
+the host staged, so that one captured graph serves every call with no copy outside it.
 
 ``prepare_rows_kernel``: one program per row of the bucket, reading the caller's row it
 stands for where the caller has it (``mtp.propose_program.rows_at``: no staging copy): is it
