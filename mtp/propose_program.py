@@ -217,6 +217,9 @@ class ProposeProgram:
         self._host_np[:seqs] = -1  # every sequence padding until a call is staged
         self._iota = np.arange(n)
         self._src_in_order = False  # host_src holds _iota (a call that filled the bucket)
+        # the slots and row counts of the call the host buffer holds, with their source rows
+        # (empty: none known); a call of the same ones writes only its starts
+        self._staged_as: tuple[list[int], list[int]] = [], []
         # the staged call's tensors (as the program reads them: the int and hidden dtypes it
         # takes), held until the next call is staged: a replay reads them by address
         blank = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -297,21 +300,30 @@ class ProposeProgram:
             self.pre_error.zero_()
             self._pre_error_set = False
         host = self._host_np
-        host[:3 * big] = slots + [-1] * pad + starts + [0] * pad + counts + [0] * pad
         at = 3 * big
-        if pad == 0 and min(counts) == r == max(counts):  # the bucket's rows, in order
-            if not self._src_in_order:
-                host[at:at + big * r] = self._iota
-                self._src_in_order = True
-        else:  # bucket row (i, j) <- the caller's row off_i + j - (R - n_i), the first before it
+        held_slots, held_counts = self._staged_as
+        if held_slots == slots and held_counts == counts:
+            # the sequences and row counts the buffer holds (a decode loop's usual call): only
+            # their starts moved, and each bucket row's source row is the same
+            host[big:big + s] = starts
+        else:
+            self._staged_as = [], []  # (nothing known while it is rewritten)
+            host[:at] = slots + [-1] * pad + starts + [0] * pad + counts + [0] * pad
+            if pad == 0 and min(counts) == r == max(counts):  # the bucket's rows, in order
+                if not self._src_in_order:
+                    host[at:at + big * r] = self._iota
+                    self._src_in_order = True
+            else:  # bucket row (i, j) <- the caller's row off_i + j - (R - n_i), the first before
+                n = np.asarray(counts)
+                off = np.cumsum(n) - n
+                src = np.maximum(self._j_host[None, :] - r + n[:, None], 0) + off[:, None]  # [s, R]
+                host[at:at + s * r] = src.reshape(-1)
+                host[at + s * r:at + big * r] = 0
+                self._src_in_order = False
+            self._staged_as = list(slots), list(counts)
+        if max(counts) > r:  # (only when R = W: a catch-up of more rows than a block holds)
             n = np.asarray(counts)
-            off = np.cumsum(n) - n
-            src = np.maximum(self._j_host[None, :] - r + n[:, None], 0) + off[:, None]  # [s, R]
-            host[at:at + s * r] = src.reshape(-1)
-            host[at + s * r:at + big * r] = 0
-            self._src_in_order = False
-            if n.max() > r:
-                self._check_unstaged(n, off, starts, ids, positions, hidden)
+            self._check_unstaged(n, np.cumsum(n) - n, starts, ids, positions, hidden)
         if hidden.dtype != self.model.dtype or hidden.stride(-1) != 1:
             hidden = hidden.to(self.model.dtype).contiguous()
         host[at + big * r:-1] = rows_at(hidden, ids, positions)
@@ -370,6 +382,7 @@ class ProposeProgram:
         self._host_np[:] = 0
         self._host_np[:self.seqs] = -1
         self._src_in_order = False
+        self._staged_as = [], []
         self.caller = self._blank
         self.result = None
         self.staged.copy_(self.host)

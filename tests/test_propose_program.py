@@ -83,18 +83,67 @@ def test_buckets():
         ProposeProgram(d.model, d.cache, 1, W + 1, 2, MAX_ABS_HIDDEN)
 
 
+@st.composite
+def staged_calls(draw, seqs: int, rows: int, slots: int):
+    """A run of calls for one bucket: each the last call's sequences and row counts again
+    (new starts: a decode loop's usual call) or new ones (1 .. seqs distinct slots, 1 .. rows
+    rows each)."""
+    calls = []
+    for _ in range(draw(st.integers(1, 8))):
+        if calls and draw(st.booleans()):
+            s, c = calls[-1][0], calls[-1][2]
+        else:
+            s = draw(st.lists(st.integers(0, slots - 1), min_size=1, max_size=seqs,
+                              unique=True))
+            c = draw(st.lists(st.integers(1, rows), min_size=len(s), max_size=len(s)))
+        starts = draw(st.lists(st.integers(0, 10_000), min_size=len(s), max_size=len(s)))
+        calls.append((list(s), starts, list(c)))
+    return calls
+
+
+@settings(max_examples=60, deadline=None)
+@given(calls=staged_calls(seqs=3, rows=4, slots=4))
+def test_staging_writes_what_a_fresh_program_stages(calls):
+    """A program that staged earlier calls holds, after each call, exactly the host record
+    that a program staging only that call holds (a call of the sequences and row counts
+    already staged writes only its starts: the rest must still be right)."""
+    d = drafter(max_seqs=4, max_draft_tokens=3)
+    prog = ProposeProgram(d.model, d.cache, 3, 4, 2, MAX_ABS_HIDDEN)
+    out = prog.new_out()
+    for slots, starts, counts in calls:
+        t = sum(counts)
+        h, ids, pos = rows(t, seed=t)
+        prog.stage(slots, starts, counts, ids, pos, h, out)
+        fresh = ProposeProgram(d.model, d.cache, 3, 4, 2, MAX_ABS_HIDDEN)
+        fresh.stage(slots, starts, counts, ids, pos, h, out)
+        assert torch.equal(prog.host, fresh.host), (slots, starts, counts)
+    prog.clear()  # capture and warm-up's record: every sequence padding, nothing read
+    fresh = ProposeProgram(d.model, d.cache, 3, 4, 2, MAX_ABS_HIDDEN)
+    assert torch.equal(prog.host, fresh.host)
+    slots, starts, counts = calls[-1]  # the same call after a clear: written in full
+    h, ids, pos = rows(sum(counts), seed=0)
+    prog.stage(slots, starts, counts, ids, pos, h, out)
+    fresh.stage(slots, starts, counts, ids, pos, h, out)
+    assert torch.equal(prog.host, fresh.host)
+
+
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 2**16), k=st.integers(2, 4))
 def test_program_equals_eager_over_a_loop_with_partial_acceptance(seed, k):
     """Four sequences at different positions, rounds of 1-4 of them with 1 .. k + 1 new rows
     each (accepted drafts + the bonus) and 1 .. k drafts, a catch-up round (longer than the
-    window: the last W rows staged); the same loop through the eager path: drafts, residuals,
-    cache (the draft entries dropped by the next call included) and positions agree."""
+    window: the last W rows staged), rounds of the same sequences and counts as the round
+    before (only their starts staged anew); the same loop through the eager path: drafts,
+    residuals, cache (the draft entries dropped by the next call included) and positions
+    agree."""
     gen = torch.Generator().manual_seed(seed)
     eager, prog = twin_drafters(4, spacing=3)
-    for r in range(7):
+    last = None
+    for r in range(9):
         top = W + 3 if r == 2 else k + 1  # round 2: a catch-up longer than the window
-        ids, counts, h, nxt, pos = random_round(eager, gen, 4, top, seed + r)
+        again = last if r in (3, 5, 6) else None  # (3: the catch-up's again)
+        ids, counts, h, nxt, pos = random_round(eager, gen, 4, top, seed + r, again)
+        last = ids, counts
         kr = int(torch.randint(1, k + 1, (1,), generator=gen))  # fewer drafts: stale entries
         same_call(eager, prog, ids, h, nxt, pos, counts, kr, int32_ids=True)
     assert prog._proposer.made, "no call went through the programs"
@@ -126,12 +175,16 @@ def twin_drafters(n: int, spacing: int) -> tuple[Drafter, Drafter]:
     return eager, prog
 
 
-def random_round(d: Drafter, gen: torch.Generator, n: int, top: int, seed: int):
+def random_round(d: Drafter, gen: torch.Generator, n: int, top: int, seed: int, again=None):
     """A call's arguments for 1 .. n of the n sequences (in random order), 1 .. top new rows
-    each, continuing where ``d`` holds them -> (ids, counts, hidden, next ids, positions)."""
-    n_seqs = int(torch.randint(1, n + 1, (1,), generator=gen))
-    ids = torch.randperm(n, generator=gen)[:n_seqs].tolist()
-    counts = [int(torch.randint(1, top + 1, (1,), generator=gen)) for _ in ids]
+    each, or ``again``'s (ids, counts: a decode loop's next call of the same), continuing where
+    ``d`` holds them -> (ids, counts, hidden, next ids, positions)."""
+    if again is not None:
+        ids, counts = again
+    else:
+        n_seqs = int(torch.randint(1, n + 1, (1,), generator=gen))
+        ids = torch.randperm(n, generator=gen)[:n_seqs].tolist()
+        counts = [int(torch.randint(1, top + 1, (1,), generator=gen)) for _ in ids]
     h, nxt, _ = rows(sum(counts), seed)
     pos = torch.cat([torch.arange(d.next_position(s), d.next_position(s) + c)
                      for s, c in zip(ids, counts)])
