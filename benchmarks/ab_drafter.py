@@ -146,11 +146,11 @@ VARIANTS = {
     # inputs, 4 warps) against the current one
     "gate-v42": {"mtp_kernels.moe.GATE_LAUNCH": {1: (2, 512, 4), 2: (2, 256, 4),
                                                  4: (2, 128, 4), 8: (2, 128, 4)}},
-    # the LM head by cuBLAS at every row count, or the kernel with the tiles an H200's sweep
-    # found best for Flash at one row (kernels/NOTES.md, "The head on an H200")
+    # the LM head by cuBLAS at every row count, or the kernel with the few-row tiles before
+    # v48 (64 columns, 4 warps: kernels/NOTES.md, "The head's few-row tiles")
     "head-cublas": {"mtp_kernels.head.HEAD_T": 0},
-    "head-bn128-8w": {"mtp_kernels.head.TILES": {16: (128, 256, 8), 32: (128, 128, 8),
-                                                 64: (128, 128, 8)}},
+    "head-bn64-4w": {"mtp_kernels.head.TILES": {16: (64, 256, 4), 32: (128, 128, 8),
+                                                64: (128, 128, 8)}},
     "head-4stages": {"mtp_kernels.head.STAGES": 4},
     # the call's NaN-logits bit in its last launch, or by torch after a cat of the probes
     "finish-fused": {"mtp_kernels.backend.FINISH_IN_COPY": True},
