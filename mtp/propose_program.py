@@ -218,8 +218,9 @@ class ProposeProgram:
         self._iota = np.arange(n)
         self._src_in_order = False  # host_src holds _iota (a call that filled the bucket)
         # the slots and row counts of the call the host buffer holds, with their source rows
-        # (empty: none known); a call of the same ones writes only its starts
-        self._staged_as: tuple[list[int], list[int]] = [], []
+        # (empty: none known), and whether a sequence brings more rows than R; a call of the
+        # same ones writes only its starts
+        self._staged_as: tuple[list[int], list[int], bool] = [], [], False
         # the staged call's tensors (as the program reads them: the int and hidden dtypes it
         # takes), held until the next call is staged: a replay reads them by address
         blank = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -301,14 +302,15 @@ class ProposeProgram:
             self._pre_error_set = False
         host = self._host_np
         at = 3 * big
-        held_slots, held_counts = self._staged_as
+        held_slots, held_counts, over = self._staged_as
         if held_slots == slots and held_counts == counts:
             # the sequences and row counts the buffer holds (a decode loop's usual call): only
             # their starts moved, and each bucket row's source row is the same
             host[big:big + s] = starts
         else:
-            self._staged_as = [], []  # (nothing known while it is rewritten)
+            self._staged_as = [], [], False  # (nothing known while it is rewritten)
             host[:at] = slots + [-1] * pad + starts + [0] * pad + counts + [0] * pad
+            over = False  # (only when R = W: a catch-up of more rows than a block holds)
             if pad == 0 and min(counts) == r == max(counts):  # the bucket's rows, in order
                 if not self._src_in_order:
                     host[at:at + big * r] = self._iota
@@ -320,8 +322,9 @@ class ProposeProgram:
                 host[at:at + s * r] = src.reshape(-1)
                 host[at + s * r:at + big * r] = 0
                 self._src_in_order = False
-            self._staged_as = list(slots), list(counts)
-        if max(counts) > r:  # (only when R = W: a catch-up of more rows than a block holds)
+                over = bool(n.max() > r)
+            self._staged_as = list(slots), list(counts), over
+        if over:
             n = np.asarray(counts)
             self._check_unstaged(n, np.cumsum(n) - n, starts, ids, positions, hidden)
         if hidden.dtype != self.model.dtype or hidden.stride(-1) != 1:
@@ -382,7 +385,7 @@ class ProposeProgram:
         self._host_np[:] = 0
         self._host_np[:self.seqs] = -1
         self._src_in_order = False
-        self._staged_as = [], []
+        self._staged_as = [], [], False
         self.caller = self._blank
         self.result = None
         self.staged.copy_(self.host)

@@ -102,29 +102,38 @@ def staged_calls(draw, seqs: int, rows: int, slots: int):
 
 
 @settings(max_examples=60, deadline=None)
-@given(calls=staged_calls(seqs=3, rows=4, slots=4))
+@given(calls=staged_calls(seqs=3, rows=W + 3, slots=4))
 def test_staging_writes_what_a_fresh_program_stages(calls):
-    """A program that staged earlier calls holds, after each call, exactly the host record
-    that a program staging only that call holds (a call of the sequences and row counts
-    already staged writes only its starts: the rest must still be right)."""
+    """A program that staged earlier calls holds, after each call, exactly the host record and
+    the checks of the rows before each sequence's last W (``pre_error``: a sequence may bring
+    up to W + 3 rows here, at positions that need not follow its start) that a program staging
+    only that call holds (a call of the sequences and row counts already staged writes only
+    its starts: the rest must still be right)."""
     d = drafter(max_seqs=4, max_draft_tokens=3)
-    prog = ProposeProgram(d.model, d.cache, 3, 4, 2, MAX_ABS_HIDDEN)
+
+    def program():
+        return ProposeProgram(d.model, d.cache, 3, W, 2, MAX_ABS_HIDDEN)
+
+    def same(a, b):
+        return torch.equal(a.host, b.host) and torch.equal(a.pre_error, b.pre_error)
+
+    prog = program()
     out = prog.new_out()
     for slots, starts, counts in calls:
         t = sum(counts)
         h, ids, pos = rows(t, seed=t)
         prog.stage(slots, starts, counts, ids, pos, h, out)
-        fresh = ProposeProgram(d.model, d.cache, 3, 4, 2, MAX_ABS_HIDDEN)
+        fresh = program()
         fresh.stage(slots, starts, counts, ids, pos, h, out)
-        assert torch.equal(prog.host, fresh.host), (slots, starts, counts)
+        assert same(prog, fresh), (slots, starts, counts)
     prog.clear()  # capture and warm-up's record: every sequence padding, nothing read
-    fresh = ProposeProgram(d.model, d.cache, 3, 4, 2, MAX_ABS_HIDDEN)
+    fresh = program()
     assert torch.equal(prog.host, fresh.host)
     slots, starts, counts = calls[-1]  # the same call after a clear: written in full
     h, ids, pos = rows(sum(counts), seed=0)
     prog.stage(slots, starts, counts, ids, pos, h, out)
     fresh.stage(slots, starts, counts, ids, pos, h, out)
-    assert torch.equal(prog.host, fresh.host)
+    assert same(prog, fresh)
 
 
 @settings(max_examples=4, deadline=None)
