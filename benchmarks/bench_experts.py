@@ -31,8 +31,7 @@ from sweep_kernels import bench_cycle, cuda_routes  # noqa: E402
 from mtp import MTPConfig  # noqa: E402
 from mtp.quant import fp8_simulate  # noqa: E402
 
-TUNES = ('{"wn": 4, "stages": 2, "steps": 2};{"wn": 4, "stages": 4, "steps": 2};'
-         '{"wn": 2, "stages": 2, "steps": 4};{"wn": 8, "stages": 2, "steps": 2}')
+TUNES = '{};{"skip": 0};{"stages": 4};{"wn": 2, "steps": 4};{"wn": 8}'  # {}: the defaults
 
 
 def main() -> None:

@@ -37,8 +37,9 @@ TILE = 8
 # 128-input steps per stage (``steps``: 64 bytes of each row per step, so the run read from a
 # row at once; halved until it divides the input's steps). A stage takes 1088 * steps + 256
 # bytes of shared memory, a block at most 48 KB. The token groups of 8 per tile follow the
-# tiling (``align_tiles``' bm: 8 or 16 slots).
-DEFAULT_TUNE = {"wn": 4, "stages": 2, "steps": 2}
+# tiling (``align_tiles``' bm: 8 or 16 slots). ``skip``: w2's slots without a pair load no
+# activations (kernels/NOTES.md, v49; 0 is the kernel before, for the A/B).
+DEFAULT_TUNE = {"wn": 4, "stages": 2, "steps": 2, "skip": 1}
 
 
 def _smem(wn: int, stages: int, steps: int) -> int:
@@ -66,9 +67,10 @@ def unavailable(device: torch.device) -> str | None:
 
 
 @functools.cache
-def _kernel(w13: bool, wn: int, groups: int, stages: int, steps: int, device_index: int):
+def _kernel(w13: bool, wn: int, groups: int, stages: int, steps: int, skip: int,
+            device_index: int):
     major, minor = torch.cuda.get_device_capability(device_index)
-    name = f"moe_fp4<{int(w13)}, {wn}, {groups}, {stages}, {steps}>"
+    name = f"moe_fp4<{int(w13)}, {wn}, {groups}, {stages}, {steps}, {skip}>"
     with torch.cuda.device(device_index):
         return torch.cuda._compile_kernel(SOURCE.read_text(), name,
                                           compute_capability=f"{major}{minor}",
@@ -138,7 +140,7 @@ def _launch(w13, xh, xs, w, s, pairs, tile_expert, rw, out, n_out, topk, limit, 
     row_groups = n_out // 8 if w13 else n_out // 16
     if n_tiles:
         groups = pairs.numel() // (8 * n_tiles)  # token groups of 8 per tile
-        kern = _kernel(w13, wn, groups, stages, steps, w.device.index)
+        kern = _kernel(w13, wn, groups, stages, steps, int(cfg["skip"]), w.device.index)
         _run(kern, (n_tiles, -(-row_groups // wn), 1), (32 * wn, 1, 1),
              [xh, xs, w, s, pairs, tile_expert, rw, out, k, n_out, w.shape[0], topk,
               float(limit)])

@@ -25,7 +25,8 @@
 // empty tile). W13: N = 2I (gate rows, then up rows), out = act [tiles*8G, I] bf16 (clamped
 // SwiGLU times the routing weight); else N = D, out [P, D] bf16 per pair.
 // Template: W13, WN warps per block, G token groups per tile, S stages (a power of two), P
-// 128-input steps per stage.
+// 128-input steps per stage, SK: w2's slots without a pair load no activations (1) or their
+// tile's row (0).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -118,7 +119,7 @@ struct Stage {
   static constexpr int BYTES = SCALES + 16 * 4 * P;
 };
 
-template <int W13, int WN, int G, int S, int P>
+template <int W13, int WN, int G, int S, int P, int SK>
 __global__ void __launch_bounds__(32 * WN)
 moe_fp4(const u16* __restrict__ xh, const float* __restrict__ xs, const u8* __restrict__ w,
         const u8* __restrict__ ws, const int* __restrict__ pairs, const i64* __restrict__ texp,
@@ -178,18 +179,24 @@ moe_fp4(const u16* __restrict__ xh, const float* __restrict__ xs, const u8* __re
   // (a tile fills its slots from 0, so group 0 always holds a pair)
   constexpr int TILE = 8 * G;  // pair slots per tile
   const int* tp = pairs + tile * TILE;
-  bool active[G];
+  // With SK, w2's slots without a pair load nothing (a zero B column; their outputs are not
+  // stored): at 64 rows ~2 of a tile's 8 slots hold a pair, and every slot's own row, read by
+  // every warp, took the L2 bandwidth the weights need (w13's padding slots all read token row
+  // 0, found in L1).
+  bool active[G], bx[G], bs[G][2];
   const u16* xp[G];
   const float* sp[G][2];
 #pragma unroll
   for (int h = 0; h < G; ++h) {
     const int p = tp[h * 8 + g];
     active[h] = h == 0 || __any_sync(0xFFFFFFFFu, p >= 0);
+    bx[h] = W13 || !SK || p >= 0;
     const i64 brow = W13 ? (p >= 0 ? p / topk : 0) : tile * TILE + h * 8 + g;
     xp[h] = xh + brow * K + c * 8;
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
       const int q = tp[h * 8 + 2 * c + t];
+      bs[h][t] = W13 || !SK || q >= 0;
       const i64 row = W13 ? (q >= 0 ? q / topk : 0) : tile * TILE + h * 8 + 2 * c + t;
       sp[h][t] = xs + row * ksteps;
     }
@@ -205,9 +212,10 @@ moe_fp4(const u16* __restrict__ xh, const float* __restrict__ xs, const u8* __re
     for (int h = 0; h < G; ++h) {
       if (active[h]) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) b.x[h][j] = ldg128(xp[h] + st * 128 + j * 32);
-        b.s[h][0] = __ldg(sp[h][0] + st);
-        b.s[h][1] = __ldg(sp[h][1] + st);
+        for (int j = 0; j < 4; ++j)
+          b.x[h][j] = bx[h] ? ldg128(xp[h] + st * 128 + j * 32) : uint4{0u, 0u, 0u, 0u};
+        b.s[h][0] = bs[h][0] ? __ldg(sp[h][0] + st) : 0.0f;
+        b.s[h][1] = bs[h][1] ? __ldg(sp[h][1] + st) : 0.0f;
       }
     }
   };

@@ -691,7 +691,8 @@ def test_cuda_experts_decode_exact(seed, bm):
     assert torch.equal(out, ref)
 
 
-TUNES = [None, {"wn": 1, "stages": 2, "steps": 8}, {"wn": 8, "stages": 2, "steps": 2}]
+TUNES = [None, {"wn": 1, "stages": 2, "steps": 8}, {"wn": 8, "stages": 2, "steps": 2},
+         {"skip": 0}]
 
 
 @pytest.mark.parametrize("bm", [8, 16])
@@ -722,6 +723,29 @@ def test_cuda_experts(t, tune, bm):
     ref = experts_reference(u, idx, wts, w13, s13, w2, s2)
     for q in range(t * k):
         assert rel(out[q], ref[q]) < BF16_TOL, q
+
+
+@pytest.mark.parametrize("skip", [0, 1])
+def test_cuda_w2_padding_rows_unread(skip):
+    """w2's input rows of slots without a pair are left unwritten (quant_rows with pairs): NaN
+    there must reach no pair's output, whether the kernel skips those rows' loads (skip 1,
+    the default) or reads them into columns whose outputs it does not store (skip 0)."""
+    moe_cuda = _cuda_experts()
+    from mtp_kernels import moe
+    e, d, i, t, k = 4, 256, 256, 5, 2
+    w2, s2 = fp4_weight(e, d, i, seed=41)
+    idx = torch.tensor([[0, 1], [1, 2], [0, 3], [2, 1], [3, 0]], device=DEVICE)
+    pairs, texp = moe.align_tiles(idx, e, 8)  # 8 slots per tile, 2-3 pairs each: padding
+    act = randn(pairs.numel(), i, seed=42, dtype=torch.bfloat16)
+    pad = pairs < 0
+    assert pad.any()
+    ah, as_ = moe.quant_rows(act, pairs)
+    ah[pad], as_[pad] = 0.0, 0.0
+    clean = moe_cuda.moe_w2(ah, as_, w2, s2, pairs, texp, t * k, tune={"skip": skip})
+    ah[pad], as_[pad] = float("nan"), float("nan")
+    out = moe_cuda.moe_w2(ah, as_, w2, s2, pairs, texp, t * k, tune={"skip": skip})
+    assert torch.isfinite(clean).all()
+    assert torch.equal(out, clean)  # same sums in the same order: bit for bit
 
 
 def test_cuda_experts_bad_input():
