@@ -35,3 +35,19 @@ value = st.one_of(st.booleans(), st.integers(-5, 5), st.none(), launch, table)
                        max_size=4))
 def test_any_variant_survives_json(variants):
     assert _from_json(json.loads(json.dumps(variants))) == variants
+
+
+def test_experts_parts_variants_apply():
+    """bench_experts_parts.py's kernel variants: each replaces text found exactly once in the
+    kernel source as it is now (so a kernel change cannot leave a variant measuring something
+    else unawares), and only the "as-is" variant leaves the source unchanged."""
+    from pathlib import Path
+
+    import pytest
+    from bench_experts_parts import VARIANTS, variant_source
+    root = Path(__file__).resolve().parents[1]
+    src = (root / "kernels" / "moe_fp4.cu").read_text()
+    for name in VARIANTS:
+        assert (variant_source(src, name) == src) == (name == "as-is"), name
+    with pytest.raises(ValueError, match="occurs 0 times"):
+        variant_source(src.replace("e2m1x8_f16(wa, fa);", "e2m1x8_f16(wa,fa);"), "no-math")
