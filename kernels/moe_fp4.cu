@@ -25,8 +25,8 @@
 // empty tile). W13: N = 2I (gate rows, then up rows), out = act [tiles*8G, I] bf16 (clamped
 // SwiGLU times the routing weight); else N = D, out [P, D] bf16 per pair.
 // Template: W13, WN warps per block, G token groups per tile, S stages (a power of two), P
-// 128-input steps per stage, SK: w2's slots without a pair load no activations (1) or their
-// tile's row (0).
+// 128-input steps per stage, SK: w2's slots without a pair load no activations (1) or load
+// their rows anyway (0: the kernel before v49, for the A/B).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
