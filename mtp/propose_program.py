@@ -218,9 +218,10 @@ class ProposeProgram:
         self._iota = np.arange(n)
         self._src_in_order = False  # host_src holds _iota (a call that filled the bucket)
         # the slots and row counts of the call the host buffer holds, with their source rows
-        # (empty: none known), and whether a sequence brings more rows than R; a call of the
-        # same ones writes only its starts
-        self._staged_as: tuple[list[int], list[int], bool] = [], [], False
+        # (empty: none known), and where a sequence brings more rows than R the counts and
+        # offsets its rows' checks take (else None); a call of the same ones writes only its
+        # starts
+        self._staged_as: tuple[list[int], list[int], tuple | None] = [], [], None
         # the staged call's tensors (as the program reads them: the int and hidden dtypes it
         # takes), held until the next call is staged: a replay reads them by address
         blank = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -308,9 +309,9 @@ class ProposeProgram:
             # their starts moved, and each bucket row's source row is the same
             host[big:big + s] = starts
         else:
-            self._staged_as = [], [], False  # (nothing known while it is rewritten)
+            self._staged_as = [], [], None  # (nothing known while it is rewritten)
             host[:at] = slots + [-1] * pad + starts + [0] * pad + counts + [0] * pad
-            over = False  # (only when R = W: a catch-up of more rows than a block holds)
+            over = None  # (only when R = W: a catch-up of more rows than a block holds)
             if pad == 0 and min(counts) == r == max(counts):  # the bucket's rows, in order
                 if not self._src_in_order:
                     host[at:at + big * r] = self._iota
@@ -322,11 +323,11 @@ class ProposeProgram:
                 host[at:at + s * r] = src.reshape(-1)
                 host[at + s * r:at + big * r] = 0
                 self._src_in_order = False
-                over = bool(n.max() > r)
+                if n.max() > r:
+                    over = n, off
             self._staged_as = list(slots), list(counts), over
-        if over:
-            n = np.asarray(counts)
-            self._check_unstaged(n, np.cumsum(n) - n, starts, ids, positions, hidden)
+        if over is not None:
+            self._check_unstaged(*over, starts, ids, positions, hidden)
         if hidden.dtype != self.model.dtype or hidden.stride(-1) != 1:
             hidden = hidden.to(self.model.dtype).contiguous()
         host[at + big * r:-1] = rows_at(hidden, ids, positions)
@@ -385,7 +386,7 @@ class ProposeProgram:
         self._host_np[:] = 0
         self._host_np[:self.seqs] = -1
         self._src_in_order = False
-        self._staged_as = [], [], False
+        self._staged_as = [], [], None
         self.caller = self._blank
         self.result = None
         self.staged.copy_(self.host)
