@@ -51,6 +51,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_draft_step import (  # noqa: E402
+    PROFILE_ONE_PRESET,
     ROT,
     _import_kernels,
     copy_bandwidth,
@@ -300,6 +301,8 @@ def main() -> None:
     ap.add_argument("--trace-dir", default=None,
                     help="where --timeline writes its traces (default: a temporary folder)")
     args = ap.parse_args()
+    if (args.profile or args.timeline) and "," in args.preset:
+        ap.error(PROFILE_ONE_PRESET.format("--profile and --timeline", "A/Bs"))
     if args.extra:
         with open(args.extra) as f:
             VARIANTS.update(_from_json(json.load(f)))
@@ -317,6 +320,7 @@ def main() -> None:
         model.backend = mk.TritonOps(model)
         pb = param_bytes(model)
         traced = {}  # (b, r) -> the baseline's traced kernels, for compare()
+        baselines = []  # (b, r, the baseline's call): profiled after every A/B
         for b in map(int, args.batches.split(",")):
             for r in map(int, args.rows.split(",")):
                 sets = inputs(cfg, b * r, ROT, dev, g, torch.bfloat16)
@@ -338,16 +342,21 @@ def main() -> None:
                            **{f"{n}_vs_{names[0]}": round(statistics.median(t) / base, 4)
                               for n, t in ms.items()})
                 print(json.dumps(row), flush=True)
-                if args.profile:
-                    print(f"--- {preset} {b} x {r} rows, {names[0]}: {args.profile} calls ---\n"
-                          + profile_call(calls[names[0]], args.profile), flush=True)
-                if args.timeline:
-                    path = os.path.join(args.trace_dir or tempfile.mkdtemp(),
-                                        f"timeline_{preset}_{b}x{r}.json")
-                    print(f"--- {preset} {b} x {r} rows, {names[0]}: timeline of "
-                          f"{args.timeline} calls ({path}) ---\n"
-                          + timeline_call(calls[names[0]], args.timeline, path), flush=True)
-                    traced[(b, r)] = load(path)
+                baselines.append((b, r, calls[names[0]]))
+        # the profiler after every A/B of the preset: once it has run, each later launch
+        # costs the host 5-30x more (graph_launch.py --after-profiler), past the sleep that
+        # keeps the GPU busy while the host enqueues
+        for b, r, call in baselines:
+            if args.profile:
+                print(f"--- {preset} {b} x {r} rows, {names[0]}: {args.profile} calls ---\n"
+                      + profile_call(call, args.profile), flush=True)
+            if args.timeline:
+                path = os.path.join(args.trace_dir or tempfile.mkdtemp(),
+                                    f"timeline_{preset}_{b}x{r}.json")
+                print(f"--- {preset} {b} x {r} rows, {names[0]}: timeline of "
+                      f"{args.timeline} calls ({path}) ---\n"
+                      + timeline_call(call, args.timeline, path), flush=True)
+                traced[(b, r)] = load(path)
         keys = list(traced)
         for key in keys[1:]:  # each traced call against the first, kernel by kernel
             (b0, r0), (b1, r1) = keys[0], key

@@ -9,8 +9,8 @@ the logits of each sequence's last row (as ``bench_draft_step.py``'s catch-up). 
 sequence count: the call timed alone (CUDA events around it, host included; median of 10,
 configurations interleaved, two passes) with every many-row path off ("before": the decode-tuned
 kernels), all on ("after") and, for Flash, each one off alone; the GPU time of the call (sum of
-its kernels, torch.profiler) with its largest kernels; and for Flash the peak memory of long
-catch-ups of one sequence (chunked by ``mtp.model.CHUNK_ROWS``).
+its kernels, torch.profiler, after every call timed alone) with its largest kernels; and for
+Flash the peak memory of long catch-ups of one sequence (chunked by ``mtp.model.CHUNK_ROWS``).
 
 Usage:
     PYTHONPATH=.:benchmarks python benchmarks/bench_catchup.py --preset flash,pro
@@ -66,7 +66,9 @@ def gpu_ms(fn, n=3):
             {e.key[:40]: round(e.self_device_time_total / n) for e in top})
 
 
-def bench_preset(name, mk, sw, configure, bw, args) -> None:
+def bench_preset(name, mk, sw, configure, bw, args) -> list:
+    """Every timed call of one preset -> the profiled measures, deferred (see :func:`main`):
+    functions that print their rows."""
     dev = torch.device("cuda")
     cfg = MTPConfig.from_name(name)
     model = init_random_gpu_(DeepSeekV4MTP(cfg, dtype=torch.bfloat16, device=dev), seed=0)
@@ -76,11 +78,11 @@ def bench_preset(name, mk, sw, configure, bw, args) -> None:
                     device=dev)
     g = torch.Generator(device="cuda").manual_seed(1)
     fill_cache(cache, 16, 1000, g)
+    later = []
     for n_seq in [int(x) for x in args.seqs.split(",") if x]:
         case = catchup_case(cfg, n_seq, 1000, dev, g)
         call = catchup_call(model, cache, case)
         floors = catchup_floors(model, pb, mk, case, cache, bw)
-        floor_ms = floors["floor_ms"]
         configs = [("before", set(sw)), ("after", set())]
         if name == "flash":
             configs += [(f"after without {k}", {k}) for k in sw]
@@ -88,17 +90,22 @@ def bench_preset(name, mk, sw, configure, bw, args) -> None:
         for label, off in configs * 2:
             configure(off)
             alone.setdefault(label, []).append(statistics.median(time_it(call, 10)))
-        for label, off in configs[:2]:
-            configure(off)
-            g_ms, top = gpu_ms(call)
-            print(json.dumps(dict(preset=name, seqs=n_seq, config=label, **floors,
-                                  alone_ms=alone[label], gpu_ms=g_ms,
-                                  alone_x_floor=min(alone[label]) / floor_ms,
-                                  gpu_x_floor=g_ms / floor_ms, top_us=top)), flush=True)
+        configure(set())
         for label, _ in configs[2:]:
             print(json.dumps(dict(preset=name, seqs=n_seq, config=label,
                                   alone_ms=alone[label])), flush=True)
-        configure(set())
+
+        def profiled(n_seq=n_seq, call=call, floors=floors, configs=configs, alone=alone):
+            for label, off in configs[:2]:
+                configure(off)
+                g_ms, top = gpu_ms(call)
+                print(json.dumps(dict(preset=name, seqs=n_seq, config=label, **floors,
+                                      alone_ms=alone[label], gpu_ms=g_ms,
+                                      alone_x_floor=min(alone[label]) / floors["floor_ms"],
+                                      gpu_x_floor=g_ms / floors["floor_ms"], top_us=top)),
+                      flush=True)
+            configure(set())
+        later.append(profiled)
     if name == "flash":
         for rows in [int(x) for x in args.long.split(",") if x]:
             slots = torch.zeros(rows, dtype=torch.int64, device=dev)
@@ -116,6 +123,7 @@ def bench_preset(name, mk, sw, configure, bw, args) -> None:
                                                           last_only=True), 3, 1))
             print(json.dumps(dict(preset=name, long_rows=rows, chunk=model_mod.CHUNK_ROWS,
                                   peak_extra_GB=peak / 1e9, ms=ms)), flush=True)
+    return later
 
 
 def main() -> None:
@@ -136,9 +144,14 @@ def main() -> None:
     bw = copy_bandwidth()
     print(json.dumps(dict(card=torch.cuda.get_device_name(), copy_TBps=bw / 1e12,
                           commit=os.environ.get("MTP_COMMIT", "?"))), flush=True)
+    # Every call timed alone first, the profiler after: once torch.profiler has run, each
+    # later launch of the process costs the host 5-30x more (benchmarks/graph_launch.py
+    # --after-profiler), and a catch-up's eager launches are in its alone time.
+    later = []
     for name in args.preset.split(","):
-        bench_preset(name, mk, sw, configure, bw, args)
-        torch.cuda.empty_cache()
+        later += bench_preset(name, mk, sw, configure, bw, args)
+    for profiled in later:
+        profiled()
 
 
 if __name__ == "__main__":

@@ -423,6 +423,13 @@ def catchup_call(model, cache, case, reference: bool = False):
     return call
 
 
+# Why a profiling run takes one preset (this script's --profile, ab_drafter.py's): the
+# profiler runs after the preset's measurements, and the next preset's would be taken after it
+PROFILE_ONE_PRESET = ("{}: one preset per run (--preset); it runs after the preset's {}, and "
+                      "once torch.profiler has run, each later launch of the process costs the "
+                      "host 5-30x more (benchmarks/graph_launch.py --after-profiler), so the "
+                      "next preset's times would include the profiler's")
+
 SLEEP = 20_000_000  # cycles of the sleeping kernel that keeps the GPU busy (~10 ms)
 
 
@@ -632,6 +639,8 @@ def main() -> None:
     args = ap.parse_args()
     args.catchup = [int(x) for x in args.catchup.split(",") if x]
     args.profile = [int(x) for x in args.profile.split(",") if x]
+    if args.profile and "," in args.preset:
+        ap.error(PROFILE_ONE_PRESET.format("--profile", "measurements"))
     args.drafter = [int(x) for x in args.drafter.split(",") if x]
     args.drafter_rows = [int(x) for x in args.drafter_rows.split(",") if x]
     args.catchup_drafter = [int(x) for x in args.catchup_drafter.split(",") if x]

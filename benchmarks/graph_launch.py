@@ -1,15 +1,16 @@
 """What does one CUDA graph launch cost the host, by the graph's size and node kinds? (GPU)
 
-A graphed ``Drafter.propose`` is one ``cudaGraphLaunch`` of ~150 nodes; its host time on the
+A graphed ``Drafter.propose`` is one ``cudaGraphLaunch`` of ~110 nodes; its host time on the
 H200 machine moved between 11 and 140 us per launch. This times the launch alone (host
 ``perf_counter`` around ``graph.replay()``, the GPU kept busy behind a sleeping kernel, and
 with the GPU idle) for graphs of N tiny kernels (N = 1 .. 400), with and without a
 device-to-host copy into pinned memory and an external event record at the end, and for a
 chain across two streams (fork / join, as the shared expert's side stream). Prints the median
-and 10th-90th percentile of each, wall time and the thread's CPU time.
+and 10th-90th percentile of each, wall time and the thread's CPU time; with
+``--after-profiler``, the same again after one ``torch.profiler`` session in the process.
 
 Usage:
-    python benchmarks/graph_launch.py --reps 200
+    python benchmarks/graph_launch.py --reps 200 [--nodes 1,110 --after-profiler]
 """
 
 from __future__ import annotations
@@ -77,21 +78,38 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", default="1,10,50,150,400")
     ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--after-profiler", action="store_true",
+                    help="then time every graph again after one torch.profiler session")
     args = ap.parse_args()
     print(json.dumps(dict(card=torch.cuda.get_device_name(), torch=torch.__version__)))
-    print("| kernels | tail (D2H copy + event) | fork | busy: wall us (p10-p90) | busy: cpu us | "
-          "idle: wall us | idle: cpu us |")
-    print("|---|---|---|---|---|---|---|")
+    graphs = []
     for n in (int(x) for x in args.nodes.split(",")):
         for tail, fork in ((False, False), (True, False), (True, True)):
             g, keep = build(n, tail, fork)
             for _ in range(5):
                 g.replay()
-            bw, bc = time_launch(g, args.reps, True)
-            iw, ic = time_launch(g, args.reps, False)
-            print(f"| {n} | {tail} | {fork} | {stats(bw)} | {stats(bc)} | {stats(iw)} | "
-                  f"{stats(ic)} |", flush=True)
-            del g, keep
+            graphs.append((n, tail, fork, g, keep))
+    table(graphs, args.reps, "")
+    if args.after_profiler:
+        # CUPTI stays attached after the session: every later launch of the process pays
+        # for it, so a host time measured after a profiler in the same process is not the
+        # launch's (docs/performance.md, "A profiler slows every later launch")
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]):
+            graphs[0][3].replay()
+            torch.cuda.synchronize()
+        table(graphs, args.reps, " after one torch.profiler session")
+
+
+def table(graphs, reps: int, when: str) -> None:
+    print(f"\n| kernels | tail (D2H copy + event) | fork | busy{when}: wall us (p10-p90) | "
+          "busy: cpu us | idle: wall us | idle: cpu us |")
+    print("|---|---|---|---|---|---|---|")
+    for n, tail, fork, g, _ in graphs:
+        bw, bc = time_launch(g, reps, True)
+        iw, ic = time_launch(g, reps, False)
+        print(f"| {n} | {tail} | {fork} | {stats(bw)} | {stats(bc)} | {stats(iw)} | "
+              f"{stats(ic)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ a sleeping kernel); this script takes that call apart on the same machine: the h
 the GPU busy and idle, with Python's garbage collector on and off, the call's parts timed one
 by one (argument checks, staging, the replay, the proposal's copies, the error word and the
 event), ``cProfile``'s table of the Python functions and C calls, and ``torch.profiler``'s CPU
-table (each aten operation and CUDA runtime call with its host time).
+table (each aten operation and CUDA runtime call with its host time). Every case's host times
+are taken before the first profiler of the process: after one, every launch costs more.
 
 Usage:
     PYTHONPATH=.:benchmarks python benchmarks/profile_propose_host.py --preset flash \
@@ -67,7 +68,9 @@ class Parts:
         return fn
 
 
-def profile_case(model, b: int, n: int, reps: int, out: str, name: str) -> dict:
+def time_case(model, b: int, n: int, reps: int, name: str) -> tuple[dict, list[str], tuple]:
+    """The host times of one case (no profiler: see :func:`main`) -> (results, lines, the
+    case's state for :func:`profile_case`)."""
     cfg = model.config
     dev = torch.device("cuda")
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -129,6 +132,12 @@ def profile_case(model, b: int, n: int, reps: int, out: str, name: str) -> dict:
         ev.record()
     xs = host_enqueue_us(tail, torch.cuda.synchronize, reps, True)
     lines.append(f"  error copy + event alone   : {summary(xs)}")
+    return res, lines, (d, call, runner)
+
+
+def profile_case(state, reps: int, res: dict, lines: list[str]) -> None:
+    """The profilers' view of one case (after every case's host times: see :func:`main`)."""
+    d, call, runner = state
     # the replay's nodes: kernels, copies and memsets of one replay
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
@@ -142,7 +151,7 @@ def profile_case(model, b: int, n: int, reps: int, out: str, name: str) -> dict:
             kinds[kind] = kinds.get(kind, 0) + 1
     res["replay_nodes"] = kinds
     lines.append(f"  one replay runs            : {kinds}")
-    # cProfile of the calls (GPU busy)
+    # cProfile of the calls (GPU busy; under the profiler's hooks, so read its shares only)
     pr = cProfile.Profile(time.perf_counter)
     for _ in range(reps):
         d.synchronize()
@@ -164,11 +173,6 @@ def profile_case(model, b: int, n: int, reps: int, out: str, name: str) -> dict:
     table = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=30,
                                    max_name_column_width=60)
     lines.append(f"--- torch.profiler CPU, {reps} calls (and the loop's sync/sleep) ---\n{table}")
-    text = "\n".join(lines)
-    print(text, flush=True)
-    with open(os.path.join(out, f"host_profile_{name}_b{b}_n{n}.txt"), "w") as f:
-        f.write(text + "\n")
-    return res
 
 
 def main() -> None:
@@ -184,18 +188,30 @@ def main() -> None:
     print(json.dumps(dict(card=torch.cuda.get_device_name(), torch=torch.__version__,
                           commit=os.environ.get("MTP_COMMIT", "?"),
                           command=" ".join(sys.argv))), flush=True)
-    results = []
+    # Every host time first, every profiler after: once torch.profiler has run, each later
+    # launch of the process costs the host 5-30x more (benchmarks/graph_launch.py
+    # --after-profiler), so a case timed after another's profiling would time the profiler.
+    models, cases = [], []
     for name in args.preset.split(","):
         cfg = MTPConfig.from_name(name)
         model = init_random_gpu_(DeepSeekV4MTP(cfg, dtype=torch.bfloat16,
                                                device=torch.device("cuda")), seed=0)
         model.backend = mk.TritonOps(model)
+        models.append(model)
         for b in (int(x) for x in args.batches.split(",")):
             for n in (int(x) for x in args.rows.split(",")):
-                results.append(profile_case(model, b, n, args.reps, args.out, name))
-        del model
-        torch.cuda.empty_cache()
-    print(json.dumps(results), flush=True)
+                res, lines, state = time_case(model, b, n, args.reps, name)
+                print("\n".join(lines), flush=True)
+                cases.append((res, lines, state))
+    for res, lines, state in cases:
+        timed = len(lines)
+        profile_case(state, args.reps, res, lines)
+        print(f"=== {res['preset']} batch {res['batch']}, {res['rows']} row(s): profilers ===\n"
+              + "\n".join(lines[timed:]), flush=True)
+        with open(os.path.join(args.out, f"host_profile_{res['preset']}_b{res['batch']}_"
+                               f"n{res['rows']}.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    print(json.dumps([res for res, _, _ in cases]), flush=True)
 
 
 if __name__ == "__main__":
