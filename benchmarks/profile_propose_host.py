@@ -5,8 +5,10 @@ a sleeping kernel); this script takes that call apart on the same machine: the h
 the GPU busy and idle, with Python's garbage collector on and off, the call's parts timed one
 by one (argument checks, staging, the replay, the proposal's copies, the error word and the
 event), ``cProfile``'s table of the Python functions and C calls, and ``torch.profiler``'s CPU
-table (each aten operation and CUDA runtime call with its host time). Every case's host times
-are taken before the first profiler of the process: after one, every launch costs more.
+table (each aten operation and CUDA runtime call with its host time); the graph launched by
+``cuGraphLaunch`` directly, without ``CUDAGraph.replay``; then every case's whole call again,
+the cases alternating (``--rounds``: the host's speed drifts within a process). Every host
+time is taken before the first profiler of the process: after one, every launch costs more.
 
 Usage:
     PYTHONPATH=.:benchmarks python benchmarks/profile_propose_host.py --preset flash \
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import ctypes
 import gc
 import io
 import json
@@ -68,9 +71,24 @@ class Parts:
         return fn
 
 
-def time_case(model, b: int, n: int, reps: int, name: str) -> tuple[dict, list[str], tuple]:
+def direct_launch(graph):
+    """The graph's executable launched by the driver's ``cuGraphLaunch`` on the current
+    stream, through ctypes: the launch without ``CUDAGraph.replay``'s own work."""
+    cu = ctypes.CDLL("libcuda.so.1")
+    cu.cuGraphLaunch.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    exe, dev = graph.raw_cuda_graph_exec(), torch.cuda.current_device()
+    stream = torch._C._cuda_getCurrentRawStream
+
+    def launch():
+        if cu.cuGraphLaunch(exe, stream(dev)):
+            raise RuntimeError("cuGraphLaunch failed")
+    return launch
+
+
+def time_case(model, b: int, n: int, reps: int, name: str,
+              rounds: int) -> tuple[dict, list[str], tuple]:
     """The host times of one case (no profiler: see :func:`main`) -> (results, lines, the
-    case's state for :func:`profile_case`)."""
+    case's state for :func:`profile_case` and ``rounds`` more rounds of ``reps`` calls)."""
     cfg = model.config
     dev = torch.device("cuda")
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -81,7 +99,7 @@ def time_case(model, b: int, n: int, reps: int, name: str) -> tuple[dict, list[s
         d.add_sequence(i, position=pos0)
     fill_cache(d.cache, b, pos0, g)
     sets = inputs(cfg, b * n, 4, dev, g, torch.bfloat16)
-    total = 10 + 8 * reps
+    total = 10 + (8 + rounds) * reps  # calls: warm-up, timed (3 + 1 + rounds), profiled (2)
     positions = [(torch.arange(n, device=dev) + pos0 + j * n).repeat(b) for j in range(total)]
     counter = iter(range(total))
     counts = [n] * b
@@ -121,6 +139,9 @@ def time_case(model, b: int, n: int, reps: int, name: str) -> tuple[dict, list[s
     # the replay alone, and the rest of the call's torch operations alone
     xs = host_enqueue_us(runner.replay, torch.cuda.synchronize, reps, True)
     lines.append(f"  graph replay alone         : {summary(xs)}")
+    launch = direct_launch(runner.graph)
+    xs = host_enqueue_us(launch, torch.cuda.synchronize, reps, True)
+    lines.append(f"  cuGraphLaunch alone        : {summary(xs)}")
     xs = host_enqueue_us(prog.new_out, torch.cuda.synchronize, reps, True)
     lines.append(f"  output buffer (allocation) : {summary(xs)}")
     xs = host_enqueue_us(prog.packed.clone, torch.cuda.synchronize, reps, True)
@@ -181,6 +202,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--rows", default="1,4")
     ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=3, help="then every case's whole call again, "
+                    "the cases alternating, this many rounds (the same moments of the process)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     mk = _import_kernels()
@@ -189,7 +212,7 @@ def main() -> None:
                           commit=os.environ.get("MTP_COMMIT", "?"),
                           command=" ".join(sys.argv))), flush=True)
     # Every host time first, every profiler after: once torch.profiler has run, each later
-    # launch of the process costs the host 5-30x more (benchmarks/graph_launch.py
+    # launch of the process costs the host 2-30x more (benchmarks/graph_launch.py
     # --after-profiler), so a case timed after another's profiling would time the profiler.
     models, cases = [], []
     for name in args.preset.split(","):
@@ -200,9 +223,17 @@ def main() -> None:
         models.append(model)
         for b in (int(x) for x in args.batches.split(",")):
             for n in (int(x) for x in args.rows.split(",")):
-                res, lines, state = time_case(model, b, n, args.reps, name)
+                res, lines, state = time_case(model, b, n, args.reps, name, args.rounds)
                 print("\n".join(lines), flush=True)
                 cases.append((res, lines, state))
+    for r in range(args.rounds):  # the host's speed drifts: compare cases within a round
+        print(f"--- round {r}: the cases' whole calls, alternating (host us, GPU busy)",
+              flush=True)
+        for res, lines, (d, call, _) in cases:
+            xs = host_enqueue_us(call, d.synchronize, args.reps, True)
+            label = f"{res['preset']} batch {res['batch']}, {res['rows']} row(s)"
+            lines.append(f"round {r}: {label:26s}: {summary(xs)}")
+            print(lines[-1], flush=True)
     for res, lines, state in cases:
         timed = len(lines)
         profile_case(state, args.reps, res, lines)
