@@ -344,8 +344,8 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 baselines.append((b, r, calls[names[0]]))
         # the profiler after every A/B of the preset: once it has run, each later launch
-        # costs the host 2-30x more (graph_launch.py --after-profiler), past the sleep that
-        # keeps the GPU busy while the host enqueues
+        # costs the host several times more (graph_launch.py --after-profiler), which can
+        # outlast the sleep that keeps the GPU busy while the host enqueues
         for b, r, call in baselines:
             if args.profile:
                 print(f"--- {preset} {b} x {r} rows, {names[0]}: {args.profile} calls ---\n"

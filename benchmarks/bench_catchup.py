@@ -145,8 +145,9 @@ def main() -> None:
     print(json.dumps(dict(card=torch.cuda.get_device_name(), copy_TBps=bw / 1e12,
                           commit=os.environ.get("MTP_COMMIT", "?"))), flush=True)
     # Every call timed alone first, the profiler after: once torch.profiler has run, each
-    # later launch of the process costs the host 2-30x more (benchmarks/graph_launch.py
-    # --after-profiler), and a catch-up's eager launches are in its alone time.
+    # later launch of the process costs the host several times more
+    # (benchmarks/graph_launch.py --after-profiler), and a catch-up's eager launches are in
+    # its alone time.
     later = []
     for name in args.preset.split(","):
         later += bench_preset(name, mk, sw, configure, bw, args)

@@ -427,8 +427,8 @@ def catchup_call(model, cache, case, reference: bool = False):
 # profiler runs after the preset's measurements, and the next preset's would be taken after it
 PROFILE_ONE_PRESET = ("{}: one preset per run (--preset); it runs after the preset's {}, and "
                       "once torch.profiler has run, each later launch of the process costs the "
-                      "host 2-30x more (benchmarks/graph_launch.py --after-profiler), so the "
-                      "next preset's times would include the profiler's")
+                      "host several times more (benchmarks/graph_launch.py --after-profiler), "
+                      "so the next preset's times would include the profiler's")
 
 SLEEP = 20_000_000  # cycles of the sleeping kernel that keeps the GPU busy (~10 ms)
 

@@ -212,7 +212,7 @@ def main() -> None:
                           commit=os.environ.get("MTP_COMMIT", "?"),
                           command=" ".join(sys.argv))), flush=True)
     # Every host time first, every profiler after: once torch.profiler has run, each later
-    # launch of the process costs the host 2-30x more (benchmarks/graph_launch.py
+    # launch of the process costs the host several times more (benchmarks/graph_launch.py
     # --after-profiler), so a case timed after another's profiling would time the profiler.
     models, cases = [], []
     for name in args.preset.split(","):

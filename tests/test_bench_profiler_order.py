@@ -1,7 +1,7 @@
 """The benchmarks that profile refuse to profile one preset before measuring the next: once
-torch.profiler has run in a process, each later CUDA launch costs the host 2-30x more
-(``benchmarks/graph_launch.py --after-profiler``; docs/performance.md, "A profiler slows every
-later launch"), so the second preset's host and alone times would time the profiler. The
+torch.profiler has run in a process, each later CUDA launch costs the host several times
+more (``benchmarks/graph_launch.py --after-profiler``; docs/performance.md, "A profiler slows
+every later launch"), so the second preset's host and alone times would time the profiler. The
 refusal comes from the arguments alone, before any GPU work (this runs on the CPU)."""
 
 import subprocess
