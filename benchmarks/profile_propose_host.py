@@ -203,7 +203,8 @@ def main() -> None:
     ap.add_argument("--rows", default="1,4")
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=3, help="then every case's whole call again, "
-                    "the cases alternating, this many rounds (the same moments of the process)")
+                    "the cases alternating, this many rounds (compared at the same moments of the "
+                    "process)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     mk = _import_kernels()
@@ -214,13 +215,12 @@ def main() -> None:
     # Every host time first, every profiler after: once torch.profiler has run, each later
     # launch of the process costs the host several times more (benchmarks/graph_launch.py
     # --after-profiler), so a case timed after another's profiling would time the profiler.
-    models, cases = [], []
+    cases = []  # each holds its drafter, which holds its model
     for name in args.preset.split(","):
         cfg = MTPConfig.from_name(name)
         model = init_random_gpu_(DeepSeekV4MTP(cfg, dtype=torch.bfloat16,
                                                device=torch.device("cuda")), seed=0)
         model.backend = mk.TritonOps(model)
-        models.append(model)
         for b in (int(x) for x in args.batches.split(",")):
             for n in (int(x) for x in args.rows.split(",")):
                 res, lines, state = time_case(model, b, n, args.reps, name, args.rounds)
