@@ -91,9 +91,10 @@ def main() -> None:
             graphs.append((n, tail, fork, g, keep))
     table(graphs, args.reps, "")
     if args.after_profiler:
-        # CUPTI stays attached after the session: every later launch of the process pays
-        # for it, so a host time measured after a profiler in the same process is not the
-        # launch's (docs/performance.md, "A profiler slows every later launch")
+        # The profiler's tracing (CUPTI) seems to stay attached after the session: every
+        # later launch of the process pays for it, so a host time measured after a profiler
+        # in the same process is not the launch's alone (docs/performance.md, "A profiler
+        # slows every later launch")
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]):
             graphs[0][3].replay()
