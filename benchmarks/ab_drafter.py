@@ -96,14 +96,15 @@ VARIANTS = {
     "many-bm128-w4": {_FP8 + "BLOCKS": lambda b: _last(b, bm=128, warps=4)},
     "many-s4": {_FP8 + "BLOCKS": lambda b: _last(b, stages=4)},
     "many-w4": {_FP8 + "BLOCKS": lambda b: _last(b, warps=4)},
-    # the CUDA expert kernels' launch settings (moe_cuda.DEFAULT_TUNE, wn 4 stages 2 steps 2
-    # skip 1 now; at batch 1 six tiles of 64 blocks, under one wave): more bytes in flight per
-    # warp, longer runs per row, smaller / larger blocks; w2 reading every slot's row (before)
-    "experts-4stages": {_MOE + "DEFAULT_TUNE": {"wn": 4, "stages": 4, "steps": 2, "skip": 1}},
-    "experts-steps4": {_MOE + "DEFAULT_TUNE": {"wn": 4, "stages": 2, "steps": 4, "skip": 1}},
-    "experts-2w": {_MOE + "DEFAULT_TUNE": {"wn": 2, "stages": 2, "steps": 2, "skip": 1}},
-    "experts-8w": {_MOE + "DEFAULT_TUNE": {"wn": 8, "stages": 2, "steps": 2, "skip": 1}},
-    "experts-noskip": {_MOE + "DEFAULT_TUNE": {"wn": 4, "stages": 2, "steps": 2, "skip": 0}},
+    # the CUDA expert kernels' launch settings, one changed from moe_cuda.DEFAULT_TUNE (wn 4
+    # stages 2 steps 2 skip 1 now; at batch 1 six tiles of 64 blocks, under one wave): more
+    # bytes in flight per warp, longer runs per row, smaller / larger blocks; w2 reading every
+    # slot's row (before v49)
+    "experts-4stages": {_MOE + "DEFAULT_TUNE": lambda t: {**t, "stages": 4}},
+    "experts-steps4": {_MOE + "DEFAULT_TUNE": lambda t: {**t, "steps": 4}},
+    "experts-2w": {_MOE + "DEFAULT_TUNE": lambda t: {**t, "wn": 2}},
+    "experts-8w": {_MOE + "DEFAULT_TUNE": lambda t: {**t, "wn": 8}},
+    "experts-noskip": {_MOE + "DEFAULT_TUNE": lambda t: {**t, "skip": 0}},
     # the greedy pick by kernels/argmax.py (on by default) or torch.max; buckets with PDL by
     # their sequences (a catch-up's S rows past its prefix; on by default) or by S * R rows;
     # both off: the defaults before they were measured
