@@ -2,8 +2,10 @@
 and gradients on training batches: B windows of S tokens, the window W shorter than S so the
 band matters, in float64. The two differ only in summation order: 1e-10 relative is a
 thousand times the float64 rounding of these sums and far below any real difference. One
-exception: the reference reads expert weights through ``dequantize``, which yields float32, so
-its expert-weight gradients come back rounded to float32 (2^-23 relative to the largest)."""
+exception: the reference reads the weights of the ``Linear``s and of the experts through
+``dequantize``, which yields float32, so their gradients come back rounded to float32; two
+float64 sums a few ulp apart can round to neighbouring float32 values, so those gradients
+agree to one float32 ulp: 2^-23 relative to the largest."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import dataclasses
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mtp.demo.pair_config import PAIR_CONFIG
@@ -53,9 +55,20 @@ def _close(a, b, tol=1e-10):
     assert ((a - b).abs().max() / scale).item() < tol
 
 
+def _grad_tol(module: torch.nn.Module, name: str) -> float:
+    """The tolerance of parameter ``name``'s gradient: one float32 ulp of the largest where the
+    reference reads it through ``dequantize`` (the weights of modules with a ``storage``: the
+    ``Linear``s and the experts), else the float64 sums' 1e-10."""
+    owner = module.get_submodule(name.rpartition(".")[0])
+    return 2 ** -23 if hasattr(owner, "storage") and "weight" in name.rpartition(".")[2] \
+        else 1e-10
+
+
 @settings(max_examples=6)
 @given(b=st.integers(1, 3), s=st.integers(1, 24), window=st.sampled_from([1, 4, 8, 128]),
        seed=st.integers(0, 100))
+# one element of block 1's shared-expert gradient a float32 ulp apart (found by a longer search)
+@example(b=1, s=23, window=128, seed=82)
 def test_the_target_over_a_training_batch_matches_the_reference(b, s, window, seed):
     target = _target(window, seed)
     tokens = torch.randint(0, 256, (b * s,), generator=torch.Generator().manual_seed(seed))
@@ -73,7 +86,7 @@ def test_the_target_over_a_training_batch_matches_the_reference(b, s, window, se
     names = [n for n, p in target.named_parameters() if p.requires_grad]
     for name, gx, gy in zip(names, fast_grads, ref_grads):
         assert gx.shape == gy.shape, name
-        _close(gx, gy, 2 ** -23 if ".experts." in name else 1e-10)
+        _close(gx, gy, _grad_tol(target, name))
 
 
 def test_the_mtp_layer_over_a_training_batch_matches_the_reference():
@@ -106,7 +119,7 @@ def test_the_mtp_layer_over_a_training_batch_matches_the_reference():
     for x, y in zip(fast, ref):
         _close(x, y)
     for name, gx, gy in zip(names, fast_grads, ref_grads):
-        _close(gx, gy, 2 ** -23 if ".experts." in name else 1e-10)
+        _close(gx, gy, _grad_tol(m.layer(0), name))
 
 
 def test_training_ops_refuse_what_they_do_not_cover():
