@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 try:
@@ -236,6 +236,7 @@ def _hc_pre_vectorised(x, fn, scale, base, M, iters, hc_eps, eps):
 @HSET
 @given(st.integers(min_value=0, max_value=2 ** 16), st.sampled_from([1, 2, 4]),
        st.sampled_from([1, 2, 20]), st.sampled_from([0.1, 1.0]))
+@example(110, 4, 1, 1.0)  # a post mix's sigmoid saturated: 2 * sigmoid(x) is exactly 2.0
 def test_hc_pre(seed, M, iters, amp):
     g = torch.Generator().manual_seed(seed)
     D = 16
@@ -247,7 +248,9 @@ def test_hc_pre(seed, M, iters, amp):
     y2, post2, comb2 = _hc_pre_vectorised(x, fn, scale, base, M, iters, 1e-6, 1e-6)
     assert torch.allclose(y, y2, atol=1e-12) and torch.allclose(post, post2, atol=1e-12)
     assert torch.allclose(comb, comb2, atol=1e-12)
-    assert torch.all(comb > 0) and torch.all((post > 0) & (post < 2))
+    # post = 2 sigmoid(.) lies in (0, 2); in float64 sigmoid rounds to 1 past an argument of
+    # ~37 (reached with amp 1), so 2 itself is a valid value
+    assert torch.all(comb > 0) and torch.all((post > 0) & (post <= 2))
     # columns sum to S / (S + hc_eps) after the last column step: ~1 unless a column is tiny
     col = comb.sum(dim=0)
     assert torch.all(col <= 1)
