@@ -237,6 +237,7 @@ def _hc_pre_vectorised(x, fn, scale, base, M, iters, hc_eps, eps):
 @given(st.integers(min_value=0, max_value=2 ** 16), st.sampled_from([1, 2, 4]),
        st.sampled_from([1, 2, 20]), st.sampled_from([0.1, 1.0]))
 @example(110, 4, 1, 1.0)  # a post mix's sigmoid saturated: 2 * sigmoid(x) is exactly 2.0
+@example(2219, 2, 20, 0.1)  # rows near a permutation: Sinkhorn slow (rows off by 2e-3 at 20)
 def test_hc_pre(seed, M, iters, amp):
     g = torch.Generator().manual_seed(seed)
     D = 16
@@ -256,8 +257,16 @@ def test_hc_pre(seed, M, iters, amp):
     assert torch.all(col <= 1)
     if amp == 0.1:  # well-conditioned mixing: tight column sums, and Sinkhorn converges
         assert torch.allclose(col, torch.ones(M, dtype=F64), atol=1e-5)
-    if amp == 0.1 and iters == 20:
-        assert torch.allclose(comb.sum(dim=1), torch.ones(M, dtype=F64), atol=1e-3)  # rows
+    if iters == 20:
+        # Sinkhorn's row error (L1) does not grow from one iteration to the next, and falls
+        # where it is not yet ~0: how fast is the matrix's (20 iterations left 2e-3 in rows
+        # near a permutation), so no fixed bound; hc_eps moves the sums by ~1e-6
+        def row_error(n):
+            c = comb if n == iters else ref.hc_pre(x, fn, scale, base, M, n, 1e-6, 1e-6)[2]
+            return (c.sum(dim=1) - 1).abs().sum().item()
+        e1, e2, e20 = row_error(1), row_error(2), row_error(20)
+        assert e2 <= e1 + 1e-5 and e20 <= e2 + 1e-5
+        assert e1 <= 1e-3 or e20 < e1
 
 
 def test_hc_post_direction():
