@@ -238,6 +238,7 @@ def _hc_pre_vectorised(x, fn, scale, base, M, iters, hc_eps, eps):
        st.sampled_from([1, 2, 20]), st.sampled_from([0.1, 1.0]))
 @example(110, 4, 1, 1.0)  # a post mix's sigmoid saturated: 2 * sigmoid(x) is exactly 2.0
 @example(2219, 2, 20, 0.1)  # rows near a permutation: Sinkhorn slow (rows off by 2e-3 at 20)
+@example(113, 4, 1, 0.1)  # a softmax column of 0.05: one step leaves it 2e-5 short of 1
 def test_hc_pre(seed, M, iters, amp):
     g = torch.Generator().manual_seed(seed)
     D = 16
@@ -252,11 +253,14 @@ def test_hc_pre(seed, M, iters, amp):
     # post = 2 sigmoid(.) lies in (0, 2); in float64 sigmoid rounds to 1 past an argument of
     # ~37 (reached with amp 1), so 2 itself is a valid value
     assert torch.all(comb > 0) and torch.all((post > 0) & (post <= 2))
-    # columns sum to S / (S + hc_eps) after the last column step: ~1 unless a column is tiny
+    # columns sum to S / (S + hc_eps) after the last column step, S their sums before it.
+    # After one step S is a column of the softmax (+ hc_eps), which may be tiny; after a row
+    # step S >= (the previous column step's sums, >= 1/2) / (row sums, <= M), so the columns
+    # are within 2 M hc_eps of 1
     col = comb.sum(dim=0)
     assert torch.all(col <= 1)
-    if amp == 0.1:  # well-conditioned mixing: tight column sums, and Sinkhorn converges
-        assert torch.allclose(col, torch.ones(M, dtype=F64), atol=1e-5)
+    if iters > 1:
+        assert torch.all(1 - col <= 2 * M * 1e-6)
     if iters == 20:
         # Sinkhorn's row error (L1) does not grow from one iteration to the next, and falls
         # where it is not yet ~0: how fast is the matrix's (20 iterations left 2e-3 in rows
