@@ -59,9 +59,9 @@ def _grad_tol(module: torch.nn.Module, name: str) -> float:
     """The tolerance of parameter ``name``'s gradient: one float32 ulp of the largest where the
     reference reads it through ``dequantize`` (the weights of modules with a ``storage``: the
     ``Linear``s and the experts), else the float64 sums' 1e-10."""
-    owner = module.get_submodule(name.rpartition(".")[0])
-    return 2 ** -23 if hasattr(owner, "storage") and "weight" in name.rpartition(".")[2] \
-        else 1e-10
+    owner, _, leaf = name.rpartition(".")
+    dequantized = hasattr(module.get_submodule(owner), "storage") and leaf.endswith("weight")
+    return 2 ** -23 if dequantized else 1e-10
 
 
 @settings(max_examples=6)
