@@ -33,6 +33,42 @@ settings.register_profile("ci", derandomize=True, deadline=None, max_examples=20
 settings.load_profile("ci")
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--examples-scale", type=int, default=1, metavar="N",
+        help="search deeper than CI: every property test draws N times its own max_examples, "
+             "seeded at random (a failure prints the @reproduce_failure blob that replays it)")
+
+
+def scale_examples(test, n: int) -> None:
+    """Give a ``@given`` test ``n`` times its own ``max_examples``, randomly seeded.
+
+    CI's seeds are fixed, so it meets the same few hundred cases every run; a bound that
+    holds only for those passes for ever. A scaled run draws fresh ones. Hypothesis has no
+    public way to scale a test's own ``@settings`` (a profile's ``max_examples`` loses to
+    them), so this replaces the settings object ``@settings`` attached;
+    ``test_examples_scale.py`` fails if hypothesis stops reading it.
+    """
+    own = getattr(test, "_hypothesis_internal_use_settings", settings.default)
+    test._hypothesis_internal_use_settings = settings(
+        own, max_examples=own.max_examples * n, derandomize=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    n = config.getoption("--examples-scale")
+    if n < 1:
+        raise pytest.UsageError(f"--examples-scale must be 1 or more (got {n}): it multiplies "
+                                "each property test's max_examples")
+    if n == 1:
+        return
+    seen = set()  # a parametrized test's items share one function: scale it once
+    for item in items:
+        test = getattr(item, "obj", None)
+        if getattr(test, "hypothesis", None) is not None and id(test) not in seen:
+            seen.add(id(test))
+            scale_examples(test, n)
+
+
 def tiny_config(**overrides) -> MTPConfig:
     return MTPConfig(**{**MTPConfig.from_name("tiny").__dict__, **overrides})
 
